@@ -1,0 +1,213 @@
+"""The one backend interface, and what every backend is handed (``Problem``).
+
+A backend computes four raw quantities *per datapoint*; ``gscfast.api`` turns them into GSCs,
+statistics and profiles, so the ratio and expectation logic lives in one place.
+
+Index letters: D datasets, B samples per dataset, n input features, L layers, P datapoints
+(``P = D`` with batch datapoints, ``P = D * B`` otherwise, dataset-major), S samples per datapoint
+(``B`` or 1), ``d_l = dim`` of one sample's ``f_l``. Layer indices follow the paper: ``f_L`` is the
+first layer's output, ``f_1`` the model's output, ``f_0`` the error.
+"""
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor
+
+from ..compiler import Program
+from ..rules import ForwardCtx
+
+ProbeFn = Callable[[int], Tensor]
+"""``probes(l) -> [R, S, d_l]`` start rows for the chain from layer ``l >= 1`` (sketching)."""
+
+
+def memory_budget(default: str = "512M") -> int:
+    """Bytes a backend may use for its working set: ``GSCFAST_MEMORY`` (e.g. ``2G``, ``512M``)."""
+    text = os.environ.get("GSCFAST_MEMORY", default).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"GSCFAST_MEMORY must look like '512M' or '2G', got {text!r}")
+    return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
+
+
+@dataclass
+class Problem:
+    """A validated request: the compiled model, inputs in ``[D, B, n]`` layout, and options.
+
+    Attributes:
+        program: the compiled model.
+        x: ``[D, B, n]``.
+        y: ``[D, B, m]`` targets (``error="dot"``), ``[D, B]`` int64 labels (``"kl"``) or None.
+        error: ``"dot"``, ``"kl"`` or None (no error layer needed).
+        coupled: batch datapoints (train-mode batch norm with batch statistics).
+        frozen: train-mode batch norm whose batch statistics are treated as constants.
+        chunk_size: datapoints per chunk, or None to size chunks by ``memory``.
+        memory: the working-set budget in bytes.
+    """
+
+    program: Program
+    x: Tensor
+    y: Tensor | None
+    error: str | None
+    coupled: bool
+    frozen: bool
+    chunk_size: int | None = None
+    memory: int = 512 * 2**20
+
+    @property
+    def D(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def L(self) -> int:
+        return self.program.L
+
+    @property
+    def P(self) -> int:
+        return self.D if self.coupled else self.D * self.B
+
+    @property
+    def S(self) -> int:
+        return self.B if self.coupled else 1
+
+    @property
+    def widths(self) -> list[int]:
+        """``[1, d_1, ..., d_L, n]``: per-sample dims of ``f_0 .. f_L`` and of the input."""
+        return self.program.widths(self.x.shape[-1])
+
+    def n(self, l: int) -> int:
+        """Columns of ``J_k^l`` for ``k = l``: ``dim f_l`` of one datapoint."""
+        return 1 if l == 0 else self.S * self.widths[l]
+
+
+@dataclass
+class Moments:
+    """Per-neuron pre-activation moments over samples, mergeable across chunks (Chan et al.)."""
+
+    count: int
+    mean: Tensor  # [d] float64
+    m2: Tensor  # [d] float64, sum of squared deviations
+    pos: Tensor  # [d] number of positive values
+    neg: Tensor  # [d] number of negative values
+
+    @staticmethod
+    def of(z: Tensor) -> "Moments":
+        """Moments of ``z [N, d]`` (N samples)."""
+        z64 = z.detach().to(torch.float64)
+        mean = z64.mean(0)
+        return Moments(z.shape[0], mean, (z64 - mean).square().sum(0),
+                       (z > 0).sum(0, dtype=torch.float64), (z < 0).sum(0, dtype=torch.float64))
+
+    def merge(self, other: "Moments | None") -> "Moments":
+        if other is None:
+            return self
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
+        return Moments(n, mean, m2, self.pos + other.pos, self.neg + other.neg)
+
+
+@dataclass
+class Sweep:
+    """What one forward + backward sweep gives, per datapoint.
+
+    Attributes:
+        sq_out: ``[P, L+1]``, ``||f_l||^2`` (``l = 0``: the squared error ``f_0^2``; NaN without ``y``).
+        sq_grad: ``[P, L+1]``, ``||d f_0 / d f_l||^2`` (``l = 0``: 1), or None if not asked for.
+        moments: for ``l = 0..L``, the pre-activation ``Moments`` of layer ``l`` over all samples,
+            None where the layer has no pre-activation (and for ``l = 0``); None if not asked for.
+    """
+
+    sq_out: Tensor
+    sq_grad: Tensor | None
+    moments: list[Moments | None] | None
+
+
+class Backend(ABC):
+    """A way to compute the four raw quantities. Subclasses implement every abstract method.
+
+    Results are tensors on ``pb.x``'s device in ``pb.x``'s dtype, one row per datapoint in
+    dataset-major order.
+    """
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 0  # higher wins for backend="auto" among those that support a device
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None if usable here, else why not (a missing package, say)."""
+        return None
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        """Whether this backend runs on tensors of ``device``."""
+        return True
+
+    @abstractmethod
+    def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
+        """One forward and (if ``grads``) backward sweep: see ``Sweep``."""
+
+    @abstractmethod
+    def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
+        """``[P, L+1, L+1]``: entry ``[k, l]`` is ``||J_k^l||_F^2`` for ``k >= l``, NaN above.
+
+        Row ``l = 0`` starts from the error's gradient (so ``[k, 0] = ||d f_0 / d f_k||^2`` and
+        ``[0, 0] = 1``). With ``probes``, each ``l >= 1`` starts from ``V = probes(l) [R, S, d_l]``
+        instead of the identity, and entry ``[k, l]`` is ``||V J_k^l||_F^2 / R`` (so ``[l, l]`` is
+        ``||V||^2 / R``): an unbiased estimate when ``E[V^T V] = R I``.
+        """
+
+    @abstractmethod
+    def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
+        """``J = d f_end / d f_start`` per datapoint, ``[P, S*d_end, S*d_start]``.
+
+        ``start`` in ``1..L+1`` (``L+1`` is the model input), ``end`` in ``1..L``, ``start >= end``.
+        Rows and columns are ordered (sample, feature) for batch datapoints.
+        """
+
+    @abstractmethod
+    def contributions(self, pb: Problem, init: Program) -> Tensor:
+        """``[P, L+1, L+1]``: entry ``[l, lam] = ||g_l^(lam)||^2`` (definitions.md, effective depth)
+        with ``init`` the same architecture at its initial weights; NaN for ``lam > max(l-1, 0)``.
+        """
+
+
+def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = None
+                ) -> Iterator[tuple[slice, slice, ForwardCtx]]:
+    """Chunks of datapoints that fit the memory budget, in dataset-major order.
+
+    Yields ``(dataset slice, sample slice, ctx)``. Batch datapoints are never split; per-sample
+    datapoints are grouped by whole datasets when a chunk holds one or more, else split by samples.
+    With frozen batch norm, each dataset group's batch statistics are gathered first (a forward
+    pass over the group) so that every chunk of it sees the same constants; with ``init``, the
+    initial model's layers are run on the same (trained) layer inputs to gather theirs too.
+    """
+    c = pb.chunk_size or max(1, pb.memory // max(1, per_datapoint_bytes))
+    per_dataset = 1 if pb.coupled else pb.B
+    group = max(1, c // per_dataset)
+    samples = pb.B if (pb.coupled or c >= pb.B) else c
+    for d0 in range(0, pb.D, group):
+        ds = slice(d0, min(pb.D, d0 + group))
+        frozen = None
+        if pb.frozen:
+            frozen = {}
+            ctx = ForwardCtx(coupled=True, frozen_bn=frozen, record_bn=True, save=False, samples=pb.B)
+            h = pb.x[ds]
+            for i, layer in enumerate(pb.program.layers):
+                if init is not None:
+                    init.layers[i].forward(h, ctx)
+                h, _, _ = layer.forward(h, ctx)
+        for b0 in range(0, pb.B, samples):
+            bs = slice(b0, min(pb.B, b0 + samples))
+            yield ds, bs, ForwardCtx(coupled=pb.coupled, frozen_bn=frozen,
+                                     samples=bs.stop - bs.start)

@@ -1,0 +1,170 @@
+"""The model compiler: ``nn.Sequential`` -> a ``Program`` of layers of analytic rules.
+
+A layer ends right after each activation module, after each ``Residual`` block (one layer by
+itself), and at the end of the model (definitions.md). Layers are numbered from the error layer:
+the first layer of the model outputs ``f_L``, the last ``f_1``; ``f_0`` is the error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .nn import Residual
+from .rules import RULES, ForwardCtx, Rule
+from .rules.norm import BatchNormRule, LayerNormRule
+from .rules.residual import ResidualRule
+
+SUPPORTED = (
+    "nn.Sequential (nested allowed) of nn.Linear, nn.LayerNorm (last dimension), nn.BatchNorm1d, "
+    "the activations nn.ReLU, nn.Tanh, nn.SELU, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, "
+    "nn.Softplus, nn.Identity, and gscfast.nn.Residual"
+)
+
+
+def _rule_for(module: nn.Module) -> type[Rule] | None:
+    rule = RULES.get(type(module))
+    if rule is None:  # subclasses of a supported module type use its rule
+        rule = next((r for t, r in RULES.items() if isinstance(module, t)), None)
+    return rule
+
+
+def _flatten(module: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
+    if isinstance(module, nn.Sequential):
+        return [leaf for i, m in enumerate(module) for leaf in _flatten(m, f"{path}[{i}]")]
+    return [(module, path)]
+
+
+def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
+    """The rules of ``module``'s leaves in order; ``TypeError`` for any unsupported module."""
+    ops = []
+    for leaf, where in _flatten(module, path):
+        rule = _rule_for(leaf)
+        if rule is None:
+            raise TypeError(f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
+                            f"Supported: {SUPPORTED}.")
+        ops.append(rule(leaf, where))
+    return ops
+
+
+@dataclass
+class Layer:
+    """One layer: the rules from the previous layer's end up to this one's.
+
+    Attributes:
+        index: paper numbering (this layer outputs ``f_index``).
+        ops: its rules in order.
+        modules: the original modules (what the reference backend runs).
+    """
+
+    index: int
+    ops: list[Rule]
+    modules: list[nn.Module]
+
+    @property
+    def has_preactivation(self) -> bool:
+        """Whether the layer ends in an activation (so its pre-activation is defined)."""
+        return self.ops[-1].is_activation
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, list[Any], Tensor | None]:
+        """``x [D, b, d_in]`` -> ``(y, saved, pre-activation or None)``."""
+        saved, pre = [], None
+        for op in self.ops:
+            if op.is_activation and op is self.ops[-1]:
+                pre = x
+            x, s = op.forward(x, ctx)
+            saved.append(s)
+        return x, saved, pre
+
+    def vjp(self, v: Tensor, saved: list[Any]) -> Tensor:
+        """``v [P, R, S, d_out]`` -> ``v @ (d f_index / d f_{index+1})``."""
+        for op, s in zip(reversed(self.ops), reversed(saved)):
+            v = op.vjp(v, s)
+        return v
+
+
+def _propagate_width(ops: list[Rule], d: int) -> int:
+    for op in ops:
+        if isinstance(op.module, nn.Linear):
+            want = op.module.in_features
+        elif isinstance(op, LayerNormRule):
+            want = op.module.normalized_shape[0]
+        elif isinstance(op, BatchNormRule):
+            want = op.module.num_features
+        else:
+            want = d
+        if want != d:
+            raise ValueError(f"{op.path} ({type(op.module).__name__}) expects {want} features "
+                             f"but receives {d}")
+        if isinstance(op, ResidualRule):
+            out = _propagate_width(op.body, d)
+            if out != d:
+                raise ValueError(f"{op.path} (Residual): its body maps {d} features to {out}; "
+                                 "a residual body must keep the width")
+        elif isinstance(op.module, nn.Linear):
+            d = op.module.out_features
+    return d
+
+
+def _all_ops(ops: list[Rule]):
+    for op in ops:
+        yield op
+        yield from _all_ops(getattr(op, "body", []))
+
+
+class Program:
+    """A compiled model: ``layers[i]`` is the ``i``-th layer in model order (it outputs
+    ``f_{L-i}``); ``layer(m)`` looks a layer up by its paper index ``m`` in ``1..L``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        leaves = _flatten(model, "model") if isinstance(model, nn.Sequential) else [(model, "model")]
+        groups: list[list[tuple[Rule, nn.Module]]] = [[]]
+        for leaf, where in leaves:
+            (op,) = compile_ops(leaf, where)
+            groups[-1].append((op, leaf))
+            if op.is_activation or isinstance(leaf, Residual):
+                groups.append([])
+        groups = [g for g in groups if g]
+        if not groups:
+            raise TypeError(f"the model has no modules; expected {SUPPORTED}")
+        L = len(groups)
+        self.layers = [Layer(L - i, [op for op, _ in g], [m for _, m in g]) for i, g in enumerate(groups)]
+
+    @property
+    def L(self) -> int:
+        return len(self.layers)
+
+    def layer(self, m: int) -> Layer:
+        return self.layers[self.L - m]
+
+    def ops(self):
+        """Every rule, residual bodies included."""
+        for layer in self.layers:
+            yield from _all_ops(layer.ops)
+
+    @property
+    def couples_batch(self) -> bool:
+        """Whether some batch norm uses batch statistics (so datapoints are whole batches)."""
+        return any(isinstance(op, BatchNormRule) and op.uses_batch_stats for op in self.ops())
+
+    def widths(self, n_in: int) -> list[int]:
+        """``[dim f_0 = 1, dim f_1, ..., dim f_L, n_in]`` for ``n_in`` input features; raises
+        ``ValueError`` naming the module whose expected width does not match."""
+        dims = [n_in]
+        for layer in self.layers:
+            dims.append(_propagate_width(layer.ops, dims[-1]))
+        return [1] + dims[1:][::-1] + [n_in]
+
+    def __repr__(self) -> str:
+        lines = [f"Program(L={self.L})"]
+        lines += [f"  f_{layer.index}: " + " -> ".join(op.kind for op in layer.ops) for layer in self.layers]
+        return "\n".join(lines)
+
+
+def compile_model(model: nn.Module) -> Program:
+    """Compile ``model`` (see module docstring); ``TypeError`` names any unsupported module."""
+    return Program(model)

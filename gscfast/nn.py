@@ -1,0 +1,145 @@
+"""Modules and model builders: the paper's networks as plain ``nn.Sequential``s."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["Residual", "mlp", "ACTIVATIONS"]
+
+
+class Residual(nn.Module):
+    """``y = x + scale * body(x)``; gscfast treats the whole block as one layer.
+
+    Args:
+        body: a module (usually an ``nn.Sequential``) mapping ``[*, d]`` to ``[*, d]``.
+        scale: the branch scale (``1 / sqrt(L)`` is the usual choice for deep stacks).
+    """
+
+    def __init__(self, body: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.body = body
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * self.body(x)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+# Name -> constructor for the activations `mlp` accepts (all are supported by the compiler).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "selu": nn.SELU,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "identity": nn.Identity,
+}
+
+
+def _norm(kind: str | None, width: int) -> list[nn.Module]:
+    if kind is None:
+        return []
+    if kind == "layer":
+        return [nn.LayerNorm(width, elementwise_affine=False)]
+    if kind == "batch":
+        return [nn.BatchNorm1d(width, affine=False)]
+    raise ValueError(f"norm must be None, 'layer' or 'batch', got {kind!r}")
+
+
+def _init_weight(w: torch.Tensor, var: float, init: str, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        if init == "gaussian":
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * math.sqrt(var))
+        elif init == "orthogonal":
+            # Orthogonal with the same per-entry variance as the Gaussian init:
+            # singular values sqrt(var * fan_in) (square matrices: exactly norm-preserving x gain).
+            rows, cols = w.shape
+            a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
+            q, r = torch.linalg.qr(a)
+            q = q * torch.sign(torch.diagonal(r))
+            q = q if rows >= cols else q.T
+            w.copy_(q[:rows, :cols] * math.sqrt(var * cols))
+        else:
+            raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+
+
+def mlp(
+    depth: int,
+    width: int,
+    *,
+    act: str,
+    norm: str | None = None,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    weight_var: float | None = None,
+    init: str = "gaussian",
+    bias: bool = False,
+    residual: float | str | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Sequential:
+    """Build the MLPs of Philipp, Song & Carbonell (2018).
+
+    Each of the ``depth`` layers is ``Linear -> [norm] -> act`` (one layer in gscfast's numbering).
+    Norms are non-learnable (``elementwise_affine=False`` / ``affine=False``) as in the paper.
+
+    Args:
+        depth: number of hidden layers.
+        width: their width.
+        act: activation name, one of ``ACTIVATIONS`` (``"relu"``, ``"tanh"``, ``"selu"``, ...).
+        norm: ``None``, ``"layer"`` or ``"batch"``.
+        in_features: input dimension (default ``width``).
+        out_features: if given, a final ``Linear(width, out_features)`` layer without norm or
+            activation is appended (the model then has ``depth + 1`` layers).
+        weight_var: variance of the weight entries times... exactly: entries have variance
+            ``weight_var`` (default ``2 / fan_in`` for ReLU, ``1 / fan_in`` otherwise).
+        init: ``"gaussian"`` or ``"orthogonal"`` (same per-entry variance).
+        bias: add zero-initialized biases.
+        residual: ``None`` for a plain net; a float wraps each layer (from the second on, where
+            shapes allow) as ``Residual(layer, scale)``; ``"sqrt"`` uses ``scale = 1/sqrt(depth)``.
+        seed: seed for the weights (a private generator; the global RNG is untouched).
+        dtype: parameter dtype (default ``torch.get_default_dtype()``).
+
+    Returns:
+        The model, in train mode (batch norm uses batch statistics).
+    """
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if residual == "sqrt":
+        branch_scale: float | None = 1.0 / math.sqrt(depth)
+    elif residual is None or isinstance(residual, (int, float)):
+        branch_scale = None if residual is None else float(residual)
+    else:
+        raise ValueError(f"residual must be None, a float or 'sqrt', got {residual!r}")
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    dtype = dtype or torch.get_default_dtype()
+    n_in = in_features or width
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        fan_in = n_in if i == 0 else width
+        lin = nn.Linear(fan_in, width, bias=bias, dtype=dtype)
+        var = weight_var if weight_var is not None else (2.0 if act == "relu" else 1.0) / fan_in
+        _init_weight(lin.weight, var, init, gen)
+        if bias:
+            nn.init.zeros_(lin.bias)
+        block = nn.Sequential(lin, *_norm(norm, width), ACTIVATIONS[act]())
+        if branch_scale is not None and fan_in == width:
+            layers.append(Residual(block, branch_scale))
+        else:
+            layers.extend(block)
+    if out_features is not None:
+        lin = nn.Linear(width, out_features, bias=bias, dtype=dtype)
+        _init_weight(lin.weight, weight_var if weight_var is not None else 1.0 / width, init, gen)
+        if bias:
+            nn.init.zeros_(lin.bias)
+        layers.append(lin)
+    return nn.Sequential(*layers).to(dtype)

@@ -1,0 +1,98 @@
+"""The rule interface: one small class per supported module type (BackPACK-style).
+
+Layouts (index letters used throughout gscfast):
+    D datasets, B samples per dataset, P datapoints, R stacked cotangent rows, S samples per datapoint.
+- ``forward`` sees activations as ``[D, b, d]`` (a chunk of ``b`` samples of each dataset).
+- ``vjp`` sees cotangent stacks as ``[P, R, S, d_out]`` and returns ``[P, R, S, d_in]``.
+  Per-sample datapoints have ``P = D * b, S = 1``; batch datapoints (train-mode batch norm) have
+  ``P = D, S = B``, so a batch-norm VJP reduces over axis ``-2`` and every other rule ignores it.
+Saved tensors are stored already broadcastable to ``[P, 1, S, k]`` (``ForwardCtx.rows``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ForwardCtx:
+    """What a forward pass over one chunk needs to know.
+
+    Attributes:
+        coupled: batch datapoints (train-mode batch norm with batch statistics).
+        frozen_bn: per-op batch statistics treated as constants (``batchnorm="frozen"``), keyed by
+            ``id(rule)``, each ``(mean, var)`` of shape ``[D_all, 1, d]``; ``None`` when not frozen.
+        record_bn: collect batch statistics into ``frozen_bn`` (the pre-pass of frozen mode).
+        dslice: which datasets of the full input this chunk holds (to slice per-dataset constants).
+        samples: samples per dataset in this chunk (``b``).
+        save: keep what the VJPs need (off for forward-only passes).
+    """
+
+    coupled: bool
+    frozen_bn: dict[int, tuple[Tensor, Tensor]] | None = None
+    record_bn: bool = False
+    dslice: slice = field(default_factory=lambda: slice(None))
+    samples: int = 1
+    save: bool = True
+
+    def rows(self, t: Tensor) -> Tensor:
+        """``[D, b|1, k]`` -> broadcastable ``[P, 1, S|1, k]`` in this chunk's datapoint layout."""
+        if self.coupled:
+            return t.unsqueeze(1)
+        D, b, k = t.shape
+        if b == 1 and self.samples != 1:  # a per-dataset constant, spread over its samples
+            if D == 1:
+                return t.reshape(1, 1, 1, k)
+            t = t.expand(D, self.samples, k)
+        return t.reshape(-1, 1, 1, k)
+
+
+class Rule:
+    """Analytic forward and vector-Jacobian product for one module.
+
+    Subclasses set ``module_types`` and implement ``forward`` and ``vjp``; ``kind`` names the rule
+    for backends that generate their own kernels (numba, triton, cupy).
+    """
+
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    kind: ClassVar[str] = "?"
+    is_activation: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module, path: str) -> None:
+        self.module = module
+        self.path = path
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
+        """``x [D, b, d_in]`` -> ``(y [D, b, d_out], saved)``."""
+        raise NotImplementedError
+
+    def vjp(self, v: Tensor, saved: Any) -> Tensor:
+        """``v [P, R, S, d_out]`` -> ``v @ J  [P, R, S, d_in]``."""
+        raise NotImplementedError
+
+    def out_features(self, d_in: int) -> int:
+        return d_in
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Parameters and buffers this rule reads (checked for dtype, device and finiteness)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path})"
+
+
+# module type -> rule class; filled by `register`.
+RULES: dict[type[nn.Module], type[Rule]] = {}
+
+
+def register(rule: type[Rule], *, override: bool = False) -> type[Rule]:
+    """Register ``rule`` for its ``module_types``; replacing an existing rule must be asked for."""
+    for t in rule.module_types:
+        if t in RULES and RULES[t] is not rule and not override:
+            raise ValueError(f"a rule for {t.__name__} is already registered ({RULES[t].__name__}); "
+                             "pass override=True to replace it")
+        RULES[t] = rule
+    return rule

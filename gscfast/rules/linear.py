@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import ForwardCtx, Rule, register
+
+
+@register
+class LinearRule(Rule):
+    """``y = x W^T + b``; ``J = W`` (``[out, in]``), so ``v J = v @ W``."""
+
+    module_types = (nn.Linear,)
+    kind = "linear"
+
+    def __init__(self, module: nn.Linear, path: str) -> None:
+        super().__init__(module, path)
+        self.weight: Tensor = module.weight.detach()
+        self.bias: Tensor | None = None if module.bias is None else module.bias.detach()
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y, None
+
+    def vjp(self, v: Tensor, saved: None) -> Tensor:
+        return v @ self.weight
+
+    def out_features(self, d_in: int) -> int:
+        return self.weight.shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})

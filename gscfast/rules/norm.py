@@ -1,0 +1,116 @@
+"""Layer norm (over features) and batch norm (over the samples of a batch).
+
+Both standardize ``x`` along one axis; their Jacobian is the same projection
+``(u - mean(u) - xh * mean(u * xh)) / sigma`` with ``u = v * gamma``, taken over features for
+layer norm and over the samples of a batch datapoint (axis -2 of ``[P, R, S, d]``) for batch norm.
+Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a diagonal scale.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import ForwardCtx, Rule, register
+
+
+def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mean = x.mean(dim, keepdim=True)
+    var = (x - mean).square().mean(dim, keepdim=True)  # biased, as torch normalizes
+    inv = torch.rsqrt(var + eps)
+    return (x - mean) * inv, inv, mean, var
+
+
+def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
+    return (u - u.mean(dim, keepdim=True) - xh * (u * xh).mean(dim, keepdim=True)) * inv
+
+
+@register
+class LayerNormRule(Rule):
+    module_types = (nn.LayerNorm,)
+    kind = "layer_norm"
+
+    def __init__(self, module: nn.LayerNorm, path: str) -> None:
+        super().__init__(module, path)
+        if len(module.normalized_shape) != 1:
+            raise TypeError(f"{path}: LayerNorm over {tuple(module.normalized_shape)} is not "
+                            "supported; gscfast supports LayerNorm over the last dimension only")
+        self.eps = module.eps
+        self.weight = None if module.weight is None else module.weight.detach()
+        self.bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+
+    def forward(self, x: Tensor, ctx: ForwardCtx):
+        xh, inv, _, _ = _standardize(x, -1, self.eps)
+        y = xh if self.weight is None else xh * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y, (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
+
+    def vjp(self, v: Tensor, saved) -> Tensor:
+        xh, inv = saved
+        u = v if self.weight is None else v * self.weight
+        return _projection_vjp(u, xh, inv, -1)
+
+    def tensors(self):
+        return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
+
+
+@register
+class BatchNormRule(Rule):
+    """``nn.BatchNorm1d`` on ``[N, C]`` inputs.
+
+    Statistics: running ones in eval mode; batch ones in train mode (or without running stats),
+    either coupling the samples of a batch datapoint or, with ``batchnorm="frozen"``, treated as
+    constants per dataset. The module's running statistics are never updated.
+    """
+
+    module_types = (nn.BatchNorm1d,)
+    kind = "batch_norm"
+
+    def __init__(self, module: nn.BatchNorm1d, path: str) -> None:
+        super().__init__(module, path)
+        self.eps = module.eps
+        self.weight = None if module.weight is None else module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.uses_batch_stats = module.training or module.running_mean is None
+        self.running = None if self.uses_batch_stats else (
+            module.running_mean.detach(), module.running_var.detach())
+
+    def _affine(self, y: Tensor) -> Tensor:
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: Tensor, ctx: ForwardCtx):
+        if self.uses_batch_stats and ctx.frozen_bn is None:
+            if not ctx.coupled:
+                raise RuntimeError(f"{self.path}: batch statistics need batch datapoints")
+            xh, inv, _, _ = _standardize(x, -2, self.eps)
+            return self._affine(xh), (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
+        if self.uses_batch_stats:
+            if ctx.record_bn:
+                _, _, mean, var = _standardize(x, -2, self.eps)
+                ctx.frozen_bn[id(self)] = (mean, var)
+            mean, var = (t[ctx.dslice] for t in ctx.frozen_bn[id(self)])
+        else:
+            mean, var = self.running
+        inv = torch.rsqrt(var + self.eps)
+        y = self._affine((x - mean) * inv)
+        scale = inv if self.weight is None else inv * self.weight
+        return y, ctx.rows(scale.expand(x.shape[0], 1, x.shape[-1])) if ctx.save else None
+
+    def vjp(self, v: Tensor, saved) -> Tensor:
+        if isinstance(saved, tuple):
+            xh, inv = saved
+            u = v if self.weight is None else v * self.weight
+            return _projection_vjp(u, xh, inv, -2)
+        return v * saved
+
+    @property
+    def coupling(self) -> bool:
+        return self.uses_batch_stats
+
+    def tensors(self):
+        named = {"weight": self.weight, "bias": self.bias}
+        if self.running is not None:
+            named |= {"running_mean": self.running[0], "running_var": self.running[1]}
+        return {k: t for k, t in named.items() if t is not None}

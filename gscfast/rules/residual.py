@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..nn import Residual
+from .base import ForwardCtx, Rule, register
+
+
+@register
+class ResidualRule(Rule):
+    """``y = x + scale * body(x)``; ``v J = v + scale * (v J_body)``."""
+
+    module_types = (Residual,)
+    kind = "residual"
+
+    def __init__(self, module: Residual, path: str) -> None:
+        super().__init__(module, path)
+        from ..compiler import compile_ops  # the body is compiled like any module list
+
+        self.scale = module.scale
+        self.body: list[Rule] = compile_ops(module.body, f"{path}.body")
+
+    def forward(self, x: Tensor, ctx: ForwardCtx):
+        h, saved = x, []
+        for op in self.body:
+            h, s = op.forward(h, ctx)
+            saved.append(s)
+        if h.shape != x.shape:
+            raise ValueError(f"{self.path}: body maps {tuple(x.shape[-1:])} features to "
+                             f"{tuple(h.shape[-1:])}; a residual body must keep the width")
+        return x + self.scale * h, saved
+
+    def vjp(self, v: Tensor, saved) -> Tensor:
+        u = v
+        for op, s in zip(reversed(self.body), reversed(saved)):
+            u = op.vjp(u, s)
+        return v + self.scale * u
+
+    def out_features(self, d_in: int) -> int:
+        return d_in
+
+    def tensors(self):
+        return {f"body[{i}].{k}": t for i, op in enumerate(self.body) for k, t in op.tensors().items()}
