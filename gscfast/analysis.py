@@ -1,0 +1,96 @@
+"""``analyze``: GSC, collapsing-domain statistics and the explosion rate from one sweep."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .api import _gsc_from_sweep, _preact, explosion_rate
+from .backends import get_backend
+from .validation import make_problem
+
+__all__ = ["Analysis", "analyze"]
+
+
+@dataclass
+class Analysis:
+    """Per-layer measurements of one model on one set of inputs (index ``l = 0..L``).
+
+    Attributes:
+        gsc: expected ``GSC(l, 0)``.
+        preact_std: pre-activation std (quadratic mean over neurons), NaN where undefined.
+        sign_diversity: mean sign diversity, NaN where undefined.
+        rate: explosion rate ``exp(slope)`` of ``log GSC(l, 0)`` against ``l``.
+    """
+
+    gsc: Tensor
+    preact_std: Tensor
+    sign_diversity: Tensor
+    rate: float
+
+    @property
+    def L(self) -> int:
+        return len(self.gsc) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python lists and floats (NaN kept as float('nan')), e.g. for JSON."""
+        return {"L": self.L, "rate": self.rate, "gsc": self.gsc.tolist(),
+                "preact_std": self.preact_std.tolist(), "sign_diversity": self.sign_diversity.tolist()}
+
+    def to_frame(self):
+        """A pandas DataFrame indexed by layer ``l`` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("Analysis.to_frame needs pandas: pip install pandas") from e
+        return pd.DataFrame({"gsc": self.gsc.cpu().double().numpy(),
+                             "preact_std": self.preact_std.cpu().double().numpy(),
+                             "sign_diversity": self.sign_diversity.cpu().double().numpy()},
+                            index=pd.RangeIndex(self.L + 1, name="l"))
+
+    def plot(self, path: str | Path | None = None, *, label: str | None = None):
+        """Three panels as in Philipp et al. (2018), Figure 1; saves to ``path`` if given.
+        Returns the matplotlib figure (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("Analysis.plot needs matplotlib: pip install matplotlib") from e
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        l = list(range(self.L + 1))
+        for ax, values, title in zip(axes, (self.gsc, self.preact_std, self.sign_diversity),
+                                     ("GSC(l, 0)", "pre-activation std", "sign diversity")):
+            ax.plot(l, values.cpu().double().numpy(), label=label or f"rate {self.rate:.3f}")
+            ax.set_xlabel("compositional depth l")
+            ax.set_title(title)
+        axes[0].set_yscale("log")
+        axes[0].legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+def analyze(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    error: str = "dot",
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Analysis:
+    """GSC, pre-activation statistics and explosion rate in one forward/backward sweep
+    (arguments as in ``gscfast.gsc``)."""
+    pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
+    g = _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze).to(x.dtype)
+    stats = _preact(sw.moments, x)
+    return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g))

@@ -1,0 +1,266 @@
+"""Public functions. Every quantity is defined in definitions.md; backends compute raw
+per-datapoint squared norms and this module turns them into expectations and ratios.
+
+Shapes: ``x`` is ``[B, n]`` (one dataset) or ``[D, B, n]`` (D independent datasets). A datapoint
+is one row of ``x``, or with a train-mode batch norm (``batchnorm="batch"``) one whole dataset.
+Per-layer results have length ``L + 1`` indexed in the paper's numbering (``0`` = error layer,
+``L`` = first layer's output). Results are on ``x``'s device with ``x``'s dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .backends import get_backend
+from .backends.base import Moments, Problem
+from .compiler import compile_model
+from .validation import _check_model_tensors, check_same_architecture, make_problem
+
+__all__ = ["gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
+           "PreactStats", "explosion_rate"]
+
+
+def _mean(t: Tensor) -> Tensor:
+    """Expectation over datapoints (axis 0), accumulated in float64."""
+    return t.to(torch.float64).mean(0)
+
+
+def _n(pb: Problem) -> Tensor:
+    return torch.tensor([pb.n(l) for l in range(pb.L + 1)], dtype=torch.float64, device=pb.x.device)
+
+
+def _per_datapoint(t: Tensor, pb: Problem, squeeze: bool) -> Tensor:
+    """``[P, ...]`` -> ``[B, ...]`` / ``[D, B, ...]`` (per-sample) or ``[D, ...]`` (batch)."""
+    if pb.coupled or squeeze:
+        return t
+    return t.reshape(pb.D, pb.B, *t.shape[1:])
+
+
+def gsc(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    error: str = "dot",
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Gradient scale coefficients ``GSC(l, 0)`` for ``l = 0..L``.
+
+    Args:
+        model: an ``nn.Sequential`` of supported modules (never modified).
+        x: ``[B, n]`` or ``[D, B, n]`` inputs.
+        y: targets of the output's shape (``error="dot"``) or integer labels ``[B]``/``[D, B]``
+            (``error="kl"``).
+        error: the error layer, ``"dot"`` or ``"kl"``.
+        batchnorm: ``"batch"`` (train-mode batch norm couples the batch: one datapoint per
+            dataset) or ``"frozen"`` (batch statistics as constants: one datapoint per row).
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"numba"``, ``"triton"``, ``"cupy"``.
+        reduction: ``"mean"`` for the expected GSC ``E||J||_qm^2 E||f_l||^2 / E||f_0||^2``;
+            ``"none"`` for per-datapoint GSCs, ``[B, L+1]``/``[D, B, L+1]`` (``[D, L+1]`` for
+            batch datapoints).
+        chunk_size: datapoints per chunk (default: sized by ``GSCFAST_MEMORY``).
+
+    Returns:
+        ``[L+1]`` tensor (``GSC(0, 0) = 1``).
+
+    Example:
+        >>> model = gscfast.mlp(50, 100, act="tanh", norm="batch", seed=0)
+        >>> x, y = torch.randn(1000, 100), torch.randn(1000, 100)
+        >>> gscfast.gsc(model, x, y)[-1]  # GSC(50, 0)
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
+    return _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze, reduction).to(x.dtype)
+
+
+def _gsc_from_sweep(sq_out: Tensor, sq_grad: Tensor, pb: Problem, squeeze: bool,
+                    reduction: str = "mean") -> Tensor:
+    n = _n(pb)
+    if reduction == "none":
+        per = sq_grad.to(torch.float64) / n * sq_out.to(torch.float64) / sq_out[:, :1].to(torch.float64)
+        per[:, 0] = 1
+        return _per_datapoint(per, pb, squeeze)
+    out = _mean(sq_grad) / n * _mean(sq_out) / _mean(sq_out[:, 0])
+    out[0] = 1
+    return out
+
+
+def gsc_matrix(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    error: str = "dot",
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    method: str = "exact",
+    probes: int = 64,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """All pairs: ``[L+1, L+1]``, entry ``[k, l]`` the expected ``GSC(k, l)`` for ``k >= l``,
+    NaN above the diagonal.
+
+    ``method="exact"`` forms every ``J_k^l``; ``method="sketch"`` estimates each squared Frobenius
+    norm with ``probes`` Rademacher vectors (unbiased; ``generator`` seeds them), which is how
+    batch-datapoint models get hidden-layer pairs at large B (the exact ``J`` there is
+    ``(B d) x (B d)``). The same probes are used for every datapoint. Row ``l = 0`` is always exact.
+    """
+    if method not in ("exact", "sketch"):
+        raise ValueError(f"method must be 'exact' or 'sketch', got {method!r}")
+    if method == "sketch" and (not isinstance(probes, int) or probes < 1):
+        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    be = get_backend(backend, x.device)
+    probe_fn = None
+    if method == "sketch":
+        base = int(torch.randint(2**62, (1,), generator=generator).item())
+
+        def probe_fn(l: int) -> Tensor:
+            # Per-layer seeds: the probes do not depend on chunking or on the backend.
+            g = torch.Generator().manual_seed(base + l)
+            v = torch.randint(0, 2, (probes, pb.S, pb.widths[l]), generator=g) * 2 - 1
+            return v.to(dtype=x.dtype, device=x.device)
+
+    sq = be.chain(pb, probe_fn).to(torch.float64)
+    n = _n(pb)
+    sq_out = be.sweep(pb, grads=False, stats=False).sq_out
+    f = _mean(sq_out)
+    res = _mean(sq) / n[:, None] * f[:, None] / f[None, :]
+    return res.masked_fill(torch.ones_like(res, dtype=torch.bool).triu(1), float("nan")).to(x.dtype)
+
+
+class PreactStats(NamedTuple):
+    """Collapsing-domain statistics per layer, ``[L+1]`` each (NaN where undefined)."""
+
+    std: Tensor
+    sign_diversity: Tensor
+
+
+def _preact(moments: list[Moments | None], like: Tensor) -> PreactStats:
+    std = torch.full((len(moments),), float("nan"), dtype=torch.float64)
+    div = std.clone()
+    for l, m in enumerate(moments):
+        if m is None:
+            continue
+        std[l] = (m.m2 / m.count).mean().sqrt()  # quadratic mean over neurons
+        tot = m.pos + m.neg
+        div[l] = torch.where(tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0).mean()
+    return PreactStats(std.to(like), div.to(like))
+
+
+def preactivation_stats(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> PreactStats:
+    """Pre-activation standard deviation and sign diversity per layer, over all samples of ``x``.
+
+    The std is the population std of each neuron's pre-activation across samples, reported as the
+    quadratic mean over neurons; the sign diversity is ``min(P, N) / (P + N)`` per neuron, averaged.
+    Layers that do not end in an activation (and ``l = 0``) get NaN.
+    """
+    pb, _ = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
+    sw = get_backend(backend, x.device).sweep(pb, grads=False, stats=True)
+    return _preact(sw.moments, x)
+
+
+def jacobian(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample Jacobians ``d f_end / d f_start``: ``[B, d_end, d_start]`` (``[D, B, ...]`` for
+    3-D ``x``).
+
+    ``start`` is a layer index in ``1..L`` or None for the model input; ``end`` is in ``1..L`` or
+    None for the model output ``f_1``. The default equals
+    ``torch.func.vmap(torch.func.jacrev(model))(x)``. Models whose batch norm uses batch statistics
+    couple the samples, so per-sample Jacobians need ``batchnorm="frozen"`` (or use
+    ``gscfast.autograd.jacobian`` for the full coupled Jacobian).
+    """
+    pb, squeeze = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
+    if pb.coupled:
+        raise ValueError("the model has a train-mode batch norm, which couples the samples of a "
+                         "batch, so per-sample Jacobians are not defined; pass batchnorm='frozen' "
+                         "to treat its batch statistics as constants, or use "
+                         "gscfast.autograd.jacobian for the full Jacobian")
+    s, e = _span(pb, start, end)
+    J = get_backend(backend, x.device).jacobian(pb, s, e)
+    return (J if squeeze else J.reshape(pb.D, pb.B, *J.shape[1:])).to(x.dtype)
+
+
+def _span(pb: Problem, start: int | None, end: int | None) -> tuple[int, int]:
+    L = pb.L
+    s = L + 1 if start is None else start
+    e = 1 if end is None else end
+    for name, v, hi in (("start", s, L + 1), ("end", e, L)):
+        if not isinstance(v, int) or not 1 <= v <= hi:
+            raise ValueError(f"{name} must be a layer index in 1..{L} (or None), got {v!r}")
+    if s < e:
+        raise ValueError(f"start ({s}) must be an earlier layer than end ({e}): in the paper's "
+                         "numbering layer indices decrease towards the output")
+    return s, e
+
+
+def effective_depth(
+    model: nn.Module,
+    init_model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    error: str = "dot",
+    tau: float = 0.01,
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[int, Tensor]:
+    """Effective depth by the residual trick (definitions.md).
+
+    Returns:
+        ``(depth, profile)``: ``profile[l, lam]`` is the contribution ``c(l, lambda)`` (quadratic
+        expectation over datapoints of ``||g_l^(lambda)||``), ``[L+1, L+1]``, NaN where
+        ``lambda > max(l-1, 0)``; ``depth`` is the largest ``lambda`` with
+        ``c(L, lambda) >= tau * sum_lambda c(L, lambda)``.
+    """
+    if not 0 <= tau <= 1:
+        raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    init = compile_model(init_model)
+    check_same_architecture(pb.program, init)
+    _check_model_tensors(init, pb.x)
+    sq = get_backend(backend, x.device).contributions(pb, init)
+    profile = _mean(sq).sqrt()
+    last = profile[-1]
+    ok = torch.nan_to_num(last, nan=-1.0) >= tau * torch.nansum(last)
+    depth = int(ok.nonzero().max()) if ok.any() else 0
+    return depth, profile.to(x.dtype)
+
+
+def explosion_rate(gsc_values: Tensor) -> float:
+    """``exp(slope)`` of the least-squares fit of ``log GSC(l, 0)`` against ``l`` (finite, positive
+    entries only)."""
+    g = gsc_values.detach().to(torch.float64).cpu()
+    l = torch.arange(len(g), dtype=torch.float64)
+    keep = torch.isfinite(g) & (g > 0)
+    if keep.sum() < 2:
+        return float("nan")
+    lk, gk = l[keep], g[keep].log()
+    lc = lk - lk.mean()
+    return math.exp(float((lc * (gk - gk.mean())).sum() / lc.square().sum()))

@@ -1,0 +1,151 @@
+"""The ``"torch"`` backend: the analytic chain engine on batched GEMMs (CPU and GPU).
+
+Each chunk of datapoints is run forward once, saving what the layer VJPs need; then stacks of
+cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only their squared norms
+are kept, so no ``[B, L, d, d]`` tensor ever exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..compiler import Program
+from ..rules import ForwardCtx, error_grad, error_value
+from .base import Backend, Moments, ProbeFn, Problem, Sweep, iter_chunks
+
+
+def sq_norms(v: Tensor) -> Tensor:
+    """``[P, ...]`` -> ``[P]`` squared Frobenius norms."""
+    return v.reshape(v.shape[0], -1).square().sum(1)
+
+
+@dataclass
+class Trace:
+    """One chunk's forward pass: saved VJP state per layer (paper index), norms, error gradient."""
+
+    saved: dict[int, list[Any]] = field(default_factory=dict)
+    inputs: dict[int, Tensor] = field(default_factory=dict)
+    sq_out: Tensor | None = None  # [P, L+1]
+    grad: Tensor | None = None  # [P, 1, S, d_1], d f_0 / d f_1
+
+
+def forward(pb: Problem, program: Program, ds: slice, bs: slice, ctx: ForwardCtx, *,
+            moments: list[Moments | None] | None = None, keep_inputs: bool = False) -> Trace:
+    """Run one chunk forward; accumulate pre-activation ``moments`` in place if given."""
+    h = pb.x[ds, bs]
+    Dc, b = h.shape[:2]
+    P = Dc if pb.coupled else Dc * b
+    tr = Trace(sq_out=h.new_full((P, pb.L + 1), float("nan")))
+    for layer in program.layers:
+        m = layer.index
+        if keep_inputs:
+            tr.inputs[m] = h
+        h, tr.saved[m], pre = layer.forward(h, ctx)
+        tr.sq_out[:, m] = sq_norms(h if pb.coupled else h.reshape(P, -1))
+        if moments is not None and pre is not None:
+            chunk = Moments.of(pre.reshape(-1, pre.shape[-1]))
+            moments[m] = chunk if moments[m] is None else moments[m].merge(chunk)
+    if pb.error is not None:
+        y = pb.y[ds, bs]
+        e = error_value(pb.error, h, y)
+        f0 = e.sum(1) if pb.coupled else e.reshape(-1)
+        tr.sq_out[:, 0] = f0.square()
+        tr.grad = ctx.rows(error_grad(pb.error, h, y))
+    return tr
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    priority = 10
+
+    def _bytes(self, pb: Problem, rows: int) -> int:
+        """Rough working set per datapoint: saved state (~3 tensors a layer) plus row stacks."""
+        w = pb.widths
+        item = pb.x.element_size()
+        return item * pb.S * (3 * sum(w[1:]) + 4 * rows * max(w[1:]))
+
+    def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
+        moments: list[Moments | None] | None = [None] * (pb.L + 1) if stats else None
+        sq_out, sq_grad = [], []
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, 1)):
+            ctx.save = grads
+            tr = forward(pb, pb.program, ds, bs, ctx, moments=moments)
+            sq_out.append(tr.sq_out)
+            if grads:
+                g = tr.sq_out.new_empty(tr.sq_out.shape)
+                g[:, 0] = 1
+                v = tr.grad
+                g[:, 1] = sq_norms(v)
+                for m in range(1, pb.L):
+                    v = pb.program.layer(m).vjp(v, tr.saved[m])
+                    g[:, m + 1] = sq_norms(v)
+                sq_grad.append(g)
+        return Sweep(torch.cat(sq_out), torch.cat(sq_grad) if grads else None, moments)
+
+    def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
+        w, L = pb.widths, pb.L
+        rows = max(w[1:-1]) * pb.S if probes is None else probes(1).shape[0]
+        out = []
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
+            tr = forward(pb, pb.program, ds, bs, ctx)
+            P = tr.sq_out.shape[0]
+            res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
+            for l in range(L + 1):
+                if l == 0:
+                    res[:, 0, 0] = 1
+                    if tr.grad is None:
+                        continue
+                    v, k0 = tr.grad, 1
+                    res[:, 1, 0] = sq_norms(v)
+                else:
+                    v, k0 = self._start(pb, l, probes, tr.sq_out), l
+                    res[:, l, l] = sq_norms(v) / v.shape[1]
+                r = v.shape[1]
+                for k in range(k0, L):
+                    v = pb.program.layer(k).vjp(v, tr.saved[k])  # J_{k+1}^l = J_k^l G_k
+                    res[:, k + 1, l] = sq_norms(v) / r
+            out.append(res)
+        return torch.cat(out)
+
+    def _start(self, pb: Problem, l: int, probes: ProbeFn | None, v_like: Tensor) -> Tensor:
+        """Start rows for the chain from layer ``l``: ``[1, R, S, d_l]`` (broadcast over P)."""
+        if probes is not None:
+            return probes(l).to(v_like)[None]
+        n = pb.n(l)
+        return torch.eye(n, dtype=v_like.dtype, device=v_like.device).reshape(1, n, pb.S, -1)
+
+    def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
+        out = []
+        rows = pb.S * pb.widths[end]
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
+            tr = forward(pb, pb.program, ds, bs, ctx)
+            P = tr.sq_out.shape[0]
+            v = self._start(pb, end, None, tr.sq_out)
+            for k in range(end, start):
+                v = pb.program.layer(k).vjp(v, tr.saved[k])
+            out.append(v.expand(P, *v.shape[1:]).reshape(P, rows, -1))
+        return torch.cat(out)
+
+    def contributions(self, pb: Problem, init: Program) -> Tensor:
+        L, out = pb.L, []
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
+            tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            P = tr.sq_out.shape[0]
+            res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
+            res[:, 0, 0] = 1
+            v = tr.grad  # [P, lam, S, d]: g_1^(0) = G_0
+            res[:, 1, 0] = sq_norms(v)
+            for m in range(1, L):
+                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ctx)  # S_m at the trained input
+                a = pb.program.layer(m).vjp(v, tr.saved[m])  # v G_m
+                s = init.layer(m).vjp(v, s_init)  # v S_m
+                nxt = a.new_zeros(P, v.shape[1] + 1, *a.shape[2:])
+                nxt[:, :-1] = s
+                nxt[:, 1:] += a - s  # v R_m = v G_m - v S_m raises lambda by one
+                v = nxt
+                res[:, m + 1, : m + 1] = v.square().sum((2, 3))
+            out.append(res)
+        return torch.cat(out)

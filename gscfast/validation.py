@@ -1,0 +1,124 @@
+"""Input checks: bad input gets an error saying what and where, never a wrong number."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .backends.base import Problem, memory_budget
+from .compiler import Program, compile_model
+
+ERRORS = ("dot", "kl")
+BATCHNORM_MODES = ("batch", "frozen")
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """``ValueError`` naming the first NaN/Inf entry of ``t``."""
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            val = t[idx].item()
+            raise ValueError(f"{what} contains {'NaN' if val != val else 'Inf'} at index {idx} "
+                             f"({int(bad.sum())} non-finite entries in all)")
+
+
+def _check_model_tensors(program: Program, x: Tensor) -> None:
+    for op in program.ops():
+        for name, t in op.tensors().items():
+            where = f"{op.path} ({type(op.module).__name__}) {name}"
+            if t.device != x.device:
+                raise ValueError(f"{where} is on {t.device} but x is on {x.device}; "
+                                 "move the model or x so they match")
+            if t.dtype != x.dtype:
+                raise ValueError(f"{where} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                                 f"use model.to({x.dtype}) or x.to({t.dtype})")
+            check_finite(t, where)
+
+
+def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> Tensor:
+    lead = tuple(x3.shape[1:2]) if squeeze else tuple(x3.shape[:2])
+    if y.device != x3.device:
+        raise ValueError(f"y is on {y.device} but x is on {x3.device}")
+    if error == "dot":
+        want = lead + (out_dim,)
+        if tuple(y.shape) != want:
+            raise ValueError(f"error='dot' needs y of the output's shape {want}, got {tuple(y.shape)}")
+        if y.dtype != x3.dtype:
+            raise ValueError(f"y has dtype {y.dtype} but x has dtype {x3.dtype}")
+        check_finite(y, "y")
+        return y.reshape(x3.shape[:2] + (out_dim,))
+    if tuple(y.shape) != lead:
+        raise ValueError(f"error='kl' needs integer class labels y of shape {lead}, "
+                         f"got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"error='kl' needs integer class labels, got y of dtype {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_dim):
+        bad = ((y < 0) | (y >= out_dim)).nonzero()[0]
+        raise ValueError(f"y has label {int(y[tuple(bad)])} at index {tuple(bad.tolist())}; "
+                         f"labels must lie in [0, {out_dim}) for a model with {out_dim} outputs")
+    return y.reshape(x3.shape[:2]).long()
+
+
+def make_problem(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    error: str | None = None,
+    batchnorm: str = "batch",
+    chunk_size: int | None = None,
+    program: Program | None = None,
+) -> tuple[Problem, bool]:
+    """Validate everything and build the ``Problem``; also return whether ``x`` was 2-D.
+
+    ``error=None`` means no error layer is needed (``y`` is ignored).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [B, n] or [D, B, n] (D datasets), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[-2] == 0 or x.shape[0] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); gscfast needs at least one sample")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    program = program or compile_model(model)
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(0) if squeeze else x
+    widths = program.widths(x3.shape[-1])
+    _check_model_tensors(program, x3)
+    check_finite(x, "x")
+    couples = program.couples_batch
+    if couples and x3.shape[1] < 2:
+        raise ValueError("the model has a batch norm using batch statistics (train mode), which "
+                         "needs more than one sample per batch; got a batch of 1. Use eval mode "
+                         "(running statistics) or a larger batch")
+    y3 = None
+    if error is not None:
+        if error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
+        if y is None:
+            raise ValueError(f"error={error!r} needs y ({'targets of the output shape' if error == 'dot' else 'integer class labels'})")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        y3 = _check_y(error, y, x3, widths[1], squeeze)
+    pb = Problem(program=program, x=x3.detach(), y=y3, error=error,
+                 coupled=couples and batchnorm == "batch", frozen=couples and batchnorm == "frozen",
+                 chunk_size=chunk_size, memory=memory_budget())
+    return pb, squeeze
+
+
+def check_same_architecture(trained: Program, init: Program) -> None:
+    """``ValueError`` unless both programs have the same layers of the same module types/shapes."""
+    a, b = list(trained.ops()), list(init.ops())
+    if len(trained.layers) != len(init.layers) or len(a) != len(b):
+        raise ValueError(f"init_model has {len(init.layers)} layers ({len(b)} modules) but model "
+                         f"has {len(trained.layers)} ({len(a)} modules); they must share the architecture")
+    for p, q in zip(a, b):
+        same_shapes = {k: tuple(t.shape) for k, t in p.tensors().items()} == {
+            k: tuple(t.shape) for k, t in q.tensors().items()}
+        if type(p.module) is not type(q.module) or not same_shapes:
+            raise ValueError(f"{p.path}: model has {p.module} but init_model has {q.module}")
