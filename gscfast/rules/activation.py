@@ -43,7 +43,8 @@ class LeakyReLURule(ActivationRule):
     kind = "leaky_relu"
 
     def derivative(self, z, y):
-        return torch.where(z > 0, 1.0, self.module.negative_slope).to(z.dtype)
+        # Python scalars in torch.where would give float32; stay in z's dtype.
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, self.module.negative_slope))
 
 
 @register

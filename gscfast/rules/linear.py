@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .base import ForwardCtx, Rule, register
@@ -18,10 +19,7 @@ class LinearRule(Rule):
         self.bias: Tensor | None = None if module.bias is None else module.bias.detach()
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
-        y = x @ self.weight.T
-        if self.bias is not None:
-            y = y + self.bias
-        return y, None
+        return torch.nn.functional.linear(x, self.weight, self.bias), None
 
     def vjp(self, v: Tensor, saved: None) -> Tensor:
         return v @ self.weight
