@@ -135,6 +135,7 @@ def gsc_matrix(
     sq_out = be.sweep(pb, grads=False, stats=False).sq_out
     f = _mean(sq_out)
     res = _mean(sq) / n[:, None] * f[:, None] / f[None, :]
+    res.diagonal().fill_(1)  # GSC(k, k) = 1 by definition, also where f_k = 0
     return res.masked_fill(torch.ones_like(res, dtype=torch.bool).triu(1), float("nan")).to(x.dtype)
 
 

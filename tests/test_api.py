@@ -148,7 +148,12 @@ def test_jacobian(backend, dtype, data):
     kw = dict(start=start, end=end, batchnorm="frozen")
     got = gscfast.jacobian(case.model, case.x, backend=backend, **kw)
     ref = gscfast.jacobian(c64.model, c64.x, backend="reference", **kw)
-    assert_agree(got, ref, dtype, "jacobian")
+    if dtype == torch.float64:
+        assert_agree(got, ref, dtype, "jacobian")
+    else:  # signed entries can cancel: float32 error relative to each sample's Jacobian norm
+        assert got.dtype == dtype and got.shape == ref.shape
+        err = (got.double() - ref).flatten(-2).norm(dim=-1) / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)
+        assert err.max() <= 1e-4, err.max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

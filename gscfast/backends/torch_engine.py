@@ -102,8 +102,9 @@ class TorchBackend(Backend):
                     res[:, 1, 0] = sq_norms(v)
                 else:
                     v, k0 = self._start(pb, l, probes, tr.sq_out), l
-                    res[:, l, l] = sq_norms(v) / v.shape[1]
-                r = v.shape[1]
+                r = v.shape[1] if (probes is not None and l > 0) else 1  # sketch: mean over probes
+                if l > 0:
+                    res[:, l, l] = sq_norms(v) / r
                 for k in range(k0, L):
                     v = pb.program.layer(k).vjp(v, tr.saved[k])  # J_{k+1}^l = J_k^l G_k
                     res[:, k + 1, l] = sq_norms(v) / r
