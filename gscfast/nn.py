@@ -98,8 +98,8 @@ def mlp(
         in_features: input dimension (default ``width``).
         out_features: if given, a final ``Linear(width, out_features)`` layer without norm or
             activation is appended (the model then has ``depth + 1`` layers).
-        weight_var: variance of the weight entries times... exactly: entries have variance
-            ``weight_var`` (default ``2 / fan_in`` for ReLU, ``1 / fan_in`` otherwise).
+        weight_var: variance of each weight entry (default ``2 / fan_in`` for ReLU,
+            ``1 / fan_in`` otherwise, as in the paper).
         init: ``"gaussian"`` or ``"orthogonal"`` (same per-entry variance).
         bias: add zero-initialized biases.
         residual: ``None`` for a plain net; a float wraps each layer (from the second on, where

@@ -17,7 +17,7 @@ from strategies import cases, to64
 
 FAST = [b for b in gscfast.available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float64, torch.float32]
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
