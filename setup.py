@@ -16,6 +16,7 @@ setup(
         "triton": ["triton>=3.0"],
         "cupy": ["cupy-cuda12x>=13"],
         "ray": ["ray>=2.9"],
+        "data": ["scikit-learn>=1.2"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",
@@ -23,6 +24,7 @@ setup(
             "matplotlib>=3.6",
             "pandas>=1.5",
             "tqdm>=4.60",
+            "scikit-learn>=1.2",
         ],
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},
