@@ -7,6 +7,7 @@ from .analysis import Analysis, analyze
 from .api import PreactStats, effective_depth, explosion_rate, gsc, gsc_matrix, jacobian, preactivation_stats
 from .backends import available_backends
 from .compiler import compile_model
+from .flow import GradientFlow
 from .nn import Residual, mlp
 
 __version__ = "0.1.0"
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth", "analyze",
     "Analysis", "PreactStats", "explosion_rate", "mlp", "Residual", "compile_model",
-    "available_backends", "autograd", "nn", "__version__",
+    "available_backends", "autograd", "nn", "GradientFlow", "__version__",
 ]

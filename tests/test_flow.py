@@ -1,0 +1,91 @@
+"""GradientFlow records what autograd computes, removes its hooks, and leaves the model alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gscfast
+from gscfast.flow import GradientFlow, tensorboard_writer
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def train(model, flow, steps=4):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grads = {}
+    for i in range(steps):
+        x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[i] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        flow.step()
+        opt.zero_grad()
+    return grads
+
+
+def test_records_equal_autograd_gradients_and_hooks_are_removed(tmp_path):
+    model = conv_net()
+    with GradientFlow(model, every=2) as flow:
+        grads = train(model, flow)
+    assert sorted(flow.records) == [0, 2]
+    for step, rec in flow.records.items():
+        assert set(rec["weights"]) == {"0.weight", "3.weight", "5.weight"}  # dim >= 2
+        for name, s in rec["weights"].items():
+            g = grads[step][name]
+            assert s["mean_abs"] == pytest.approx(float(g.abs().mean()), rel=1e-6)
+            assert s["norm"] == pytest.approx(float(g.norm()), rel=1e-6)
+    n = len(flow.records)
+    train(model, flow, steps=2)  # outside the context: no hooks, nothing recorded
+    assert len(flow.records) == n
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    flow.to_json(tmp_path / "flow.json")
+    assert json.loads((tmp_path / "flow.json").read_text())["records"]["2"]["weights"]
+    flow.plot(tmp_path / "flow.png")
+    assert (tmp_path / "flow.png").stat().st_size > 1000
+
+
+def test_gsc_of_the_mlp_tail_and_model_untouched():
+    model = conv_net()
+    bn_model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
+                             nn.Linear(2 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    for m in (model, bn_model):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with GradientFlow(m, gsc_data=(x, y)) as flow:
+            nn.functional.cross_entropy(m(x), y).backward()
+            for k, v in m.state_dict().items():  # the training forward itself updates BN stats
+                before[k] = v.clone()
+            rec = flow.step()
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        tail = m[3:]
+        feats = m[:3](x).detach()
+        expected = gscfast.gsc(tail, feats, y, error="kl")
+        if m is model:
+            assert rec["gsc"] == pytest.approx(expected.tolist(), rel=1e-5)
+        assert len(rec["gsc"]) == gscfast.compile_model(tail).L + 1
+
+
+def test_whole_model_gsc_and_tensorboard_writer():
+    model = gscfast.mlp(4, 8, act="tanh", out_features=3, seed=0)
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    logged = []
+
+    class FakeSummaryWriter:
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, value, step))
+
+    with GradientFlow(model, gsc_data=(x, y), writers=[tensorboard_writer(FakeSummaryWriter())]) as flow:
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec = flow.step()
+    assert rec["gsc"] == pytest.approx(gscfast.gsc(model, x, y, error="kl").tolist(), rel=1e-6)
+    assert ("gsc/0", 1.0, 0) in logged and any(t.startswith("grad_norm/") for t, _, _ in logged)
+    with pytest.raises(ValueError, match="every"):
+        GradientFlow(model, every=0)
