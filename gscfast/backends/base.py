@@ -102,9 +102,9 @@ class Moments:
     @staticmethod
     def of(z: Tensor) -> "Moments":
         """Moments of ``z [N, d]`` (N samples)."""
-        z64 = z.detach().to(torch.float64)
-        mean = z64.mean(0)
-        return Moments(z.shape[0], mean, (z64 - mean).square().sum(0),
+        # One pass in z's dtype (exact enough for its precision); chunks merge in float64.
+        var, mean = torch.var_mean(z.detach(), 0, correction=0)
+        return Moments(z.shape[0], mean.to(torch.float64), var.to(torch.float64) * z.shape[0],
                        (z > 0).sum(0, dtype=torch.float64), (z < 0).sum(0, dtype=torch.float64))
 
     def merge(self, other: "Moments | None") -> "Moments":
