@@ -25,6 +25,7 @@ setup(
             "pandas>=1.5",
             "tqdm>=4.60",
             "scikit-learn>=1.2",
+            "ray>=2.9",
         ],
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},

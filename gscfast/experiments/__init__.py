@@ -1,0 +1,10 @@
+"""Studies built on gscfast, run by one runner (``runner``): ``gaussian`` (Figure 1 of Philipp,
+Song & Carbonell 2018) so far. Each study module provides ``make_config``, ``make_study``, the job
+function, ``write_outputs`` and its command (``add_arguments``, ``main``, ``HELP``)."""
+from .runner import EngineError, Job, ResultsDirError, RunResult, Study, UsageError, job_seed, run
+
+__all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "UsageError", "run",
+           "job_seed", "STUDIES"]
+
+# Command name -> module (imported when the command is set up).
+STUDIES = {"gaussian": "gscfast.experiments.gaussian"}

@@ -1,0 +1,537 @@
+"""The Gaussian-noise study: Figure 1 of Philipp, Song & Carbonell (2018) at the paper's scale.
+
+Seven 50-layer MLPs of width 100 (``linear -> [norm] -> activation``, no bias, non-learnable
+norms; weight variance 2/100 for ReLU nets, 1/100 otherwise) on 100 independent datasets of
+10,000 Gaussian points each, a fresh network per dataset. Per layer: the expected GSC(l, 0),
+the pre-activation standard deviation and the sign diversity; per architecture: the explosion
+rate with a 95% confidence interval beside r(s) of definitions.md.
+
+One job is one (architecture, dataset) pair; ``gscfast.experiments.runner`` runs and stores them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
+
+__all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
+           "make_config", "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
+
+NAME = "gaussian"
+HELP = "Figure 1 of Philipp et al. (2018): GSC, pre-activation std and sign diversity on Gaussian noise"
+
+# The paper's seven architectures: name -> (activation, norm).
+ARCHS: dict[str, tuple[str, str | None]] = {
+    "ReLU": ("relu", None), "layer-ReLU": ("relu", "layer"), "batch-ReLU": ("relu", "batch"),
+    "tanh": ("tanh", None), "layer-tanh": ("tanh", "layer"), "batch-tanh": ("tanh", "batch"),
+    "SeLU": ("selu", None),
+}
+PAPER_ARCHS = list(ARCHS)
+# Prefixes for the optional variants (combinable, in this order): orthogonal initialization;
+# residual blocks x + body(x) with branch scale 1 ("res-") or 1/sqrt(L) ("res-sqrt-").
+PREFIXES = ("orth-", "res-sqrt-", "res-")
+# Groups accepted by --archs.
+GROUPS: dict[str, list[str]] = {
+    "paper": PAPER_ARCHS,
+    "resnet": [f"res-{a}" for a in ARCHS] + [f"res-sqrt-{a}" for a in ARCHS],
+    "orth": [f"orth-{a}" for a in ARCHS],
+}
+GROUPS["all"] = GROUPS["paper"] + GROUPS["resnet"] + GROUPS["orth"]
+# r(s) = E[s'(z)^2] / Var[s(z)], z ~ N(0, 1) (definitions.md): the per-layer growth of the squared
+# gradient norm in a plain linear -> batch-norm -> activation network.
+R_S = {"relu": 1.467, "tanh": 1.178, "selu": 1.072}
+
+
+# ----------------------------------------------------------------------------- architectures
+def parse_arch(name: str) -> dict[str, Any]:
+    """Architecture name -> keyword arguments of ``gscfast.mlp`` (``act``, ``norm``, ``init``,
+    ``residual``). Names are a paper name (``ARCHS``) with optional prefixes ``orth-`` then
+    ``res-`` or ``res-sqrt-``, e.g. ``"orth-res-sqrt-batch-ReLU"``."""
+    rest, init, residual = name, "gaussian", None
+    if rest.startswith("orth-"):
+        rest, init = rest[len("orth-"):], "orthogonal"
+    if rest.startswith("res-sqrt-"):
+        rest, residual = rest[len("res-sqrt-"):], "sqrt"
+    elif rest.startswith("res-"):
+        rest, residual = rest[len("res-"):], 1.0
+    if rest not in ARCHS:
+        raise ValueError(
+            f"unknown architecture {name!r}: use one of {', '.join(ARCHS)}, optionally prefixed by "
+            f"'orth-' and then 'res-' or 'res-sqrt-', or a group: {', '.join(GROUPS)}")
+    act, norm = ARCHS[rest]
+    return {"act": act, "norm": norm, "init": init, "residual": residual}
+
+
+def expand_archs(words: list[str]) -> list[str]:
+    """``--archs`` words (names or groups) -> architecture names, without repeats, checked."""
+    names: list[str] = []
+    for w in words:
+        for name in GROUPS.get(w, [w]):
+            parse_arch(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("no architectures given")
+    return names
+
+
+def predicted_rate(name: str) -> float | None:
+    """r(s) where definitions.md predicts the explosion rate: plain (non-residual)
+    linear -> batch-norm -> activation networks. None elsewhere."""
+    a = parse_arch(name)
+    return R_S.get(a["act"]) if a["norm"] == "batch" and a["residual"] is None else None
+
+
+# ----------------------------------------------------------------------------- one job
+def make_dataset(seed: int, samples: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``x`` and labels ``y``, each ``[samples, dim]`` with i.i.d. ``N(0, 1/100)``
+    entries (the paper's scale for ``dim = 100``), each input row rescaled to length 10. Drawn in
+    float64 on the CPU from ``seed``, so the data do not depend on dtype or device."""
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(samples, dim, generator=g, dtype=torch.float64) / 10
+    x = x * (10 / x.norm(dim=1, keepdim=True))
+    y = torch.randn(samples, dim, generator=g, dtype=torch.float64) / 10
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype = torch.float32):
+    """The network of architecture ``name``, seeded (``gscfast.mlp``)."""
+    from .. import mlp
+
+    return mlp(depth, width, **parse_arch(name), seed=int(seed), dtype=dtype)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One (architecture, dataset) job: seeded data and network, ``gscfast.analyze``, plain lists."""
+    from .. import analyze
+    from ..backends import get_backend
+
+    device, dtype = _device(config["device"]), _dtype(config["dtype"])
+    x, y = make_dataset(spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device)
+    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(device)
+    a = analyze(model, x, y, backend=config["backend"])
+    return {"gsc": a.gsc.tolist(), "preact_std": a.preact_std.tolist(),
+            "sign_diversity": a.sign_diversity.tolist(), "rate": float(a.rate),
+            "backend": get_backend(config["backend"], device).name, "device": str(device)}
+
+
+def check_result(config: dict, spec: dict, result: dict) -> None:
+    """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
+    n = config["depth"] + 1
+    for key in ("gsc", "preact_std", "sign_diversity"):
+        v = result.get(key)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(t, (int, float)) for t in v):
+            raise ValueError(f"{key!r} is not a list of {n} numbers")
+    if not isinstance(result.get("rate"), (int, float)):
+        raise ValueError("'rate' is not a number")
+
+
+# ----------------------------------------------------------------------------- the study
+def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples: int = 10_000,
+                seed: int = 0, depth: int = 50, width: int = 100, backend: str = "auto",
+                device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """The study's configuration (the paper's scale by default), checked."""
+    archs = expand_archs(archs or PAPER_ARCHS)
+    for k, v in (("datasets", datasets), ("samples", samples), ("depth", depth), ("width", width)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    if samples < 2:
+        raise ValueError("samples must be at least 2 (batch norm needs a batch)")
+    from ..backends import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return {"archs": archs, "datasets": datasets, "samples": samples, "seed": int(seed),
+            "depth": depth, "width": width, "backend": backend, "device": device, "dtype": dtype}
+
+
+def make_study(config: dict[str, Any]) -> Study:
+    """Jobs ``<arch>.<dataset>``, architecture-major. Dataset ``i`` is the same data for every
+    architecture (seed from ``seed`` and ``i``); each job's network has its own seed (from ``seed``,
+    the architecture and ``i``)."""
+    jobs = [Job(f"{arch}.{i:05d}", {"arch": arch, "dataset": i,
+                                     "data_seed": job_seed(config["seed"], "data", i),
+                                     "net_seed": job_seed(config["seed"], "net", arch, i)})
+            for arch in config["archs"] for i in range(config["datasets"])]
+    return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
+
+
+# ----------------------------------------------------------------------------- aggregation
+QUANTITIES = ("gsc", "preact_std", "sign_diversity")
+STATS = ("mean", "median", "q10", "q90")
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
+    """``(mean, low, high, sample std)``: Student-t confidence interval for the mean of the finite
+    values (NaN bounds with fewer than two)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return (math.nan,) * 4
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sd / math.sqrt(len(v))
+    return mean, mean - half, mean + half, sd
+
+
+def _layer_stats(a: np.ndarray) -> dict[str, list[float]]:
+    """Per-layer mean, median and 10%/90% quantiles over datasets (rows) of ``a [D, L+1]``,
+    ignoring NaN; all-NaN layers give NaN."""
+    out = {}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers
+        out["mean"] = np.nanmean(a, axis=0)
+        out["median"] = np.nanmedian(a, axis=0)
+        out["q10"] = np.nanquantile(a, 0.1, axis=0)
+        out["q90"] = np.nanquantile(a, 0.9, axis=0)
+    return {k: [float(t) for t in v] for k, v in out.items()}
+
+
+def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every number of the study from the job records: per architecture the per-layer statistics
+    over datasets, the explosion rate's mean and 95% t-interval, r(s), and each dataset's values."""
+    archs: dict[str, Any] = {}
+    for arch in config["archs"]:
+        recs = sorted((r for r in records.values() if r["spec"]["arch"] == arch),
+                      key=lambda r: r["spec"]["dataset"])
+        per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
+        rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
+        mean, low, high, sd = t_interval(rates)
+        L = config["depth"]
+        archs[arch] = {
+            **parse_arch(arch),
+            "rate": {"mean": mean, "ci95": [low, high], "std": sd, "n": int(np.isfinite(rates).sum())},
+            "predicted_rate": predicted_rate(arch),
+            "r_s": R_S.get(parse_arch(arch)["act"]),
+            "gsc_L": dict(zip(STATS, (s[L] for s in _layer_stats(per["gsc"]).values()))),
+            "layers": {q: _layer_stats(per[q]) for q in QUANTITIES},
+            "datasets": [{"dataset": r["spec"]["dataset"], "data_seed": r["spec"]["data_seed"],
+                          "net_seed": r["spec"]["net_seed"], "rate": r["result"]["rate"],
+                          **{q: r["result"][q] for q in QUANTITIES}} for r in recs],
+        }
+    return {"study": NAME, "config": config, "archs": archs}
+
+
+# ----------------------------------------------------------------------------- outputs
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def layers_csv(results: dict[str, Any]) -> str:
+    """Long table: one row per (architecture, dataset or statistic, layer)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["arch", "dataset", "l", *QUANTITIES])
+    for arch, a in results["archs"].items():
+        for stat in STATS:
+            cols = [a["layers"][q][stat] for q in QUANTITIES]
+            for l, vals in enumerate(zip(*cols)):
+                w.writerow([arch, stat, l, *map(_num, vals)])
+        for d in a["datasets"]:
+            for l, vals in enumerate(zip(*(d[q] for q in QUANTITIES))):
+                w.writerow([arch, d["dataset"], l, *map(_num, vals)])
+    return buf.getvalue()
+
+
+def _num(v: float) -> str:
+    """Exact (round-trip) text of ``v``; empty for NaN."""
+    return "" if math.isnan(v) else repr(float(v))
+
+
+_STYLE = {None: "-", "layer": "--", "batch": ":"}
+
+
+def plot(results: dict[str, Any], paths: list[Path]) -> None:
+    """Figure 1: GSC(l, 0) (log scale), pre-activation std and sign diversity against
+    compositional depth; one line per architecture (mean over datasets), 10-90% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    colors = plt.get_cmap("tab10" if len(results["archs"]) <= 10 else "tab20").colors
+    l = np.arange(cfg["depth"] + 1)
+    titles = ("(A) expected GSC(l, 0)", "(B) pre-activation standard deviation", "(C) sign diversity")
+    for i, (arch, a) in enumerate(results["archs"].items()):
+        color = colors[i % len(colors)]
+        style = "-." if a["residual"] is not None else _STYLE[a["norm"]]
+        for ax, q in zip(axes, QUANTITIES):
+            s = a["layers"][q]
+            lo, hi, m = (np.array(s[k], dtype=float) for k in ("q10", "q90", "mean"))
+            ax.fill_between(l, lo, hi, color=color, alpha=0.15, linewidth=0)
+            label = f"{arch} (rate {a['rate']['mean']:.3f})" if q == "gsc" else None
+            ax.plot(l, m, style, color=color, linewidth=1.6, label=label)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("compositional depth l")
+        ax.set_xlim(0, cfg["depth"])
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].set_ylim(0, 0.52)
+    fig.suptitle(f"Gaussian noise: {cfg['depth']} layers x {cfg['width']}, {cfg['datasets']} datasets "
+                 f"x {cfg['samples']:,} points (lines: mean over datasets; bands: 10-90% of datasets)",
+                 fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    rows = math.ceil(len(labels) / 4)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    for path in paths:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.suffix[1:], dpi=150)
+        atomic_write(path, buf.getvalue())
+    plt.close(fig)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _sci(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.3g}"
+
+
+def sgemm_rate(width: int, rows: int, device: torch.device, seconds: float = 0.3) -> float:
+    """Measured GEMM rate (FLOP/s) for ``[rows, width] @ [width, width]`` float32 on ``device``."""
+    a = torch.randn(rows, width, device=device)
+    w = torch.randn(width, width, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ w
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ w
+        n += 1
+    sync()
+    return 2.0 * rows * width * width * n / (time.perf_counter() - t0)
+
+
+def job_flops(config: dict[str, Any]) -> float:
+    """GEMM FLOPs of one job's forward and backward (input-gradient) passes: 2 x 2 B L d^2."""
+    return 4.0 * config["samples"] * config["depth"] * config["width"] ** 2
+
+
+def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
+    cfg = results["config"]
+    L = cfg["depth"]
+    lines = [
+        "# Gaussian-noise study (Philipp, Song & Carbonell 2018, Figure 1)", "",
+        f"gscfast {run_info['version']}: {len(cfg['archs'])} architectures x {cfg['datasets']} "
+        f"datasets x {cfg['samples']:,} points; MLPs of depth {L} and width {cfg['width']}; "
+        f"seed {cfg['seed']}.", "",
+        "## Explosion rates", "",
+        f"| architecture | rate (mean) | 95% CI | r(s) | GSC({L}, 0) mean | GSC({L}, 0) median "
+        "| 10-90% over datasets |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arch, a in results["archs"].items():
+        r, g = a["rate"], a["gsc_L"]
+        lines.append(f"| {arch} | {_fmt(r['mean'])} | [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
+                     f"| {_fmt(a['predicted_rate'])} | {_sci(g['mean'])} | {_sci(g['median'])} "
+                     f"| {_sci(g['q10'])} - {_sci(g['q90'])} |")
+    lines += [
+        "",
+        "- **rate**: per dataset, `gscfast.explosion_rate`, i.e. `exp(slope)` of the least-squares "
+        f"fit of `log GSC(l, 0)` against `l = 0..{L}`; the table gives the mean over datasets and "
+        "a Student-t 95% confidence interval for it.",
+        "- **r(s)** = `E[s'(z)^2] / Var[s(z)]` (definitions.md). It predicts the per-layer growth "
+        "of the squared gradient norm in a plain linear -> batch-norm -> activation network, and "
+        "so the explosion rate of the batch-norm architectures (their layer outputs keep a "
+        "constant norm, so the GSC grows like the squared gradient). It is shown only there: for "
+        "the other architectures (no norm, layer norm, residual blocks) definitions.md makes no "
+        "prediction, and their rates are compared with each other and with 1 (no explosion).",
+        "",
+        "## How the numbers are made", "",
+        f"- Each dataset: {cfg['samples']:,} inputs and labels of dimension {cfg['width']} with "
+        "i.i.d. N(0, 1/100) entries, inputs rescaled to length 10; error layer `<y, output>` "
+        "(`error=\"dot\"`). Dataset i is the same for every architecture; every (architecture, "
+        "dataset) pair gets a fresh network. Seeds come from `--seed`, the architecture name and "
+        "the dataset index by SHA-256, so the numbers do not depend on job order, engine or resume.",
+        "- Networks: `gscfast.mlp(depth, width, act, norm, init, residual)`: linear (no bias) -> "
+        "[non-learnable layer/batch norm] -> activation; weight variance 2/width for ReLU, "
+        "1/width for tanh and SeLU. Batch norm uses batch statistics, so with batch norm a whole "
+        "dataset is one datapoint (definitions.md).",
+        "- Per (architecture, dataset): `gscfast.analyze` gives the expected GSC(l, 0) over the "
+        "dataset's datapoints, the pre-activation std and the sign diversity (one sweep).",
+        "- Figure and table: each line is the **arithmetic mean over datasets** of the per-dataset "
+        "values (the expected GSC averaged over datasets, not a geometric mean), the band spans the "
+        "10% and 90% quantiles over datasets. Medians are in results.json and layers.csv. On the "
+        "log scale of panel A a heavy upper tail can lift the mean above the median.",
+        "- NaN (no pre-activation: l = 0, residual blocks) is empty in layers.csv and null in "
+        "results.json.",
+        "",
+        "## Configuration", "",
+        "```json", json.dumps(cfg, indent=2), "```", "",
+        "## Timings", "",
+    ]
+    t = run_info["timings"]
+    lines += [
+        f"- This invocation: {t['computed']} jobs computed with engine `{run_info['engine']}` "
+        f"({run_info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total "
+        f"(the run may have been split by --resume); backends {', '.join(t['backends'])}, devices "
+        f"{', '.join(t['devices'])}, CPU threads per job {', '.join(map(str, t['threads']))}.",
+        f"- FLOP floor: one job is {job_flops(cfg) / 1e9:.3g} GFLOP of GEMMs (forward and backward, "
+        f"4 B L d^2); at the GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
+        f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s) "
+        f"that is {t['floor_seconds'] * 1e3:.3g} ms per job, {t['floor_seconds'] * t['jobs']:.3g} s "
+        "for the study.",
+    ]
+    if max(len(t["backends"]), len(t["devices"]), len(t["threads"])) > 1:
+        lines.append("- **Warning**: the jobs ran with different backends, devices or thread "
+                     "counts (the run was resumed elsewhere), so the numbers may differ in the "
+                     "last bits from those of a single run.")
+    lines += ["", "| architecture | seconds per job (mean) | min | max | x FLOP floor |",
+              "| --- | --- | --- | --- | --- |"]
+    for arch, s in t["per_arch"].items():
+        lines.append(f"| {arch} | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f} "
+                     f"| {s['mean'] / t['floor_seconds']:.1f} |")
+    lines += ["", f"Machine: {run_info['machine']}.", "",
+              "## Files", "",
+              "- `figure1.png`, `figure1.pdf`: the three panels.",
+              "- `results.json`: every number (per architecture: rate, per-layer statistics, each "
+              "dataset's values and seeds), the configuration and the timings.",
+              "- `layers.csv`: columns `arch, dataset, l, gsc, preact_std, sign_diversity`; "
+              "`dataset` is a dataset index or one of `mean, median, q10, q90` (the plotted "
+              "statistics over datasets).",
+              "- `manifest.json`, `jobs/`: the run's identity and one record per (architecture, "
+              "dataset); `gscfast gaussian --out DIR --resume` with the same options continues or "
+              "regenerates these files.", ""]
+    return "\n".join(lines)
+
+
+def _timings(config: dict, records: dict, result) -> dict[str, Any]:
+    per_arch = {}
+    for arch in config["archs"]:
+        s = [r["seconds"] for r in records.values() if r["spec"]["arch"] == arch]
+        per_arch[arch] = {"mean": float(np.mean(s)), "min": float(np.min(s)), "max": float(np.max(s))}
+    device = _device(config["device"])
+    rate = sgemm_rate(config["width"], config["samples"], device)
+    return {
+        "jobs": len(records), "computed": result.computed, "wall_seconds": result.wall_seconds,
+        "job_seconds": float(sum(r["seconds"] for r in records.values())), "per_arch": per_arch,
+        "backends": sorted({r["result"]["backend"] for r in records.values()}),
+        "devices": sorted({r["result"]["device"] for r in records.values()}),
+        "threads": sorted({r["threads"] for r in records.values()}),
+        "sgemm_device": str(device), "sgemm_gflops": rate / 1e9,
+        "floor_seconds": job_flops(config) / rate,
+    }
+
+
+def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
+    """figure1.png/pdf, results.json, layers.csv and summary.md from a complete run's records."""
+    from .. import __version__
+
+    out = Path(out)
+    results = aggregate(config, result.records)
+    torch_threads = result.threads
+    run_info = {
+        "version": __version__, "engine": result.engine, "threads": torch_threads,
+        "timings": _timings(config, result.records, result),
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+                   f"torch {torch.__version__}",
+    }
+    paths = {k: out / f for k, f in (("png", "figure1.png"), ("pdf", "figure1.pdf"),
+                                      ("json", "results.json"), ("csv", "layers.csv"),
+                                      ("summary", "summary.md"))}
+    full = {**results, "gscfast_version": __version__, "timings": run_info["timings"],
+            "seconds": {k: r["seconds"] for k, r in result.records.items()}}
+    atomic_write(paths["json"], json.dumps(_json_safe(full), indent=1) + "\n")
+    atomic_write(paths["csv"], layers_csv(results))
+    plot(results, [paths["png"], paths["pdf"]])
+    atomic_write(paths["summary"], summary_md(results, run_info))
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results/gaussian", help="results directory (default %(default)s)")
+    p.add_argument("--datasets", type=int, default=100, help="datasets per architecture (default 100)")
+    p.add_argument("--samples", type=int, default=10_000, help="points per dataset (default 10000)")
+    p.add_argument("--archs", nargs="+", default=["paper"], metavar="ARCH",
+                   help=f"architectures: {', '.join(ARCHS)}, optionally prefixed by 'orth-' "
+                        f"(orthogonal init) and then 'res-' or 'res-sqrt-' (residual blocks with "
+                        f"branch scale 1 or 1/sqrt(L)); or groups {', '.join(GROUPS)} "
+                        f"(default: paper, the seven above)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    p.add_argument("--depth", type=int, default=50, help="layers (default 50; smaller for quick runs)")
+    p.add_argument("--width", type=int, default=100,
+                   help="width, also the input and label dimension (default 100)")
+    p.add_argument("--backend", default="auto", help="gscfast backend (default auto)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_runner_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = make_config(archs=args.archs, datasets=args.datasets, samples=args.samples,
+                             seed=args.seed, depth=args.depth, width=args.width,
+                             backend=args.backend, device=args.device, dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    study = make_study(config)
+    try:
+        result = run(study, args.out, resume=args.resume, engine=args.engine, address=args.address,
+                     num_cpus=args.num_cpus, threads=args.threads, quiet=args.quiet,
+                     max_jobs=args.max_jobs)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished jobs are saved in {args.out}; continue with "
+              f"the same command and --resume")
+        return 130
+    if not result.complete:
+        print(f"stopped after {result.computed} new jobs ({len(result.records)} of {len(study.jobs)} "
+              f"done); continue with the same command and --resume")
+        return 0
+    paths = write_outputs(args.out, config, result)
+    results = json.loads(paths["json"].read_text())
+    if not args.quiet:
+        print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)")
+        for arch, a in results["archs"].items():
+            r = a["rate"]
+            ci = r["ci95"]
+            print(f"{arch:<22} {_fmt(r['mean']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
+                  f"{_fmt(a['predicted_rate'])}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

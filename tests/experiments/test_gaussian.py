@@ -1,0 +1,284 @@
+"""The Gaussian-noise study at quick scale: every output file, the numbers against the API, resume
+bit for bit, refusal of foreign or corrupted results directories, the command line, and Ray."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gscfast
+from gscfast.__main__ import main
+from gscfast.experiments import gaussian
+from gscfast.experiments.runner import job_seed, thread_limit
+
+ARCHS = ["batch-tanh", "ReLU"]
+DEPTH, WIDTH, DATASETS, SAMPLES = 5, 16, 3, 64
+BASE = ["--datasets", str(DATASETS), "--samples", str(SAMPLES), "--depth", str(DEPTH),
+        "--width", str(WIDTH), "--backend", "torch", "--threads", "1", "--quiet"]
+ARGS = [*BASE, "--archs", *ARCHS]
+OUTPUTS = ["figure1.png", "figure1.pdf", "results.json", "layers.csv", "summary.md"]
+TIMING_KEYS = ("timings", "seconds")
+
+
+def study(out: Path, *extra: str, args: list[str] = ARGS) -> int:
+    return main(["gaussian", "--out", str(out), *args, *extra])
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def numbers(d: Path) -> dict:
+    """results.json without its timings, layers.csv and every job's result: what must be equal."""
+    res = json.loads((d / "results.json").read_text())
+    for k in TIMING_KEYS:
+        res.pop(k)
+    jobs = {p.name: json.loads(p.read_text())["result"] for p in sorted((d / "jobs").iterdir())}
+    return {"results": res, "csv": (d / "layers.csv").read_text(), "jobs": jobs}
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gaussian") / "run"
+    assert study(out) == 0
+    return out
+
+
+def test_every_output_file(full):
+    assert sorted(p.name for p in full.iterdir()) == sorted(OUTPUTS + ["manifest.json", "jobs"])
+    assert len(list((full / "jobs").iterdir())) == len(ARCHS) * DATASETS
+    assert (full / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (full / "figure1.pdf").read_bytes()[:5] == b"%PDF-"
+
+    res = json.loads((full / "results.json").read_text())  # strict JSON: NaN written as null
+    assert res["config"]["archs"] == ARCHS and res["gscfast_version"] == gscfast.__version__
+    assert set(res["seconds"]) == {p.stem for p in (full / "jobs").iterdir()}
+    for arch in ARCHS:
+        a = res["archs"][arch]
+        assert len(a["datasets"]) == DATASETS
+        assert [d["dataset"] for d in a["datasets"]] == list(range(DATASETS))
+        for q in ("gsc", "preact_std", "sign_diversity"):
+            assert set(a["layers"][q]) == {"mean", "median", "q10", "q90"}
+            assert all(len(v) == DEPTH + 1 for v in a["layers"][q].values())
+        assert a["layers"]["gsc"]["mean"][0] == 1.0 and a["layers"]["preact_std"]["mean"][0] is None
+        r = a["rate"]
+        assert r["n"] == DATASETS and r["ci95"][0] < r["mean"] < r["ci95"][1]
+        assert r["mean"] == pytest.approx(sum(d["rate"] for d in a["datasets"]) / DATASETS, rel=1e-12)
+    assert res["archs"]["batch-tanh"]["predicted_rate"] == 1.178
+    assert res["archs"]["ReLU"]["predicted_rate"] is None
+
+    rows = (full / "layers.csv").read_text().splitlines()
+    assert rows[0] == "arch,dataset,l,gsc,preact_std,sign_diversity"
+    assert len(rows) == 1 + len(ARCHS) * (DATASETS + 4) * (DEPTH + 1)
+    assert "ReLU,mean,0,1.0,," in rows
+
+    summary = (full / "summary.md").read_text()
+    assert f"gscfast {gscfast.__version__}" in summary
+    for text in ("| batch-tanh |", "| ReLU |", "1.178", "95% CI", "arithmetic mean over datasets",
+                 "FLOP floor", "seconds per job", '"samples": 64'):
+        assert text in summary, text
+
+
+def test_numbers_are_those_of_the_api(full):
+    """A job is gscfast.analyze on the documented data and network, seeded as documented."""
+    rec = json.loads((full / "jobs" / "batch-tanh.00001.json").read_text())
+    assert rec["spec"]["data_seed"] == job_seed(0, "data", 1)
+    assert rec["spec"]["net_seed"] == job_seed(0, "net", "batch-tanh", 1)
+    x, y = gaussian.make_dataset(rec["spec"]["data_seed"], SAMPLES, WIDTH)
+    assert torch.allclose(x.norm(dim=1), torch.full((SAMPLES,), 10.0))
+    model = gscfast.mlp(DEPTH, WIDTH, act="tanh", norm="batch", seed=rec["spec"]["net_seed"])
+    with thread_limit(1):  # as the job ran
+        a = gscfast.analyze(model, x, y, backend="torch")
+    assert rec["result"]["gsc"] == a.gsc.tolist() and rec["result"]["rate"] == a.rate
+
+
+def test_seeds_are_stable():
+    assert job_seed(0, "net", "ReLU", 0) == 6997162981005458297
+    assert job_seed(0, "data", 0) == 7493556065592169722
+
+
+def test_resume_after_max_jobs_is_bit_for_bit(full, tmp_path):
+    out = tmp_path / "run"
+    assert study(out, "--max-jobs", "2") == 0
+    assert len(list((out / "jobs").iterdir())) == 2 and not (out / "results.json").exists()
+    assert study(out, "--max-jobs", "1", "--resume") == 0
+    assert len(list((out / "jobs").iterdir())) == 3
+    assert study(out, "--resume") == 0
+    assert numbers(out) == numbers(full)
+
+
+def test_resume_after_interrupt_is_bit_for_bit(full, tmp_path, monkeypatch):
+    out, calls = tmp_path / "run", []
+    run_job = gaussian.run_job
+
+    def flaky(config, spec):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the fifth job
+        calls.append(spec)
+        return run_job(config, spec)
+
+    monkeypatch.setattr(gaussian, "run_job", flaky)
+    assert study(out) == 130
+    assert len(list((out / "jobs").iterdir())) == 4  # the four finished jobs, nothing half-written
+    monkeypatch.setattr(gaussian, "run_job", run_job)
+    assert study(out, "--resume") == 0
+    assert numbers(out) == numbers(full)
+
+
+def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    for name in OUTPUTS:
+        (out / name).unlink()
+    monkeypatch.setattr(gaussian, "run_job", lambda *a: pytest.fail("a finished job was recomputed"))
+    assert study(out, "--resume") == 0
+    assert numbers(out) == numbers(full)
+    assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
+
+
+def test_job_order_does_not_change_numbers(full, tmp_path):
+    out = tmp_path / "run"
+    assert study(out, args=[*BASE, "--archs", *ARCHS[::-1]]) == 0
+    assert numbers(out)["jobs"] == numbers(full)["jobs"]
+
+
+def _corrupt_job(d: Path) -> None:
+    p = d / "jobs" / "ReLU.00001.json"
+    p.write_text(p.read_text()[:40])
+
+
+def _other_run_job(d: Path) -> None:
+    """A well-formed record from a run with another seed."""
+    other = d.parent / "other"
+    assert study(other, "--seed", "1", "--max-jobs", "1") == 0
+    shutil.copy(other / "jobs" / "batch-tanh.00000.json", d / "jobs" / "batch-tanh.00000.json")
+    shutil.rmtree(other)
+
+
+def _edit_manifest(**changes):
+    def edit(d: Path) -> None:
+        m = json.loads((d / "manifest.json").read_text())
+        m.update(changes)
+        (d / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+REFUSALS = {  # name -> (how to spoil a finished run, extra options, words of the message)
+    "non-empty without --resume": (lambda d: None, [], "not empty"),
+    "foreign directory": (lambda d: (d / "manifest.json").unlink(), ["--resume"], "no manifest.json"),
+    "corrupted manifest": (lambda d: (d / "manifest.json").write_text("{\"format\": "), ["--resume"],
+                           "manifest.json is corrupted"),
+    "other options": (lambda d: None, ["--resume", "--datasets", "4"], "datasets 3 there, 4 here"),
+    "other gscfast version": (_edit_manifest(gscfast_version="0.0.1"), ["--resume"],
+                              "gscfast_version '0.0.1' there"),
+    "corrupted job file": (_corrupt_job, ["--resume"], "ReLU.00001.json is corrupted"),
+    "job of another run": (_other_run_job, ["--resume"], "another run"),
+    "foreign job file": (lambda d: (d / "jobs" / "SeLU.00000.json").write_text("{}"), ["--resume"],
+                         "not a job of this run"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refuses_foreign_or_corrupted_directories(case, full, tmp_path, capsys):
+    spoil, extra, message = REFUSALS[case]
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    spoil(out)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert study(out, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(out) in err, err
+    assert snapshot(out) == before  # nothing written, nothing mixed
+
+
+def test_refuses_a_file_in_place_of_the_directory(tmp_path, capsys):
+    (tmp_path / "run").write_text("x")
+    assert study(tmp_path / "run") == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_command_line_entry_point(tmp_path):
+    out = tmp_path / "run"
+    args = [*BASE, "--archs", "SeLU"]
+    proc = subprocess.run([sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and proc.stderr == ""  # --quiet: no progress bar
+    assert all((out / name).is_file() for name in OUTPUTS)
+    bad = subprocess.run([sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not empty" in bad.stderr
+
+
+def test_bad_architecture_is_a_clear_error(tmp_path, capsys):
+    assert study(tmp_path / "run", args=["--archs", "batch-relu", "--quiet"]) == 2
+    assert "unknown architecture 'batch-relu'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_architecture_names():
+    assert gaussian.parse_arch("layer-tanh") == {"act": "tanh", "norm": "layer", "init": "gaussian",
+                                                 "residual": None}
+    assert gaussian.parse_arch("orth-res-sqrt-batch-ReLU") == {
+        "act": "relu", "norm": "batch", "init": "orthogonal", "residual": "sqrt"}
+    assert gaussian.parse_arch("res-SeLU")["residual"] == 1.0
+    assert gaussian.expand_archs(["paper"]) == gaussian.PAPER_ARCHS
+    assert len(gaussian.expand_archs(["all", "ReLU"])) == 28
+    assert gaussian.predicted_rate("batch-ReLU") == 1.467
+    assert gaussian.predicted_rate("res-batch-ReLU") is None
+
+
+def test_t_interval():
+    mean, low, high, sd = gaussian.t_interval([1.0, 2.0, 3.0, float("nan")])
+    half = 4.302652729749462 / math.sqrt(3)
+    assert (mean, sd) == (2.0, 1.0) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    assert math.isnan(gaussian.t_interval([1.0])[1])
+
+
+def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert study(tmp_path / "run", "--engine", "ray") == 2
+    assert "needs Ray" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_engine_gives_the_local_numbers(full, tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional (pip install 'gscfast[ray]')")
+    out = tmp_path / "run"
+    assert study(out, "--engine", "ray", "--num-cpus", "2") == 0
+    assert numbers(out) == numbers(full)
+    assert {json.loads(p.read_text())["engine"] for p in (out / "jobs").iterdir()} == {"ray"}
+
+
+def test_progress_bar_and_quiet(tmp_path, capsys):
+    assert study(tmp_path / "a", args=[*BASE, "--archs", "ReLU"]) == 0
+    assert capsys.readouterr().err == ""  # BASE has --quiet
+    assert study(tmp_path / "b", args=[a for a in BASE if a != "--quiet"] + ["--archs", "ReLU"]) == 0
+    err = capsys.readouterr().err
+    assert "gaussian: 100%" in err and f"{DATASETS}/{DATASETS}" in err and "<00:00" in err  # ETA
+
+
+def test_a_directory_in_use_is_refused(full, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    (out / "jobs" / "ReLU.00002.json").unlink()
+    (out / "jobs" / ".ReLU.00002.json.tmp-123").write_text("half a rec")  # an interrupted write
+    with open(out / ".lock", "w") as f:
+        f.write("4242")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert study(out, "--resume") == 2
+    assert "in use by another gscfast process (pid 4242)" in capsys.readouterr().err
+    assert study(out, "--resume") == 0  # the temp file is dropped, the job recomputed
+    assert numbers(out) == numbers(full) and not (out / ".lock").exists()
