@@ -15,6 +15,7 @@ setup(
         "plot": ["matplotlib>=3.6", "pandas>=1.5", "tqdm>=4.60"],
         "triton": ["triton>=3.0"],
         "cupy": ["cupy-cuda12x>=13"],
+        "cupy13": ["cupy-cuda13x>=13"],
         "ray": ["ray>=2.9"],
         "data": ["scikit-learn>=1.2"],
         "test": [
@@ -26,6 +27,11 @@ setup(
             "tqdm>=4.60",
             "scikit-learn>=1.2",
             "ray>=2.9",
+            # the GPU kernels are checked here without a GPU: triton's interpreter and
+            # compiler, cupy's nvcc driver and NVRTC (see tests/gpu)
+            "triton>=3.0",
+            "cupy-cuda13x>=13",
+            "nvidia-cuda-nvrtc>=13",
         ],
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},

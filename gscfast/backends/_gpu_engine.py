@@ -1,0 +1,438 @@
+"""What the fused GPU backends (``"triton"``, ``"cupy"``) share: the layer plan and the orchestration.
+
+A fused backend implements three kernels behind one small interface (``FusedEngine``); this
+module runs the forward pass, the backward sweep of ``GSC(l, 0)``, the Jacobian chains, the
+per-sample Jacobian and the effective-depth recursion with them, chunk by chunk.
+
+What is fused: models whose every layer is ``nn.Linear -> [nn.LayerNorm (last dim) | nn.BatchNorm1d
+with fixed statistics] -> [activation]`` (activations ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SELU,
+Softplus, GELU (both forms), Identity), float32 or float64, with per-sample datapoints: no batch
+norm, eval-mode batch norm, or train-mode batch norm with ``batchnorm="frozen"`` (per-dataset
+constants). Everything else (train-mode batch norm coupling a batch, ``Residual`` blocks, other
+layer shapes, other dtypes, a gradient asked for without an error layer) takes the ``"torch"``
+engine's path on the same device: slower, never a different number.
+
+The three kernels (index letters as in ``backends/base.py``; ``N`` samples of a chunk, ``R`` rows
+stacked per sample, a layer maps ``d_in -> d_out``):
+
+- ``layer_fwd``: ``z = x W^T + b`` then the norm and the activation, in one pass over a tile of
+  samples holding whole output rows; writes the output, the saved state of the layer's VJP
+  (``ds [N, d_out]`` = activation derivative times the diagonal batch-norm scale; ``xh [N, d_out]``,
+  ``inv [N]`` for layer norm), ``||f||^2`` per sample and per-tile pre-activation moments.
+- ``chain_step``: for a tile of rows ``V [N*R, d_out]`` (or one ``[R, d_out]`` matrix broadcast
+  over samples: identity or probe rows): scale by ``ds``, apply the layer-norm projection, multiply
+  by ``W`` (``[d_out, d_in]``), write the result if asked and every row's squared norm.
+- ``contrib_step``: the effective-depth recursion ``v^(lam) S + v^(lam-1) (G - S)`` for all
+  ``lam`` of a tile at once (three products sharing the loads), rows' squared norms.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..compiler import Program
+from ..rules import error_grad, error_value
+from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
+                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.linear import LinearRule
+from ..rules.norm import BatchNormRule, LayerNormRule
+from .base import Moments, ProbeFn, Problem, Sweep, iter_chunks
+from .torch_engine import TorchBackend
+
+# Activation and norm codes: the same numbers in kernels/common/codes.cuh (a test checks it).
+ACT_NONE, ACT_IDENTITY, ACT_RELU, ACT_LEAKY, ACT_TANH, ACT_SIGMOID, ACT_ELU, ACT_SELU, \
+    ACT_SOFTPLUS, ACT_GELU, ACT_GELU_TANH = range(11)
+NORM_NONE, NORM_LAYER, NORM_DIAG = range(3)
+
+_ACTS = {ReLURule: ACT_RELU, LeakyReLURule: ACT_LEAKY, TanhRule: ACT_TANH, SigmoidRule: ACT_SIGMOID,
+         ELURule: ACT_ELU, SELURule: ACT_SELU, SoftplusRule: ACT_SOFTPLUS, GELURule: ACT_GELU,
+         IdentityRule: ACT_IDENTITY}
+
+DTYPES = (torch.float32, torch.float64)
+
+POISON = os.environ.get("GSCFAST_POISON", "") == "1"
+"""Fill every buffer the engine allocates with NaN first (tests: an element no kernel writes shows)."""
+
+
+def empty(shape, like: Tensor) -> Tensor:
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return t.fill_(float("nan")) if POISON else t
+
+
+class Unsupported(Exception):
+    """The problem has something the fused kernels do not cover (the torch path takes it)."""
+
+
+@dataclass
+class LayerSpec:
+    """One layer flattened for the kernels (tensors contiguous, on the chunk's device and dtype).
+
+    Attributes:
+        index: paper index ``m`` (the layer outputs ``f_m``).
+        weight: ``[d_out, d_in]``; bias ``[d_out]`` or None.
+        norm: ``NORM_*``. Layer norm: ``gamma``/``beta`` ``[d_out]`` or None. Diagonal batch norm:
+            ``mean``, ``gamma`` (= ``weight / sqrt(var + eps)``) ``[G, d_out]``, one row per group
+            of ``group_rows`` consecutive samples (a dataset, with frozen statistics), ``beta``.
+        act: ``ACT_*``; ``p0``, ``p1`` its parameters (slope, alpha, beta/threshold).
+        params: ``[eps, p0, p1]`` as a tensor in the kernel dtype (no float32 rounding of them).
+    """
+
+    index: int
+    weight: Tensor
+    bias: Tensor | None
+    norm: int
+    gamma: Tensor | None
+    beta: Tensor | None
+    mean: Tensor | None
+    eps: float
+    act: int
+    p0: float
+    p1: float
+    params: Tensor
+
+    @property
+    def din(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def dout(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def has_ds(self) -> bool:
+        """Whether the VJP scales by a saved per-sample vector (activation derivative / BN scale)."""
+        return self.act not in (ACT_NONE, ACT_IDENTITY) or self.norm == NORM_DIAG
+
+    @property
+    def has_pre(self) -> bool:
+        """Whether the layer ends in an activation (its pre-activation is defined)."""
+        return self.act != ACT_NONE
+
+
+@dataclass
+class Saved:
+    """What a layer's VJP needs, per sample of a chunk: ``ds [N, d_out]``, ``xh [N, d_out]``,
+    ``inv [N]`` (None where the layer has no such factor)."""
+
+    ds: Tensor | None
+    xh: Tensor | None
+    inv: Tensor | None
+
+
+def split_layer(layer) -> tuple:
+    """``(linear, norm | None, activation | None)`` of a layer, or ``Unsupported``."""
+    ops = list(layer.ops)
+    if not ops or type(ops[0]) is not LinearRule:
+        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
+    lin, rest = ops[0], ops[1:]
+    norm = act = None
+    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
+        norm, rest = rest[0], rest[1:]
+    if rest and type(rest[0]) in _ACTS:
+        act, rest = rest[0], rest[1:]
+    if rest:
+        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
+    if isinstance(act, GELURule) and act.module.approximate not in ("none", "tanh"):
+        raise Unsupported(f"GELU(approximate={act.module.approximate!r})")
+    return lin, norm, act
+
+
+def check_program(program: Program) -> None:
+    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
+    for layer in program.layers:
+        split_layer(layer)
+
+
+def build_specs(program: Program, like: Tensor, frozen: dict | None) -> list[LayerSpec]:
+    """Flatten ``program`` in model order. ``frozen`` maps ``id(batch norm rule)`` to its batch
+    statistics ``(mean, var)`` of shape ``[G, 1, d]`` (``iter_chunks``' frozen pre-pass)."""
+    specs = []
+    kw = dict(dtype=like.dtype, device=like.device)
+    for layer in program.layers:
+        lin, norm, act = split_layer(layer)
+        W = lin.weight.to(**kw).contiguous()
+        bias = None if lin.bias is None else lin.bias.to(**kw).contiguous()
+        code, gamma, beta, mean, eps = NORM_NONE, None, None, None, 0.0
+        if isinstance(norm, LayerNormRule):
+            code, eps = NORM_LAYER, float(norm.eps)
+            gamma = None if norm.weight is None else norm.weight.to(**kw).contiguous()
+            beta = None if norm.bias is None else norm.bias.to(**kw).contiguous()
+        elif isinstance(norm, BatchNormRule):
+            if norm.uses_batch_stats:
+                if frozen is None or id(norm) not in frozen:
+                    raise Unsupported("batch norm with batch statistics couples the samples")
+                m, v = frozen[id(norm)]
+                m, v = m.reshape(-1, m.shape[-1]), v.reshape(-1, v.shape[-1])
+            else:
+                m, v = (t.reshape(1, -1) for t in norm.running)
+            scale = torch.rsqrt(v + norm.eps)  # as BatchNormRule: inv (* weight)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            code = NORM_DIAG
+            mean, gamma = m.to(**kw).contiguous(), scale.to(**kw).contiguous()
+            beta = None if norm.bias is None else norm.bias.to(**kw).contiguous()
+        a, p0, p1 = ACT_NONE, 0.0, 0.0
+        if act is not None:
+            a = _ACTS[type(act)]
+            mod = act.module
+            if a == ACT_LEAKY:
+                p0 = float(mod.negative_slope)
+            elif a == ACT_ELU:
+                p0 = float(mod.alpha)
+            elif a == ACT_SOFTPLUS:
+                p0, p1 = float(mod.beta), float(mod.threshold)
+            elif a == ACT_GELU and mod.approximate == "tanh":
+                a = ACT_GELU_TANH
+        params = torch.tensor([eps, p0, p1], dtype=torch.float64).to(**kw)
+        specs.append(LayerSpec(layer.index, W, bias, code, gamma, beta, mean, eps, a, p0, p1, params))
+    return specs
+
+
+def merge_tiles(mom: Tensor, n: int, tile: int) -> Moments:
+    """Per-tile moments ``mom [T, 4, d]`` (mean, M2, #positive, #negative of ``tile`` consecutive
+    samples each, the last tile holding the rest of ``n``) -> one ``Moments`` (float64, Chan)."""
+    T = mom.shape[0]
+    m = mom.to(torch.float64)
+    cnt = torch.full((T,), float(tile), dtype=torch.float64, device=mom.device)
+    cnt[-1] = n - tile * (T - 1)
+    mean = (cnt[:, None] * m[:, 0]).sum(0) / n
+    m2 = m[:, 1].sum(0) + (cnt[:, None] * (m[:, 0] - mean).square()).sum(0)
+    return Moments(n, mean, m2, m[:, 2].sum(0), m[:, 3].sum(0))
+
+
+@dataclass
+class Pass:
+    """One chunk's fused forward pass."""
+
+    N: int
+    sq_out: Tensor  # [N, L+1]
+    saved: dict[int, Saved]  # paper index -> VJP state
+    saved0: dict[int, Saved]  # the same for ``init`` at the trained layer inputs
+    specs: dict[int, LayerSpec]
+    specs0: dict[int, LayerSpec]
+    grad: Tensor | None  # [N, d_1]: d f_0 / d f_1
+
+
+class FusedEngine(TorchBackend):
+    """The four methods on three fused kernels; subclasses supply the kernels and the device test.
+
+    Subclasses implement ``_device_ok``, ``_layer_fwd``, ``_chain_step`` and ``_contrib_step``.
+    """
+
+    # ---------------------------------------------------------------- kernel interface
+
+    def _device_ok(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def _layer_fwd(self, x: Tensor, spec: LayerSpec, group_rows: int, y: Tensor, saved: Saved,
+                   sq: Tensor | None, mom: Tensor | None) -> None:
+        """``x [N, d_in]`` -> ``y [N, d_out]`` (also scratch when the output is not needed),
+        ``saved``'s tensors, ``sq [N]`` = ``||y||^2``, ``mom [T, 4, d_out]`` per ``moment_tile``."""
+        raise NotImplementedError
+
+    def moment_tile(self, spec: LayerSpec) -> int:
+        """Samples per tile of ``_layer_fwd``'s moments."""
+        raise NotImplementedError
+
+    def _chain_step(self, v: Tensor, rows: int, R: int, svn: int, svr: int, spec: LayerSpec,
+                    saved: Saved, out: Tensor | None, sqr: Tensor | None) -> None:
+        """Row ``r`` (sample ``r // R``, row ``r % R`` of it) is ``v[(r // R) * svn + (r % R) * svr
+        + :d_out]``; ``out [rows, d_in]`` = its VJP through the layer, ``sqr [rows]`` its squared norm."""
+        raise NotImplementedError
+
+    def _contrib_step(self, v: Tensor, N: int, M: int, spec: LayerSpec, saved: Saved,
+                      spec0: LayerSpec, saved0: Saved, out: Tensor, sqr: Tensor) -> None:
+        """``v [N, M, d_out]`` -> ``out [N, M+1, d_in]``: ``out[:, j] = v[:, j] S + v[:, j-1] G -
+        v[:, j-1] S`` (missing terms zero), ``S``/``G`` the layer's VJP with ``spec0``/``spec``;
+        ``sqr [N*(M+1)]`` the rows' squared norms."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- dispatch
+
+    def fused(self, pb: Problem, init: Program | None = None) -> bool:
+        """Whether ``pb`` runs on the fused kernels (else the torch engine's path)."""
+        if pb.coupled or pb.x.dtype not in DTYPES or not self._device_ok(pb.x.device):
+            return False
+        try:
+            check_program(pb.program)
+            if init is not None:
+                check_program(init)
+        except Unsupported:
+            return False
+        return True
+
+    def _fused_bytes(self, pb: Problem, rows: int, init: bool = False) -> int:
+        """Working set per sample: saved state of every layer (twice with ``init``), the output
+        rows of a step (in and out) and the forward activations."""
+        w = pb.widths
+        item = pb.x.element_size()
+        saved = 2 * sum(w[1:-1]) + 2 * pb.L
+        return item * ((2 if init else 1) * saved + 2 * rows * max(w[1:]) + 3 * max(w[1:]) + pb.L + 1)
+
+    def _forward(self, pb: Problem, ds: slice, bs: slice, ctx, *, save: bool,
+                 moments: list | None = None, init: Program | None = None) -> Pass:
+        x = pb.x[ds, bs]
+        Dc, b, n = x.shape
+        N, L = Dc * b, pb.L
+        frozen = ctx.frozen_bn
+        specs = build_specs(pb.program, x, frozen)
+        specs0 = build_specs(init, x, frozen) if init is not None else None
+        group_rows = b if pb.frozen else N
+        h = x.reshape(N, n).contiguous()
+        sq_t = x.new_full((L + 1, N), float("nan"))  # kernels write rows of it; sq_out is its view
+        sq_out = sq_t.t()
+        fw = Pass(N, sq_out, {}, {}, {}, {}, None)
+        for i, spec in enumerate(specs):
+            m = spec.index
+            fw.specs[m] = spec
+            y = empty((N, spec.dout), x)
+            sv = self._alloc_saved(spec, N, x, save)
+            sq = sq_t[m]
+            mom = None
+            if moments is not None and spec.has_pre:
+                tile = self.moment_tile(spec)
+                mom = empty((-(-N // tile), 4, spec.dout), x)
+            self._layer_fwd(h, spec, group_rows, y, sv, sq, mom)
+            fw.saved[m] = sv
+            if mom is not None:
+                mo = merge_tiles(mom, N, tile)
+                moments[m] = mo if moments[m] is None else moments[m].merge(mo)
+            if specs0 is not None:
+                spec0 = specs0[i]
+                fw.specs0[m] = spec0
+                sv0 = self._alloc_saved(spec0, N, x, True)
+                self._layer_fwd(h, spec0, group_rows, empty((N, spec0.dout), x), sv0, None, None)
+                fw.saved0[m] = sv0
+            h = y
+        if pb.error is not None:
+            out = h.reshape(Dc, b, -1)
+            yt = pb.y[ds, bs]
+            e = error_value(pb.error, out, yt).reshape(N)
+            sq_out[:, 0] = e.square()
+            fw.grad = error_grad(pb.error, out, yt).reshape(N, -1).contiguous()
+        return fw
+
+    @staticmethod
+    def _alloc_saved(spec: LayerSpec, N: int, like: Tensor, save: bool) -> Saved:
+        if not save:
+            return Saved(None, None, None)
+        ln = spec.norm == NORM_LAYER
+        return Saved(empty((N, spec.dout), like) if spec.has_ds else None,
+                     empty((N, spec.dout), like) if ln else None,
+                     empty((N,), like) if ln else None)
+
+    def _steps(self, fw: Pass, v: Tensor, R: int, broadcast: bool, k0: int, k1: int,
+               dest: Tensor, scale: float) -> Tensor:
+        """Push ``R`` rows per sample (one ``[R, d]`` matrix for all samples if ``broadcast``)
+        through layers ``k0 .. k1-1``; ``dest[:, k+1]`` (``dest [N, L+1]``, a view) = each sample's
+        squared norm after layer ``k`` divided by ``scale``. Returns the last rows ``[N*R, d]``.
+
+        The kernels write every step's row norms into one buffer, reduced once at the end (no
+        small launches between the steps)."""
+        N = fw.N
+        if k1 <= k0:
+            return v
+        sq = empty((k1 - k0, N * R), v)
+        for k in range(k0, k1):
+            spec = fw.specs[k]
+            dout = spec.dout
+            svn, svr = (0, dout) if broadcast else (R * dout, dout)
+            out = empty((N * R, spec.din), v)
+            self._chain_step(v, N * R, R, svn, svr, spec, fw.saved[k], out, sq[k - k0])
+            v, broadcast = out, False
+        s = sq.view(k1 - k0, N, R).sum(2) if R > 1 else sq
+        dest[:, k0 + 1:k1 + 1] = (s / scale if scale != 1 else s).T
+        return v
+
+    # ---------------------------------------------------------------- the four methods
+
+    def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
+        if not self.fused(pb) or (grads and pb.error is None):
+            return super().sweep(pb, grads=grads, stats=stats)
+        L = pb.L
+        moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
+        sq_out, sq_grad = [], []
+        for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, 1)):
+            fw = self._forward(pb, ds, bs, ctx, save=grads, moments=moments)
+            sq_out.append(fw.sq_out)
+            if grads:
+                g = fw.sq_out.new_full((fw.N, L + 1), float("nan"))
+                g[:, 0] = 1
+                g[:, 1] = fw.grad.square().sum(1)
+                self._steps(fw, fw.grad, 1, False, 1, L, g, 1.0)  # the chain from l = 0
+                sq_grad.append(g)
+        return Sweep(torch.cat(sq_out), torch.cat(sq_grad) if grads else None, moments)
+
+    def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
+        if not self.fused(pb):
+            return super().chain(pb, probes)
+        w, L = pb.widths, pb.L
+        rows = max(w[1:L + 1]) if probes is None else probes(1).shape[0]
+        out = []
+        for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, rows)):
+            fw = self._forward(pb, ds, bs, ctx, save=True)
+            res = fw.sq_out.new_full((fw.N, L + 1, L + 1), float("nan"))
+            res[:, 0, 0] = 1
+            if fw.grad is not None:
+                res[:, 1, 0] = fw.grad.square().sum(1)
+                self._steps(fw, fw.grad, 1, False, 1, L, res[:, :, 0], 1.0)
+            for l in range(1, L + 1):
+                if probes is None:
+                    V = torch.eye(w[l], dtype=pb.x.dtype, device=pb.x.device)
+                    r = 1.0
+                else:
+                    V = probes(l).to(pb.x).reshape(-1, w[l]).contiguous()
+                    r = float(V.shape[0])
+                res[:, l, l] = V.square().sum() / r
+                self._steps(fw, V, V.shape[0], True, l, L, res[:, :, l], r)
+            out.append(res)
+        return torch.cat(out)
+
+    def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
+        if not self.fused(pb):
+            return super().jacobian(pb, start, end)
+        w = pb.widths
+        N_all = pb.D * pb.B
+        if start == end:
+            eye = torch.eye(w[end], dtype=pb.x.dtype, device=pb.x.device)
+            return eye.expand(N_all, w[end], w[end]).clone()
+        result = empty((N_all, w[end], w[start]), pb.x)
+        p0 = 0
+        R = w[end]
+        for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, R)):
+            fw = self._forward(pb, ds, bs, ctx, save=True)
+            N = fw.N
+            v, broadcast = torch.eye(R, dtype=pb.x.dtype, device=pb.x.device), True
+            for k in range(end, start):
+                spec = fw.specs[k]
+                last = k == start - 1
+                o = result[p0:p0 + N].view(N * R, spec.din) if last else empty((N * R, spec.din), v)
+                svn, svr = (0, spec.dout) if broadcast else (R * spec.dout, spec.dout)
+                self._chain_step(v, N * R, R, svn, svr, spec, fw.saved[k], o, None)
+                v, broadcast = o, False
+            p0 += N
+        return result
+
+    def contributions(self, pb: Problem, init: Program) -> Tensor:
+        if not self.fused(pb, init) or pb.error is None:
+            return super().contributions(pb, init)
+        L, out = pb.L, []
+        for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, L, init=True), init=init):
+            fw = self._forward(pb, ds, bs, ctx, save=True, init=init)
+            N = fw.N
+            res = fw.sq_out.new_full((N, L + 1, L + 1), float("nan"))
+            res[:, 0, 0] = 1
+            v = fw.grad  # [N, 1, d_1]: g_1^(0)
+            res[:, 1, 0] = v.square().sum(1)
+            for m in range(1, L):
+                spec = fw.specs[m]
+                nxt = empty((N * (m + 1), spec.din), v)
+                sqr = empty((N * (m + 1),), v)
+                self._contrib_step(v, N, m, spec, fw.saved[m], fw.specs0[m], fw.saved0[m], nxt, sqr)
+                res[:, m + 1, :m + 1] = sqr.view(N, m + 1)
+                v = nxt
+            out.append(res)
+        return torch.cat(out)
