@@ -1,0 +1,1169 @@
+"""Fused Numba CPU kernels behind the ``"numba"`` backend (``numba_backend.py``).
+
+Layout (index letters as in ``backends/base.py``): a network is ``L`` layers in *model order*
+``i = 0 .. L-1`` (layer ``i`` outputs ``f_{L-i}``), each ``Linear -> [LayerNorm | diagonal
+BatchNorm] -> [activation]``, described by three flat arrays built in ``numba_backend.py``:
+
+- ``meta [L, NMETA]`` int64: widths, offsets of the weights (``wflat``) and vectors (``vflat``),
+  the norm and activation codes, whether the activation derivative is stored;
+- ``fmeta [L, NFMETA]`` float64: norm ``eps``, activation parameters;
+- ``wflat``/``vflat``: all weights ``[d_out, d_in]`` and vectors (bias, gamma/scale, beta, mean).
+
+Rows are samples (``N = D * B`` of them). Every kernel is ``prange`` over worker threads; each
+thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
+processes tiles of ``T`` samples one after the other, so intermediate Jacobians never leave the
+thread's cache. Per layer and tile there is one BLAS GEMM (``np.dot`` on a ``[T*R, d]`` row stack,
+single-threaded inside the thread) and one fused elementwise pass (activation derivative, norm
+projection, squared norms, statistics) over the GEMM's output while it is in cache.
+
+Activations save only their output where the derivative follows from it (``tanh'(z) = 1 - y^2``,
+``relu'(z) = [y > 0]``, ...), so the saved state is also the next layer's GEMM input.
+float32 uses vectorizable approximations of ``tanh``/``exp`` (a few ulp); float64 uses ``math``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
+FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
+OPTS = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
+INL = dict(fastmath=FM, error_model="numpy", inline="always")  # small helpers: inlined in numba IR
+HELP = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)  # compiled once, LLVM-inlined
+
+# activation codes
+A_NONE, A_IDENTITY, A_RELU, A_LEAKY, A_TANH, A_SIGMOID, A_ELU, A_SELU, A_SOFTPLUS, A_GELU, \
+    A_GELU_TANH = range(11)
+# norm codes
+N_NONE, N_LAYER, N_DIAG, N_BATCH = range(4)  # N_BATCH: batch statistics, coupled
+# meta columns
+M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE = range(11)
+NMETA = 11
+F_EPS, F_P0, F_P1 = range(3)
+NFMETA = 3
+# storage columns (per-row offsets into a thread's ``store``; -1 = absent)
+S_H, S_DER, S_XH, S_INV = range(4)
+# error codes
+E_NONE, E_DOT, E_KL = range(3)
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+SQRT_2_PI = math.sqrt(2.0 / math.pi)
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# ------------------------------------------------------------------ scalar helpers
+
+def _c(like, value):
+    """``value`` as the float type of ``like`` (a scalar or an array)."""
+
+
+@overload(_c)
+def _c_impl(like, value):
+    t = like.dtype if isinstance(like, types.Array) else like
+    return lambda like, value: t(value)
+
+
+@intrinsic
+def _bits_as_f32(typingctx, n):
+    """Reinterpret the low 32 bits of an integer as a float32 (for ``2**n``)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(n), codegen
+
+
+@njit(**INL)
+def _exp32(x):
+    """float32 ``exp`` (Cephes ``expf`` polynomial, exact ``2**n`` by bit construction);
+    vectorizes. Relative error ~2 ulp; saturates below -87 (returns ~1e-38) and above 88."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    e = p * r * r + r + np.float32(1.0)
+    return e * _bits_as_f32((np.int32(n) + 127) << 23)
+
+
+@njit(**INL)
+def _tanh32(x):
+    """float32 ``tanh`` (Eigen's rational approximation, max error a few ulp); vectorizes."""
+    c = np.float32(7.90531110763549805)
+    x = min(max(x, -c), c)
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
+def _tanh(x):
+    """``tanh`` in ``x``'s precision."""
+
+
+@overload(_tanh)
+def _tanh_impl(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: math.tanh(x)
+
+
+def _exp(x):
+    """``exp`` in ``x``'s precision."""
+
+
+@overload(_exp)
+def _exp_impl(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: math.exp(x)
+
+
+def _expm1(x):
+    """``exp(x) - 1`` in ``x``'s precision, accurate near 0."""
+
+
+@overload(_expm1)
+def _expm1_impl(x):
+    if x == types.float32:
+        def impl(x):
+            small = x * (np.float32(1.0) + x * (np.float32(0.5) + x * (
+                np.float32(1.0 / 6.0) + x * (np.float32(1.0 / 24.0) + x * np.float32(1.0 / 120.0)))))
+            big = _exp32(x) - np.float32(1.0)
+            return small if abs(x) < np.float32(0.03) else big
+        return impl
+    return lambda x: math.expm1(x)
+
+
+# ------------------------------------------------------------------ views
+
+@njit(**INL)
+def _weight(wflat, meta, i):
+    """``W_i [d_out, d_in]``."""
+    o = meta[i, M_W]
+    return wflat[o:o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape((meta[i, M_DOUT], meta[i, M_DIN]))
+
+
+@njit(**INL)
+def _vec(vflat, off, d):
+    return vflat[off:off + d]
+
+
+@njit(**INL)
+def _row(store, sto, T, i, col, t, d):
+    """Row ``t`` (``[d]``) of layer ``i``'s saved item ``col`` in a thread's ``store``."""
+    o = sto[i, col] * T + t * d
+    return store[o:o + d]
+
+
+@njit(**INL)
+def _mat(store, sto, T, i, col, n, d):
+    """The first ``n`` rows (``[n, d]``) of layer ``i``'s saved item ``col``."""
+    o = sto[i, col] * T
+    return store[o:o + n * d].reshape((n, d))
+
+
+# ------------------------------------------------------------------ forward
+
+@njit(**INL)
+def _act_row(code, p0, p1, z, y, der, dsave):
+    """``y = s(z)`` for one row (``der = s'(z)`` if ``dsave``); returns ``||y||^2``.
+
+    ``der`` may alias ``z`` when ``dsave`` is false (nothing is saved then): ``z`` must survive,
+    since it is the pre-activation the statistics read."""
+    d = z.shape[0]
+    s = _c(z, 0.0)
+    if code == A_NONE or code == A_IDENTITY:
+        for j in range(d):
+            v = z[j]
+            y[j] = v
+            s += v * v
+    elif code == A_RELU:
+        for j in range(d):
+            v = z[j]
+            v = v if v > 0 else _c(z, 0.0)
+            y[j] = v
+            s += v * v
+    elif code == A_LEAKY:
+        a = _c(z, p0)
+        for j in range(d):
+            v = z[j]
+            v = v if v > 0 else v * a
+            y[j] = v
+            s += v * v
+        if dsave:
+            for j in range(d):
+                der[j] = _c(z, 1.0) if z[j] > 0 else a
+    elif code == A_TANH:
+        for j in range(d):
+            v = _tanh(z[j])
+            y[j] = v
+            s += v * v
+    elif code == A_SIGMOID:
+        for j in range(d):
+            v = _c(z, 1.0) / (_c(z, 1.0) + _exp(-z[j]))
+            y[j] = v
+            s += v * v
+    elif code == A_ELU:
+        a = _c(z, p0)
+        for j in range(d):
+            v = z[j]
+            v = v if v > 0 else a * _expm1(v)
+            y[j] = v
+            s += v * v
+        if dsave:
+            for j in range(d):
+                der[j] = _c(z, 1.0) if z[j] > 0 else a * _exp(z[j])
+    elif code == A_SELU:
+        sc = _c(z, SELU_SCALE)
+        sa = _c(z, SELU_ALPHA)
+        for j in range(d):
+            v = z[j]
+            v = sc * (v if v > 0 else sa * _expm1(v))
+            y[j] = v
+            s += v * v
+    elif code == A_SOFTPLUS:
+        b = _c(z, p0)
+        th = _c(z, p1)
+        one = _c(z, 1.0)
+        for j in range(d):
+            bz = b * z[j]
+            if bz > th:
+                v = z[j]
+                g = one
+            else:
+                e = _exp(bz)
+                v = math.log1p(e) / b
+                g = e / (one + e)
+            y[j] = v
+            if dsave:
+                der[j] = g
+            s += v * v
+    elif code == A_GELU:
+        half = _c(z, 0.5)
+        for j in range(d):
+            x = z[j]
+            cdf = half * (_c(z, 1.0) + math.erf(x * _c(z, INV_SQRT_2)))
+            pdf = _exp(-half * x * x) * _c(z, INV_SQRT_2PI)
+            v = x * cdf
+            y[j] = v
+            if dsave:
+                der[j] = cdf + x * pdf
+            s += v * v
+    else:  # A_GELU_TANH
+        half = _c(z, 0.5)
+        k = _c(z, SQRT_2_PI)
+        c3 = _c(z, 0.044715)
+        one = _c(z, 1.0)
+        for j in range(d):
+            x = z[j]
+            t = _tanh(k * (x + c3 * x * x * x))
+            v = half * x * (one + t)
+            y[j] = v
+            if dsave:
+                der[j] = half * (one + t) + half * x * (one - t * t) * k * (one + 3 * c3 * x * x)
+            s += v * v
+    return s
+
+
+@njit(**INL)
+def _norm_row(meta, fmeta, vflat, i, z, xh_out, save):
+    """Bias and norm of layer ``i`` in place on one row ``z``; LayerNorm saves ``xh`` and
+    returns ``1/sigma`` (else 0)."""
+    d = z.shape[0]
+    bo = meta[i, M_B]
+    if bo >= 0:
+        b = _vec(vflat, bo, d)
+        for j in range(d):
+            z[j] += b[j]
+    norm = meta[i, M_NORM]
+    inv = _c(z, 0.0)
+    if norm == N_LAYER:
+        m = _c(z, 0.0)
+        for j in range(d):
+            m += z[j]
+        m = m / d
+        var = _c(z, 0.0)
+        for j in range(d):
+            t = z[j] - m
+            var += t * t
+        var = var / d
+        inv = _c(z, 1.0) / math.sqrt(var + _c(z, fmeta[i, F_EPS]))
+        for j in range(d):
+            z[j] = (z[j] - m) * inv
+        if save:
+            for j in range(d):
+                xh_out[j] = z[j]
+        go = meta[i, M_G]
+        if go >= 0:
+            g = _vec(vflat, go, d)
+            for j in range(d):
+                z[j] *= g[j]
+        bo = meta[i, M_BETA]
+        if bo >= 0:
+            be = _vec(vflat, bo, d)
+            for j in range(d):
+                z[j] += be[j]
+    elif norm == N_DIAG:
+        mean = _vec(vflat, meta[i, M_MEAN], d)
+        sc = _vec(vflat, meta[i, M_G], d)
+        for j in range(d):
+            z[j] = (z[j] - mean[j]) * sc[j]
+        bo = meta[i, M_BETA]
+        if bo >= 0:
+            be = _vec(vflat, bo, d)
+            for j in range(d):
+                z[j] += be[j]
+    return inv
+
+
+@njit(**HELP)
+def _moments_tile(Z, n, d, mi, mean, m2, pos, neg, cnt, tmp_s, tmp_m2, tmp_p, tmp_n):
+    """Merge the per-neuron moments of ``Z [n, d]`` into row ``mi`` of the accumulators
+    (Chan et al.), the tile's own in two passes."""
+    for j in range(d):
+        tmp_s[j] = 0.0
+        tmp_m2[j] = 0.0
+        tmp_p[j] = 0.0
+        tmp_n[j] = 0.0
+    for t in range(n):
+        for j in range(d):
+            tmp_s[j] += Z[t, j]
+    for j in range(d):
+        tmp_s[j] = tmp_s[j] / n
+    for t in range(n):
+        for j in range(d):
+            v = Z[t, j]
+            dv = v - tmp_s[j]
+            tmp_m2[j] += dv * dv
+            tmp_p[j] += 1.0 if v > 0 else 0.0
+            tmp_n[j] += 1.0 if v < 0 else 0.0
+    na = cnt
+    tot = na + n
+    for j in range(d):
+        delta = tmp_s[j] - mean[mi, j]
+        mean[mi, j] += delta * (n / tot)
+        m2[mi, j] += tmp_m2[j] + delta * delta * (na * n / tot)
+        pos[mi, j] += tmp_p[j]
+        neg[mi, j] += tmp_n[j]
+
+
+@njit(**HELP)
+def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save):
+    """Layer ``i`` on ``hin [n, d_in]``: GEMM into ``Z``, then one fused pass per row (bias, norm,
+    activation, ``||f||^2`` into ``sqo[so + t, L - i]``, saved state). Leaves the
+    pre-activation in ``Z [n, d_out]`` (returned) and the output in ``store`` item ``S_H``."""
+    dout = meta[i, M_DOUT]
+    Zm = Z[:n * dout].reshape((n, dout))
+    np.dot(hin, _weight(wflat, meta, i).T, Zm)
+    code = meta[i, M_ACT]
+    dsave = meta[i, M_DSAVE] == 1 and save
+    p0 = fmeta[i, F_P0]
+    p1 = fmeta[i, F_P1]
+    col = L - i
+    for t in range(n):
+        z = Zm[t]
+        inv = _norm_row(meta, fmeta, vflat, i, z, _row(store, sto, T, i, S_XH, t, dout),
+                        save and meta[i, M_NORM] == N_LAYER)
+        if save and meta[i, M_NORM] == N_LAYER:
+            store[sto[i, S_INV] * T + t] = inv
+        der = _row(store, sto, T, i, S_DER, t, dout) if dsave else z
+        sqo[so + t, col] = _act_row(code, p0, p1, z, _row(store, sto, T, i, S_H, t, dout), der,
+                                    dsave)
+    return Zm
+
+
+@njit(**HELP)
+def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
+    """The error layer on the model outputs ``out [n, d]`` (rows ``r0..`` of ``yv``/``ylab``):
+    ``f_0^2`` into ``sqo[so + t, 0]`` and the
+    gradient ``d e / d f_1`` into ``G [n * d]``."""
+    for t in range(n):
+        o = out[t]
+        if err == E_DOT:
+            y = yv[r0 + t]
+            e = 0.0
+            for j in range(d):
+                e += o[j] * y[j]
+                G[t * d + j] = y[j]
+        else:
+            c = ylab[r0 + t]
+            mx = o[0]
+            for j in range(d):
+                mx = max(mx, o[j])
+            s = 0.0
+            for j in range(d):
+                s += math.exp(float(o[j]) - mx)
+            lse = mx + math.log(s)
+            e = lse - o[c]
+            for j in range(d):
+                G[t * d + j] = math.exp(float(o[j]) - lse) - (1.0 if j == c else 0.0)
+        sqo[so + t, 0] = e * e
+
+
+# ------------------------------------------------------------------ backward
+
+@njit(**INL)
+def _dvec(dv, t, i, meta, fmeta, vflat, store, sto, T):
+    """``dv [d_out]``: the diagonal part of layer ``i``'s elementwise VJP for sample ``t``: the
+    activation derivative times the batch-norm scale or the layer-norm gamma."""
+    d = dv.shape[0]
+    code = meta[i, M_ACT]
+    if meta[i, M_DSAVE] == 1:
+        der = _row(store, sto, T, i, S_DER, t, d)
+        for j in range(d):
+            dv[j] = der[j]
+    elif code == A_RELU:
+        h = _row(store, sto, T, i, S_H, t, d)
+        for j in range(d):
+            dv[j] = _c(dv, 1.0) if h[j] > 0 else _c(dv, 0.0)
+    elif code == A_LEAKY:
+        h = _row(store, sto, T, i, S_H, t, d)
+        a = _c(dv, fmeta[i, F_P0])
+        for j in range(d):
+            dv[j] = _c(dv, 1.0) if h[j] > 0 else a
+    elif code == A_TANH:
+        h = _row(store, sto, T, i, S_H, t, d)
+        for j in range(d):
+            dv[j] = _c(dv, 1.0) - h[j] * h[j]
+    elif code == A_SIGMOID:
+        h = _row(store, sto, T, i, S_H, t, d)
+        for j in range(d):
+            dv[j] = h[j] * (_c(dv, 1.0) - h[j])
+    elif code == A_ELU:
+        h = _row(store, sto, T, i, S_H, t, d)
+        a = _c(dv, fmeta[i, F_P0])
+        for j in range(d):
+            dv[j] = _c(dv, 1.0) if h[j] > 0 else h[j] + a
+    elif code == A_SELU:
+        h = _row(store, sto, T, i, S_H, t, d)
+        sc = _c(dv, SELU_SCALE)
+        sa = _c(dv, SELU_SCALE * SELU_ALPHA)
+        for j in range(d):
+            dv[j] = sc if h[j] > 0 else h[j] + sa
+    else:  # A_NONE, A_IDENTITY
+        for j in range(d):
+            dv[j] = 1
+    norm = meta[i, M_NORM]
+    if norm != N_NONE and meta[i, M_G] >= 0:  # layer-norm gamma or batch-norm scale
+        g = _vec(vflat, meta[i, M_G], d)
+        for j in range(d):
+            dv[j] *= g[j]
+
+
+@njit(**HELP)
+def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, do_ebwd, t0=0):
+    """For the rows ``U[k*d:(k+1)*d]``, ``k < rows`` (``R`` consecutive rows per sample), in one
+    pass: ``sq[k] = ||row||^2`` if ``do_sq``, then, if ``do_ebwd``, layer ``i``'s elementwise VJP
+    in place (activation derivative, norm) — everything of its VJP but the GEMM with ``W_i``.
+    Row ``k`` belongs to sample ``t0 + k // R`` of ``store``. Batch statistics (``N_BATCH``): only
+    the diagonal part here; the projection over samples is the caller's."""
+    if not do_ebwd:
+        for k in range(rows):
+            sq[k] = _sq(U[k * d:(k + 1) * d])
+        return
+    dv = np.empty(d, U.dtype)
+    layer = meta[i, M_NORM] == N_LAYER
+    for t in range(rows // R):
+        _dvec(dv, t0 + t, i, meta, fmeta, vflat, store, sto, T)
+        if layer:
+            xh = _row(store, sto, T, i, S_XH, t0 + t, d)
+            inv = store[sto[i, S_INV] * T + t0 + t]
+        for r in range(R):
+            k = t * R + r
+            row = U[k * d:(k + 1) * d]
+            s = _c(row, 0.0)
+            for j in range(d):
+                v = row[j]
+                s += v * v
+                row[j] = v * dv[j]
+            if do_sq:
+                sq[k] = s
+            if layer:
+                mu = _c(row, 0.0)
+                c = _c(row, 0.0)
+                for j in range(d):
+                    mu += row[j]
+                    c += row[j] * xh[j]
+                mu = mu / d
+                c = c / d
+                for j in range(d):
+                    row[j] = (row[j] - mu - xh[j] * c) * inv
+
+
+@njit(**INL)
+def _sq(g):
+    s = _c(g, 0.0)
+    for j in range(g.shape[0]):
+        s += g[j] * g[j]
+    return s
+
+
+@njit(**HELP)
+def _gemm_bwd(V, rows, i, meta, wflat, U):
+    """``U[:rows*d_in] = V[:rows*d_out] @ W_i`` (flat buffers, as matrices)."""
+    dout = meta[i, M_DOUT]
+    din = meta[i, M_DIN]
+    np.dot(V[:rows * dout].reshape((rows, dout)), _weight(wflat, meta, i),
+           U[:rows * din].reshape((rows, din)))
+
+
+@njit(**HELP)
+def _chain_tile(V, U, n, R, i_first, meta, fmeta, wflat, vflat, store, sto, T, res, r0, col, rdiv,
+                L, sq):
+    """Push the row stack ``V [n*R, d]`` (already through layer ``i_first``'s elementwise VJP)
+    through the GEMMs of layers ``i_first .. 1``; after each, in the same pass, the squared norm
+    of every sample's rows into ``res[r0 + t, L - i + 1, col]`` and the next layer's elementwise
+    VJP. Returns the buffer holding the last stack."""
+    for i in range(i_first, 0, -1):
+        _gemm_bwd(V, n * R, i, meta, wflat, U)
+        d = meta[i, M_DIN]
+        k = L - i + 1
+        _ebwd_rows(U, n * R, d, R, i - 1, meta, fmeta, vflat, store, sto, T, sq, True, i >= 2)
+        for t in range(n):
+            acc = 0.0
+            for r in range(R):
+                acc += sq[t * R + r]
+            res[r0 + t, k, col] = acc / rdiv
+        V, U = U, V
+    return V
+
+
+# ------------------------------------------------------------------ tiles and kernels
+
+@njit(**HELP)
+def _forward(x, r0, n, i_stop, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, save, stats,
+             mean, m2, pos, neg, cnt, tmp):
+    """Layers ``0 .. i_stop-1`` on rows ``r0 .. r0+n`` of ``x``: outputs (and, if ``save``, the
+    VJP state) in ``store``, ``||f||^2`` into ``sqo[so + t]``, moments if ``stats``."""
+    L = meta.shape[0]
+    for i in range(i_stop):
+        if i == 0:
+            hin = x[r0:r0 + n]
+        else:
+            hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
+        Zm = _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save)
+        if stats and meta[i, M_PRE] == 1:
+            _moments_tile(Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt,
+                          tmp[0], tmp[1], tmp[2], tmp[3])
+
+
+@njit(**HELP)
+def _start_rows(V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat, store, sto, T,
+                res, r0, sq):
+    """Start rows at ``f_l`` (identity or probes), through layer ``i0``'s elementwise VJP if ``apply``;
+    ``res[r0 + t, l, l] = ||V||^2 / R`` (probes) or ``d_l`` (identity)."""
+    d = meta[i0, M_DOUT]
+    for t in range(n):
+        for r in range(R):
+            row = V[(t * R + r) * d:(t * R + r + 1) * d]
+            if nprobe == 0:
+                for j in range(d):
+                    row[j] = 0
+                row[r] = 1
+            else:
+                src = probes[poff[l] + r * d:poff[l] + (r + 1) * d]
+                for j in range(d):
+                    row[j] = src[j]
+    _ebwd_rows(V, n * R, d, R, i0, meta, fmeta, vflat, store, sto, T, sq, True, apply)
+    if res.shape[0] > 0:
+        for t in range(n):
+            acc = 0.0
+            for r in range(R):
+                acc += sq[t * R + r]
+            res[r0 + t, l, l] = acc / (1.0 if nprobe == 0 else R)
+
+
+@njit(**HELP)
+def _sweep_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads,
+                  stats, sqo, sqg, mean, m2, pos, neg, cnt, ws):
+    N = x.shape[0]
+    L = meta.shape[0]
+    ntiles = (N + T - 1) // T
+    dt = x.dtype
+    res = sqg.reshape((sqg.shape[0], sqg.shape[1], 1))
+    w = ws[th]  # this thread's workspace: sweep_ws(...) elements
+    store = w[:T * rowsz]
+    o = T * rowsz
+    Z = w[o:o + T * dmax]
+    G = w[o + T * dmax:o + 2 * T * dmax]
+    U = w[o + 2 * T * dmax:o + 3 * T * dmax]
+    tmp = np.zeros((4, dmax))
+    sq = np.empty(T)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(N, r0 + T) - r0
+        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, r0, grads,
+                 stats, mean[th], m2[th], pos[th], neg[th], cnt[th], tmp)
+        cnt[th] += n
+        if err == E_NONE:
+            continue
+        d1 = meta[L - 1, M_DOUT]
+        _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, G, sqo, r0)
+        if not grads:
+            continue
+        _ebwd_rows(G, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
+        for t in range(n):
+            sqg[r0 + t, 1] = sq[t]
+        _chain_tile(G, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0,
+                    L, sq)
+
+
+@njit(parallel=True, **OPTS)
+def sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads, stats,
+                 sqo, sqg, mean, m2, pos, neg, cnt, ws):
+    """Forward (and backward if ``grads``) sweep of every row of ``x [N, n]``.
+
+    Writes ``sqo [N, L+1]`` (``||f_l||^2``; column 0 the squared error if ``err``), ``sqg [N, L+1]``
+    (``||d f_0 / d f_l||^2`` for ``l >= 1``) and, if ``stats``, per-thread pre-activation moments
+    ``mean, m2, pos, neg [nth, L, dmax]`` with sample counts ``cnt [nth]``.
+    """
+    nth = cnt.shape[0]
+    for th in prange(nth):
+        _sweep_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax,
+                      grads, stats, sqo, sqg, mean, m2, pos, neg, cnt, ws)
+
+
+@njit(**HELP)
+def _chain_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, rmax,
+                  probes, poff, nprobe, res, ws):
+    N = x.shape[0]
+    L = meta.shape[0]
+    ntiles = (N + T - 1) // T
+    dt = x.dtype
+    w = ws[th]  # chain_ws(...) elements
+    store = w[:T * rowsz]
+    o = T * rowsz
+    Z = w[o:o + T * dmax]
+    o += T * dmax
+    V = w[o:o + T * rmax * dmax]
+    o += T * rmax * dmax
+    U = w[o:o + T * rmax * dmax]
+    o += T * rmax * dmax
+    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    tmp = np.zeros((4, dmax))
+    dummy = np.zeros((1, 1))
+    sq = np.empty(T * rmax)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(N, r0 + T) - r0
+        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True, False,
+                 dummy, dummy, dummy, dummy, 0, tmp)
+        if err != E_NONE:
+            d1 = meta[L - 1, M_DOUT]
+            _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, V, sqo,
+                        0)
+            _ebwd_rows(V, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
+            for t in range(n):
+                res[r0 + t, 1, 0] = sq[t]
+            _chain_tile(V, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0,
+                        1.0, L, sq)
+        for l in range(1, L + 1):
+            i0 = L - l
+            R = meta[i0, M_DOUT] if nprobe == 0 else nprobe
+            _start_rows(V, n, R, l, i0, i0 >= 1, nprobe, probes, poff, meta, fmeta, vflat, store,
+                        sto, T, res, r0, sq)
+            if i0 >= 1:
+                _chain_tile(V, U, n, R, i0, meta, fmeta, wflat, vflat, store, sto, T, res, r0, l,
+                            1.0 if nprobe == 0 else float(R), L, sq)
+
+
+@njit(parallel=True, **OPTS)
+def chain_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, rmax, probes,
+                 poff, nprobe, res, nth, ws):
+    """``res [N, L+1, L+1]`` (pre-filled with NaN by the caller): for every start ``l``, the
+    squared Frobenius norms of ``J_k^l``, ``k = l .. L``.
+
+    Start rows: the error gradient for ``l = 0`` (if ``err``); for ``l >= 1`` the identity if
+    ``nprobe == 0``, else the ``nprobe`` rows ``probes[poff[l]:]`` (``[nprobe, d_l]``), norms
+    then divided by ``nprobe``.
+    """
+    for th in prange(nth):
+        _chain_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax,
+                      rmax, probes, poff, nprobe, res, ws)
+
+
+@njit(**HELP)
+def _jacobian_worker(th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start,
+                     out, ws):
+    N = x.shape[0]
+    L = meta.shape[0]
+    ntiles = (N + T - 1) // T
+    dt = x.dtype
+    R = meta[i_end, M_DOUT]
+    dst = meta[i_start, M_DIN]
+    noprobe = np.zeros(1, dt)
+    nooff = np.zeros(L + 1, np.int64)
+    nores = np.zeros((0, 1, 1), dt)
+    w = ws[th]  # chain_ws(..., rmax=R) elements
+    store = w[:T * rowsz]
+    o = T * rowsz
+    Z = w[o:o + T * dmax]
+    o += T * dmax
+    V = w[o:o + T * R * dmax]
+    o += T * R * dmax
+    U = w[o:o + T * R * dmax]
+    o += T * R * dmax
+    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    tmp = np.zeros((4, dmax))
+    dummy = np.zeros((1, 1))
+    sq = np.empty(T * R)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(N, r0 + T) - r0
+        _forward(x, r0, n, i_end + 1, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True,
+                 False, dummy, dummy, dummy, dummy, 0, tmp)
+        _start_rows(V, n, R, L - i_end, i_end, True, 0, noprobe, nooff, meta, fmeta, vflat, store,
+                    sto, T, nores, r0, sq)
+        for i in range(i_end, i_start - 1, -1):
+            if i == i_start:  # the last GEMM writes the result
+                np.dot(V[:n * R * meta[i, M_DOUT]].reshape((n * R, meta[i, M_DOUT])),
+                       _weight(wflat, meta, i), out[r0:r0 + n].reshape((n * R, dst)))
+            else:
+                _gemm_bwd(V, n * R, i, meta, wflat, U)
+                _ebwd_rows(U, n * R, meta[i, M_DIN], R, i - 1, meta, fmeta, vflat, store, sto, T, sq,
+                           False, True)
+                V, U = U, V
+
+
+@njit(parallel=True, **OPTS)
+def jacobian_kernel(x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, nth,
+                    ws):
+    """``out [N, d_end, d_start]``: ``J = d f_end / d f_start`` per row, where ``i_end`` is the
+    layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
+    for th in prange(nth):
+        _jacobian_worker(th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end,
+                         i_start, out, ws)
+
+
+@njit(**HELP)
+def _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0,
+                    fmeta0, wflat0, vflat0, sto0, rowsz0, T, dmax, res, ws):
+    N = x.shape[0]
+    L = meta.shape[0]
+    ntiles = (N + T - 1) // T
+    dt = x.dtype
+    w = ws[th]  # contrib_ws(...) elements
+    store = w[:T * rowsz]
+    o = T * rowsz
+    store0 = w[o:o + T * rowsz0]
+    o += T * rowsz0
+    Z = w[o:o + T * dmax]
+    o += T * dmax
+    big = T * L * dmax
+    Vt = w[o:o + big]
+    Vi = w[o + big:o + 2 * big]
+    A = w[o + 2 * big:o + 3 * big]
+    S = w[o + 3 * big:o + 4 * big]
+    o += 4 * big
+    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    nxt = np.empty(dmax, dt)
+    sq = np.empty(T)
+    tmp = np.zeros((4, dmax))
+    dummy = np.zeros((1, 1))
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(N, r0 + T) - r0
+        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True, False,
+                 dummy, dummy, dummy, dummy, 0, tmp)
+        for i in range(L):  # the initial layers at the trained layers' inputs
+            if i == 0:
+                hin = x[r0:r0 + n]
+            else:
+                hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
+            _layer_fwd(i, hin, n, meta0, fmeta0, wflat0, vflat0, store0, sto0, T, Z, sqo, 0, L,
+                       True)
+        d1 = meta[L - 1, M_DOUT]
+        _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, A, sqo, 0)
+        for t in range(n):
+            res[r0 + t, 1, 0] = _sq(A[t * d1:(t + 1) * d1])
+        if L < 2:
+            continue
+        for k in range(n * d1):
+            Vt[k] = A[k]
+            Vi[k] = A[k]
+        _ebwd_rows(Vt, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, False, True)
+        _ebwd_rows(Vi, n, d1, 1, L - 1, meta0, fmeta0, vflat0, store0, sto0, T, sq, False, True)
+        for m in range(1, L):
+            i = L - m
+            lam = m  # g_m has lambdas 0 .. m-1
+            _gemm_bwd(Vt, n * lam, i, meta, wflat, A)  # v G_m
+            _gemm_bwd(Vi, n * lam, i, meta0, wflat0, S)  # v S_m
+            d = meta[i, M_DIN]
+            nl = lam + 1
+            for t in range(n):
+                for j in range(nl):
+                    # g_{m+1}^(j) = g_m^(j) S_m + g_m^(j-1) R_m,  R_m = G_m - S_m
+                    for q in range(d):
+                        nxt[q] = 0
+                    if j < lam:
+                        s = S[(t * lam + j) * d:(t * lam + j + 1) * d]
+                        for q in range(d):
+                            nxt[q] += s[q]
+                    if j >= 1:
+                        a = A[(t * lam + j - 1) * d:(t * lam + j) * d]
+                        s = S[(t * lam + j - 1) * d:(t * lam + j) * d]
+                        for q in range(d):
+                            nxt[q] += a[q] - s[q]
+                    res[r0 + t, m + 1, j] = _sq(nxt[:d])
+                    if i >= 2:
+                        vt = Vt[(t * nl + j) * d:(t * nl + j + 1) * d]
+                        vi = Vi[(t * nl + j) * d:(t * nl + j + 1) * d]
+                        for q in range(d):
+                            vt[q] = nxt[q]
+                            vi[q] = nxt[q]
+            if i >= 2:  # the next layer's elementwise VJPs, trained and initial, while in cache
+                _ebwd_rows(Vt, n * nl, d, nl, i - 1, meta, fmeta, vflat, store, sto, T, sq, False,
+                           True)
+                _ebwd_rows(Vi, n * nl, d, nl, i - 1, meta0, fmeta0, vflat0, store0, sto0, T, sq,
+                           False, True)
+
+
+@njit(parallel=True, **OPTS)
+def contrib_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0, fmeta0, wflat0,
+                   vflat0, sto0, rowsz0, T, dmax, res, nth, ws):
+    """``res [N, L+1, L+1]`` (pre-filled with NaN): ``res[:, l, lam] = ||g_l^(lam)||^2`` by the
+    residual-trick recursion, ``meta0 ...`` the initial model (its layers evaluated at the
+    trained model's layer inputs)."""
+    for th in prange(nth):
+        _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0,
+                        fmeta0, wflat0, vflat0, sto0, rowsz0, T, dmax, res, ws)
+
+
+# ------------------------------------------------------------------ coupled batch norm (sweep)
+# One batch datapoint (B samples) per call. Each worker thread owns the tiles of rows
+# th, th + nth, ...; per layer there is one GEMM per tile and the reductions over samples that
+# batch statistics need (forward: mean, variance; backward: the projection's two means) are
+# per-thread partial sums combined between two parallel regions. ``store`` holds every layer's
+# saved state for all B rows (``T = B`` in the ``_row`` helpers).
+
+@njit(**INL)
+def _colsums(V, n, d, a, b, xh_store, sto, B, i, r0, with_xh):
+    """``a[j] += sum_t V[t, j]``, ``b[j] += sum_t V[t, j] * w[t, j]`` (``w = V`` or the saved
+    ``xh`` rows), in float64, for the ``n`` rows ``V [n*d]`` (flat)."""
+    for t in range(n):
+        w = _row(xh_store, sto, B, i, S_XH, r0 + t, d) if with_xh else V[t * d:(t + 1) * d]
+        for j in range(d):
+            v = float(V[t * d + j])
+            a[j] += v
+            b[j] += v * float(w[j])
+
+
+@njit(**HELP)
+def _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Z, save, stats, ps1,
+             ps2, psq, mean, m2, pos, neg, tmp, L):
+    """Forward of layer ``i`` for this thread's tiles: the GEMM, then either (batch statistics)
+    the bias and partial column sums, the normalization waiting for them, or the whole layer."""
+    dout = meta[i, M_DOUT]
+    din = meta[i, M_DIN]
+    W = _weight(wflat, meta, i)
+    ntiles = (B + T - 1) // T
+    cnt = 0
+    batch = meta[i, M_NORM] == N_BATCH
+    a = np.zeros(dout)
+    b2 = np.zeros(dout)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(B, r0 + T) - r0
+        hin = x[r0:r0 + n] if i == 0 else _mat(store, sto, B, i - 1, S_H, B, din)[r0:r0 + n]
+        if batch:  # pre-normalization values go to the xh slot until the statistics are known
+            Zm = _mat(store, sto, B, i, S_XH, B, dout)[r0:r0 + n]
+            np.dot(hin, W.T, Zm)
+            bo = meta[i, M_B]
+            if bo >= 0:
+                b = _vec(vflat, bo, dout)
+                for t in range(n):
+                    for j in range(dout):
+                        Zm[t, j] += b[j]
+            _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, False)
+        else:
+            Zm = Z[:n * dout].reshape((n, dout))
+            np.dot(hin, W.T, Zm)
+            dsave = meta[i, M_DSAVE] == 1 and save
+            for t in range(n):
+                z = Zm[t]
+                inv = _norm_row(meta, fmeta, vflat, i, z, _row(store, sto, B, i, S_XH, r0 + t, dout),
+                                save and meta[i, M_NORM] == N_LAYER)
+                if save and meta[i, M_NORM] == N_LAYER:
+                    store[sto[i, S_INV] * B + r0 + t] = inv
+                der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
+                psq[th, L - i] += _act_row(meta[i, M_ACT], fmeta[i, F_P0], fmeta[i, F_P1], z,
+                                           _row(store, sto, B, i, S_H, r0 + t, dout), der, dsave)
+            if stats and meta[i, M_PRE] == 1:
+                _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2],
+                              tmp[3])
+                cnt += n
+    for j in range(dout):
+        ps1[th, j] += a[j]
+        ps2[th, j] += b2[j]
+
+
+@njit(**HELP)
+def _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Z, save, stats, cmean, cinv, psq,
+             mean, m2, pos, neg, tmp, L):
+    """Second half of a batch-statistics layer: normalize, affine, activation, norms, moments."""
+    dout = meta[i, M_DOUT]
+    ntiles = (B + T - 1) // T
+    cnt = 0
+    dsave = meta[i, M_DSAVE] == 1 and save
+    go = meta[i, M_G]
+    bo = meta[i, M_BETA]
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(B, r0 + T) - r0
+        Zm = Z[:n * dout].reshape((n, dout))
+        for t in range(n):
+            xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
+            z = Zm[t]
+            for j in range(dout):
+                v = (xh[j] - cmean[j]) * cinv[j]
+                xh[j] = v
+                z[j] = v
+            if go >= 0:
+                g = _vec(vflat, go, dout)
+                for j in range(dout):
+                    z[j] *= g[j]
+            if bo >= 0:
+                b = _vec(vflat, bo, dout)
+                for j in range(dout):
+                    z[j] += b[j]
+        if stats and meta[i, M_PRE] == 1:
+            _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3])
+            cnt += n
+        for t in range(n):
+            z = Zm[t]
+            der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
+            psq[th, L - i] += _act_row(meta[i, M_ACT], fmeta[i, F_P0], fmeta[i, F_P1], z,
+                                       _row(store, sto, B, i, S_H, r0 + t, dout), der, dsave)
+
+
+@njit(**HELP)
+def _cb_bwd_diag(th, nth, i, U, B, T, d, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2):
+    """Diagonal part of layer ``i``'s VJP on this thread's rows of ``U [B*d]`` in place, and,
+    for batch statistics, the partial sums of ``u`` and ``u * xh`` over samples."""
+    ntiles = (B + T - 1) // T
+    batch = meta[i, M_NORM] == N_BATCH
+    a = np.zeros(d)
+    b = np.zeros(d)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(B, r0 + T) - r0
+        V = U[r0 * d:(r0 + n) * d]
+        _ebwd_rows(V, n, d, 1, i, meta, fmeta, vflat, store, sto, B, sqrow, False, True, r0)
+        if batch:
+            _colsums(V, n, d, a, b, store, sto, B, i, r0, True)
+    for j in range(d):
+        ps1[th, j] += a[j]
+        ps2[th, j] += b[j]
+
+
+@njit(**HELP)
+def _cb_bwd_gemm(th, nth, i, U, Un, B, T, meta, fmeta, wflat, vflat, store, sto, umean, uc, cinv,
+                 psq, ps1, ps2, L):
+    """Finish layer ``i``'s VJP on this thread's rows (the projection over samples for batch
+    statistics), its GEMM into ``Un``, the squared norms, and the next layer's diagonal part."""
+    dout = meta[i, M_DOUT]
+    din = meta[i, M_DIN]
+    ntiles = (B + T - 1) // T
+    batch = meta[i, M_NORM] == N_BATCH
+    W = _weight(wflat, meta, i)
+    sq = np.empty(T)
+    a = np.zeros(din)
+    b = np.zeros(din)
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(B, r0 + T) - r0
+        V = U[r0 * dout:(r0 + n) * dout]
+        if batch:
+            for t in range(n):
+                xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
+                for j in range(dout):
+                    V[t * dout + j] = (V[t * dout + j] - umean[j] - xh[j] * uc[j]) * cinv[j]
+        Vn = Un[r0 * din:(r0 + n) * din]
+        np.dot(V.reshape((n, dout)), W, Vn.reshape((n, din)))
+        if i >= 2:
+            _ebwd_rows(Vn, n, din, 1, i - 1, meta, fmeta, vflat, store, sto, B, sq, True, True, r0)
+            if meta[i - 1, M_NORM] == N_BATCH:
+                _colsums(Vn, n, din, a, b, store, sto, B, i - 1, r0, True)
+        else:
+            for t in range(n):
+                sq[t] = _sq(Vn[t * din:(t + 1) * din])
+        for t in range(n):
+            psq[th, L - i + 1] += sq[t]
+    for j in range(din):
+        ps1[th, j] += a[j]
+        ps2[th, j] += b[j]
+
+
+@njit(**HELP)
+def _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L):
+    """The error layer on this thread's rows: ``sum e_i`` into ``pe[th]``, gradients into ``G``."""
+    ntiles = (B + T - 1) // T
+    sqo = np.empty((T, 1))
+    for tile in range(th, ntiles, nth):
+        r0 = tile * T
+        n = min(B, r0 + T) - r0
+        out = _mat(store, sto, B, L - 1, S_H, B, d1)[r0:r0 + n]
+        Gt = G[r0 * d1:(r0 + n) * d1]
+        for t in range(n):
+            o = out[t]
+            if err == E_DOT:
+                e = 0.0
+                for j in range(d1):
+                    e += float(o[j]) * float(yv[r0 + t, j])
+                    Gt[t * d1 + j] = yv[r0 + t, j]
+            else:
+                c = ylab[r0 + t]
+                mx = float(o[0])
+                for j in range(d1):
+                    mx = max(mx, float(o[j]))
+                s = 0.0
+                for j in range(d1):
+                    s += math.exp(float(o[j]) - mx)
+                lse = mx + math.log(s)
+                e = lse - float(o[c])
+                for j in range(d1):
+                    Gt[t * d1 + j] = math.exp(float(o[j]) - lse) - (1.0 if j == c else 0.0)
+            pe[th] += e
+            psq[th, 1] += _sq(Gt[t * d1:(t + 1) * d1])
+
+
+@njit(parallel=True, **OPTS)
+def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads,
+                         stats, sqo, sqg, mean, m2, pos, neg, cnt, nth, ws):
+    """Forward (and backward if ``grads``) sweep of ONE batch datapoint ``x [B, n]`` whose batch
+    norms use batch statistics (``N_BATCH``); the other layers as in ``sweep_kernel``.
+
+    Writes ``sqo [L+1]`` (``||f_l||^2`` over the whole batch; ``[0] = (sum_i e_i)^2`` if ``err``),
+    ``sqg [L+1]`` (``||d f_0 / d f_l||^2``, ``l >= 1``), per-thread moments as ``sweep_kernel``.
+    """
+    B = x.shape[0]
+    L = meta.shape[0]
+    dt = x.dtype
+    w = ws[0]  # coupled_ws(...) elements
+    store = w[:B * rowsz]
+    o = B * rowsz
+    Zs = w[o:o + nth * T * dmax].reshape((nth, T * dmax))
+    o += nth * T * dmax
+    G = w[o:o + B * dmax]
+    Gn = w[o + B * dmax:o + 2 * B * dmax]
+    psq = np.zeros((nth, L + 1))
+    ps1 = np.zeros((nth, dmax))
+    ps2 = np.zeros((nth, dmax))
+    cmean = np.zeros(dmax, dt)
+    cinv = np.zeros((L, dmax), dt)
+    tmps = np.zeros((nth, 4, dmax))
+    for i in range(L):
+        dout = meta[i, M_DOUT]
+        ps1[:] = 0.0
+        ps2[:] = 0.0
+        for th in prange(nth):
+            _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Zs[th], grads,
+                     stats, ps1, ps2, psq, mean[th], m2[th], pos[th], neg[th], tmps[th], L)
+        if meta[i, M_NORM] == N_BATCH:
+            eps = fmeta[i, F_EPS]
+            for j in range(dout):
+                s1 = 0.0
+                s2 = 0.0
+                for th in range(nth):
+                    s1 += ps1[th, j]
+                    s2 += ps2[th, j]
+                mu = s1 / B
+                var = max(s2 / B - mu * mu, 0.0)
+                cmean[j] = mu
+                cinv[i, j] = 1.0 / math.sqrt(var + eps)
+            for th in prange(nth):
+                _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Zs[th], grads, stats,
+                         cmean, cinv[i], psq, mean[th], m2[th], pos[th], neg[th], tmps[th], L)
+    for th in range(nth):
+        cnt[th] = 0
+    ntiles = (B + T - 1) // T
+    for th in range(nth):
+        for tile in range(th, ntiles, nth):
+            cnt[th] += min(B, tile * T + T) - tile * T
+    for l in range(1, L + 1):
+        s = 0.0
+        for th in range(nth):
+            s += psq[th, l]
+        sqo[l] = s
+    if err == E_NONE:
+        return
+    d1 = meta[L - 1, M_DOUT]
+    pe = np.zeros(nth)
+    psq[:] = 0.0
+    for th in prange(nth):
+        _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
+    f0 = 0.0
+    for th in range(nth):
+        f0 += pe[th]
+    sqo[0] = f0 * f0
+    if not grads:
+        return
+    umean = np.zeros(dmax)
+    uc = np.zeros(dmax)
+    if L >= 2:
+        ps1[:] = 0.0
+        ps2[:] = 0.0
+        sqrow = np.empty(1)
+        for th in prange(nth):
+            _cb_bwd_diag(th, nth, L - 1, G, B, T, d1, meta, fmeta, vflat, store, sto, sqrow, ps1,
+                         ps2)
+    for i in range(L - 1, 0, -1):
+        dout = meta[i, M_DOUT]
+        for j in range(dout):
+            s1 = 0.0
+            s2 = 0.0
+            for th in range(nth):
+                s1 += ps1[th, j]
+                s2 += ps2[th, j]
+            umean[j] = s1 / B
+            uc[j] = s2 / B
+        ps1[:] = 0.0
+        ps2[:] = 0.0
+        for th in prange(nth):
+            _cb_bwd_gemm(th, nth, i, G, Gn, B, T, meta, fmeta, wflat, vflat, store, sto, umean, uc,
+                         cinv[i], psq, ps1, ps2, L)
+        G, Gn = Gn, G
+    for l in range(1, L + 1):
+        s = 0.0
+        for th in range(nth):
+            s += psq[th, l]
+        sqg[l] = s
+
+
+# ------------------------------------------------------------------ workspace sizes (elements)
+
+def sweep_ws(T, rowsz, dmax):
+    return T * (rowsz + 3 * dmax)
+
+
+def chain_ws(T, rowsz, dmax, rmax, L):
+    return T * (rowsz + dmax + 2 * rmax * dmax + L + 1)
+
+
+def contrib_ws(T, rowsz, rowsz0, dmax, L):
+    return T * (rowsz + rowsz0 + dmax + 4 * L * dmax + L + 1)
+
+
+def coupled_ws(B, T, rowsz, dmax, nth):
+    return B * rowsz + nth * T * dmax + 2 * B * dmax

@@ -1,0 +1,577 @@
+"""The ``"numba"`` backend: fused CPU kernels (``_numba_kernels.py``) behind the backend interface.
+
+What is fused (float32 and float64 CPU tensors): models whose every layer is
+``nn.Linear -> [nn.LayerNorm (last dim) | nn.BatchNorm1d] -> [activation]`` with any of the
+activations ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SELU, Softplus, GELU (both forms) and Identity.
+
+- Per-sample datapoints (no batch norm, eval-mode batch norm, or ``batchnorm="frozen"``): all four
+  methods.
+
+  * ``sweep``: forward with ``||f_l||^2`` and the pre-activation moments gathered in the same pass
+    as the activation, and the backward sweep of ``GSC(l, 0)``;
+  * ``chain``: every start layer's stack ``J_k^l`` (identity or probe rows), each GEMM followed by
+    one pass that reduces every sample's squared Frobenius norm and applies the next layer's
+    activation derivative (and norm) while the tile is in cache;
+  * ``jacobian``: per-sample Jacobians, the last GEMM writing straight into the result;
+  * ``contributions``: the residual-trick recursion, all lambdas of a tile in one GEMM per model.
+
+- Batch datapoints (train-mode batch norm, ``batchnorm="batch"``): ``sweep`` (``gsc`` and
+  ``preactivation_stats``), with the reductions over the batch done as per-thread partial sums.
+
+Everything else falls back to the ``"torch"`` engine's code path (this class subclasses it), so
+the numbers are the torch engine's: ``chain``/``jacobian``/``contributions`` of batch datapoints,
+``gscfast.nn.Residual`` blocks, layers of another shape (two Linears in a row, an activation or a
+norm without a Linear before it), other dtypes or devices, and a gradient asked for without an
+error layer.
+
+Threads: ``numba.get_num_threads()`` workers; each runs whole tiles of samples with single-threaded
+BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
+kernel, then restored). Working sets are reused between calls (``workspace``) up to the memory
+budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
+independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..compiler import Program
+from ..rules import ForwardCtx
+from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
+                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.linear import LinearRule
+from ..rules.norm import BatchNormRule, LayerNormRule
+from .base import Moments, ProbeFn, Problem, Sweep
+from .torch_engine import TorchBackend
+
+ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
+"""Target GEMM rows per tile (samples x stacked rows); measured best on a 2-core AVX-512 CPU."""
+
+_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _k():
+    """The kernels module (imported lazily: importing it imports numba)."""
+    from . import _numba_kernels
+    return _numba_kernels
+
+
+# ----------------------------------------------------------------------------- BLAS threads
+
+_BLAS_SETTERS: list[tuple] | None = None
+
+
+def _find_blas() -> list[tuple]:
+    """(set, get) thread-count functions of the OpenBLAS that numba's ``np.dot`` calls (scipy's;
+    numpy's 64-bit-integer build exports other names and is left alone)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba uses)
+
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return found
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in (("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                                   ("openblas_set_num_threads", "openblas_get_num_threads")):
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                setter, getter = getattr(lib, set_name), getattr(lib, get_name)
+                setter.argtypes, setter.restype = [ctypes.c_int], None
+                getter.argtypes, getter.restype = [], ctypes.c_int
+                found.append((setter, getter))
+                break
+    return found
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run numba kernels whose threads each call BLAS: one BLAS thread per call, restored after."""
+    global _BLAS_SETTERS
+    if _BLAS_SETTERS is None:
+        _BLAS_SETTERS = _find_blas()
+    old = [get() for _, get in _BLAS_SETTERS]
+    for set_, _ in _BLAS_SETTERS:
+        set_(1)
+    try:
+        yield
+    finally:
+        for (set_, _), n in zip(_BLAS_SETTERS, old):
+            set_(n)
+
+
+# ----------------------------------------------------------------------------- workspaces
+
+_WS = threading.local()
+
+
+def workspace(rows: int, cols: int, dtype, keep_bytes: int) -> np.ndarray:
+    """A ``[rows, cols]`` scratch array for the kernels' working sets, reused between calls (per
+    Python thread) when it is at most ``keep_bytes`` (the memory budget): fresh pages cost a
+    page fault each, which on some machines is as slow as the kernels."""
+    need = rows * cols
+    cache = getattr(_WS, "arrays", None)
+    if cache is None:
+        cache = _WS.arrays = {}
+    buf = cache.get(np.dtype(dtype))
+    if buf is None or buf.size < need:
+        buf = np.empty(need, dtype)
+        if need * buf.itemsize <= keep_bytes:
+            cache[np.dtype(dtype)] = buf
+        else:
+            cache.pop(np.dtype(dtype), None)
+    return buf[:need].reshape(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free this thread's cached kernel workspaces."""
+    _WS.arrays = {}
+
+
+# ----------------------------------------------------------------------------- the compiled net
+
+class Unsupported(Exception):
+    """The problem has something the fused kernels do not cover (the torch path takes it)."""
+
+
+@dataclass
+class Net:
+    """A program flattened for the kernels (see ``_numba_kernels`` module docstring)."""
+
+    meta: np.ndarray
+    fmeta: np.ndarray
+    wflat: np.ndarray
+    vflat: np.ndarray
+    sto: np.ndarray
+    rowsz: int
+    dmax: int
+
+    def args(self) -> tuple:
+        return self.meta, self.fmeta, self.wflat, self.vflat, self.sto, self.rowsz
+
+
+_ACTS = {ReLURule: "A_RELU", LeakyReLURule: "A_LEAKY", TanhRule: "A_TANH", SigmoidRule: "A_SIGMOID",
+         ELURule: "A_ELU", SELURule: "A_SELU", SoftplusRule: "A_SOFTPLUS", GELURule: "A_GELU",
+         IdentityRule: "A_IDENTITY"}
+
+
+def _split(layer) -> tuple:
+    """``(linear, norm | None, activation | None)`` of a layer, or ``Unsupported``."""
+    ops = list(layer.ops)
+    if not ops or type(ops[0]) is not LinearRule:
+        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
+    lin, rest = ops[0], ops[1:]
+    norm = act = None
+    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
+        norm, rest = rest[0], rest[1:]
+    if rest and type(rest[0]) in _ACTS:
+        act, rest = rest[0], rest[1:]
+    if rest:
+        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
+    return lin, norm, act
+
+
+def check_program(program: Program) -> None:
+    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
+    for layer in program.layers:
+        _split(layer)
+
+
+def _np(t: Tensor, dtype) -> np.ndarray:
+    return t.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False).reshape(-1)
+
+
+def build_net(program: Program, dtype, n_in: int, frozen: dict | None, coupled: bool = False) -> Net:
+    """Flatten ``program``; ``frozen`` maps ``id(batch norm rule)`` to its ``(mean, var)`` batch
+    statistics (constants) for batch norms that use batch statistics; with ``coupled`` those
+    compute them over the batch instead (``N_BATCH``)."""
+    k = _k()
+    L = program.L
+    meta = np.full((L, k.NMETA), -1, np.int64)
+    fmeta = np.zeros((L, k.NFMETA), np.float64)
+    sto = np.full((L, 4), -1, np.int64)
+    weights, vecs = [], []
+    woff = voff = rowsz = 0
+    dmax = 1
+
+    def vec(t: Tensor) -> int:
+        nonlocal voff
+        a = _np(t, dtype)
+        vecs.append(a)
+        voff += a.size
+        return voff - a.size
+
+    d = n_in
+    for i, layer in enumerate(program.layers):
+        lin, norm, act = _split(layer)
+        W = lin.weight
+        dout, din = W.shape
+        if din != d:
+            raise Unsupported("width mismatch")
+        m = meta[i]
+        m[k.M_DIN], m[k.M_DOUT] = din, dout
+        weights.append(_np(W, dtype))
+        m[k.M_W] = woff
+        woff += W.numel()
+        if lin.bias is not None:
+            m[k.M_B] = vec(lin.bias)
+        m[k.M_NORM] = k.N_NONE
+        if isinstance(norm, LayerNormRule):
+            m[k.M_NORM] = k.N_LAYER
+            fmeta[i, k.F_EPS] = norm.eps
+            if norm.weight is not None:
+                m[k.M_G] = vec(norm.weight)
+            if norm.bias is not None:
+                m[k.M_BETA] = vec(norm.bias)
+        elif isinstance(norm, BatchNormRule) and norm.uses_batch_stats and coupled:
+            m[k.M_NORM] = k.N_BATCH
+            fmeta[i, k.F_EPS] = norm.eps
+            if norm.weight is not None:
+                m[k.M_G] = vec(norm.weight)
+            if norm.bias is not None:
+                m[k.M_BETA] = vec(norm.bias)
+        elif isinstance(norm, BatchNormRule):
+            if norm.uses_batch_stats:
+                if frozen is None or id(norm) not in frozen:
+                    raise Unsupported("batch norm with batch statistics couples the samples")
+                mean, var = (t.reshape(-1) for t in frozen[id(norm)])
+            else:
+                mean, var = norm.running
+            inv = torch.rsqrt(var + norm.eps)
+            scale = inv if norm.weight is None else inv * norm.weight
+            m[k.M_NORM] = k.N_DIAG
+            m[k.M_MEAN] = vec(mean)
+            m[k.M_G] = vec(scale)
+            if norm.bias is not None:
+                m[k.M_BETA] = vec(norm.bias)
+        m[k.M_PRE] = int(act is not None)
+        code, p0, p1, dsave = k.A_NONE, 0.0, 0.0, False
+        if act is not None:
+            code = getattr(k, _ACTS[type(act)])
+            mod = act.module
+            if code == k.A_LEAKY:
+                p0 = float(mod.negative_slope)
+                dsave = p0 < 0
+            elif code == k.A_ELU:
+                p0 = float(mod.alpha)
+                dsave = p0 <= 0
+            elif code == k.A_SOFTPLUS:
+                p0, p1, dsave = float(mod.beta), float(mod.threshold), True
+            elif code == k.A_GELU:
+                dsave = True
+                if mod.approximate == "tanh":
+                    code = k.A_GELU_TANH
+                elif mod.approximate != "none":
+                    raise Unsupported(f"GELU(approximate={mod.approximate!r})")
+        m[k.M_ACT], m[k.M_DSAVE] = code, int(dsave)
+        fmeta[i, k.F_P0], fmeta[i, k.F_P1] = p0, p1
+        sto[i, k.S_H] = rowsz
+        rowsz += dout
+        if dsave:
+            sto[i, k.S_DER] = rowsz
+            rowsz += dout
+        if m[k.M_NORM] in (k.N_LAYER, k.N_BATCH):
+            sto[i, k.S_XH] = rowsz
+            rowsz += dout
+        if m[k.M_NORM] == k.N_LAYER:
+            sto[i, k.S_INV] = rowsz
+            rowsz += 1
+        dmax = max(dmax, dout, din if i > 0 else 1)
+        d = dout
+    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(1, dtype))
+    return Net(meta, fmeta, cat(weights), cat(vecs), sto, rowsz, dmax)
+
+
+def _frozen_stats(pb: Problem, d: int, init: Program | None = None) -> dict:
+    """Batch statistics of dataset ``d`` for every batch-statistics batch norm (the same pre-pass
+    as ``iter_chunks``): of the model, and of ``init`` evaluated at the model's layer inputs."""
+    ctx = ForwardCtx(coupled=True, frozen_bn={}, record_bn=True, save=False, samples=pb.B)
+    h = pb.x[d:d + 1]
+    for i, layer in enumerate(pb.program.layers):
+        if init is not None:
+            init.layers[i].forward(h, ctx)
+        h, _, _ = layer.forward(h, ctx)
+    return ctx.frozen_bn
+
+
+# ----------------------------------------------------------------------------- the backend
+
+class NumbaBackend(TorchBackend):
+    __doc__ = __doc__
+    name = "numba"
+    priority = 20  # CPU only; ahead of "torch" (see bench/README.md for the measured ratios)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import numba  # noqa: F401
+            import scipy.linalg.cython_blas  # noqa: F401
+        except ImportError as e:
+            return f"the 'numba' backend needs numba and scipy ({e}); pip install numba scipy"
+        return None
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def fused(pb: Problem, init: Program | None = None, method: str = "chain") -> bool:
+        """Whether ``method`` runs on the fused kernels for ``pb`` (else the torch engine's path).
+        Batch datapoints (train-mode batch norm) are fused for ``"sweep"`` only."""
+        if pb.x.device.type != "cpu" or pb.x.dtype not in _DTYPES:
+            return False
+        if pb.coupled and method != "sweep":
+            return False
+        try:
+            check_program(pb.program)
+            if init is not None:
+                check_program(init)
+        except Unsupported:
+            return False
+        return True
+
+    def _nets(self, pb: Problem, init: Program | None = None):
+        """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
+        separately with frozen batch norm, all rows at once otherwise."""
+        dt = _DTYPES[pb.x.dtype]
+        n_in = pb.x.shape[-1]
+        if not pb.frozen:
+            net = build_net(pb.program, dt, n_in, None)
+            net0 = None if init is None else build_net(init, dt, n_in, None)
+            yield slice(0, pb.D * pb.B), net, net0
+            return
+        for d in range(pb.D):
+            stats = _frozen_stats(pb, d, init)
+            net = build_net(pb.program, dt, n_in, stats)
+            net0 = None if init is None else build_net(init, dt, n_in, stats)
+            yield slice(d * pb.B, (d + 1) * pb.B), net, net0
+
+    @staticmethod
+    def _rows(pb: Problem) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """``x [N, n]``, the error code, ``y [N, m]`` (or a dummy) and labels ``[N]`` (or a
+        dummy), as numpy arrays sharing memory with the tensors where possible."""
+        k = _k()
+        dt = _DTYPES[pb.x.dtype]
+        N = pb.D * pb.B
+        x = pb.x.reshape(N, -1).contiguous().numpy()
+        yv = np.zeros((1, 1), dt)
+        ylab = np.zeros(1, np.int64)
+        err = k.E_NONE
+        if pb.error == "dot":
+            err = k.E_DOT
+            yv = pb.y.reshape(N, -1).to(pb.x.dtype).contiguous().numpy()
+        elif pb.error == "kl":
+            err = k.E_KL
+            ylab = pb.y.reshape(N).to(torch.int64).contiguous().numpy()
+        return x, err, yv, ylab
+
+    @staticmethod
+    def _tile(pb: Problem, n_rows: int, rows_per_sample: int, bytes_per_sample: int) -> int:
+        """Samples per tile: about ``ROWS`` GEMM rows, within the memory budget per thread and
+        ``chunk_size``, and small enough that every thread gets work."""
+        import numba
+
+        nth = numba.get_num_threads()
+        T = max(1, ROWS // max(1, rows_per_sample))
+        T = min(T, max(1, pb.memory // (nth * max(1, bytes_per_sample))))
+        if pb.chunk_size is not None:
+            T = min(T, pb.chunk_size)
+        return max(1, min(T, -(-n_rows // nth)))
+
+    # ---------------------------------------------------------------- the four methods
+
+    def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
+        if not self.fused(pb, method="sweep") or (grads and pb.error is None):
+            return super().sweep(pb, grads=grads, stats=stats)
+        if pb.coupled:
+            return self._sweep_coupled(pb, grads, stats)
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x, err, yv, ylab = self._rows(pb)
+        N, L, dt = x.shape[0], pb.L, x.dtype
+        sqo = np.full((N, L + 1), np.nan, dt)
+        sqg = np.full((N, L + 1), np.nan, dt) if grads else np.zeros((1, L + 1), dt)
+        moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
+        for rows, net, _ in self._nets(pb):
+            n = rows.stop - rows.start
+            T = self._tile(pb, n, 1, dt.itemsize * (net.rowsz + 3 * net.dmax))
+            shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
+            mean, m2, pos, neg = (np.zeros(shape) for _ in range(4))
+            cnt = np.zeros(nth, np.int64)
+            ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax), dt, pb.memory)
+            with single_threaded_blas():
+                k.sweep_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
+                               ylab[rows] if err == k.E_KL else ylab, *net.args(), T, net.dmax,
+                               grads, stats, sqo[rows], sqg[rows] if grads else sqg,
+                               mean, m2, pos, neg, cnt, ws)
+            if stats:
+                self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
+        if grads:
+            sqg[:, 0] = 1
+        out = torch.from_numpy(sqo)
+        return Sweep(out, torch.from_numpy(sqg) if grads else None, moments)
+
+    def _sweep_coupled(self, pb: Problem, grads: bool, stats: bool) -> Sweep:
+        """One batch datapoint per dataset: ``coupled_sweep_kernel`` on each."""
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x, err, yv, ylab = self._rows(pb)
+        L, dt, B = pb.L, x.dtype, pb.B
+        net = build_net(pb.program, dt, x.shape[1], None, coupled=True)
+        sqo = np.full((pb.D, L + 1), np.nan, dt)
+        sqg = np.full((pb.D, L + 1), np.nan, dt)
+        moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
+        T = max(1, min(ROWS, -(-B // nth)))
+        for d in range(pb.D):
+            rows = slice(d * B, (d + 1) * B)
+            shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
+            mean, m2, pos, neg = (np.zeros(shape) for _ in range(4))
+            cnt = np.zeros(nth, np.int64)
+            o = np.zeros(L + 1)
+            g = np.zeros(L + 1)
+            ws = workspace(1, k.coupled_ws(B, T, net.rowsz, net.dmax, nth), dt, pb.memory)
+            with single_threaded_blas():
+                k.coupled_sweep_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
+                                       ylab[rows] if err == k.E_KL else ylab, *net.args(), T,
+                                       net.dmax, grads, stats, o, g, mean, m2, pos, neg, cnt, nth,
+                                       ws)
+            sqo[d, 1:] = o[1:]
+            if err != k.E_NONE:
+                sqo[d, 0] = o[0]
+            sqg[d, 1:] = g[1:]
+            if stats:
+                self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
+        if grads:
+            sqg[:, 0] = 1
+        return Sweep(torch.from_numpy(sqo), torch.from_numpy(sqg) if grads else None, moments)
+
+    @staticmethod
+    def _merge_moments(net: Net, moments: list, mean, m2, pos, neg, cnt) -> None:
+        """Merge the kernels' per-thread moments into ``moments`` (paper index)."""
+        k = _k()
+        L = net.meta.shape[0]
+        for i in range(L):
+            if net.meta[i, k.M_PRE] != 1:
+                continue
+            d = int(net.meta[i, k.M_DOUT])
+            for th in range(len(cnt)):
+                if cnt[th] == 0:
+                    continue
+                mo = Moments(int(cnt[th]), *(torch.from_numpy(a[th, i, :d].copy())
+                                             for a in (mean, m2, pos, neg)))
+                m = L - i
+                moments[m] = mo if moments[m] is None else moments[m].merge(mo)
+
+    def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
+        if not self.fused(pb):
+            return super().chain(pb, probes)
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x, err, yv, ylab = self._rows(pb)
+        N, L, dt = x.shape[0], pb.L, x.dtype
+        w = pb.widths
+        res = np.full((N, L + 1, L + 1), np.nan, dt)
+        res[:, 0, 0] = 1
+        if probes is None:
+            nprobe, rmax = 0, max(w[1:L + 1])
+            pflat, poff = np.zeros(1, dt), np.zeros(L + 1, np.int64)
+        else:
+            parts = [probes(l).to(pb.x.dtype).reshape(-1, w[l]) for l in range(1, L + 1)]
+            nprobe = rmax = parts[0].shape[0]
+            poff = np.zeros(L + 1, np.int64)
+            poff[1:] = np.cumsum([0] + [p.numel() for p in parts[:-1]])
+            pflat = torch.cat([p.reshape(-1) for p in parts]).contiguous().numpy()
+        for rows, net, _ in self._nets(pb):
+            n = rows.stop - rows.start
+            T = self._tile(pb, n, rmax, dt.itemsize * (net.rowsz + net.dmax + 2 * rmax * net.dmax))
+            ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, rmax, L), dt, pb.memory)
+            with single_threaded_blas():
+                k.chain_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
+                               ylab[rows] if err == k.E_KL else ylab, *net.args(), T, net.dmax,
+                               rmax, pflat, poff, nprobe, res[rows], nth, ws)
+        return torch.from_numpy(res)
+
+    def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
+        if not self.fused(pb):
+            return super().jacobian(pb, start, end)
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x, _, _, _ = self._rows(pb)
+        N, L, dt = x.shape[0], pb.L, x.dtype
+        w = pb.widths
+        out = np.empty((N, w[end], w[start]), dt)
+        if start == end:
+            out[:] = np.eye(w[end], dtype=dt)
+            return torch.from_numpy(out)
+        for rows, net, _ in self._nets(pb):
+            n = rows.stop - rows.start
+            R = w[end]
+            T = self._tile(pb, n, R, dt.itemsize * (net.rowsz + net.dmax + 2 * R * net.dmax))
+            ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, R, L), dt, pb.memory)
+            with single_threaded_blas():
+                k.jacobian_kernel(x[rows], *net.args(), T, net.dmax, L - end, L + 1 - start,
+                                  out[rows], nth, ws)
+        return torch.from_numpy(out)
+
+    def contributions(self, pb: Problem, init: Program) -> Tensor:
+        if not self.fused(pb, init) or pb.error is None:
+            return super().contributions(pb, init)
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x, err, yv, ylab = self._rows(pb)
+        N, L, dt = x.shape[0], pb.L, x.dtype
+        res = np.full((N, L + 1, L + 1), np.nan, dt)
+        res[:, 0, 0] = 1
+        for rows, net, net0 in self._nets(pb, init):
+            n = rows.stop - rows.start
+            dmax = max(net.dmax, net0.dmax)
+            T = self._tile(pb, n, L, dt.itemsize * (net.rowsz + net0.rowsz + 4 * L * dmax))
+            ws = workspace(nth, k.contrib_ws(T, net.rowsz, net0.rowsz, dmax, L), dt, pb.memory)
+            with single_threaded_blas():
+                k.contrib_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
+                                 ylab[rows] if err == k.E_KL else ylab, *net.args(), *net0.args(),
+                                 T, dmax, res[rows], nth, ws)
+        return torch.from_numpy(res)
+
+
+def warmup(dtypes=(torch.float32, torch.float64)) -> float:
+    """Compile (or load from numba's cache) every kernel for ``dtypes``; returns the seconds taken."""
+    import time
+
+    import gscfast
+
+    t0 = time.perf_counter()
+    for dtype in dtypes:
+        model = gscfast.mlp(2, 3, act="tanh", seed=0, dtype=dtype)
+        x = torch.randn(4, 3, dtype=dtype)
+        y = torch.randn(4, 3, dtype=dtype)
+        gscfast.gsc(model, x, y, backend="numba")
+        gscfast.preactivation_stats(model, x, backend="numba")
+        gscfast.gsc_matrix(model, x, y, backend="numba")
+        gscfast.gsc_matrix(model, x, y, backend="numba", method="sketch", probes=2)
+        gscfast.jacobian(model, x, backend="numba")
+        gscfast.effective_depth(model, model, x, y, backend="numba")
+    return time.perf_counter() - t0
