@@ -1,0 +1,33 @@
+"""Fixtures of the benchmark suite (helpers in ``benchlib.py``).
+
+Run: ``pytest bench/ --benchmark-only --benchmark-json=results/bench.json`` then
+``python bench/report.py results/bench.json``. ``GSCFAST_BENCH_SCALE=smoke`` for tiny sizes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import benchlib  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sgemm_session() -> dict:
+    """sgemm GFLOP/s measured once at the start of the run (each benchmark also measures it
+    right before its own timing)."""
+    return benchlib.measure_sgemm()
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict:
+    """Results computed once per run and shared between benchmarks (the correctness checks)."""
+    return {}
+
+
+def pytest_report_header(config):
+    return (f"gscfast bench: scale={benchlib.SCALE}, backends={benchlib.BACKENDS}, "
+            f"torch threads={torch.get_num_threads()}")

@@ -1,0 +1,54 @@
+"""Peak memory of one gscfast call in a fresh process (run by ``test_memory.py``).
+
+Usage: ``python bench/memprobe.py KIND BACKEND B DEPTH WIDTH [N_IN CLASSES]`` with KIND ``w1``
+(gsc, dot error), ``w2`` (gsc_matrix) or ``cifar`` (gsc, kl error on N_IN features).
+Prints one JSON line: peak RSS of the process, RSS before the call (inputs included), the
+inputs' size, the seconds the call took.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+import gscfast
+from benchlib import peak_rss, reset_peak
+
+
+def main(argv: list[str]) -> None:
+    kind, backend, B, depth, width = argv[0], argv[1], *map(int, argv[2:5])
+    n_in = int(argv[5]) if len(argv) > 5 else width
+    classes = int(argv[6]) if len(argv) > 6 else None
+    model = gscfast.mlp(depth, width, act="relu", in_features=n_in, out_features=classes, seed=0)
+    # compile (or load) the kernels first, on a tiny problem
+    tiny = torch.randn(4, n_in)
+    out_dim = classes or width
+    if kind == "cifar":
+        gscfast.gsc(model, tiny, torch.zeros(4, dtype=torch.long), error="kl", backend=backend)
+    else:
+        gscfast.gsc_matrix(model, tiny, torch.randn(4, out_dim), backend=backend)
+        gscfast.gsc(model, tiny, torch.randn(4, out_dim), backend=backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, n_in, generator=g)
+    if kind == "cifar":
+        y = torch.randint(0, classes, (B,), generator=g)
+    else:
+        y = torch.randn(B, out_dim, generator=g)
+    inputs = x.numel() * x.element_size() + y.numel() * y.element_size()
+    base = reset_peak()
+    t0 = time.perf_counter()
+    if kind == "w2":
+        gscfast.gsc_matrix(model, x, y, backend=backend)
+    else:
+        gscfast.gsc(model, x, y, error="kl" if kind == "cifar" else "dot", backend=backend)
+    dt = time.perf_counter() - t0
+    peak = peak_rss()
+    print(json.dumps({"peak_rss_mb": peak / 2**20, "base_rss_mb": base / 2**20,
+                      "extra_mb": (peak - base) / 2**20, "inputs_mb": inputs / 2**20,
+                      "call_s": dt}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,164 @@
+"""Turn a ``pytest bench/ --benchmark-json=FILE`` result into the markdown tables of
+``bench/README.md``.
+
+Usage: ``python bench/report.py FILE [> table.md]``.
+
+Times are the best of the timed rounds (scaled to the full B for baselines timed on a subset:
+see ``timed_B``). "x sgemm" is achieved GFLOP/s over the sgemm GFLOP/s measured right before that
+benchmark; "speedup" is this row's time over gscfast's (``backend="auto"``) in the same group.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+TARGETS = {  # (workload, baseline impl or None for the sgemm ratio): required factor
+    ("W1", "autograd"): 1.5, ("W1", None): 0.60,
+    ("W2", "pairs_jacrev"): 20.0, ("W2", "torch_chain"): 1.0, ("W2", None): 0.80,
+    ("W3", "vmap_jacrev"): 3.0, ("W3", "best_chunk"): 1.0, ("W3", "functional_per_sample"): 100.0,
+    ("W3", None): 0.80,
+}
+
+
+def _fmt_t(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows(data: dict) -> list[dict]:
+    out = []
+    for b in data["benchmarks"]:
+        ei = dict(b.get("extra_info", {}))
+        ei.setdefault("time_s", b["stats"]["min"] * ei.get("time_scale", 1.0))
+        ei["group"] = b.get("group") or ""
+        ei["name"] = b["name"]
+        ei["median_s"] = b["stats"]["median"] * ei.get("time_scale", 1.0)
+        out.append(ei)
+    return out
+
+
+def table(rs: list[dict]) -> str:
+    groups = defaultdict(list)
+    for r in rs:
+        if r.get("workload", "").startswith(("MEM", "COMPILE")):
+            continue
+        groups[r["group"]].append(r)
+    lines = []
+    for g, items in groups.items():
+        ref = next((r for r in items if r.get("impl") == "auto"), None)
+        lines += [f"\n**{g}**\n", "| impl | time (s) | GFLOP/s | x sgemm | gscfast speedup | "
+                  "peak mem (MB) | note |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(items, key=lambda r: r["time_s"]):
+            sp = "" if ref is None else f"{r['time_s'] / ref['time_s']:.2f}x"
+            note = []
+            if "auto_runs" in r:
+                note.append(f"auto runs {r['auto_runs']}")
+            if "timed_B" in r:
+                note.append(f"timed on B={r['timed_B']}, scaled")
+            lines.append(f"| {r['impl']} | {_fmt_t(r['time_s'])} | {r.get('gflops', 0):.1f} | "
+                         f"{r.get('sgemm_ratio', 0):.2f} | {sp} | "
+                         f"{r.get('peak_mem_mb', float('nan')):.0f} | {'; '.join(note)} |")
+    return "\n".join(lines)
+
+
+def scaling(rs: list[dict]) -> str:
+    items = [r for r in rs if r.get("workload", "").startswith("W5")]
+    if not items:
+        return ""
+    lines = ["| workload | axis | value | impl | time (s) | GFLOP | GFLOP/s | x sgemm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(items, key=lambda r: (r["workload"], r["axis"], r["impl"], r[r["axis"]])):
+        lines.append(f"| {r['workload']} | {r['axis']} | {r[r['axis']]} | {r['impl']} | "
+                     f"{_fmt_t(r['time_s'])} | {r['flops'] / 1e9:.3g} | {r.get('gflops', 0):.1f} | "
+                     f"{r.get('sgemm_ratio', 0):.2f} |")
+    return "\n".join(lines)
+
+
+def memory(rs: list[dict]) -> str:
+    items = [r for r in rs if r.get("workload", "").startswith("MEM")]
+    if not items:
+        return ""
+    lines = ["| case | impl | B | inputs (MB) | peak above start (MB) | peak RSS of process (MB) |"
+             " call (s) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(items, key=lambda r: (r["workload"], r["impl"], r["B"])):
+        lines.append(f"| {r['workload']} | {r['impl']} | {r['B']} | {r['inputs_mb']:.0f} | "
+                     f"{r['extra_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['call_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def compile_times(rs: list[dict]) -> str:
+    items = [r for r in rs if r.get("workload") == "COMPILE"]
+    return "\n".join(f"- numba kernels, {r['cache']} cache: {r['seconds']:.1f} s (both dtypes, "
+                     "process start excluded)" for r in items)
+
+
+def targets(rs: list[dict]) -> str:
+    by = defaultdict(dict)
+    for r in rs:
+        w = r.get("workload")
+        if w in ("W1", "W2", "W3"):
+            by[(w, r.get("arch"))][r["impl"]] = r
+    lines = ["| workload | target | measured | met |", "|---|---|---|---|"]
+    for (w, arch), impls in sorted(by.items()):
+        g = impls.get("auto")
+        if g is None:
+            continue
+        if w == "W3":
+            chunks = [r for k, r in impls.items() if k.startswith("vmap_jacrev_chunk")]
+            if chunks:
+                impls["best_chunk"] = min(chunks, key=lambda r: r["time_s"])
+        for (tw, base), need in TARGETS.items():
+            if tw != w:
+                continue
+            if base is None:
+                got = g.get("sgemm_ratio", 0.0)
+                what = f">= {need:.2f} of sgemm"
+            elif base in impls:
+                got = impls[base]["time_s"] / g["time_s"]
+                what = f">= {need:g}x faster than {base}" + (
+                    f" ({impls[base]['impl']})" if base == "best_chunk" else "")
+            else:
+                continue
+            lines.append(f"| {w} {arch} | {what} | {got:.2f}{'' if base is None else 'x'} | "
+                         f"{'yes' if got >= need else 'NO'} |")
+    return "\n".join(lines)
+
+
+def machine(data: dict, rs: list[dict]) -> str:
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {})
+    sg = [r["sgemm_gflops"] for r in rs if "sgemm_gflops" in r]
+    s = f"{cpu.get('brand_raw', mi.get('processor', '?'))}, {cpu.get('count', '?')} cores; "
+    s += f"python {mi.get('python_version', '?')}; run {data.get('datetime', '?')}"
+    if sg:
+        s += f"; sgemm {min(sg):.0f}-{max(sg):.0f} GFLOP/s (measured before each benchmark)"
+    return s
+
+
+def main(path: str) -> None:
+    data = load(path)
+    rs = rows(data)
+    print(f"Machine: {machine(data, rs)}\n")
+    print("### Targets\n")
+    print(targets(rs))
+    print("\n### Workloads\n")
+    print(table(rs))
+    print("\n### Scaling (W5)\n")
+    print(scaling(rs))
+    print("\n### Memory\n")
+    print(memory(rs))
+    print("\n### Compilation\n")
+    print(compile_times(rs))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
