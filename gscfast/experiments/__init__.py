@@ -7,4 +7,4 @@ __all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "Usage
            "job_seed", "STUDIES"]
 
 # Command name -> module (imported when the command is set up).
-STUDIES = {"gaussian": "gscfast.experiments.gaussian"}
+STUDIES = {"gaussian": "gscfast.experiments.gaussian", "cifar": "gscfast.experiments.cifar"}
