@@ -229,16 +229,17 @@ def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     assert err <= tol, f"{what}: error {err:.3g} of the largest entry > {tol}"
 
 
-def auto_choice(model: nn.Module, x: torch.Tensor, y=None, **kw) -> str:
+def auto_choice(model: nn.Module, x: torch.Tensor, y=None, method: str = "chain", **kw) -> str:
     """What ``backend="auto"`` runs for this problem: the backend, and for "numba" whether its
-    fused kernels or the torch engine's path."""
+    fused kernels or the torch engine's path take ``method`` (a backend method name: ``gsc`` is
+    ``"sweep"``, ``gsc_matrix`` ``"chain"``)."""
     from gscfast.validation import make_problem
 
     be = get_backend("auto", x.device)
     if be.name != "numba":
         return be.name
     pb, _ = make_problem(model, x, y, error="dot" if y is not None else None, **kw)
-    return "numba (fused)" if be.fused(pb) else "numba (torch path)"
+    return "numba (fused)" if be.fused(pb, method=method) else "numba (torch path)"
 
 
 # ----------------------------------------------------------------------------- models, data

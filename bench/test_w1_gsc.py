@@ -36,6 +36,6 @@ def test_w1_gsc(benchmark, sgemm_session, expected, arch, impl):
         expected[key] = gscfast.gsc(model, x, y, backend="torch")
     info = dict(workload="W1", arch=arch, impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "auto":
-        info["auto_runs"] = auto_choice(model, x, y)
+        info["auto_runs"] = auto_choice(model, x, y, method="sweep")
     run_checked(benchmark, fn, check=lambda r: assert_log_close(r, expected[key], TOL, f"W1 {arch} {impl}"),
                 flops=flops_w1(model, W["B"]), rounds=W["rounds"], sgemm=sgemm_session, **info)

@@ -43,6 +43,6 @@ def test_w3_jacobian(benchmark, sgemm_session, expected, impl):
             fn = lambda: gscfast.jacobian(model, x, backend=impl)  # noqa: E731
         check = lambda r: assert_rel_close(r, ref, TOL, impl)  # noqa: E731
     if impl == "auto":
-        info["auto_runs"] = auto_choice(model, x)
+        info["auto_runs"] = auto_choice(model, x, method="jacobian")
     run_checked(benchmark, fn, check=check, flops=flops_w3(model, W["B"]), rounds=W["rounds"],
                 sgemm=sgemm_session, scale=scale, **info)

@@ -41,7 +41,7 @@ def test_w4_effective_depth(benchmark, sgemm_session, expected, impl):
         assert_log_close(profile, expected[key][1], TOL, f"W4 {impl}")
     info = dict(workload="W4", arch="tanh", impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "auto":
-        info["auto_runs"] = auto_choice(trained, x, y)
+        info["auto_runs"] = auto_choice(trained, x, y, method="contributions")
     run_checked(benchmark, lambda: gscfast.effective_depth(trained, init, x, y, backend=impl),
                 check=check, flops=flops_w4(trained, W["B"]), rounds=W["rounds"],
                 sgemm=sgemm_session, **info)
