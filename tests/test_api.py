@@ -2,6 +2,12 @@
 
 float64 results must agree with the reference to 1e-9 relative; float32 results must agree with
 the float64 reference to 1e-4 in log space (relative error of the float32 computation itself).
+
+Random tiny models can be ill-conditioned in float32 (a batch norm over 3 samples, a layer norm
+over 3 features, a ReLU pre-activation a rounding error from 0): there the float32 tolerance is
+4x the reference backend's own float32 error on the same case (``f32_tol``), and a case where even
+the reference's float32 result has another NaN or sign pattern than its float64 one is discarded
+(``assume``), as beyond float32. A broken kernel is off by far more than the reference's rounding.
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import gscfast
@@ -20,7 +26,22 @@ DTYPES = [torch.float64, torch.float32]
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+def f32_tol(ref32: torch.Tensor, ref64: torch.Tensor, base: float = 1e-4) -> float:
+    """The float32 tolerance of a case in log space: ``base``, or 4x the log error of the
+    reference backend's own float32 result ``ref32`` against ``ref64`` where that is larger."""
+    r32, r64 = ref32.double(), ref64.double()
+    fin = torch.isfinite(r64)
+    assume(torch.equal(fin, torch.isfinite(r32)))
+    if not fin.any():
+        return base
+    big = fin & (r64.abs() > 1e-6 * r64[fin].abs().max())
+    assume(torch.equal(torch.sign(r32[big]), torch.sign(r64[big])))
+    err = (r32[big].abs().log() - r64[big].abs().log()).abs()
+    return max(base, 4 * float(err.max())) if err.numel() else base
+
+
+def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 tol: float = 1e-4) -> None:
     """Same shape, same NaN/Inf pattern, close values (relative for float64, log for float32)."""
     assert got.shape == ref.shape, what
     assert got.dtype == dtype, what
@@ -38,7 +59,8 @@ def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
         big = r.abs() > 1e-6 * (r.abs().max() if r.numel() else 1)
         assert torch.equal(torch.sign(g[big]), torch.sign(r[big])), what
         err = (g[big].abs().log() - r[big].abs().log()).abs()
-        assert err.max() <= 1e-4 if err.numel() else True, f"{what}: log error {err.max():.3g}"
+        assert err.max() <= tol if err.numel() else True, \
+            f"{what}: log error {err.max():.3g} (tolerance {tol:.3g})"
 
 
 def both(case, dtype):
@@ -74,7 +96,11 @@ def test_gsc_and_analyze(backend, dtype, data, error, bn):
                       backend="reference")
     got = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
                       backend=backend)
-    assert_agree(got, ref, dtype, "gsc")
+    tol = 1e-4
+    if dtype == torch.float32:
+        tol = f32_tol(gscfast.gsc(case.model, case.x, targets(case, error), error=error,
+                                  batchnorm=bn, backend="reference"), ref)
+    assert_agree(got, ref, dtype, "gsc", tol)
     if dtype == torch.float64:  # single float32 datapoints can be ill-conditioned (cancellation)
         per = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
                           backend=backend, reduction="none")
@@ -83,7 +109,7 @@ def test_gsc_and_analyze(backend, dtype, data, error, bn):
         assert_agree(per, per_ref, dtype, "gsc per datapoint")
     a = gscfast.analyze(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
                         backend=backend)
-    assert_agree(a.gsc, got, dtype, "analyze.gsc")
+    assert_agree(a.gsc, got, dtype, "analyze.gsc", tol)
     assert_unchanged(case.model, before)
 
 
@@ -100,9 +126,11 @@ def test_preactivation_stats(backend, dtype, data, bn):
         assert_agree(got.std, ref.std, dtype, "std")
         assert_agree(got.sign_diversity, ref.sign_diversity, dtype, "sign diversity")
     else:  # a float32 pre-activation may sit on the other side of 0; stds agree in log space
-        assert_agree(got.std, ref.std, dtype, "std")
+        r32 = gscfast.preactivation_stats(case.model, case.x, batchnorm=bn, backend="reference")
+        assert_agree(got.std, ref.std, dtype, "std", f32_tol(r32.std, ref.std))
+        flips = (r32.sign_diversity.double() - ref.sign_diversity.double()).nan_to_num().abs()
         assert torch.allclose(got.sign_diversity.double(), ref.sign_diversity.double(),
-                              atol=0.05, equal_nan=True)
+                              atol=max(0.05, 2 * float(flips.max())), equal_nan=True)
     assert_unchanged(case.model, before)
 
 
@@ -116,10 +144,14 @@ def test_gsc_matrix_exact(backend, dtype, data, error, bn):
                              backend="reference")
     got = gscfast.gsc_matrix(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
                              backend=backend)
-    assert_agree(got, ref, dtype, "gsc_matrix")
+    tol = 1e-4
+    if dtype == torch.float32:
+        tol = f32_tol(gscfast.gsc_matrix(case.model, case.x, targets(case, error), error=error,
+                                         batchnorm=bn, backend="reference"), ref)
+    assert_agree(got, ref, dtype, "gsc_matrix", tol)
     g = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
                     backend=backend)
-    assert_agree(got[:, 0], g, dtype, "first column is GSC(l, 0)")
+    assert_agree(got[:, 0], g, dtype, "first column is GSC(l, 0)", tol)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -152,8 +184,12 @@ def test_jacobian(backend, dtype, data):
         assert_agree(got, ref, dtype, "jacobian")
     else:  # signed entries can cancel: float32 error relative to each sample's Jacobian norm
         assert got.dtype == dtype and got.shape == ref.shape
-        err = (got.double() - ref).flatten(-2).norm(dim=-1) / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)
-        assert err.max() <= 1e-4, err.max()
+        def rel(j):
+            return ((j.double() - ref).flatten(-2).norm(dim=-1)
+                    / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)).max()
+        own = rel(gscfast.jacobian(case.model, case.x, backend="reference", **kw))
+        err = rel(got)
+        assert err <= max(1e-4, 4 * float(own)), (err, own)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -163,16 +199,23 @@ def test_jacobian(backend, dtype, data):
 def test_effective_depth(backend, dtype, data, error, bn):
     case, c64 = both(data.draw(cases(dtype=dtype, max_depth=8, max_width=16)), dtype)
     init = copy.deepcopy(case.model)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     with torch.no_grad():  # the "trained" model: the initial one with every parameter moved
         for p in case.model.parameters():
-            p.add_(0.3 * torch.randn_like(p) * p.abs().mean().clamp(min=1e-3))
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                   * p.abs().mean().clamp(min=1e-3))
     init64 = init if dtype == torch.float64 else copy.deepcopy(init).double()
     c64 = c64 if dtype == torch.float64 else to64(case)
     d_ref, p_ref = gscfast.effective_depth(c64.model, init64, c64.x, targets(c64, error),
                                            error=error, batchnorm=bn, backend="reference")
     d_got, p_got = gscfast.effective_depth(case.model, init, case.x, targets(case, error),
                                            error=error, batchnorm=bn, backend=backend)
-    assert_agree(p_got, p_ref, dtype, "contribution profile")
+    tol = 1e-4
+    if dtype == torch.float32:
+        tol = f32_tol(gscfast.effective_depth(case.model, init, case.x, targets(case, error),
+                                              error=error, batchnorm=bn, backend="reference")[1],
+                      p_ref)
+    assert_agree(p_got, p_ref, dtype, "contribution profile", tol)
     if dtype == torch.float64:
         assert d_got == d_ref
 
