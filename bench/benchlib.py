@@ -8,7 +8,6 @@ Sizes: ``GSCFAST_BENCH_SCALE=full`` (default, the issue's sizes) or ``smoke`` (t
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Callable
 

@@ -37,9 +37,9 @@ from ..compiler import Program
 from ..rules import error_grad, error_value
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
-from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import Moments, ProbeFn, Problem, Sweep, iter_chunks
+from .base import (Moments, ProbeFn, Problem, Sweep, Unsupported, check_program, iter_chunks,
+                   split_layer)
 from .torch_engine import TorchBackend
 
 # Activation and norm codes: the same numbers in kernels/common/codes.cuh (a test checks it).
@@ -60,10 +60,6 @@ POISON = os.environ.get("GSCFAST_POISON", "") == "1"
 def empty(shape, like: Tensor) -> Tensor:
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
     return t.fill_(float("nan")) if POISON else t
-
-
-class Unsupported(Exception):
-    """The problem has something the fused kernels do not cover (the torch path takes it)."""
 
 
 @dataclass
@@ -120,30 +116,6 @@ class Saved:
     ds: Tensor | None
     xh: Tensor | None
     inv: Tensor | None
-
-
-def split_layer(layer) -> tuple:
-    """``(linear, norm | None, activation | None)`` of a layer, or ``Unsupported``."""
-    ops = list(layer.ops)
-    if not ops or type(ops[0]) is not LinearRule:
-        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
-    lin, rest = ops[0], ops[1:]
-    norm = act = None
-    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
-        norm, rest = rest[0], rest[1:]
-    if rest and type(rest[0]) in _ACTS:
-        act, rest = rest[0], rest[1:]
-    if rest:
-        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
-    if isinstance(act, GELURule) and act.module.approximate not in ("none", "tanh"):
-        raise Unsupported(f"GELU(approximate={act.module.approximate!r})")
-    return lin, norm, act
-
-
-def check_program(program: Program) -> None:
-    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
-    for layer in program.layers:
-        split_layer(layer)
 
 
 def build_specs(program: Program, like: Tensor, frozen: dict | None) -> list[LayerSpec]:

@@ -21,6 +21,10 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..rules import ForwardCtx
+from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
+                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.linear import LinearRule
+from ..rules.norm import BatchNormRule, LayerNormRule
 
 ProbeFn = Callable[[int], Tensor]
 """``probes(l) -> [R, S, d_l]`` start rows for the chain from layer ``l >= 1`` (sketching)."""
@@ -211,3 +215,39 @@ def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = No
             bs = slice(b0, min(pb.B, b0 + samples))
             yield ds, bs, ForwardCtx(coupled=pb.coupled, frozen_bn=frozen,
                                      samples=bs.stop - bs.start)
+
+
+# ----------------------------------------------------------------------------- fused backends
+
+FUSED_ACTIVATIONS = (ReLURule, LeakyReLURule, TanhRule, SigmoidRule, ELURule, SELURule,
+                     SoftplusRule, GELURule, IdentityRule)
+"""Activation rules the fused kernels (numba, triton, cupy) implement."""
+
+
+class Unsupported(Exception):
+    """The problem has something the fused kernels do not cover (the torch path takes it)."""
+
+
+def split_layer(layer) -> tuple:
+    """``(linear, norm | None, activation | None)`` of a layer of the fused kernels' shape
+    ``Linear -> [LayerNorm | BatchNorm1d] -> [activation]``, or ``Unsupported``."""
+    ops = list(layer.ops)
+    if not ops or type(ops[0]) is not LinearRule:
+        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
+    lin, rest = ops[0], ops[1:]
+    norm = act = None
+    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
+        norm, rest = rest[0], rest[1:]
+    if rest and type(rest[0]) in FUSED_ACTIVATIONS:
+        act, rest = rest[0], rest[1:]
+    if rest:
+        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
+    if isinstance(act, GELURule) and act.module.approximate not in ("none", "tanh"):
+        raise Unsupported(f"GELU(approximate={act.module.approximate!r})")
+    return lin, norm, act
+
+
+def check_program(program: Program) -> None:
+    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
+    for layer in program.layers:
+        split_layer(layer)

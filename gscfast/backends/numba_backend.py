@@ -46,9 +46,8 @@ from ..compiler import Program
 from ..rules import ForwardCtx
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
-from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import Moments, ProbeFn, Problem, Sweep
+from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, check_program, split_layer
 from .torch_engine import TorchBackend
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
@@ -141,10 +140,6 @@ def release_workspace() -> None:
 
 # ----------------------------------------------------------------------------- the compiled net
 
-class Unsupported(Exception):
-    """The problem has something the fused kernels do not cover (the torch path takes it)."""
-
-
 @dataclass
 class Net:
     """A program flattened for the kernels (see ``_numba_kernels`` module docstring)."""
@@ -164,28 +159,6 @@ class Net:
 _ACTS = {ReLURule: "A_RELU", LeakyReLURule: "A_LEAKY", TanhRule: "A_TANH", SigmoidRule: "A_SIGMOID",
          ELURule: "A_ELU", SELURule: "A_SELU", SoftplusRule: "A_SOFTPLUS", GELURule: "A_GELU",
          IdentityRule: "A_IDENTITY"}
-
-
-def _split(layer) -> tuple:
-    """``(linear, norm | None, activation | None)`` of a layer, or ``Unsupported``."""
-    ops = list(layer.ops)
-    if not ops or type(ops[0]) is not LinearRule:
-        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
-    lin, rest = ops[0], ops[1:]
-    norm = act = None
-    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
-        norm, rest = rest[0], rest[1:]
-    if rest and type(rest[0]) in _ACTS:
-        act, rest = rest[0], rest[1:]
-    if rest:
-        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
-    return lin, norm, act
-
-
-def check_program(program: Program) -> None:
-    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
-    for layer in program.layers:
-        _split(layer)
 
 
 def _np(t: Tensor, dtype) -> np.ndarray:
@@ -214,7 +187,7 @@ def build_net(program: Program, dtype, n_in: int, frozen: dict | None, coupled: 
 
     d = n_in
     for i, layer in enumerate(program.layers):
-        lin, norm, act = _split(layer)
+        lin, norm, act = split_layer(layer)
         W = lin.weight
         dout, din = W.shape
         if din != d:

@@ -43,7 +43,6 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import sys
 import time

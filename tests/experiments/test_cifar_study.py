@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import gscfast
 from gscfast.__main__ import main

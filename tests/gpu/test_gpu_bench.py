@@ -3,7 +3,6 @@ the random-model checks through each backend's CPU test mode, the workload runne
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
