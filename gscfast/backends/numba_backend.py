@@ -51,7 +51,7 @@ from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, check_program, 
 from .torch_engine import TorchBackend
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
-"""Target GEMM rows per tile (samples x stacked rows); measured best on a 2-core AVX-512 CPU."""
+"""Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
