@@ -38,7 +38,7 @@ from ..rules import error_grad, error_value
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import (Moments, ProbeFn, Problem, Sweep, Unsupported, check_program, iter_chunks,
+from .base import (Moments, ProbeFn, Problem, Sweep, Unsupported, iter_chunks, programs_fused,
                    split_layer)
 from .torch_engine import TorchBackend
 
@@ -228,13 +228,7 @@ class FusedEngine(TorchBackend):
         """Whether ``pb`` runs on the fused kernels (else the torch engine's path)."""
         if pb.coupled or pb.x.dtype not in DTYPES or not self._device_ok(pb.x.device):
             return False
-        try:
-            check_program(pb.program)
-            if init is not None:
-                check_program(init)
-        except Unsupported:
-            return False
-        return True
+        return programs_fused(pb.program, init)
 
     def _fused_bytes(self, pb: Problem, rows: int, init: bool = False) -> int:
         """Working set per sample: saved state of every layer (twice with ``init``), the output

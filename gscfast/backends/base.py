@@ -251,3 +251,14 @@ def check_program(program: Program) -> None:
     """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
     for layer in program.layers:
         split_layer(layer)
+
+
+def programs_fused(*programs: Program | None) -> bool:
+    """Whether every layer of every given program (None is skipped) has a fused kernel."""
+    try:
+        for program in programs:
+            if program is not None:
+                check_program(program)
+    except Unsupported:
+        return False
+    return True

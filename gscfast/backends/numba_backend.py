@@ -47,7 +47,7 @@ from ..rules import ForwardCtx
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, check_program, split_layer
+from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, programs_fused, split_layer
 from .torch_engine import TorchBackend
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
@@ -200,15 +200,10 @@ def build_net(program: Program, dtype, n_in: int, frozen: dict | None, coupled: 
         if lin.bias is not None:
             m[k.M_B] = vec(lin.bias)
         m[k.M_NORM] = k.N_NONE
-        if isinstance(norm, LayerNormRule):
-            m[k.M_NORM] = k.N_LAYER
-            fmeta[i, k.F_EPS] = norm.eps
-            if norm.weight is not None:
-                m[k.M_G] = vec(norm.weight)
-            if norm.bias is not None:
-                m[k.M_BETA] = vec(norm.bias)
-        elif isinstance(norm, BatchNormRule) and norm.uses_batch_stats and coupled:
-            m[k.M_NORM] = k.N_BATCH
+        batch_stats = isinstance(norm, BatchNormRule) and norm.uses_batch_stats and coupled
+        if isinstance(norm, LayerNormRule) or batch_stats:
+            # both standardize (over features / over the batch) with eps, gamma and beta
+            m[k.M_NORM] = k.N_BATCH if batch_stats else k.N_LAYER
             fmeta[i, k.F_EPS] = norm.eps
             if norm.weight is not None:
                 m[k.M_G] = vec(norm.weight)
@@ -308,13 +303,7 @@ class NumbaBackend(TorchBackend):
             return False
         if pb.coupled and method != "sweep":
             return False
-        try:
-            check_program(pb.program)
-            if init is not None:
-                check_program(init)
-        except Unsupported:
-            return False
-        return True
+        return programs_fused(pb.program, init)
 
     def _nets(self, pb: Problem, init: Program | None = None):
         """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
