@@ -43,7 +43,6 @@ import csv
 import io
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outputs import machine, mean_or_none as _mean, num as _num, pyplot, resolve_device as _device
+from .outputs import json_safe as _json_safe, save_figure, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "PAPER_LRS", "make_config", "make_search_study", "make_final_study",
@@ -138,10 +139,6 @@ class PlateauSchedule:
         self.best, self.bad = float(s["best"]), int(s["bad"])
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -417,18 +414,8 @@ def make_final_study(config: dict[str, Any], chosen: dict[str, float | None], ou
 
 
 # ----------------------------------------------------------------------------- outputs
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
-def _num(v: Any) -> str:
-    return "" if v is None else repr(v)
 
 
 def aggregate(config: dict, search: dict[str, dict], final: dict[str, dict],
@@ -513,11 +500,7 @@ def search_csv(results: dict) -> str:
 def plot(results: dict, paths: list[Path]) -> None:
     """Figure 3: (A) training error, (B) GSC(L, 0), (C) effective depth, (D) operator norms of
     W_t - W_0 at the end, (E) Taylor curve; one line per architecture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 5, figsize=(24, 4.6))
     colors = plt.get_cmap("tab10").colors
     for i, (a, r) in enumerate(results["archs"].items()):
@@ -556,20 +539,13 @@ def plot(results: dict, paths: list[Path]) -> None:
     h, lab = axes[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=max(1, len(lab)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    for path in paths:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=path.suffix[1:], dpi=130)
-        atomic_write(path, buf.getvalue())
-    plt.close(fig)
+    save_figure(fig, paths, dpi=130)
 
 
 def _f(v: Any, d: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}g}"
 
 
-def _mean(vals: list) -> float | None:
-    v = [t for t in vals if t is not None]
-    return float(np.mean(v)) if v else None
 
 
 def summary_md(results: dict, info: dict) -> str:
@@ -659,11 +635,9 @@ def write_outputs(out: str | Path, config: dict, search, final, chosen: dict) ->
     out = Path(out)
     results = aggregate(config, search.records, final.records, chosen)
     info = {"version": __version__, "engine": final.engine, "threads": final.threads,
-            "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-                       f"torch {torch.__version__}"}
+            "machine": machine()}
     paths = {f: out / f for f in OUTPUTS}
-    atomic_write(paths["results.json"], json.dumps(_json_safe({**results, "gscfast_version": __version__}),
-                                                   indent=1) + "\n")
+    write_json(paths["results.json"], {**results, "gscfast_version": __version__})
     atomic_write(paths["epochs.csv"], epochs_csv(results))
     atomic_write(paths["layers.csv"], layers_csv(results))
     atomic_write(paths["taylor.csv"], taylor_csv(results))

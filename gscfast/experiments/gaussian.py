@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
+from .outputs import fmt as _fmt, machine, num as _num, pyplot, resolve_device as _device
+from .outputs import resolve_dtype as _dtype, run_command, save_figure, sci as _sci, write_json
+from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
            "make_config", "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
@@ -114,14 +115,8 @@ def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype 
     return mlp(depth, width, **parse_arch(name), seed=int(seed), dtype=dtype)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
 def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -242,15 +237,6 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
 
 
 # ----------------------------------------------------------------------------- outputs
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def layers_csv(results: dict[str, Any]) -> str:
@@ -269,9 +255,6 @@ def layers_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _num(v: float) -> str:
-    """Exact (round-trip) text of ``v``; empty for NaN."""
-    return "" if math.isnan(v) else repr(float(v))
 
 
 _STYLE = {None: "-", "layer": "--", "batch": ":"}
@@ -280,11 +263,7 @@ _STYLE = {None: "-", "layer": "--", "batch": ":"}
 def plot(results: dict[str, Any], paths: list[Path]) -> None:
     """Figure 1: GSC(l, 0) (log scale), pre-activation std and sign diversity against
     compositional depth; one line per architecture (mean over datasets), 10-90% band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cfg = results["config"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.get_cmap("tab10" if len(results["archs"]) <= 10 else "tab20").colors
@@ -313,23 +292,11 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
     rows = math.ceil(len(labels) / 4)
     fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
-    for path in paths:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=path.suffix[1:], dpi=150)
-        atomic_write(path, buf.getvalue())
-    plt.close(fig)
+    save_figure(fig, paths)
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{v:.{digits}f}"
 
 
-def _sci(v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{v:.3g}"
 
 
 def sgemm_rate(width: int, rows: int, device: torch.device, seconds: float = 0.3) -> float:
@@ -469,15 +436,14 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     run_info = {
         "version": __version__, "engine": result.engine, "threads": torch_threads,
         "timings": _timings(config, result.records, result),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-                   f"torch {torch.__version__}",
+        "machine": machine(),
     }
     paths = {k: out / f for k, f in (("png", "figure1.png"), ("pdf", "figure1.pdf"),
                                       ("json", "results.json"), ("csv", "layers.csv"),
                                       ("summary", "summary.md"))}
     full = {**results, "gscfast_version": __version__, "timings": run_info["timings"],
             "seconds": {k: r["seconds"] for k, r in result.records.items()}}
-    atomic_write(paths["json"], json.dumps(_json_safe(full), indent=1) + "\n")
+    write_json(paths["json"], full)
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
     atomic_write(paths["summary"], summary_md(results, run_info))
@@ -511,27 +477,15 @@ def main(args: argparse.Namespace) -> int:
                              backend=args.backend, device=args.device, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    study = make_study(config)
-    try:
-        result = run(study, args.out, resume=args.resume, engine=args.engine, address=args.address,
-                     num_cpus=args.num_cpus, threads=args.threads, quiet=args.quiet,
-                     max_jobs=args.max_jobs)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished jobs are saved in {args.out}; continue with "
-              f"the same command and --resume")
-        return 130
-    if not result.complete:
-        print(f"stopped after {result.computed} new jobs ({len(result.records)} of {len(study.jobs)} "
-              f"done); continue with the same command and --resume")
-        return 0
-    paths = write_outputs(args.out, config, result)
-    results = json.loads(paths["json"].read_text())
-    if not args.quiet:
-        print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)")
-        for arch, a in results["archs"].items():
-            r = a["rate"]
-            ci = r["ci95"]
-            print(f"{arch:<22} {_fmt(r['mean']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
-                  f"{_fmt(a['predicted_rate'])}")
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    def write(result) -> dict[str, Path]:
+        paths = write_outputs(args.out, config, result)
+        if not args.quiet:
+            results = json.loads(paths["json"].read_text())
+            print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)")
+            for arch, a in results["archs"].items():
+                r, ci = a["rate"], a["rate"]["ci95"]
+                print(f"{arch:<22} {_fmt(r['mean']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
+                      f"{_fmt(a['predicted_rate'])}")
+        return paths
+
+    return run_command(make_study(config), args, write)

@@ -1,0 +1,127 @@
+"""What every study shares around the runner: devices, strict JSON, CSV numbers, figures written
+atomically, the machine line of a summary, and the tail of a study's command (run, report an
+interrupted or partial run, write the outputs)."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .runner import RunResult, Study, atomic_write, run
+
+__all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
+           "pyplot", "save_figure", "machine", "run_command", "mean_or_none"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else as ``torch.device`` reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"float32"`` / ``"float64"`` -> the torch dtype."""
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be float32 or float64, got {name!r}")
+    return dtypes[name]
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as strict, indented JSON, written atomically."""
+    atomic_write(path, json.dumps(json_safe(obj), indent=1) + "\n")
+
+
+def num(v: float | None) -> str:
+    """Exact (round-trip) text of a number for CSV; empty for None and NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return repr(float(v)) if isinstance(v, float) else repr(v)
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """Fixed-point text for tables; ``n/a`` for None and non-finite values."""
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def sci(v: float | None, digits: int = 3) -> str:
+    """Significant-digit text for tables; ``n/a`` for None and non-finite values."""
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}g}"
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    v = [t for t in values if t is not None]
+    return sum(v) / len(v) if v else None
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (studies only write files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, paths: Iterable[Path], dpi: int = 150) -> None:
+    """Write ``fig`` to each path (format from the suffix: .png, .pdf) atomically, then close it."""
+    plt = pyplot()
+    try:
+        for path in paths:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=Path(path).suffix[1:], dpi=dpi)
+            atomic_write(path, buf.getvalue())
+    finally:
+        plt.close(fig)
+
+
+def machine() -> str:
+    """One line naming the machine, for summaries."""
+    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"torch {torch.__version__}")
+
+
+def run_command(study: Study, args: argparse.Namespace,
+                write: Callable[[RunResult], dict[str, Path]], out: str | Path | None = None) -> int:
+    """Run ``study`` with the shared runner options of ``args`` (``add_runner_arguments``) into
+    ``out`` (default ``args.out``); on a complete run call ``write(result)`` and list the files it
+    wrote. Returns the command's exit status (130 when interrupted: finished jobs are kept)."""
+    out = Path(args.out if out is None else out)
+    try:
+        result = run(study, out, resume=args.resume, engine=args.engine, address=args.address,
+                     num_cpus=args.num_cpus, threads=args.threads, quiet=args.quiet,
+                     max_jobs=args.max_jobs)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished jobs are saved in {out}; continue with the same command "
+              "and --resume")
+        return 130
+    if not result.complete:
+        print(f"stopped after {result.computed} new jobs ({len(result.records)} of "
+              f"{len(study.jobs)} done); continue with the same command and --resume")
+        return 0
+    paths = write(result)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
