@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .outputs import fmt as _fmt, machine, num as _num, pyplot, resolve_device as _device
-from .outputs import resolve_dtype as _dtype, run_command, save_figure, sci as _sci, write_json
+from .outputs import resolve_dtype as _dtype, run_command, save_figure, sci as _sci, t_interval, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
@@ -181,21 +181,6 @@ QUANTITIES = ("gsc", "preact_std", "sign_diversity")
 STATS = ("mean", "median", "q10", "q90")
 
 
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
-    """``(mean, low, high, sample std)``: Student-t confidence interval for the mean of the finite
-    values (NaN bounds with fewer than two)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return (math.nan,) * 4
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sd / math.sqrt(len(v))
-    return mean, mean - half, mean + half, sd
 
 
 def _layer_stats(a: np.ndarray) -> dict[str, list[float]]:

@@ -11,12 +11,13 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
 from .runner import RunResult, Study, atomic_write, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
-           "pyplot", "save_figure", "machine", "run_command", "mean_or_none"]
+           "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +75,22 @@ def sci(v: float | None, digits: int = 3) -> str:
 def mean_or_none(values: Iterable[float | None]) -> float | None:
     v = [t for t in values if t is not None]
     return sum(v) / len(v) if v else None
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
+    """``(mean, low, high, sample std)``: Student-t confidence interval for the mean of the finite
+    values (NaN bounds with fewer than two)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return (math.nan,) * 4
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sd / math.sqrt(len(v))
+    return mean, mean - half, mean + half, sd
 
 
 def pyplot():

@@ -15,7 +15,7 @@ import torch
 
 import gscfast
 from gscfast.__main__ import main
-from gscfast.experiments import gaussian
+from gscfast.experiments import gaussian, outputs
 from gscfast.experiments.runner import job_seed, thread_limit
 
 ARCHS = ["batch-tanh", "ReLU"]
@@ -238,10 +238,10 @@ def test_architecture_names():
 
 
 def test_t_interval():
-    mean, low, high, sd = gaussian.t_interval([1.0, 2.0, 3.0, float("nan")])
+    mean, low, high, sd = outputs.t_interval([1.0, 2.0, 3.0, float("nan")])
     half = 4.302652729749462 / math.sqrt(3)
     assert (mean, sd) == (2.0, 1.0) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
-    assert math.isnan(gaussian.t_interval([1.0])[1])
+    assert math.isnan(outputs.t_interval([1.0])[1])
 
 
 def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
