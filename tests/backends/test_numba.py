@@ -25,7 +25,17 @@ from gscfast.backends.base import Problem
 from gscfast.validation import make_problem
 
 pytest.importorskip("numba")
+from gscfast.backends import numba_backend  # noqa: E402
 from gscfast.backends.numba_backend import NumbaBackend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poisoned_workspaces(monkeypatch):
+    """Every workspace and output starts as NaN, so a kernel that reads memory it never wrote
+    fails every time instead of by chance (stale values from an earlier call)."""
+    monkeypatch.setattr(numba_backend, "POISON", True)
+    numba_backend.release_workspace()
+
 
 DTYPES = [torch.float64, torch.float32]
 ACTS = ["relu", "leaky_relu", "leaky_neg", "tanh", "sigmoid", "elu", "selu", "softplus", "gelu",
