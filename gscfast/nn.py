@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Residual", "mlp", "ACTIVATIONS"]
+__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS"]
 
 
 class Residual(nn.Module):
@@ -27,6 +27,20 @@ class Residual(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}"
+
+
+class CReLU(nn.Module):
+    """Concatenated ReLU: ``[relu(x), relu(-x)]`` along the last dimension (twice the width).
+
+    With mirrored weights ``W = [W0, -W0]`` in the next ``nn.Linear`` the pair computes exactly
+    ``W0 x`` (``relu(h) - relu(-h) = h``): the "looks-linear" initialization of Balduzzi et al.
+    (2017), under which a deep rectifier network is affine at initialization. gscfast's compiler
+    does not support this module (it changes the width inside an activation), so Jacobians through
+    it are taken with autograd.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=-1)
 
 
 # Name -> constructor for the activations `mlp` accepts (all are supported by the compiler).

@@ -1,0 +1,692 @@
+"""Shattered gradients at initialization (Balduzzi et al. 2017, "The shattered gradients problem:
+if resnets are the answer, then what is the question?").
+
+Networks with a scalar input and output, evaluated on a grid of 256 points in [-2, 2]: for each
+network and each of 100 random initializations, the gradient d out / d x at every grid point;
+its autocorrelation along the grid (per initialization, mean removed, 1 at lag 0, then averaged)
+and the correlation matrix R(i, j) of the gradients at grid points i, j over the initializations
+(definitions.md, "Shattered gradients"). Measured correlations are reported beside the paper's
+predictions, 1/2^L for feedforward ReLU nets of depth L and 1/sqrt(L) for resnets of L blocks.
+
+Networks (width 200, He initialization: weight variance 2/fan_in; random biases N(0, bias_std^2),
+default 0.3, because a bias-free scalar ReLU net is positively homogeneous and its gradient is
+constant on each side of 0):
+
+  ReLU-L        L x (Linear -> ReLU), Linear(200, 1)
+  batch-ReLU-L  L x (Linear -> BatchNorm1d -> ReLU), Linear(200, 1)
+  resnet-L      Linear(1, 200), (L-2)/2 blocks x + body(x) with body Linear -> BN -> ReLU ->
+                Linear -> BN -> ReLU, Linear(200, 1): L linear layers
+  ll-ReLU-L     looks-linear: L x (Linear -> CReLU), mirrored weights [W0, -W0], so the net is
+                exactly affine at initialization (--looks-linear adds one)
+
+Gradients come from gscfast.jacobian(model, x, batchnorm="frozen") (the grid's batch-norm
+statistics held constant: the derivative of the function the network computes on this grid);
+networks gscfast cannot compile (CReLU) use torch.func.vmap(jacrev) on the same frozen function.
+One job is one (network, chunk of initializations); ``gscfast.experiments.runner`` runs and stores
+them. The full default run (6 networks x 100 initializations, float64) took about 4 minutes on
+this project's shared 2-core CPU (4.6 minutes with --looks-linear); building the float64 networks
+costs about as much as their gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..nn import CReLU, Residual, _init_weight, mlp
+from .outputs import fmt, machine, num, pyplot, resolve_device, resolve_dtype, run_command
+from .outputs import save_figure, sci, write_json
+from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
+
+__all__ = ["KINDS", "DEFAULT_ARCHS", "parse_arch", "expand_archs", "predicted_correlation",
+           "make_model", "freeze_batchnorm", "gradient_method", "input_gradients", "grid",
+           "autocorrelation", "correlation_matrix", "make_config", "make_study", "run_job",
+           "check_result", "aggregate", "write_outputs", "summary_md", "table", "add_arguments",
+           "main"]
+
+NAME = "shattered"
+HELP = "shattered gradients (Balduzzi et al. 2017): gradient autocorrelation and R(i, j) at init"
+
+KINDS = ("ReLU", "batch-ReLU", "resnet", "ll-ReLU")
+# The paper's feedforward depths 1, 24, 50 and its 50-layer resnet, plus the batch-norm
+# feedforward nets that the paper's networks are compared with "despite batch normalization".
+DEFAULT_ARCHS = ["ReLU-1", "ReLU-24", "ReLU-50", "batch-ReLU-24", "batch-ReLU-50", "resnet-50"]
+BIAS_STD = 0.3
+_ARCH = re.compile(r"(ReLU|batch-ReLU|resnet|ll-ReLU)-([0-9]+)")
+_KIND_TEXT = {
+    "ReLU": "feedforward: L x (Linear -> ReLU), then Linear(width, 1)",
+    "batch-ReLU": "feedforward: L x (Linear -> BatchNorm1d -> ReLU), then Linear(width, 1)",
+    "resnet": "Linear(1, width), (L-2)/2 blocks x + [Linear -> BN -> ReLU -> Linear -> BN -> ReLU](x), "
+              "Linear(width, 1)",
+    "ll-ReLU": "looks-linear: L x (Linear -> CReLU) with mirrored weights [W0, -W0], then Linear(2 width, 1)",
+}
+
+
+# ----------------------------------------------------------------------------- architectures
+def parse_arch(name: str) -> dict[str, Any]:
+    """``"ReLU-24"`` -> ``{"kind": "ReLU", "depth": 24, "theory_L": 24}``. ``depth`` counts the
+    hidden layers (feedforward, looks-linear) or all linear layers (``resnet-L``: a stem, (L-2)/2
+    two-layer blocks and a head, so L is even and at least 4); ``theory_L`` is the L of the
+    paper's prediction (hidden layers; residual blocks for resnets)."""
+    m = _ARCH.fullmatch(name)
+    if m is None:
+        raise ValueError(f"unknown architecture {name!r}: use ReLU-L, batch-ReLU-L, resnet-L or "
+                         f"ll-ReLU-L with a depth L (e.g. ReLU-24, resnet-50)")
+    kind, depth = m.group(1), int(m.group(2))
+    if kind == "resnet":
+        if depth < 4 or depth % 2:
+            raise ValueError(f"{name}: a resnet-L has a stem, (L-2)/2 two-layer blocks and a head, "
+                             f"so L must be even and at least 4")
+        return {"kind": kind, "depth": depth, "theory_L": (depth - 2) // 2}
+    if depth < 1:
+        raise ValueError(f"{name}: the depth must be at least 1")
+    return {"kind": kind, "depth": depth, "theory_L": depth}
+
+
+def expand_archs(names: list[str] | None, looks_linear: bool = False) -> list[str]:
+    """Architecture names, checked, without repeats (default ``DEFAULT_ARCHS``); ``looks_linear``
+    adds ``ll-ReLU-L`` for the deepest network given."""
+    out: list[str] = []
+    for name in names or DEFAULT_ARCHS:
+        parse_arch(name)
+        if name not in out:
+            out.append(name)
+    if looks_linear:
+        ll = f"ll-ReLU-{max(parse_arch(a)['depth'] for a in out)}"
+        if ll not in out:
+            out.append(ll)
+    return out
+
+
+def predicted_correlation(name: str) -> float:
+    """The paper's correlation between gradients at two distinct inputs: 1/2^L for feedforward
+    ReLU nets (with or without batch norm) of depth L, 1/sqrt(L) for resnets of L blocks, and 1 for
+    the looks-linear net (linear at initialization, so its gradient is the same everywhere)."""
+    a = parse_arch(name)
+    if a["kind"] == "resnet":
+        return 1.0 / math.sqrt(a["theory_L"])
+    if a["kind"] == "ll-ReLU":
+        return 1.0
+    return 0.5 ** a["theory_L"]
+
+
+# ----------------------------------------------------------------------------- networks
+def _linear(n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out, dtype=dtype)
+    _init_weight(lin.weight, var, "gaussian", gen)
+    return lin
+
+
+def _mirrored(n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype) -> nn.Linear:
+    """``Linear(2 n_in, n_out)`` with weight ``[W0, -W0]``: after a CReLU it computes ``W0 h``."""
+    half = _linear(n_in, n_out, var, gen, dtype)
+    lin = nn.Linear(2 * n_in, n_out, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.cat([half.weight, -half.weight], dim=1))
+    return lin
+
+
+def _random_biases(model: nn.Module, std: float, gen: torch.Generator) -> None:
+    """Every Linear bias (in module order) i.i.d. N(0, std^2), drawn in float64 so that the
+    network does not depend on the dtype."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=torch.float64) * std)
+
+
+def make_model(name: str, width: int, seed: int, *, bias_std: float = BIAS_STD,
+               dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """The network ``name`` (see the module docstring) with scalar input and output, seeded
+    (private generators; the global RNG is untouched), in train mode.
+
+    Weights: He (variance 2/fan_in) in every ReLU layer, 1/fan_in in the output layer
+    (``gscfast.mlp``'s default; it only scales the gradients); the looks-linear net uses
+    variance 1/width for its mirrored halves W0 (its effective linear maps) and 1 for its first
+    layer. Biases: N(0, bias_std^2) everywhere (in front of a batch norm they cancel).
+    """
+    a = parse_arch(name)
+    kind, L = a["kind"], a["depth"]
+    gen = torch.Generator().manual_seed(job_seed(seed, "ends"))
+    if kind in ("ReLU", "batch-ReLU"):
+        model = mlp(L, width, act="relu", norm="batch" if kind == "batch-ReLU" else None,
+                    in_features=1, out_features=1, bias=True, seed=int(seed), dtype=dtype)
+    elif kind == "resnet":
+        # Each block's body is gscfast.mlp's two-layer batch-ReLU stack.
+        blocks = [Residual(mlp(2, width, act="relu", norm="batch", bias=True,
+                               seed=job_seed(seed, "block", k), dtype=dtype))
+                  for k in range(a["theory_L"])]
+        model = nn.Sequential(_linear(1, width, 2.0, gen, dtype), *blocks,
+                              _linear(width, 1, 1.0 / width, gen, dtype))
+    else:
+        layers: list[nn.Module] = [_linear(1, width, 1.0, gen, dtype)]
+        for _ in range(L - 1):
+            layers += [CReLU(), _mirrored(width, width, 1.0 / width, gen, dtype)]
+        model = nn.Sequential(*layers, CReLU(), _mirrored(width, 1, 1.0 / width, gen, dtype))
+    _random_biases(model, bias_std, torch.Generator().manual_seed(job_seed(seed, "biases")))
+    return model.train()
+
+
+# ----------------------------------------------------------------------------- gradients
+def freeze_batchnorm(model: nn.Module, x: Tensor) -> nn.Module:
+    """A copy of ``model`` whose batch norms that use batch statistics are switched to eval mode
+    with the statistics of the batch ``x`` (mean, biased variance) as running statistics: the
+    function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
+    Its outputs on ``x`` equal ``model``'s; ``model`` is not modified."""
+    frozen = copy.deepcopy(model)
+    bns = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and (m.training or m.running_mean is None)]
+    if not bns:
+        return frozen
+    stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def record(mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        h = inputs[0]
+        stats[mod] = (h.mean(0), h.var(0, correction=0))
+
+    hooks = [m.register_forward_pre_hook(record) for m in bns]
+    try:
+        with torch.no_grad():
+            frozen(x)  # train mode: each batch norm sees exactly its input in the frozen model
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in bns:
+        mean, var = stats[m]
+        m.register_buffer("running_mean", mean.clone())
+        m.register_buffer("running_var", var.clone())
+        m.track_running_stats = True
+        m.eval()
+    return frozen
+
+
+def gradient_method(model: nn.Module) -> str:
+    """``"gscfast"`` when gscfast compiles ``model``, else ``"torch.func"``."""
+    from ..compiler import compile_model
+
+    try:
+        compile_model(model)
+    except TypeError:  # an unsupported module (CReLU)
+        return "torch.func"
+    return "gscfast"
+
+
+def input_gradients(model: nn.Module, x: Tensor, *, method: str = "auto") -> Tensor:
+    """``d out / d x`` at every point of ``x [P, 1]`` for a model with scalar input and output:
+    ``[P]``. Batch norms with batch statistics use those of ``x``, held constant (the derivative
+    at each point of the function the network computes on this grid).
+
+    ``method``: ``"gscfast"`` (``gscfast.jacobian(model, x, batchnorm="frozen")``),
+    ``"torch.func"`` (``vmap(jacrev)`` of ``freeze_batchnorm(model, x)``, for any model), or
+    ``"auto"``: gscfast when it compiles the model.
+    """
+    if x.dim() != 2 or x.shape[1] != 1:
+        raise ValueError(f"x must be [P, 1] (scalar inputs), got {tuple(x.shape)}")
+    if method == "auto":
+        method = gradient_method(model)
+    if method == "gscfast":
+        from ..api import jacobian
+
+        J = jacobian(model, x, batchnorm="frozen")
+    elif method == "torch.func":
+        frozen = freeze_batchnorm(model, x)
+        # One sample at a time as a batch of one (BatchNorm1d wants [N, C]).
+        J = torch.func.vmap(torch.func.jacrev(lambda t: frozen(t[None])[0]))(x)
+    else:
+        raise ValueError(f"method must be auto, gscfast or torch.func, got {method!r}")
+    if J.shape[1:] != (1, 1):
+        raise ValueError(f"the model must map [P, 1] to [P, 1]; its Jacobian is {tuple(J.shape)}")
+    return J[:, 0, 0].detach()
+
+
+def grid(points: int, low: float, high: float) -> Tensor:
+    """The inputs: ``points`` equally spaced values in ``[low, high]``, ``[points, 1]`` float64."""
+    return torch.linspace(low, high, points, dtype=torch.float64)[:, None]
+
+
+# ----------------------------------------------------------------------------- statistics
+def autocorrelation(g: np.ndarray) -> np.ndarray:
+    """Autocorrelation of each row of ``g [E, P]`` along the grid, lags ``0..P-1``:
+    ``a(k) = sum_i d_i d_{i+k} / sum_i d_i^2`` with ``d = g - mean(g)`` (the usual biased
+    estimator: 1 at lag 0). A row that is constant along the grid gives NaN."""
+    g = np.atleast_2d(np.asarray(g, dtype=np.float64))
+    d = g - g.mean(axis=1, keepdims=True)
+    P = g.shape[1]
+    # Full correlation by FFT, zero-padded to avoid wrap-around.
+    f = np.fft.rfft(d, n=2 * P, axis=1)
+    c = np.fft.irfft(f * np.conj(f), n=2 * P, axis=1)[:, :P]
+    c0 = (d * d).sum(axis=1)  # exact lag 0 (not the FFT's rounding)
+    with np.errstate(all="ignore"):
+        out = c / c0[:, None]
+    out[:, 0] = 1.0
+    out[~_varies(g)] = np.nan
+    return out
+
+
+def _varies(g: np.ndarray) -> np.ndarray:
+    """Rows of ``g`` that are not constant along the grid up to rounding (the looks-linear
+    net's gradients are constant: their spread is at the level of float rounding)."""
+    scale = np.abs(g).max(axis=1)
+    return (g.max(axis=1) - g.min(axis=1)) > 1e3 * np.finfo(np.float32).eps * scale
+
+
+def correlation_matrix(g: np.ndarray) -> np.ndarray:
+    """``R [P, P]``: the Pearson correlation over initializations (rows of ``g [E, P]``) of the
+    gradients at grid points ``i`` and ``j``."""
+    d = g - g.mean(axis=0)
+    cov = d.T @ d
+    s = np.sqrt(np.diag(cov))
+    with np.errstate(all="ignore"):
+        return cov / np.outer(s, s)
+
+
+def _mean_off_diagonal(R: np.ndarray) -> float:
+    P = R.shape[0]
+    return float((np.nansum(R) - np.nansum(np.diag(R))) / (P * P - P))
+
+
+def _jackknife_se(g: np.ndarray) -> float:
+    """Jackknife standard error (over initializations) of the mean off-diagonal R(i, j)."""
+    E = g.shape[0]
+    if E < 3:
+        return math.nan
+    loo = np.array([_mean_off_diagonal(correlation_matrix(np.delete(g, k, axis=0))) for k in range(E)])
+    return float(math.sqrt((E - 1) / E * ((loo - loo.mean()) ** 2).sum()))
+
+
+def _first_below(a: np.ndarray, level: float) -> int | None:
+    idx = np.flatnonzero(a < level)
+    return int(idx[0]) if len(idx) else None
+
+
+# ----------------------------------------------------------------------------- one job
+def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One (network, chunk of initializations) job: each seeded network's gradients on the grid."""
+    device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
+    x = grid(config["points"], config["low"], config["high"]).to(device=device, dtype=dtype)
+    grads, method = [], None
+    for seed in spec["net_seeds"]:
+        model = make_model(spec["arch"], config["width"], seed, bias_std=config["bias_std"],
+                           dtype=dtype).to(device)
+        method = method or gradient_method(model)
+        grads.append(input_gradients(model, x, method=method).double().cpu().tolist())
+    return {"gradients": grads, "method": method, "device": str(device)}
+
+
+def check_result(config: dict, spec: dict, result: dict) -> None:
+    """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
+    g = result.get("gradients")
+    n, P = len(spec["net_seeds"]), config["points"]
+    if not isinstance(g, list) or len(g) != n:
+        raise ValueError(f"'gradients' is not a list of {n} gradients")
+    for row in g:
+        if (not isinstance(row, list) or len(row) != P
+                or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in row)):
+            raise ValueError(f"a gradient is not a list of {P} finite numbers")
+    if result.get("method") not in ("gscfast", "torch.func"):
+        raise ValueError("'method' is not gscfast or torch.func")
+
+
+# ----------------------------------------------------------------------------- the study
+def make_config(*, archs: list[str] | None = None, looks_linear: bool = False, ensemble: int = 100,
+                chunk: int = 10, points: int = 256, low: float = -2.0, high: float = 2.0,
+                width: int = 200, bias_std: float = BIAS_STD, seed: int = 0, device: str = "auto",
+                dtype: str = "float64") -> dict[str, Any]:
+    """The study's configuration (the paper's scale by default), checked."""
+    archs = expand_archs(archs, looks_linear)
+    for k, v, least in (("ensemble", ensemble, 2), ("chunk", chunk, 1), ("points", points, 4),
+                        ("width", width, 1)):
+        if not isinstance(v, int) or v < least:
+            raise ValueError(f"{k} must be an integer >= {least}, got {v!r}"
+                             + (" (correlations are taken over the ensemble)" if k == "ensemble" else ""))
+    low, high, bias_std = float(low), float(high), float(bias_std)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"need finite low < high, got low={low}, high={high}")
+    if not (math.isfinite(bias_std) and bias_std >= 0):
+        raise ValueError(f"bias_std must be finite and >= 0, got {bias_std}")
+    resolve_dtype(dtype)
+    return {"archs": archs, "ensemble": ensemble, "chunk": chunk, "points": points, "low": low,
+            "high": high, "width": width, "bias_std": bias_std, "seed": int(seed),
+            "device": device, "dtype": dtype}
+
+
+def make_study(config: dict[str, Any]) -> Study:
+    """Jobs ``<arch>.<first member>``, architecture-major, ``chunk`` initializations each.
+    Member ``m`` of network ``arch`` has seed ``job_seed(seed, "net", arch, m)``, so the numbers
+    do not depend on the chunk size, job order, engine or resume."""
+    jobs = []
+    for arch in config["archs"]:
+        for first in range(0, config["ensemble"], config["chunk"]):
+            members = range(first, min(first + config["chunk"], config["ensemble"]))
+            jobs.append(Job(f"{arch}.{first:05d}", {
+                "arch": arch, "first": first,
+                "net_seeds": [job_seed(config["seed"], "net", arch, m) for m in members]}))
+    return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _gradients(config: dict, records: dict, arch: str) -> tuple[np.ndarray, list[int], str]:
+    """``([E, P] gradients in member order, net seeds, method)`` of ``arch`` from the records."""
+    recs = sorted((r for r in records.values() if r["spec"]["arch"] == arch),
+                  key=lambda r: r["spec"]["first"])
+    g = np.array([row for r in recs for row in r["result"]["gradients"]], dtype=np.float64)
+    seeds = [s for r in recs for s in r["spec"]["net_seeds"]]
+    return g, seeds, recs[0]["result"]["method"]
+
+
+def _noise_references(config: dict) -> dict[str, list[float]]:
+    """Mean autocorrelation of white noise and of brown noise (a random walk) with the grid's
+    length and the ensemble's size, by the same estimator (seeded)."""
+    rng = np.random.default_rng(job_seed(config["seed"], "noise-references"))
+    white = rng.standard_normal((config["ensemble"], config["points"]))
+    return {"white": autocorrelation(white).mean(axis=0).tolist(),
+            "brown": autocorrelation(np.cumsum(white, axis=1)).mean(axis=0).tolist()}
+
+
+def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every number of the study from the job records (R(i, j) is computed here, never stored
+    per job): per network the mean autocorrelation, R by lag, the mean off-diagonal R with its
+    jackknife standard error, the prediction, and one initialization's gradients."""
+    archs: dict[str, Any] = {}
+    for arch in config["archs"]:
+        g, seeds, method = _gradients(config, records, arch)
+        acf = autocorrelation(g)
+        varies = ~np.isnan(acf[:, 1])
+        R = correlation_matrix(g)
+        by_lag = np.array([np.nanmean(np.diagonal(R, k)) for k in range(config["points"])])
+        mean_acf = acf[varies].mean(axis=0) if varies.any() else np.full(config["points"], np.nan)
+        spread = (g.max(axis=1) - g.min(axis=1)) / np.abs(g).max(axis=1)
+        archs[arch] = {
+            **parse_arch(arch), "method": method,
+            "predicted": predicted_correlation(arch),
+            "mean_R": _mean_off_diagonal(R), "mean_R_se": _jackknife_se(g),
+            "R_lag1": float(by_lag[1]), "acf_lag1": float(mean_acf[1]),
+            "half_lag": _first_below(mean_acf, 0.5),
+            "constant_members": int((~varies).sum()), "max_relative_spread": float(spread.max()),
+            "gradient_rms": float(np.sqrt((g ** 2).mean())),
+            "acf": mean_acf.tolist(), "R_by_lag": by_lag.tolist(),
+            "example": {"member": 0, "net_seed": seeds[0], "gradient": g[0].tolist()},
+            "net_seeds": seeds,
+        }
+    x = grid(config["points"], config["low"], config["high"])[:, 0]
+    return {"study": NAME, "config": config, "x": x.tolist(), "archs": archs,
+            "noise": _noise_references(config)}
+
+
+# ----------------------------------------------------------------------------- outputs
+def gradients_csv(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    """One row per (network, initialization): ``arch, member, net_seed, g_0 .. g_{P-1}``, where
+    ``g_i`` is the gradient at grid point ``x_i`` (exact round-trip numbers)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["arch", "member", "net_seed", *(f"g_{i}" for i in range(config["points"]))])
+    for arch in config["archs"]:
+        g, seeds, _ = _gradients(config, records, arch)
+        for m, (row, s) in enumerate(zip(g, seeds)):
+            w.writerow([arch, m, s, *map(num, row.tolist())])
+    return buf.getvalue()
+
+
+def plot(results: dict[str, Any], records: dict[str, dict[str, Any]], paths: list[Path]) -> None:
+    """Row 1: one initialization's gradient along the grid per network; row 2: the correlation
+    matrix R(i, j) per network; row 3: the mean autocorrelation against lag (with white and brown
+    noise) and the mean R(i, i + k) against k."""
+    plt = pyplot()
+    cfg, archs = results["config"], results["archs"]
+    n = len(archs)
+    x = np.array(results["x"])
+    fig = plt.figure(figsize=(max(12.0, 2.6 * n), 10.5))
+    gs = fig.add_gridspec(3, 2 * n, height_ratios=(1.0, 1.25, 1.3))
+    colors = plt.get_cmap("tab10").colors
+    image = None
+    for i, (arch, a) in enumerate(archs.items()):
+        ax = fig.add_subplot(gs[0, 2 * i:2 * i + 2])
+        ax.plot(x, a["example"]["gradient"], color=colors[i % 10], linewidth=0.9)
+        ax.set_title(f"{arch}: d out / d x", fontsize=9)
+        ax.set_xlabel("x", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if a["constant_members"]:  # constant up to rounding: do not magnify the rounding
+            mid = float(np.mean(a["example"]["gradient"]))
+            ax.set_ylim(mid - max(abs(mid), 1.0), mid + max(abs(mid), 1.0))
+        ax = fig.add_subplot(gs[1, 2 * i:2 * i + 2])
+        g, _, _ = _gradients(cfg, records, arch)
+        image = ax.imshow(correlation_matrix(g), vmin=-1, vmax=1, cmap="RdBu_r",
+                          extent=(x[0], x[-1], x[-1], x[0]), interpolation="nearest")
+        ax.set_title(f"R(i, j), mean {a['mean_R']:.3f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    ax = fig.add_subplot(gs[2, :n])
+    lags = np.arange(cfg["points"])
+    shown = min(cfg["points"], 64)
+    for name, style in (("brown", "--"), ("white", ":")):
+        ax.plot(lags[:shown], results["noise"][name][:shown], style, color="gray",
+                label=f"{name} noise")
+    for i, (arch, a) in enumerate(archs.items()):
+        if a["constant_members"] < cfg["ensemble"]:
+            ax.plot(lags[:shown], a["acf"][:shown], color=colors[i % 10], label=arch)
+    ax.set_title("autocorrelation along the grid (mean over initializations)", fontsize=10)
+    ax.set_xlabel("lag (grid steps)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    ax = fig.add_subplot(gs[2, n:])
+    for i, (arch, a) in enumerate(archs.items()):
+        ax.plot(lags, a["R_by_lag"], color=colors[i % 10], label=arch)
+    ax.set_title("mean R(i, i + k) over i (correlation over initializations)", fontsize=10)
+    ax.set_xlabel("k (grid steps)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Shattered gradients at initialization: width {cfg['width']}, {cfg['points']} "
+                 f"points in [{cfg['low']:g}, {cfg['high']:g}], {cfg['ensemble']} initializations, "
+                 f"bias std {cfg['bias_std']:g}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.94, 0.38, 0.01, 0.25)))
+    save_figure(fig, paths)
+
+
+def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
+    """The summary: measured correlations beside the predictions, how they are made, the
+    configuration, timings, machine and files."""
+    cfg, t = results["config"], run_info["timings"]
+    noise = results["noise"]
+    lines = [
+        "# Shattered gradients (Balduzzi et al. 2017)", "",
+        f"gscfast {run_info['version']}: {len(cfg['archs'])} networks x {cfg['ensemble']} random "
+        f"initializations; width {cfg['width']}; {cfg['points']} grid points in "
+        f"[{cfg['low']:g}, {cfg['high']:g}]; bias std {cfg['bias_std']:g} (choice); "
+        f"{cfg['dtype']}; seed {cfg['seed']}.", "",
+        "## Measured correlations beside the predictions", "",
+        "| network | L | predicted | mean R(i, j), i != j (+- SE) | R(i, i+1) | ACF(1) "
+        "| ACF < 0.5 from lag | gradient rms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arch, a in results["archs"].items():
+        rule = {"resnet": "1/sqrt(L)", "ll-ReLU": "linear"}.get(a["kind"], "1/2^L")
+        if a["constant_members"] == cfg["ensemble"]:
+            acf1, half = "constant", "constant"
+        else:
+            acf1, half = fmt(a["acf_lag1"]), "never" if a["half_lag"] is None else str(a["half_lag"])
+        lines.append(f"| {arch} | {a['theory_L']} | {sci(a['predicted'])} ({rule}) "
+                     f"| {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} | {fmt(a['R_lag1'])} "
+                     f"| {acf1} | {half} | {sci(a['gradient_rms'])} |")
+    for name in ("brown", "white"):
+        half = _first_below(np.array(noise[name]), 0.5)
+        lines.append(f"| {name} noise (reference) | | | | | {fmt(noise[name][1])} | "
+                     f"{'never' if half is None else half} | |")
+    lines += [
+        "",
+        "- **Which number is the prediction's.** Balduzzi et al. (2017) compute, over random "
+        "initializations, the correlation between the gradients at two distinct inputs whose "
+        "activation patterns are independent (each unit active with probability 1/2 at each): "
+        "1/2^L for He-initialized feedforward ReLU nets of depth L (Theorem 1), 1/sqrt(L) for "
+        "resnets with batch norm of L blocks (Theorem 3). Its measured counterpart is **R(i, j) "
+        "averaged over all pairs of distinct grid points** (column 4). The idealization holds "
+        "where the gradients are shattered; where neighbouring points share their activation "
+        "patterns (shallow nets, plain ReLU nets, the resnet at short distances) R(i, j) is "
+        "larger near the diagonal and the pair average depends on the grid and the bias std. "
+        "R(i, i+1), ACF(1) and the lag where the ACF drops below 0.5 show that short-range "
+        "structure: brown-noise-like gradients (a random walk) keep ACF(1) near 1, white noise "
+        "near 0.",
+        "- **gradient rms** is the gradients' root mean square over points and initializations "
+        "(the theorems' variance is 1 for the feedforward nets). Batch norm makes gradients grow "
+        "with depth (about r(s) = 1.467 per layer in squared norm, definitions.md); in a resnet "
+        "this lets the branches outweigh the skip path that the gradients at all points share, a "
+        "likely reason for a measured R below 1/sqrt(L).",
+        "- **SE** is the jackknife standard error over initializations; for white-noise "
+        f"gradients the pair average is 0 up to it (a single R(i, j) has noise 1/sqrt(E) = "
+        f"{1 / math.sqrt(cfg['ensemble']):.2f}).",
+        "- **L**: hidden layers of a feedforward net; residual blocks of a resnet (resnet-50: a "
+        "stem, 24 blocks of two layers and a head; 1/sqrt(50) = 0.141 if one counts all 50 "
+        "layers).",
+        "", "## How the numbers are made", "",
+        f"- Inputs: {cfg['points']} equally spaced x in [{cfg['low']:g}, {cfg['high']:g}], as one "
+        "batch. Networks: scalar input and output, width "
+        f"{cfg['width']}; " + "; ".join(f"`{k}-L`: {v}" for k, v in _KIND_TEXT.items()) + ".",
+        "- Initialization: He (weight variance 2/fan_in) in the ReLU layers, 1/fan_in in the "
+        "output layer (`gscfast.mlp`); non-learnable batch norms; the looks-linear net draws its "
+        "halves W0 with variance 1/width (its effective linear maps) and puts "
+        "W = [W0, -W0] after each CReLU, so that W CReLU(h) = W0 h and the net is affine.",
+        f"- Biases: i.i.d. N(0, {cfg['bias_std']:g}^2) in every linear layer **(choice)**: "
+        "without biases a scalar-input ReLU net is positively homogeneous, its gradient is "
+        "constant on each side of 0 and nothing shatters. Biases in front of a batch norm cancel, "
+        "so the batch-norm nets and the resnet do not depend on them. No bias std makes plain "
+        "ReLU nets' gradients white at this grid spacing: at He initialization they are critical "
+        "(nearby inputs stay correlated), so their ACF(1) falls with depth but stays well above "
+        "0; the batch-norm feedforward nets, the networks the paper compares resnets with, "
+        "shatter to white noise.",
+        "- Gradients: `gscfast.jacobian(model, x, batchnorm=\"frozen\")`, i.e. with the batch norms' "
+        "statistics of the grid batch held constant: the derivative at each point of the function "
+        "the network computes on this grid; networks gscfast cannot compile (CReLU) use "
+        "`torch.func.vmap(torch.func.jacrev(...))` of the same function (batch norms switched to "
+        "eval mode with the grid's statistics). Per network: "
+        + ", ".join(f"{arch} {a['method']}" for arch, a in results["archs"].items()) + ".",
+        "- Autocorrelation: per initialization, a(k) = sum_i d_i d_(i+k) / sum_i d_i^2 with the "
+        "mean over the grid removed (d = g - mean g), then the mean over initializations; a "
+        "gradient constant along the grid (the looks-linear net) has none.",
+        "- R(i, j): the Pearson correlation over the initializations of the gradients at grid "
+        "points i and j, computed from all records (`gradients.csv`); `R_by_lag[k]` in "
+        "results.json is its mean along the k-th off-diagonal.",
+        "- Brown and white noise: the same estimator on seeded white noise and its running sum "
+        f"({cfg['ensemble']} series of {cfg['points']} points).",
+        f"- Seeds: member m of network `arch` has the seed `job_seed({cfg['seed']}, \"net\", arch, "
+        "m)` (SHA-256), so the numbers do not depend on job order, chunking, engine or resume.",
+        "", "## Configuration", "",
+        "```json", json.dumps(cfg, indent=2), "```", "",
+        "## Timings", "",
+        f"- This invocation: {t['computed']} jobs computed with engine `{run_info['engine']}` "
+        f"({run_info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total "
+        f"(the run may have been split by --resume); devices {', '.join(t['devices'])}.",
+        "", "| network | seconds per initialization |", "| --- | --- |",
+    ]
+    for arch, s in t["per_member"].items():
+        lines.append(f"| {arch} | {s:.4f} |")
+    lines += ["", f"Machine: {run_info['machine']}.", "",
+              "## Files", "",
+              "- `shattered.png`, `shattered.pdf`: per network one initialization's gradient "
+              "along the grid and the correlation matrix R(i, j); the mean autocorrelation "
+              "against lag beside white and brown noise; the mean R(i, i + k) against k.",
+              "- `results.json`: every number (per network: the table's values, the mean "
+              "autocorrelation `acf` at every lag, `R_by_lag`, one initialization's gradient, the "
+              "seeds), the grid `x`, the noise references, the configuration and the timings.",
+              "- `gradients.csv`: every initialization's gradients, one row per (network, member): "
+              "`arch, member, net_seed, g_0 .. g_(P-1)`, `g_i` at `x_i` of results.json.",
+              f"- `manifest.json`, `jobs/`: the run's identity and one record per (network, chunk "
+              f"of {cfg['chunk']} initializations); `gscfast shattered --out DIR --resume` with the "
+              "same options continues or regenerates these files.", ""]
+    return "\n".join(lines)
+
+
+def _timings(config: dict, records: dict, result) -> dict[str, Any]:
+    per_member = {}
+    for arch in config["archs"]:
+        recs = [r for r in records.values() if r["spec"]["arch"] == arch]
+        per_member[arch] = sum(r["seconds"] for r in recs) / sum(len(r["spec"]["net_seeds"]) for r in recs)
+    return {"jobs": len(records), "computed": result.computed, "wall_seconds": result.wall_seconds,
+            "job_seconds": float(sum(r["seconds"] for r in records.values())),
+            "per_member": per_member,
+            "devices": sorted({r["result"]["device"] for r in records.values()}),
+            "threads": sorted({r["threads"] for r in records.values()})}
+
+
+def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
+    """shattered.png/pdf, results.json, gradients.csv and summary.md from a complete run's
+    records, each written atomically."""
+    from .. import __version__
+
+    out = Path(out)
+    results = aggregate(config, result.records)
+    run_info = {"version": __version__, "engine": result.engine, "threads": result.threads,
+                "timings": _timings(config, result.records, result), "machine": machine()}
+    paths = {k: out / f for k, f in (("png", "shattered.png"), ("pdf", "shattered.pdf"),
+                                      ("json", "results.json"), ("csv", "gradients.csv"),
+                                      ("summary", "summary.md"))}
+    write_json(paths["json"], {**results, "gscfast_version": __version__,
+                               "timings": run_info["timings"],
+                               "seconds": {k: r["seconds"] for k, r in result.records.items()}})
+    atomic_write(paths["csv"], gradients_csv(config, result.records))
+    plot(results, result.records, [paths["png"], paths["pdf"]])
+    atomic_write(paths["summary"], summary_md(results, run_info))
+    return paths
+
+
+def table(results: dict[str, Any]) -> str:
+    """The command's short report: per network the prediction, mean R(i, j) and ACF(1)."""
+    rows = [f"{'network':<16} {'predicted':>10} {'mean R':>8} {'ACF(1)':>7}"]
+    rows += [f"{arch:<16} {sci(a['predicted']):>10} {fmt(a['mean_R'], 4):>8} "
+             f"{'const' if a['acf_lag1'] is None else fmt(a['acf_lag1']):>7}"
+             for arch, a in results["archs"].items()]
+    return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results/shattered", help="results directory (default %(default)s)")
+    p.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
+                   help="networks: ReLU-L, batch-ReLU-L, resnet-L (L linear layers, L even), "
+                        f"ll-ReLU-L (default: {' '.join(DEFAULT_ARCHS)})")
+    p.add_argument("--looks-linear", action="store_true",
+                   help="add the looks-linear net ll-ReLU-L (CReLU, mirrored weights) of the "
+                        "deepest network's depth")
+    p.add_argument("--ensemble", type=int, default=100,
+                   help="random initializations per network (default 100)")
+    p.add_argument("--chunk", type=int, default=10, help="initializations per job (default 10)")
+    p.add_argument("--points", type=int, default=256, help="grid points (default 256)")
+    p.add_argument("--low", type=float, default=-2.0, help="grid start (default -2)")
+    p.add_argument("--high", type=float, default=2.0, help="grid end (default 2)")
+    p.add_argument("--width", type=int, default=200, help="hidden width (default 200)")
+    p.add_argument("--bias-std", type=float, default=BIAS_STD,
+                   help=f"std of the random biases (default {BIAS_STD}; 0 makes plain ReLU nets "
+                        "homogeneous: no shattering)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    add_runner_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = make_config(archs=args.archs, looks_linear=args.looks_linear,
+                             ensemble=args.ensemble, chunk=args.chunk, points=args.points,
+                             low=args.low, high=args.high, width=args.width,
+                             bias_std=args.bias_std, seed=args.seed, device=args.device,
+                             dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+    def write(result) -> dict[str, Path]:
+        paths = write_outputs(args.out, config, result)
+        print("" if args.quiet else table(json.loads(paths["json"].read_text())), end="")
+        return paths
+
+    return run_command(make_study(config), args, write)
