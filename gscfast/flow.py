@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientFlow"]
+__all__ = ["GradientFlow", "plot_flow", "tensorboard_writer", "wandb_writer"]
 
 
 class GradientFlow:
@@ -25,6 +25,8 @@ class GradientFlow:
     Args:
         model: any module.
         every: record steps ``0, every, 2 * every, ...``.
+        steps: further steps to record (e.g. the last step of a training run).
+        start: the index of the first step (a run resumed from a checkpoint continues counting).
         gsc_data: optional ``(x, y)``; on recorded steps the GSC ``GSC(l, 0)`` of the model is
             computed on them with ``error`` when the whole model compiles; otherwise that of its
             longest compilable tail of top-level children (e.g. the MLP classifier of a
@@ -46,6 +48,8 @@ class GradientFlow:
         model: nn.Module,
         every: int = 1,
         *,
+        steps: Collection[int] = (),
+        start: int = 0,
         gsc_data: tuple[Tensor, Tensor] | None = None,
         error: str = "kl",
         writers: list[Callable[[int, dict[str, Any]], None]] | None = None,
@@ -53,14 +57,18 @@ class GradientFlow:
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
         self.model = model
         self.every = every
+        self.steps = frozenset(int(s) for s in steps)
         self.gsc_data = gsc_data
         self.error = error
         self.writers = list(writers or [])
         self.include = include or (lambda name, p: p.dim() >= 2)
         self.records: dict[int, dict[str, Any]] = {}
-        self.step_index = 0
+        self.step_index = start
+        self._names: list[str] = []  # recorded parameters in the model's order (input to output)
         self._handles: list[Any] = []
         self._current: dict[str, dict[str, float]] = {}
         self._tail: nn.Module | None = None
@@ -70,6 +78,7 @@ class GradientFlow:
     def __enter__(self) -> "GradientFlow":
         for name, p in self.model.named_parameters():
             if p.requires_grad and self.include(name, p):
+                self._names.append(name)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
         if self.gsc_data is not None:
             self._head, self._tail = self._split()
@@ -79,10 +88,16 @@ class GradientFlow:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._names.clear()
+
+    def recording(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the current one) is recorded."""
+        step = self.step_index if step is None else step
+        return step % self.every == 0 or step in self.steps
 
     def _grad_hook(self, name: str):
         def hook(p: Tensor) -> None:
-            if self.step_index % self.every == 0 and p.grad is not None:
+            if p.grad is not None and self.recording():
                 g = p.grad.detach()
                 self._current[name] = {"mean_abs": float(g.abs().mean()), "norm": float(g.norm())}
         return hook
@@ -105,8 +120,9 @@ class GradientFlow:
     def step(self) -> dict[str, Any] | None:
         """Close the current step: store (and write) its record if it is a recorded step."""
         record = None
-        if self.step_index % self.every == 0 and self._current:
-            record = {"weights": dict(self._current)}
+        if self._current and self.recording():
+            # Hooks fire in backward order (output first); store in the model's order instead.
+            record = {"weights": {n: self._current[n] for n in self._names if n in self._current}}
             gsc = self._gsc()
             if gsc is not None:
                 record["gsc"] = gsc
@@ -138,38 +154,65 @@ class GradientFlow:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write all records atomically."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        from .experiments.runner import atomic_write
 
-    def plot(self, path: str | os.PathLike | None = None, *, step: int | None = None):
+        atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    def plot(self, path: str | os.PathLike | None = None, *, step: int | None = None,
+             steps: Sequence[int] | None = None):
         """The classic gradient-flow bar plot: mean |grad| (and norm) per weight, input to output,
-        for ``step`` (default: the last recorded step). Returns the figure."""
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        for ``step`` (default: the last recorded step), or one panel per step of ``steps``.
+        Written atomically to ``path`` if given (format from its suffix). Returns the figure."""
         if not self.records:
             raise ValueError("nothing recorded yet: call step() after backward()")
-        step = max(self.records) if step is None else step
-        weights = self.records[step]["weights"]
-        names = list(weights)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
-        pos = range(len(names))
-        ax.bar(pos, [weights[n]["norm"] for n in names], alpha=0.4, color="c", label="gradient norm")
-        ax.bar(pos, [weights[n]["mean_abs"] for n in names], alpha=0.8, color="b", label="mean |gradient|")
-        ax.set_xticks(list(pos), names, rotation=90, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_xlabel("weights (input to output)")
-        ax.set_title(f"gradient flow at step {step}")
-        ax.legend()
-        fig.tight_layout()
+        if steps is None:
+            steps = [max(self.records) if step is None else step]
+        fig = plot_flow(self.records, steps)
         if path is not None:
-            fig.savefig(path)
+            from .experiments.outputs import save_figure
+
+            save_figure(fig, [Path(path)])
         return fig
+
+
+def plot_flow(records: Mapping[int | str, dict[str, Any]], steps: Sequence[int], *,
+              titles: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
+              suptitle: str | None = None):
+    """The classic gradient-flow bar plot from ``GradientFlow`` records (as ``records`` or as
+    read back from ``to_json``, string keys): per weight, input to output, a light bar for the
+    gradient norm and a dark one for the mean absolute gradient, log scale; one panel per step of
+    ``steps`` (sharing both axes, so the steps compare at a glance). ``titles``: one per step
+    (default ``"step N"``); ``labels``: shorter tick labels for parameter names. Returns the
+    figure (on matplotlib's current backend; the caller saves and closes it)."""
+    import matplotlib.pyplot as plt
+    recs = {int(k): v for k, v in records.items()}
+    missing = [s for s in steps if s not in recs]
+    if not steps or missing:
+        raise ValueError(f"no record for steps {missing}; recorded: {sorted(recs)[:10]}...")
+    names = list(recs[steps[0]]["weights"])
+    fig, axes = plt.subplots(len(steps), 1, figsize=(max(6, 0.3 * len(names) + 2), 2.2 + 2.3 * len(steps)),
+                             sharex=True, sharey=True, squeeze=False)
+    pos = list(range(len(names)))
+    for i, (ax, step) in enumerate(zip(axes[:, 0], steps)):
+        w = recs[step]["weights"]
+
+        def values(key: str) -> list[float]:  # missing or null (non-finite, from JSON): no bar
+            return [float("nan") if w.get(n, {}).get(key) is None else w[n][key] for n in names]
+
+        ax.bar(pos, values("norm"), alpha=0.35, color="c", label="gradient norm")
+        ax.bar(pos, values("mean_abs"), alpha=0.85, color="b", label="mean |gradient|")
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(titles[i] if titles else f"step {step}", fontsize=10)
+        if i == 0:
+            ax.legend(fontsize=8)
+    ax = axes[-1, 0]
+    ax.set_xticks(pos, [(labels or {}).get(n, n) for n in names], rotation=90, fontsize=7)
+    ax.set_xlabel("weights (input to output)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:

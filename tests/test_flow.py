@@ -89,3 +89,26 @@ def test_whole_model_gsc_and_tensorboard_writer():
     assert ("gsc/0", 1.0, 0) in logged and any(t.startswith("grad_norm/") for t, _, _ in logged)
     with pytest.raises(ValueError, match="every"):
         GradientFlow(model, every=0)
+
+
+def test_records_are_in_model_order_on_a_schedule_and_resumable(tmp_path):
+    from gscfast.flow import plot_flow
+
+    model = conv_net()
+    order = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    with GradientFlow(model, every=3, steps={4}, start=2) as flow:  # a run resumed at step 2
+        train(model, flow, steps=5)  # steps 2..6
+    assert sorted(flow.records) == [3, 4, 6] and flow.step_index == 7
+    assert all(list(r["weights"]) == order for r in flow.records.values())  # input to output
+    fig = flow.plot(tmp_path / "two.png", steps=[3, 6])
+    assert len(fig.axes) == 2 and (tmp_path / "two.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written atomically
+    flow.to_json(tmp_path / "flow.json")
+    saved = json.loads((tmp_path / "flow.json").read_text())["records"]  # string keys
+    fig = plot_flow(saved, [4], titles=["resumed"], labels={order[0]: "conv"})
+    assert fig.axes[0].get_title() == "resumed"
+    assert fig.axes[0].get_xticklabels()[0].get_text() == "conv"
+    with pytest.raises(ValueError, match="no record"):
+        plot_flow(saved, [5])
+    with pytest.raises(ValueError, match="start"):
+        GradientFlow(model, start=-1)

@@ -1,6 +1,10 @@
-"""Data loaders written for gscfast (no torchvision): CIFAR-10/100 archives and sklearn's digits."""
-from .cifar import ChecksumError, cifar10, cifar100, load_cifar, standardize, write_fake_archive
+"""Data loaders written for gscfast (no torchvision): CIFAR-10/100 archives and sklearn's digits,
+and CIFAR's standard augmentation as batched tensor ops."""
+from .augment import augment, random_crop, random_hflip
+from .cifar import (ChecksumError, ImageSplits, cifar10, cifar100, cifar100_splits, load_cifar,
+                    standardize, standardize_images, write_fake_archive)
 from .digits import digits
 
-__all__ = ["cifar10", "cifar100", "load_cifar", "standardize", "write_fake_archive", "digits",
-           "ChecksumError"]
+__all__ = ["cifar10", "cifar100", "cifar100_splits", "ImageSplits", "load_cifar", "standardize",
+           "standardize_images", "write_fake_archive", "digits", "ChecksumError", "augment",
+           "random_crop", "random_hflip"]

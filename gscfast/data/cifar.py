@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ARCHIVES", "CifarArchive", "load_cifar", "cifar10", "cifar100", "standardize",
-           "ChecksumError"]
+__all__ = ["ARCHIVES", "CifarArchive", "load_cifar", "cifar10", "cifar100", "cifar100_splits",
+           "ImageSplits", "standardize", "standardize_images", "channel_stats", "ChecksumError"]
 
 
 class ChecksumError(ValueError):
@@ -196,13 +196,23 @@ def load_cifar(
     return x, y
 
 
+def channel_stats(reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) standard deviation of images ``[N, C, H, W]``, float64 ``[C]``."""
+    ref = reference.to(torch.float64)
+    return ref.mean((0, 2, 3)), ref.std((0, 2, 3), unbiased=False)
+
+
+def standardize_images(images: Tensor, reference: Tensor) -> Tensor:
+    """Per-channel standardization with ``reference``'s statistics (the training set), keeping
+    the image shape: uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` (computed in float64)."""
+    mean, std = channel_stats(reference)
+    return ((images.to(torch.float64) - mean[:, None, None]) / std[:, None, None]).to(torch.float32)
+
+
 def standardize(images: Tensor, reference: Tensor) -> Tensor:
     """Per-channel standardization with ``reference``'s statistics (the training set),
     flattened: uint8 ``[N, 3, 32, 32]`` -> float32 ``[N, 3072]``."""
-    ref = reference.to(torch.float64)
-    mean = ref.mean((0, 2, 3), keepdim=True)
-    std = ref.std((0, 2, 3), keepdim=True, unbiased=False)
-    return ((images.to(torch.float64) - mean) / std).to(torch.float32).reshape(len(images), -1)
+    return standardize_images(images, reference).reshape(len(images), -1)
 
 
 def cifar10(root: str | os.PathLike, train: bool = True, download: bool = False, *,
@@ -220,6 +230,45 @@ def cifar100(root: str | os.PathLike, train: bool = True, download: bool = False
              md5: str | None = None, fmt: str | None = None) -> tuple[Tensor, Tensor]:
     """CIFAR-100 images ``[N, 3, 32, 32]`` uint8 and fine labels ``[N]`` (for convolutional models)."""
     return load_cifar(root, "cifar100", train=train, download=download, fmt=fmt, md5=md5)
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """Standardized float32 images ``[N, 3, 32, 32]`` with int64 labels per split, and the
+    per-channel statistics (of ``train``) they were standardized with."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    mean: Tensor  # float64 [3], in pixel units (0..255)
+    std: Tensor
+
+    @property
+    def black(self) -> Tensor:
+        """A black pixel (value 0 in every channel) after standardization, float32 ``[3]``: what
+        zero padding of the raw image becomes (the fill of a random crop)."""
+        return (-self.mean / self.std).to(torch.float32)
+
+
+def cifar100_splits(root: str | os.PathLike, *, val_size: int = 2500, download: bool = False,
+                    md5: str | None = None, fmt: str | None = None) -> ImageSplits:
+    """CIFAR-100 for convolutional models, as the ``vgg`` study uses it.
+
+    ``train`` is the official training set but its last ``val_size`` images, ``val`` those last
+    ``val_size`` images (a held-out validation set), ``test`` the official test set; all
+    standardized per channel with the statistics of ``train`` alone (nothing of the validation or
+    test images leaks into training); fine labels.
+    """
+    x, y = load_cifar(root, "cifar100", train=True, download=download, fmt=fmt, md5=md5)
+    if not isinstance(val_size, int) or not 0 <= val_size < len(x):
+        raise ValueError(f"val_size must be an integer in [0, {len(x)}), got {val_size!r}")
+    n = len(x) - val_size
+    xt, yt = load_cifar(root, "cifar100", train=False, fmt=fmt, md5=md5)
+    ref = x[:n]
+    mean, std = channel_stats(ref)
+    return ImageSplits(train=(standardize_images(ref, ref), y[:n].clone()),
+                       val=(standardize_images(x[n:], ref), y[n:].clone()),
+                       test=(standardize_images(xt, ref), yt), mean=mean, std=std)
 
 
 def write_fake_archive(root: str | os.PathLike, name: str = "cifar10", fmt: str = "python", *,

@@ -10,4 +10,5 @@ __all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "Usage
 # Command name -> module (imported when the command is set up).
 STUDIES = {"gaussian": "gscfast.experiments.gaussian", "cifar": "gscfast.experiments.cifar",
            "ghost": "gscfast.experiments.ghost",
-           "shattered": "gscfast.experiments.shattered"}
+           "shattered": "gscfast.experiments.shattered",
+           "vgg": "gscfast.experiments.vgg"}

@@ -55,6 +55,7 @@ from torch import nn
 from .outputs import machine, mean_or_none as _mean, num as _num, pyplot, resolve_device as _device
 from .outputs import json_safe as _json_safe, save_figure, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
+from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "PAPER_LRS", "make_config", "make_search_study", "make_final_study",
            "choose_lrs", "train_job", "load_data", "make_model", "PlateauSchedule", "load_checkpoint",
@@ -164,12 +165,8 @@ def _finite(model: nn.Module) -> bool:
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int, seed: int) -> bool:
     """One epoch of minibatch training in a seeded order; False if the loss became non-finite."""
-    n = len(x)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    bs = min(batch_size, n)
     model.train()
-    for i in range(0, n - bs + 1, bs):
-        idx = perm[i:i + bs]
+    for idx in minibatches(len(x), batch_size, seed, x.device):
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         if not torch.isfinite(loss):
             return False
@@ -177,18 +174,6 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
         loss.backward()
         opt.step()
     return _finite(model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded safely (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------- one job
@@ -247,13 +232,9 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     state = {"epoch": 0, "diverged": False, "lrs": []}
     ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
-    if ckpt is not None and ckpt.is_file():
-        c = load_checkpoint(ckpt)
-        model.load_state_dict(c["model"])
-        init.load_state_dict(c["init"])
-        opt.load_state_dict(c["optimizer"])
-        sched.load_state_dict(c["schedule"])
-        torch.set_rng_state(c["rng"])
+    stateful = {"model": model, "init": init, "optimizer": opt, "schedule": sched}
+    c = restore_training_state(ckpt, stateful)
+    if c is not None:
         history = json.loads(c["history"])
         state = json.loads(c["state"])
     if measure and not history:
@@ -296,12 +277,8 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
                 history.append(m)
                 state["epoch"] = e
             if ckpt is not None:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(ckpt, {
-                    "model": model.state_dict(), "init": init.state_dict(),
-                    "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "history": json.dumps(history),
-                    "state": json.dumps(state), "epoch": state["epoch"]})
+                save_training_state(ckpt, stateful, history=json.dumps(history),
+                                    state=json.dumps(state), epoch=state["epoch"])
             if bar is not None:
                 last = history[-1]
                 post = "diverged" if last.get("diverged") else f"err={last['train_error']:.4f}"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import fmt as _fmt, machine, num as _num, pyplot, resolve_device as _device
+from .outputs import expand_names, fmt as _fmt, machine, num as _num, pyplot, resolve_device as _device
 from .outputs import resolve_dtype as _dtype, run_command, save_figure, sci as _sci, t_interval, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
@@ -77,15 +77,7 @@ def parse_arch(name: str) -> dict[str, Any]:
 
 def expand_archs(words: list[str]) -> list[str]:
     """``--archs`` words (names or groups) -> architecture names, without repeats, checked."""
-    names: list[str] = []
-    for w in words:
-        for name in GROUPS.get(w, [w]):
-            parse_arch(name)
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ValueError("no architectures given")
-    return names
+    return expand_names(words, GROUPS, parse_arch)
 
 
 def predicted_rate(name: str) -> float | None:
@@ -462,6 +454,7 @@ def main(args: argparse.Namespace) -> int:
                              backend=args.backend, device=args.device, dtype=args.dtype)
     except ValueError as e:
         raise UsageError(str(e)) from e
+
     def write(result) -> dict[str, Path]:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..nn import Residual
 from .gaussian import R_S
-from .outputs import fmt, machine, num, pyplot, resolve_device, resolve_dtype, run_command
+from .outputs import expand_names, fmt, machine, num, pyplot, resolve_device, resolve_dtype, run_command
 from .outputs import save_figure, sci, t_interval, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
@@ -71,15 +71,7 @@ def parse_variant(name: str) -> dict[str, Any]:
 
 def expand_variants(words: list[str]) -> list[str]:
     """``--variants`` words (names or groups) -> variant names, without repeats, checked."""
-    names: list[str] = []
-    for w in words:
-        for name in GROUPS.get(w, [w]):
-            parse_variant(name)
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ValueError("no variants given")
-    return names
+    return expand_names(words, GROUPS, parse_variant, "variants")
 
 
 def r_s(act: str, points: int = 200_001) -> float:
@@ -366,8 +358,9 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
               f"GSC({cfg['depth']}, 0) (gscfast) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, v in results["variants"].items():
         r, g = v["rate"], v["gsc_mean"]
-        lines.append(f"| {name} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, {fmt(r['ci95'][1], 4)}] "
-                     f"| {sci(v['mean_norm'][0])} | {sci(v['mean_norm'][-1])} | {sci(g[-1] if g else None)} |")
+        lines.append(f"| {name} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
+                     f"{fmt(r['ci95'][1], 4)}] | {sci(v['mean_norm'][0])} | {sci(v['mean_norm'][-1])} "
+                     f"| {sci(g[-1] if g else None)} |")
     lines += [
         "", "## How the numbers are made", "",
         f"- Networks (`gscfast.experiments.ghost.ghost_net`): layer 1 `linear -> [batch norm] -> "

@@ -17,7 +17,8 @@ import torch
 from .runner import RunResult, Study, atomic_write, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
-           "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval"]
+           "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
+           "expand_names"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,6 +34,21 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be float32 or float64, got {name!r}")
     return dtypes[name]
+
+
+def expand_names(words: Iterable[str], groups: dict[str, list[str]], check: Callable[[str], Any],
+                 what: str = "architectures") -> list[str]:
+    """Command-line words (names or group names) -> names, in order, without repeats; ``check``
+    raises ``ValueError`` on an unknown name."""
+    names: list[str] = []
+    for w in words:
+        for name in groups.get(w, [w]):
+            check(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError(f"no {what} given")
+    return names
 
 
 def json_safe(obj: Any) -> Any:

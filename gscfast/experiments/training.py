@@ -1,0 +1,113 @@
+"""What the training studies share (``cifar``, ``vgg``): per-epoch checkpoints written atomically
+and loaded safely, the global RNG state, seeded minibatch orders, deterministic cuDNN and progress
+lines.
+
+A training job of these studies runs for hours inside one runner job, so it checkpoints after every
+epoch and, on ``--resume``, continues from the last checkpoint. Resumed training gives the same
+numbers as uninterrupted training because everything random is drawn from generators seeded per
+epoch (``minibatches``) and everything stateful (model, optimizer, schedule, RNG) is checkpointed.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .runner import atomic_write
+
+__all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "restore_training_state",
+           "rng_state", "set_rng_state", "minibatches", "deterministic", "progress_line"]
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save(state)`` to ``path`` atomically (a kill mid-write leaves the old checkpoint).
+    Keep ``state`` to tensors and plain values so that ``load_checkpoint`` can load it safely."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint, loaded safely (``weights_only=True``: no code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_training_state(path: str | Path, stateful: Mapping[str, Any], **extra: Any) -> None:
+    """Checkpoint each object of ``stateful`` (model, optimizer, schedule, ...: anything with
+    ``state_dict``) under its name, the global RNG state as ``"rng"``, and the plain values
+    ``extra`` (e.g. the history as a JSON string)."""
+    save_checkpoint(path, {**{k: v.state_dict() for k, v in stateful.items()}, "rng": rng_state(), **extra})
+
+
+def restore_training_state(path: str | Path | None, stateful: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The inverse of ``save_training_state``: if ``path`` is a file, load it, restore each object
+    of ``stateful`` and the RNG state, and return the checkpoint (for its extra values); else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    c = load_checkpoint(path)
+    for k, v in stateful.items():
+        v.load_state_dict(c[k])
+    set_rng_state(c["rng"])
+    return c
+
+
+def rng_state() -> dict[str, Any]:
+    """The global CPU RNG state and, when CUDA is initialized, every GPU's."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | Tensor) -> None:
+    """Restore what ``rng_state`` returned (a bare tensor: the CPU state of older checkpoints)."""
+    if isinstance(state, Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def minibatches(n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """Index tensors of one epoch's minibatches: a permutation of ``range(n)`` drawn from a
+    generator seeded with ``seed`` (so the order does not depend on anything that ran before),
+    cut into batches of ``min(batch_size, n)``, the last incomplete batch dropped."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).to(device)
+    bs = min(batch_size, n)
+    for i in range(0, n - bs + 1, bs):
+        yield perm[i:i + bs]
+
+
+@contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic cuDNN kernels without autotuning (otherwise convolutions may pick
+    other algorithms or use atomics, and a resumed run would not repeat an uninterrupted one);
+    restored afterwards. Nothing to do on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    old = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = old
+
+
+def progress_line(text: str) -> None:
+    """One progress line on stderr that does not break the runner's progress bar."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(text, file=sys.stderr, flush=True)
+        return
+    tqdm.write(text, file=sys.stderr)
