@@ -36,7 +36,7 @@ from .outputs import save_figure, sci, t_interval, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants", "r_s",
-           "ghost_net", "weight_grad_norms", "growth_rate", "make_config", "make_study", "run_job",
+           "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config", "make_study", "run_job",
            "aggregate", "write_outputs", "add_arguments", "main"]
 
 NAME = "ghost"
@@ -105,17 +105,13 @@ def ghost_net(net: str, act: str, bn: bool, *, width: int = 256, depth: int = 20
     if net != "plain" and depth % 2:
         raise ValueError(f"a ResNet has a stem, (depth - 2) / 2 two-layer blocks and a head, so "
                          f"depth must be even, got {depth}")
-    Act, gain, _ = ACTIVATIONS[act]
-    gen = generator if generator is not None else torch.Generator().manual_seed(torch.seed())
+    Act = ACTIVATIONS[act][0]
 
-    def linear(c: float) -> nn.Linear:
-        lin = nn.Linear(width, width, bias=False, dtype=dtype)
-        with torch.no_grad():  # drawn in float32 on the CPU whatever dtype: same network everywhere
-            lin.weight.copy_(torch.randn(width, width, generator=gen) * math.sqrt(c / width))
-        return lin
+    def linear() -> nn.Linear:  # weights drawn below, by redraw_weights
+        return nn.utils.skip_init(nn.Linear, width, width, bias=False, dtype=dtype)
 
     def unit(last_act: bool = True) -> list[nn.Module]:
-        mods: list[nn.Module] = [linear(gain)]
+        mods: list[nn.Module] = [linear()]
         if bn:
             mods.append(nn.BatchNorm1d(width, affine=False, dtype=dtype))
         return mods + ([Act()] if last_act else [])
@@ -129,8 +125,24 @@ def ghost_net(net: str, act: str, bn: bool, *, width: int = 256, depth: int = 20
         scale = 1.0 if net == "res" else 1.0 / math.sqrt(blocks)
         for _ in range(blocks):
             layers += [Residual(nn.Sequential(*unit(), *unit(last_act=False)), scale), Act()]
-    layers.append(linear(1.0))
-    return nn.Sequential(*layers)
+    layers.append(linear())
+    model = nn.Sequential(*layers)
+    redraw_weights(model, act, generator)
+    return model
+
+
+def redraw_weights(model: nn.Module, act: str, generator: torch.Generator | None = None) -> None:
+    """Draw every ``nn.Linear`` weight of a ``ghost_net`` afresh, in place: ``N(0, c / fan_in)``,
+    ``c`` from ``ACTIVATIONS`` and ``c = 1`` for the head (the last one). A repeat of the study
+    redraws one network instead of building a new one: building costs as much as the gradients."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(torch.seed())
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(lins):
+            c = 1.0 if i == len(lins) - 1 else ACTIVATIONS[act][1]
+            # Drawn in float32 on the CPU whatever the dtype and device: the same network everywhere.
+            w = torch.randn(lin.weight.shape, generator=gen).mul_(math.sqrt(c / lin.weight.shape[1]))
+            lin.weight.copy_(w)
 
 
 def weight_grad_norms(model: nn.Module, x: Tensor, g: Tensor) -> Tensor:
@@ -170,9 +182,11 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     s1 = torch.zeros(L, dtype=torch.float64)
     s2, s4 = torch.zeros_like(s1), torch.zeros_like(s1)
     first_gsc = None
+    model = ghost_net(v["net"], v["act"], v["bn"], width=d, depth=L, generator=gen,
+                      dtype=dtype).to(device)
     for r in range(spec["repeats"]):
-        model = ghost_net(v["net"], v["act"], v["bn"], width=d, depth=L, generator=gen,
-                          dtype=dtype).to(device)
+        if r:
+            redraw_weights(model, v["act"], gen)
         x = torch.randn(B, d, generator=gen).to(device=device, dtype=dtype)
         g = (torch.randn(B, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
         n = weight_grad_norms(model, x, g).detach().to("cpu", torch.float64)

@@ -126,3 +126,14 @@ def test_bad_options_are_usage_errors(tmp_path, bad, capsys):
     assert main(["ghost", "--out", str(tmp_path / "x"), *bad, "--quiet"]) == 2
     assert "gscfast ghost: error:" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_redrawn_network_equals_a_fresh_one():
+    """A job redraws one network per repeat: the same weights as building it anew."""
+    fresh = ghost.ghost_net("res-sqrt", "selu", True, width=16, depth=6,
+                            generator=torch.Generator().manual_seed(5))
+    reused = ghost.ghost_net("res-sqrt", "selu", True, width=16, depth=6,
+                             generator=torch.Generator().manual_seed(9))
+    ghost.redraw_weights(reused, "selu", torch.Generator().manual_seed(5))
+    for a, b in zip(fresh.state_dict().values(), reused.state_dict().values()):
+        assert torch.equal(a, b)
