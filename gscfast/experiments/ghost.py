@@ -330,7 +330,8 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
             if with_gsc and v["gsc_mean"]:
                 axes[1, j].plot(np.arange(cfg["depth"] + 1), v["gsc_mean"], style,
                                 color=_COLORS[v["net"]], label=name)
-        ax.set_title(f"{act}: mean ||dE/dW_l|| over {cfg['repeats']:,} repeats", fontsize=10)
+        ax.set_title(f"{act}: mean ||dE/dW_l|| over {cfg['repeats']:,} repeats; r(s) = "
+                     f"{R_S[act]:.3f}", fontsize=10)
         ax.set_xlabel("layer index l (input to output)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -366,7 +367,7 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
             mark = "" if v["predicted"] else " (no prediction: no batch norm)"
             lines.append(f"| {name} | {v['init']} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
                          f"{fmt(r['ci95'][1], 4)}] | {v['r_s']:.3f}{mark} | "
-                         f"{fmt(r['value'] / v['r_s'], 3)} |")
+                         f"{fmt(r['value'] / v['r_s'], 3) if v['predicted'] else 'n/a'} |")
     lines += ["", "## All variants", "",
               "| variant | measured rate | 95% CI | mean norm, layer 1 | layer L | "
               f"GSC({cfg['depth']}, 0) (gscfast) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -394,14 +395,16 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         f"chunks of {cfg['chunk']} repeats.",
         "- **r(s)** = `E[s'(z)^2] / Var[s(z)]`, z ~ N(0, 1) (definitions.md): the predicted "
         "per-layer growth of the squared gradient norm in a plain linear -> batch-norm -> "
-        "activation network. With a finite batch B, batch norm's backward pass also projects out "
-        "the batch mean and scale directions, which removes about 2/B of the squared norm per "
-        f"layer (here {2 / cfg['batch']:.3f}), so the measured rate sits slightly below r(s).",
+        "activation network, in the limit of infinite width and batch; a finite batch (batch "
+        "norm's backward pass projects out the batch mean and scale directions) and width shift "
+        "the measured rate by a few percent.",
         "- The figure plots the mean norm (not squared); the dotted line has the slope sqrt(r(s)) "
         "per layer, anchored at the plain batch-norm network's last fitted layer.",
         "- GSC(l, 0): `gscfast.gsc(model, x, g, error=\"dot\")` of the first network of every "
         "chunk, averaged over chunks (batch norm with batch statistics makes the batch one "
-        "datapoint).",
+        "datapoint). gscfast ends a layer after each activation and after each residual block, "
+        "so in a ResNet l counts blocks and the activations after them (as many layers as weight "
+        f"layers, {cfg['depth']}).",
         "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
         "## Timings", "",
         f"- This invocation: {info['computed']} jobs computed with engine `{info['engine']}` "
