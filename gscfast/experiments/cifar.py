@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .outputs import machine, mean_or_none as _mean, num as _num, pyplot, resolve_device as _device
-from .outputs import json_safe as _json_safe, save_figure, write_json
+from .outputs import add_study_arguments, json_safe as _json_safe, save_figure, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
 from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
 
@@ -656,11 +656,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="effective depth over the whole training set every N epochs and at the end "
                         "(default 50; 0: never)")
     p.add_argument("--tau", type=float, default=0.01, help="effective-depth threshold (default 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
-    p.add_argument("--backend", default="auto", help="gscfast backend for the measurements (default auto)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda, or auto (cuda when available; then --engine ray gives "
-                        "each task one GPU)")
+    add_study_arguments(p, device="cpu", dtype=None)
     add_runner_arguments(p)
 
 

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import expand_names, fmt as _fmt, machine, num as _num, pyplot, resolve_device as _device
-from .outputs import resolve_dtype as _dtype, run_command, save_figure, sci as _sci, t_interval, write_json
+from .outputs import (add_study_arguments, expand_names, fmt as _fmt, machine, num as _num, pyplot,
+                      resolve_device as _device, resolve_dtype as _dtype, run_command, save_figure,
+                      sci as _sci, t_interval, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
@@ -437,13 +438,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(orthogonal init) and then 'res-' or 'res-sqrt-' (residual blocks with "
                         f"branch scale 1 or 1/sqrt(L)); or groups {', '.join(GROUPS)} "
                         f"(default: paper, the seven above)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     p.add_argument("--depth", type=int, default=50, help="layers (default 50; smaller for quick runs)")
     p.add_argument("--width", type=int, default=100,
                    help="width, also the input and label dimension (default 100)")
-    p.add_argument("--backend", default="auto", help="gscfast backend (default auto)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_study_arguments(p, backend="the sweeps")
     add_runner_arguments(p)
 
 

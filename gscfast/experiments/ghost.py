@@ -31,13 +31,13 @@ from torch import Tensor, nn
 
 from ..nn import Residual
 from .gaussian import R_S
-from .outputs import expand_names, fmt, machine, num, pyplot, resolve_device, resolve_dtype, run_command
-from .outputs import save_figure, sci, t_interval, write_json
+from .outputs import (add_study_arguments, expand_names, fmt, machine, num, pyplot, resolve_device,
+                      resolve_dtype, run_command, save_figure, sci, t_interval, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants", "r_s",
-           "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config", "make_study", "run_job",
-           "aggregate", "write_outputs", "add_arguments", "main"]
+           "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config",
+           "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
 
 NAME = "ghost"
 HELP = "forward/backward scaling of plain and residual MLPs: per-layer weight-gradient norms vs r(s)"
@@ -455,12 +455,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=256, help="width d (default 256)")
     p.add_argument("--depth", type=int, default=20, help="weight layers (default 20)")
     p.add_argument("--batch", type=int, default=128, help="inputs per batch (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     p.add_argument("--no-gsc", action="store_true",
                    help="skip gscfast's GSC of each chunk's first network")
-    p.add_argument("--backend", default="auto", help="gscfast backend for the GSC (default auto)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_study_arguments(p, device="cpu", backend="the GSC")
     add_runner_arguments(p)
 
 

@@ -18,7 +18,21 @@ from .runner import RunResult, Study, atomic_write, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
            "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
-           "expand_names"]
+           "expand_names", "add_study_arguments"]
+
+
+def add_study_arguments(p: argparse.ArgumentParser, *, device: str = "auto",
+                        dtype: str | None = "float32", backend: str | None = "the measurements") -> None:
+    """``--seed``, ``--device`` and, unless None, ``--dtype`` (default ``dtype``) and
+    ``--backend`` (help: what the backend computes)."""
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    if backend is not None:
+        p.add_argument("--backend", default="auto", help=f"gscfast backend for {backend} (default auto)")
+    p.add_argument("--device", default=device,
+                   help=f"auto (cuda if available; then --engine ray gives each job one GPU), cpu, "
+                        f"cuda, cuda:1, ... (default {device})")
+    if dtype is not None:
+        p.add_argument("--dtype", choices=("float32", "float64"), default=dtype)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CReLU, Residual, _init_weight, mlp
-from .outputs import fmt, machine, num, pyplot, resolve_device, resolve_dtype, run_command
-from .outputs import save_figure, sci, write_json
+from .outputs import (add_study_arguments, fmt, machine, num, pyplot, resolve_device, resolve_dtype,
+                      run_command, save_figure, sci, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["KINDS", "DEFAULT_ARCHS", "parse_arch", "expand_archs", "predicted_correlation",
@@ -668,9 +668,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-std", type=float, default=BIAS_STD,
                    help=f"std of the random biases (default {BIAS_STD}; 0 makes plain ReLU nets "
                         "homogeneous: no shattering)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    add_study_arguments(p, dtype="float64", backend=None)
     add_runner_arguments(p)
 
 

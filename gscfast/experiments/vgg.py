@@ -55,7 +55,7 @@ from torch import nn
 
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
-from .outputs import fmt as _fmt, json_safe, machine, mean_or_none as _mean, num as _num, pyplot
+from .outputs import add_study_arguments, fmt as _fmt, json_safe, machine, mean_or_none as _mean, num as _num, pyplot
 from .outputs import resolve_device, run_command, save_figure, sci as _sci, write_json
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 from .training import deterministic, load_checkpoint, minibatches, progress_line
@@ -640,8 +640,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expected MD5 of the archive (default: the official one; for generated "
                         "archives, see gscfast.data.cifar.write_fake_archive)")
     p.add_argument("--download", action="store_true", help="download the official archive if missing")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available; default), cpu, cuda, cuda:1, ...")
+    add_study_arguments(p, dtype=None, backend=None)
     add_runner_arguments(p)
 
 
