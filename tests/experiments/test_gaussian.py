@@ -17,6 +17,8 @@ import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import gaussian, outputs
 from gscfast.experiments.runner import job_seed, thread_limit
+from _study_results import numbers as _numbers
+
 
 ARCHS = ["batch-tanh", "ReLU"]
 DEPTH, WIDTH, DATASETS, SAMPLES = 5, 16, 3, 64
@@ -24,7 +26,6 @@ BASE = ["--datasets", str(DATASETS), "--samples", str(SAMPLES), "--depth", str(D
         "--width", str(WIDTH), "--backend", "torch", "--threads", "1", "--quiet"]
 ARGS = [*BASE, "--archs", *ARCHS]
 OUTPUTS = ["figure1.png", "figure1.pdf", "results.json", "layers.csv", "summary.md"]
-TIMING_KEYS = ("timings", "seconds")
 
 
 def study(out: Path, *extra: str, args: list[str] = ARGS) -> int:
@@ -33,15 +34,6 @@ def study(out: Path, *extra: str, args: list[str] = ARGS) -> int:
 
 def snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def numbers(d: Path) -> dict:
-    """results.json without its timings, layers.csv and every job's result: what must be equal."""
-    res = json.loads((d / "results.json").read_text())
-    for k in TIMING_KEYS:
-        res.pop(k)
-    jobs = {p.name: json.loads(p.read_text())["result"] for p in sorted((d / "jobs").iterdir())}
-    return {"results": res, "csv": (d / "layers.csv").read_text(), "jobs": jobs}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +103,7 @@ def test_resume_after_max_jobs_is_bit_for_bit(full, tmp_path):
     assert study(out, "--max-jobs", "1", "--resume") == 0
     assert len(list((out / "jobs").iterdir())) == 3
     assert study(out, "--resume") == 0
-    assert numbers(out) == numbers(full)
+    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv")
 
 
 def test_resume_after_interrupt_is_bit_for_bit(full, tmp_path, monkeypatch):
@@ -129,7 +121,7 @@ def test_resume_after_interrupt_is_bit_for_bit(full, tmp_path, monkeypatch):
     assert len(list((out / "jobs").iterdir())) == 4  # the four finished jobs, nothing half-written
     monkeypatch.setattr(gaussian, "run_job", run_job)
     assert study(out, "--resume") == 0
-    assert numbers(out) == numbers(full)
+    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv")
 
 
 def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
@@ -139,14 +131,14 @@ def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
         (out / name).unlink()
     monkeypatch.setattr(gaussian, "run_job", lambda *a: pytest.fail("a finished job was recomputed"))
     assert study(out, "--resume") == 0
-    assert numbers(out) == numbers(full)
+    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv")
     assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
 
 
 def test_job_order_does_not_change_numbers(full, tmp_path):
     out = tmp_path / "run"
     assert study(out, args=[*BASE, "--archs", *ARCHS[::-1]]) == 0
-    assert numbers(out)["jobs"] == numbers(full)["jobs"]
+    assert _numbers(out, "layers.csv")["jobs"] == _numbers(full, "layers.csv")["jobs"]
 
 
 def _corrupt_job(d: Path) -> None:
@@ -255,7 +247,7 @@ def test_ray_engine_gives_the_local_numbers(full, tmp_path):
     pytest.importorskip("ray", reason="Ray is optional (pip install 'gscfast[ray]')")
     out = tmp_path / "run"
     assert study(out, "--engine", "ray", "--num-cpus", "2") == 0
-    assert numbers(out) == numbers(full)
+    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv")
     assert {json.loads(p.read_text())["engine"] for p in (out / "jobs").iterdir()} == {"ray"}
 
 
@@ -281,4 +273,4 @@ def test_a_directory_in_use_is_refused(full, tmp_path, capsys):
         assert study(out, "--resume") == 2
     assert "in use by another gscfast process (pid 4242)" in capsys.readouterr().err
     assert study(out, "--resume") == 0  # the temp file is dropped, the job recomputed
-    assert numbers(out) == numbers(full) and not (out / ".lock").exists()
+    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv") and not (out / ".lock").exists()

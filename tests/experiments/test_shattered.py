@@ -15,6 +15,7 @@ import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import shattered
 from gscfast.experiments.runner import job_seed
+from _study_results import numbers as _numbers
 
 ARCHS = ["ReLU-1", "ReLU-4", "batch-ReLU-4", "resnet-6"]
 ALL = ARCHS + ["ll-ReLU-6"]  # --looks-linear adds the looks-linear net of the deepest depth
@@ -26,15 +27,6 @@ OUTPUTS = ["shattered.png", "shattered.pdf", "results.json", "gradients.csv", "s
 
 def study(out: Path, *extra: str, args: list[str] = ARGS) -> int:
     return main(["shattered", "--out", str(out), *args, *extra])
-
-
-def numbers(d: Path) -> dict:
-    """Everything but the timings: what a regenerated run must reproduce exactly."""
-    res = json.loads((d / "results.json").read_text())
-    for k in ("timings", "seconds"):
-        res.pop(k)
-    jobs = {p.name: json.loads(p.read_text())["result"] for p in sorted((d / "jobs").iterdir())}
-    return {"results": res, "csv": (d / "gradients.csv").read_text(), "jobs": jobs}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
         (out / name).unlink()
     monkeypatch.setattr(shattered, "run_job", lambda *a: pytest.fail("a finished job was recomputed"))
     assert study(out, "--resume") == 0
-    assert numbers(out) == numbers(full)
+    assert _numbers(out, "gradients.csv") == _numbers(full, "gradients.csv")
     assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
 
 
