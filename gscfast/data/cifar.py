@@ -205,7 +205,10 @@ def channel_stats(reference: Tensor) -> tuple[Tensor, Tensor]:
 def standardize_images(images: Tensor, reference: Tensor) -> Tensor:
     """Per-channel standardization with ``reference``'s statistics (the training set), keeping
     the image shape: uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` (computed in float64)."""
-    mean, std = channel_stats(reference)
+    return _standardized(images, *channel_stats(reference))
+
+
+def _standardized(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return ((images.to(torch.float64) - mean[:, None, None]) / std[:, None, None]).to(torch.float32)
 
 
@@ -264,11 +267,10 @@ def cifar100_splits(root: str | os.PathLike, *, val_size: int = 2500, download: 
         raise ValueError(f"val_size must be an integer in [0, {len(x)}), got {val_size!r}")
     n = len(x) - val_size
     xt, yt = load_cifar(root, "cifar100", train=False, fmt=fmt, md5=md5)
-    ref = x[:n]
-    mean, std = channel_stats(ref)
-    return ImageSplits(train=(standardize_images(ref, ref), y[:n].clone()),
-                       val=(standardize_images(x[n:], ref), y[n:].clone()),
-                       test=(standardize_images(xt, ref), yt), mean=mean, std=std)
+    mean, std = channel_stats(x[:n])  # once: each pass converts the whole set to float64
+    return ImageSplits(train=(_standardized(x[:n], mean, std), y[:n].clone()),
+                       val=(_standardized(x[n:], mean, std), y[n:].clone()),
+                       test=(_standardized(xt, mean, std), yt), mean=mean, std=std)
 
 
 def write_fake_archive(root: str | os.PathLike, name: str = "cifar10", fmt: str = "python", *,

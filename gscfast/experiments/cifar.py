@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import machine, mean_or_none as _mean, num as _num, pyplot, resolve_device as _device
-from .outputs import add_study_arguments, json_safe as _json_safe, save_figure, write_json
+from .outputs import (add_study_arguments, json_safe as _json_safe, mean_or_none as _mean, num as _num,
+                      pyplot, resolve_device as _device, run_info, run_timings, save_figure, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
 from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
 
@@ -607,14 +607,11 @@ OUTPUTS = ("figure3.png", "figure3.pdf", "results.json", "epochs.csv", "layers.c
 
 
 def write_outputs(out: str | Path, config: dict, search, final, chosen: dict) -> dict[str, Path]:
-    from .. import __version__
-
     out = Path(out)
     results = aggregate(config, search.records, final.records, chosen)
-    info = {"version": __version__, "engine": final.engine, "threads": final.threads,
-            "machine": machine()}
+    info = run_info(final, run_timings(final))
     paths = {f: out / f for f in OUTPUTS}
-    write_json(paths["results.json"], {**results, "gscfast_version": __version__})
+    write_json(paths["results.json"], {**results, "gscfast_version": info["version"]})
     atomic_write(paths["epochs.csv"], epochs_csv(results))
     atomic_write(paths["layers.csv"], layers_csv(results))
     atomic_write(paths["taylor.csv"], taylor_csv(results))

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import (add_study_arguments, expand_names, fmt as _fmt, machine, num as _num, pyplot,
-                      resolve_device as _device, resolve_dtype as _dtype, run_command, save_figure,
-                      sci as _sci, t_interval, write_json)
+from .outputs import (add_study_arguments, expand_names, fmt as _fmt, num as _num, pyplot,
+                      resolve_device as _device, resolve_dtype as _dtype, run_command, run_info,
+                      run_timings, save_figure, sci as _sci, t_interval, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
@@ -394,11 +394,8 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     device = _device(config["device"])
     rate = sgemm_rate(config["width"], config["samples"], device)
     return {
-        "jobs": len(records), "computed": result.computed, "wall_seconds": result.wall_seconds,
-        "job_seconds": float(sum(r["seconds"] for r in records.values())), "per_arch": per_arch,
+        **run_timings(result), "per_arch": per_arch,
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
-        "devices": sorted({r["result"]["device"] for r in records.values()}),
-        "threads": sorted({r["threads"] for r in records.values()}),
         "sgemm_device": str(device), "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,
     }
@@ -406,25 +403,18 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
     """figure1.png/pdf, results.json, layers.csv and summary.md from a complete run's records."""
-    from .. import __version__
-
     out = Path(out)
     results = aggregate(config, result.records)
-    torch_threads = result.threads
-    run_info = {
-        "version": __version__, "engine": result.engine, "threads": torch_threads,
-        "timings": _timings(config, result.records, result),
-        "machine": machine(),
-    }
+    info = run_info(result, _timings(config, result.records, result))
     paths = {k: out / f for k, f in (("png", "figure1.png"), ("pdf", "figure1.pdf"),
                                       ("json", "results.json"), ("csv", "layers.csv"),
                                       ("summary", "summary.md"))}
-    full = {**results, "gscfast_version": __version__, "timings": run_info["timings"],
+    full = {**results, "gscfast_version": info["version"], "timings": info["timings"],
             "seconds": {k: r["seconds"] for k, r in result.records.items()}}
     write_json(paths["json"], full)
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
-    atomic_write(paths["summary"], summary_md(results, run_info))
+    atomic_write(paths["summary"], summary_md(results, info))
     return paths
 
 

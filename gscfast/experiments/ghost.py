@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from ..nn import Residual
 from .gaussian import R_S
-from .outputs import (add_study_arguments, expand_names, fmt, machine, num, pyplot, resolve_device,
-                      resolve_dtype, run_command, save_figure, sci, t_interval, write_json)
+from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
+                      resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
+                      write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants", "r_s",
@@ -350,7 +351,7 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
 
 
 def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
-    cfg = results["config"]
+    cfg, t = results["config"], info["timings"]
     fl = results["fit_layers"]
     lines = [
         "# Forward/backward scaling ('ghost' analysis)", "",
@@ -407,10 +408,10 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         f"layers, {cfg['depth']}).",
         "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
         "## Timings", "",
-        f"- This invocation: {info['computed']} jobs computed with engine `{info['engine']}` "
-        f"({info['threads']} CPU threads per job), wall time {info['wall_seconds']:.1f} s.",
-        f"- All jobs: {info['job_seconds']:.1f} s of job time in total; per repeat "
-        f"{1e3 * info['job_seconds'] / max(1, cfg['repeats'] * len(cfg['variants'])):.1f} ms on "
+        f"- This invocation: {t['computed']} jobs computed with engine `{info['engine']}` "
+        f"({info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total; per repeat "
+        f"{1e3 * t['job_seconds'] / max(1, cfg['repeats'] * len(cfg['variants'])):.1f} ms on "
         "average.",
         "", f"Machine: {info['machine']}.", "",
         "## Files", "",
@@ -426,18 +427,13 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
     """ghost.png/pdf, results.json, layers.csv and summary.md from a complete run's records."""
-    from .. import __version__
-
     out = Path(out)
     results = aggregate(config, result.records)
-    info = {"version": __version__, "engine": result.engine, "threads": result.threads,
-            "computed": result.computed, "wall_seconds": result.wall_seconds,
-            "job_seconds": float(sum(r["seconds"] for r in result.records.values())),
-            "machine": machine()}
+    info = run_info(result, run_timings(result))
     paths = {k: out / f for k, f in (("png", "ghost.png"), ("pdf", "ghost.pdf"),
                                       ("json", "results.json"), ("csv", "layers.csv"),
                                       ("summary", "summary.md"))}
-    write_json(paths["json"], {**results, "gscfast_version": __version__, "timings": info})
+    write_json(paths["json"], {**results, "gscfast_version": info["version"], "timings": info["timings"]})
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
     atomic_write(paths["summary"], summary_md(results, info))

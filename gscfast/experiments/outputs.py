@@ -18,7 +18,7 @@ from .runner import RunResult, Study, atomic_write, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
            "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
-           "expand_names", "add_study_arguments"]
+           "expand_names", "add_study_arguments", "run_timings", "run_info"]
 
 
 def add_study_arguments(p: argparse.ArgumentParser, *, device: str = "auto",
@@ -149,6 +149,27 @@ def machine() -> str:
     """One line naming the machine, for summaries."""
     return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}")
+
+
+def run_timings(result: RunResult) -> dict[str, Any]:
+    """What every study's summary says of a run's cost: jobs, jobs computed by this invocation,
+    its wall time, the job time of all records, and the devices and CPU thread counts they name
+    (more than one of either: the run was resumed elsewhere)."""
+    recs = result.records.values()
+    return {"jobs": len(result.records), "computed": result.computed,
+            "wall_seconds": result.wall_seconds,
+            "job_seconds": float(sum(r["seconds"] for r in recs)),
+            "devices": sorted({str(r["result"]["device"]) for r in recs if "device" in r["result"]}),
+            "threads": sorted({r["threads"] for r in recs})}
+
+
+def run_info(result: RunResult, timings: dict[str, Any]) -> dict[str, Any]:
+    """The run's identity for a summary: gscfast version, engine, threads per job, ``timings``
+    and the machine."""
+    from .. import __version__
+
+    return {"version": __version__, "engine": result.engine, "threads": result.threads,
+            "timings": timings, "machine": machine()}
 
 
 def run_command(study: Study, args: argparse.Namespace,

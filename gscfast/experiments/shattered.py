@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CReLU, Residual, _init_weight, mlp
-from .outputs import (add_study_arguments, fmt, machine, num, pyplot, resolve_device, resolve_dtype,
-                      run_command, save_figure, sci, write_json)
+from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device, resolve_dtype,
+                      run_command, run_info, run_timings, save_figure, sci, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["KINDS", "DEFAULT_ARCHS", "parse_arch", "expand_archs", "predicted_correlation",
@@ -96,11 +96,7 @@ def parse_arch(name: str) -> dict[str, Any]:
 def expand_archs(names: list[str] | None, looks_linear: bool = False) -> list[str]:
     """Architecture names, checked, without repeats (default ``DEFAULT_ARCHS``); ``looks_linear``
     adds ``ll-ReLU-L`` for the deepest network given."""
-    out: list[str] = []
-    for name in names or DEFAULT_ARCHS:
-        parse_arch(name)
-        if name not in out:
-            out.append(name)
+    out = expand_names(names or DEFAULT_ARCHS, {}, parse_arch)
     if looks_linear:
         ll = f"ll-ReLU-{max(parse_arch(a)['depth'] for a in out)}"
         if ll not in out:
@@ -612,31 +608,24 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     for arch in config["archs"]:
         recs = [r for r in records.values() if r["spec"]["arch"] == arch]
         per_member[arch] = sum(r["seconds"] for r in recs) / sum(len(r["spec"]["net_seeds"]) for r in recs)
-    return {"jobs": len(records), "computed": result.computed, "wall_seconds": result.wall_seconds,
-            "job_seconds": float(sum(r["seconds"] for r in records.values())),
-            "per_member": per_member,
-            "devices": sorted({r["result"]["device"] for r in records.values()}),
-            "threads": sorted({r["threads"] for r in records.values()})}
+    return {**run_timings(result), "per_member": per_member}
 
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
     """shattered.png/pdf, results.json, gradients.csv and summary.md from a complete run's
     records, each written atomically."""
-    from .. import __version__
-
     out = Path(out)
     results = aggregate(config, result.records)
-    run_info = {"version": __version__, "engine": result.engine, "threads": result.threads,
-                "timings": _timings(config, result.records, result), "machine": machine()}
+    info = run_info(result, _timings(config, result.records, result))
     paths = {k: out / f for k, f in (("png", "shattered.png"), ("pdf", "shattered.pdf"),
                                       ("json", "results.json"), ("csv", "gradients.csv"),
                                       ("summary", "summary.md"))}
-    write_json(paths["json"], {**results, "gscfast_version": __version__,
-                               "timings": run_info["timings"],
+    write_json(paths["json"], {**results, "gscfast_version": info["version"],
+                               "timings": info["timings"],
                                "seconds": {k: r["seconds"] for k, r in result.records.items()}})
     atomic_write(paths["csv"], gradients_csv(config, result.records))
     plot(results, result.records, [paths["png"], paths["pdf"]])
-    atomic_write(paths["summary"], summary_md(results, run_info))
+    atomic_write(paths["summary"], summary_md(results, info))
     return paths
 
 

@@ -55,8 +55,9 @@ from torch import nn
 
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
-from .outputs import add_study_arguments, fmt as _fmt, json_safe, machine, mean_or_none as _mean, num as _num, pyplot
-from .outputs import resolve_device, run_command, save_figure, sci as _sci, write_json
+from .outputs import (add_study_arguments, fmt as _fmt, json_safe, mean_or_none as _mean, num as _num,
+                      pyplot, resolve_device, run_command, run_info, run_timings, save_figure,
+                      sci as _sci, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 from .training import deterministic, load_checkpoint, minibatches, progress_line
 from .training import restore_training_state, save_training_state
@@ -583,19 +584,16 @@ _FILE_NOTES = {
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
     """Every output file from a complete run's records (atomically)."""
-    from .. import __version__
-
     out = Path(out)
     results = aggregate(config, result.records)
-    info = {"version": __version__, "engine": result.engine, "threads": result.threads,
-            "machine": machine()}
+    info = run_info(result, run_timings(result))
     paths: dict[str, Path] = {}
 
     def path(name: str) -> Path:
         paths[name] = out / name
         return paths[name]
 
-    write_json(path("results.json"), {**results, "gscfast_version": __version__})
+    write_json(path("results.json"), {**results, "gscfast_version": info["version"]})
     atomic_write(path("epochs.csv"), epochs_csv(results))
     atomic_write(path("flow.csv"), flow_csv(result.records, config["archs"]))
     plot_curves(results, [path("curves.png"), path("curves.pdf")])
