@@ -2,11 +2,12 @@
 
 Every quantity is defined in the project's definitions (README, "What gscfast computes").
 """
-from . import autograd, nn
+from . import autograd, estimators, nn
 from .analysis import Analysis, analyze
 from .api import PreactStats, effective_depth, explosion_rate, gsc, gsc_matrix, jacobian, preactivation_stats
 from .backends import available_backends
 from .compiler import compile_model
+from .estimators import BootstrapGSC, GSCMoments, bootstrap_gsc, pool
 from .flow import GradientFlow
 from .nn import Residual, mlp
 
@@ -16,4 +17,5 @@ __all__ = [
     "gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth", "analyze",
     "Analysis", "PreactStats", "explosion_rate", "mlp", "Residual", "compile_model",
     "available_backends", "autograd", "nn", "GradientFlow", "__version__",
+    "estimators", "GSCMoments", "pool", "bootstrap_gsc", "BootstrapGSC",
 ]

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .api import _gsc_from_sweep, _preact, explosion_rate
+from .api import _preact, explosion_rate
 from .backends import get_backend
+from .estimators import GSCMoments
 from .validation import make_problem
 
 __all__ = ["Analysis", "analyze"]
@@ -23,12 +24,15 @@ class Analysis:
         preact_std: pre-activation std (quadratic mean over neurons), NaN where undefined.
         sign_diversity: mean sign diversity, NaN where undefined.
         rate: explosion rate ``exp(slope)`` of ``log GSC(l, 0)`` against ``l``.
+        moments: the raw expectations behind ``gsc`` (``gscfast.estimators.GSCMoments``): keep
+            these, not ``gsc``, to pool several datasets or networks (definitions.md).
     """
 
     gsc: Tensor
     preact_std: Tensor
     sign_diversity: Tensor
     rate: float
+    moments: GSCMoments | None = None
 
     @property
     def L(self) -> int:
@@ -37,7 +41,8 @@ class Analysis:
     def to_dict(self) -> dict[str, Any]:
         """Plain Python lists and floats (NaN kept as float('nan')), e.g. for JSON."""
         return {"L": self.L, "rate": self.rate, "gsc": self.gsc.tolist(),
-                "preact_std": self.preact_std.tolist(), "sign_diversity": self.sign_diversity.tolist()}
+                "preact_std": self.preact_std.tolist(), "sign_diversity": self.sign_diversity.tolist(),
+                "moments": None if self.moments is None else self.moments.to_dict()}
 
     def to_frame(self):
         """A pandas DataFrame indexed by layer ``l`` (needs pandas)."""
@@ -88,8 +93,9 @@ def analyze(
 ) -> Analysis:
     """GSC, pre-activation statistics and explosion rate in one forward/backward sweep
     (arguments as in ``gscfast.gsc``)."""
-    pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
-    g = _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze).to(x.dtype)
+    moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
+    g = moments.gsc().to(device=x.device, dtype=x.dtype)
     stats = _preact(sw.moments, x)
-    return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g))
+    return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g), moments)

@@ -8,7 +8,6 @@ Per-layer results have length ``L + 1`` indexed in the paper's numbering (``0`` 
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from .backends import get_backend
 from .backends.base import Moments, Problem
 from .compiler import compile_model
+from .estimators import GSCMoments, explosion_rates
 from .validation import _check_model_tensors, check_same_architecture, make_problem
 
 __all__ = ["gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
@@ -29,7 +29,7 @@ def _mean(t: Tensor) -> Tensor:
 
 
 def _n(pb: Problem) -> Tensor:
-    return torch.tensor([pb.n(l) for l in range(pb.L + 1)], dtype=torch.float64, device=pb.x.device)
+    return torch.tensor(pb.columns, dtype=torch.float64, device=pb.x.device)
 
 
 def _per_datapoint(t: Tensor, pb: Problem, squeeze: bool) -> Tensor:
@@ -83,14 +83,12 @@ def gsc(
 
 def _gsc_from_sweep(sq_out: Tensor, sq_grad: Tensor, pb: Problem, squeeze: bool,
                     reduction: str = "mean") -> Tensor:
-    n = _n(pb)
     if reduction == "none":
+        n = _n(pb)
         per = sq_grad.to(torch.float64) / n * sq_out.to(torch.float64) / sq_out[:, :1].to(torch.float64)
         per[:, 0] = 1
         return _per_datapoint(per, pb, squeeze)
-    out = _mean(sq_grad) / n * _mean(sq_out) / _mean(sq_out[:, 0])
-    out[0] = 1
-    return out
+    return GSCMoments.of(sq_out, sq_grad, pb.columns).gsc().to(sq_out.device)
 
 
 def gsc_matrix(
@@ -257,11 +255,7 @@ def effective_depth(
 def explosion_rate(gsc_values: Tensor) -> float:
     """``exp(slope)`` of the least-squares fit of ``log GSC(l, 0)`` against ``l`` (finite, positive
     entries only)."""
-    g = gsc_values.detach().to(torch.float64).cpu()
-    l = torch.arange(len(g), dtype=torch.float64)
-    keep = torch.isfinite(g) & (g > 0)
-    if keep.sum() < 2:
-        return float("nan")
-    lk, gk = l[keep], g[keep].log()
-    lc = lk - lk.mean()
-    return math.exp(float((lc * (gk - gk.mean())).sum() / lc.square().sum()))
+    g = gsc_values.detach().cpu()
+    if g.dim() != 1:
+        raise ValueError(f"explosion_rate takes one GSC curve [L+1], got shape {tuple(g.shape)}")
+    return float(explosion_rates(g))

@@ -92,6 +92,11 @@ class Problem:
         """Columns of ``J_k^l`` for ``k = l``: ``dim f_l`` of one datapoint."""
         return 1 if l == 0 else self.S * self.widths[l]
 
+    @property
+    def columns(self) -> list[int]:
+        """``[n(0), ..., n(L)]``."""
+        return [self.n(l) for l in range(self.L + 1)]
+
 
 @dataclass
 class Moments:

@@ -26,7 +26,8 @@ import torch
 from .outputs import (add_study_arguments, expand_names, fmt as _fmt, num as _num, pyplot,
                       resolve_device as _device, resolve_dtype as _dtype, run_command, run_info,
                       run_timings, save_figure, sci as _sci, t_interval, write_json)
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
+from ..estimators import GSCMoments, bootstrap_gsc, explosion_rates, pool
+from .runner import Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
            "make_config", "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
@@ -113,7 +114,8 @@ def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype 
 
 
 def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """One (architecture, dataset) job: seeded data and network, ``gscfast.analyze``, plain lists."""
+    """One (architecture, dataset) job: seeded data and network, ``gscfast.analyze``, plain lists.
+    ``moments`` keeps the raw expectations that the pooled GSC over datasets is made of."""
     from .. import analyze
     from ..backends import get_backend
 
@@ -123,18 +125,32 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     a = analyze(model, x, y, backend=config["backend"])
     return {"gsc": a.gsc.tolist(), "preact_std": a.preact_std.tolist(),
             "sign_diversity": a.sign_diversity.tolist(), "rate": float(a.rate),
+            "moments": a.moments.to_dict(),
             "backend": get_backend(config["backend"], device).name, "device": str(device)}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     n = config["depth"] + 1
+    if "moments" not in result:
+        raise OutdatedRecord(
+            "this job record has no 'moments', the raw per-dataset expectations that the pooled "
+            "expected GSC is computed from (records written before gscfast computed the pooled GSC "
+            "lack them); recompute the run into a new --out, or delete this directory's jobs/ and "
+            "manifest.json and run the same command again")
     for key in ("gsc", "preact_std", "sign_diversity"):
         v = result.get(key)
-        if not isinstance(v, list) or len(v) != n or not all(isinstance(t, (int, float)) for t in v):
+        if not isinstance(v, list) or len(v) != n or not all(map(_is_number, v)):
             raise ValueError(f"{key!r} is not a list of {n} numbers")
-    if not isinstance(result.get("rate"), (int, float)):
+    if not _is_number(result.get("rate")):
         raise ValueError("'rate' is not a number")
+    m = GSCMoments.from_dict(result["moments"])
+    if m.L + 1 != n:
+        raise ValueError(f"'moments' has {m.L + 1} layers, not {n}")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -189,27 +205,52 @@ def _layer_stats(a: np.ndarray) -> dict[str, list[float]]:
     return {k: [float(t) for t in v] for k, v in out.items()}
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def pooled_gsc(moments: list[GSCMoments], seed: int) -> dict[str, Any]:
+    """The pooled expected GSC(l, 0) over every datapoint of every dataset (definitions.md), the
+    explosion rate fitted to it, and 95% percentile-bootstrap intervals over datasets for both."""
+    g = pool(moments).gsc()
+    b = bootstrap_gsc(moments, resamples=BOOTSTRAP_RESAMPLES, level=0.95, seed=seed)
+    return {"gsc": g.tolist(), "gsc_lo": b.gsc_lo.tolist(), "gsc_hi": b.gsc_hi.tolist(),
+            "rate": float(explosion_rates(g)), "rate_ci95": [b.rate_lo, b.rate_hi],
+            "datasets": len(moments), "datapoints": sum(m.count for m in moments),
+            "bootstrap": {"resamples": b.resamples, "level": b.level, "seed": seed}}
+
+
 def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every number of the study from the job records: per architecture the per-layer statistics
-    over datasets, the explosion rate's mean and 95% t-interval, r(s), and each dataset's values."""
+    """Every number of the study from the job records: per architecture the pooled expected GSC
+    with its bootstrap band and the explosion rate fitted to it (the headline), r(s), and beside
+    them the per-dataset statistics (mean, median, quantiles, per-dataset rates) and each
+    dataset's values."""
     archs: dict[str, Any] = {}
     for arch in config["archs"]:
         recs = sorted((r for r in records.values() if r["spec"]["arch"] == arch),
                       key=lambda r: r["spec"]["dataset"])
         per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
         rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
+        pooled = pooled_gsc([GSCMoments.from_dict(r["result"]["moments"]) for r in recs],
+                            job_seed(config["seed"], "bootstrap", arch))
         mean, low, high, sd = t_interval(rates)
         L = config["depth"]
+        layers = {q: _layer_stats(per[q]) for q in QUANTITIES}
         archs[arch] = {
             **parse_arch(arch),
-            "rate": {"mean": mean, "ci95": [low, high], "std": sd, "n": int(np.isfinite(rates).sum())},
+            "pooled": pooled,
+            "rate": {"pooled": pooled["rate"], "ci95": pooled["rate_ci95"]},
+            "rate_per_dataset": {"mean": mean, "ci95": [low, high], "std": sd,
+                                 "median": float(np.nanmedian(rates)) if len(rates) else math.nan,
+                                 "n": int(np.isfinite(rates).sum())},
             "predicted_rate": predicted_rate(arch),
             "r_s": R_S.get(parse_arch(arch)["act"]),
-            "gsc_L": dict(zip(STATS, (s[L] for s in _layer_stats(per["gsc"]).values()))),
-            "layers": {q: _layer_stats(per[q]) for q in QUANTITIES},
+            "gsc_L": {"pooled": pooled["gsc"][L], "ci95": [pooled["gsc_lo"][L], pooled["gsc_hi"][L]],
+                      **{f"per_dataset_{k}": v[L] for k, v in layers["gsc"].items()}},
+            "layers": layers,
             "datasets": [{"dataset": r["spec"]["dataset"], "data_seed": r["spec"]["data_seed"],
                           "net_seed": r["spec"]["net_seed"], "rate": r["result"]["rate"],
-                          **{q: r["result"][q] for q in QUANTITIES}} for r in recs],
+                          **{q: r["result"][q] for q in QUANTITIES},
+                          "moments": r["result"]["moments"]} for r in recs],
         }
     return {"study": NAME, "config": config, "archs": archs}
 
@@ -218,11 +259,15 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
 
 
 def layers_csv(results: dict[str, Any]) -> str:
-    """Long table: one row per (architecture, dataset or statistic, layer)."""
+    """Long table: one row per (architecture, dataset or statistic, layer). ``pooled``,
+    ``pooled_lo``, ``pooled_hi``: the pooled expected GSC and its 95% bootstrap band (GSC only)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["arch", "dataset", "l", *QUANTITIES])
     for arch, a in results["archs"].items():
+        for row, key in (("pooled", "gsc"), ("pooled_lo", "gsc_lo"), ("pooled_hi", "gsc_hi")):
+            for l, g in enumerate(a["pooled"][key]):
+                w.writerow([arch, row, l, _num(g), "", ""])
         for stat in STATS:
             cols = [a["layers"][q][stat] for q in QUANTITIES]
             for l, vals in enumerate(zip(*cols)):
@@ -240,21 +285,24 @@ _STYLE = {None: "-", "layer": "--", "batch": ":"}
 
 def plot(results: dict[str, Any], paths: list[Path]) -> None:
     """Figure 1: GSC(l, 0) (log scale), pre-activation std and sign diversity against
-    compositional depth; one line per architecture (mean over datasets), 10-90% band."""
+    compositional depth; one line per architecture. Panel A: the pooled expected GSC over all
+    datasets with its 95% bootstrap band; B and C: mean over datasets with a 10-90% band."""
     plt = pyplot()
     cfg = results["config"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.get_cmap("tab10" if len(results["archs"]) <= 10 else "tab20").colors
     l = np.arange(cfg["depth"] + 1)
-    titles = ("(A) expected GSC(l, 0)", "(B) pre-activation standard deviation", "(C) sign diversity")
+    titles = ("(A) expected GSC(l, 0), pooled over datasets", "(B) pre-activation standard deviation", "(C) sign diversity")
     for i, (arch, a) in enumerate(results["archs"].items()):
         color = colors[i % len(colors)]
         style = "-." if a["residual"] is not None else _STYLE[a["norm"]]
         for ax, q in zip(axes, QUANTITIES):
             s = a["layers"][q]
             lo, hi, m = (np.array(s[k], dtype=float) for k in ("q10", "q90", "mean"))
+            if q == "gsc":
+                lo, hi, m = (np.array(a["pooled"][k], dtype=float) for k in ("gsc_lo", "gsc_hi", "gsc"))
             ax.fill_between(l, lo, hi, color=color, alpha=0.15, linewidth=0)
-            label = f"{arch} (rate {a['rate']['mean']:.3f})" if q == "gsc" else None
+            label = f"{arch} (rate {a['rate']['pooled']:.3f})" if q == "gsc" else None
             ax.plot(l, m, style, color=color, linewidth=1.6, label=label)
     for ax, title in zip(axes, titles):
         ax.set_title(title)
@@ -264,7 +312,8 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
     axes[0].set_yscale("log")
     axes[2].set_ylim(0, 0.52)
     fig.suptitle(f"Gaussian noise: {cfg['depth']} layers x {cfg['width']}, {cfg['datasets']} datasets "
-                 f"x {cfg['samples']:,} points (lines: mean over datasets; bands: 10-90% of datasets)",
+                 f"x {cfg['samples']:,} points. A: pooled expected GSC, band 95% bootstrap interval over "
+                 "datasets; B, C: mean over datasets, band 10-90% of datasets",
                  fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
@@ -306,20 +355,39 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         f"datasets x {cfg['samples']:,} points; MLPs of depth {L} and width {cfg['width']}; "
         f"seed {cfg['seed']}.", "",
         "## Explosion rates", "",
-        f"| architecture | rate (mean) | 95% CI | r(s) | GSC({L}, 0) mean | GSC({L}, 0) median "
-        "| 10-90% over datasets |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| architecture | rate | 95% CI | r(s) | GSC({L}, 0) | 95% CI | per-dataset rates: mean "
+        f"[95% t-CI] | per-dataset GSC({L}, 0): median (10-90%) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arch, a in results["archs"].items():
-        r, g = a["rate"], a["gsc_L"]
-        lines.append(f"| {arch} | {_fmt(r['mean'])} | [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
-                     f"| {_fmt(a['predicted_rate'])} | {_sci(g['mean'])} | {_sci(g['median'])} "
-                     f"| {_sci(g['q10'])} - {_sci(g['q90'])} |")
+        r, g, rd = a["rate"], a["gsc_L"], a["rate_per_dataset"]
+        lines.append(f"| {arch} | {_fmt(r['pooled'])} | [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
+                     f"| {_fmt(a['predicted_rate'])} | {_sci(g['pooled'])} "
+                     f"| [{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}] "
+                     f"| {_fmt(rd['mean'])} [{_fmt(rd['ci95'][0])}, {_fmt(rd['ci95'][1])}] "
+                     f"| {_sci(g['per_dataset_median'])} ({_sci(g['per_dataset_q10'])} - "
+                     f"{_sci(g['per_dataset_q90'])}) |")
     lines += [
         "",
-        "- **rate**: per dataset, `gscfast.explosion_rate`, i.e. `exp(slope)` of the least-squares "
-        f"fit of `log GSC(l, 0)` against `l = 0..{L}`; the table gives the mean over datasets and "
-        "a Student-t 95% confidence interval for it.",
+        f"- **GSC(l, 0)** is the **pooled expected GSC** of definitions.md: the ratio of "
+        "expectations `E||J_l^0||_qm^2 E||f_l||^2 / E[f_0^2]` over every datapoint of every "
+        f"dataset (the {cfg['datasets']} datasets' datapoints together, each dataset with its own "
+        "network). Each job record keeps the raw expectations it is made of (`moments`: the "
+        "datapoint means of `||J_l^0||_F^2`, `||f_l||^2` and `f_0^2`, and the datapoint count), "
+        "so any statistic can be recomputed from `jobs/` without rerunning.",
+        "- **95% CI** of GSC and rate: percentile bootstrap over datasets "
+        f"({BOOTSTRAP_RESAMPLES} resamples of the datasets with replacement, each pooled as above; "
+        "seeded, so reproducible).",
+        "- **rate**: `exp(slope)` of the least-squares fit of `log GSC(l, 0)` against "
+        f"`l = 0..{L}` (`gscfast.explosion_rate`), fitted to the pooled curve.",
+        "- **Why not the mean over datasets of each dataset's GSC**: a mean of ratios is not an "
+        "expected GSC. With batch norm a whole dataset is one datapoint (definitions.md), so each "
+        "dataset's GSC divides by a single draw of `f_0^2`, which is close to a chi-square "
+        "variable with one degree of freedom: its reciprocal has no finite mean, and the mean "
+        "over datasets is ruled by the dataset whose `f_0` happens to be closest to zero (it "
+        "varies by orders of magnitude with the seed, or with the BLAS's rounding). The "
+        "per-dataset values are still reported (the last two columns, `results.json`, "
+        "`layers.csv`) as a description of the spread between datasets, not as an estimate.",
         "- **r(s)** = `E[s'(z)^2] / Var[s(z)]` (definitions.md). It predicts the per-layer growth "
         "of the squared gradient norm in a plain linear -> batch-norm -> activation network, and "
         "so the explosion rate of the batch-norm architectures (their layer outputs keep a "
@@ -336,13 +404,14 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "- Networks: `gscfast.mlp(depth, width, act, norm, init, residual)`: linear (no bias) -> "
         "[non-learnable layer/batch norm] -> activation; weight variance 2/width for ReLU, "
         "1/width for tanh and SeLU. Batch norm uses batch statistics, so with batch norm a whole "
-        "dataset is one datapoint (definitions.md).",
-        "- Per (architecture, dataset): `gscfast.analyze` gives the expected GSC(l, 0) over the "
-        "dataset's datapoints, the pre-activation std and the sign diversity (one sweep).",
-        "- Figure and table: each line is the **arithmetic mean over datasets** of the per-dataset "
-        "values (the expected GSC averaged over datasets, not a geometric mean), the band spans the "
-        "10% and 90% quantiles over datasets. Medians are in results.json and layers.csv. On the "
-        "log scale of panel A a heavy upper tail can lift the mean above the median.",
+        "dataset is one datapoint (definitions.md): its error is `f_0 = sum_i <y_i, out_i>`, "
+        "whose mean is zero, so the GSC does not scale with the dataset size (the paper's coupled "
+        "form is kept).",
+        "- Per (architecture, dataset): `gscfast.analyze` gives the raw expectations of the "
+        "GSC, the pre-activation std and the sign diversity (one sweep).",
+        "- Panels B and C (pre-activation std, sign diversity): each line is the arithmetic mean "
+        "over datasets of the per-dataset values (statistics of one network each, not ratios), "
+        "the band spans the 10% and 90% quantiles over datasets.",
         "- NaN (no pre-activation: l = 0, residual blocks) is empty in layers.csv and null in "
         "results.json.",
         "",
@@ -375,11 +444,13 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
     lines += ["", f"Machine: {run_info['machine']}.", "",
               "## Files", "",
               "- `figure1.png`, `figure1.pdf`: the three panels.",
-              "- `results.json`: every number (per architecture: rate, per-layer statistics, each "
-              "dataset's values and seeds), the configuration and the timings.",
+              "- `results.json`: every number (per architecture: the pooled GSC with its band "
+              "(`pooled`), the rates, per-layer statistics over datasets, each dataset's values, "
+              "raw expectations and seeds), the configuration and the timings.",
               "- `layers.csv`: columns `arch, dataset, l, gsc, preact_std, sign_diversity`; "
-              "`dataset` is a dataset index or one of `mean, median, q10, q90` (the plotted "
-              "statistics over datasets).",
+              "`dataset` is a dataset index, `pooled`, `pooled_lo`, `pooled_hi` (panel A's line "
+              "and band; GSC only) or one of `mean, median, q10, q90` (statistics over datasets; "
+              "panels B and C plot `mean`, `q10`, `q90`).",
               "- `manifest.json`, `jobs/`: the run's identity and one record per (architecture, "
               "dataset); `gscfast gaussian --out DIR --resume` with the same options continues or "
               "regenerates these files.", ""]
@@ -447,11 +518,13 @@ def main(args: argparse.Namespace) -> int:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:
             results = json.loads(paths["json"].read_text())
-            print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)")
+            print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)   "
+                  f"GSC(L, 0) [95% CI]")
             for arch, a in results["archs"].items():
-                r, ci = a["rate"], a["rate"]["ci95"]
-                print(f"{arch:<22} {_fmt(r['mean']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
-                      f"{_fmt(a['predicted_rate'])}")
+                r, ci, g = a["rate"], a["rate"]["ci95"], a["gsc_L"]
+                print(f"{arch:<22} {_fmt(r['pooled']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
+                      f"{_fmt(a['predicted_rate']):<6} {_sci(g['pooled'])} "
+                      f"[{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}]")
         return paths
 
     return run_command(make_study(config), args, write)

@@ -58,6 +58,11 @@ class EngineError(RuntimeError):
     """An engine that cannot run here (e.g. Ray not installed)."""
 
 
+class OutdatedRecord(ValueError):
+    """A study's ``check`` refuses a record written by an older gscfast (its message says how to
+    recompute); reported as such, not as corruption."""
+
+
 class UsageError(ValueError):
     """Invalid options of a study's command."""
 
@@ -247,6 +252,8 @@ def _load_records(study: Study, out: Path, fingerprint: str,
                 raise ValueError("missing result or seconds")
             if study.check is not None:
                 study.check(study.config, rec["spec"], rec["result"])
+        except OutdatedRecord as e:
+            raise ResultsDirError(f"{path} cannot be used: {e}") from e
         except (ValueError, UnicodeDecodeError, TypeError, KeyError) as e:
             raise ResultsDirError(
                 f"{path} is corrupted ({e}); delete it to recompute that job, then --resume") from e

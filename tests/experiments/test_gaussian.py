@@ -60,20 +60,35 @@ def test_every_output_file(full):
             assert set(a["layers"][q]) == {"mean", "median", "q10", "q90"}
             assert all(len(v) == DEPTH + 1 for v in a["layers"][q].values())
         assert a["layers"]["gsc"]["mean"][0] == 1.0 and a["layers"]["preact_std"]["mean"][0] is None
+        # The headline is the pooled expected GSC over all datasets' datapoints, and the rate
+        # fitted to it, each with a bootstrap interval.
+        p = a["pooled"]
+        pooled = gscfast.pool([gscfast.GSCMoments.from_dict(d["moments"]) for d in a["datasets"]])
+        assert p["gsc"] == pooled.gsc().tolist() and p["gsc"][0] == 1.0
+        assert p["datasets"] == DATASETS and p["datapoints"] == pooled.count
+        assert all(lo <= g <= hi for lo, g, hi in zip(p["gsc_lo"], p["gsc"], p["gsc_hi"]))
         r = a["rate"]
-        assert r["n"] == DATASETS and r["ci95"][0] < r["mean"] < r["ci95"][1]
-        assert r["mean"] == pytest.approx(sum(d["rate"] for d in a["datasets"]) / DATASETS, rel=1e-12)
+        assert r["pooled"] == pytest.approx(gscfast.explosion_rate(torch.tensor(p["gsc"], dtype=torch.float64)), rel=1e-12)
+        assert r["ci95"][0] <= r["pooled"] <= r["ci95"][1]
+        assert a["gsc_L"]["pooled"] == p["gsc"][DEPTH]
+        rd = a["rate_per_dataset"]
+        assert rd["n"] == DATASETS and rd["ci95"][0] < rd["mean"] < rd["ci95"][1]
+        assert rd["mean"] == pytest.approx(sum(d["rate"] for d in a["datasets"]) / DATASETS, rel=1e-12)
     assert res["archs"]["batch-tanh"]["predicted_rate"] == 1.178
     assert res["archs"]["ReLU"]["predicted_rate"] is None
 
     rows = (full / "layers.csv").read_text().splitlines()
     assert rows[0] == "arch,dataset,l,gsc,preact_std,sign_diversity"
-    assert len(rows) == 1 + len(ARCHS) * (DATASETS + 4) * (DEPTH + 1)
-    assert "ReLU,mean,0,1.0,," in rows
+    assert len(rows) == 1 + len(ARCHS) * (DATASETS + 7) * (DEPTH + 1)
+    assert "ReLU,mean,0,1.0,," in rows and "ReLU,pooled,0,1.0,," in rows
+    pooled = res["archs"]["ReLU"]["pooled"]
+    for name, key in (("pooled", "gsc"), ("pooled_lo", "gsc_lo"), ("pooled_hi", "gsc_hi")):
+        assert [float(r.split(",")[3]) for r in rows if r.startswith(f"ReLU,{name},")] == pooled[key]
 
     summary = (full / "summary.md").read_text()
     assert f"gscfast {gscfast.__version__}" in summary
-    for text in ("| batch-tanh |", "| ReLU |", "1.178", "95% CI", "arithmetic mean over datasets",
+    for text in ("| batch-tanh |", "| ReLU |", "1.178", "95% CI", "pooled expected GSC",
+                 "percentile bootstrap", "a mean of ratios is not an expected GSC",
                  "FLOP floor", "seconds per job", '"samples": 64'):
         assert text in summary, text
 
@@ -89,6 +104,7 @@ def test_numbers_are_those_of_the_api(full):
     with thread_limit(1):  # as the job ran
         a = gscfast.analyze(model, x, y, backend="torch")
     assert rec["result"]["gsc"] == a.gsc.tolist() and rec["result"]["rate"] == a.rate
+    assert rec["result"]["moments"] == a.moments.to_dict()
 
 
 def test_seeds_are_stable():
@@ -162,6 +178,18 @@ def _edit_manifest(**changes):
     return edit
 
 
+def _edit_job(**changes):
+    def edit(d: Path) -> None:
+        p = d / "jobs" / "ReLU.00001.json"
+        rec = json.loads(p.read_text())
+        rec["result"].update(changes)
+        for k, v in changes.items():
+            if v is None:
+                del rec["result"][k]
+        p.write_text(json.dumps(rec))
+    return edit
+
+
 REFUSALS = {  # name -> (how to spoil a finished run, extra options, words of the message)
     "non-empty without --resume": (lambda d: None, [], "not empty"),
     "foreign directory": (lambda d: (d / "manifest.json").unlink(), ["--resume"], "no manifest.json"),
@@ -174,6 +202,12 @@ REFUSALS = {  # name -> (how to spoil a finished run, extra options, words of th
     "job of another run": (_other_run_job, ["--resume"], "another run"),
     "foreign job file": (lambda d: (d / "jobs" / "SeLU.00000.json").write_text("{}"), ["--resume"],
                          "not a job of this run"),
+    "record of an older gscfast": (_edit_job(moments=None), ["--resume"],
+                                   "has no 'moments', the raw per-dataset expectations"),
+    "true in place of a number": (_edit_job(rate=True), ["--resume"], "'rate' is not a number"),
+    "true in a list": (_edit_job(gsc=[True] * (DEPTH + 1)), ["--resume"], "'gsc' is not a list"),
+    "bad moments": (_edit_job(moments={"sq_grad": [1.0], "sq_out": [1.0], "n": [1.0], "count": True}),
+                    ["--resume"], "count must be a positive int"),
 }
 
 
