@@ -4,7 +4,8 @@ Every quantity is defined in the project's definitions (README, "What gscfast co
 """
 from . import autograd, estimators, nn
 from .analysis import Analysis, analyze
-from .api import PreactStats, effective_depth, explosion_rate, gsc, gsc_matrix, jacobian, preactivation_stats
+from .api import (PreactStats, effective_depth, explosion_rate, gsc, gsc_matrix, gsc_moments, jacobian,
+                  preactivation_stats)
 from .backends import available_backends
 from .compiler import compile_model
 from .estimators import BootstrapGSC, GSCMoments, bootstrap_gsc, pool
@@ -14,7 +15,7 @@ from .nn import Residual, mlp
 __version__ = "0.1.0"
 
 __all__ = [
-    "gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth", "analyze",
+    "gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth", "analyze",
     "Analysis", "PreactStats", "explosion_rate", "mlp", "Residual", "compile_model",
     "available_backends", "autograd", "nn", "GradientFlow", "__version__",
     "estimators", "GSCMoments", "pool", "bootstrap_gsc", "BootstrapGSC",

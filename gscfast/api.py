@@ -19,7 +19,7 @@ from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
 from .validation import _check_model_tensors, check_same_architecture, make_problem
 
-__all__ = ["gsc", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
+__all__ = ["gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
            "PreactStats", "explosion_rate"]
 
 
@@ -79,6 +79,24 @@ def gsc(
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     return _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze, reduction).to(x.dtype)
+
+
+def gsc_moments(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    error: str = "dot",
+    batchnorm: str = "batch",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> GSCMoments:
+    """The raw expectations behind ``gsc(...)`` (arguments as there): keep these, not GSCs, to
+    combine several datasets or networks, ``gscfast.pool(moments).gsc()`` being the pooled expected
+    GSC of definitions.md (and ``gscfast.bootstrap_gsc`` its interval)."""
+    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+    sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
+    return GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
 
 
 def _gsc_from_sweep(sq_out: Tensor, sq_grad: Tensor, pb: Problem, squeeze: bool,

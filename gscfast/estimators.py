@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GSCMoments", "pool", "bootstrap_gsc", "BootstrapGSC", "explosion_rates"]
+__all__ = ["GSCMoments", "pool", "bootstrap_gsc", "BootstrapGSC", "explosion_rates", "pooled_summary"]
 
 
 def _vector(values: Any, what: str) -> Tensor:
@@ -170,3 +170,16 @@ def bootstrap_gsc(moments: Sequence[GSCMoments], *, resamples: int = 2000, level
     lo, hi = torch.nanquantile(gsc, q, dim=0)
     rlo, rhi = torch.nanquantile(explosion_rates(gsc), q).tolist()
     return BootstrapGSC(lo, hi, rlo, rhi, level, resamples)
+
+
+def pooled_summary(moments: Sequence[GSCMoments], *, seed: int, resamples: int = 2000,
+                   level: float = 0.95) -> dict[str, Any]:
+    """What a study reports of several datasets or networks, as plain JSON-able values: the pooled
+    expected ``GSC(l, 0)`` (``gsc``), its bootstrap band (``gsc_lo``, ``gsc_hi``), the explosion
+    rate fitted to the pooled curve with its interval, and what was pooled."""
+    g = pool(moments).gsc()
+    b = bootstrap_gsc(moments, resamples=resamples, level=level, seed=seed)
+    return {"gsc": g.tolist(), "gsc_lo": b.gsc_lo.tolist(), "gsc_hi": b.gsc_hi.tolist(),
+            "rate": float(explosion_rates(g)), "rate_ci": [b.rate_lo, b.rate_hi],
+            "datasets": len(moments), "datapoints": sum(m.count for m in moments),
+            "bootstrap": {"resamples": b.resamples, "level": b.level, "seed": seed}}

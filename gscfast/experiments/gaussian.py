@@ -26,7 +26,7 @@ import torch
 from .outputs import (add_study_arguments, expand_names, fmt as _fmt, num as _num, pyplot,
                       resolve_device as _device, resolve_dtype as _dtype, run_command, run_info,
                       run_timings, save_figure, sci as _sci, t_interval, write_json)
-from ..estimators import GSCMoments, bootstrap_gsc, explosion_rates, pool
+from ..estimators import GSCMoments, pooled_summary
 from .runner import Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
@@ -208,17 +208,6 @@ def _layer_stats(a: np.ndarray) -> dict[str, list[float]]:
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def pooled_gsc(moments: list[GSCMoments], seed: int) -> dict[str, Any]:
-    """The pooled expected GSC(l, 0) over every datapoint of every dataset (definitions.md), the
-    explosion rate fitted to it, and 95% percentile-bootstrap intervals over datasets for both."""
-    g = pool(moments).gsc()
-    b = bootstrap_gsc(moments, resamples=BOOTSTRAP_RESAMPLES, level=0.95, seed=seed)
-    return {"gsc": g.tolist(), "gsc_lo": b.gsc_lo.tolist(), "gsc_hi": b.gsc_hi.tolist(),
-            "rate": float(explosion_rates(g)), "rate_ci95": [b.rate_lo, b.rate_hi],
-            "datasets": len(moments), "datapoints": sum(m.count for m in moments),
-            "bootstrap": {"resamples": b.resamples, "level": b.level, "seed": seed}}
-
-
 def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every number of the study from the job records: per architecture the pooled expected GSC
     with its bootstrap band and the explosion rate fitted to it (the headline), r(s), and beside
@@ -230,15 +219,16 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
                       key=lambda r: r["spec"]["dataset"])
         per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
         rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
-        pooled = pooled_gsc([GSCMoments.from_dict(r["result"]["moments"]) for r in recs],
-                            job_seed(config["seed"], "bootstrap", arch))
+        pooled = pooled_summary([GSCMoments.from_dict(r["result"]["moments"]) for r in recs],
+                                seed=job_seed(config["seed"], "bootstrap", arch),
+                                resamples=BOOTSTRAP_RESAMPLES)
         mean, low, high, sd = t_interval(rates)
         L = config["depth"]
         layers = {q: _layer_stats(per[q]) for q in QUANTITIES}
         archs[arch] = {
             **parse_arch(arch),
             "pooled": pooled,
-            "rate": {"pooled": pooled["rate"], "ci95": pooled["rate_ci95"]},
+            "rate": {"pooled": pooled["rate"], "ci95": pooled["rate_ci"]},
             "rate_per_dataset": {"mean": mean, "ci95": [low, high], "std": sd,
                                  "median": float(np.nanmedian(rates)) if len(rates) else math.nan,
                                  "n": int(np.isfinite(rates).sum())},

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..estimators import GSCMoments, pooled_summary
 from ..nn import Residual
 from .gaussian import R_S
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
                       resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
                       write_json)
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
+from .runner import (Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write,
+                     job_seed)
 
 __all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants", "r_s",
            "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config",
@@ -173,8 +175,9 @@ def growth_rate(mean_sq: np.ndarray, depth: int) -> float:
 # ----------------------------------------------------------------------------- one job
 def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """``spec["repeats"]`` fresh networks and batches: sums over them of every layer's gradient
-    norm, its square and its fourth power; gscfast's GSC of the first network."""
-    from .. import gsc
+    norm, its square and its fourth power; the raw expectations of gscfast's GSC of the first
+    network (``gsc_moments``, pooled over chunks by ``aggregate``)."""
+    from .. import gsc_moments
 
     device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
     v = parse_variant(spec["variant"])
@@ -182,7 +185,7 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(spec["seed"])
     s1 = torch.zeros(L, dtype=torch.float64)
     s2, s4 = torch.zeros_like(s1), torch.zeros_like(s1)
-    first_gsc = None
+    first = None
     model = ghost_net(v["net"], v["act"], v["bn"], width=d, depth=L, generator=gen,
                       dtype=dtype).to(device)
     for r in range(spec["repeats"]):
@@ -195,9 +198,9 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         s2 += n**2
         s4 += n**4
         if r == 0 and config["gsc"]:
-            first_gsc = gsc(model, x, g, error="dot", backend=config["backend"]).tolist()
+            first = gsc_moments(model, x, g, error="dot", backend=config["backend"]).to_dict()
     return {"repeats": spec["repeats"], "sum_norm": s1.tolist(), "sum_sq": s2.tolist(),
-            "sum_sq2": s4.tolist(), "gsc": first_gsc, "device": str(device)}
+            "sum_sq2": s4.tolist(), "gsc_moments": first, "device": str(device)}
 
 
 def check_result(config: dict, spec: dict, result: dict) -> None:
@@ -209,9 +212,15 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
             raise ValueError(f"{key!r} is not a list of {L} numbers")
     if result.get("repeats") != spec["repeats"]:
         raise ValueError("'repeats' does not match the job")
-    gsc = result.get("gsc")
-    if config["gsc"] and not (isinstance(gsc, list) and len(gsc) == L + 1):
-        raise ValueError(f"'gsc' is not a list of {L + 1} numbers")
+    if config["gsc"]:
+        if "gsc_moments" not in result:
+            raise OutdatedRecord(
+                "this job record has no 'gsc_moments', the raw expectations that the pooled GSC "
+                "is computed from (records of older gscfast versions lack them); recompute the run "
+                "into a new --out, or delete this directory's jobs/ and manifest.json and run the "
+                "same command again")
+        if GSCMoments.from_dict(result["gsc_moments"]).L != L:
+            raise ValueError(f"'gsc_moments' does not have {L + 1} layers")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -257,7 +266,8 @@ def make_study(config: dict[str, Any]) -> Study:
 def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per variant: every layer's mean gradient norm, mean squared norm (and its standard error),
     the growth rate of the mean squared norm with a 95% t-interval over chunks, r(s), and the
-    mean GSC(l, 0) over the chunks' first networks."""
+    pooled expected GSC(l, 0) of the chunks' first networks with its bootstrap band over them
+    (``gscfast.estimators.pooled_summary``)."""
     L = config["depth"]
     out: dict[str, Any] = {}
     for variant in config["variants"]:
@@ -271,7 +281,8 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
         chunk_rates = [growth_rate(np.array(r["result"]["sum_sq"]) / r["result"]["repeats"], L)
                        for r in recs]
         _, low, high, sd = t_interval(np.array(chunk_rates))
-        gscs = [r["result"]["gsc"] for r in recs if r["result"].get("gsc") is not None]
+        moments = [GSCMoments.from_dict(r["result"]["gsc_moments"]) for r in recs
+                   if r["result"].get("gsc_moments") is not None]
         v = parse_variant(variant)
         out[variant] = {
             **v, "repeats": n, "init": ACTIVATIONS[v["act"]][2],
@@ -280,23 +291,24 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
             "r_s": R_S[v["act"]],
             "predicted": v["net"] == "plain" and v["bn"],
             "mean_norm": (s1 / n).tolist(), "mean_sq": mean_sq.tolist(), "se_sq": se_sq.tolist(),
-            "gsc_mean": (np.nanmean(np.array(gscs, dtype=np.float64), axis=0).tolist()
-                         if gscs else None),
-            "gsc_networks": len(gscs),
+            "gsc": (pooled_summary(moments, seed=job_seed(config["seed"], "bootstrap", variant))
+                    if moments else None),
         }
     return {"study": NAME, "config": config, "fit_layers": fit_layers(L), "variants": out}
 
 
 # ----------------------------------------------------------------------------- outputs
 def layers_csv(results: dict[str, Any]) -> str:
-    """One row per (variant, weight layer l = 1..L); ``gsc`` is GSC(l, 0) of that layer's output."""
+    """One row per (variant, weight layer l = 1..L); ``gsc`` is the pooled GSC(l, 0) of that layer's
+    output, ``gsc_lo``/``gsc_hi`` its 95% bootstrap band."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "l", "mean_norm", "mean_sq", "se_sq", "gsc"])
+    w.writerow(["variant", "l", "mean_norm", "mean_sq", "se_sq", "gsc", "gsc_lo", "gsc_hi"])
     for name, v in results["variants"].items():
-        gsc = v["gsc_mean"]
+        g = v["gsc"]
         for i, (m, q, e) in enumerate(zip(v["mean_norm"], v["mean_sq"], v["se_sq"])):
-            w.writerow([name, i + 1, num(m), num(q), num(e), num(gsc[i + 1]) if gsc else ""])
+            w.writerow([name, i + 1, num(m), num(q), num(e),
+                        *((num(g[k][i + 1]) for k in ("gsc", "gsc_lo", "gsc_hi")) if g else ("",) * 3)])
     return buf.getvalue()
 
 
@@ -310,7 +322,7 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
     plt = pyplot()
     cfg = results["config"]
     acts = [a for a in ACTIVATIONS if any(v["act"] == a for v in results["variants"].values())]
-    with_gsc = any(v["gsc_mean"] for v in results["variants"].values())
+    with_gsc = any(v["gsc"] for v in results["variants"].values())
     rows = 2 if with_gsc else 1
     fig, axes = plt.subplots(rows, len(acts), figsize=(5.2 * len(acts), 4.3 * rows), squeeze=False)
     l = np.arange(1, cfg["depth"] + 1)
@@ -328,9 +340,11 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
                 anchor = np.sqrt(v["mean_sq"][fit[-1] - 1])
                 ax.plot(fit, anchor * np.sqrt(v["r_s"]) ** (fit[-1] - fit), ":", color="k",
                         linewidth=1.2, label=f"r(s) = {v['r_s']:.3f} (prediction)")
-            if with_gsc and v["gsc_mean"]:
-                axes[1, j].plot(np.arange(cfg["depth"] + 1), v["gsc_mean"], style,
-                                color=_COLORS[v["net"]], label=name)
+            if with_gsc and v["gsc"]:
+                lg = np.arange(cfg["depth"] + 1)
+                axes[1, j].fill_between(lg, v["gsc"]["gsc_lo"], v["gsc"]["gsc_hi"],
+                                        color=_COLORS[v["net"]], alpha=0.12, linewidth=0)
+                axes[1, j].plot(lg, v["gsc"]["gsc"], style, color=_COLORS[v["net"]], label=name)
         ax.set_title(f"{act}: mean ||dE/dW_l|| over {cfg['repeats']:,} repeats; r(s) = "
                      f"{R_S[act]:.3f}", fontsize=10)
         ax.set_xlabel("layer index l (input to output)")
@@ -338,7 +352,8 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         if with_gsc:
-            axes[1, j].set_title(f"{act}: gscfast GSC(l, 0), error <g, output>", fontsize=10)
+            axes[1, j].set_title(f"{act}: pooled GSC(l, 0) (gscfast), error <g, output>; band: 95% "
+                                 "bootstrap", fontsize=10)
             axes[1, j].set_xlabel("compositional depth l (output to input)")
             axes[1, j].set_yscale("log")
             axes[1, j].grid(alpha=0.3)
@@ -373,7 +388,7 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
               "| variant | measured rate | 95% CI | mean norm, layer 1 | layer L | "
               f"GSC({cfg['depth']}, 0) (gscfast) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, v in results["variants"].items():
-        r, g = v["rate"], v["gsc_mean"]
+        r, g = v["rate"], (v["gsc"] or {}).get("gsc")
         lines.append(f"| {name} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
                      f"{fmt(r['ci95'][1], 4)}] | {sci(v['mean_norm'][0])} | {sci(v['mean_norm'][-1])} "
                      f"| {sci(g[-1] if g else None)} |")
@@ -401,9 +416,12 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         "the measured rate by a few percent.",
         "- The figure plots the mean norm (not squared); the dotted line has the slope sqrt(r(s)) "
         "per layer, anchored at the plain batch-norm network's last fitted layer.",
-        "- GSC(l, 0): `gscfast.gsc(model, x, g, error=\"dot\")` of the first network of every "
-        "chunk, averaged over chunks (batch norm with batch statistics makes the batch one "
-        "datapoint). gscfast ends a layer after each activation and after each residual block, "
+        "- GSC(l, 0): the pooled expected GSC (definitions.md) of the first network of every "
+        "chunk, error `<g, output>`: each job keeps `gscfast.gsc_moments` of its first network, and "
+        "the chunks' datapoints are pooled (a ratio of expectations, not a mean of per-network "
+        "GSCs: with batch statistics the batch is one datapoint, and a mean of ratios with one "
+        "error draw in each denominator has no finite mean); the band is a 95% percentile "
+        "bootstrap over the networks. gscfast ends a layer after each activation and after each residual block, "
         "so in a ResNet l counts blocks and the activations after them (as many layers as weight "
         f"layers, {cfg['depth']}).",
         "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
@@ -417,8 +435,8 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         "## Files", "",
         "- `ghost.png`, `ghost.pdf`: mean weight-gradient norm per layer (top) and GSC (bottom).",
         "- `results.json`: every number (per variant: rate, interval, r(s), per-layer mean norm, "
-        "mean squared norm and its standard error, mean GSC), the configuration and timings.",
-        "- `layers.csv`: columns `variant, l, mean_norm, mean_sq, se_sq, gsc`.",
+        "mean squared norm and its standard error, pooled GSC with its band), the configuration and timings.",
+        "- `layers.csv`: columns `variant, l, mean_norm, mean_sq, se_sq, gsc, gsc_lo, gsc_hi`.",
         "- `manifest.json`, `jobs/`: the run's identity and one record per (variant, chunk); "
         "`gscfast ghost --out DIR --resume` with the same options continues or regenerates.", "",
     ]

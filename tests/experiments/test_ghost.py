@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import ghost
 from gscfast.experiments.gaussian import R_S
@@ -88,10 +89,16 @@ def test_every_output(full):
         assert len(v["mean_norm"]) == len(v["mean_sq"]) == DEPTH
         assert all(q >= m * m for m, q in zip(v["mean_norm"], v["mean_sq"]))  # Jensen
         assert v["rate"]["value"] == pytest.approx(ghost.growth_rate(v["mean_sq"], DEPTH))
-        assert len(v["gsc_mean"]) == DEPTH + 1 and v["gsc_mean"][0] == 1.0
+        g = v["gsc"]  # the pooled GSC of the chunks' first networks, not a mean of their GSCs
+        assert len(g["gsc"]) == DEPTH + 1 and g["gsc"][0] == 1.0 and g["datasets"] == REPEATS // CHUNK
+        recs = [json.loads(p.read_text())["result"] for p in sorted((full / "jobs").glob(f"{name}.*"))]
+        pooled = gscfast.pool([gscfast.GSCMoments.from_dict(r["gsc_moments"]) for r in recs])
+        assert g["gsc"] == pooled.gsc().tolist()
+        assert all(lo <= x <= hi for lo, x, hi in zip(g["gsc_lo"], g["gsc"], g["gsc_hi"]))
         assert v["r_s"] == R_S[v["act"]] and v["predicted"] == (name == "plain-relu-bn")
     rows = (full / "layers.csv").read_text().splitlines()
-    assert rows[0] == "variant,l,mean_norm,mean_sq,se_sq,gsc" and len(rows) == 1 + len(VARIANTS) * DEPTH
+    assert rows[0] == "variant,l,mean_norm,mean_sq,se_sq,gsc,gsc_lo,gsc_hi"
+    assert len(rows) == 1 + len(VARIANTS) * DEPTH
     summary = (full / "summary.md").read_text()
     assert "| plain-relu-bn | He |" in summary and "| plain-selu | LeCun |" in summary
     assert "| res-sqrt-tanh |" in summary and "1.467" in summary
