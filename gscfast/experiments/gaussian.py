@@ -114,6 +114,39 @@ def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype 
 
 
 def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One job: a pairs job (``--pairs``, ``run_pairs_job``) or one (architecture, dataset) job."""
+    if spec.get("kind") == "pairs":
+        return run_pairs_job(config, spec)
+    return run_dataset_job(config, spec)
+
+
+# Rademacher probes per layer for the sketched GSC(k, l) of batch-norm networks (relative standard
+# deviation of each squared-norm estimate about sqrt(2 / probes), 18%).
+PAIRS_PROBES = 64
+
+
+def run_pairs_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """GSC(k, l) for every pair of layers of the network of dataset 0 on its first
+    ``pairs_samples`` points (``gscfast.gsc_matrix``): exact for per-sample networks; sketched
+    with seeded Rademacher probes where batch norm makes the subset one datapoint (its exact
+    Jacobians would be ``(B d) x (B d)``)."""
+    from .. import compile_model, gsc_matrix
+    from ..backends import get_backend
+
+    device, dtype = _device(config["device"]), _dtype(config["dtype"])
+    x, y = make_dataset(spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device)
+    n = config["pairs_samples"]
+    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(device)
+    method = "sketch" if compile_model(model).couples_batch else "exact"
+    gen = torch.Generator().manual_seed(job_seed(spec["net_seed"], "probes"))
+    m = gsc_matrix(model, x[:n], y[:n], backend=config["backend"], method=method,
+                   probes=PAIRS_PROBES, generator=gen).to(torch.float64)
+    return {"kind": "pairs", "method": method, "probes": PAIRS_PROBES if method == "sketch" else None,
+            "matrix": [m[k, :k + 1].tolist() for k in range(m.shape[0])],
+            "backend": get_backend(config["backend"], device).name, "device": str(device)}
+
+
+def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """One (architecture, dataset) job: seeded data and network, ``gscfast.analyze``, plain lists.
     ``moments`` keeps the raw expectations that the pooled GSC over datasets is made of."""
     from .. import analyze
@@ -136,6 +169,15 @@ def _is_number(v: Any) -> bool:
 def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     n = config["depth"] + 1
+    if spec.get("kind") == "pairs":
+        rows = result.get("matrix")
+        if (not isinstance(rows, list) or len(rows) != n
+                or not all(isinstance(r, list) and len(r) == k + 1 and all(map(_is_number, r))
+                           for k, r in enumerate(rows))):
+            raise ValueError(f"'matrix' is not the lower triangle of an {n} x {n} matrix of numbers")
+        if result.get("method") not in ("exact", "sketch"):
+            raise ValueError("'method' is not 'exact' or 'sketch'")
+        return
     if "moments" not in result:
         raise OutdatedRecord(
             "this job record has no 'moments', the raw per-dataset expectations that the pooled "
@@ -156,7 +198,8 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
 # ----------------------------------------------------------------------------- the study
 def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples: int = 10_000,
                 seed: int = 0, depth: int = 50, width: int = 100, backend: str = "auto",
-                device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+                device: str = "auto", dtype: str = "float32", pairs: bool = False,
+                pairs_samples: int | None = None) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     archs = expand_archs(archs or PAPER_ARCHS)
     for k, v in (("datasets", datasets), ("samples", samples), ("depth", depth), ("width", width)):
@@ -164,6 +207,11 @@ def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
     if samples < 2:
         raise ValueError("samples must be at least 2 (batch norm needs a batch)")
+    if pairs_samples is None:
+        pairs_samples = min(200, samples)
+    if pairs and (isinstance(pairs_samples, bool) or not isinstance(pairs_samples, int)
+                  or not 2 <= pairs_samples <= samples):
+        raise ValueError(f"pairs-samples must be an integer in [2, samples = {samples}], got {pairs_samples!r}")
     from ..backends import BACKENDS
 
     if backend != "auto" and backend not in BACKENDS:
@@ -171,7 +219,8 @@ def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples:
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return {"archs": archs, "datasets": datasets, "samples": samples, "seed": int(seed),
-            "depth": depth, "width": width, "backend": backend, "device": device, "dtype": dtype}
+            "depth": depth, "width": width, "backend": backend, "device": device, "dtype": dtype,
+            "pairs": bool(pairs), "pairs_samples": pairs_samples if pairs else None}
 
 
 def make_study(config: dict[str, Any]) -> Study:
@@ -182,6 +231,11 @@ def make_study(config: dict[str, Any]) -> Study:
                                      "data_seed": job_seed(config["seed"], "data", i),
                                      "net_seed": job_seed(config["seed"], "net", arch, i)})
             for arch in config["archs"] for i in range(config["datasets"])]
+    if config["pairs"]:  # GSC(k, l) of dataset 0's network on a subset of its points
+        jobs += [Job(f"{arch}.pairs", {"arch": arch, "kind": "pairs", "dataset": 0,
+                                       "data_seed": job_seed(config["seed"], "data", 0),
+                                       "net_seed": job_seed(config["seed"], "net", arch, 0)})
+                 for arch in config["archs"]]
     return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
 
 
@@ -215,7 +269,8 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
     dataset's values."""
     archs: dict[str, Any] = {}
     for arch in config["archs"]:
-        recs = sorted((r for r in records.values() if r["spec"]["arch"] == arch),
+        recs = sorted((r for r in records.values()
+                       if r["spec"]["arch"] == arch and r["spec"].get("kind") != "pairs"),
                       key=lambda r: r["spec"]["dataset"])
         per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
         rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
@@ -242,7 +297,29 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
                           **{q: r["result"][q] for q in QUANTITIES},
                           "moments": r["result"]["moments"]} for r in recs],
         }
-    return {"study": NAME, "config": config, "archs": archs}
+    out = {"study": NAME, "config": config, "archs": archs}
+    if config["pairs"]:
+        out["pairs"] = {arch: pairs_summary(records[f"{arch}.pairs"]["result"]) for arch in config["archs"]}
+    return out
+
+
+def pairs_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """A pairs job's matrix with how far GSC(k, l) is from GSC(k, 0) / GSC(l, 0) (the paper's
+    near-multiplicativity): per pair ``1 <= l < k <= L`` the factor ``max(r, 1/r)`` of
+    ``r = GSC(k, l) GSC(l, 0) / GSC(k, 0)``; its largest value, where, and its median."""
+    rows = result["matrix"]
+    L = len(rows) - 1
+    worst, where, factors = 1.0, None, []
+    for k in range(2, L + 1):
+        for l in range(1, k):
+            r = rows[k][l] * rows[l][0] / rows[k][0]
+            f = max(r, 1 / r) if r > 0 and math.isfinite(r) else math.inf
+            factors.append(f)
+            if f > worst or where is None:
+                worst, where = f, [k, l]
+    return {"method": result["method"], "probes": result["probes"], "matrix": rows,
+            "max_factor": worst, "max_at": where,
+            "median_factor": float(np.median(factors)) if factors else math.nan}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -314,6 +391,45 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
 
 
 
+
+
+def pairs_csv(results: dict[str, Any]) -> str:
+    """One row per (architecture, k, l) with ``k >= l``: GSC(k, l) of the ``--pairs`` matrix."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["arch", "k", "l", "gsc"])
+    for arch, p in results["pairs"].items():
+        for k, row in enumerate(p["matrix"]):
+            for l, v in enumerate(row):
+                w.writerow([arch, k, l, _num(v)])
+    return buf.getvalue()
+
+
+def plot_pairs(results: dict[str, Any], paths: list[Path]) -> None:
+    """One heatmap per architecture: log10 GSC(k, l) for every pair k >= l."""
+    plt = pyplot()
+    cfg, pairs = results["config"], results["pairs"]
+    cols = min(4, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.7 * rows), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.axis("off")
+    for ax, (arch, p) in zip(axes.flat, pairs.items()):
+        n = len(p["matrix"])
+        m = np.full((n, n), np.nan)
+        for k, row in enumerate(p["matrix"]):
+            m[k, :k + 1] = row
+        with np.errstate(divide="ignore", invalid="ignore"):
+            im = ax.imshow(np.log10(m), origin="lower", cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="log10 GSC(k, l)")
+        ax.set_title(f"{arch} ({p['method']}); max dev. x{_fmt(p['max_factor'])}", fontsize=9)
+        ax.set_xlabel("l")
+        ax.set_ylabel("k")
+    fig.suptitle(f"GSC(k, l) for every pair k >= l: dataset 0's network on its first "
+                 f"{cfg['pairs_samples']:,} points (sketch: {PAIRS_PROBES} Rademacher probes)",
+                 fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, paths)
 
 
 def sgemm_rate(width: int, rows: int, device: torch.device, seconds: float = 0.3) -> float:
@@ -405,6 +521,35 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "- NaN (no pre-activation: l = 0, residual blocks) is empty in layers.csv and null in "
         "results.json.",
         "",
+    ]
+    if cfg["pairs"]:
+        lines += [
+            f"## GSC(k, l) for every pair of layers (`--pairs`, {cfg['pairs_samples']:,} points)", "",
+            "| architecture | method | GSC(L, 0) on the subset | largest deviation of GSC(k, l) from "
+            "GSC(k, 0) / GSC(l, 0) | at (k, l) | median deviation |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for arch, p in results["pairs"].items():
+            lines.append(f"| {arch} | {p['method']} | {_sci(p['matrix'][-1][0])} | "
+                         f"x{_fmt(p['max_factor'])} | {tuple(p['max_at']) if p['max_at'] else 'n/a'} | "
+                         f"x{_fmt(p['median_factor'])} |")
+        lines += [
+            "",
+            "- `gscfast.gsc_matrix` on dataset 0's network and its first points: entry (k, l) is the "
+            "expected GSC(k, l) over the subset's datapoints. Networks without batch statistics: "
+            "exact (every J_k^l formed). Batch-norm networks: the subset is one datapoint whose "
+            "Jacobians are (B d) x (B d), so every squared norm is estimated with "
+            f"{PAIRS_PROBES} seeded Rademacher probes (unbiased; each estimate has a relative "
+            f"standard deviation of about sqrt(2/{PAIRS_PROBES}) = "
+            f"{math.sqrt(2 / PAIRS_PROBES):.0%}, which is part of the deviation shown); row "
+            "l = 0 is exact.",
+            "- The paper finds GSC(k, l) close to GSC(k, 0) / GSC(l, 0) (the gradient scale is "
+            "nearly multiplicative). The deviation of a pair is the factor max(r, 1/r) of "
+            "r = GSC(k, l) GSC(l, 0) / GSC(k, 0), over 1 <= l < k <= L. Heatmaps: `pairs.png`; "
+            "values: `pairs.csv`.",
+            "",
+        ]
+    lines += [
         "## Configuration", "",
         "```json", json.dumps(cfg, indent=2), "```", "",
         "## Timings", "",
@@ -431,6 +576,8 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
     for arch, s in t["per_arch"].items():
         lines.append(f"| {arch} | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f} "
                      f"| {s['mean'] / t['floor_seconds']:.1f} |")
+    if t.get("pairs_seconds"):
+        lines.append("- `--pairs` jobs: " + ", ".join(f"{a} {v:.1f} s" for a, v in t["pairs_seconds"].items()) + ".")
     lines += ["", f"Machine: {run_info['machine']}.", "",
               "## Files", "",
               "- `figure1.png`, `figure1.pdf`: the three panels.",
@@ -441,6 +588,8 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
               "`dataset` is a dataset index, `pooled`, `pooled_lo`, `pooled_hi` (panel A's line "
               "and band; GSC only) or one of `mean, median, q10, q90` (statistics over datasets; "
               "panels B and C plot `mean`, `q10`, `q90`).",
+              *(["- `pairs.png`, `pairs.pdf`, `pairs.csv` (`--pairs`): GSC(k, l) for every pair, "
+                 "as heatmaps and as columns `arch, k, l, gsc`."] if cfg["pairs"] else []),
               "- `manifest.json`, `jobs/`: the run's identity and one record per (architecture, "
               "dataset); `gscfast gaussian --out DIR --resume` with the same options continues or "
               "regenerates these files.", ""]
@@ -450,12 +599,15 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
 def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     per_arch = {}
     for arch in config["archs"]:
-        s = [r["seconds"] for r in records.values() if r["spec"]["arch"] == arch]
+        s = [r["seconds"] for r in records.values()
+             if r["spec"]["arch"] == arch and r["spec"].get("kind") != "pairs"]
         per_arch[arch] = {"mean": float(np.mean(s)), "min": float(np.min(s)), "max": float(np.max(s))}
     device = _device(config["device"])
     rate = sgemm_rate(config["width"], config["samples"], device)
     return {
         **run_timings(result), "per_arch": per_arch,
+        "pairs_seconds": {r["spec"]["arch"]: r["seconds"] for r in records.values()
+                          if r["spec"].get("kind") == "pairs"},
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
         "sgemm_device": str(device), "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,
@@ -470,11 +622,17 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     paths = {k: out / f for k, f in (("png", "figure1.png"), ("pdf", "figure1.pdf"),
                                       ("json", "results.json"), ("csv", "layers.csv"),
                                       ("summary", "summary.md"))}
+    if config["pairs"]:
+        paths.update({k: out / f for k, f in (("pairs_png", "pairs.png"), ("pairs_pdf", "pairs.pdf"),
+                                               ("pairs_csv", "pairs.csv"))})
     full = {**results, "gscfast_version": info["version"], "timings": info["timings"],
             "seconds": {k: r["seconds"] for k, r in result.records.items()}}
     write_json(paths["json"], full)
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
+    if config["pairs"]:
+        atomic_write(paths["pairs_csv"], pairs_csv(results))
+        plot_pairs(results, [paths["pairs_png"], paths["pairs_pdf"]])
     atomic_write(paths["summary"], summary_md(results, info))
     return paths
 
@@ -492,6 +650,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=50, help="layers (default 50; smaller for quick runs)")
     p.add_argument("--width", type=int, default=100,
                    help="width, also the input and label dimension (default 100)")
+    p.add_argument("--pairs", action="store_true",
+                   help="also GSC(k, l) for every pair of layers of each architecture (dataset 0's "
+                        "network on --pairs-samples points): pairs.png/.pdf, pairs.csv and the "
+                        "largest deviation from GSC(k, 0) / GSC(l, 0) in the summary")
+    p.add_argument("--pairs-samples", type=int, default=None,
+                   help="points of dataset 0 for --pairs (default 200, at most --samples)")
     add_study_arguments(p, backend="the sweeps")
     add_runner_arguments(p)
 
@@ -500,7 +664,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = make_config(archs=args.archs, datasets=args.datasets, samples=args.samples,
                              seed=args.seed, depth=args.depth, width=args.width,
-                             backend=args.backend, device=args.device, dtype=args.dtype)
+                             backend=args.backend, device=args.device, dtype=args.dtype,
+                             pairs=args.pairs, pairs_samples=args.pairs_samples)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

@@ -308,3 +308,40 @@ def test_a_directory_in_use_is_refused(full, tmp_path, capsys):
     assert "in use by another gscfast process (pid 4242)" in capsys.readouterr().err
     assert study(out, "--resume") == 0  # the temp file is dropped, the job recomputed
     assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv") and not (out / ".lock").exists()
+
+
+def test_pairs_heatmaps_and_deviation(full, tmp_path):
+    """--pairs: GSC(k, l) of dataset 0's network on a subset, exact without batch statistics and
+    sketched with them, with the largest deviation from GSC(k, 0) / GSC(l, 0) in the summary."""
+    out = tmp_path / "run"
+    assert study(out, "--pairs", "--pairs-samples", "20") == 0
+    for name in ("pairs.png", "pairs.pdf", "pairs.csv"):
+        assert (out / name).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["config"]
+    assert cfg["pairs"] is True and cfg["pairs_samples"] == 20
+    spec = json.loads((out / "jobs" / "ReLU.pairs.json").read_text())["spec"]
+    x, y = gaussian.make_dataset(spec["data_seed"], SAMPLES, WIDTH)
+    model = gaussian.make_model("ReLU", DEPTH, WIDTH, spec["net_seed"])
+    want = gscfast.gsc_matrix(model, x[:20], y[:20], backend="torch").double()
+    p = res["pairs"]["ReLU"]
+    assert p["method"] == "exact" and res["pairs"]["batch-tanh"]["method"] == "sketch"
+    got = torch.tensor([row + [math.nan] * (DEPTH - k) for k, row in enumerate(p["matrix"])],
+                       dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-5, equal_nan=True)
+    factors = [max(r, 1 / r) for k in range(2, DEPTH + 1) for l in range(1, k)
+               for r in [float(want[k, l] * want[l, 0] / want[k, 0])]]
+    assert p["max_factor"] == pytest.approx(max(factors), rel=1e-4)
+    rows = (out / "pairs.csv").read_text().splitlines()
+    assert rows[0] == "arch,k,l,gsc" and len(rows) == 1 + 2 * (DEPTH + 1) * (DEPTH + 2) // 2
+    summary = (out / "summary.md").read_text()
+    assert "largest deviation of GSC(k, l)" in summary and "| batch-tanh | sketch |" in summary
+    # the per-dataset jobs are those of the run without --pairs
+    full_jobs = {k: v for k, v in _numbers(full, "layers.csv")["jobs"].items()}
+    jobs = _numbers(out, "layers.csv")["jobs"]
+    assert {k: v for k, v in jobs.items() if ".pairs" not in k} == full_jobs
+
+
+def test_pairs_samples_is_checked(tmp_path, capsys):
+    assert study(tmp_path / "run", "--pairs", "--pairs-samples", str(SAMPLES + 1)) == 2
+    assert "pairs-samples must be an integer in [2, samples = 64]" in capsys.readouterr().err
