@@ -13,6 +13,8 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .validation import BATCHNORM_MODES
+
 __all__ = ["GradientFlow", "plot_flow", "tensorboard_writer", "wandb_writer"]
 
 
@@ -33,6 +35,11 @@ class GradientFlow:
             convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
             statistics are never touched).
         error: the error layer for the GSC (``"kl"`` with class labels, or ``"dot"``).
+        batchnorm: how a train-mode batch norm is measured: ``"frozen"`` (default: one datapoint
+            per row of ``x``, the batch statistics of ``x`` held constant) or ``"batch"`` (the
+            whole of ``x`` is one datapoint). With a positive error (``"kl"``) summed over one
+            batch datapoint, ``GSC(l, 0)`` shrinks like ``1 / len(x)`` (definitions.md), so the
+            frozen form is the one comparable across data sizes and architectures.
         writers: callables ``writer(step, record)``; see ``tensorboard_writer``/``wandb_writer``.
         include: which parameters to record (default: those with ``dim() >= 2``, the weights).
 
@@ -52,6 +59,7 @@ class GradientFlow:
         start: int = 0,
         gsc_data: tuple[Tensor, Tensor] | None = None,
         error: str = "kl",
+        batchnorm: str = "frozen",
         writers: list[Callable[[int, dict[str, Any]], None]] | None = None,
         include: Callable[[str, nn.Parameter], bool] | None = None,
     ) -> None:
@@ -64,6 +72,9 @@ class GradientFlow:
         self.steps = frozenset(int(s) for s in steps)
         self.gsc_data = gsc_data
         self.error = error
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+        self.batchnorm = batchnorm
         self.writers = list(writers or [])
         self.include = include or (lambda name, p: p.dim() >= 2)
         self.records: dict[int, dict[str, Any]] = {}
@@ -146,7 +157,7 @@ class GradientFlow:
         if self._head is not None:
             with torch.no_grad():
                 x = copy.deepcopy(self._head)(x).flatten(1)
-        return gsc(self._tail, x, y, error=self.error).tolist()
+        return gsc(self._tail, x, y, error=self.error, batchnorm=self.batchnorm).tolist()
 
     # -- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

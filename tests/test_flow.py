@@ -67,9 +67,8 @@ def test_gsc_of_the_mlp_tail_and_model_untouched():
             assert torch.equal(v, before[k]), k
         tail = m[3:]
         feats = m[:3](x).detach()
-        expected = gscfast.gsc(tail, feats, y, error="kl")
-        if m is model:
-            assert rec["gsc"] == pytest.approx(expected.tolist(), rel=1e-5)
+        expected = gscfast.gsc(tail, feats, y, error="kl", batchnorm="frozen")
+        assert rec["gsc"] == pytest.approx(expected.tolist(), rel=1e-5)
         assert len(rec["gsc"]) == gscfast.compile_model(tail).L + 1
 
 
@@ -112,3 +111,25 @@ def test_records_are_in_model_order_on_a_schedule_and_resumable(tmp_path):
         plot_flow(saved, [5])
     with pytest.raises(ValueError, match="start"):
         GradientFlow(model, start=-1)
+
+
+@pytest.mark.parametrize("batchnorm, comparable", [("frozen", True), ("batch", False)])
+def test_batch_norm_gsc_does_not_depend_on_the_data_size(batchnorm, comparable):
+    """With the KL error summed over one batch datapoint, GSC(L, 0) shrinks like 1/B; the default
+    frozen form measures per-sample datapoints and does not."""
+    torch.manual_seed(0)
+    model = gscfast.mlp(6, 32, act="relu", norm="batch", out_features=5, seed=0)
+    x, y = torch.randn(800, 32), torch.randint(0, 5, (800,))
+    last = []
+    for n in (100, 800):
+        with GradientFlow(model, gsc_data=(x[:n], y[:n]), batchnorm=batchnorm) as flow:
+            nn.functional.cross_entropy(model(x[:n]), y[:n]).backward()
+            last.append(flow.step()["gsc"][-1])
+            model.zero_grad()
+    ratio = max(last) / min(last)
+    assert (ratio < 1.5) if comparable else (ratio > 4), (batchnorm, last)
+
+
+def test_bad_batchnorm_mode_is_refused():
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        GradientFlow(nn.Linear(2, 2), batchnorm="eval")
