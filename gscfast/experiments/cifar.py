@@ -23,11 +23,25 @@ classification error over the whole training set has not reached a new minimum f
 (``--patience``, ``--factor``); the schedule counter restarts after each decrease.
 
 Batch norm: the networks train in train mode (batch statistics of each minibatch). Every
-whole-training-set measurement (error, GSC, pre-activation statistics, effective depth) uses
-train-mode batch norm over the whole set (or the whole subset), so, as definitions.md says, the set
-is **one datapoint** for the batch-norm architectures. The Taylor curve evaluates the model in eval
-mode (running statistics), as ``gscfast.reduction.taylor_curve`` does; its K = 0 is the eval-mode
-error, reported beside it.
+whole-training-set measurement uses train-mode batch norm with the batch statistics of the whole
+measured set. How its datapoints are formed is ``--bn-datapoint`` (``bn_datapoint``):
+
+- ``frozen`` (default; definitions.md's **(choice)**): the measured set's batch statistics are held
+  constant (``batchnorm="frozen"``), so every image is one datapoint. The KL error is positive, so
+  with the whole set as one datapoint ``f_0 = sum_i e_i`` grows like the set size B while the
+  Jacobian's norm does not: GSC(l, 0) would scale like 1/B and depend on how many images are
+  measured (about 1/50,000 of its per-sample value on CIFAR-10), not comparable across set sizes or
+  with the architectures without batch norm.
+- ``batch``: the coupled form, the whole measured set is **one datapoint** (definitions.md).
+
+The mode applies to the GSC, the pre-activation statistics (the same forward values in both modes)
+and the effective depth, over the whole set and on the ``--ed-samples`` subset; the subset is a
+measured set of its own (its own batch statistics, frozen or coupled), as it always was. The Taylor
+curve is a per-sample expansion, which the coupled function has none of: with ``frozen`` it expands
+the function every other measurement sees (batch norm frozen at the whole training set's
+statistics, so its K = 0 is the reported training error); with ``batch`` it evaluates the model in
+eval mode (running statistics), as ``gscfast.reduction.taylor_curve`` does. The eval-mode error
+(``eval_error``) is reported in both modes.
 
 Long runs: every training job writes a checkpoint (model, initial model, optimizer, schedule, RNG
 state, metrics so far) atomically after every epoch to ``DIR/<phase>/checkpoints/``; ``--resume``
@@ -57,9 +71,9 @@ from .outputs import (add_study_arguments, json_safe as _json_safe, mean_or_none
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
 from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "PAPER_LRS", "make_config", "make_search_study", "make_final_study",
-           "choose_lrs", "train_job", "load_data", "make_model", "PlateauSchedule", "load_checkpoint",
-           "aggregate", "write_outputs", "add_arguments", "main"]
+__all__ = ["ARCHS", "PAPER_ARCHS", "PAPER_LRS", "BN_DATAPOINTS", "make_config", "make_search_study",
+           "make_final_study", "choose_lrs", "train_job", "load_data", "make_model", "PlateauSchedule",
+           "load_checkpoint", "datapoint", "aggregate", "write_outputs", "add_arguments", "main"]
 
 NAME = "cifar"
 HELP = "Figure 3 of Philipp et al. (2018): training on CIFAR-10, GSC, effective depth, Taylor test"
@@ -74,6 +88,8 @@ PAPER_ARCHS = list(ARCHS)
 PAPER_LRS = sorted({float(f"{m}e{e}") for e in range(-5, 6) for m in (1, 3)
                     if float(f"{m}e{e}") <= 1e5}, reverse=True)
 DATASETS = ("cifar10", "digits")
+# How a batch-norm network's datapoints are formed when it is measured (module docstring).
+BN_DATAPOINTS = ("frozen", "batch")
 
 # Test hooks (not part of the results): stop a training job with KeyboardInterrupt after this many
 # epochs computed in this process (simulates a kill after a checkpoint); per-epoch progress bars.
@@ -182,12 +198,17 @@ def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y
     from .. import analyze, effective_depth
     from ..reduction import weight_change_norms
 
+    # Every gscfast measurement takes the same datapoint form (module docstring); it changes
+    # nothing for the architectures without batch norm.
+    bn = config["bn_datapoint"]
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     loss, err = evaluate(model, x, y)
     t["error"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    a = analyze(model, x, y, error="kl", backend=config["backend"])
+    # One call over the whole set: the expected GSC is the ratio of expectations over all its
+    # datapoints (definitions.md), never a mean of per-datapoint or per-chunk ratios.
+    a = analyze(model, x, y, error="kl", batchnorm=bn, backend=config["backend"])
     t["gsc"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     norms = weight_change_norms(model, init)
@@ -198,7 +219,7 @@ def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y
     if config["ed_samples"] > 0:
         t0 = time.perf_counter()
         d, prof = effective_depth(model, init, x[sub], y[sub], error="kl", tau=config["tau"],
-                                  backend=config["backend"])
+                                  batchnorm=bn, backend=config["backend"])
         t["ed_subset"] = time.perf_counter() - t0
         m["ed_subset"], m["profile_subset"] = d, prof[-1].tolist()
         if epoch == epochs:  # the whole [L+1, L+1] profile once, at the end
@@ -207,11 +228,22 @@ def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y
     if every > 0 and (epoch % every == 0 or epoch == epochs):
         t0 = time.perf_counter()
         d, prof = effective_depth(model, init, x, y, error="kl", tau=config["tau"],
-                                  backend=config["backend"])
+                                  batchnorm=bn, backend=config["backend"])
         t["ed_full"] = time.perf_counter() - t0
         m["ed_full"], m["profile_full"] = d, prof[-1].tolist()
     m["seconds"] = t
     return m
+
+
+def _taylor_model(config: dict, model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The model whose Taylor curve is reported (``taylor_curve`` evaluates it in eval mode): with
+    ``bn_datapoint="frozen"`` a copy whose batch norms hold the whole set's batch statistics, the
+    function every other measurement sees; with ``"batch"`` the model itself (running statistics)."""
+    if config["bn_datapoint"] != "frozen":
+        return model
+    from .shattered import freeze_batchnorm
+
+    return freeze_batchnorm(model, x)
 
 
 def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +329,7 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         "arch": arch, "lr": spec["lr"], "epochs_done": state["epoch"], "diverged": state["diverged"],
         "final_error": None if state["diverged"] or last is None else last["train_error"],
         "final_loss": None if state["diverged"] or last is None else last["train_loss"],
-        "lrs": state["lrs"], "device": str(device),
+        "lrs": state["lrs"], "device": str(device), "samples": len(x),
     }
     if measure:
         result["history"] = history
@@ -305,7 +337,7 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             from ..reduction import taylor_curve
 
             t0 = time.perf_counter()
-            tc = taylor_curve(model, x, x, y, error="kl")
+            tc = taylor_curve(_taylor_model(config, model, x), x, x, y, error="kl")
             result["taylor"] = {"loss": tc["loss"].tolist(), "error_rate": tc["error_rate"].tolist(),
                                 "seconds": time.perf_counter() - t0}
             result["eval_loss"], result["eval_error"] = evaluate(model, x, y, train_mode=False)
@@ -328,10 +360,13 @@ def make_config(*, dataset: str = "cifar10", data_dir: str = "data", data_md5: s
                 search_epochs: int | None = None, epochs: int = 500, depth: int = 50,
                 width: int = 100, batch_size: int = 100, momentum: float = 0.0, patience: int = 5,
                 factor: float = 1 / 3, ed_samples: int = 5000, ed_every: int = 50, tau: float = 0.01,
-                seed: int = 0, backend: str = "auto", device: str = "cpu") -> dict[str, Any]:
+                bn_datapoint: str = "frozen", seed: int = 0, backend: str = "auto",
+                device: str = "cpu") -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if bn_datapoint not in BN_DATAPOINTS:
+        raise ValueError(f"bn_datapoint must be one of {BN_DATAPOINTS}, got {bn_datapoint!r}")
     archs = list(archs or PAPER_ARCHS)
     bad = [a for a in archs if a not in ARCHS]
     if bad or len(set(archs)) != len(archs):
@@ -353,7 +388,8 @@ def make_config(*, dataset: str = "cifar10", data_dir: str = "data", data_md5: s
             "archs": archs, "lrs": lrs, "search_epochs": search_epochs, "epochs": epochs,
             "depth": depth, "width": width, "batch_size": batch_size, "momentum": float(momentum),
             "optimizer": "sgd", "patience": patience, "factor": float(factor),
-            "ed_samples": ed_samples, "ed_every": ed_every, "tau": float(tau), "seed": int(seed),
+            "ed_samples": ed_samples, "ed_every": ed_every, "tau": float(tau),
+            "bn_datapoint": bn_datapoint, "seed": int(seed),
             "backend": backend, "device": device}
 
 
@@ -395,6 +431,12 @@ def make_final_study(config: dict[str, Any], chosen: dict[str, float | None], ou
 
 
 
+def datapoint(config: dict, arch: str) -> str:
+    """What one datapoint of ``arch``'s measurements is: ``"image"``, or ``"set"`` (the whole
+    measured set, for batch norm with ``bn_datapoint="batch"``)."""
+    return "set" if ARCHS[arch][1] == "batch" and config["bn_datapoint"] == "batch" else "image"
+
+
 def aggregate(config: dict, search: dict[str, dict], final: dict[str, dict],
               chosen: dict[str, float | None]) -> dict[str, Any]:
     archs: dict[str, Any] = {}
@@ -403,12 +445,13 @@ def aggregate(config: dict, search: dict[str, dict], final: dict[str, dict],
               "final_error": r["result"]["final_error"], "final_loss": r["result"]["final_loss"],
               "epochs_done": r["result"]["epochs_done"], "seconds": r["seconds"]}
              for r in search.values() if r["spec"]["arch"] == a]
-        archs[a] = {"act": ARCHS[a][0], "norm": ARCHS[a][1], "search": s, "lr": chosen.get(a)}
+        archs[a] = {"act": ARCHS[a][0], "norm": ARCHS[a][1], "datapoint": datapoint(config, a),
+                    "search": s, "lr": chosen.get(a)}
         if a in final:
             res = final[a]["result"]
             archs[a].update({k: res.get(k) for k in ("diverged", "final_error", "final_loss",
                                                       "eval_error", "eval_loss", "history", "taylor",
-                                                      "lrs")})
+                                                      "lrs", "samples")})
             archs[a]["seconds"] = final[a]["seconds"]
     return {"study": NAME, "config": config, "chosen_lrs": chosen, "archs": archs}
 
@@ -512,7 +555,8 @@ def plot(results: dict, paths: list[Path]) -> None:
             ax.set_yscale("log")
     cfg = results["config"]
     fig.suptitle(f"{cfg['dataset']}: {cfg['depth']} layers x {cfg['width']} + output layer, "
-                 f"{cfg['epochs']} epochs", fontsize=10)
+                 f"{cfg['epochs']} epochs; batch norm measured with --bn-datapoint "
+                 f"{cfg['bn_datapoint']}", fontsize=10)
     h, lab = axes[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=max(1, len(lab)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -523,6 +567,39 @@ def _f(v: Any, d: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}g}"
 
 
+
+
+def _bn_notes(results: dict) -> list[str]:
+    """summary.md's notes on what one datapoint of a batch-norm architecture is, and why."""
+    cfg = results["config"]
+    n = {r.get("samples") for r in results["archs"].values()} - {None}
+    here = f" (B = {n.pop():,} here)" if len(n) == 1 else ""
+    why = ("The KL error is positive, so with the whole set as one datapoint `f_0 = sum_i e_i` grows "
+           f"like the number B of measured images{here} while the Jacobian's norm does not: "
+           "GSC(l, 0) scales like 1/B and changes with how many images are measured")
+    if cfg["bn_datapoint"] == "frozen":
+        return [
+            "- Batch norm: trained in train mode (batch statistics of each minibatch). Measured "
+            "with `--bn-datapoint frozen` (the default; definitions.md's (choice)): every "
+            "measurement (GSC, pre-activation statistics, effective depth) uses the batch "
+            "statistics of the whole measured set held constant (`batchnorm=\"frozen\"`), so each "
+            "image is one datapoint, as for the architectures without batch norm. " + why + ", so "
+            "the coupled form (`--bn-datapoint batch`, the whole set one datapoint) is not "
+            "comparable across architectures or set sizes. The effective depth on the subset uses "
+            "the subset's own statistics.",
+            "- Taylor curve: it expands the same function (batch norm frozen at the whole "
+            "training set's statistics), so its K = 0 is the training error; the eval-mode error "
+            "(running statistics) is `eval_error` in results.json."]
+    return [
+        "- Batch norm: trained in train mode (batch statistics of each minibatch). Measured with "
+        "`--bn-datapoint batch`: every measurement uses train-mode batch norm over the whole "
+        "measured set (the whole subset for the subset's effective depth), which is then **one "
+        "datapoint** (definitions.md). " + why + ", so the batch-norm architectures' GSC(l, 0) is "
+        "not comparable with the other architectures' or across set sizes; the default "
+        "`--bn-datapoint frozen` measures every image as one datapoint.",
+        "- Taylor curve: the coupled function has no per-image expansion, so it uses eval mode "
+        "(running statistics); its K = 0 equals the eval-mode error (`eval_error` in "
+        "results.json)."]
 
 
 def summary_md(results: dict, info: dict) -> str:
@@ -537,16 +614,23 @@ def summary_md(results: dict, info: dict) -> str:
              f"{len(cfg['lrs'])} rates for {cfg['search_epochs']} epochs, final runs "
              f"{cfg['epochs']} epochs; seed {cfg['seed']}.", "",
              "## Results", "",
-             "| architecture | chosen lr | final training error | final loss | GSC(L, 0) final "
-             "| effective depth (subset) | effective depth (full) | Taylor error at K = 0 / K = L |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Batch-norm architectures measured with `--bn-datapoint {cfg['bn_datapoint']}`: "
+             + ("every image is one datapoint (the measured set's batch statistics held constant)."
+                if cfg["bn_datapoint"] == "frozen" else
+                "the whole measured set is one datapoint (GSC(l, 0) scales like 1/B).")
+             + " See the notes.", "",
+             "| architecture | datapoint | chosen lr | final training error | final loss "
+             "| GSC(L, 0) final | effective depth (subset) | effective depth (full) "
+             "| Taylor error at K = 0 / K = L |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for a, r in results["archs"].items():
         hist = [h for h in (r.get("history") or []) if "gsc" in h]
         last = hist[-1] if hist else {}
         full = [h for h in hist if "ed_full" in h]
         t = r.get("taylor") or {}
         te = t.get("error_rate")
-        lines.append(f"| {a} | {_f(r['lr'])} | {_f(r.get('final_error'))} | {_f(r.get('final_loss'))} "
+        lines.append(f"| {a} | {r['datapoint']} | {_f(r['lr'])} | {_f(r.get('final_error'))} "
+                     f"| {_f(r.get('final_loss'))} "
                      f"| {_f((last.get('gsc') or [None])[-1])} | {last.get('ed_subset', 'n/a')} "
                      f"| {full[-1]['ed_full'] if full else 'n/a'} "
                      f"| {_f(te[0]) if te else 'n/a'} / {_f(te[-1]) if te else 'n/a'} |")
@@ -580,10 +664,7 @@ def summary_md(results: dict, info: dict) -> str:
     lines += ["", f"Machine: {info['machine']}; engine {info['engine']}, {info['threads']} CPU threads "
               "per job.", "",
               "## Notes", "",
-              "- Batch norm: trained in train mode; whole-set measurements use the whole set's batch "
-              "statistics, so for batch-norm architectures the set is one datapoint "
-              "(definitions.md). The Taylor curve uses eval mode (running statistics); its K = 0 "
-              "equals the eval-mode error (`eval_error` in results.json).",
+              *_bn_notes(results),
               "- Diverged: a non-finite loss or weight stops the job; it is never chosen.",
               "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
               "## Files", "",
@@ -653,6 +734,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="effective depth over the whole training set every N epochs and at the end "
                         "(default 50; 0: never)")
     p.add_argument("--tau", type=float, default=0.01, help="effective-depth threshold (default 0.01)")
+    p.add_argument("--bn-datapoint", choices=BN_DATAPOINTS, default="frozen",
+                   help="batch-norm architectures: 'frozen' (default) measures every image as one "
+                        "datapoint, the measured set's batch statistics held constant; 'batch' "
+                        "makes the whole measured set one datapoint, whose GSC(l, 0) scales like "
+                        "1/(number of images) with the positive KL error")
     add_study_arguments(p, device="cpu", dtype=None)
     add_runner_arguments(p)
 
@@ -665,7 +751,8 @@ def main(args: argparse.Namespace) -> int:
                              search_epochs=args.search_epochs, epochs=args.epochs, depth=args.depth,
                              width=args.width, batch_size=args.batch_size, momentum=args.momentum,
                              patience=args.patience, factor=args.factor, ed_samples=args.ed_samples,
-                             ed_every=args.ed_every, tau=args.tau, seed=args.seed,
+                             ed_every=args.ed_every, tau=args.tau, bn_datapoint=args.bn_datapoint,
+                             seed=args.seed,
                              backend=args.backend, device=args.device)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import gscfast
 from gscfast.__main__ import main
@@ -133,12 +134,17 @@ def test_diverging_job_returns_instead_of_raising(tmp_path):
 
 def test_taylor_curve_at_zero_is_the_models_error(full):
     res = json.loads((full / "results.json").read_text())
+    assert res["config"]["bn_datapoint"] == "frozen"
     for arch in ARCHS:
+        # The default frozen form expands the function every other measurement sees (batch norm
+        # frozen at the whole set's statistics): K = 0 is the training error, batch norm or not.
         a = res["archs"][arch]
-        assert a["taylor"]["error_rate"][0] == a["eval_error"]
-        assert a["taylor"]["loss"][0] == pytest.approx(a["eval_loss"], rel=1e-6)
+        assert a["taylor"]["error_rate"][0] == a["final_error"]
+        assert a["taylor"]["loss"][0] == pytest.approx(a["final_loss"], rel=1e-5)
     selu = res["archs"]["SeLU"]  # no batch norm: eval mode is the training-set error itself
-    assert selu["taylor"]["error_rate"][0] == selu["final_error"]
+    assert selu["taylor"]["error_rate"][0] == selu["eval_error"]
+    bt = res["archs"]["batch-tanh"]  # running statistics differ from the whole set's
+    assert bt["eval_loss"] != pytest.approx(bt["final_loss"], rel=1e-5)
 
 
 def test_untrained_effective_depth_is_zero(full):
@@ -198,6 +204,88 @@ def test_digits_end_to_end_and_untrained(tmp_path):
     assert a["history"][0]["ed_subset"] == 0 and a["history"][0]["ed_full"] == 0
     assert a["taylor"]["error_rate"][0] == a["final_error"]
     assert all((out / f).is_file() for f in cifar.OUTPUTS)
+
+
+BN_ARCHS = [a for a, (_, norm) in cifar.ARCHS.items() if norm == "batch"]
+
+
+@pytest.mark.parametrize("arch", BN_ARCHS)
+def test_batchnorm_measurements_do_not_depend_on_how_many_images_are_measured(arch):
+    """Issue 11: on digits (depth 10, the study's width), a batch-norm architecture's GSC(L, 0) at
+    initialization changes by less than 1.5x between 500 and all 1,797 images in the default
+    (frozen) form; so do c(L, 0) of the effective depth and the pre-activation std. The coupled form
+    (the measured set one datapoint) scales like 1/B: 1,797 / 500 = 3.6x, more than 2x."""
+    from gscfast.data import digits
+
+    # All 1,797 images (the study trains on its 1,438-image split; the test split is standardized
+    # the same way).
+    x, y = (torch.cat(t) for t in zip(digits(train=True), digits(train=False)))
+    assert len(x) == 1797
+    sub = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:500]
+    ratios = {}
+    for bn in (None, "batch"):  # None: the study's default
+        kw = {} if bn is None else {"bn_datapoint": bn}
+        config = cifar.make_config(dataset="digits", depth=10, ed_samples=0, ed_every=1,
+                                   backend="torch", **kw)
+        model = cifar.make_model(arch, config, x.shape[1])
+        init = copy.deepcopy(model)
+        every = cifar._measure(config, model, init, x, y, None, 0, 0)
+        part = cifar._measure(config, model, init, x[sub], y[sub], None, 0, 0)
+        L = config["depth"] + 1
+        ratios[bn] = {k: every[k][i] / part[k][i]
+                      for k, i in (("gsc", L), ("profile_full", 0), ("preact_std", L))}
+    for k, r in ratios[None].items():
+        assert 1 / 1.5 < r < 1.5, (k, ratios)
+    assert ratios["batch"]["gsc"] < 1 / 2, ratios
+
+
+def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys):
+    common = ["--dataset", "digits", "--archs", "batch-ReLU", "SeLU", "--lrs", "0.1",
+              "--search-epochs", "1", "--epochs", "0", *COMMON]
+    res, summary = {}, {}
+    for bn in cifar.BN_DATAPOINTS:
+        out = tmp_path / bn
+        assert main(["cifar", "--out", str(out), *common, "--bn-datapoint", bn]) == 0
+        res[bn] = json.loads((out / "results.json").read_text())
+        summary[bn] = (out / "summary.md").read_text()
+        assert res[bn]["config"]["bn_datapoint"] == bn
+        assert res[bn]["archs"]["SeLU"]["datapoint"] == "image"
+        assert res[bn]["archs"]["batch-ReLU"]["datapoint"] == {"frozen": "image", "batch": "set"}[bn]
+        assert f"`--bn-datapoint {bn}`" in summary[bn] and "B = 1,438 here" in summary[bn]
+        # The GSC and the effective depth over the whole set are gscfast's in that mode.
+        config = res[bn]["config"]
+        x, y = cifar.load_data(config)
+        model = cifar.make_model("batch-ReLU", config, x.shape[1])
+        h0 = res[bn]["archs"]["batch-ReLU"]["history"][0]
+        a = gscfast.analyze(model, x, y, error="kl", batchnorm=bn, backend="torch")
+        assert h0["gsc"] == pytest.approx(a.gsc.tolist(), rel=1e-5)
+        _, prof = gscfast.effective_depth(model, copy.deepcopy(model), x, y, error="kl",
+                                          batchnorm=bn, backend="torch")
+        assert h0["profile_full"][0] == pytest.approx(float(prof[-1, 0]), rel=1e-5)
+        # Taylor curve: the frozen function (K = 0 is the training error), or eval mode.
+        a = res[bn]["archs"]["batch-ReLU"]
+        assert a["taylor"]["error_rate"][0] == a["final_error" if bn == "frozen" else "eval_error"]
+    assert "each image is one datapoint" in summary["frozen"]
+    assert "**one datapoint**" in summary["batch"]
+    # The subset's effective depth too: c(L, 0) of one coupled datapoint is the whole set's gradient
+    # norm, about sqrt(100) times the per-image quadratic mean; nothing changes without batch norm.
+    first = {bn: {a: r["archs"][a]["history"][0] for a in ("batch-ReLU", "SeLU")}
+             for bn, r in res.items()}
+    for key in ("profile_subset", "profile_full", "gsc"):
+        assert first["frozen"]["SeLU"][key] == first["batch"]["SeLU"][key]
+    bn_relu = {bn: f["batch-ReLU"] for bn, f in first.items()}
+    assert bn_relu["batch"]["profile_subset"][0] > 3 * bn_relu["frozen"]["profile_subset"][0]
+    std = {bn: [v for v in h["preact_std"] if v is not None] for bn, h in bn_relu.items()}
+    assert std["frozen"] == pytest.approx(std["batch"], rel=1e-5)  # the same forward values
+    # Part of the run's configuration: resuming with the other form is refused as another run.
+    capsys.readouterr()
+    assert main(["cifar", "--out", str(tmp_path / "frozen"), *common, "--bn-datapoint", "batch",
+                 "--resume"]) == 2
+    assert "bn_datapoint 'frozen' there, 'batch' here" in "".join(capsys.readouterr())
+    assert json.loads((tmp_path / "frozen" / "results.json").read_text()) == res["frozen"]
+    assert cifar.make_config()["bn_datapoint"] == "frozen"
+    with pytest.raises(ValueError, match="bn_datapoint must be one of"):
+        cifar.make_config(bn_datapoint="coupled")
 
 
 def test_ray_engine_gives_the_local_numbers(full, archive, tmp_path):
