@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..nn import Residual
 from .gaussian import R_S
+from .outputs import check_number, check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
                       resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
                       write_json)
@@ -204,14 +205,13 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     L = config["depth"]
     for key in ("sum_norm", "sum_sq", "sum_sq2"):
-        v = result.get(key)
-        if not isinstance(v, list) or len(v) != L or not all(isinstance(t, (int, float)) for t in v):
-            raise ValueError(f"{key!r} is not a list of {L} numbers")
-    if result.get("repeats") != spec["repeats"]:
+        # Overflowing norms are a result (growth_rate turns them into a NaN rate), not corruption.
+        check_numbers(result.get(key), repr(key), L, finite=False)
+    check_number(result.get("repeats"), "'repeats'", integer=True)
+    if result["repeats"] != spec["repeats"]:
         raise ValueError("'repeats' does not match the job")
-    gsc = result.get("gsc")
-    if config["gsc"] and not (isinstance(gsc, list) and len(gsc) == L + 1):
-        raise ValueError(f"'gsc' is not a list of {L + 1} numbers")
+    if config["gsc"]:
+        check_numbers(result.get("gsc"), "'gsc'", L + 1, finite=False)
 
 
 # ----------------------------------------------------------------------------- the study

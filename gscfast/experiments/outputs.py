@@ -18,7 +18,8 @@ from .runner import RunResult, Study, atomic_write, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
            "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
-           "expand_names", "add_study_arguments", "run_timings", "run_info"]
+           "expand_names", "add_study_arguments", "run_timings", "run_info", "check_number",
+           "check_numbers"]
 
 
 def add_study_arguments(p: argparse.ArgumentParser, *, device: str = "auto",
@@ -63,6 +64,32 @@ def expand_names(words: Iterable[str], groups: dict[str, list[str]], check: Call
     if not names:
         raise ValueError(f"no {what} given")
     return names
+
+
+def check_number(value: Any, what: str, *, finite: bool = True, none: bool = False,
+                 integer: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is a number as a job wrote it: an
+    ``int`` or ``float`` but never a ``bool`` (``isinstance(True, int)`` is True, and JSON's
+    ``true`` must not pass for 1), an ``int`` if ``integer``, NaN or infinite only if not
+    ``finite``, ``None`` (JSON null: ``json_safe`` of a non-finite value) only if ``none``."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is not a number (got {json.dumps(value, default=repr)[:40]})")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"{what} is not an integer (got {value!r})")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{what} is not finite (got {value!r})")
+
+
+def check_numbers(value: Any, what: str, length: int | None = None, *, finite: bool = True,
+                  none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is a list (of ``length`` items, if
+    given) of numbers as ``check_number`` accepts them."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise ValueError(f"{what} is not a list of {'' if length is None else f'{length} '}numbers")
+    for i, v in enumerate(value):
+        check_number(v, f"{what}[{i}]", finite=finite, none=none)
 
 
 def json_safe(obj: Any) -> Any:

@@ -1,0 +1,133 @@
+"""What the runner, the study commands and the training checkpoints refuse (issue 11): a job record
+with something else than a number, a results directory that cannot be created or written, a bad
+option value, a damaged or malicious checkpoint. Each is a one-line error that names what is wrong,
+given before anything is written or computed; nothing computed is dropped silently, and a run
+stopped before its first job never blocks the corrected command."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gscfast.__main__ import main
+from gscfast.data.cifar import write_fake_archive
+from gscfast.experiments import cifar, ghost, runner, shattered, vgg
+from gscfast.experiments.outputs import check_number, check_numbers
+
+GHOST = ["--variants", "plain-relu", "--depth", "4", "--width", "8", "--batch", "2", "--repeats", "2",
+         "--chunk", "1", "--backend", "torch", "--threads", "1", "--quiet"]
+
+
+def ghost_cmd(out: Path, *extra: str) -> int:
+    return main(["ghost", "--out", str(out), *GHOST, *extra])
+
+
+def _error(capsys) -> str:
+    """The command's stderr, which must be one error line."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gscfast "), err
+    return err
+
+
+# ----------------------------------------------------------------------------- numbers in records
+def test_check_number():
+    check_number(1, "x")
+    check_number(-2.5, "x")
+    for bad in (True, False, "1", [1], {}, None):
+        with pytest.raises(ValueError, match="x is not a number"):
+            check_number(bad, "x")
+    for v in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="x is not finite"):
+            check_number(v, "x")
+        check_number(v, "x", finite=False)
+    check_number(None, "x", none=True)
+    with pytest.raises(ValueError, match="not a number"):
+        check_number(True, "x", none=True, finite=False)
+    with pytest.raises(ValueError, match="x is not an integer"):
+        check_number(1.0, "x", integer=True)
+    check_numbers([1, 2.0, None], "v", 3, none=True)
+    with pytest.raises(ValueError, match=r"v\[1\] is not a number"):
+        check_numbers([1, True, 3], "v", 3)
+    with pytest.raises(ValueError, match="v is not a list of 2 numbers"):
+        check_numbers([1, 2, 3], "v", 2)
+
+
+def _json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _ghost_job(tmp_path):
+    config = ghost.make_config(variants=["plain-relu"], repeats=1, chunk=1, width=4, depth=4, batch=2,
+                               backend="torch")
+    spec = ghost.make_study(config).jobs[0].spec
+    return ghost.check_result, config, spec, _json(ghost.run_job(config, spec)), [
+        ("sum_sq", 1), ("sum_norm", 0), ("repeats",), ("gsc", 2)]
+
+
+def _shattered_job(tmp_path):
+    config = shattered.make_config(archs=["ReLU-2"], ensemble=2, chunk=2, points=4, width=4, device="cpu")
+    spec = shattered.make_study(config).jobs[0].spec
+    return shattered.check_result, config, spec, _json(shattered.run_job(config, spec)), [
+        ("gradients", 1, 2)]
+
+
+def _cifar_job(tmp_path):
+    config = cifar.make_config(dataset="digits", archs=["SeLU"], lrs=[0.1], epochs=1, search_epochs=1,
+                               depth=2, width=8, batch_size=500, ed_samples=0, ed_every=0,
+                               backend="torch", device="cpu")
+    study = cifar.make_final_study(config, {"SeLU": 0.1}, tmp_path)
+    spec = study.jobs[0].spec
+    return cifar.check_result, study.config, spec, _json(cifar.train_job(study.config, spec)), [
+        ("final_error",), ("final_loss",), ("lr",), ("epochs_done",), ("history", 1, "train_error"),
+        ("history", 0, "gsc", 1)]
+
+
+def _vgg_job(tmp_path):
+    md5 = write_fake_archive(tmp_path, "cifar100", "python", n_train=30, n_test=10, seed=3)
+    config = vgg.make_config(archs=["VGG08"], epochs=1, batch_size=10, filters=2, val_size=10,
+                             flow_every=1, data_dir=str(tmp_path), data_md5=md5, device="cpu")
+    spec = vgg.make_study(config, tmp_path).jobs[0].spec
+    result = _json(vgg.train_variant(config, spec))
+    step = sorted(result["flow"]["records"])[0]
+    name = result["flow"]["weights"][0]
+    return vgg.check_result, config, spec, result, [
+        ("epochs_done",), ("test_acc",), ("history", 0, "train_loss"), ("history", 0, "lr"),
+        ("flow", "records", step, "weights", name, "mean_abs")]
+
+
+@pytest.mark.parametrize("make", [_ghost_job, _shattered_job, _cifar_job, _vgg_job],
+                         ids=["ghost", "shattered", "cifar", "vgg"])
+def test_every_study_refuses_true_in_place_of_a_number(make, tmp_path, monkeypatch):
+    """JSON's ``true`` reads back as Python's True, an int: each study's check must refuse it."""
+    monkeypatch.setenv("GSCFAST_BACKEND", "torch")  # no JIT compilation (the Taylor curve's backend)
+    with runner.thread_limit(1):
+        check, config, spec, result, paths = make(tmp_path)
+    check(config, spec, result)  # the job's own result passes
+    for path in paths:
+        bad = copy.deepcopy(result)
+        leaf = bad
+        for k in path[:-1]:
+            leaf = leaf[k]
+        assert isinstance(leaf[path[-1]], (int, float)) and not isinstance(leaf[path[-1]], bool), path
+        leaf[path[-1]] = True
+        with pytest.raises(ValueError, match="is not a number"):
+            check(config, spec, bad)
+
+
+def test_a_record_with_true_is_refused_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ghost_cmd(out) == 0
+    p = out / "jobs" / "plain-relu.0001.json"
+    rec = json.loads(p.read_text())
+    rec["result"]["sum_sq"][0] = True
+    p.write_text(json.dumps(rec))
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert ghost_cmd(out, "--resume") == 2
+    err = _error(capsys)
+    assert str(p) in err and "'sum_sq'[0] is not a number" in err and "delete it" in err
+    assert not (out / "results.json").exists()
