@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from gscfast.__main__ import main
 from gscfast.data.cifar import write_fake_archive
 from gscfast.experiments import cifar, ghost, runner, shattered, vgg
 from gscfast.experiments.outputs import check_number, check_numbers
+from gscfast.experiments.training import (CheckpointError, load_checkpoint, restore_training_state,
+                                          save_checkpoint, save_training_state)
 
 GHOST = ["--variants", "plain-relu", "--depth", "4", "--width", "8", "--batch", "2", "--repeats", "2",
          "--chunk", "1", "--backend", "torch", "--threads", "1", "--quiet"]
@@ -131,3 +134,70 @@ def test_a_record_with_true_is_refused_on_resume(tmp_path, capsys):
     err = _error(capsys)
     assert str(p) in err and "'sum_sq'[0] is not a number" in err and "delete it" in err
     assert not (out / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class _Code:
+    def __reduce__(self):
+        return (os.getpid, ())  # harmless here, but a checkpoint that refers to code is refused
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "not a zip file":
+        path.write_text("hello, not a checkpoint")
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # a pickle with a forbidden global
+        torch.save({"model": _Code()}, path)
+
+
+DAMAGE = ["truncated", "not a zip file", "empty", "forbidden global"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_checkpoint_is_a_clear_error(how, tmp_path):
+    path = tmp_path / "job.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    assert load_checkpoint(path)["epoch"] == 1
+    _damage(path, how)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "Delete it to restart that job" in msg and "--resume" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+    assert e.value.__suppress_context__  # torch's message (suggesting weights_only=False) is not shown
+    if how == "forbidden global":
+        assert "a reference to code" in msg and "getpid" in msg
+
+
+def test_a_checkpoint_of_something_else_is_a_clear_error(tmp_path):
+    path = tmp_path / "job.pt"
+    model = torch.nn.Linear(2, 2)
+    save_training_state(path, {"model": model})
+    with pytest.raises(CheckpointError, match="does not hold this job's training state .no 'optimizer'"):
+        restore_training_state(path, {"model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1)})
+    with pytest.raises(CheckpointError, match="does not hold this job's training state"):
+        restore_training_state(path, {"model": torch.nn.Linear(3, 2)})
+
+
+@pytest.mark.parametrize("how", ["truncated", "forbidden global"])
+def test_cifar_resume_with_a_damaged_checkpoint(how, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GSCFAST_BACKEND", "torch")
+    monkeypatch.setattr(cifar, "_INTERRUPT_AFTER", 1)  # a kill right after the first checkpoint
+    args = ["cifar", "--out", str(tmp_path / "run"), "--dataset", "digits", "--archs", "SeLU", "--lrs",
+            "0.1", "--search-epochs", "2", "--epochs", "1", "--depth", "2", "--width", "8",
+            "--batch-size", "500", "--ed-samples", "0", "--ed-every", "0", "--backend", "torch",
+            "--threads", "1", "--quiet"]
+    assert main(args) == 130
+    ckpt = tmp_path / "run" / "search" / "checkpoints" / "SeLU.lr0.1.pt"
+    _damage(ckpt, how)
+    capsys.readouterr()
+    monkeypatch.setattr(cifar, "_INTERRUPT_AFTER", None)
+    assert main([*args, "--resume"]) == 2
+    err = _error(capsys)
+    assert f"gscfast cifar: error: checkpoint {ckpt} cannot be used" in err and "weights_only" not in err
+    ckpt.unlink()  # as the message says
+    assert main([*args, "--resume"]) == 0
