@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import check_number, check_numbers
+from .outputs import check_command, check_number, check_numbers
 from .outputs import (add_study_arguments, json_safe as _json_safe, mean_or_none as _mean, num as _num,
                       pyplot, resolve_device as _device, run_info, run_timings, save_figure, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
@@ -686,6 +686,7 @@ def main(args: argparse.Namespace) -> int:
                              backend=args.backend, device=args.device)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_command(args)  # before anything is written
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise UsageError(f"{out} is not empty; pass --resume to continue the run stored there, "

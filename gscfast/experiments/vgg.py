@@ -55,7 +55,7 @@ from torch import nn
 
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
-from .outputs import check_number
+from .outputs import check_command, check_number
 from .outputs import (add_study_arguments, fmt as _fmt, json_safe, mean_or_none as _mean, num as _num,
                       pyplot, resolve_device, run_command, run_info, run_timings, save_figure,
                       sci as _sci, write_json)
@@ -685,6 +685,7 @@ def main(args: argparse.Namespace) -> int:
                       f"{_sci(a['flow']['first']['ratio']):>31}")
         return paths
 
+    check_command(args)  # before the data are loaded
     if args.engine == "local":  # a missing or wrong archive is a usage error, not a traceback
         try:
             load_data(config)  # cached: the jobs of this process reuse it

@@ -5,10 +5,14 @@ given before anything is written or computed; nothing computed is dropped silent
 stopped before its first job never blocks the corrected command."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -134,6 +138,185 @@ def test_a_record_with_true_is_refused_on_resume(tmp_path, capsys):
     err = _error(capsys)
     assert str(p) in err and "'sum_sq'[0] is not a number" in err and "delete it" in err
     assert not (out / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- option values
+BAD_OPTIONS = {  # options -> words of the message
+    ("--threads", "-2"): "--threads must be an integer >= 1, got -2",
+    ("--threads", "0"): "--threads must be an integer >= 1, got 0",
+    ("--max-jobs", "-1"): "--max-jobs must be an integer >= 0",
+    ("--num-cpus", "0"): "--num-cpus must be an integer >= 1",
+    ("--num-cpus", "2"): "--num-cpus applies to the Ray engine only",
+    ("--address", "auto"): "--address applies to the Ray engine only",
+    ("--device", "nonsense"): "--device 'nonsense' is not a device",
+    ("--device", "meta"): "--device meta holds no data",
+    ("--backend", "nonsense"): "backend 'nonsense'",
+}
+if not torch.cuda.is_available():
+    BAD_OPTIONS[("--device", "cuda")] = "--device cuda is not available here"
+
+
+@pytest.mark.parametrize("option", BAD_OPTIONS, ids=" ".join)
+def test_bad_option_values_are_refused_before_anything_is_written(option, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ghost_cmd(out, *option) == 2
+    assert BAD_OPTIONS[option] in _error(capsys)
+    assert not out.exists()
+    assert ghost_cmd(out) == 0  # the corrected command is not refused as "a different run"
+
+
+def test_cifar_and_vgg_check_the_options_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["cifar", "--out", str(out), "--dataset", "digits", "--threads", "-2", "--quiet"]) == 2
+    assert "--threads must be" in _error(capsys) and not out.exists()
+    assert main(["cifar", "--out", str(out), "--dataset", "digits", "--backend", "nonsense"]) == 2
+    assert "--backend 'nonsense' is unknown" in _error(capsys) and not out.exists()
+    # vgg: refused before its data are looked for (there are none here)
+    assert main(["vgg", "--out", str(out), "--data-dir", str(tmp_path / "none"), "--device", "x"]) == 2
+    assert "--device 'x' is not a device" in _error(capsys) and not out.exists()
+
+
+def test_run_checks_its_options(tmp_path):
+    study = ghost.make_study(ghost.make_config(variants=["plain-relu"], repeats=1, chunk=1, width=4,
+                                               depth=4, batch=2, backend="torch"))
+    for kw, words in (({"threads": -2}, "threads must be an integer >= 1"),
+                      ({"max_jobs": True}, "max_jobs must be an integer"),
+                      ({"engine": "slurm"}, "engine must be one of local, ray")):
+        with pytest.raises(ValueError, match=words):
+            runner.run(study, tmp_path / "run", quiet=True, **kw)
+        assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- runs that stop early
+def test_a_run_that_crashes_before_its_first_job_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def crash(config, spec):
+        raise RuntimeError("no such device")
+
+    monkeypatch.setattr(ghost, "run_job", crash)
+    with pytest.raises(RuntimeError, match="no such device"):
+        ghost_cmd(out)
+    assert not out.exists()
+
+
+def test_a_run_that_crashes_after_a_job_keeps_it(tmp_path, monkeypatch):
+    out, run_job, calls = tmp_path / "run", ghost.run_job, []
+
+    def second_crashes(config, spec):
+        if calls:
+            raise RuntimeError("crash")
+        calls.append(spec)
+        return run_job(config, spec)
+
+    monkeypatch.setattr(ghost, "run_job", second_crashes)
+    with pytest.raises(RuntimeError, match="crash"):
+        ghost_cmd(out)
+    assert (out / "manifest.json").is_file() and len(list((out / "jobs").iterdir())) == 1
+    monkeypatch.setattr(ghost, "run_job", run_job)
+    assert ghost_cmd(out, "--seed", "1") == 2  # a finished job is never discarded
+    assert ghost_cmd(out, "--seed", "1", "--resume") == 2
+    assert ghost_cmd(out, "--resume") == 0
+
+
+def test_a_directory_without_finished_jobs_is_taken_as_empty(tmp_path, capsys):
+    """A run stopped before its first job (e.g. by an older gscfast) holds nothing to lose."""
+    out = tmp_path / "run"
+    assert ghost_cmd(out, "--max-jobs", "0") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["jobs", "manifest.json"]
+    (out / "jobs" / ".plain-relu.0000.json.tmp-99").write_text("half a record")
+    assert ghost_cmd(out, "--seed", "1") == 0  # other options, no --resume: the manifest is replaced
+    assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == ["plain-relu.0000.json",
+                                                                 "plain-relu.0001.json"]
+    (out / "other").write_text("x")  # anything else: not taken
+    shutil.rmtree(out / "jobs")
+    (out / "jobs").mkdir()
+    capsys.readouterr()
+    assert ghost_cmd(out, "--seed", "2") == 2 and "not empty" in _error(capsys)
+
+
+# ----------------------------------------------------------------------------- results directories
+@pytest.fixture
+def shared_dir():
+    """A folder an unprivileged user can use (pytest's tmp_path is root's alone when run as root)."""
+    d = Path(tempfile.mkdtemp(prefix="gscfast-test-"))
+    d.chmod(0o777)
+    yield d
+    for p in [d, *d.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o777)
+    shutil.rmtree(d)
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Run as an ordinary user: root writes into read-only directories (the kernel's permission
+    checks are what is tested, so root drops to ``nobody`` for a while)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_out_under_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert ghost_cmd(tmp_path / "file" / "sub") == 2
+    err = _error(capsys)
+    assert f"--out {tmp_path / 'file' / 'sub'} cannot be created: {tmp_path / 'file'} is not a directory" in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_read_only_out_is_a_usage_error(shared_dir, capsys, monkeypatch):
+    ro = shared_dir / "ro"
+    ro.mkdir(mode=0o555)
+    ro.chmod(0o555)
+    monkeypatch.setattr(ghost, "run_job", lambda *a: pytest.fail("computed for nothing"))
+    with unprivileged():
+        assert ghost_cmd(ro) == 2
+        err = _error(capsys)
+        assert f"--out {ro} cannot be written: no file can be created in {ro} (Permission denied)" in err
+        assert ghost_cmd(ro / "sub") == 2
+        assert f"--out {ro / 'sub'} cannot be created" in _error(capsys)
+    assert list(ro.iterdir()) == []
+
+
+def test_read_only_jobs_folder_is_refused_before_computing(shared_dir, capsys, monkeypatch):
+    out = shared_dir / "run"
+    with unprivileged():
+        assert ghost_cmd(out, "--max-jobs", "1") == 0
+        (out / "jobs").chmod(0o555)
+        run_job = ghost.run_job
+        monkeypatch.setattr(ghost, "run_job", lambda *a: pytest.fail("computed for nothing"))
+        capsys.readouterr()
+        assert ghost_cmd(out, "--resume") == 2
+        assert f"no file can be created in {out / 'jobs'}" in _error(capsys)
+        (out / "jobs").chmod(0o755)
+        monkeypatch.setattr(ghost, "run_job", run_job)
+        assert ghost_cmd(out, "--resume") == 0
+
+
+def test_a_record_that_cannot_be_written_stops_the_run(tmp_path, capsys, monkeypatch):
+    """E.g. a full disk: a clear error, never a computed job dropped silently."""
+    write = runner.atomic_write
+
+    def full_disk(path, data):
+        if Path(path).parent.name == "jobs":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data)
+
+    monkeypatch.setattr(runner, "atomic_write", full_disk)
+    out = tmp_path / "run"
+    assert ghost_cmd(out) == 2
+    err = _error(capsys)
+    assert f"the record of job plain-relu.0000 could not be written to {out / 'jobs'}" in err
+    assert "No space left on device" in err and "is lost" in err and "--resume" in err
 
 
 # ----------------------------------------------------------------------------- checkpoints
