@@ -250,12 +250,18 @@ def shared_dir():
 
 
 @contextlib.contextmanager
-def unprivileged():
+def unprivileged(folder: Path):
     """Run as an ordinary user: root writes into read-only directories (the kernel's permission
-    checks are what is tested, so root drops to ``nobody`` for a while)."""
+    checks are what is tested, so root drops to ``nobody`` for a while) and what root wrote in
+    ``folder`` becomes nobody's. Nobody cannot read root's Python installation, so a command
+    refused at the same point first runs as root, to import everything it needs."""
+    (folder.parent / "file").write_text("x")
+    assert ghost_cmd(folder.parent / "file" / "sub") == 2
     if os.geteuid() != 0:
         yield
         return
+    for p in [folder, *folder.rglob("*")] if folder.exists() else []:
+        os.chown(p, 65534, 65534)
     os.setegid(65534)
     os.seteuid(65534)
     try:
@@ -278,7 +284,8 @@ def test_read_only_out_is_a_usage_error(shared_dir, capsys, monkeypatch):
     ro.mkdir(mode=0o555)
     ro.chmod(0o555)
     monkeypatch.setattr(ghost, "run_job", lambda *a: pytest.fail("computed for nothing"))
-    with unprivileged():
+    with unprivileged(shared_dir / "none"):
+        capsys.readouterr()
         assert ghost_cmd(ro) == 2
         err = _error(capsys)
         assert f"--out {ro} cannot be written: no file can be created in {ro} (Permission denied)" in err
@@ -289,17 +296,17 @@ def test_read_only_out_is_a_usage_error(shared_dir, capsys, monkeypatch):
 
 def test_read_only_jobs_folder_is_refused_before_computing(shared_dir, capsys, monkeypatch):
     out = shared_dir / "run"
-    with unprivileged():
-        assert ghost_cmd(out, "--max-jobs", "1") == 0
-        (out / "jobs").chmod(0o555)
-        run_job = ghost.run_job
-        monkeypatch.setattr(ghost, "run_job", lambda *a: pytest.fail("computed for nothing"))
+    assert ghost_cmd(out, "--max-jobs", "1") == 0
+    (out / "jobs").chmod(0o555)
+    run_job = ghost.run_job
+    monkeypatch.setattr(ghost, "run_job", lambda *a: pytest.fail("computed for nothing"))
+    with unprivileged(out):
         capsys.readouterr()
         assert ghost_cmd(out, "--resume") == 2
         assert f"no file can be created in {out / 'jobs'}" in _error(capsys)
-        (out / "jobs").chmod(0o755)
-        monkeypatch.setattr(ghost, "run_job", run_job)
-        assert ghost_cmd(out, "--resume") == 0
+    (out / "jobs").chmod(0o755)
+    monkeypatch.setattr(ghost, "run_job", run_job)
+    assert ghost_cmd(out, "--resume") == 0
 
 
 def test_a_record_that_cannot_be_written_stops_the_run(tmp_path, capsys, monkeypatch):
