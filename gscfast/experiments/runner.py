@@ -585,7 +585,7 @@ def add_runner_arguments(parser) -> None:
     g.add_argument("--address", default=None,
                    help="address of an existing Ray cluster (--engine ray); default: a local instance")
     g.add_argument("--num-cpus", type=int, default=None,
-                   help="CPUs of the local Ray instance (default: all)")
+                   help="CPUs of the local Ray instance (--engine ray without --address; default: all)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per job (default: torch's, here %d); numbers are reproducible "
                         "bit for bit for equal --threads" % torch.get_num_threads())
