@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outputs import check_command, check_number, check_numbers
 from .outputs import (add_study_arguments, json_safe as _json_safe, mean_or_none as _mean, num as _num,
                       pyplot, resolve_device as _device, run_info, run_timings, save_figure, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
@@ -350,8 +351,24 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 def check_result(config: dict, spec: dict, result: dict) -> None:
     if not isinstance(result.get("diverged"), bool) or not isinstance(result.get("history"), list):
         raise ValueError("not a training result")
-    if not result["diverged"] and not isinstance(result.get("final_error"), (int, float)):
-        raise ValueError("missing final_error")
+    check_number(result.get("lr"), "'lr'")
+    check_number(result.get("epochs_done"), "'epochs_done'", integer=True)
+    if not result["diverged"]:
+        for k in ("final_error", "final_loss"):
+            check_number(result.get(k), repr(k))
+    hist = result["history"]
+    for i, h in enumerate(hist):
+        if not isinstance(h, dict):
+            raise ValueError(f"'history'[{i}] is not an epoch's record")
+        check_number(h.get("epoch"), f"'history'[{i}]['epoch']", integer=True)
+        if not h.get("diverged"):
+            # null: the non-finite loss of a diverged run's last epoch (the search drops "diverged")
+            for k in ("train_loss", "train_error"):
+                check_number(h.get(k), f"'history'[{i}][{k!r}]",
+                             none=result["diverged"] and i == len(hist) - 1)
+        for k in ("gsc", "preact_std", "sign_diversity", "opnorm"):  # null: non-finite
+            if k in h:
+                check_numbers(h[k], f"'history'[{i}][{k!r}]", none=True)
 
 
 # ----------------------------------------------------------------------------- the studies
@@ -756,6 +773,7 @@ def main(args: argparse.Namespace) -> int:
                              backend=args.backend, device=args.device)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_command(args)  # before anything is written
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise UsageError(f"{out} is not empty; pass --resume to continue the run stored there, "

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import (add_study_arguments, expand_names, fmt as _fmt, num as _num, pyplot,
-                      resolve_device as _device, resolve_dtype as _dtype, run_command, run_info,
-                      run_timings, save_figure, sci as _sci, t_interval, write_json)
 from ..estimators import GSCMoments, pooled_summary
+from .outputs import (add_study_arguments, check_number, check_numbers, expand_names, fmt as _fmt,
+                      num as _num, pyplot, resolve_device as _device, resolve_dtype as _dtype,
+                      run_command, run_info, run_timings, save_figure, sci as _sci, t_interval,
+                      write_json)
 from .runner import Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
 __all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
@@ -162,19 +163,15 @@ def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, A
             "backend": get_backend(config["backend"], device).name, "device": str(device)}
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     n = config["depth"] + 1
     if spec.get("kind") == "pairs":
         rows = result.get("matrix")
-        if (not isinstance(rows, list) or len(rows) != n
-                or not all(isinstance(r, list) and len(r) == k + 1 and all(map(_is_number, r))
-                           for k, r in enumerate(rows))):
-            raise ValueError(f"'matrix' is not the lower triangle of an {n} x {n} matrix of numbers")
+        if not isinstance(rows, list) or len(rows) != n:
+            raise ValueError(f"'matrix' is not the lower triangle of an {n} x {n} matrix")
+        for k, row in enumerate(rows):
+            check_numbers(row, f"'matrix'[{k}]", k + 1, finite=False)
         if result.get("method") not in ("exact", "sketch"):
             raise ValueError("'method' is not 'exact' or 'sketch'")
         return
@@ -184,12 +181,9 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
             "expected GSC is computed from (records written before gscfast computed the pooled GSC "
             "lack them); recompute the run into a new --out, or delete this directory's jobs/ and "
             "manifest.json and run the same command again")
-    for key in ("gsc", "preact_std", "sign_diversity"):
-        v = result.get(key)
-        if not isinstance(v, list) or len(v) != n or not all(map(_is_number, v)):
-            raise ValueError(f"{key!r} is not a list of {n} numbers")
-    if not _is_number(result.get("rate")):
-        raise ValueError("'rate' is not a number")
+    for key in ("gsc", "preact_std", "sign_diversity"):  # NaN where a layer has no pre-activation
+        check_numbers(result.get(key), repr(key), n, finite=False)
+    check_number(result.get("rate"), "'rate'", finite=False)
     m = GSCMoments.from_dict(result["moments"])
     if m.L + 1 != n:
         raise ValueError(f"'moments' has {m.L + 1} layers, not {n}")

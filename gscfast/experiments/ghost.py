@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..estimators import GSCMoments, pooled_summary
 from ..nn import Residual
 from .gaussian import R_S
+from .outputs import check_number, check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
                       resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
                       write_json)
@@ -207,10 +208,10 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     L = config["depth"]
     for key in ("sum_norm", "sum_sq", "sum_sq2"):
-        v = result.get(key)
-        if not isinstance(v, list) or len(v) != L or not all(isinstance(t, (int, float)) for t in v):
-            raise ValueError(f"{key!r} is not a list of {L} numbers")
-    if result.get("repeats") != spec["repeats"]:
+        # Overflowing norms are a result (growth_rate turns them into a NaN rate), not corruption.
+        check_numbers(result.get(key), repr(key), L, finite=False)
+    check_number(result.get("repeats"), "'repeats'", integer=True)
+    if result["repeats"] != spec["repeats"]:
         raise ValueError("'repeats' does not match the job")
     if config["gsc"]:
         if "gsc_moments" not in result:

@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .runner import RunResult, Study, atomic_write, run
+from .runner import (ResultsDirError, RunResult, Study, UsageError, atomic_write, check_out_dir,
+                     check_run_options, run)
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
            "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
-           "expand_names", "add_study_arguments", "run_timings", "run_info"]
+           "expand_names", "add_study_arguments", "run_timings", "run_info", "check_number",
+           "check_numbers", "check_device", "check_command"]
 
 
 def add_study_arguments(p: argparse.ArgumentParser, *, device: str = "auto",
@@ -42,6 +44,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str, *, here: bool = True) -> torch.device:
+    """``resolve_device(name)``, or ``UsageError`` naming ``--device`` if ``name`` is no device,
+    names the ``meta`` device (no data), or (``here``: the jobs run in this process) cannot hold a
+    tensor here (e.g. ``cuda`` without a GPU, ``cuda:3`` with one GPU)."""
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data; use auto, cpu, cuda or cuda:N")
+    if here:
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # AssertionError (no CUDA build), RuntimeError (no such GPU), ...
+            raise UsageError(f"--device {name} is not available here "
+                             f"({str(e).splitlines()[0][:120]})") from None
+    return device
+
+
+def check_command(args: argparse.Namespace, out: str | Path | None = None) -> None:
+    """Refuse, with ``UsageError`` naming the option, a bad value of the options every study's
+    command shares (``add_runner_arguments``, ``add_study_arguments``: threads, engine, address,
+    CPUs, job limit, device, backend) and an ``out`` (default ``args.out``) that cannot be created
+    or written. Writes nothing: call it before any work, so that a corrected command is never
+    refused as another run."""
+    check_run_options(engine=args.engine, address=args.address, num_cpus=args.num_cpus,
+                      threads=args.threads, max_jobs=args.max_jobs, cli=True)
+    here = args.engine == "local"  # with Ray, the jobs' machines may have other devices
+    device = check_device(args.device, here=here) if hasattr(args, "device") else None
+    backend = getattr(args, "backend", "auto")
+    if backend != "auto":
+        from ..backends import BACKENDS, get_backend
+
+        if backend not in BACKENDS:
+            raise UsageError(f"--backend {backend!r} is unknown; choose auto or one of {', '.join(BACKENDS)}")
+        if here and device is not None:
+            try:
+                get_backend(backend, device)
+            except (RuntimeError, ValueError) as e:
+                raise UsageError(f"--backend {backend}: {e}") from None
+    try:
+        check_out_dir(Path(args.out if out is None else out))
+    except ResultsDirError as e:
+        raise UsageError(f"--out {e}") from None
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """``"float32"`` / ``"float64"`` -> the torch dtype."""
     dtypes = {"float32": torch.float32, "float64": torch.float64}
@@ -63,6 +111,32 @@ def expand_names(words: Iterable[str], groups: dict[str, list[str]], check: Call
     if not names:
         raise ValueError(f"no {what} given")
     return names
+
+
+def check_number(value: Any, what: str, *, finite: bool = True, none: bool = False,
+                 integer: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is a number as a job wrote it: an
+    ``int`` or ``float`` but never a ``bool`` (``isinstance(True, int)`` is True, and JSON's
+    ``true`` must not pass for 1), an ``int`` if ``integer``, NaN or infinite only if not
+    ``finite``, ``None`` (JSON null: ``json_safe`` of a non-finite value) only if ``none``."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is not a number (got {json.dumps(value, default=repr)[:40]})")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"{what} is not an integer (got {value!r})")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{what} is not finite (got {value!r})")
+
+
+def check_numbers(value: Any, what: str, length: int | None = None, *, finite: bool = True,
+                  none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is a list (of ``length`` items, if
+    given) of numbers as ``check_number`` accepts them."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise ValueError(f"{what} is not a list of {'' if length is None else f'{length} '}numbers")
+    for i, v in enumerate(value):
+        check_number(v, f"{what}[{i}]", finite=finite, none=none)
 
 
 def json_safe(obj: Any) -> Any:
@@ -178,6 +252,7 @@ def run_command(study: Study, args: argparse.Namespace,
     ``out`` (default ``args.out``); on a complete run call ``write(result)`` and list the files it
     wrote. Returns the command's exit status (130 when interrupted: finished jobs are kept)."""
     out = Path(args.out if out is None else out)
+    check_command(args, out)
     try:
         result = run(study, out, resume=args.resume, engine=args.engine, address=args.address,
                      num_cpus=args.num_cpus, threads=args.threads, quiet=args.quiet,

@@ -17,7 +17,13 @@ Guarantees:
 - No mixing: a non-empty directory is used only with ``resume=True`` and only if its manifest
   matches this run exactly (study, config, gscfast version, format); a missing or corrupted
   manifest, a corrupted record or a record of another job or run is refused with
-  ``ResultsDirError`` (nothing is written then).
+  ``ResultsDirError`` (nothing is written then). A directory that holds no finished job and
+  nothing else (only a manifest and an empty ``jobs/``: a run stopped before its first job) is
+  taken as empty, its manifest replaced.
+- Refused before anything is written: bad runner options (``check_run_options``) and a directory
+  that cannot be created or written (``check_out_dir``). A run that fails before its first record
+  removes the manifest and folders it created; a record that cannot be written stops the run
+  with ``ResultsDirError`` (never computed and dropped silently).
 - Engines: ``"local"`` runs jobs one after another in this process; ``"ray"`` runs them as Ray
   tasks (``address`` for an existing cluster, else a local instance with ``num_cpus`` CPUs), one
   GPU per task when the cluster has GPUs. Every job runs with the same number of CPU threads
@@ -43,7 +49,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 __all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "UsageError", "run", "job_seed",
-           "atomic_write", "add_runner_arguments", "ENGINES", "FORMAT"]
+           "atomic_write", "add_runner_arguments", "check_run_options", "check_out_dir", "ENGINES",
+           "FORMAT"]
 
 FORMAT = "gscfast-results/1"
 ENGINES = ("local", "ray")
@@ -192,20 +199,44 @@ def _describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     return "; ".join(diffs)
 
 
-def _prepare(study: Study, out: Path, resume: bool) -> dict[str, Any]:
-    """Check or create ``out`` and its manifest; returns the manifest. Writes nothing on refusal."""
+def _is_temp(name: str) -> bool:
+    """A temp file of ``atomic_write`` (a write interrupted before its ``os.replace``)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _holds_nothing(out: Path) -> bool:
+    """Whether ``out`` (a directory) holds at most a manifest and a ``jobs/`` without records:
+    a run stopped before its first job, with nothing to lose."""
+    entries = {p.name for p in out.iterdir()}
+    if not entries <= {"manifest.json", "jobs"} or (out / "manifest.json").is_dir():
+        return False
+    jobs = out / "jobs"
+    return not jobs.exists() or (jobs.is_dir() and all(_is_temp(p.name) for p in jobs.iterdir()))
+
+
+def _prepare(study: Study, out: Path, resume: bool) -> tuple[dict[str, Any], bool]:
+    """Check or create ``out`` and its manifest; returns the manifest and whether this call
+    (re)started the run. Writes nothing on refusal."""
     wanted = _manifest(study)
-    if out.exists() and not out.is_dir():
-        raise ResultsDirError(f"{out} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if entries and not resume:
+    check_out_dir(out)
+    try:
+        entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        fresh = not entries or _holds_nothing(out)
+    except OSError as e:
+        raise ResultsDirError(f"{out} cannot be read ({e.strerror or e})") from e
+    if not fresh and not resume:
         raise ResultsDirError(
             f"{out} is not empty; pass --resume to continue the run stored there (same study and "
             f"options), or choose another --out")
-    if not entries:
-        (out / "jobs").mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "manifest.json", json.dumps(wanted, indent=2) + "\n")
-        return wanted
+    if fresh:
+        try:
+            (out / "jobs").mkdir(parents=True, exist_ok=True)
+            for p in (out / "jobs").iterdir():
+                p.unlink()  # temp files of interrupted writes
+            atomic_write(out / "manifest.json", json.dumps(wanted, indent=2) + "\n")
+        except OSError as e:
+            raise ResultsDirError(f"{out} cannot be written ({e.strerror or e})") from e
+        return wanted, True
     path = out / "manifest.json"
     if not path.is_file():
         raise ResultsDirError(
@@ -222,7 +253,46 @@ def _prepare(study: Study, out: Path, resume: bool) -> dict[str, Any]:
             f"{out} holds a different run ({_describe_difference(found, wanted)}); use the same "
             f"options to resume it, or choose another --out")
     (out / "jobs").mkdir(exist_ok=True)
-    return wanted
+    return wanted, False
+
+
+def _writable(d: Path) -> str | None:
+    """None if this process can create files in the directory ``d``, else why not (tried with a
+    probe file: permission bits do not tell, e.g. for root or a read-only file system)."""
+    probe = d / f".write-test.tmp-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return e.strerror or str(e)
+    probe.unlink()
+    return None
+
+
+def check_out_dir(out: str | Path) -> None:
+    """Refuse with ``ResultsDirError``, naming the path and the problem, a results directory that
+    cannot be created or written: a path under a file, a file, a directory (or its ``jobs/``) in
+    which no file can be created. Leaves nothing behind (a probe file is created and removed)."""
+    out = Path(out)
+    existing = out
+    while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == out:
+            raise ResultsDirError(f"{out} exists and is not a directory")
+        raise ResultsDirError(f"{out} cannot be created: {existing} is not a directory")
+    why = _writable(existing)
+    if why is not None:
+        raise ResultsDirError(f"{out} cannot be written: no file can be created in {existing} ({why})"
+                              if existing == out else
+                              f"{out} cannot be created: no folder can be created in {existing} ({why})")
+    jobs = out / "jobs"
+    if existing == out and (jobs.exists() or jobs.is_symlink()):
+        if not jobs.is_dir():
+            raise ResultsDirError(f"{jobs} is not a directory (the jobs' records go there)")
+        why = _writable(jobs)
+        if why is not None:
+            raise ResultsDirError(f"{out} cannot be written: no file can be created in {jobs} ({why}), "
+                                  f"where each finished job's record goes")
 
 
 def _load_records(study: Study, out: Path, fingerprint: str,
@@ -232,7 +302,7 @@ def _load_records(study: Study, out: Path, fingerprint: str,
     specs = {j.key: _canonical(j.spec) for j in study.jobs}
     found: dict[str, dict[str, Any]] = {}
     for path in sorted((out / "jobs").iterdir()):
-        if path.name.startswith(".") and ".tmp-" in path.name:
+        if _is_temp(path.name):
             if clean:
                 path.unlink()  # a write interrupted before its os.replace: never a result
             continue
@@ -364,27 +434,80 @@ def run(
             tests and for running a study in slices.
 
     Raises:
+        UsageError: an option has a bad value (``check_run_options``); nothing is written.
         ResultsDirError: ``out`` cannot be used (see the module docstring).
         EngineError: the engine cannot run here.
     """
-    if engine not in _ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_run_options(engine=engine, address=address, num_cpus=num_cpus, threads=threads,
+                      max_jobs=max_jobs)
     if engine == "ray":
         _import_ray()  # fail before touching the directory
-    threads = int(threads or torch.get_num_threads())
+    threads = threads or torch.get_num_threads()
     out = Path(out)
     t0 = time.perf_counter()
-    manifest = _prepare(study, out, resume)
+    created = not out.exists()
+    manifest, fresh = _prepare(study, out, resume)
     fingerprint = _fingerprint(manifest)
-    _load_records(study, out, fingerprint)  # refuse a spoiled directory before taking it
-    with _lock(out):
-        records = _load_records(study, out, fingerprint, clean=True)
-        computed = _run_jobs(study, out, records, fingerprint, engine, threads, address, num_cpus,
-                             quiet, max_jobs)
-        # Always hand back what is on disk, so resumed and uninterrupted runs give the same numbers.
-        records = _load_records(study, out, fingerprint)
+    try:
+        _load_records(study, out, fingerprint)  # refuse a spoiled directory before taking it
+        with _lock(out):
+            records = _load_records(study, out, fingerprint, clean=True)
+            computed = _run_jobs(study, out, records, fingerprint, engine, threads, address,
+                                 num_cpus, quiet, max_jobs)
+            # Always hand back what is on disk, so resumed and uninterrupted runs give the same numbers.
+            records = _load_records(study, out, fingerprint)
+    except BaseException:
+        if fresh:
+            _unstart(out, created)
+        raise
     return RunResult(records, len(records) == len(study.jobs), computed,
                      time.perf_counter() - t0, engine, threads, manifest)
+
+
+def _unstart(out: Path, created: bool) -> None:
+    """Undo what ``_prepare`` wrote for a run that failed before its first record (a crash or a
+    refusal in its first job), so that the corrected command is not refused as another run;
+    anything else found in ``out`` (a record, a checkpoint) keeps it all."""
+    try:
+        if not _holds_nothing(out):
+            return
+        (out / "manifest.json").unlink(missing_ok=True)
+        if (out / "jobs").exists():
+            for p in (out / "jobs").iterdir():
+                p.unlink()
+            (out / "jobs").rmdir()
+        if created:
+            out.rmdir()
+    except OSError:  # best effort: a directory left behind holds nothing and is taken as empty
+        pass
+
+
+def check_run_options(*, engine: str = "local", address: str | None = None,
+                      num_cpus: int | None = None, threads: int | None = None,
+                      max_jobs: int | None = None, cli: bool = False) -> None:
+    """Raise ``UsageError`` naming the option unless ``run``'s options are valid: a known engine,
+    ``threads`` and ``num_cpus`` positive integers, ``max_jobs`` an integer >= 0, ``address`` and
+    ``num_cpus`` only for the Ray engine and not together. ``cli``: name them as the command-line
+    options (``--num-cpus``) rather than as ``run``'s arguments."""
+    def name(k: str) -> str:
+        return "--" + k.replace("_", "-") if cli else k
+
+    if engine not in _ENGINES:
+        raise UsageError(f"{name('engine')} must be one of {', '.join(ENGINES)}, got {engine!r}")
+    for k, v, least in (("threads", threads, 1), ("num_cpus", num_cpus, 1), ("max_jobs", max_jobs, 0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise UsageError(f"{name(k)} must be an integer >= {least}, got {v!r}")
+    if address is not None and (not isinstance(address, str) or not address.strip()
+                                or any(c.isspace() for c in address)):
+        raise UsageError(f"{name('address')} must be a Ray cluster address (e.g. auto, "
+                         f"ray://host:10001 or host:6379), got {address!r}")
+    for k, v in (("address", address), ("num_cpus", num_cpus)):
+        if v is not None and engine != "ray":
+            raise UsageError(f"{name(k)} applies to the Ray engine only ({name('engine')} ray), "
+                             f"not to {engine}")
+    if address is not None and num_cpus is not None:
+        raise UsageError(f"{name('num_cpus')} sizes a local Ray instance; with {name('address')} "
+                         f"the cluster's CPUs are used")
 
 
 @contextmanager
@@ -427,7 +550,14 @@ def _run_jobs(study: Study, out: Path, records: dict, fingerprint: str, engine: 
                                                        num_cpus=num_cpus):
             rec = {"format": FORMAT, "run": fingerprint, "key": job.key, "spec": _canonical(job.spec),
                    "result": result, "seconds": seconds, "threads": threads, "engine": engine}
-            atomic_write(out / "jobs" / f"{job.key}.json", json.dumps(rec) + "\n")
+            path = out / "jobs" / f"{job.key}.json"
+            try:
+                atomic_write(path, json.dumps(rec) + "\n")
+            except OSError as e:
+                raise ResultsDirError(
+                    f"the record of job {job.key} could not be written to {path} ({e.strerror or e}), "
+                    f"so its result is lost; make {out / 'jobs'} writable (or free space), then run "
+                    f"the same command with --resume") from e
             computed += 1
             if bar is not None:
                 bar.set_postfix_str(job.key, refresh=False)
@@ -462,7 +592,7 @@ def add_runner_arguments(parser) -> None:
     g.add_argument("--address", default=None,
                    help="address of an existing Ray cluster (--engine ray); default: a local instance")
     g.add_argument("--num-cpus", type=int, default=None,
-                   help="CPUs of the local Ray instance (default: all)")
+                   help="CPUs of the local Ray instance (--engine ray without --address; default: all)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads per job (default: torch's, here %d); numbers are reproducible "
                         "bit for bit for equal --threads" % torch.get_num_threads())

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CReLU, Residual, _init_weight, mlp
+from .outputs import check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device, resolve_dtype,
                       run_command, run_info, run_timings, save_figure, sci, write_json)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
@@ -325,10 +326,8 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
     n, P = len(spec["net_seeds"]), config["points"]
     if not isinstance(g, list) or len(g) != n:
         raise ValueError(f"'gradients' is not a list of {n} gradients")
-    for row in g:
-        if (not isinstance(row, list) or len(row) != P
-                or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in row)):
-            raise ValueError(f"a gradient is not a list of {P} finite numbers")
+    for i, row in enumerate(g):
+        check_numbers(row, f"'gradients'[{i}]", P)
     if result.get("method") not in ("gscfast", "torch.func"):
         raise ValueError("'method' is not gscfast or torch.func")
 

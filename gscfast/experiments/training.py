@@ -10,6 +10,8 @@ epoch (``minibatches``) and everything stateful (model, optimizer, schedule, RNG
 from __future__ import annotations
 
 import io
+import pickle
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +20,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .runner import atomic_write
+from .runner import ResultsDirError, atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_training_state", "restore_training_state",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_training_state",
+           "restore_training_state",
            "rng_state", "set_rng_state", "minibatches", "deterministic", "progress_line"]
 
 
@@ -34,9 +37,43 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, buf.getvalue())
 
 
+class CheckpointError(ResultsDirError):
+    """A checkpoint file that cannot be loaded (truncated, not a checkpoint, or asking to run code)
+    or that does not hold a training state; the message names the file and what to do."""
+
+
+def _unloadable(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} cannot be used: {reason}. Delete it to restart that job from its first "
+        f"epoch (finished jobs are kept), then run the same command with --resume")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded safely (``weights_only=True``: no code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint, loaded safely (``weights_only=True``: no code runs).
+
+    Raises:
+        CheckpointError: the file cannot be read, is truncated or no checkpoint, or refers to code
+            (a checkpoint of ``save_checkpoint`` never does; such a file may be malicious).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never say that.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = (f"a reference to code ({found.group(1)})" if found
+                else "objects other than tensors and plain values")
+        raise _unloadable(path, f"it holds {what}, which a gscfast checkpoint never does (the file "
+                                f"is damaged or was not written by gscfast; do not load it by other "
+                                f"means)") from None
+    except OSError as e:
+        raise _unloadable(path, f"it cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # torch.load raises many types on a damaged file
+        detail = str(e).split(". ")[0].strip() if isinstance(e, RuntimeError) else type(e).__name__
+        raise _unloadable(path, f"it is truncated or not a PyTorch checkpoint ({detail})") from None
+    if not isinstance(state, dict):
+        raise _unloadable(path, f"it holds a {type(state).__name__}, not a training state")
+    return state
 
 
 def save_training_state(path: str | Path, stateful: Mapping[str, Any], **extra: Any) -> None:
@@ -52,9 +89,14 @@ def restore_training_state(path: str | Path | None, stateful: Mapping[str, Any])
     if path is None or not Path(path).is_file():
         return None
     c = load_checkpoint(path)
-    for k, v in stateful.items():
-        v.load_state_dict(c[k])
-    set_rng_state(c["rng"])
+    try:
+        for k, v in stateful.items():
+            v.load_state_dict(c[k])
+        set_rng_state(c["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        # A loadable file of another job, architecture or gscfast version.
+        what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).split("\n")[0][:200]
+        raise _unloadable(Path(path), f"it does not hold this job's training state ({what})") from None
     return c
 
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
+from .outputs import check_command, check_number
 from .outputs import (add_study_arguments, fmt as _fmt, json_safe, mean_or_none as _mean, num as _num,
                       pyplot, resolve_device, run_command, run_info, run_timings, save_figure,
                       sci as _sci, write_json)
@@ -311,9 +312,30 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
         raise ValueError("not a training result")
     if not result["diverged"] and len(result["history"]) != config["epochs"]:
         raise ValueError(f"expected {config['epochs']} epochs, got {len(result['history'])}")
+    for k in ("epochs_done", "weight_layers", "parameters", "n_train", "n_val", "n_test", "steps_per_epoch"):
+        check_number(result.get(k), repr(k), integer=True)
+    for k in ("test_loss", "test_acc"):  # null: diverged, or no test images
+        check_number(result.get(k), repr(k), none=True)
+    for i, h in enumerate(result["history"]):
+        if not isinstance(h, dict) or not isinstance(h.get("seconds"), dict):
+            raise ValueError(f"'history'[{i}] is not an epoch's record")
+        check_number(h.get("epoch"), f"'history'[{i}]['epoch']", integer=True)
+        check_number(h.get("lr"), f"'history'[{i}]['lr']")
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):  # null: non-finite or no images
+            check_number(h.get(k), f"'history'[{i}][{k!r}]", none=True)
+        for k in ("train", "val"):
+            check_number(h["seconds"].get(k), f"'history'[{i}]['seconds'][{k!r}]")
     flow = result.get("flow")
     if not isinstance(flow, dict) or not isinstance(flow.get("records"), dict) or not flow["records"]:
         raise ValueError("missing gradient-flow records")
+    for step, rec in flow["records"].items():
+        weights = rec.get("weights") if isinstance(rec, dict) else None
+        if not isinstance(weights, dict):
+            raise ValueError(f"gradient-flow record {step} has no weights")
+        for name, w in weights.items():
+            for k in ("mean_abs", "norm"):  # null: a non-finite gradient
+                check_number(w.get(k) if isinstance(w, dict) else w,
+                             f"gradient-flow record {step} {name}[{k!r}]", none=True)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -663,6 +685,7 @@ def main(args: argparse.Namespace) -> int:
                       f"{_sci(a['flow']['first']['ratio']):>31}")
         return paths
 
+    check_command(args)  # before the data are loaded
     if args.engine == "local":  # a missing or wrong archive is a usage error, not a traceback
         try:
             load_data(config)  # cached: the jobs of this process reuse it

@@ -205,7 +205,7 @@ REFUSALS = {  # name -> (how to spoil a finished run, extra options, words of th
     "record of an older gscfast": (_edit_job(moments=None), ["--resume"],
                                    "has no 'moments', the raw per-dataset expectations"),
     "true in place of a number": (_edit_job(rate=True), ["--resume"], "'rate' is not a number"),
-    "true in a list": (_edit_job(gsc=[True] * (DEPTH + 1)), ["--resume"], "'gsc' is not a list"),
+    "true in a list": (_edit_job(gsc=[True] * (DEPTH + 1)), ["--resume"], "'gsc'[0] is not a number"),
     "bad moments": (_edit_job(moments={"sq_grad": [1.0], "sq_out": [1.0], "n": [1.0], "count": True}),
                     ["--resume"], "count must be a positive int"),
 }
