@@ -81,9 +81,11 @@ class GSCMoments:
             raise ValueError(f"GSC moments must be a mapping, got {type(d).__name__}")
         for key in ("sq_grad", "sq_out", "n"):
             v = d.get(key)
-            if not isinstance(v, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
-                                                  for t in v):
+            if not isinstance(v, list):
                 raise ValueError(f"GSC moments: {key!r} is not a list of numbers")
+            for i, t in enumerate(v):  # JSON's true reads back as an int: refuse it
+                if isinstance(t, bool) or not isinstance(t, (int, float)):
+                    raise ValueError(f"GSC moments: {key!r}[{i}] is not a number")
         return GSCMoments(d["sq_grad"], d["sq_out"], d["n"], d.get("count"))
 
 

@@ -72,7 +72,7 @@ def _ghost_job(tmp_path):
                                backend="torch")
     spec = ghost.make_study(config).jobs[0].spec
     return ghost.check_result, config, spec, _json(ghost.run_job(config, spec)), [
-        ("sum_sq", 1), ("sum_norm", 0), ("repeats",), ("gsc", 2)]
+        ("sum_sq", 1), ("sum_norm", 0), ("repeats",), ("gsc_moments", "sq_grad", 2)]
 
 
 def _shattered_job(tmp_path):
