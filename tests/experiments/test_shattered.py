@@ -4,6 +4,7 @@ against torch.func, and the depth dependence of the autocorrelation (a property 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from gscfast.experiments import shattered
 from gscfast.experiments.runner import job_seed
 from _study_results import numbers as _numbers
 
-ARCHS = ["ReLU-1", "ReLU-4", "batch-ReLU-4", "resnet-6"]
+ARCHS = ["ReLU-1", "ReLU-4", "batch-ReLU-4", "resnet-6", "preresnet-5"]
 ALL = ARCHS + ["ll-ReLU-6"]  # --looks-linear adds the looks-linear net of the deepest depth
 ENSEMBLE, CHUNK, POINTS, WIDTH = 6, 4, 24, 12
 ARGS = ["--archs", *ARCHS, "--looks-linear", "--ensemble", str(ENSEMBLE), "--chunk", str(CHUNK),
@@ -54,6 +55,9 @@ def test_every_output_file(full):
         assert len(a["example"]["gradient"]) == POINTS
         assert a["net_seeds"] == [job_seed(0, "net", arch, m) for m in range(ENSEMBLE)]
         assert a["method"] == ("torch.func" if arch.startswith("ll-") else "gscfast")
+        # The wide-net theory exists for the plain ReLU nets only, Theorem 3's variance for resnets.
+        assert (a["wide_R"] is not None) == (a["kind"] == "ReLU")
+        assert (a["theorem3_variance"] is not None) == (a["kind"] in ("resnet", "preresnet"))
         if arch.startswith("ll-"):  # constant along the grid: no autocorrelation, R = 1
             assert a["constant_members"] == ENSEMBLE and a["acf_lag1"] is None
             assert a["mean_R"] == pytest.approx(1.0, abs=1e-9) and a["predicted"] == 1.0
@@ -62,7 +66,11 @@ def test_every_output_file(full):
             assert a["acf"][0] == 1.0 and -1.0 <= a["acf_lag1"] <= 1.0
     assert res["archs"]["ReLU-4"]["predicted"] == 1 / 16
     assert res["archs"]["resnet-6"]["theory_L"] == 2
-    assert res["archs"]["resnet-6"]["predicted"] == pytest.approx(2 ** -0.5)
+    # Theorem 3's model with 2 blocks, beta 1: covariance (1 + 1/2)(1 + 1/4), variance 3.
+    assert res["archs"]["resnet-6"]["predicted"] == pytest.approx(1.5 * 1.25 / 3)
+    assert res["archs"]["preresnet-5"]["theory_L"] == 3 and res["config"]["beta"] == 1.0
+    assert res["archs"]["preresnet-5"]["theorem3_variance"] == 4.0
+    assert len(res["archs"]["ReLU-4"]["wide_R_by_lag"]) == POINTS
     assert len(res["noise"]["white"]) == len(res["noise"]["brown"]) == POINTS
 
     rows = (full / "gradients.csv").read_text().splitlines()
@@ -75,10 +83,11 @@ def test_every_output_file(full):
 
     summary = (full / "summary.md").read_text()
     assert f"gscfast {gscfast.__version__}" in summary
-    for text in ("| network | L | predicted | mean R(i, j)", "| ReLU-1 | 1 | 0.5 (1/2^L) |",
-                 "| resnet-6 | 2 |", "| ll-ReLU-6 |", "constant", "(choice)", "white noise",
-                 "brown noise", "Which number is the prediction's", "seconds per initialization",
-                 "Machine:", '"ensemble": 6', "gradients.csv"):
+    for text in ("| network | L | paper's prediction | mean R(i, j)", "| ReLU-1 | 1 | 0.5 (1/2^L) |",
+                 "| resnet-6 | 2 |", "| preresnet-5 | 3 |", "| ll-ReLU-6 |", "constant", "(choice)",
+                 "white noise", "brown noise", "point by point", "Theorem 1 (covariance",
+                 "Theorem 3", "wide-net theory", "1 + n beta^2", "seconds per initialization",
+                 "Machine:", '"ensemble": 6', '"beta": 1.0', "gradients.csv"):
         assert text in summary, text
 
 
@@ -109,7 +118,11 @@ def test_bad_options_are_clear_errors(tmp_path, capsys):
     assert "even and at least 4" in capsys.readouterr().err
     assert study(tmp_path / "b", args=["--ensemble", "1", "--quiet"]) == 2
     assert "ensemble" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert study(tmp_path / "c", args=["--archs", "preresnet-2", "--quiet"]) == 2
+    assert "at least 3" in capsys.readouterr().err
+    assert study(tmp_path / "d", args=["--beta", "-1", "--quiet"]) == 2
+    assert "beta" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_looks_linear_gradient_is_constant():
@@ -127,7 +140,7 @@ def test_looks_linear_gradient_is_constant():
     assert (g.max() - g.min()) > 0.1 * g.abs().max()
 
 
-@pytest.mark.parametrize("arch", ["ReLU-5", "resnet-6"])
+@pytest.mark.parametrize("arch", ["ReLU-5", "resnet-6", "preresnet-5"])
 def test_gradients_agree_with_torch_func(arch):
     """gscfast.jacobian (batchnorm="frozen") against torch.func on the same function, float64."""
     x = shattered.grid(40, -2.0, 2.0)
@@ -142,7 +155,7 @@ def test_gradients_agree_with_torch_func(arch):
         frozen = shattered.freeze_batchnorm(model, x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
     assert torch.allclose(g, ref, rtol=1e-11, atol=1e-12), (g - ref).abs().max()
-    if arch.startswith("resnet"):
+    if "resnet" in arch:
         with torch.no_grad():  # the frozen function is the network's function on this grid
             assert torch.allclose(frozen(x), model(x), rtol=1e-13, atol=1e-13)
 
@@ -175,3 +188,69 @@ def test_chunking_does_not_change_the_members():
     b = shattered.make_study(shattered.make_config(archs=["ReLU-1"], ensemble=7, chunk=7))
     assert [s for j in a.jobs for s in j.spec["net_seeds"]] == b.jobs[0].spec["net_seeds"]
     assert [j.key for j in a.jobs] == ["ReLU-1.00000", "ReLU-1.00003", "ReLU-1.00006"]
+
+
+def test_preresnet_is_theorem3_module():
+    """preresnet-L: a stem, L - 2 blocks x + beta Linear(ReLU(BN(x))) with He weights, a head."""
+    model = shattered.make_model("preresnet-6", 16, seed=2, beta=0.25)
+    blocks = list(model)[1:-1]
+    assert len(blocks) == 4 and all(isinstance(b, gscfast.nn.Residual) and b.scale == 0.25 for b in blocks)
+    assert [type(m) for m in blocks[0].body] == [torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    assert not blocks[0].body[0].affine
+    assert list(model)[0].weight.shape == (16, 1) and list(model)[-1].weight.shape == (1, 16)
+
+
+def test_theorem3_formulas():
+    """Theorem 3: variance beta^2 (L - 1) + 1 (L - 1 blocks), correlation ~ 1/(beta sqrt(L))."""
+    assert shattered.theorem3_variance(24, 0.5) == 1 + 24 * 0.25
+    assert shattered.theorem3_correlation(0) == 1.0
+    assert shattered.theorem3_correlation(1) == pytest.approx(1.5 / 2)
+    # Large depth: 1/(beta sqrt(n)) up to beta Gamma(c) / Gamma(c + 1/2), c = 1/beta^2.
+    n = 10 ** 5
+    assert shattered.theorem3_correlation(n) * math.sqrt(n) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-3)
+    assert shattered.theorem3_correlation(n, 0.1) * 0.1 * math.sqrt(n) == pytest.approx(1.0, rel=5e-3)
+    assert shattered.predicted_correlation("preresnet-26", 0.1) == shattered.theorem3_correlation(24, 0.1)
+
+
+def _gradients(arch: str, width: int, x: torch.Tensor, members: int, **kw) -> np.ndarray:
+    return np.stack([shattered.input_gradients(shattered.make_model(arch, width, s, **kw), x).numpy()
+                     for s in range(members)])
+
+
+def test_theorem3_holds_for_its_module_where_batch_norm_rescales_as_it_assumes():
+    """With few blocks (or a small beta) the measured variance is near Theorem 3(a) and the mean
+    R(i, j) near Theorem 3's correlation; the two-layer post-activation resnet with the same number
+    of blocks is not Theorem 3's module and misses it."""
+    x = shattered.grid(32, -2.0, 2.0)
+    R = {}
+    for arch, beta in (("preresnet-4", 1.0), ("resnet-6", 1.0), ("preresnet-14", 0.1)):
+        g = _gradients(arch, 64, x, 40, beta=beta)
+        R[arch] = shattered._mean_off_diagonal(shattered.correlation_matrix(g))
+    assert R["preresnet-4"] == pytest.approx(shattered.theorem3_correlation(2), abs=0.08), R
+    assert abs(R["resnet-6"] - shattered.theorem3_correlation(2)) > 0.15, R
+    assert R["preresnet-14"] == pytest.approx(shattered.theorem3_correlation(12, 0.1), abs=0.06), R
+
+
+def test_wide_relu_correlation_without_biases_is_exact():
+    """Depth 1, no biases: the gradient is sum_k v_k w_k [w_k x > 0], the same on each side of 0
+    and independent across it: R = 1 for points of one sign, 0 across 0."""
+    x = np.linspace(-2, 2, 8)
+    R = shattered.wide_relu_correlation(x, 1, bias_std=0.0)
+    same = np.sign(x)[:, None] == np.sign(x)[None, :]
+    assert np.allclose(R[same], 1.0, atol=1e-6) and np.allclose(R[~same], 0.0, atol=1e-6)
+
+
+def test_plain_relu_nets_follow_the_wide_theory_not_two_to_the_minus_depth():
+    """A wide ReLU-3's measured R(i, j) matches the exact infinite-width correlation of the setup,
+    far above Theorem 1's 1/2^3, whose independence assumption fails on a 1-D grid."""
+    x = shattered.grid(32, -2.0, 2.0)
+    g = _gradients("ReLU-3", 256, x, 200)
+    R = shattered.correlation_matrix(g)
+    wide = shattered.wide_relu_correlation(x[:, 0].numpy(), 3)
+    assert np.abs(R - wide).max() < 0.25
+    assert shattered._mean_off_diagonal(R) == pytest.approx(shattered._mean_off_diagonal(wide), abs=0.05)
+    assert np.diagonal(R, 1).mean() == pytest.approx(np.diagonal(wide, 1).mean(), abs=0.02)
+    # Neighbouring points share their activation patterns: R(i, i+1) near 1, not 1/2^3; far
+    # apart the gradients are anti-correlated (the theory says so too).
+    assert np.diagonal(R, 1).mean() > 0.9 > 7 * shattered.predicted_correlation("ReLU-3")
+    assert R[0, -1] < -0.2 and wide[0, -1] < -0.2
