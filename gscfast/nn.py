@@ -1,12 +1,13 @@
 """Modules and model builders: the paper's networks as plain ``nn.Sequential``s."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
-__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS"]
+__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS", "freeze_batchnorm"]
 
 
 class Residual(nn.Module):
@@ -157,3 +158,35 @@ def mlp(
             nn.init.zeros_(lin.bias)
         layers.append(lin)
     return nn.Sequential(*layers).to(dtype)
+
+
+def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose batch norms that use batch statistics are switched to eval mode
+    with the statistics of the batch ``x`` (mean, biased variance) as running statistics: the
+    function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
+    Its outputs on ``x`` equal ``model``'s; ``model`` is not modified."""
+    frozen = copy.deepcopy(model)
+    bns = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and (m.training or m.running_mean is None)]
+    if not bns:
+        return frozen
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        h = inputs[0]
+        stats[mod] = (h.mean(0), h.var(0, correction=0))
+
+    hooks = [m.register_forward_pre_hook(record) for m in bns]
+    try:
+        with torch.no_grad():
+            frozen(x)  # train mode: each batch norm sees exactly its input in the frozen model
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in bns:
+        mean, var = stats[m]
+        m.register_buffer("running_mean", mean.clone())
+        m.register_buffer("running_var", var.clone())
+        m.track_running_stats = True
+        m.eval()
+    return frozen

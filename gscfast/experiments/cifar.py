@@ -242,7 +242,7 @@ def _taylor_model(config: dict, model: nn.Module, x: torch.Tensor) -> nn.Module:
     function every other measurement sees; with ``"batch"`` the model itself (running statistics)."""
     if config["bn_datapoint"] != "frozen":
         return model
-    from .shattered import freeze_batchnorm
+    from ..nn import freeze_batchnorm
 
     return freeze_batchnorm(model, x)
 

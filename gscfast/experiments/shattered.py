@@ -37,7 +37,6 @@ add about the cost of 1.6 resnet-50s; the current default has not been timed at 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import json
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import CReLU, Residual, _init_weight, mlp
+from ..nn import CReLU, Residual, _init_weight, freeze_batchnorm, mlp
 from .outputs import check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device, resolve_dtype,
                       run_command, run_info, run_timings, save_figure, sci, write_json)
@@ -58,7 +57,7 @@ from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, 
 
 __all__ = ["KINDS", "DEFAULT_ARCHS", "parse_arch", "expand_archs", "predicted_correlation",
            "theorem3_variance", "theorem3_correlation", "wide_relu_correlation",
-           "make_model", "freeze_batchnorm", "gradient_method", "input_gradients", "grid",
+           "make_model", "gradient_method", "input_gradients", "grid",
            "autocorrelation", "correlation_matrix", "make_config", "make_study", "run_job",
            "check_result", "aggregate", "write_outputs", "summary_md", "table", "add_arguments",
            "main"]
@@ -264,38 +263,6 @@ def make_model(name: str, width: int, seed: int, *, bias_std: float = BIAS_STD,
 
 
 # ----------------------------------------------------------------------------- gradients
-def freeze_batchnorm(model: nn.Module, x: Tensor) -> nn.Module:
-    """A copy of ``model`` whose batch norms that use batch statistics are switched to eval mode
-    with the statistics of the batch ``x`` (mean, biased variance) as running statistics: the
-    function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
-    Its outputs on ``x`` equal ``model``'s; ``model`` is not modified."""
-    frozen = copy.deepcopy(model)
-    bns = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and (m.training or m.running_mean is None)]
-    if not bns:
-        return frozen
-    stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-
-    def record(mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        h = inputs[0]
-        stats[mod] = (h.mean(0), h.var(0, correction=0))
-
-    hooks = [m.register_forward_pre_hook(record) for m in bns]
-    try:
-        with torch.no_grad():
-            frozen(x)  # train mode: each batch norm sees exactly its input in the frozen model
-    finally:
-        for h in hooks:
-            h.remove()
-    for m in bns:
-        mean, var = stats[m]
-        m.register_buffer("running_mean", mean.clone())
-        m.register_buffer("running_var", var.clone())
-        m.track_running_stats = True
-        m.eval()
-    return frozen
-
-
 def gradient_method(model: nn.Module) -> str:
     """``"gscfast"`` when gscfast compiles ``model``, else ``"torch.func"``."""
     from ..compiler import compile_model

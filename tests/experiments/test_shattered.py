@@ -152,7 +152,7 @@ def test_gradients_agree_with_torch_func(arch):
         ref = torch.func.vmap(torch.func.jacrev(model))(x)[:, 0, 0]
     else:
         ref = shattered.input_gradients(model, x, method="torch.func")
-        frozen = shattered.freeze_batchnorm(model, x)
+        frozen = gscfast.nn.freeze_batchnorm(model, x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
     assert torch.allclose(g, ref, rtol=1e-11, atol=1e-12), (g - ref).abs().max()
     if "resnet" in arch:
