@@ -243,7 +243,7 @@ def effective_depth(
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
-    init = compile_model(init_model)
+    init = compile_model(init_model, "init_model")
     check_same_architecture(pb.program, init)
     _check_model_tensors(init, pb.x)
     sq = get_backend(backend, x.device).contributions(pb, init)

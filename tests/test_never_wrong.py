@@ -1,0 +1,224 @@
+"""Never silently wrong (issue 11, item 4): every public function computes what calling the model
+computes, or raises an error naming the module, its position and the reason, on every backend.
+
+Refusals happen while the model is compiled, before a backend is chosen, so the numba, triton and
+cupy kernels are never compiled or run here: listing every backend costs nothing and shows that
+they all refuse alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+import gscfast
+import gscfast.autograd as ga
+from gscfast.backends import BACKENDS
+
+F64 = torch.float64
+ALL_BACKENDS = list(BACKENDS)
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5, dtype=F64), nn.Tanh(),
+                         nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.ReLU()),
+                         gscfast.Residual(nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.Tanh()), 0.5),
+                         nn.Linear(5, 3, dtype=F64))
+
+
+def _xy(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 4, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
+
+
+def _calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str) -> dict:
+    """Every public function of gscfast on ``model`` (as ``model`` and as ``init_model``)."""
+    plain = _model()
+    return {
+        "gsc": lambda: gscfast.gsc(model, x, y, backend=backend),
+        "gsc_matrix": lambda: gscfast.gsc_matrix(model, x, y, backend=backend),
+        "preactivation_stats": lambda: gscfast.preactivation_stats(model, x, backend=backend),
+        "jacobian": lambda: gscfast.jacobian(model, x, backend=backend),
+        "effective_depth": lambda: gscfast.effective_depth(model, plain, x, y, backend=backend),
+        "effective_depth(init_model)": lambda: gscfast.effective_depth(plain, model, x, y,
+                                                                       backend=backend),
+        "analyze": lambda: gscfast.analyze(model, x, y, backend=backend),
+    }
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _PlainLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: compiled with nn.Linear's rule."""
+
+
+class _ReversedSequential(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
+def _triple(mod, inp, out):
+    return out * 3
+
+
+def _pre_double(mod, args):
+    return (args[0] * 2,)
+
+
+def _halve_grad(mod, grad_in, grad_out):
+    return tuple(None if g is None else g / 2 for g in grad_in)
+
+
+def _halve_grad_out(mod, grad_out):
+    return tuple(g / 2 for g in grad_out)
+
+
+# (case, position in the message, what the message says). Each case changes what calling the
+# model computes (checked below), so ignoring it would be a silently wrong number.
+MODULE_CASES = {
+    "forward hook": ("model[0]", "forward hook",
+                     lambda m: m[0].register_forward_hook(_triple)),
+    "forward pre-hook on Tanh": ("model[1]", "forward pre-hook",
+                                 lambda m: m[1].register_forward_pre_hook(_pre_double)),
+    "forward hook with kwargs": ("model[4]", "forward hook",
+                                 lambda m: m[4].register_forward_hook(
+                                     lambda mod, args, kwargs, out: out * 3, with_kwargs=True)),
+    "hook on the top Sequential": ("model (Sequential)", "forward hook",
+                                   lambda m: m.register_forward_hook(_triple)),
+    "hook on a nested Sequential": ("model[2]", "forward pre-hook",
+                                    lambda m: m[2].register_forward_pre_hook(_pre_double)),
+    "hook on a Residual": ("model[3]", "forward hook",
+                           lambda m: m[3].register_forward_hook(_triple)),
+    "hook inside a Residual body": ("model[3].body[1] (Tanh)", "forward hook",
+                                    lambda m: m[3].body[1].register_forward_hook(_triple)),
+    "full backward hook": ("model[1]", "backward hook",
+                           lambda m: m[1].register_full_backward_hook(_halve_grad)),
+    "full backward pre-hook": ("model[1]", "backward pre-hook",
+                               lambda m: m[1].register_full_backward_pre_hook(_halve_grad_out)),
+    "old backward hook": ("model[4]", "backward hook",
+                          lambda m: m[4].register_backward_hook(_halve_grad)),
+    "overridden forward": ("model[0]", "overrides forward",
+                           lambda m: m.__setitem__(0, _copy_into(_Doubled(4, 5, dtype=F64), m[0]))),
+    "forward set on the instance": ("model[1]", "overrides forward",
+                                    lambda m: setattr(m[1], "forward", lambda x: torch.tanh(2 * x))),
+    "overridden Sequential.forward": ("model[2]", "overrides forward",
+                                      lambda m: m.__setitem__(2, _ReversedSequential(
+                                          nn.Linear(5, 5, dtype=F64), nn.Tanh()))),
+}
+
+
+def _copy_into(new: nn.Linear, old: nn.Linear) -> nn.Linear:
+    new.load_state_dict(old.state_dict())
+    return new
+
+
+@contextlib.contextmanager
+def _global(kind: str):
+    hook = {"forward": (torch_module.register_module_forward_hook, _triple),
+            "forward_pre": (torch_module.register_module_forward_pre_hook, _pre_double),
+            "full_backward": (torch_module.register_module_full_backward_hook, _halve_grad),
+            "full_backward_pre": (torch_module.register_module_full_backward_pre_hook,
+                                  _halve_grad_out),
+            "backward": (torch_module.register_module_backward_hook, _halve_grad)}[kind]
+    # torch remembers which kind of global backward hook was used, even after removal, and then
+    # refuses the other kind: restore its flag so the cases stay independent.
+    flag = torch_module._global_is_full_backward_hook
+    handle = hook[0](hook[1])
+    try:
+        yield
+    finally:
+        handle.remove()
+        torch_module._global_is_full_backward_hook = flag
+
+
+GLOBAL_KINDS = {"forward": "forward hook", "forward_pre": "forward pre-hook",
+                "full_backward": "backward hook", "full_backward_pre": "backward pre-hook",
+                "backward": "backward hook"}
+
+
+def _seeded(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return _model()
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((model(x) * y).sum(), x)
+    return g
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_each_case_changes_what_the_model_computes(case):
+    """The cases matter: the model's output or its gradient differs from the plain model's."""
+    x, y = _xy()
+    plain, hooked = _seeded(), _seeded()
+    MODULE_CASES[case][2](hooked)
+    changed = not torch.allclose(plain(x), hooked(x)) or not torch.allclose(
+        _input_grad(plain, x, y), _input_grad(hooked, x, y))
+    assert changed
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_hooks_and_overridden_forward_are_refused_everywhere(case, backend):
+    where, kind, apply = MODULE_CASES[case]
+    x, y = _xy()
+    model = _seeded()
+    apply(model)
+    for name, call in _calls(model, x, y, backend).items():
+        prefix = "init_" if name.endswith("(init_model)") else ""
+        with pytest.raises(TypeError, match=re.escape(prefix + where) + ".*" + kind):
+            call()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kind", list(GLOBAL_KINDS))
+def test_global_hooks_are_refused_everywhere(kind, backend):
+    x, y = _xy()
+    model = _seeded()
+    with _global(kind):
+        for call in _calls(model, x, y, backend).values():
+            with pytest.raises(TypeError, match=f"a global {GLOBAL_KINDS[kind]} .* is registered"):
+                call()
+    gscfast.gsc(model, x, y, backend="torch")  # works again once the hook is removed
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_subclass_keeping_forward_still_works(backend):
+    x, y = _xy()
+    plain = _seeded()
+    sub = _seeded()
+    sub[0] = _copy_into(_PlainLinear(4, 5, dtype=F64), sub[0])
+    torch.testing.assert_close(gscfast.gsc(sub, x, y, backend=backend),
+                               gscfast.gsc(plain, x, y, backend="reference"))
+    want = torch.func.vmap(torch.func.jacrev(sub))(x)
+    torch.testing.assert_close(gscfast.jacobian(sub, x, backend=backend), want)
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_autograd_jacobian_delegates_to_torch(case):
+    """``gscfast.autograd.jacobian`` promises torch's result: such models go to torch."""
+    x, _ = _xy()
+    model = _seeded()
+    MODULE_CASES[case][2](model)
+    want = torch.autograd.functional.jacobian(model, x)
+    torch.testing.assert_close(ga.jacobian(model, x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(GLOBAL_KINDS))
+def test_autograd_jacobian_delegates_global_hooks_to_torch(kind):
+    x, _ = _xy()
+    model = _seeded()
+    with _global(kind):
+        want = torch.autograd.functional.jacobian(model, x)
+        got = ga.jacobian(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
