@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .api import _gsc_from_sweep, _preact, explosion_rate
 from .backends import get_backend
-from .validation import make_problem
+from .validation import check_error, make_problem
 
 __all__ = ["Analysis", "analyze"]
 
@@ -88,6 +88,7 @@ def analyze(
 ) -> Analysis:
     """GSC, pre-activation statistics and explosion rate in one forward/backward sweep
     (arguments as in ``gscfast.gsc``)."""
+    check_error(error)
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
     g = _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze).to(x.dtype)

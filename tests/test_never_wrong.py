@@ -222,3 +222,53 @@ def test_autograd_jacobian_delegates_global_hooks_to_torch(kind):
         want = torch.autograd.functional.jacobian(model, x)
         got = ga.jacobian(model, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ smaller gaps (issue 11, 4)
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_error_none_is_refused_with_the_choices(backend):
+    """``error=None`` used to mean "no error layer" inside: an AttributeError, or (gsc_matrix)
+    a NaN column returned as if it were a result."""
+    x, y = _xy()
+    model = _seeded()
+    calls = [lambda: gscfast.gsc(model, x, y, error=None, backend=backend),
+             lambda: gscfast.gsc_matrix(model, x, y, error=None, backend=backend),
+             lambda: gscfast.effective_depth(model, model, x, y, error=None, backend=backend),
+             lambda: gscfast.analyze(model, x, y, error=None, backend=backend)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"error must be one of \('dot', 'kl'\), got None"):
+            call()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_init_model_problems_name_init_model(backend):
+    x, y = _xy()
+    model, init = _seeded(), _seeded(1)
+    with torch.no_grad():
+        init[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^init_model\[0\] \(Linear\) weight contains NaN at index \(1, 2\)"):
+        gscfast.effective_depth(model, init, x, y, backend=backend)
+    with pytest.raises(ValueError, match=r"^init_model\[0\] \(Linear\) weight has dtype torch.float32"):
+        gscfast.effective_depth(model, _seeded(1).float(), x, y, backend=backend)
+    with pytest.raises(TypeError, match=r"^init_model\[3\]\.body\[2\] \(Dropout\) is not supported"):
+        bad = _seeded(1)
+        bad[3].body.append(nn.Dropout(0.0))
+        gscfast.effective_depth(model, bad, x, y, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_meta_tensors_are_refused(backend):
+    x, y = _xy()
+    model, meta = _seeded(), _seeded().to("meta")
+    no_values = "is a meta tensor .*no values"
+    cases = [(lambda: gscfast.gsc(meta, x.to("meta"), y.to("meta"), backend=backend), "^x " + no_values),
+             (lambda: gscfast.gsc(model, x, y.to("meta"), backend=backend), "^y " + no_values),
+             (lambda: gscfast.preactivation_stats(meta, x, backend=backend),
+              r"^model\[0\] \(Linear\) weight " + no_values),
+             (lambda: gscfast.jacobian(meta, x.to("meta"), backend=backend), "^x " + no_values),
+             (lambda: gscfast.effective_depth(model, meta, x, y, backend=backend),
+              r"^init_model\[0\] \(Linear\) weight " + no_values)]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
