@@ -106,7 +106,10 @@ def _fast_jacobian(func, inputs, create_graph, strict, vectorize, strategy) -> T
     B, n = x2.shape
     m = pb.widths[1]
     with torch.no_grad():
-        Jb = backend.jacobian(pb, pb.L + 1, 1)
+        try:
+            Jb = backend.jacobian(pb, pb.L + 1, 1)
+        except ValueError:  # values that overflow inside: torch returns its own Inf/NaN result
+            return None
         if pb.coupled:  # [1, B*m, B*n], rows and columns ordered (sample, feature)
             out = Jb.reshape(B, m, B, n).to(dtype=x.dtype, device=x.device).contiguous()
         else:  # [B, m, n] per-sample blocks on the diagonal

@@ -272,3 +272,85 @@ def test_meta_tensors_are_refused(backend):
     for call, msg in cases:
         with pytest.raises(ValueError, match=msg):
             call()
+
+
+# ------------------------------------------------------------------ non-finite intermediate values
+
+CPU_BACKENDS = ["reference", "torch", "numba"]
+F32 = torch.float32
+
+
+def _f32_case(kind: str):
+    """(call(backend), where the values stop being finite); inputs and weights are finite and
+    pass the entry checks, the overflow happens inside."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 6, generator=g)
+    if kind in ("batch norm", "frozen batch norm", "layer norm"):
+        norm = "layer" if kind == "layer norm" else "batch"
+        model = gscfast.mlp(3, 6, act="tanh", norm=norm, seed=0)
+        bn = "frozen" if kind.startswith("frozen") else "batch"
+        where = rf"layer f_3, the output of model\[1\] \({'LayerNorm' if norm == 'layer' else 'BatchNorm1d'}\) \(the variance of its input overflows\)"
+        return model, x * 1e30, y, {"batchnorm": bn}, where
+    if kind == "huge weights":
+        model = gscfast.mlp(3, 6, act="relu", seed=0)
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(1e13)
+        # the values overflow at f_1; the squared norm of a layer's output can overflow earlier
+        return model, x, y, {}, r"(layer f_1, the output of model\[4\] \(Linear\)|\|\|f_\d\|\|\^2, the squared norm of layer f_\d's output)"
+    assert kind == "huge targets"
+    model = gscfast.mlp(3, 6, act="tanh", seed=0)
+    return model, x, y * 1e37, {}, r"\|\|f_0\|\|\^2, the square of the error f_0 \(error='dot'\)"
+
+
+F32_CASES = ["batch norm", "frozen batch norm", "layer norm", "huge weights", "huge targets"]
+
+
+def _f32_calls(model, x, y, kw, backend):
+    calls = {"gsc": lambda: gscfast.gsc(model, x, y, backend=backend, **kw),
+             "analyze": lambda: gscfast.analyze(model, x, y, backend=backend, **kw),
+             "preactivation_stats": lambda: gscfast.preactivation_stats(model, x, backend=backend, **kw)}
+    if kw.get("batchnorm") != "batch" or not gscfast.compile_model(model).couples_batch:
+        calls["jacobian"] = lambda: gscfast.jacobian(model, x, backend=backend,
+                                                     **{"batchnorm": "frozen", **kw})
+    calls["gsc_matrix"] = lambda: gscfast.gsc_matrix(model, x, y, backend=backend, **kw)
+    calls["effective_depth"] = lambda: gscfast.effective_depth(model, model, x, y, backend=backend, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("case", F32_CASES)
+def test_float32_overflow_is_refused_with_the_layer_by_every_backend(case):
+    """float32 overflow used to give NaN GSCs and rates with no warning, and with batch norm a
+    pre-activation std and sign diversity of 0.0 (float64: about 1 and 0.46)."""
+    model, x, y, kw, where = _f32_case(case)
+    for name in _f32_calls(model, x, y, kw, "torch"):
+        messages = set()
+        for backend in CPU_BACKENDS:
+            call = _f32_calls(model, x, y, kw, backend)[name]
+            if case == "huge targets" and name in ("preactivation_stats", "jacobian"):
+                call()  # no error layer, nothing overflows: a result, and a finite one
+                continue
+            with pytest.raises(ValueError, match=where + ".*float64") as err:
+                call()
+            messages.add(str(err.value))
+        assert len(messages) <= 1, (name, messages)  # every backend: the same message
+
+
+@pytest.mark.parametrize("case", ["batch norm", "layer norm"])
+def test_float64_computes_what_float32_refuses(case):
+    model, x, y, kw, _ = _f32_case(case)
+    model, x, y = model.double(), x.double(), y.double()
+    stats = gscfast.preactivation_stats(model, x, backend="torch", **kw)
+    assert torch.isfinite(stats.std[1:]).all() and (stats.std[1:] > 0.5).all()
+    assert (stats.sign_diversity[1:] > 0.1).all()
+    assert torch.isfinite(gscfast.gsc(model, x, y, backend="torch", **kw)).all()
+
+
+def test_autograd_jacobian_returns_torchs_result_where_values_overflow():
+    """gscfast.autograd.jacobian promises torch's result, NaN and Inf included: where gscfast's
+    own functions refuse (values overflow inside), it delegates to torch."""
+    model, x, _, _, _ = _f32_case("huge weights")
+    want = torch.autograd.functional.jacobian(model, x[:4])
+    assert not torch.isfinite(want).all()
+    torch.testing.assert_close(ga.jacobian(model, x[:4]), want, equal_nan=True)
