@@ -112,3 +112,15 @@ def test_records_are_in_model_order_on_a_schedule_and_resumable(tmp_path):
         plot_flow(saved, [5])
     with pytest.raises(ValueError, match="start"):
         GradientFlow(model, start=-1)
+
+
+def test_no_tail_gsc_when_the_container_itself_is_not_plain():
+    """A hook on the top Sequential changes the model's output, so the GSC of a tail of its
+    children (without the hook) would not be the model's: no GSC rather than a wrong one."""
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    model = conv_net()
+    model.register_forward_hook(lambda mod, inp, out: out * 3)
+    with GradientFlow(model, gsc_data=(x, y)) as flow:
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec = flow.step()
+    assert rec.get("gsc") is None
