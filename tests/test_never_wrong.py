@@ -277,7 +277,6 @@ def test_meta_tensors_are_refused(backend):
 # ------------------------------------------------------------------ non-finite intermediate values
 
 CPU_BACKENDS = ["reference", "torch", "numba"]
-F32 = torch.float32
 
 
 def _f32_case(kind: str):
