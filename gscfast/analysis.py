@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .api import _preact, explosion_rate
 from .backends import get_backend
 from .estimators import GSCMoments
-from .validation import make_problem
+from .validation import check_error, make_problem
 
 __all__ = ["Analysis", "analyze"]
 
@@ -93,6 +93,7 @@ def analyze(
 ) -> Analysis:
     """GSC, pre-activation statistics and explosion rate in one forward/backward sweep
     (arguments as in ``gscfast.gsc``)."""
+    check_error(error)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
     moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)

@@ -17,7 +17,7 @@ from .backends import get_backend
 from .backends.base import Moments, Problem
 from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
-from .validation import _check_model_tensors, check_same_architecture, make_problem
+from .validation import _check_model_tensors, check_error, check_same_architecture, make_problem
 
 __all__ = ["gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
            "PreactStats", "explosion_rate"]
@@ -76,6 +76,7 @@ def gsc(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     return _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze, reduction).to(x.dtype)
@@ -94,6 +95,7 @@ def gsc_moments(
     """The raw expectations behind ``gsc(...)`` (arguments as there): keep these, not GSCs, to
     combine several datasets or networks, ``gscfast.pool(moments).gsc()`` being the pooled expected
     GSC of definitions.md (and ``gscfast.bootstrap_gsc`` its interval)."""
+    check_error(error)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     return GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
@@ -132,6 +134,7 @@ def gsc_matrix(
     """
     if method not in ("exact", "sketch"):
         raise ValueError(f"method must be 'exact' or 'sketch', got {method!r}")
+    check_error(error)
     if method == "sketch" and (not isinstance(probes, int) or probes < 1):
         raise ValueError(f"probes must be a positive int, got {probes!r}")
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
@@ -258,8 +261,9 @@ def effective_depth(
     """
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+    check_error(error)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
-    init = compile_model(init_model)
+    init = compile_model(init_model, "init_model")
     check_same_architecture(pb.program, init)
     _check_model_tensors(init, pb.x)
     sq = get_backend(backend, x.device).contributions(pb, init)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
 from .nn import Residual
 from .rules import RULES, ForwardCtx, Rule
@@ -30,7 +31,67 @@ def _rule_for(module: nn.Module) -> type[Rule] | None:
     return rule
 
 
+# Hooks torch runs when a module is called; gscfast's rules compute the module's own forward only,
+# so a model with any of them is refused (all backends alike) rather than silently mis-measured.
+_HOOKS = {
+    "_forward_pre_hooks": "a forward pre-hook (register_forward_pre_hook)",
+    "_forward_hooks": "a forward hook (register_forward_hook)",
+    "_backward_pre_hooks": "a backward pre-hook (register_full_backward_pre_hook)",
+    "_backward_hooks": "a backward hook (register_full_backward_hook or register_backward_hook)",
+}
+_GLOBAL_HOOKS = {
+    "_global_forward_pre_hooks": "a global forward pre-hook "
+                                 "(torch.nn.modules.module.register_module_forward_pre_hook)",
+    "_global_forward_hooks": "a global forward hook "
+                             "(torch.nn.modules.module.register_module_forward_hook)",
+    "_global_backward_pre_hooks": "a global backward pre-hook "
+                                  "(torch.nn.modules.module.register_module_full_backward_pre_hook)",
+    "_global_backward_hooks": "a global backward hook (torch.nn.modules.module."
+                              "register_module_full_backward_hook or register_module_backward_hook)",
+}
+_HOW = ("gscfast computes each module's own forward by its analytic rule and would not run it. "
+        "Remove it (handle.remove()) before calling gscfast, or take the Jacobian with torch "
+        "(torch.func.jacrev, or gscfast.autograd.jacobian, which delegates such models to torch)")
+
+
+def check_global_hooks() -> None:
+    """``TypeError`` if a global module hook is registered (torch would run it on every call)."""
+    for name, kind in _GLOBAL_HOOKS.items():
+        if getattr(_module_globals, name, None):
+            raise TypeError(f"{kind} is registered: {_HOW}.")
+
+
+def _base_type(module: nn.Module) -> type[nn.Module] | None:
+    """The supported type whose forward ``module`` is computed with (itself or a parent)."""
+    bases = (nn.Sequential, Residual, *RULES)
+    t = type(module)
+    return t if t in bases else next((b for b in bases if isinstance(module, b)), None)
+
+
+def check_plain(module: nn.Module, where: str) -> None:
+    """``TypeError`` naming ``module`` (at ``where``) unless calling it is exactly its supported
+    type's forward: no hooks, no ``forward`` or ``__call__`` overridden by a subclass or on the
+    instance. Unsupported types are left to the caller (they get their own error)."""
+    name = type(module).__name__
+    for attr, kind in _HOOKS.items():
+        if getattr(module, attr, None):
+            raise TypeError(f"{where} ({name}) has {kind}: {_HOW}.")
+    base = _base_type(module)
+    if base is None:
+        return
+    overridden = ("forward" in vars(module) or type(module).forward is not base.forward
+                  or "__call__" in vars(module) or type(module).__call__ is not nn.Module.__call__
+                  or type(module)._call_impl is not nn.Module._call_impl)
+    if overridden:
+        raise TypeError(f"{where} ({name}) overrides forward() of {base.__name__}; gscfast "
+                        f"computes {base.__name__}'s forward by its analytic rule, which would "
+                        "not be what calling the model computes. Use the parent class, or take "
+                        "the Jacobian with torch (torch.func.jacrev, or gscfast.autograd.jacobian, "
+                        "which delegates such models to torch).")
+
+
 def _flatten(module: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
+    check_plain(module, path)
     if isinstance(module, nn.Sequential):
         return [leaf for i, m in enumerate(module) for leaf in _flatten(m, f"{path}[{i}]")]
     return [(module, path)]
@@ -117,11 +178,12 @@ class Program:
     """A compiled model: ``layers[i]`` is the ``i``-th layer in model order (it outputs
     ``f_{L-i}``); ``layer(m)`` looks a layer up by its paper index ``m`` in ``1..L``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, name: str = "model") -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+        check_global_hooks()
         self.model = model
-        leaves = _flatten(model, "model") if isinstance(model, nn.Sequential) else [(model, "model")]
+        leaves = _flatten(model, name) if isinstance(model, nn.Sequential) else [(model, name)]
         groups: list[list[tuple[Rule, nn.Module]]] = [[]]
         for leaf, where in leaves:
             (op,) = compile_ops(leaf, where)
@@ -165,6 +227,8 @@ class Program:
         return "\n".join(lines)
 
 
-def compile_model(model: nn.Module) -> Program:
-    """Compile ``model`` (see module docstring); ``TypeError`` names any unsupported module."""
-    return Program(model)
+def compile_model(model: nn.Module, name: str = "model") -> Program:
+    """Compile ``model`` (see module docstring); ``TypeError`` names any unsupported module, any
+    module with a hook or an overridden ``forward``, and any global module hook. ``name`` is what
+    module paths in errors start with (``"init_model"`` gives ``init_model[0]``)."""
+    return Program(model, name)

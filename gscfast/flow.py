@@ -33,7 +33,8 @@ class GradientFlow:
             computed on them with ``error`` when the whole model compiles; otherwise that of its
             longest compilable tail of top-level children (e.g. the MLP classifier of a
             convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
-            statistics are never touched).
+            statistics are never touched). None where nothing compiles, or where the top module
+            itself has a hook or an overridden forward (its children's tail is not its function).
         error: the error layer for the GSC (``"kl"`` with class labels, or ``"dot"``).
         batchnorm: how a train-mode batch norm is measured: ``"frozen"`` (default: one datapoint
             per row of ``x``, the batch statistics of ``x`` held constant) or ``"batch"`` (the
@@ -115,8 +116,12 @@ class GradientFlow:
 
     def _split(self) -> tuple[nn.Module | None, nn.Module | None]:
         """(head, tail): the tail is the longest compilable suffix of top-level children."""
-        from .compiler import compile_model
+        from .compiler import check_plain, compile_model
 
+        try:  # a hook or an overridden forward on the container changes what its children compose
+            check_plain(self.model, "model")
+        except TypeError:
+            return None, None
         children = list(self.model) if isinstance(self.model, nn.Sequential) else [self.model]
         for i in range(len(children)):
             tail = self.model if i == 0 else nn.Sequential(*children[i:])

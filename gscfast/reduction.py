@@ -69,7 +69,7 @@ def taylor_curve(
 def weight_change_norms(model: nn.Module, init_model: nn.Module) -> Tensor:
     """``[L+1]``: the spectral norm of ``W_t - W_0`` of each layer's (first) linear map, in the
     paper's numbering; NaN for ``l = 0`` and layers without a linear map."""
-    trained, init = compile_model(model), compile_model(init_model)
+    trained, init = compile_model(model), compile_model(init_model, "init_model")
     check_same_architecture(trained, init)
     out = torch.full((trained.L + 1,), float("nan"), dtype=torch.float64)
     for a, b in zip(trained.layers, init.layers):

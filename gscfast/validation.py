@@ -11,8 +11,24 @@ ERRORS = ("dot", "kl")
 BATCHNORM_MODES = ("batch", "frozen")
 
 
+def check_error(error: object) -> None:
+    """``ValueError`` unless ``error`` names an error layer (functions that need one)."""
+    if error not in ERRORS:
+        raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
+
+
+def check_not_meta(t: Tensor, what: str) -> None:
+    """``ValueError`` if ``t`` is a meta tensor (a shape without values)."""
+    if t.is_meta:
+        raise ValueError(f"{what} is a meta tensor (device 'meta'): it has a shape but no values, "
+                         "so gscfast has nothing to compute with. Create it on a real device (a "
+                         "model built on meta: model.to_empty(device='cpu'), then load or "
+                         "initialize its weights)")
+
+
 def check_finite(t: Tensor, what: str) -> None:
-    """``ValueError`` naming the first NaN/Inf entry of ``t``."""
+    """``ValueError`` naming the first NaN/Inf entry of ``t`` (or saying it is a meta tensor)."""
+    check_not_meta(t, what)
     if t.is_floating_point() or t.is_complex():
         # A finite sum proves every entry finite (NaN and Inf propagate, overflow only makes
         # it Inf) without a mask the size of t; the mask is formed only to say where.
@@ -30,6 +46,7 @@ def _check_model_tensors(program: Program, x: Tensor) -> None:
     for op in program.ops():
         for name, t in op.tensors().items():
             where = f"{op.path} ({type(op.module).__name__}) {name}"
+            check_not_meta(t, where)
             if t.device != x.device:
                 raise ValueError(f"{where} is on {t.device} but x is on {x.device}; "
                                  "move the model or x so they match")
@@ -41,6 +58,7 @@ def _check_model_tensors(program: Program, x: Tensor) -> None:
 
 def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> Tensor:
     lead = tuple(x3.shape[1:2]) if squeeze else tuple(x3.shape[:2])
+    check_not_meta(y, "y")
     if y.device != x3.device:
         raise ValueError(f"y is on {y.device} but x is on {x3.device}")
     if error == "dot":
@@ -83,6 +101,7 @@ def make_problem(
         raise ValueError(f"x must be [B, n] or [D, B, n] (D datasets), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    check_not_meta(x, "x")
     if x.shape[-2] == 0 or x.shape[0] == 0 or x.shape[-1] == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); gscfast needs at least one sample")
     if batchnorm not in BATCHNORM_MODES:
@@ -102,8 +121,7 @@ def make_problem(
                          "(running statistics) or a larger batch")
     y3 = None
     if error is not None:
-        if error not in ERRORS:
-            raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
+        check_error(error)
         if y is None:
             raise ValueError(f"error={error!r} needs y ({'targets of the output shape' if error == 'dot' else 'integer class labels'})")
         if not isinstance(y, Tensor):

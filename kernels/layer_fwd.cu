@@ -115,7 +115,9 @@ __device__ __forceinline__ void layer_fwd_body(
       if (t < BM) {
         T s = T(0);
         for (int q = 0; q < TPR; ++q) s += red[t * TPR + q];
-        T inv = T(1) / sqrt(s / T(DOUT) + eps);
+        T var = s / T(DOUT);
+        var += var - var;  // Inf (overflow) -> NaN: NaN outputs, refused as by every backend
+        T inv = T(1) / sqrt(var + eps);
         rowInv[t] = inv;
         long long r = row0 + t;
         if (r < N && (flags & F_SAVE_LN)) INV[r] = inv;

@@ -133,3 +133,15 @@ def test_batch_norm_gsc_does_not_depend_on_the_data_size(batchnorm, comparable):
 def test_bad_batchnorm_mode_is_refused():
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         GradientFlow(nn.Linear(2, 2), batchnorm="eval")
+
+
+def test_no_tail_gsc_when_the_container_itself_is_not_plain():
+    """A hook on the top Sequential changes the model's output, so the GSC of a tail of its
+    children (without the hook) would not be the model's: no GSC rather than a wrong one."""
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    model = conv_net()
+    model.register_forward_hook(lambda mod, inp, out: out * 3)
+    with GradientFlow(model, gsc_data=(x, y)) as flow:
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec = flow.step()
+    assert rec.get("gsc") is None

@@ -174,7 +174,10 @@ def layer_fwd_kernel(
     if NORM == 1:  # layer norm over the row
         b_mu = tl.sum(tl.where(m_mn, b_z, 0.0), 1) / DOUT  # [BM]
         b_dz = tl.where(m_mn, b_z - b_mu[:, None], 0.0)
-        b_inv = 1.0 / _sqrt(tl.sum(b_dz * b_dz, 1) / DOUT + eps)  # [BM]
+        b_var = tl.sum(b_dz * b_dz, 1) / DOUT  # [BM]
+        # an overflowed variance gives NaN outputs (refused, as by every backend), not zeros
+        b_var = tl.where(b_var < float("inf"), b_var, float("nan"))
+        b_inv = 1.0 / _sqrt(b_var + eps)  # [BM]
         b_xh = b_dz * b_inv[:, None]
         b_pre = b_xh
         if HAS_GAMMA:

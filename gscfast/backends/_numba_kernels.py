@@ -308,6 +308,8 @@ def _norm_row(meta, fmeta, vflat, i, z, xh_out, save):
             t = z[j] - m
             var += t * t
         var = var / d
+        if not _c(z, var) < math.inf:  # beyond the data dtype's range (var may be wider):
+            var = math.nan  # NaN outputs (refused, as by every backend), not silent zeros
         inv = _c(z, 1.0) / math.sqrt(var + _c(z, fmeta[i, F_EPS]))
         for j in range(d):
             z[j] = (z[j] - m) * inv
@@ -1091,7 +1093,11 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
                 mu = s1 / B
                 var = max(s2 / B - mu * mu, 0.0)
                 cmean[j] = mu
-                cinv[i, j] = 1.0 / math.sqrt(var + eps)
+                cinv[i, j] = var  # in the data's dtype: a variance beyond its range is Inf
+                if cinv[i, j] < math.inf:
+                    cinv[i, j] = 1.0 / math.sqrt(var + eps)
+                else:  # overflowed (or NaN): NaN outputs (refused), not silent zeros
+                    cinv[i, j] = math.nan
             for th in prange(nth):
                 _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Zs[th], grads, stats,
                          cmean, cinv[i], psq, mean[th], m2[th], pos[th], neg[th], tmps[th], L)

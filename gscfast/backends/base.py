@@ -10,6 +10,7 @@ first layer's output, ``f_1`` the model's output, ``f_0`` the error.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from abc import ABC, abstractmethod
@@ -25,6 +26,7 @@ from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, 
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
+from .finite import check_results
 
 ProbeFn = Callable[[int], Tensor]
 """``probes(l) -> [R, S, d_l]`` start rows for the chain from layer ``l >= 1`` (sketching)."""
@@ -152,6 +154,14 @@ class Backend(ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 0  # higher wins for backend="auto" among those that support a device
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # Every backend's results pass one finiteness check (finite.py), so no backend returns
+        # numbers computed from overflowed values, and all refuse with the same message.
+        super().__init_subclass__(**kwargs)
+        for method in ("sweep", "chain", "jacobian", "contributions"):
+            if method in cls.__dict__:
+                setattr(cls, method, _checked(method, cls.__dict__[method]))
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """None if usable here, else why not (a missing package, say)."""
@@ -189,6 +199,16 @@ class Backend(ABC):
         """``[P, L+1, L+1]``: entry ``[l, lam] = ||g_l^(lam)||^2`` (definitions.md, effective depth)
         with ``init`` the same architecture at its initial weights; NaN for ``lam > max(l-1, 0)``.
         """
+
+
+def _checked(method: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(self, pb: Problem, *args, **kwargs):
+        result = fn(self, pb, *args, **kwargs)
+        init = (args[0] if args else kwargs.get("init")) if method == "contributions" else None
+        check_results(pb, method, result, init)
+        return result
+    return run
 
 
 def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compiler import Program
+from ..rules.norm import poison_variance
 from .base import Backend, Moments, ProbeFn, Problem, Sweep
 
 Mods = list[nn.Module]  # one layer's modules, run in order
@@ -57,7 +58,23 @@ def _copy_layers(program: Program, like: Tensor) -> list[Mods]:
         for m in mods:
             m.to(device=like.device, dtype=like.dtype)
             m.requires_grad_(False)
+            for norm in m.modules():
+                if isinstance(norm, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                    norm.register_forward_hook(_nan_if_variance_overflows)
     return layers
+
+
+def _nan_if_variance_overflows(m: nn.Module, args: tuple[Tensor], out: Tensor) -> Tensor | None:
+    """Forward hook of the copies' normalizations: where the variance of the input is not finite
+    in its dtype, torch's module outputs zeros (finite but wrong); output NaN instead, which
+    ``finite.check_results`` refuses, as every backend does."""
+    if isinstance(m, nn.LayerNorm):
+        dim = -1
+    elif _uses_batch_stats(m):
+        dim = 0
+    else:
+        return None
+    return None if bool(torch.isfinite(args[0].detach().var(dim, correction=0)).all()) else out + math.nan
 
 
 def _run(mods: Mods, h: Tensor, pre: list[Tensor] | None = None) -> Tensor:
@@ -95,6 +112,7 @@ def _freeze(layers: list[Mods], x: Tensor) -> list[Mods]:
         if id(bn) not in stats:
             raise RuntimeError("a batch norm was not reached by the forward pass")
         mean, var = stats[id(bn)]
+        var = poison_variance(var)  # an overflowed variance: NaN outputs, not silent zeros
         bn.running_mean = mean  # a registered buffer (possibly None before): sets the buffer
         bn.running_var = var
         bn.train(False)

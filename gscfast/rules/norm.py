@@ -13,9 +13,16 @@ from torch import Tensor, nn
 from .base import ForwardCtx, Rule, register
 
 
+def poison_variance(var: Tensor) -> Tensor:
+    """``var`` with non-finite entries made NaN, so that a normalization whose variance overflowed
+    outputs NaN (refused by ``backends.finite``) rather than silent zeros (``rsqrt(inf) = 0``)."""
+    return torch.where(torch.isfinite(var), var, float("nan"))  # O(size of var), no sync
+
+
 def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     mean = x.mean(dim, keepdim=True)
     var = (x - mean).square().mean(dim, keepdim=True)  # biased, as torch normalizes
+    var = poison_variance(var)  # an overflowed variance gives NaN, not silent zeros
     inv = torch.rsqrt(var + eps)
     return (x - mean) * inv, inv, mean, var
 

@@ -219,3 +219,28 @@ def check_backend(be, case: GpuCase, dtype: torch.dtype, device="cpu", methods=N
         assert_close(got, want, dtype, "contributions")
         same = be.contributions(c.problem(), init)  # model == init: every lambda >= 1 term is 0
         assert torch.all(same[:, 2:, 1:].nan_to_num() == 0), "contributions of init == model"
+
+
+def check_overflow_refused(be) -> None:
+    """A float32 layer norm whose input variance overflows: ``be`` (fused) refuses with the torch
+    backend's message instead of returning the zeros ``1 / sqrt(inf)`` would give."""
+    from gscfast.backends.torch_engine import TorchBackend
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g) * 1e30, torch.randn(16, 6, generator=g)
+    pb, _ = make_problem(gscfast.mlp(3, 6, act="tanh", norm="layer", seed=0), x, y, error="dot")
+    assert be.fused(pb), "the fused kernels must take this case"
+    try:
+        TorchBackend().sweep(pb, grads=True, stats=True)
+    except ValueError as e:
+        want = str(e)
+    else:
+        raise AssertionError("the torch backend must refuse")
+    assert "model[1] (LayerNorm) (the variance of its input overflows)" in want
+    for method, args in (("sweep", dict(grads=True, stats=True)), ("sweep", dict(grads=False, stats=True))):
+        try:
+            getattr(be, method)(pb, **args)
+        except ValueError as e:
+            assert str(e) == want, (method, str(e))
+        else:
+            raise AssertionError(f"{be.name}.{method} returned a result")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from _gpu_cases import cases, check_backend, fallback_cases
+from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
 
 from gscfast.backends import _gpu_engine, _gpu_host  # noqa: E402
 from gscfast.backends import cupy_backend as cb  # noqa: E402
@@ -47,6 +47,10 @@ def host(monkeypatch):
         pytest.skip("no C++ compiler (g++/clang++) for the host build of kernels/*.cu")
     monkeypatch.setattr(cb, "HOST_EMULATION", True)
     return cb.CupyBackend()
+
+
+def test_overflowed_layer_norm_variance_is_refused(host):
+    check_overflow_refused(host)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _gpu_cases import cases, check_backend, fallback_cases
+from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'triton>=3.0')", allow_module_level=True)
@@ -103,3 +103,7 @@ def test_compiles_for_sm80_and_sm90():
     assert recs and not bad and res.returncode == 0, (bad or res.stderr[-4000:])
     assert {r.get("arch") for r in recs} >= {80, 90}
     assert {r["kind"] for r in recs} >= {"fwd", "step", "contrib", "autotune-fwd", "autotune-step"}
+
+
+def test_overflowed_layer_norm_variance_is_refused(interp):
+    check_overflow_refused(interp)
