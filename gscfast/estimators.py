@@ -52,6 +52,10 @@ class GSCMoments:
                              f"lengths {len(self.sq_grad)}, {len(self.sq_out)}, {len(self.n)}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError(f"count must be a positive int, got {self.count!r}")
+        for name in ("sq_grad", "sq_out", "n"):  # squared norms and widths: finite, >= 0
+            t = getattr(self, name)
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"{name} must hold finite non-negative numbers, got {t.tolist()}")
 
     @property
     def L(self) -> int:

@@ -90,6 +90,8 @@ def test_explosion_rates_match_explosion_rate_per_row():
     (lambda: GSCMoments([1.0, 2.0], [1.0], [1.0, 1.0], 1), "one entry per layer"),
     (lambda: GSCMoments([1.0], [1.0], [1.0], True), "count must be a positive int"),
     (lambda: GSCMoments([1.0], [1.0], [1.0], 0), "count must be a positive int"),
+    (lambda: GSCMoments([1.0, float("nan")], [1.0, 1.0], [1.0, 1.0], 1), "sq_grad must hold finite"),
+    (lambda: GSCMoments([1.0], [-1.0], [1.0], 1), "sq_out must hold finite non-negative"),
     (lambda: GSCMoments.from_dict({"sq_grad": [True], "sq_out": [1.0], "n": [1.0], "count": 1}),
      r"'sq_grad'\[0\] is not a number"),
     (lambda: pool([]), "nothing to pool"),
