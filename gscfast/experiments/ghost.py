@@ -353,8 +353,8 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         if with_gsc:
-            axes[1, j].set_title(f"{act}: pooled GSC(l, 0) (gscfast), error <g, output>; band: 95% "
-                                 "bootstrap", fontsize=10)
+            axes[1, j].set_title(f"{act}: pooled GSC(l, 0), error <g, output> (band: 95% "
+                                 "bootstrap)", fontsize=9)
             axes[1, j].set_xlabel("compositional depth l (output to input)")
             axes[1, j].set_yscale("log")
             axes[1, j].grid(alpha=0.3)
