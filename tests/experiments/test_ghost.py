@@ -121,6 +121,22 @@ def test_resume_bit_for_bit_and_refusals(full, tmp_path):
     assert main(["ghost", "--out", str(part), *ARGS, "--seed", "1", "--resume"]) == 2  # other run
 
 
+def test_records_without_gsc_moments_are_refused(full, tmp_path, capsys):
+    """A record of an older gscfast (a GSC list instead of the raw expectations) is never mixed in."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(full, out)
+    path = out / "jobs" / f"{VARIANTS[0]}.0000.json"
+    rec = json.loads(path.read_text())
+    rec["result"]["gsc"] = gscfast.GSCMoments.from_dict(rec["result"].pop("gsc_moments")).gsc().tolist()
+    path.write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert study(out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "has no 'gsc_moments'" in err and "recompute the run into a new --out" in err, err
+
+
 @pytest.mark.parametrize("bad", [["--variants", "plain-gelu"], ["--variants", "res-relu", "--depth", "7"],
                                  ["--batch", "1"], ["--repeats", "0"]])
 def test_bad_options_are_usage_errors(tmp_path, bad, capsys):
