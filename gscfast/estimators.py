@@ -97,6 +97,10 @@ def _stack(moments: Sequence[GSCMoments]) -> tuple[Tensor, Tensor, Tensor, Tenso
     """``(count-weighted sq_grad [N, L+1], count-weighted sq_out [N, L+1], counts [N], n [L+1])``."""
     if not moments:
         raise ValueError("nothing to pool: no GSC moments given")
+    bad = next((i for i, m in enumerate(moments) if not isinstance(m, GSCMoments)), None)
+    if bad is not None:
+        raise TypeError(f"moments[{bad}] is a {type(moments[bad]).__name__}, not GSCMoments "
+                        "(gscfast.gsc_moments, Analysis.moments or GSCMoments.from_dict)")
     n = moments[0].n
     for i, m in enumerate(moments):
         if not torch.equal(m.n, n):

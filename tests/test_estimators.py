@@ -104,6 +104,11 @@ def test_bad_input_is_refused(bad, message):
         bad()
 
 
+def test_pooling_something_else_is_a_type_error():
+    with pytest.raises(TypeError, match=r"moments\[1\] is a Tensor, not GSCMoments"):
+        pool([_moments([1.0], [1.0], [1.0]), torch.ones(2)])
+
+
 def test_moments_round_trip_through_json_exactly():
     model = gscfast.mlp(3, 8, act="relu", seed=0)
     x, y = torch.randn(20, 8), torch.randn(20, 8)
