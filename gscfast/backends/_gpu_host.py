@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .cupy_backend import SIGNATURES, kernel_dir, kernel_sources
+from .cuda_sources import kernel_dir, kernel_sources, missing_reason
+from .cupy_backend import SIGNATURES
 
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-DGSC_HOST", "-fvisibility=hidden",
          "-ffp-contract=off")
@@ -38,7 +39,7 @@ def unavailable_reason() -> str | None:
     if compiler() is None:
         return "no C++ compiler (set CXX or install g++) to build the host emulation of kernels/*.cu"
     if not kernel_sources():
-        return f"no CUDA kernel sources found in {kernel_dir()}"
+        return missing_reason()
     return None
 
 

@@ -15,6 +15,9 @@ used when present, else the source is compiled at run time with NVRTC. Torch ten
 kernels as ``cupy`` arrays made from their ``__cuda_array_interface__`` (no copies), launched on
 torch's current stream. Products are IEEE fp32/fp64 (no TF32 path).
 
+The sources are found by ``cuda_sources.kernel_dir()``: the copy a wheel or ``pip install``
+carries in ``gscfast/_kernels/``, else ``kernels/`` of a checkout.
+
 Without a GPU, ``HOST_EMULATION = True`` lets ``CupyBackend()`` instances run the same sources,
 built for the host with ``-DGSC_HOST`` (``_gpu_host.py``), on CPU tensors: the tests use it.
 ``supports()`` stays CUDA-only, so the registry (``backend="auto"``) never picks it for CPU tensors.
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._gpu_engine import NORM_LAYER, FusedEngine, LayerSpec
+from .cuda_sources import kernel_dir, kernel_sources, missing_reason
 
 HOST_EMULATION = False
 """Let ``CupyBackend()`` instances take CPU tensors, running the host build of the kernels (tests
@@ -46,17 +50,6 @@ SIGNATURES = {
 THREADS = 256
 FWD_ROWS, STEP_ROWS = 16, 64  # rows per block (the template arguments of the entry points)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def kernel_dir() -> Path:
-    """Where the CUDA sources are: ``GSCFAST_KERNELS_DIR``, else ``kernels/`` of the repository."""
-    env = os.environ.get("GSCFAST_KERNELS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "kernels"
-
-
-def kernel_sources() -> list[Path]:
-    d = kernel_dir()
-    return sorted(d.glob("*.cu")) if d.is_dir() else []
 
 
 def fatbin_dir() -> Path:
@@ -81,9 +74,9 @@ class CudaModule:
             if fat.is_file():
                 self._mods[key] = self.cupy.RawModule(path=str(fat))
             else:
-                src = (kernel_dir() / f"{stem}.cu").read_text()
-                self._mods[key] = self.cupy.RawModule(
-                    code=src, options=("-std=c++17", f"-I{kernel_dir()}"))
+                kdir = kernel_dir()
+                src = (kdir / f"{stem}.cu").read_text()
+                self._mods[key] = self.cupy.RawModule(code=src, options=("-std=c++17", f"-I{kdir}"))
         return self._mods[key]
 
     def function(self, name: str, dev: int | None = None):
@@ -130,7 +123,7 @@ class CupyBackend(FusedEngine):
         except ImportError as e:
             return f"the 'cupy' backend needs cupy ({e}); pip install cupy-cuda12x (or -cuda13x)"
         if not kernel_sources():
-            return f"the 'cupy' backend needs the CUDA sources kernels/*.cu (not found in {kernel_dir()})"
+            return f"the 'cupy' backend cannot run: {missing_reason()}"
         return None
 
     @classmethod
