@@ -1,5 +1,51 @@
 """gscfast: fast Jacobian chains and gradient scale coefficients for deep networks."""
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+KERNEL_FILES = ("**/*.cu", "**/*.cuh", "README.md")
+"""What of kernels/ a wheel carries (relative to kernels/)."""
+
+
+class build_py_with_kernels(build_py):
+    """Also copy the CUDA sources of the top-level ``kernels/`` (where ``CMakeLists.txt`` builds
+    them) into the build tree's ``gscfast/_kernels/``, so a wheel and a regular install contain
+    them. An editable install gets no copy and reads ``kernels/`` itself; the lookup is
+    ``gscfast/backends/cuda_sources.py``."""
+
+    def _kernel_files(self) -> list[Path]:
+        src = HERE / "kernels"
+        files = sorted({p for pat in KERNEL_FILES for p in src.glob(pat) if p.is_file()})
+        if not any(p.suffix == ".cu" for p in files):
+            # a wheel without them would have a CuPy backend that cannot run: refuse instead
+            raise FileNotFoundError(f"no CUDA sources in {src} (kernels/*.cu): build gscfast from a "
+                                    "full checkout, or an sdist made with its MANIFEST.in")
+        return files
+
+    def _kernel_dest(self) -> Path:
+        return Path(self.build_lib) / "gscfast" / "_kernels"
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = self._kernel_dest()
+        shutil.rmtree(dest, ignore_errors=True)  # no stale file of an earlier build in the wheel
+        for p in self._kernel_files():
+            out = dest / p.relative_to(HERE / "kernels")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.copy_file(str(p), str(out))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outs
+        dest = self._kernel_dest()
+        return outs + [str(dest / p.relative_to(HERE / "kernels")) for p in self._kernel_files()]
+
 
 setup(
     name="gscfast",
@@ -35,4 +81,5 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},
+    cmdclass={"build_py": build_py_with_kernels},
 )
