@@ -233,13 +233,18 @@ def plot_flow(records: Mapping[int | str, dict[str, Any]], steps: Sequence[int],
 
 def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
     """A writer for ``GradientFlow(writers=[...])`` that logs through a
-    ``torch.utils.tensorboard.SummaryWriter`` (``add_scalar``)."""
+    ``torch.utils.tensorboard.SummaryWriter`` (``add_scalar``), in double precision: as float32
+    (``add_scalar``'s default) a float64 network's vanishing GSC or gradient (below 1e-45) would
+    show as 0 and an exploding one (above 3.4e38) as inf."""
+    def add(tag: str, value: float, step: int) -> None:
+        summary_writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
+
     def write(step: int, record: dict[str, Any]) -> None:
         for name, s in record["weights"].items():
-            summary_writer.add_scalar(f"grad_mean_abs/{name}", s["mean_abs"], step)
-            summary_writer.add_scalar(f"grad_norm/{name}", s["norm"], step)
+            add(f"grad_mean_abs/{name}", s["mean_abs"], step)
+            add(f"grad_norm/{name}", s["norm"], step)
         for l, v in enumerate(record.get("gsc", [])):
-            summary_writer.add_scalar(f"gsc/{l}", v, step)
+            add(f"gsc/{l}", v, step)
     return write
 
 
