@@ -246,12 +246,17 @@ def read_wandb_history(run_dir):
     return rows
 
 
-@pytest.mark.parametrize("form", ["global", "run"])
-def test_wandb_writer_with_a_real_offline_run(tmp_path, monkeypatch, form):
-    """Every key, step and value the flow records is in the offline run's transaction log (W&B
-    logs JSON, so the values come back exactly). Offline, silent, and everything W&B writes
-    (run, logs, settings, cache) stays in tmp_path; the server address is a closed local port,
-    so an attempt to reach it would fail rather than leave the machine."""
+def logged_rows(records):
+    """The history rows {step: {key: value}} wandb_writer must produce from the records."""
+    return {step: {tag: v for tag, values in expected_scalars(records).items() for s, v in values if s == step}
+            for step in records}
+
+
+@pytest.fixture
+def offline_wandb_run(tmp_path, monkeypatch):
+    """A real W&B run, offline and silent; everything W&B writes (run, logs, settings, cache) stays
+    in tmp_path, and the server address is a closed local port, so an attempt to reach it would
+    fail rather than leave the machine."""
     wandb = pytest.importorskip("wandb", reason="wandb is optional (pip install 'gscfast[test]')")
     for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path,
                        "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_CONFIG_DIR": tmp_path / "config",
@@ -263,11 +268,17 @@ def test_wandb_writer_with_a_real_offline_run(tmp_path, monkeypatch, form):
                               x_disable_machine_info=True)
     run = wandb.init(project="gscfast-test", dir=tmp_path, settings=settings)
     try:
-        flow = flow_with(wandb_writer(run if form == "run" else None))
+        yield run
     finally:
-        run.finish()
+        run.finish()  # again after the test's own finish: a no-op
         wandb.teardown()  # the wandb-core service process ends with the test
-    rows = read_wandb_history(Path(run.dir).parent)
-    expected = expected_scalars(flow.records)
-    assert rows == {step: {tag: v for tag, values in expected.items() for s, v in values if s == step}
-                    for step in flow.records}
+
+
+@pytest.mark.parametrize("form", ["global", "run"])
+def test_wandb_writer_with_a_real_offline_run(offline_wandb_run, form):
+    """Every key, step and value the flow records is in the offline run's transaction log (W&B
+    logs JSON, so the values come back exactly), through ``wandb.log`` or ``run.log``."""
+    run = offline_wandb_run
+    flow = flow_with(wandb_writer(run if form == "run" else None))
+    run.finish()
+    assert read_wandb_history(Path(run.dir).parent) == logged_rows(flow.records)
