@@ -249,11 +249,26 @@ def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
 
 
 def wandb_writer(run=None) -> Callable[[int, dict[str, Any]], None]:
-    """A writer that calls ``wandb.log`` (or ``run.log``) with flattened scalars."""
+    """A writer that calls ``wandb.log`` (or ``run.log``) with flattened scalars at the flow's step.
+
+    W&B ignores data logged at a step below its run's current step, with only a console warning.
+    That happens when the training loop's own ``wandb.log`` calls without ``step=`` run ahead of
+    the flow, e.g. logging the loss before ``flow.step()`` rather than after it. Such a record is
+    refused with a ValueError instead (it stays in ``flow.records``). In ``mode="shared"`` runs
+    W&B ignores ``step=`` and logs at its own step (and has no ``run.step``): nothing to check.
+    """
     def write(step: int, record: dict[str, Any]) -> None:
-        log = run.log if run is not None else __import__("wandb").log
+        import wandb
+
+        target = run if run is not None else wandb.run  # None: wandb.log says to call wandb.init
+        current = 0 if target is None or target.settings.mode == "shared" else target.step
+        if step < current:
+            raise ValueError(
+                f"W&B's run is at step {current}, past GradientFlow's step {step}: W&B would "
+                "ignore this record. Log your own metrics after flow.step() or with "
+                "step=flow.step_index, and start GradientFlow at the run's step (start=run.step)")
         flat = {f"grad_mean_abs/{n}": s["mean_abs"] for n, s in record["weights"].items()}
         flat |= {f"grad_norm/{n}": s["norm"] for n, s in record["weights"].items()}
         flat |= {f"gsc/{l}": v for l, v in enumerate(record.get("gsc", []))}
-        log(flat, step=step)
+        (run.log if run is not None else wandb.log)(flat, step=step)
     return write

@@ -282,3 +282,31 @@ def test_wandb_writer_with_a_real_offline_run(offline_wandb_run, form):
     flow = flow_with(wandb_writer(run if form == "run" else None))
     run.finish()
     assert read_wandb_history(Path(run.dir).parent) == logged_rows(flow.records)
+
+
+def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
+    """W&B ignores data logged at a step below its run's current one (a console warning only).
+    A loss logged without ``step=`` after ``flow.step()`` shares the flow's step; logged before
+    it, W&B's step runs ahead and the flow's record would be lost: refused instead."""
+    run = offline_wandb_run
+    model = conv_net()
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    losses = []
+    with GradientFlow(model, writers=[wandb_writer(run)]) as flow:
+        for i in range(3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            if i < 2:
+                flow.step()  # W&B at step i
+                run.log({"loss": losses[i]})  # step i too, then W&B moves on to i + 1
+            else:
+                run.log({"loss": losses[i]})  # before flow.step(): W&B moves on to step 3
+                with pytest.raises(ValueError, match="W&B's run is at step 3, past GradientFlow's step 2"):
+                    flow.step()
+            model.zero_grad()
+    run.finish()
+    expected = logged_rows({i: flow.records[i] for i in (0, 1)})
+    assert read_wandb_history(Path(run.dir).parent) == {0: {**expected[0], "loss": losses[0]},
+                                                       1: {**expected[1], "loss": losses[1]},
+                                                       2: {"loss": losses[2]}}
