@@ -252,6 +252,16 @@ def logged_rows(records):
             for step in records}
 
 
+def finished_history(run):
+    """Finish ``run`` and read back its history. ``run.finish()`` returns before the W&B service
+    has written the whole transaction log; ``wandb.teardown()`` waits for the service to end."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
+    return read_wandb_history(Path(run.dir).parent)
+
+
 @pytest.fixture
 def offline_wandb_run(tmp_path, monkeypatch):
     """A real W&B run, offline and silent; everything W&B writes (run, logs, settings, cache) stays
@@ -269,9 +279,9 @@ def offline_wandb_run(tmp_path, monkeypatch):
     run = wandb.init(project="gscfast-test", dir=tmp_path, settings=settings)
     try:
         yield run
-    finally:
-        run.finish()  # again after the test's own finish: a no-op
-        wandb.teardown()  # the wandb-core service process ends with the test
+    finally:  # again after finished_history: no-ops; the service process ends with the test
+        run.finish()
+        wandb.teardown()
 
 
 @pytest.mark.parametrize("form", ["global", "run"])
@@ -280,8 +290,7 @@ def test_wandb_writer_with_a_real_offline_run(offline_wandb_run, form):
     logs JSON, so the values come back exactly), through ``wandb.log`` or ``run.log``."""
     run = offline_wandb_run
     flow = flow_with(wandb_writer(run if form == "run" else None))
-    run.finish()
-    assert read_wandb_history(Path(run.dir).parent) == logged_rows(flow.records)
+    assert finished_history(run) == logged_rows(flow.records)
 
 
 def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
@@ -305,8 +314,7 @@ def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
                 with pytest.raises(ValueError, match="W&B's run is at step 3, past GradientFlow's step 2"):
                     flow.step()
             model.zero_grad()
-    run.finish()
     expected = logged_rows({i: flow.records[i] for i in (0, 1)})
-    assert read_wandb_history(Path(run.dir).parent) == {0: {**expected[0], "loss": losses[0]},
-                                                       1: {**expected[1], "loss": losses[1]},
-                                                       2: {"loss": losses[2]}}
+    assert finished_history(run) == {0: {**expected[0], "loss": losses[0]},
+                                     1: {**expected[1], "loss": losses[1]},
+                                     2: {"loss": losses[2]}}
