@@ -73,6 +73,9 @@ setup(
             "tqdm>=4.60",
             "scikit-learn>=1.2",
             "ray>=2.9",
+            # GradientFlow's writers are checked against the real TensorBoard and W&B (offline)
+            "tensorboard>=2.10",
+            "wandb>=0.19",
             # the GPU kernels are checked here without a GPU: triton's interpreter and
             # compiler, cupy's nvcc driver and NVRTC (see tests/gpu)
             "triton>=3.0",

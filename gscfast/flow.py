@@ -233,22 +233,42 @@ def plot_flow(records: Mapping[int | str, dict[str, Any]], steps: Sequence[int],
 
 def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
     """A writer for ``GradientFlow(writers=[...])`` that logs through a
-    ``torch.utils.tensorboard.SummaryWriter`` (``add_scalar``)."""
+    ``torch.utils.tensorboard.SummaryWriter`` (``add_scalar``), in double precision: as float32
+    (``add_scalar``'s default) a float64 network's vanishing GSC or gradient (below 1e-45) would
+    show as 0 and an exploding one (above 3.4e38) as inf."""
+    def add(tag: str, value: float, step: int) -> None:
+        summary_writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
+
     def write(step: int, record: dict[str, Any]) -> None:
         for name, s in record["weights"].items():
-            summary_writer.add_scalar(f"grad_mean_abs/{name}", s["mean_abs"], step)
-            summary_writer.add_scalar(f"grad_norm/{name}", s["norm"], step)
+            add(f"grad_mean_abs/{name}", s["mean_abs"], step)
+            add(f"grad_norm/{name}", s["norm"], step)
         for l, v in enumerate(record.get("gsc", [])):
-            summary_writer.add_scalar(f"gsc/{l}", v, step)
+            add(f"gsc/{l}", v, step)
     return write
 
 
 def wandb_writer(run=None) -> Callable[[int, dict[str, Any]], None]:
-    """A writer that calls ``wandb.log`` (or ``run.log``) with flattened scalars."""
+    """A writer that calls ``wandb.log`` (or ``run.log``) with flattened scalars at the flow's step.
+
+    W&B ignores data logged at a step below its run's current step, with only a console warning.
+    That happens when the training loop's own ``wandb.log`` calls without ``step=`` run ahead of
+    the flow, e.g. logging the loss before ``flow.step()`` rather than after it. Such a record is
+    refused with a ValueError instead (it stays in ``flow.records``). In ``mode="shared"`` runs
+    W&B ignores ``step=`` and logs at its own step (and has no ``run.step``): nothing to check.
+    """
     def write(step: int, record: dict[str, Any]) -> None:
-        log = run.log if run is not None else __import__("wandb").log
+        import wandb
+
+        target = run if run is not None else wandb.run  # None: wandb.log says to call wandb.init
+        current = 0 if target is None or target.settings.mode == "shared" else target.step
+        if step < current:
+            raise ValueError(
+                f"W&B's run is at step {current}, past GradientFlow's step {step}: W&B would "
+                "ignore this record. Log your own metrics after flow.step() or with "
+                "step=flow.step_index, and start GradientFlow at the run's step (start=run.step)")
         flat = {f"grad_mean_abs/{n}": s["mean_abs"] for n, s in record["weights"].items()}
         flat |= {f"grad_norm/{n}": s["norm"] for n, s in record["weights"].items()}
         flat |= {f"gsc/{l}": v for l, v in enumerate(record.get("gsc", []))}
-        log(flat, step=step)
+        (run.log if run is not None else wandb.log)(flat, step=step)
     return write

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import gscfast
-from gscfast.flow import GradientFlow, tensorboard_writer
+from gscfast.flow import GradientFlow, tensorboard_writer, wandb_writer
 
 
 def conv_net():
@@ -78,7 +79,7 @@ def test_whole_model_gsc_and_tensorboard_writer():
     logged = []
 
     class FakeSummaryWriter:
-        def add_scalar(self, tag, value, step):
+        def add_scalar(self, tag, value, step, **precision):
             logged.append((tag, value, step))
 
     with GradientFlow(model, gsc_data=(x, y), writers=[tensorboard_writer(FakeSummaryWriter())]) as flow:
@@ -145,3 +146,175 @@ def test_no_tail_gsc_when_the_container_itself_is_not_plain():
         nn.functional.cross_entropy(model(x), y).backward()
         rec = flow.step()
     assert rec.get("gsc") is None
+
+
+# -- the writers against the real TensorBoard and W&B (optional test dependencies) --------------
+
+def expected_scalars(records):
+    """What the writers must log: {tag: [(step, value), ...]} in step order, from the records."""
+    tags = {}
+    for step in sorted(records):
+        rec = records[step]
+        for name, s in rec["weights"].items():
+            tags.setdefault(f"grad_mean_abs/{name}", []).append((step, s["mean_abs"]))
+            tags.setdefault(f"grad_norm/{name}", []).append((step, s["norm"]))
+        for layer, v in enumerate(rec.get("gsc", [])):
+            tags.setdefault(f"gsc/{layer}", []).append((step, v))
+    return tags
+
+
+def flow_with(writer):
+    """A resumed run (start=1) of a conv net with an MLP tail GSC on a schedule; the writer sees
+    steps 2, 3 and 4."""
+    model = conv_net()
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+    with GradientFlow(model, every=2, steps={3}, start=1, gsc_data=(x, y), writers=[writer]) as flow:
+        train(model, flow, steps=4)  # steps 1..4
+    assert sorted(flow.records) == [2, 3, 4] and all("gsc" in r for r in flow.records.values())
+    return flow
+
+
+def test_tensorboard_writer_with_a_real_summary_writer(tmp_path):
+    """Every tag, step and value the flow records is in the event file, read back by the reader
+    TensorBoard itself serves its scalar dashboard from."""
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')")
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "tb") as sw:
+        flow = flow_with(tensorboard_writer(sw))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})  # 0: keep all
+    events.Reload()
+    expected = expected_scalars(flow.records)
+    assert sorted(events.PluginTagToContent("scalars")) == sorted(expected)  # on the dashboard
+    assert len(expected) == 2 * 3 + len(flow.records[2]["gsc"])  # three weights, GSC(l, 0) each l
+    for tag, values in expected.items():
+        logged = [(e.step, make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+        assert logged == values, tag
+
+
+def test_tensorboard_writer_keeps_float64_values(tmp_path):
+    """A float64 network's statistics outside float32's range (a saturated deep tanh net gives
+    GSC(L, 0) ~ 1e-138 and mean |grad| ~ 1e-74; an exploding one beyond 3.4e38) reach TensorBoard
+    as they are, not as 0 or inf, and on its scalar dashboard."""
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')")
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    from torch.utils.tensorboard import SummaryWriter
+
+    record = {"weights": {"0.weight": {"mean_abs": 2.1994917744957843e-74, "norm": 0.1}},
+              "gsc": [1.0, 6.388455596035586e-138, 1.5e40]}
+    with SummaryWriter(tmp_path) as sw:
+        tensorboard_writer(sw)(7, record)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    logged = {tag: [(e.step, make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+              for tag in events.PluginTagToContent("scalars")}
+    assert logged == {tag: values for tag, values in expected_scalars({7: record}).items()}
+
+
+def read_wandb_history(run_dir):
+    """The history rows {step: {key: value}} of an offline run, read from its transaction log
+    (``run-<id>.wandb``: a LevelDB-style log of ``wandb_internal_pb2.Record`` protos in 32 KiB
+    blocks, each chunk checksummed). Written here because wandb no longer ships a Python reader."""
+    import struct
+    import zlib
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1), f"{path} is not a W&B transaction log"
+    rows, pos, record = {}, 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + n]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at {pos} in {path}"
+        pos += 7 + n
+        record = chunk if kind in (1, 2) else record + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            r = wandb_internal_pb2.Record()
+            r.ParseFromString(record)
+            if r.WhichOneof("record_type") == "history":
+                row = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                rows[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+    return rows
+
+
+def logged_rows(records):
+    """The history rows {step: {key: value}} wandb_writer must produce from the records."""
+    return {step: {tag: v for tag, values in expected_scalars(records).items() for s, v in values if s == step}
+            for step in records}
+
+
+def finished_history(run):
+    """Finish ``run`` and read back its history. ``run.finish()`` returns before the W&B service
+    has written the whole transaction log; ``wandb.teardown()`` waits for the service to end."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
+    return read_wandb_history(Path(run.dir).parent)
+
+
+@pytest.fixture
+def offline_wandb_run(tmp_path, monkeypatch):
+    """A real W&B run, offline and silent; everything W&B writes (run, logs, settings, cache) stays
+    in tmp_path, and the server address is a closed local port, so an attempt to reach it would
+    fail rather than leave the machine."""
+    wandb = pytest.importorskip("wandb", reason="wandb is optional (pip install 'gscfast[test]')")
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path,
+                       "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_CONFIG_DIR": tmp_path / "config",
+                       "WANDB_DATA_DIR": tmp_path / "data", "WANDB_ARTIFACT_DIR": tmp_path / "artifacts",
+                       "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}.items():
+        monkeypatch.setenv(var, str(value))
+    settings = wandb.Settings(mode="offline", silent=True, console="off", disable_git=True,
+                              disable_code=True, x_disable_stats=True, x_disable_meta=True,
+                              x_disable_machine_info=True)
+    run = wandb.init(project="gscfast-test", dir=tmp_path, settings=settings)
+    try:
+        yield run
+    finally:  # again after finished_history: no-ops; the service process ends with the test
+        run.finish()
+        wandb.teardown()
+
+
+@pytest.mark.parametrize("form", ["global", "run"])
+def test_wandb_writer_with_a_real_offline_run(offline_wandb_run, form):
+    """Every key, step and value the flow records is in the offline run's transaction log (W&B
+    logs JSON, so the values come back exactly), through ``wandb.log`` or ``run.log``."""
+    run = offline_wandb_run
+    flow = flow_with(wandb_writer(run if form == "run" else None))
+    assert finished_history(run) == logged_rows(flow.records)
+
+
+def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
+    """W&B ignores data logged at a step below its run's current one (a console warning only).
+    A loss logged without ``step=`` after ``flow.step()`` shares the flow's step; logged before
+    it, W&B's step runs ahead and the flow's record would be lost: refused instead."""
+    run = offline_wandb_run
+    model = conv_net()
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    losses = []
+    with GradientFlow(model, writers=[wandb_writer(run)]) as flow:
+        for i in range(3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            if i < 2:
+                flow.step()  # W&B at step i
+                run.log({"loss": losses[i]})  # step i too, then W&B moves on to i + 1
+            else:
+                run.log({"loss": losses[i]})  # before flow.step(): W&B moves on to step 3
+                with pytest.raises(ValueError, match="W&B's run is at step 3, past GradientFlow's step 2"):
+                    flow.step()
+            model.zero_grad()
+    expected = logged_rows({i: flow.records[i] for i in (0, 1)})
+    assert finished_history(run) == {0: {**expected[0], "loss": losses[0]},
+                                     1: {**expected[1], "loss": losses[1]},
+                                     2: {"loss": losses[2]}}
