@@ -13,6 +13,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .io import atomic_write, save_figure
 from .validation import BATCHNORM_MODES
 
 __all__ = ["GradientFlow", "plot_flow", "tensorboard_writer", "wandb_writer"]
@@ -170,8 +171,6 @@ class GradientFlow:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write all records atomically."""
-        from .experiments.runner import atomic_write
-
         atomic_write(path, json.dumps(self.to_dict(), indent=1))
 
     def plot(self, path: str | os.PathLike | None = None, *, step: int | None = None,
@@ -185,8 +184,6 @@ class GradientFlow:
             steps = [max(self.records) if step is None else step]
         fig = plot_flow(self.records, steps)
         if path is not None:
-            from .experiments.outputs import save_figure
-
             save_figure(fig, [Path(path)])
         return fig
 

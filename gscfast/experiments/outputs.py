@@ -4,7 +4,6 @@ interrupted or partial run, write the outputs)."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import platform
@@ -14,8 +13,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .runner import (ResultsDirError, RunResult, Study, UsageError, atomic_write, check_out_dir,
-                     check_run_options, run)
+from ..io import atomic_write, pyplot, save_figure  # noqa: F401  (re-exported for the studies)
+from .runner import ResultsDirError, RunResult, Study, UsageError, check_out_dir, check_run_options, run
 
 __all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
            "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
@@ -195,28 +194,6 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
     sd = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sd / math.sqrt(len(v))
     return mean, mean - half, mean + half, sd
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (studies only write files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, paths: Iterable[Path], dpi: int = 150) -> None:
-    """Write ``fig`` to each path (format from the suffix: .png, .pdf) atomically, then close it."""
-    plt = pyplot()
-    try:
-        for path in paths:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=Path(path).suffix[1:], dpi=dpi)
-            atomic_write(path, buf.getvalue())
-    finally:
-        plt.close(fig)
 
 
 def machine() -> str:

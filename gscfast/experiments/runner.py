@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..io import atomic_write
+
 __all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "UsageError", "run", "job_seed",
            "atomic_write", "add_runner_arguments", "check_run_options", "check_out_dir", "ENGINES",
            "FORMAT"]
@@ -143,22 +145,6 @@ def job_seed(seed: int, *parts: Any) -> int:
     index) by SHA-256: stable across processes and Python versions (unlike the salted ``hash``)."""
     text = json.dumps([int(seed), *parts], separators=(",", ":"))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete: a temp file in
-    the same directory, flushed to disk, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _canonical(obj: Any) -> Any:

@@ -1,0 +1,51 @@
+"""File output shared by the library and the studies: atomic writes and figures written atomically.
+
+A library module (not under ``experiments/``) so that library code such as ``GradientFlow`` writes
+files the same way the studies' runner does without importing the studies.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["atomic_write", "pyplot", "save_figure"]
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete: a temp file in
+    the same directory, flushed to disk, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (studies only write files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, paths: Iterable[Path], dpi: int = 150) -> None:
+    """Write ``fig`` to each path (format from the suffix: .png, .pdf) atomically, then close it."""
+    plt = pyplot()
+    try:
+        for path in paths:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=Path(path).suffix[1:], dpi=dpi)
+            atomic_write(path, buf.getvalue())
+    finally:
+        plt.close(fig)
