@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .api import _preact, explosion_rate
+from .api import PreactStats, explosion_rate
 from .backends import get_backend
 from .estimators import GSCMoments
 from .validation import check_error, make_problem
@@ -98,5 +98,5 @@ def analyze(
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
     moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
     g = moments.gsc().to(device=x.device, dtype=x.dtype)
-    stats = _preact(sw.moments, x)
+    stats = PreactStats.from_moments(sw.moments, x)
     return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g), moments)

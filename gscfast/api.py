@@ -17,7 +17,7 @@ from .backends import get_backend
 from .backends.base import Moments, Problem
 from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
-from .validation import _check_model_tensors, check_error, check_same_architecture, make_problem
+from .validation import check_model_tensors, check_error, check_same_architecture, make_problem
 
 __all__ = ["gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
            "PreactStats", "explosion_rate"]
@@ -164,17 +164,19 @@ class PreactStats(NamedTuple):
     std: Tensor
     sign_diversity: Tensor
 
-
-def _preact(moments: list[Moments | None], like: Tensor) -> PreactStats:
-    std = torch.full((len(moments),), float("nan"), dtype=torch.float64)
-    div = std.clone()
-    for l, m in enumerate(moments):
-        if m is None:
-            continue
-        std[l] = (m.m2 / m.count).mean().sqrt()  # quadratic mean over neurons
-        tot = m.pos + m.neg
-        div[l] = torch.where(tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0).mean()
-    return PreactStats(std.to(like), div.to(like))
+    @classmethod
+    def from_moments(cls, moments: list[Moments | None], like: Tensor) -> PreactStats:
+        """The statistics from a sweep's per-layer ``moments`` (None: no pre-activation there),
+        on ``like``'s device and dtype."""
+        std = torch.full((len(moments),), float("nan"), dtype=torch.float64)
+        div = std.clone()
+        for l, m in enumerate(moments):
+            if m is None:
+                continue
+            std[l] = (m.m2 / m.count).mean().sqrt()  # quadratic mean over neurons
+            tot = m.pos + m.neg
+            div[l] = torch.where(tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0).mean()
+        return cls(std.to(like), div.to(like))
 
 
 def preactivation_stats(
@@ -193,7 +195,7 @@ def preactivation_stats(
     """
     pb, _ = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=False, stats=True)
-    return _preact(sw.moments, x)
+    return PreactStats.from_moments(sw.moments, x)
 
 
 def jacobian(
@@ -265,7 +267,7 @@ def effective_depth(
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     init = compile_model(init_model, "init_model")
     check_same_architecture(pb.program, init)
-    _check_model_tensors(init, pb.x)
+    check_model_tensors(init, pb.x)
     sq = get_backend(backend, x.device).contributions(pb, init)
     profile = _mean(sq).sqrt()
     last = profile[-1]

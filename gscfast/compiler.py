@@ -7,7 +7,7 @@ the first layer of the model outputs ``f_L``, the last ``f_1``; ``f_0`` is the e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
@@ -168,10 +168,11 @@ def _propagate_width(ops: list[Rule], d: int) -> int:
     return d
 
 
-def _all_ops(ops: list[Rule]):
+def all_ops(ops: list[Rule]) -> Iterator[Rule]:
+    """``ops`` in order, each followed by the rules of its residual body (depth first)."""
     for op in ops:
         yield op
-        yield from _all_ops(getattr(op, "body", []))
+        yield from all_ops(getattr(op, "body", []))
 
 
 class Program:
@@ -206,7 +207,7 @@ class Program:
     def ops(self):
         """Every rule, residual bodies included."""
         for layer in self.layers:
-            yield from _all_ops(layer.ops)
+            yield from all_ops(layer.ops)
 
     @property
     def couples_batch(self) -> bool:

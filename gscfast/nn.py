@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS", "freeze_batchnorm"]
+__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS", "freeze_batchnorm", "init_weight"]
 
 
 class Residual(nn.Module):
@@ -68,7 +68,9 @@ def _norm(kind: str | None, width: int) -> list[nn.Module]:
     raise ValueError(f"norm must be None, 'layer' or 'batch', got {kind!r}")
 
 
-def _init_weight(w: torch.Tensor, var: float, init: str, gen: torch.Generator) -> None:
+def init_weight(w: torch.Tensor, var: float, init: str, gen: torch.Generator) -> None:
+    """Fill ``w`` in place with per-entry variance ``var`` from ``gen`` (drawn in float64):
+    ``init="gaussian"`` i.i.d. normal, ``"orthogonal"`` a scaled orthogonal matrix."""
     with torch.no_grad():
         if init == "gaussian":
             w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * math.sqrt(var))
@@ -143,7 +145,7 @@ def mlp(
         fan_in = n_in if i == 0 else width
         lin = nn.Linear(fan_in, width, bias=bias, dtype=dtype)
         var = weight_var if weight_var is not None else (2.0 if act == "relu" else 1.0) / fan_in
-        _init_weight(lin.weight, var, init, gen)
+        init_weight(lin.weight, var, init, gen)
         if bias:
             nn.init.zeros_(lin.bias)
         block = nn.Sequential(lin, *_norm(norm, width), ACTIVATIONS[act]())
@@ -153,7 +155,7 @@ def mlp(
             layers.extend(block)
     if out_features is not None:
         lin = nn.Linear(width, out_features, bias=bias, dtype=dtype)
-        _init_weight(lin.weight, weight_var if weight_var is not None else 1.0 / width, init, gen)
+        init_weight(lin.weight, weight_var if weight_var is not None else 1.0 / width, init, gen)
         if bias:
             nn.init.zeros_(lin.bias)
         layers.append(lin)

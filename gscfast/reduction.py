@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import jacobian
-from .compiler import _all_ops, compile_model
+from .compiler import all_ops, compile_model
 from .rules.error import error_value
 from .validation import check_finite, check_same_architecture
 
@@ -73,7 +73,7 @@ def weight_change_norms(model: nn.Module, init_model: nn.Module) -> Tensor:
     check_same_architecture(trained, init)
     out = torch.full((trained.L + 1,), float("nan"), dtype=torch.float64)
     for a, b in zip(trained.layers, init.layers):
-        lin = [(p, q) for p, q in zip(_all_ops(a.ops), _all_ops(b.ops)) if p.kind == "linear"]
+        lin = [(p, q) for p, q in zip(all_ops(a.ops), all_ops(b.ops)) if p.kind == "linear"]
         if lin:
             p, q = lin[0]
             out[a.index] = torch.linalg.matrix_norm((p.weight - q.weight).double(), ord=2)

@@ -42,7 +42,9 @@ def check_finite(t: Tensor, what: str) -> None:
                              f"({int(bad.sum())} non-finite entries in all)")
 
 
-def _check_model_tensors(program: Program, x: Tensor) -> None:
+def check_model_tensors(program: Program, x: Tensor) -> None:
+    """``ValueError`` naming the first parameter or buffer of ``program`` that is on a meta
+    device, on another device than ``x``, of another dtype, or not finite."""
     for op in program.ops():
         for name, t in op.tensors().items():
             where = f"{op.path} ({type(op.module).__name__}) {name}"
@@ -112,7 +114,7 @@ def make_problem(
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(0) if squeeze else x
     widths = program.widths(x3.shape[-1])
-    _check_model_tensors(program, x3)
+    check_model_tensors(program, x3)
     check_finite(x, "x")
     couples = program.couples_batch
     if couples and x3.shape[1] < 2:

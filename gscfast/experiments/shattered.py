@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import CReLU, Residual, _init_weight, freeze_batchnorm, mlp
+from ..nn import CReLU, Residual, init_weight, freeze_batchnorm, mlp
 from .outputs import check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device, resolve_dtype,
                       run_command, run_info, run_timings, save_figure, sci, write_json)
@@ -200,7 +200,7 @@ def wide_relu_correlation(x: np.ndarray, depth: int, bias_std: float = BIAS_STD,
 # ----------------------------------------------------------------------------- networks
 def _linear(n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype) -> nn.Linear:
     lin = nn.Linear(n_in, n_out, dtype=dtype)
-    _init_weight(lin.weight, var, "gaussian", gen)
+    init_weight(lin.weight, var, "gaussian", gen)
     return lin
 
 
