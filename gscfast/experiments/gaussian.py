@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from ..estimators import GSCMoments, pooled_summary
+from ..theory import R_S
 from .outputs import (add_study_arguments, check_number, check_numbers, expand_names, fmt as _fmt,
                       num as _num, pyplot, resolve_device as _device, resolve_dtype as _dtype,
                       run_command, run_info, run_timings, save_figure, sci as _sci, t_interval,
                       write_json)
 from .runner import Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "R_S", "parse_arch", "expand_archs", "make_dataset", "make_model",
+__all__ = ["ARCHS", "PAPER_ARCHS", "parse_arch", "expand_archs", "make_dataset", "make_model",
            "make_config", "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
 
 NAME = "gaussian"
@@ -53,9 +54,6 @@ GROUPS: dict[str, list[str]] = {
     "orth": [f"orth-{a}" for a in ARCHS],
 }
 GROUPS["all"] = GROUPS["paper"] + GROUPS["resnet"] + GROUPS["orth"]
-# r(s) = E[s'(z)^2] / Var[s(z)], z ~ N(0, 1) (definitions.md): the per-layer growth of the squared
-# gradient norm in a plain linear -> batch-norm -> activation network.
-R_S = {"relu": 1.467, "tanh": 1.178, "selu": 1.072}
 
 
 # ----------------------------------------------------------------------------- architectures

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..estimators import GSCMoments, pooled_summary
 from ..nn import Residual
-from .gaussian import R_S
+from ..theory import R_S
 from .outputs import check_number, check_numbers
 from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
                       resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
@@ -39,7 +39,7 @@ from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resol
 from .runner import (Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write,
                      job_seed)
 
-__all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants", "r_s",
+__all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants",
            "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config",
            "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
 
@@ -76,19 +76,6 @@ def parse_variant(name: str) -> dict[str, Any]:
 def expand_variants(words: list[str]) -> list[str]:
     """``--variants`` words (names or groups) -> variant names, without repeats, checked."""
     return expand_names(words, GROUPS, parse_variant, "variants")
-
-
-def r_s(act: str, points: int = 200_001) -> float:
-    """``E[s'(z)^2] / Var[s(z)]`` for ``z ~ N(0, 1)`` (definitions.md), by the trapezoid rule on
-    ``[-12, 12]`` with a node at 0 (where ReLU has its kink; Gauss-Hermite would converge slowly)."""
-    z = torch.linspace(-12, 12, points, dtype=torch.float64, requires_grad=True)
-    s = ACTIVATIONS[act][0]()(z)
-    (ds,) = torch.autograd.grad(s.sum(), z)
-    w = torch.exp(-z.detach() ** 2 / 2)
-    w[0] = w[-1] = w[0] / 2
-    w = w / w.sum()
-    s = s.detach()
-    return float((w * ds**2).sum() / ((w * s**2).sum() - (w * s).sum() ** 2))
 
 
 # ----------------------------------------------------------------------------- networks

@@ -12,8 +12,8 @@ from torch import nn
 import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import ghost
-from gscfast.experiments.gaussian import R_S
 from gscfast.nn import Residual
+from gscfast.theory import R_S
 from _study_results import numbers as _numbers
 
 
@@ -34,11 +34,6 @@ def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("ghost") / "run"
     assert study(out) == 0
     return out
-
-
-def test_r_s_by_quadrature_matches_definitions():
-    for act, value in R_S.items():
-        assert ghost.r_s(act) == pytest.approx(value, abs=6e-4)
 
 
 @pytest.mark.parametrize("net", ghost.NETS)
