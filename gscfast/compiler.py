@@ -105,7 +105,10 @@ def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
         if rule is None:
             raise TypeError(f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
                             f"Supported: {SUPPORTED}.")
-        ops.append(rule(leaf, where))
+        op = rule(leaf, where)
+        if isinstance(op, ResidualRule):  # the body is compiled like any module list
+            op.body = compile_ops(leaf.body, f"{where}.body")
+        ops.append(op)
     return ops
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_sources import kernel_dir, kernel_sources, missing_reason
-from .cupy_backend import SIGNATURES
+from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
 
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-DGSC_HOST", "-fvisibility=hidden",
          "-ffp-contract=off")

@@ -1,4 +1,6 @@
-"""Where the CUDA sources of the ``"cupy"`` backend are: the one lookup every user of them calls.
+"""Where the CUDA sources of the ``"cupy"`` backend are: the one lookup every user of them calls;
+and the argument kinds of their entry points (``SIGNATURES``), which both the ``"cupy"`` backend
+and the host build of the same sources (``_gpu_host``) read from here, so neither imports the other.
 
 The sources live in ``kernels/`` at the top of the repository (``CMakeLists.txt`` builds them from
 there). A wheel or a regular ``pip install`` carries a copy as package data in
@@ -11,6 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# entry point (without the _f32/_f64 suffix) -> argument kinds: p pointer, i long long
+SIGNATURES = {
+    "gsc_layer_fwd": "p" * 13 + "i" * 7,
+    "gsc_chain_step": "p" * 8 + "i" * 7,
+    "gsc_contrib_step": "p" * 13 + "i" * 5,
+}
 
 ENV = "GSCFAST_KERNELS_DIR"
 PACKAGED = Path(__file__).resolve().parents[1] / "_kernels"

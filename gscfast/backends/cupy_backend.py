@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._gpu_engine import NORM_LAYER, FusedEngine, LayerSpec
-from .cuda_sources import kernel_dir, kernel_sources, missing_reason
+from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
 
 HOST_EMULATION = False
 """Let ``CupyBackend()`` instances take CPU tensors, running the host build of the kernels (tests
@@ -41,12 +41,6 @@ only; the registry never does: ``supports`` is CUDA-only)."""
 F_HAS_BIAS, F_HAS_GAMMA, F_HAS_BETA, F_SAVE_DS, F_SAVE_LN, F_WRITE_SQ, F_STATS, F_HAS_DS, F_LN, \
     F_STORE = (1 << i for i in range(10))
 
-# entry point (without the _f32/_f64 suffix) -> argument kinds: p pointer, i long long
-SIGNATURES = {
-    "gsc_layer_fwd": "p" * 13 + "i" * 7,
-    "gsc_chain_step": "p" * 8 + "i" * 7,
-    "gsc_contrib_step": "p" * 13 + "i" * 5,
-}
 THREADS = 256
 FWD_ROWS, STEP_ROWS = 16, 64  # rows per block (the template arguments of the entry points)
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..rules import error_grad, error_value
+from .chunks import iter_chunks, sq_norms
 
 
 def _finite(t: Tensor | None) -> bool:
@@ -86,9 +87,6 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
     """Run ``pb`` through the rules with a test after each module (forward, error, backward),
     of the values and (``norms``) of the per-datapoint squared norms gscfast reports; the first
     place where they are not finite, or None. Costs one pass of the torch engine."""
-    from .base import iter_chunks
-    from .torch_engine import sq_norms
-
     w = pb.widths
     per = pb.x.element_size() * pb.S * 3 * sum(w[1:])
     for ds, bs, ctx in iter_chunks(pb, per, init=init):

@@ -14,12 +14,8 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..rules import ForwardCtx, error_grad, error_value
-from .base import Backend, Moments, ProbeFn, Problem, Sweep, iter_chunks
-
-
-def sq_norms(v: Tensor) -> Tensor:
-    """``[P, ...]`` -> ``[P]`` squared Frobenius norms."""
-    return v.reshape(v.shape[0], -1).square().sum(1)
+from .base import Backend, Moments, ProbeFn, Problem, Sweep
+from .chunks import iter_chunks, sq_norms
 
 
 @dataclass

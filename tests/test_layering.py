@@ -1,0 +1,162 @@
+"""The layering of gscfast's own imports, read from the source (issue 12): library code never
+imports the studies, a study never imports another study, no private name crosses modules, and no
+import cycle (function-local imports included: they are cycles that only hide until run time)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import gscfast
+from gscfast.experiments import STUDIES
+
+PACKAGE = Path(gscfast.__file__).resolve().parent
+# The command line dispatches to the studies: the one library module above them.
+ENTRY_POINTS = {"gscfast.__main__"}
+
+
+def modules(package: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under ``package``."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
+def imports(package: Path) -> list[tuple[str, str, str | None, int]]:
+    """``(importer, imported module, imported name or None, line)`` for every import of a module
+    of ``package`` by another, at any depth; ``from M import sub`` of a submodule counts as an
+    import of ``M.sub``."""
+    mods = modules(package)
+    found = []
+    for mod, path in mods.items():
+        here = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here[:len(here) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    if sub in mods:
+                        found.append((mod, sub, None, node.lineno))
+                    elif target in mods:
+                        found.append((mod, target, alias.name, node.lineno))
+            elif isinstance(node, ast.Import):
+                found += [(mod, a.name, None, node.lineno) for a in node.names if a.name in mods]
+    return [f for f in found if f[1] != f[0]]
+
+
+def experiments_imports(package: Path) -> list[str]:
+    name = package.name
+    return [f"{mod} line {line} imports {target}" for mod, target, _, line in imports(package)
+            if target.startswith(f"{name}.experiments") and not mod.startswith(f"{name}.experiments")
+            and mod not in ENTRY_POINTS]
+
+
+def study_imports(package: Path, studies: set[str]) -> list[str]:
+    return [f"{mod} line {line} imports {target}" for mod, target, _, line in imports(package)
+            if mod in studies and target in studies]
+
+
+def private_imports(package: Path) -> list[str]:
+    return [f"{mod} line {line} imports {name} from {target}"
+            for mod, target, name, line in imports(package)
+            if name is not None and name.startswith("_") and not name.startswith("__")]
+
+
+def cycles(package: Path) -> list[list[str]]:
+    """The import cycles (strongly connected components of more than one module)."""
+    graph: dict[str, set[str]] = {}
+    for mod, target, _, _ in imports(package):
+        graph.setdefault(mod, set()).add(target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = [stack.pop()]
+            while comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_walker_sees_the_imports_it_checks():
+    """Guards the checks below against passing for want of imports: known edges are found."""
+    edges = {(m, t) for m, t, _, _ in imports(PACKAGE)}
+    assert ("gscfast.__main__", "gscfast.experiments") in edges  # function-local
+    assert ("gscfast.compiler", "gscfast.rules.residual") in edges
+    assert ("gscfast.experiments.ghost", "gscfast.theory") in edges  # relative, two dots
+    assert ("gscfast.backends.cupy_backend", "gscfast.backends._gpu_host") in edges  # local
+
+
+def test_library_code_never_imports_the_studies():
+    assert experiments_imports(PACKAGE) == []
+
+
+def test_no_study_imports_another():
+    assert set(STUDIES.values()) <= set(modules(PACKAGE))
+    assert study_imports(PACKAGE, set(STUDIES.values())) == []
+
+
+def test_no_private_name_imported_across_modules():
+    assert private_imports(PACKAGE) == []
+
+
+def test_no_import_cycles():
+    assert cycles(PACKAGE) == []
+
+
+@pytest.mark.parametrize("files, check, expected", [
+    ({"a.py": "from .b import f", "b.py": "def f():\n    from .a import g"},
+     cycles, [["pkg.a", "pkg.b"]]),
+    ({"a.py": "from .b import _f", "b.py": "_f = 1"},
+     private_imports, ["pkg.a line 1 imports _f from pkg.b"]),
+    ({"a.py": "from . import _b", "_b.py": "x = 1"}, private_imports, []),  # a private module
+    ({"a.py": "from .experiments.runner import g", "experiments/__init__.py": "",
+      "experiments/runner.py": "g = 1"},
+     experiments_imports, ["pkg.a line 1 imports pkg.experiments.runner"]),
+    ({"a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B",
+      "b.py": "from .a import A"}, cycles, []),  # annotations only: no cycle at run time
+])
+def test_the_checks_catch_what_they_refuse(tmp_path, files, check, expected):
+    pkg = tmp_path / "pkg"
+    for name, text in {"__init__.py": "", **files}.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text + "\n")
+    assert check(pkg) == expected
