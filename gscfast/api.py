@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from .backends import get_backend
-from .backends.base import Moments, Problem
+from .backends.base import Moments
 from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
-from .validation import check_model_tensors, check_error, check_same_architecture, make_problem
+from .validation import Problem, check_error, check_model_tensors, check_same_architecture, make_problem
 
 __all__ = ["gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
            "PreactStats", "explosion_rate"]

@@ -160,3 +160,10 @@ def test_the_checks_catch_what_they_refuse(tmp_path, files, check, expected):
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text + "\n")
     assert check(pkg) == expected
+
+
+def test_problem_lives_where_it_is_built():
+    from gscfast import backends, validation
+
+    assert validation.Problem.__module__ == validation.make_problem.__module__ == "gscfast.validation"
+    assert backends.Problem is validation.Problem  # the registry's public name, one class

@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from .base import Backend, Problem, Sweep
+from ..validation import Problem
+from .base import Backend, Sweep
 
 __all__ = ["Backend", "Problem", "Sweep", "BACKENDS", "get_backend", "available_backends"]
 

@@ -38,7 +38,8 @@ from ..rules import error_grad, error_value
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, programs_fused, split_layer
+from ..validation import Problem
+from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
 from .chunks import iter_chunks
 from .torch_engine import TorchBackend
 

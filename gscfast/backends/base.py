@@ -1,4 +1,5 @@
-"""The one backend interface, and what every backend is handed (``Problem``).
+"""The one backend interface; what every backend is handed, ``Problem``, is built and defined in
+``gscfast.validation``.
 
 A backend computes four raw quantities *per datapoint*; ``gscfast.api`` turns them into GSCs,
 statistics and profiles, so the ratio and expectation logic lives in one place.
@@ -11,8 +12,6 @@ first layer's output, ``f_1`` the model's output, ``f_0`` the error.
 from __future__ import annotations
 
 import functools
-import os
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -25,78 +24,11 @@ from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, 
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
+from ..validation import Problem
 from .finite import check_results
 
 ProbeFn = Callable[[int], Tensor]
 """``probes(l) -> [R, S, d_l]`` start rows for the chain from layer ``l >= 1`` (sketching)."""
-
-
-def memory_budget(default: str = "512M") -> int:
-    """Bytes a backend may use for its working set: ``GSCFAST_MEMORY`` (e.g. ``2G``, ``512M``)."""
-    text = os.environ.get("GSCFAST_MEMORY", default).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"GSCFAST_MEMORY must look like '512M' or '2G', got {text!r}")
-    return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
-
-
-@dataclass
-class Problem:
-    """A validated request: the compiled model, inputs in ``[D, B, n]`` layout, and options.
-
-    Attributes:
-        program: the compiled model.
-        x: ``[D, B, n]``.
-        y: ``[D, B, m]`` targets (``error="dot"``), ``[D, B]`` int64 labels (``"kl"``) or None.
-        error: ``"dot"``, ``"kl"`` or None (no error layer needed).
-        coupled: batch datapoints (train-mode batch norm with batch statistics).
-        frozen: train-mode batch norm whose batch statistics are treated as constants.
-        chunk_size: datapoints per chunk, or None to size chunks by ``memory``.
-        memory: the working-set budget in bytes.
-    """
-
-    program: Program
-    x: Tensor
-    y: Tensor | None
-    error: str | None
-    coupled: bool
-    frozen: bool
-    chunk_size: int | None = None
-    memory: int = 512 * 2**20
-
-    @property
-    def D(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def B(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def L(self) -> int:
-        return self.program.L
-
-    @property
-    def P(self) -> int:
-        return self.D if self.coupled else self.D * self.B
-
-    @property
-    def S(self) -> int:
-        return self.B if self.coupled else 1
-
-    @property
-    def widths(self) -> list[int]:
-        """``[1, d_1, ..., d_L, n]``: per-sample dims of ``f_0 .. f_L`` and of the input."""
-        return self.program.widths(self.x.shape[-1])
-
-    def n(self, l: int) -> int:
-        """Columns of ``J_k^l`` for ``k = l``: ``dim f_l`` of one datapoint."""
-        return 1 if l == 0 else self.S * self.widths[l]
-
-    @property
-    def columns(self) -> list[int]:
-        """``[n(0), ..., n(L)]``."""
-        return [self.n(l) for l in range(self.L + 1)]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ..rules import ForwardCtx
 
 if TYPE_CHECKING:
     from ..compiler import Program
-    from .base import Problem
+    from ..validation import Problem
 
 __all__ = ["iter_chunks", "sq_norms"]
 

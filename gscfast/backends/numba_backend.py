@@ -47,7 +47,8 @@ from ..rules import ForwardCtx
 from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
                                 SigmoidRule, SoftplusRule, TanhRule)
 from ..rules.norm import BatchNormRule, LayerNormRule
-from .base import Moments, ProbeFn, Problem, Sweep, Unsupported, programs_fused, split_layer
+from ..validation import Problem
+from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
 from .torch_engine import TorchBackend
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..compiler import Program
 from ..rules.norm import poison_variance
-from .base import Backend, Moments, ProbeFn, Problem, Sweep
+from ..validation import Problem
+from .base import Backend, Moments, ProbeFn, Sweep
 
 Mods = list[nn.Module]  # one layer's modules, run in order
 

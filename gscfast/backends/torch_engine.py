@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..rules import ForwardCtx, error_grad, error_value
-from .base import Backend, Moments, ProbeFn, Problem, Sweep
+from ..validation import Problem
+from .base import Backend, Moments, ProbeFn, Sweep
 from .chunks import iter_chunks, sq_norms
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import gscfast
 from gscfast.backends import get_backend
-from gscfast.backends.base import Problem
+from gscfast.validation import Problem
 from gscfast.validation import make_problem
 
 pytest.importorskip("numba")

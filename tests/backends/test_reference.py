@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
-from gscfast.backends.base import Problem
+from gscfast.validation import Problem
 from gscfast.backends.reference import ReferenceBackend
 from gscfast.compiler import compile_model
 from gscfast.nn import Residual, mlp

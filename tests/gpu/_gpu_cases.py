@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gscfast
-from gscfast.backends.base import Problem
+from gscfast.validation import Problem
 from gscfast.backends.reference import ReferenceBackend
 from gscfast.validation import make_problem
 
