@@ -188,6 +188,11 @@ def test_jacobian(backend, dtype, data):
             return ((j.double() - ref).flatten(-2).norm(dim=-1)
                     / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)).max()
         own = rel(gscfast.jacobian(case.model, case.x, backend="reference", **kw))
+        # Where float32 itself does not fix the Jacobian to 1% (a frozen batch norm over 2-4
+        # samples can divide by a near-zero variance: the reference's own float32 error reached
+        # 14%), the rounding of any two float32 computations differs by more than a fixed
+        # multiple; such cases say nothing about a backend (its float64 run above is exact).
+        assume(float(own) < 1e-2)
         err = rel(got)
         assert err <= max(1e-4, 4 * float(own)), (err, own)
 
