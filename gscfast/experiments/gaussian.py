@@ -112,9 +112,14 @@ def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype 
 
 
 
+def is_pairs(spec: dict[str, Any]) -> bool:
+    """Whether ``spec`` is a ``--pairs`` job (else an (architecture, dataset) job)."""
+    return spec.get("kind") == "pairs"
+
+
 def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """One job: a pairs job (``--pairs``, ``run_pairs_job``) or one (architecture, dataset) job."""
-    if spec.get("kind") == "pairs":
+    if is_pairs(spec):
         return run_pairs_job(config, spec)
     return run_dataset_job(config, spec)
 
@@ -164,7 +169,7 @@ def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, A
 def check_result(config: dict, spec: dict, result: dict) -> None:
     """Raises ``ValueError`` unless ``result`` looks like ``run_job``'s."""
     n = config["depth"] + 1
-    if spec.get("kind") == "pairs":
+    if is_pairs(spec):
         rows = result.get("matrix")
         if not isinstance(rows, list) or len(rows) != n:
             raise ValueError(f"'matrix' is not the lower triangle of an {n} x {n} matrix")
@@ -262,7 +267,7 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
     archs: dict[str, Any] = {}
     for arch in config["archs"]:
         recs = sorted((r for r in records.values()
-                       if r["spec"]["arch"] == arch and r["spec"].get("kind") != "pairs"),
+                       if r["spec"]["arch"] == arch and not is_pairs(r["spec"])),
                       key=lambda r: r["spec"]["dataset"])
         per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
         rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
@@ -300,17 +305,19 @@ def pairs_summary(result: dict[str, Any]) -> dict[str, Any]:
     near-multiplicativity): per pair ``1 <= l < k <= L`` the factor ``max(r, 1/r)`` of
     ``r = GSC(k, l) GSC(l, 0) / GSC(k, 0)``; its largest value, where, and its median."""
     rows = result["matrix"]
-    L = len(rows) - 1
-    worst, where, factors = 1.0, None, []
-    for k in range(2, L + 1):
-        for l in range(1, k):
-            r = rows[k][l] * rows[l][0] / rows[k][0]
-            f = max(r, 1 / r) if r > 0 and math.isfinite(r) else math.inf
-            factors.append(f)
-            if f > worst or where is None:
-                worst, where = f, [k, l]
+
+    def factor(k: int, l: int) -> float:
+        # inf where the ratio is undefined (a GSC of 0) or not positive: the worst deviation
+        num, den = rows[k][l] * rows[l][0], rows[k][0]
+        r = num / den if den > 0 else math.nan
+        return max(r, 1 / r) if r > 0 and math.isfinite(r) else math.inf
+
+    pairs = [(k, l) for k in range(2, len(rows)) for l in range(1, k)]
+    factors = [factor(k, l) for k, l in pairs]
+    worst = max(range(len(pairs)), key=factors.__getitem__, default=None)
     return {"method": result["method"], "probes": result["probes"], "matrix": rows,
-            "max_factor": worst, "max_at": where,
+            "max_factor": 1.0 if worst is None else factors[worst],
+            "max_at": None if worst is None else list(pairs[worst]),
             "median_factor": float(np.median(factors)) if factors else math.nan}
 
 
@@ -351,7 +358,8 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.get_cmap("tab10" if len(results["archs"]) <= 10 else "tab20").colors
     l = np.arange(cfg["depth"] + 1)
-    titles = ("(A) expected GSC(l, 0), pooled over datasets", "(B) pre-activation standard deviation", "(C) sign diversity")
+    titles = ("(A) expected GSC(l, 0), pooled over datasets", "(B) pre-activation standard deviation",
+              "(C) sign diversity")
     for i, (arch, a) in enumerate(results["archs"].items()):
         color = colors[i % len(colors)]
         style = "-." if a["residual"] is not None else _STYLE[a["norm"]]
@@ -592,14 +600,14 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     per_arch = {}
     for arch in config["archs"]:
         s = [r["seconds"] for r in records.values()
-             if r["spec"]["arch"] == arch and r["spec"].get("kind") != "pairs"]
+             if r["spec"]["arch"] == arch and not is_pairs(r["spec"])]
         per_arch[arch] = {"mean": float(np.mean(s)), "min": float(np.min(s)), "max": float(np.max(s))}
     device = _device(config["device"])
     rate = sgemm_rate(config["width"], config["samples"], device)
     return {
         **run_timings(result), "per_arch": per_arch,
         "pairs_seconds": {r["spec"]["arch"]: r["seconds"] for r in records.values()
-                          if r["spec"].get("kind") == "pairs"},
+                          if is_pairs(r["spec"])},
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
         "sgemm_device": str(device), "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,

@@ -345,3 +345,13 @@ def test_pairs_heatmaps_and_deviation(full, tmp_path):
 def test_pairs_samples_is_checked(tmp_path, capsys):
     assert study(tmp_path / "run", "--pairs", "--pairs-samples", str(SAMPLES + 1)) == 2
     assert "pairs-samples must be an integer in [2, samples = 64]" in capsys.readouterr().err
+
+
+def test_pairs_summary_of_an_undefined_ratio_is_infinite_not_a_crash():
+    """A GSC(k, 0) of 0 (a dead network) makes GSC(k, l) GSC(l, 0) / GSC(k, 0) undefined: that
+    pair is the worst deviation (inf), and the summary is still written."""
+    m = [[1.0], [2.0, 1.0], [4.0, 2.0, 1.0], [0.0, 1.0, 1.0, 1.0]]
+    p = gaussian.pairs_summary({"matrix": m, "method": "exact", "probes": None})
+    assert p["max_factor"] == math.inf and p["max_at"] == [3, 1]
+    exact = gaussian.pairs_summary({"matrix": m[:3], "method": "exact", "probes": None})
+    assert exact["max_factor"] == 1.0 and exact["median_factor"] == 1.0
