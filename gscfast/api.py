@@ -76,10 +76,16 @@ def gsc(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if reduction == "mean":
+        return gsc_moments(model, x, y, error=error, batchnorm=batchnorm, backend=backend,
+                           chunk_size=chunk_size).gsc().to(device=x.device, dtype=x.dtype)
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
-    return _gsc_from_sweep(sw.sq_out, sw.sq_grad, pb, squeeze, reduction).to(x.dtype)
+    out = sw.sq_out.to(torch.float64)
+    per = sw.sq_grad.to(torch.float64) / _n(pb) * out / out[:, :1]
+    per[:, 0] = 1
+    return _per_datapoint(per, pb, squeeze).to(x.dtype)
 
 
 def gsc_moments(
@@ -95,20 +101,10 @@ def gsc_moments(
     """The raw expectations behind ``gsc(...)`` (arguments as there): keep these, not GSCs, to
     combine several datasets or networks, ``gscfast.pool(moments).gsc()`` being the pooled expected
     GSC of definitions.md (and ``gscfast.bootstrap_gsc`` its interval)."""
-    check_error(error)
+    check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     return GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
-
-
-def _gsc_from_sweep(sq_out: Tensor, sq_grad: Tensor, pb: Problem, squeeze: bool,
-                    reduction: str = "mean") -> Tensor:
-    if reduction == "none":
-        n = _n(pb)
-        per = sq_grad.to(torch.float64) / n * sq_out.to(torch.float64) / sq_out[:, :1].to(torch.float64)
-        per[:, 0] = 1
-        return _per_datapoint(per, pb, squeeze)
-    return GSCMoments.of(sq_out, sq_grad, pb.columns).gsc().to(sq_out.device)
 
 
 def gsc_matrix(
