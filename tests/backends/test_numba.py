@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 
 import pytest
 import torch
@@ -228,7 +229,9 @@ def probe_fn(pb: Problem, R: int = 7):
 @pytest.mark.parametrize("norm", NORMS, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 def test_all_methods_match_torch(act, norm, dtype):
-    model = make_model(act, norm, seed=hash((act, str(norm))) % 1000)
+    # zlib.crc32, not hash(): str hashes are salted per process, which made this test draw a
+    # different model in every run (and fail at random where float32 rounding exceeded 1e-4)
+    model = make_model(act, norm, seed=zlib.crc32(f"{act}/{norm}".encode()) % 1000)
     pb = problem(model, dtype)
     assert NumbaBackend.fused(pb), "this problem should run on the fused kernels"
     L = pb.L
