@@ -1,4 +1,5 @@
 """gscfast: fast Jacobian chains and gradient scale coefficients for deep networks."""
+
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,10 @@ class build_py_with_kernels(build_py):
         files = sorted({p for pat in KERNEL_FILES for p in src.glob(pat) if p.is_file()})
         if not any(p.suffix == ".cu" for p in files):
             # a wheel without them would have a CuPy backend that cannot run: refuse instead
-            raise FileNotFoundError(f"no CUDA sources in {src} (kernels/*.cu): build gscfast from a "
-                                    "full checkout, or an sdist made with its MANIFEST.in")
+            raise FileNotFoundError(
+                f"no CUDA sources in {src} (kernels/*.cu): build gscfast from a "
+                "full checkout, or an sdist made with its MANIFEST.in"
+            )
         return files
 
     def _kernel_dest(self) -> Path:
@@ -81,6 +84,9 @@ setup(
             "triton>=3.0",
             "cupy-cuda13x>=13",
             "nvidia-cuda-nvrtc>=13",
+            # static checks (tests/test_static.py)
+            "ruff>=0.6",
+            "mypy>=1.10",
         ],
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},

@@ -5,11 +5,12 @@ only after its result agreed with the torch backend on the same inputs).
 Sizes: ``GSCFAST_BENCH_SCALE=full`` (default, the issue's sizes) or ``smoke`` (tiny: what
 ``tests/test_bench_smoke.py`` runs with ``--benchmark-disable`` so the suite cannot rot).
 """
+
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -61,8 +62,12 @@ SIZES: dict[str, dict] = {
 }[SCALE]
 
 ARCHS = {  # the 7 architectures of the Gaussian study
-    "relu": ("relu", None), "layer-relu": ("relu", "layer"), "batch-relu": ("relu", "batch"),
-    "tanh": ("tanh", None), "layer-tanh": ("tanh", "layer"), "batch-tanh": ("tanh", "batch"),
+    "relu": ("relu", None),
+    "layer-relu": ("relu", "layer"),
+    "batch-relu": ("relu", "batch"),
+    "tanh": ("tanh", None),
+    "layer-tanh": ("tanh", "layer"),
+    "batch-tanh": ("tanh", "batch"),
     "selu": ("selu", None),
 }
 
@@ -71,6 +76,7 @@ BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 
 
 # ----------------------------------------------------------------------------- FLOP counts
+
 
 def linear_dims(model: nn.Module) -> list[tuple[int, int]]:
     """``(d_out, d_in)`` of every nn.Linear in model order."""
@@ -93,7 +99,7 @@ def flops_w2(model: nn.Module, B: int, rows: int | None = None) -> float:
     total = sum(step[1:L])  # l = 0
     for l in range(1, L + 1):
         R = rows or dims[L - l][0]
-        total += R * sum(step[1:L - l + 1])
+        total += R * sum(step[1 : L - l + 1])
     return B * total
 
 
@@ -116,6 +122,7 @@ def flops_w4(model: nn.Module, B: int) -> float:
 
 # ----------------------------------------------------------------------------- yardstick
 
+
 def measure_sgemm() -> dict:
     """Best sgemm GFLOP/s of this machine right now (float32, n x n x n, torch and numpy)."""
     n, reps = SIZES["sgemm"]["n"], SIZES["sgemm"]["reps"]
@@ -124,16 +131,21 @@ def measure_sgemm() -> dict:
     c = torch.empty(n, n)
     an, bn, cn = a.numpy(), b.numpy(), c.numpy()
     best = {}
-    for name, fn in (("numpy", lambda: np.matmul(an, bn, out=cn)),
-                     ("torch", lambda: torch.mm(a, b, out=c))):
+    for name, fn in (
+        ("numpy", lambda: np.matmul(an, bn, out=cn)),
+        ("torch", lambda: torch.mm(a, b, out=c)),
+    ):
         fn()
         t = min(_time(fn) for _ in range(reps))
         best[name] = 2.0 * n**3 / t / 1e9
     # OpenBLAS (numpy) worker threads busy-wait ~0.1 s after a call; let them park so they do not
     # steal the cores from whatever is timed next.
     time.sleep(0.3)
-    return {"sgemm_gflops": max(best.values()), "sgemm_torch_gflops": best["torch"],
-            "sgemm_numpy_gflops": best["numpy"]}
+    return {
+        "sgemm_gflops": max(best.values()),
+        "sgemm_torch_gflops": best["torch"],
+        "sgemm_numpy_gflops": best["numpy"],
+    }
 
 
 def _time(fn) -> float:
@@ -143,6 +155,7 @@ def _time(fn) -> float:
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _status(field: str) -> int | None:
     try:
@@ -171,8 +184,18 @@ def peak_rss() -> int | None:
 
 # ----------------------------------------------------------------------------- running
 
-def run_checked(benchmark, fn: Callable, *, check: Callable | None, flops: float, rounds: int,
-                sgemm: dict, scale: float = 1.0, **info) -> object:
+
+def run_checked(
+    benchmark,
+    fn: Callable,
+    *,
+    check: Callable | None,
+    flops: float,
+    rounds: int,
+    sgemm: dict,
+    scale: float = 1.0,
+    **info,
+) -> object:
     """Warm up (and compile) with one call, check its result, then time ``rounds`` calls.
 
     ``scale`` multiplies the measured time for baselines timed on a subset (``scale = B /
@@ -243,10 +266,25 @@ def auto_choice(model: nn.Module, x: torch.Tensor, y=None, method: str = "chain"
 
 # ----------------------------------------------------------------------------- models, data
 
-def make_model(depth: int, width: int, act: str, norm: str | None, seed: int = 0,
-               in_features: int | None = None, out_features: int | None = None) -> nn.Sequential:
-    return gscfast.mlp(depth, width, act=act, norm=norm, seed=seed, in_features=in_features,
-                       out_features=out_features)
+
+def make_model(
+    depth: int,
+    width: int,
+    act: str,
+    norm: str | None,
+    seed: int = 0,
+    in_features: int | None = None,
+    out_features: int | None = None,
+) -> nn.Sequential:
+    return gscfast.mlp(
+        depth,
+        width,
+        act=act,
+        norm=norm,
+        seed=seed,
+        in_features=in_features,
+        out_features=out_features,
+    )
 
 
 def gaussian(B: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +299,7 @@ def layer_modules(model: nn.Module) -> list[nn.Sequential]:
 
 
 # ----------------------------------------------------------------------------- baselines (W1)
+
 
 def autograd_gsc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """What a user writes: one forward with ``retain_grad`` on every layer output, one backward,
@@ -295,7 +334,7 @@ def _autograd_gsc(layers, coupled, h, y):
             e2 = f0.double() ** 2
             for i, o in enumerate(outs):
                 l = L - i
-                res[l] = (o.grad.double().square().sum() / o.numel() * o.double().square().sum() / e2)
+                res[l] = o.grad.double().square().sum() / o.numel() * o.double().square().sum() / e2
         else:
             e2 = e.double().square().mean()
             for i, o in enumerate(outs):
@@ -305,8 +344,9 @@ def _autograd_gsc(layers, coupled, h, y):
     return res
 
 
-def vmap_jacrev_gsc(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    chunk_size: int | None = None) -> torch.Tensor:
+def vmap_jacrev_gsc(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
     """Per-sample gradients at every layer with ``torch.func``: ``vmap(jacrev)`` of the error
     with respect to zero offsets added to each layer output (per-sample datapoints only)."""
     from torch.func import jacrev, vmap
@@ -342,8 +382,10 @@ def vmap_jacrev_gsc(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 # ----------------------------------------------------------------------------- baselines (W2)
 
-def torch_chain_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           chunk: int = 16) -> torch.Tensor:
+
+def torch_chain_gsc_matrix(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 16
+) -> torch.Tensor:
     """The best hand-written torch chain we found: per chunk of samples, one forward saving the
     activation derivatives, then for every start layer the identity pushed through the layers
     with in-place scaling and one big GEMM per layer (``[chunk*d, d] @ W``) into preallocated
@@ -357,11 +399,11 @@ def torch_chain_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     fsq = torch.zeros(L + 1, dtype=torch.float64)
     with torch.no_grad():
         for c0 in range(0, B, chunk):
-            xc, yc = x[c0:c0 + chunk], y[c0:c0 + chunk]
+            xc, yc = x[c0 : c0 + chunk], y[c0 : c0 + chunk]
             c = xc.shape[0]
             h = xc
             ders = []
-            for i, layer in enumerate(layers):
+            for i in range(len(layers)):
                 z = h @ Ws[i].T
                 h = acts[i](z)
                 if isinstance(acts[i], nn.Tanh):
@@ -398,8 +440,9 @@ def torch_chain_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     cur, nxt = nxt, cur
     sq /= B
     fsq /= B
-    n = torch.tensor([1.0] + [float(Ws[L - l].shape[0]) for l in range(1, L + 1)],
-                     dtype=torch.float64)
+    n = torch.tensor(
+        [1.0] + [float(Ws[L - l].shape[0]) for l in range(1, L + 1)], dtype=torch.float64
+    )
     res = sq / n[:, None] * fsq[:, None] / fsq[None, :]
     res[0, 0] = 1.0
     return res.masked_fill(torch.ones_like(res, dtype=torch.bool).triu(1), float("nan"))
@@ -424,12 +467,13 @@ def pairs_jacrev_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     fsq[0] = e.double().square().mean()
 
     def run(k: int, l: int):
-        mods = layers[L - k + 1:L - l + 1]  # f_k -> f_l (layer i outputs f_{L-i})
+        mods = layers[L - k + 1 : L - l + 1]  # f_k -> f_l (layer i outputs f_{L-i})
 
         def f(h):
             for m in mods:
                 h = m(h)
             return h
+
         return f
 
     for k in range(1, L + 1):
@@ -437,9 +481,11 @@ def pairs_jacrev_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
         for l in range(1, k):
             J = vmap(jacrev(run(k, l)))(fs[k])
             res[k, l] = J.double().square().sum((1, 2)).mean() / J.shape[2] * fsq[k] / fsq[l]
+
         # l = 0: the error's gradient
         def ef(h, yi, k=k):
             return (run(k, 0)(h) * yi).sum()
+
         g = vmap(jacrev(ef))(fs[k], y)
         res[k, 0] = g.double().square().sum(1).mean() / g.shape[1] * fsq[k] / fsq[0]
     res[0, 0] = 1.0
@@ -448,8 +494,10 @@ def pairs_jacrev_gsc_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 # ----------------------------------------------------------------------------- baselines (W3)
 
+
 def vmap_jacrev_jacobian(model, x, chunk_size=None):
     from torch.func import jacrev, vmap
+
     with torch.no_grad():
         return vmap(jacrev(model), chunk_size=chunk_size)(x)
 
@@ -457,4 +505,3 @@ def vmap_jacrev_jacobian(model, x, chunk_size=None):
 def functional_jacobian(model, x):
     """``torch.autograd.functional.jacobian`` one sample at a time."""
     return torch.stack([torch.autograd.functional.jacobian(model, xi) for xi in x])
-

@@ -3,6 +3,7 @@
 Run: ``pytest bench/ --benchmark-only --benchmark-json=results/bench.json`` then
 ``python bench/report.py results/bench.json``. ``GSCFAST_BENCH_SCALE=smoke`` for tiny sizes.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import benchlib  # noqa: E402
+import benchlib
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +30,7 @@ def expected() -> dict:
 
 
 def pytest_report_header(config):
-    return (f"gscfast bench: scale={benchlib.SCALE}, backends={benchlib.BACKENDS}, "
-            f"torch threads={torch.get_num_threads()}")
+    return (
+        f"gscfast bench: scale={benchlib.SCALE}, backends={benchlib.BACKENDS}, "
+        f"torch threads={torch.get_num_threads()}"
+    )

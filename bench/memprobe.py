@@ -5,6 +5,7 @@ Usage: ``python bench/memprobe.py KIND BACKEND B DEPTH WIDTH [N_IN CLASSES]`` wi
 Prints one JSON line: peak RSS of the process, RSS before the call (inputs included), the
 inputs' size, the seconds the call took.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ import sys
 import time
 
 import torch
+from benchlib import peak_rss, reset_peak
 
 import gscfast
-from benchlib import peak_rss, reset_peak
 
 
 def main(argv: list[str]) -> None:
@@ -45,9 +46,17 @@ def main(argv: list[str]) -> None:
         gscfast.gsc(model, x, y, error="kl" if kind == "cifar" else "dot", backend=backend)
     dt = time.perf_counter() - t0
     peak = peak_rss()
-    print(json.dumps({"peak_rss_mb": peak / 2**20, "base_rss_mb": base / 2**20,
-                      "extra_mb": (peak - base) / 2**20, "inputs_mb": inputs / 2**20,
-                      "call_s": dt}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": peak / 2**20,
+                "base_rss_mb": base / 2**20,
+                "extra_mb": (peak - base) / 2**20,
+                "inputs_mb": inputs / 2**20,
+                "call_s": dt,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

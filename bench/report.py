@@ -11,6 +11,7 @@ Peak memory: each benchmark records the RSS growth during its timed rounds (``pe
 in one long pytest process that is near zero once the warm-up call has touched its buffers, so
 the tables report memory only from the fresh-process probes of ``test_memory.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,14 @@ import sys
 from collections import defaultdict
 
 TARGETS = {  # (workload, baseline impl or None for the sgemm ratio): required factor
-    ("W1", "autograd"): 1.5, ("W1", None): 0.60,
-    ("W2", "pairs_jacrev"): 20.0, ("W2", "torch_chain"): 1.0, ("W2", None): 0.80,
-    ("W3", "vmap_jacrev"): 3.0, ("W3", "best_chunk"): 1.0, ("W3", "functional_per_sample"): 100.0,
+    ("W1", "autograd"): 1.5,
+    ("W1", None): 0.60,
+    ("W2", "pairs_jacrev"): 20.0,
+    ("W2", "torch_chain"): 1.0,
+    ("W2", None): 0.80,
+    ("W3", "vmap_jacrev"): 3.0,
+    ("W3", "best_chunk"): 1.0,
+    ("W3", "functional_per_sample"): 100.0,
     ("W3", None): 0.80,
 }
 
@@ -63,8 +69,11 @@ def table(rs: list[dict]) -> str:
     lines = []
     for g, items in groups.items():
         ref = next((r for r in items if r.get("impl") == "auto"), None)
-        lines += [f"\n**{g}**\n", "| impl | time (s) | GFLOP/s | x sgemm | gscfast speedup | "
-                  "note |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"\n**{g}**\n",
+            "| impl | time (s) | GFLOP/s | x sgemm | gscfast speedup | note |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sorted(items, key=lambda r: r["time_s"]):
             sp = "" if ref is None else f"{r['time_s'] / ref['time_s']:.2f}x"
             note = []
@@ -72,8 +81,10 @@ def table(rs: list[dict]) -> str:
                 note.append(f"auto runs {r['auto_runs']}")
             if "timed_B" in r:
                 note.append(f"timed on B={r['timed_B']}, scaled")
-            lines.append(f"| {r['impl']} | {_fmt_t(r['time_s'])} | {r.get('gflops', 0):.1f} | "
-                         f"{r.get('sgemm_ratio', 0):.2f} | {sp} | {'; '.join(note)} |")
+            lines.append(
+                f"| {r['impl']} | {_fmt_t(r['time_s'])} | {r.get('gflops', 0):.1f} | "
+                f"{r.get('sgemm_ratio', 0):.2f} | {sp} | {'; '.join(note)} |"
+            )
     return "\n".join(lines)
 
 
@@ -81,12 +92,16 @@ def scaling(rs: list[dict]) -> str:
     items = [r for r in rs if r.get("workload", "").startswith("W5")]
     if not items:
         return ""
-    lines = ["| workload | axis | value | impl | time (s) | GFLOP | GFLOP/s | x sgemm |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | axis | value | impl | time (s) | GFLOP | GFLOP/s | x sgemm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(items, key=lambda r: (r["workload"], r["axis"], r["impl"], r[r["axis"]])):
-        lines.append(f"| {r['workload']} | {r['axis']} | {r[r['axis']]} | {r['impl']} | "
-                     f"{_fmt_t(r['time_s'])} | {r['flops'] / 1e9:.3g} | {r.get('gflops', 0):.1f} | "
-                     f"{r.get('sgemm_ratio', 0):.2f} |")
+        lines.append(
+            f"| {r['workload']} | {r['axis']} | {r[r['axis']]} | {r['impl']} | "
+            f"{_fmt_t(r['time_s'])} | {r['flops'] / 1e9:.3g} | {r.get('gflops', 0):.1f} | "
+            f"{r.get('sgemm_ratio', 0):.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -94,18 +109,26 @@ def memory(rs: list[dict]) -> str:
     items = [r for r in rs if r.get("workload", "").startswith("MEM")]
     if not items:
         return ""
-    lines = ["| case | impl | B | inputs (MB) | peak above start (MB) | peak RSS of process (MB) |"
-             " call (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | impl | B | inputs (MB) | peak above start (MB) | peak RSS of process (MB) |"
+        " call (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(items, key=lambda r: (r["workload"], r["impl"], r["B"])):
-        lines.append(f"| {r['workload']} | {r['impl']} | {r['B']} | {r['inputs_mb']:.0f} | "
-                     f"{r['extra_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['call_s']:.2f} |")
+        lines.append(
+            f"| {r['workload']} | {r['impl']} | {r['B']} | {r['inputs_mb']:.0f} | "
+            f"{r['extra_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['call_s']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def compile_times(rs: list[dict]) -> str:
     items = [r for r in rs if r.get("workload") == "COMPILE"]
-    return "\n".join(f"- numba kernels, {r['cache']} cache: {r['seconds']:.1f} s (both dtypes, "
-                     "process start excluded)" for r in items)
+    return "\n".join(
+        f"- numba kernels, {r['cache']} cache: {r['seconds']:.1f} s (both dtypes, "
+        "process start excluded)"
+        for r in items
+    )
 
 
 def targets(rs: list[dict]) -> str:
@@ -132,11 +155,14 @@ def targets(rs: list[dict]) -> str:
             elif base in impls:
                 got = impls[base]["time_s"] / g["time_s"]
                 what = f">= {need:g}x faster than {base}" + (
-                    f" ({impls[base]['impl']})" if base == "best_chunk" else "")
+                    f" ({impls[base]['impl']})" if base == "best_chunk" else ""
+                )
             else:
                 continue
-            lines.append(f"| {w} {arch} | {what} | {got:.2f}{'' if base is None else 'x'} | "
-                         f"{'yes' if got >= need else 'NO'} |")
+            lines.append(
+                f"| {w} {arch} | {what} | {got:.2f}{'' if base is None else 'x'} | "
+                f"{'yes' if got >= need else 'NO'} |"
+            )
     return "\n".join(lines)
 
 

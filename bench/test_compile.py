@@ -1,5 +1,6 @@
 """First-call cost of the numba kernels, reported apart from the workloads: compiling every
 kernel for float32 and float64 into an empty cache, and loading them from the cache."""
+
 from __future__ import annotations
 
 import os
@@ -8,20 +9,22 @@ import sys
 import tempfile
 
 import pytest
-
 from benchlib import BACKENDS, SMOKE
 
-CODE = ("import time, torch; t0 = time.perf_counter(); "
-        "from gscfast.backends.numba_backend import warmup; warmup(); "
-        "print(time.perf_counter() - t0)")
+CODE = (
+    "import time, torch; t0 = time.perf_counter(); "
+    "from gscfast.backends.numba_backend import warmup; warmup(); "
+    "print(time.perf_counter() - t0)"
+)
 
 
 def _warmup(cache_dir: str | None) -> float:
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
-    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env,
-                         timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=1800
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.strip().splitlines()[-1])
 

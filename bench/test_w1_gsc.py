@@ -1,12 +1,24 @@
 """W1: ``gscfast.gsc`` on one Gaussian dataset (B = 10,000, 50 layers x 100), each of the 7
 architectures, every backend plus the baselines a user would otherwise write."""
+
 from __future__ import annotations
 
 import pytest
+from benchlib import (
+    ARCHS,
+    BACKENDS,
+    SIZES,
+    assert_log_close,
+    auto_choice,
+    autograd_gsc,
+    flops_w1,
+    gaussian,
+    make_model,
+    run_checked,
+    vmap_jacrev_gsc,
+)
 
 import gscfast
-from benchlib import (ARCHS, BACKENDS, SIZES, assert_log_close, auto_choice, autograd_gsc, flops_w1,
-                      gaussian, make_model, run_checked, vmap_jacrev_gsc)
 
 W = SIZES["w1"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto", "autograd", "vmap_jacrev"]
@@ -37,5 +49,12 @@ def test_w1_gsc(benchmark, sgemm_session, expected, arch, impl):
     info = dict(workload="W1", arch=arch, impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "auto":
         info["auto_runs"] = auto_choice(model, x, y, method="sweep")
-    run_checked(benchmark, fn, check=lambda r: assert_log_close(r, expected[key], TOL, f"W1 {arch} {impl}"),
-                flops=flops_w1(model, W["B"]), rounds=W["rounds"], sgemm=sgemm_session, **info)
+    run_checked(
+        benchmark,
+        fn,
+        check=lambda r: assert_log_close(r, expected[key], TOL, f"W1 {arch} {impl}"),
+        flops=flops_w1(model, W["B"]),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        **info,
+    )

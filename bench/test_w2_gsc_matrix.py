@@ -1,13 +1,24 @@
 """W2: ``gscfast.gsc_matrix`` (exact, and sketched) on B = 1,000 samples, 50 layers x 100, tanh;
 against the best hand-written torch chain and per-pair ``vmap(jacrev)``."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from benchlib import (
+    BACKENDS,
+    SIZES,
+    assert_log_close,
+    auto_choice,
+    flops_w2,
+    gaussian,
+    make_model,
+    pairs_jacrev_gsc_matrix,
+    run_checked,
+    torch_chain_gsc_matrix,
+)
 
 import gscfast
-from benchlib import (BACKENDS, SIZES, assert_log_close, auto_choice, flops_w2, gaussian,
-                      make_model, pairs_jacrev_gsc_matrix, run_checked, torch_chain_gsc_matrix)
 
 W = SIZES["w2"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto", "torch_chain", "pairs_jacrev"]
@@ -46,11 +57,21 @@ def test_w2_exact(benchmark, sgemm_session, expected, impl):
 
         def check(r):
             if key not in expected:  # the first implementation run ("torch") is the reference
-                expected[key] = gscfast.gsc_matrix(model, x, y, backend="torch") \
-                    if impl != "torch" else r
+                expected[key] = (
+                    gscfast.gsc_matrix(model, x, y, backend="torch") if impl != "torch" else r
+                )
             assert_log_close(r, expected[key], TOL, f"W2 {impl}")
-    run_checked(benchmark, fn, check=check, flops=flops_w2(model, W["B"]), rounds=W["rounds"],
-                sgemm=sgemm_session, scale=scale, **info)
+
+    run_checked(
+        benchmark,
+        fn,
+        check=check,
+        flops=flops_w2(model, W["B"]),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        scale=scale,
+        **info,
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto"])
@@ -60,19 +81,52 @@ def test_w2_sketch(benchmark, sgemm_session, expected, impl):
     benchmark.group = f"W2 gsc_matrix sketch ({R} probes)"
 
     def fn():
-        return gscfast.gsc_matrix(model, x, y, backend=impl, method="sketch", probes=R,
-                                  generator=torch.Generator().manual_seed(0))
+        return gscfast.gsc_matrix(
+            model,
+            x,
+            y,
+            backend=impl,
+            method="sketch",
+            probes=R,
+            generator=torch.Generator().manual_seed(0),
+        )
+
     key = ("w2sketch",)
 
     def check(r):
         if key not in expected:
-            expected[key] = r if impl == "torch" else gscfast.gsc_matrix(
-                model, x, y, backend="torch", method="sketch", probes=R,
-                generator=torch.Generator().manual_seed(0))
+            expected[key] = (
+                r
+                if impl == "torch"
+                else gscfast.gsc_matrix(
+                    model,
+                    x,
+                    y,
+                    backend="torch",
+                    method="sketch",
+                    probes=R,
+                    generator=torch.Generator().manual_seed(0),
+                )
+            )
         assert_log_close(r, expected[key], TOL, f"W2 sketch {impl}")
-    info = dict(workload="W2-sketch", arch="tanh", impl=impl, B=W["B"], depth=W["depth"],
-                width=W["width"], probes=R)
+
+    info = dict(
+        workload="W2-sketch",
+        arch="tanh",
+        impl=impl,
+        B=W["B"],
+        depth=W["depth"],
+        width=W["width"],
+        probes=R,
+    )
     if impl == "auto":
         info["auto_runs"] = auto_choice(model, x, y)
-    run_checked(benchmark, fn, check=check, flops=flops_w2(model, W["B"], rows=R),
-                rounds=W["rounds"], sgemm=sgemm_session, **info)
+    run_checked(
+        benchmark,
+        fn,
+        check=check,
+        flops=flops_w2(model, W["B"], rows=R),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        **info,
+    )

@@ -1,17 +1,33 @@
 """W3: ``gscfast.jacobian`` input to output, B = 1,000, 50 layers x 100, tanh; against
 ``vmap(jacrev(model))`` (default and chunked) and ``torch.autograd.functional.jacobian`` per
 sample."""
+
 from __future__ import annotations
 
 import pytest
+from benchlib import (
+    BACKENDS,
+    SIZES,
+    assert_rel_close,
+    auto_choice,
+    flops_w3,
+    functional_jacobian,
+    gaussian,
+    make_model,
+    run_checked,
+    vmap_jacrev_jacobian,
+)
 
 import gscfast
-from benchlib import (BACKENDS, SIZES, assert_rel_close, auto_choice, flops_w3, functional_jacobian,
-                      gaussian, make_model, run_checked, vmap_jacrev_jacobian)
 
 W = SIZES["w3"]
-IMPLS = (["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto", "vmap_jacrev"]
-         + [f"vmap_jacrev_chunk{c}" for c in W["chunks"]] + ["functional_per_sample"])
+IMPLS = (
+    ["torch"]
+    + [b for b in BACKENDS if b != "torch"]
+    + ["auto", "vmap_jacrev"]
+    + [f"vmap_jacrev_chunk{c}" for c in W["chunks"]]
+    + ["functional_per_sample"]
+)
 TOL = 1e-3  # of each sample's largest entry
 
 
@@ -44,5 +60,13 @@ def test_w3_jacobian(benchmark, sgemm_session, expected, impl):
         check = lambda r: assert_rel_close(r, ref, TOL, impl)  # noqa: E731
     if impl == "auto":
         info["auto_runs"] = auto_choice(model, x, method="jacobian")
-    run_checked(benchmark, fn, check=check, flops=flops_w3(model, W["B"]), rounds=W["rounds"],
-                sgemm=sgemm_session, scale=scale, **info)
+    run_checked(
+        benchmark,
+        fn,
+        check=check,
+        flops=flops_w3(model, W["B"]),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        scale=scale,
+        **info,
+    )

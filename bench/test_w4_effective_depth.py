@@ -1,15 +1,24 @@
 """W4: ``gscfast.effective_depth`` (residual-trick contribution profile), B = 10,000,
 50 layers x 100, tanh; the 'trained' model is the initial one with perturbed weights."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from benchlib import (
+    BACKENDS,
+    SIZES,
+    assert_log_close,
+    auto_choice,
+    flops_w4,
+    gaussian,
+    make_model,
+    run_checked,
+)
 
 import gscfast
-from benchlib import (BACKENDS, SIZES, assert_log_close, auto_choice, flops_w4, gaussian, make_model,
-                      run_checked)
 
 W = SIZES["w4"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto"]
@@ -39,9 +48,16 @@ def test_w4_effective_depth(benchmark, sgemm_session, expected, impl):
         depth, profile = r
         assert depth == expected[key][0]
         assert_log_close(profile, expected[key][1], TOL, f"W4 {impl}")
+
     info = dict(workload="W4", arch="tanh", impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "auto":
         info["auto_runs"] = auto_choice(trained, x, y, method="contributions")
-    run_checked(benchmark, lambda: gscfast.effective_depth(trained, init, x, y, backend=impl),
-                check=check, flops=flops_w4(trained, W["B"]), rounds=W["rounds"],
-                sgemm=sgemm_session, **info)
+    run_checked(
+        benchmark,
+        lambda: gscfast.effective_depth(trained, init, x, y, backend=impl),
+        check=check,
+        flops=flops_w4(trained, W["B"]),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        **info,
+    )

@@ -3,6 +3,7 @@
 Also ``python -m gscfast``. Each study module in ``gscfast.experiments.STUDIES`` supplies
 ``HELP``, ``add_arguments(parser)`` and ``main(args) -> exit status``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,13 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import STUDIES
 
     parser = argparse.ArgumentParser(
-        prog="gscfast", description="Studies of exploding and vanishing gradients with gscfast.")
+        prog="gscfast", description="Studies of exploding and vanishing gradients with gscfast."
+    )
     parser.add_argument("--version", action="version", version=f"gscfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in STUDIES.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
     return parser

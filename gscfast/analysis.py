@@ -1,4 +1,5 @@
 """``analyze``: GSC, collapsing-domain statistics and the explosion rate from one sweep."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,14 @@ class Analysis:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python lists and floats (NaN kept as float('nan')), e.g. for JSON."""
-        return {"L": self.L, "rate": self.rate, "gsc": self.gsc.tolist(),
-                "preact_std": self.preact_std.tolist(), "sign_diversity": self.sign_diversity.tolist(),
-                "moments": None if self.moments is None else self.moments.to_dict()}
+        return {
+            "L": self.L,
+            "rate": self.rate,
+            "gsc": self.gsc.tolist(),
+            "preact_std": self.preact_std.tolist(),
+            "sign_diversity": self.sign_diversity.tolist(),
+            "moments": None if self.moments is None else self.moments.to_dict(),
+        }
 
     def to_frame(self):
         """A pandas DataFrame indexed by layer ``l`` (needs pandas)."""
@@ -50,10 +56,14 @@ class Analysis:
             import pandas as pd
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("Analysis.to_frame needs pandas: pip install pandas") from e
-        return pd.DataFrame({"gsc": self.gsc.cpu().double().numpy(),
-                             "preact_std": self.preact_std.cpu().double().numpy(),
-                             "sign_diversity": self.sign_diversity.cpu().double().numpy()},
-                            index=pd.RangeIndex(self.L + 1, name="l"))
+        return pd.DataFrame(
+            {
+                "gsc": self.gsc.cpu().double().numpy(),
+                "preact_std": self.preact_std.cpu().double().numpy(),
+                "sign_diversity": self.sign_diversity.cpu().double().numpy(),
+            },
+            index=pd.RangeIndex(self.L + 1, name="l"),
+        )
 
     def plot(self, path: str | Path | None = None, *, label: str | None = None):
         """Three panels as in Philipp et al. (2018), Figure 1; saves to ``path`` if given.
@@ -68,8 +78,11 @@ class Analysis:
             raise ImportError("Analysis.plot needs matplotlib: pip install matplotlib") from e
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         l = list(range(self.L + 1))
-        for ax, values, title in zip(axes, (self.gsc, self.preact_std, self.sign_diversity),
-                                     ("GSC(l, 0)", "pre-activation std", "sign diversity")):
+        for ax, values, title in zip(
+            axes,
+            (self.gsc, self.preact_std, self.sign_diversity),
+            ("GSC(l, 0)", "pre-activation std", "sign diversity"),
+        ):
             ax.plot(l, values.cpu().double().numpy(), label=label or f"rate {self.rate:.3f}")
             ax.set_xlabel("compositional depth l")
             ax.set_title(title)

@@ -6,6 +6,7 @@ is one row of ``x``, or with a train-mode batch norm (``batchnorm="batch"``) one
 Per-layer results have length ``L + 1`` indexed in the paper's numbering (``0`` = error layer,
 ``L`` = first layer's output). Results are on ``x``'s device with ``x``'s dtype.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,10 +18,24 @@ from .backends import get_backend
 from .backends.base import Moments
 from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
-from .validation import Problem, check_error, check_model_tensors, check_same_architecture, make_problem
+from .validation import (
+    Problem,
+    check_error,
+    check_model_tensors,
+    check_same_architecture,
+    make_problem,
+)
 
-__all__ = ["gsc", "gsc_moments", "gsc_matrix", "preactivation_stats", "jacobian", "effective_depth",
-           "PreactStats", "explosion_rate"]
+__all__ = [
+    "PreactStats",
+    "effective_depth",
+    "explosion_rate",
+    "gsc",
+    "gsc_matrix",
+    "gsc_moments",
+    "jacobian",
+    "preactivation_stats",
+]
 
 
 def _mean(t: Tensor) -> Tensor:
@@ -77,8 +92,19 @@ def gsc(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if reduction == "mean":
-        return gsc_moments(model, x, y, error=error, batchnorm=batchnorm, backend=backend,
-                           chunk_size=chunk_size).gsc().to(device=x.device, dtype=x.dtype)
+        return (
+            gsc_moments(
+                model,
+                x,
+                y,
+                error=error,
+                batchnorm=batchnorm,
+                backend=backend,
+                chunk_size=chunk_size,
+            )
+            .gsc()
+            .to(device=x.device, dtype=x.dtype)
+        )
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
@@ -171,7 +197,9 @@ class PreactStats(NamedTuple):
                 continue
             std[l] = (m.m2 / m.count).mean().sqrt()  # quadratic mean over neurons
             tot = m.pos + m.neg
-            div[l] = torch.where(tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0).mean()
+            div[l] = torch.where(
+                tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0
+            ).mean()
         return cls(std.to(like), div.to(like))
 
 
@@ -215,10 +243,12 @@ def jacobian(
     """
     pb, squeeze = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
     if pb.coupled:
-        raise ValueError("the model has a train-mode batch norm, which couples the samples of a "
-                         "batch, so per-sample Jacobians are not defined; pass batchnorm='frozen' "
-                         "to treat its batch statistics as constants, or use "
-                         "gscfast.autograd.jacobian for the full Jacobian")
+        raise ValueError(
+            "the model has a train-mode batch norm, which couples the samples of a "
+            "batch, so per-sample Jacobians are not defined; pass batchnorm='frozen' "
+            "to treat its batch statistics as constants, or use "
+            "gscfast.autograd.jacobian for the full Jacobian"
+        )
     s, e = _span(pb, start, end)
     J = get_backend(backend, x.device).jacobian(pb, s, e)
     return (J if squeeze else J.reshape(pb.D, pb.B, *J.shape[1:])).to(x.dtype)
@@ -232,8 +262,10 @@ def _span(pb: Problem, start: int | None, end: int | None) -> tuple[int, int]:
         if not isinstance(v, int) or not 1 <= v <= hi:
             raise ValueError(f"{name} must be a layer index in 1..{L} (or None), got {v!r}")
     if s < e:
-        raise ValueError(f"start ({s}) must be an earlier layer than end ({e}): in the paper's "
-                         "numbering layer indices decrease towards the output")
+        raise ValueError(
+            f"start ({s}) must be an earlier layer than end ({e}): in the paper's "
+            "numbering layer indices decrease towards the output"
+        )
     return s, e
 
 

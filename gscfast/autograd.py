@@ -1,4 +1,5 @@
 """Drop-in for ``torch.autograd.functional``: see ``jacobian``."""
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,9 @@ __all__ = ["jacobian"]
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def jacobian(func, inputs, create_graph=False, strict=False, vectorize=False, strategy="reverse-mode"):
+def jacobian(
+    func, inputs, create_graph=False, strict=False, vectorize=False, strategy="reverse-mode"
+):
     """``torch.autograd.functional.jacobian`` with the same signature, results and errors, fast
     for the models gscfast compiles.
 
@@ -49,7 +52,9 @@ def jacobian(func, inputs, create_graph=False, strict=False, vectorize=False, st
     J = _fast_jacobian(func, inputs, create_graph, strict, vectorize, strategy)
     if J is not None:
         return J
-    return torch.autograd.functional.jacobian(func, inputs, create_graph, strict, vectorize, strategy)
+    return torch.autograd.functional.jacobian(
+        func, inputs, create_graph, strict, vectorize, strategy
+    )
 
 
 def _plain_module(model: nn.Module) -> bool:
@@ -68,7 +73,9 @@ def _plain_input(x) -> bool:
     return not (is_wrapped is not None and is_wrapped(x))
 
 
-def _fast_jacobian(func, inputs, create_graph, strict, vectorize, strategy) -> Tensor | tuple | None:
+def _fast_jacobian(
+    func, inputs, create_graph, strict, vectorize, strategy
+) -> Tensor | tuple | None:
     """The Jacobian by gscfast's engine, or None where torch must answer."""
     if not isinstance(func, nn.Module) or create_graph:
         return None
@@ -89,8 +96,11 @@ def _fast_jacobian(func, inputs, create_graph, strict, vectorize, strategy) -> T
         return None
     if not _plain_module(func):
         return None
-    if strategy == "forward-mode" and torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in (*func.parameters(), *func.buffers()))):
+    if (
+        strategy == "forward-mode"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or any(t.requires_grad for t in (*func.parameters(), *func.buffers())))
+    ):
         return None  # torch's forward-mode result carries a graph to these tensors
     one_d = x.dim() == 1
     if one_d and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in func.modules()):

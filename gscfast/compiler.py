@@ -4,10 +4,12 @@ A layer ends right after each activation module, after each ``Residual`` block (
 itself), and at the end of the model (definitions.md). Layers are numbered from the error layer:
 the first layer of the model outputs ``f_L``, the last ``f_1``; ``f_0`` is the error.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
@@ -41,17 +43,19 @@ _HOOKS = {
 }
 _GLOBAL_HOOKS = {
     "_global_forward_pre_hooks": "a global forward pre-hook "
-                                 "(torch.nn.modules.module.register_module_forward_pre_hook)",
+    "(torch.nn.modules.module.register_module_forward_pre_hook)",
     "_global_forward_hooks": "a global forward hook "
-                             "(torch.nn.modules.module.register_module_forward_hook)",
+    "(torch.nn.modules.module.register_module_forward_hook)",
     "_global_backward_pre_hooks": "a global backward pre-hook "
-                                  "(torch.nn.modules.module.register_module_full_backward_pre_hook)",
+    "(torch.nn.modules.module.register_module_full_backward_pre_hook)",
     "_global_backward_hooks": "a global backward hook (torch.nn.modules.module."
-                              "register_module_full_backward_hook or register_module_backward_hook)",
+    "register_module_full_backward_hook or register_module_backward_hook)",
 }
-_HOW = ("gscfast computes each module's own forward by its analytic rule and would not run it. "
-        "Remove it (handle.remove()) before calling gscfast, or take the Jacobian with torch "
-        "(torch.func.jacrev, or gscfast.autograd.jacobian, which delegates such models to torch)")
+_HOW = (
+    "gscfast computes each module's own forward by its analytic rule and would not run it. "
+    "Remove it (handle.remove()) before calling gscfast, or take the Jacobian with torch "
+    "(torch.func.jacrev, or gscfast.autograd.jacobian, which delegates such models to torch)"
+)
 
 
 def check_global_hooks() -> None:
@@ -79,15 +83,21 @@ def check_plain(module: nn.Module, where: str) -> None:
     base = _base_type(module)
     if base is None:
         return
-    overridden = ("forward" in vars(module) or type(module).forward is not base.forward
-                  or "__call__" in vars(module) or type(module).__call__ is not nn.Module.__call__
-                  or type(module)._call_impl is not nn.Module._call_impl)
+    overridden = (
+        "forward" in vars(module)
+        or type(module).forward is not base.forward
+        or "__call__" in vars(module)
+        or type(module).__call__ is not nn.Module.__call__
+        or type(module)._call_impl is not nn.Module._call_impl
+    )
     if overridden:
-        raise TypeError(f"{where} ({name}) overrides forward() of {base.__name__}; gscfast "
-                        f"computes {base.__name__}'s forward by its analytic rule, which would "
-                        "not be what calling the model computes. Use the parent class, or take "
-                        "the Jacobian with torch (torch.func.jacrev, or gscfast.autograd.jacobian, "
-                        "which delegates such models to torch).")
+        raise TypeError(
+            f"{where} ({name}) overrides forward() of {base.__name__}; gscfast "
+            f"computes {base.__name__}'s forward by its analytic rule, which would "
+            "not be what calling the model computes. Use the parent class, or take "
+            "the Jacobian with torch (torch.func.jacrev, or gscfast.autograd.jacobian, "
+            "which delegates such models to torch)."
+        )
 
 
 def _flatten(module: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
@@ -103,8 +113,10 @@ def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
     for leaf, where in _flatten(module, path):
         rule = _rule_for(leaf)
         if rule is None:
-            raise TypeError(f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
-                            f"Supported: {SUPPORTED}.")
+            raise TypeError(
+                f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
+                f"Supported: {SUPPORTED}."
+            )
         op = rule(leaf, where)
         if isinstance(op, ResidualRule):  # the body is compiled like any module list
             op.body = compile_ops(leaf.body, f"{where}.body")
@@ -159,13 +171,16 @@ def _propagate_width(ops: list[Rule], d: int) -> int:
         else:
             want = d
         if want != d:
-            raise ValueError(f"{op.path} ({type(op.module).__name__}) expects {want} features "
-                             f"but receives {d}")
+            raise ValueError(
+                f"{op.path} ({type(op.module).__name__}) expects {want} features but receives {d}"
+            )
         if isinstance(op, ResidualRule):
             out = _propagate_width(op.body, d)
             if out != d:
-                raise ValueError(f"{op.path} (Residual): its body maps {d} features to {out}; "
-                                 "a residual body must keep the width")
+                raise ValueError(
+                    f"{op.path} (Residual): its body maps {d} features to {out}; "
+                    "a residual body must keep the width"
+                )
         elif isinstance(op.module, nn.Linear):
             d = op.module.out_features
     return d
@@ -198,7 +213,9 @@ class Program:
         if not groups:
             raise TypeError(f"the model has no modules; expected {SUPPORTED}")
         L = len(groups)
-        self.layers = [Layer(L - i, [op for op, _ in g], [m for _, m in g]) for i, g in enumerate(groups)]
+        self.layers = [
+            Layer(L - i, [op for op, _ in g], [m for _, m in g]) for i, g in enumerate(groups)
+        ]
 
     @property
     def L(self) -> int:
@@ -227,7 +244,10 @@ class Program:
 
     def __repr__(self) -> str:
         lines = [f"Program(L={self.L})"]
-        lines += [f"  f_{layer.index}: " + " -> ".join(op.kind for op in layer.ops) for layer in self.layers]
+        lines += [
+            f"  f_{layer.index}: " + " -> ".join(op.kind for op in layer.ops)
+            for layer in self.layers
+        ]
         return "\n".join(lines)
 
 

@@ -9,22 +9,33 @@ those, and its uncertainty comes from resampling datasets (the bootstrap), never
 per-dataset ratios: with batch norm a dataset is one datapoint, and a ratio with one draw of
 ``f_0^2`` (close to chi-square with one degree of freedom) in the denominator has no finite mean.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["GSCMoments", "pool", "bootstrap_gsc", "BootstrapGSC", "explosion_rates", "pooled_summary"]
+__all__ = [
+    "BootstrapGSC",
+    "GSCMoments",
+    "bootstrap_gsc",
+    "explosion_rates",
+    "pool",
+    "pooled_summary",
+]
 
 
 def _vector(values: Any, what: str) -> Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
     if t.dim() != 1 or len(t) < 1:
-        raise ValueError(f"{what} must be a non-empty 1-D sequence of numbers, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{what} must be a non-empty 1-D sequence of numbers, got shape {tuple(t.shape)}"
+        )
     return t
 
 
@@ -48,8 +59,10 @@ class GSCMoments:
         for name in ("sq_grad", "sq_out", "n"):
             object.__setattr__(self, name, _vector(getattr(self, name), name))
         if not len(self.sq_grad) == len(self.sq_out) == len(self.n):
-            raise ValueError(f"sq_grad, sq_out and n must have one entry per layer l = 0..L, got "
-                             f"lengths {len(self.sq_grad)}, {len(self.sq_out)}, {len(self.n)}")
+            raise ValueError(
+                f"sq_grad, sq_out and n must have one entry per layer l = 0..L, got "
+                f"lengths {len(self.sq_grad)}, {len(self.sq_out)}, {len(self.n)}"
+            )
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError(f"count must be a positive int, got {self.count!r}")
         for name in ("sq_grad", "sq_out", "n"):  # squared norms and widths: finite, >= 0
@@ -68,18 +81,26 @@ class GSCMoments:
         return out
 
     @staticmethod
-    def of(sq_out: Tensor, sq_grad: Tensor, n: Sequence[int] | Tensor) -> "GSCMoments":
+    def of(sq_out: Tensor, sq_grad: Tensor, n: Sequence[int] | Tensor) -> GSCMoments:
         """From per-datapoint squared norms ``[P, L+1]`` (a backend's ``Sweep``)."""
-        return GSCMoments(sq_grad.to(torch.float64).mean(0), sq_out.to(torch.float64).mean(0),
-                          torch.as_tensor(n, dtype=torch.float64), int(sq_out.shape[0]))
+        return GSCMoments(
+            sq_grad.to(torch.float64).mean(0),
+            sq_out.to(torch.float64).mean(0),
+            torch.as_tensor(n, dtype=torch.float64),
+            int(sq_out.shape[0]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and ints (for JSON records); ``from_dict`` reads it back exactly."""
-        return {"sq_grad": self.sq_grad.tolist(), "sq_out": self.sq_out.tolist(),
-                "n": self.n.tolist(), "count": self.count}
+        return {
+            "sq_grad": self.sq_grad.tolist(),
+            "sq_out": self.sq_out.tolist(),
+            "n": self.n.tolist(),
+            "count": self.count,
+        }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "GSCMoments":
+    def from_dict(d: dict[str, Any]) -> GSCMoments:
         """The inverse of ``to_dict``; ``ValueError`` (naming the field) for anything else."""
         if not isinstance(d, dict):
             raise ValueError(f"GSC moments must be a mapping, got {type(d).__name__}")
@@ -99,13 +120,17 @@ def _stack(moments: Sequence[GSCMoments]) -> tuple[Tensor, Tensor, Tensor, Tenso
         raise ValueError("nothing to pool: no GSC moments given")
     bad = next((i for i, m in enumerate(moments) if not isinstance(m, GSCMoments)), None)
     if bad is not None:
-        raise TypeError(f"moments[{bad}] is a {type(moments[bad]).__name__}, not GSCMoments "
-                        "(gscfast.gsc_moments, Analysis.moments or GSCMoments.from_dict)")
+        raise TypeError(
+            f"moments[{bad}] is a {type(moments[bad]).__name__}, not GSCMoments "
+            "(gscfast.gsc_moments, Analysis.moments or GSCMoments.from_dict)"
+        )
     n = moments[0].n
     for i, m in enumerate(moments):
         if not torch.equal(m.n, n):
-            raise ValueError(f"moments[{i}] has layer widths {m.n.tolist()} but moments[0] has "
-                             f"{n.tolist()}; only the same architecture can be pooled")
+            raise ValueError(
+                f"moments[{i}] has layer widths {m.n.tolist()} but moments[0] has "
+                f"{n.tolist()}; only the same architecture can be pooled"
+            )
     c = torch.tensor([float(m.count) for m in moments], dtype=torch.float64)
     g = torch.stack([m.sq_grad for m in moments]) * c[:, None]
     o = torch.stack([m.sq_out for m in moments]) * c[:, None]
@@ -155,8 +180,9 @@ class BootstrapGSC:
     resamples: int
 
 
-def bootstrap_gsc(moments: Sequence[GSCMoments], *, resamples: int = 2000, level: float = 0.95,
-                  seed: int = 0) -> BootstrapGSC:
+def bootstrap_gsc(
+    moments: Sequence[GSCMoments], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> BootstrapGSC:
     """Percentile bootstrap over the given datasets: each resample draws ``len(moments)`` of them
     with replacement and pools their datapoints; the interval is the central ``level`` share of the
     resampled pooled GSCs (per layer) and of the explosion rates fitted to them. Seeded, so the
@@ -172,7 +198,8 @@ def bootstrap_gsc(moments: Sequence[GSCMoments], *, resamples: int = 2000, level
     idx = torch.randint(N, (resamples, N), generator=gen)
     # How often each dataset is drawn in each resample: pooled sums are then one matmul.
     mult = torch.zeros(resamples, N, dtype=torch.float64).scatter_add_(
-        1, idx, torch.ones(resamples, N, dtype=torch.float64))
+        1, idx, torch.ones(resamples, N, dtype=torch.float64)
+    )
     sg, so = mult @ g, mult @ o
     gsc = sg / n * so / so[:, :1] / (mult @ c)[:, None]
     gsc[:, 0] = 1
@@ -182,14 +209,21 @@ def bootstrap_gsc(moments: Sequence[GSCMoments], *, resamples: int = 2000, level
     return BootstrapGSC(lo, hi, rlo, rhi, level, resamples)
 
 
-def pooled_summary(moments: Sequence[GSCMoments], *, seed: int, resamples: int = 2000,
-                   level: float = 0.95) -> dict[str, Any]:
+def pooled_summary(
+    moments: Sequence[GSCMoments], *, seed: int, resamples: int = 2000, level: float = 0.95
+) -> dict[str, Any]:
     """What a study reports of several datasets or networks, as plain JSON-able values: the pooled
     expected ``GSC(l, 0)`` (``gsc``), its bootstrap band (``gsc_lo``, ``gsc_hi``), the explosion
     rate fitted to the pooled curve with its interval, and what was pooled."""
     g = pool(moments).gsc()
     b = bootstrap_gsc(moments, resamples=resamples, level=level, seed=seed)
-    return {"gsc": g.tolist(), "gsc_lo": b.gsc_lo.tolist(), "gsc_hi": b.gsc_hi.tolist(),
-            "rate": float(explosion_rates(g)), "rate_ci": [b.rate_lo, b.rate_hi],
-            "datasets": len(moments), "datapoints": sum(m.count for m in moments),
-            "bootstrap": {"resamples": b.resamples, "level": b.level, "seed": seed}}
+    return {
+        "gsc": g.tolist(),
+        "gsc_lo": b.gsc_lo.tolist(),
+        "gsc_hi": b.gsc_hi.tolist(),
+        "rate": float(explosion_rates(g)),
+        "rate_ci": [b.rate_lo, b.rate_hi],
+        "datasets": len(moments),
+        "datapoints": sum(m.count for m in moments),
+        "bootstrap": {"resamples": b.resamples, "level": b.level, "seed": seed},
+    }

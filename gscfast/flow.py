@@ -3,12 +3,14 @@
 Works with any ``nn.Module`` (convolutions included): gradients are read by hooks that run when a
 parameter's gradient has been accumulated, so nothing about the model or the training loop changes.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +90,7 @@ class GradientFlow:
         self._head: nn.Module | None = None
 
     # -- hooks -------------------------------------------------------------------------------
-    def __enter__(self) -> "GradientFlow":
+    def __enter__(self) -> GradientFlow:
         for name, p in self.model.named_parameters():
             if p.requires_grad and self.include(name, p):
                 self._names.append(name)
@@ -113,6 +115,7 @@ class GradientFlow:
             if p.grad is not None and self.recording():
                 g = p.grad.detach()
                 self._current[name] = {"mean_abs": float(g.abs().mean()), "norm": float(g.norm())}
+
         return hook
 
     def _split(self) -> tuple[nn.Module | None, nn.Module | None]:
@@ -155,9 +158,9 @@ class GradientFlow:
     def _gsc(self) -> list[float] | None:
         if self._tail is None:
             return None
-        from .api import gsc
-
         import copy
+
+        from .api import gsc
 
         x, y = self.gsc_data
         if self._head is not None:
@@ -173,8 +176,13 @@ class GradientFlow:
         """Write all records atomically."""
         atomic_write(path, json.dumps(self.to_dict(), indent=1))
 
-    def plot(self, path: str | os.PathLike | None = None, *, step: int | None = None,
-             steps: Sequence[int] | None = None):
+    def plot(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        step: int | None = None,
+        steps: Sequence[int] | None = None,
+    ):
         """The classic gradient-flow bar plot: mean |grad| (and norm) per weight, input to output,
         for ``step`` (default: the last recorded step), or one panel per step of ``steps``.
         Written atomically to ``path`` if given (format from its suffix). Returns the figure."""
@@ -188,9 +196,14 @@ class GradientFlow:
         return fig
 
 
-def plot_flow(records: Mapping[int | str, dict[str, Any]], steps: Sequence[int], *,
-              titles: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
-              suptitle: str | None = None):
+def plot_flow(
+    records: Mapping[int | str, dict[str, Any]],
+    steps: Sequence[int],
+    *,
+    titles: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    suptitle: str | None = None,
+):
     """The classic gradient-flow bar plot from ``GradientFlow`` records (as ``records`` or as
     read back from ``to_json``, string keys): per weight, input to output, a light bar for the
     gradient norm and a dark one for the mean absolute gradient, log scale; one panel per step of
@@ -198,18 +211,27 @@ def plot_flow(records: Mapping[int | str, dict[str, Any]], steps: Sequence[int],
     (default ``"step N"``); ``labels``: shorter tick labels for parameter names. Returns the
     figure (on matplotlib's current backend; the caller saves and closes it)."""
     import matplotlib.pyplot as plt
+
     recs = {int(k): v for k, v in records.items()}
     missing = [s for s in steps if s not in recs]
     if not steps or missing:
         raise ValueError(f"no record for steps {missing}; recorded: {sorted(recs)[:10]}...")
     names = list(recs[steps[0]]["weights"])
-    fig, axes = plt.subplots(len(steps), 1, figsize=(max(6, 0.3 * len(names) + 2), 2.2 + 2.3 * len(steps)),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(steps),
+        1,
+        figsize=(max(6, 0.3 * len(names) + 2), 2.2 + 2.3 * len(steps)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     pos = list(range(len(names)))
     for i, (ax, step) in enumerate(zip(axes[:, 0], steps)):
         w = recs[step]["weights"]
 
-        def values(key: str) -> list[float]:  # missing or null (non-finite, from JSON): no bar
+        def values(
+            key: str, w: dict = w
+        ) -> list[float]:  # missing or null (non-finite, from JSON): no bar
             return [float("nan") if w.get(n, {}).get(key) is None else w[n][key] for n in names]
 
         ax.bar(pos, values("norm"), alpha=0.35, color="c", label="gradient norm")
@@ -233,6 +255,7 @@ def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
     ``torch.utils.tensorboard.SummaryWriter`` (``add_scalar``), in double precision: as float32
     (``add_scalar``'s default) a float64 network's vanishing GSC or gradient (below 1e-45) would
     show as 0 and an exploding one (above 3.4e38) as inf."""
+
     def add(tag: str, value: float, step: int) -> None:
         summary_writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
 
@@ -242,6 +265,7 @@ def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
             add(f"grad_norm/{name}", s["norm"], step)
         for l, v in enumerate(record.get("gsc", [])):
             add(f"gsc/{l}", v, step)
+
     return write
 
 
@@ -254,6 +278,7 @@ def wandb_writer(run=None) -> Callable[[int, dict[str, Any]], None]:
     refused with a ValueError instead (it stays in ``flow.records``). In ``mode="shared"`` runs
     W&B ignores ``step=`` and logs at its own step (and has no ``run.step``): nothing to check.
     """
+
     def write(step: int, record: dict[str, Any]) -> None:
         import wandb
 
@@ -263,9 +288,11 @@ def wandb_writer(run=None) -> Callable[[int, dict[str, Any]], None]:
             raise ValueError(
                 f"W&B's run is at step {current}, past GradientFlow's step {step}: W&B would "
                 "ignore this record. Log your own metrics after flow.step() or with "
-                "step=flow.step_index, and start GradientFlow at the run's step (start=run.step)")
+                "step=flow.step_index, and start GradientFlow at the run's step (start=run.step)"
+            )
         flat = {f"grad_mean_abs/{n}": s["mean_abs"] for n, s in record["weights"].items()}
         flat |= {f"grad_norm/{n}": s["norm"] for n, s in record["weights"].items()}
         flat |= {f"gsc/{l}": v for l, v in enumerate(record.get("gsc", []))}
         (run.log if run is not None else wandb.log)(flat, step=step)
+
     return write

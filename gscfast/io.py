@@ -3,12 +3,13 @@
 A library module (not under ``experiments/``) so that library code such as ``GradientFlow`` writes
 files the same way the studies' runner does without importing the studies.
 """
+
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 __all__ = ["atomic_write", "pyplot", "save_figure"]
 

@@ -1,4 +1,5 @@
 """Modules and model builders: the paper's networks as plain ``nn.Sequential``s."""
+
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Residual", "CReLU", "mlp", "ACTIVATIONS", "freeze_batchnorm", "init_weight"]
+__all__ = ["ACTIVATIONS", "CReLU", "Residual", "freeze_batchnorm", "init_weight", "mlp"]
 
 
 class Residual(nn.Module):
@@ -168,8 +169,11 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
     Its outputs on ``x`` equal ``model``'s; ``model`` is not modified."""
     frozen = copy.deepcopy(model)
-    bns = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and (m.training or m.running_mean is None)]
+    bns = [
+        m
+        for m in frozen.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
     if not bns:
         return frozen
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,5 +1,6 @@
 """Trained-model diagnostics of the CIFAR study: the compositional-depth-reduction (Taylor)
 curve and the operator norms of the weight changes (definitions.md)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ __all__ = ["taylor_curve", "weight_change_norms"]
 @torch.no_grad()
 def _run(modules: list[nn.Module], x: Tensor, chunk: int = 8192) -> Tensor:
     seq = nn.Sequential(*modules)
-    return torch.cat([seq(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if modules else x
+    return torch.cat([seq(x[i : i + chunk]) for i in range(0, len(x), chunk)]) if modules else x
 
 
 def taylor_curve(
@@ -49,7 +50,7 @@ def taylor_curve(
     rate = loss.clone()
     for K in range(L + 1):
         prefix = [m for layer in program.layers[: L - K] for m in layer.modules]
-        suffix = [m for layer in program.layers[L - K:] for m in layer.modules]
+        suffix = [m for layer in program.layers[L - K :] for m in layer.modules]
         h = _run(prefix, x)
         if K == 0:
             out = h
@@ -78,4 +79,3 @@ def weight_change_norms(model: nn.Module, init_model: nn.Module) -> Tensor:
             p, q = lin[0]
             out[a.index] = torch.linalg.matrix_norm((p.weight - q.weight).double(), ord=2)
     return out
-

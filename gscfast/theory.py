@@ -4,6 +4,7 @@
 gradient norm in a plain linear -> batch-norm -> activation network (definitions.md), to three
 decimals; ``r_s`` computes it by quadrature (the tests check ``R_S`` against it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ def r_s(act: str, points: int = 200_001) -> float:
     z = torch.linspace(-12, 12, points, dtype=torch.float64, requires_grad=True)
     s = ACTIVATIONS[act]()(z)
     (ds,) = torch.autograd.grad(s.sum(), z)
-    w = torch.exp(-z.detach() ** 2 / 2)
+    w = torch.exp(-(z.detach() ** 2) / 2)
     w[0] = w[-1] = w[0] / 2
     w = w / w.sum()
     s = s.detach()

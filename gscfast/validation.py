@@ -1,5 +1,6 @@
 """Input checks: bad input gets an error saying what and where, never a wrong number; and the
 ``Problem`` they build (``make_problem``), what every backend is handed."""
+
 from __future__ import annotations
 
 import os
@@ -92,10 +93,12 @@ def check_error(error: object) -> None:
 def check_not_meta(t: Tensor, what: str) -> None:
     """``ValueError`` if ``t`` is a meta tensor (a shape without values)."""
     if t.is_meta:
-        raise ValueError(f"{what} is a meta tensor (device 'meta'): it has a shape but no values, "
-                         "so gscfast has nothing to compute with. Create it on a real device (a "
-                         "model built on meta: model.to_empty(device='cpu'), then load or "
-                         "initialize its weights)")
+        raise ValueError(
+            f"{what} is a meta tensor (device 'meta'): it has a shape but no values, "
+            "so gscfast has nothing to compute with. Create it on a real device (a "
+            "model built on meta: model.to_empty(device='cpu'), then load or "
+            "initialize its weights)"
+        )
 
 
 def check_finite(t: Tensor, what: str) -> None:
@@ -110,8 +113,10 @@ def check_finite(t: Tensor, what: str) -> None:
         if bad.any():
             idx = tuple(int(i) for i in bad.nonzero()[0])
             val = t[idx].item()
-            raise ValueError(f"{what} contains {'NaN' if val != val else 'Inf'} at index {idx} "
-                             f"({int(bad.sum())} non-finite entries in all)")
+            raise ValueError(
+                f"{what} contains {'NaN' if val != val else 'Inf'} at index {idx} "
+                f"({int(bad.sum())} non-finite entries in all)"
+            )
 
 
 def check_model_tensors(program: Program, x: Tensor) -> None:
@@ -122,11 +127,15 @@ def check_model_tensors(program: Program, x: Tensor) -> None:
             where = f"{op.path} ({type(op.module).__name__}) {name}"
             check_not_meta(t, where)
             if t.device != x.device:
-                raise ValueError(f"{where} is on {t.device} but x is on {x.device}; "
-                                 "move the model or x so they match")
+                raise ValueError(
+                    f"{where} is on {t.device} but x is on {x.device}; "
+                    "move the model or x so they match"
+                )
             if t.dtype != x.dtype:
-                raise ValueError(f"{where} has dtype {t.dtype} but x has dtype {x.dtype}; "
-                                 f"use model.to({x.dtype}) or x.to({t.dtype})")
+                raise ValueError(
+                    f"{where} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                    f"use model.to({x.dtype}) or x.to({t.dtype})"
+                )
             check_finite(t, where)
 
 
@@ -138,20 +147,25 @@ def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> 
     if error == "dot":
         want = lead + (out_dim,)
         if tuple(y.shape) != want:
-            raise ValueError(f"error='dot' needs y of the output's shape {want}, got {tuple(y.shape)}")
+            raise ValueError(
+                f"error='dot' needs y of the output's shape {want}, got {tuple(y.shape)}"
+            )
         if y.dtype != x3.dtype:
             raise ValueError(f"y has dtype {y.dtype} but x has dtype {x3.dtype}")
         check_finite(y, "y")
         return y.reshape(x3.shape[:2] + (out_dim,))
     if tuple(y.shape) != lead:
-        raise ValueError(f"error='kl' needs integer class labels y of shape {lead}, "
-                         f"got {tuple(y.shape)}")
+        raise ValueError(
+            f"error='kl' needs integer class labels y of shape {lead}, got {tuple(y.shape)}"
+        )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"error='kl' needs integer class labels, got y of dtype {y.dtype}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_dim):
         bad = ((y < 0) | (y >= out_dim)).nonzero()[0]
-        raise ValueError(f"y has label {int(y[tuple(bad)])} at index {tuple(bad.tolist())}; "
-                         f"labels must lie in [0, {out_dim}) for a model with {out_dim} outputs")
+        raise ValueError(
+            f"y has label {int(y[tuple(bad)])} at index {tuple(bad.tolist())}; "
+            f"labels must lie in [0, {out_dim}) for a model with {out_dim} outputs"
+        )
     return y.reshape(x3.shape[:2]).long()
 
 
@@ -190,20 +204,31 @@ def make_problem(
     check_finite(x, "x")
     couples = program.couples_batch
     if couples and x3.shape[1] < 2:
-        raise ValueError("the model has a batch norm using batch statistics (train mode), which "
-                         "needs more than one sample per batch; got a batch of 1. Use eval mode "
-                         "(running statistics) or a larger batch")
+        raise ValueError(
+            "the model has a batch norm using batch statistics (train mode), which "
+            "needs more than one sample per batch; got a batch of 1. Use eval mode "
+            "(running statistics) or a larger batch"
+        )
     y3 = None
     if error is not None:
         check_error(error)
         if y is None:
-            raise ValueError(f"error={error!r} needs y ({'targets of the output shape' if error == 'dot' else 'integer class labels'})")
+            raise ValueError(
+                f"error={error!r} needs y ({'targets of the output shape' if error == 'dot' else 'integer class labels'})"
+            )
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
         y3 = _check_y(error, y, x3, widths[1], squeeze)
-    pb = Problem(program=program, x=x3.detach(), y=y3, error=error,
-                 coupled=couples and batchnorm == "batch", frozen=couples and batchnorm == "frozen",
-                 chunk_size=chunk_size, memory=memory_budget())
+    pb = Problem(
+        program=program,
+        x=x3.detach(),
+        y=y3,
+        error=error,
+        coupled=couples and batchnorm == "batch",
+        frozen=couples and batchnorm == "frozen",
+        chunk_size=chunk_size,
+        memory=memory_budget(),
+    )
     return pb, squeeze
 
 
@@ -211,10 +236,13 @@ def check_same_architecture(trained: Program, init: Program) -> None:
     """``ValueError`` unless both programs have the same layers of the same module types/shapes."""
     a, b = list(trained.ops()), list(init.ops())
     if len(trained.layers) != len(init.layers) or len(a) != len(b):
-        raise ValueError(f"init_model has {len(init.layers)} layers ({len(b)} modules) but model "
-                         f"has {len(trained.layers)} ({len(a)} modules); they must share the architecture")
+        raise ValueError(
+            f"init_model has {len(init.layers)} layers ({len(b)} modules) but model "
+            f"has {len(trained.layers)} ({len(a)} modules); they must share the architecture"
+        )
     for p, q in zip(a, b):
         same_shapes = {k: tuple(t.shape) for k, t in p.tensors().items()} == {
-            k: tuple(t.shape) for k, t in q.tensors().items()}
+            k: tuple(t.shape) for k, t in q.tensors().items()
+        }
         if type(p.module) is not type(q.module) or not same_shapes:
             raise ValueError(f"{p.path}: model has {p.module} but init_model has {q.module}")

@@ -3,6 +3,7 @@
 A drawn ``Case`` holds a model, inputs and labels, all built from one seed so a failure
 reproduces from the printed example.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,18 @@ from torch import nn
 
 import gscfast
 
-ACTS = ["relu", "tanh", "selu", "sigmoid", "gelu", "gelu_tanh", "leaky_relu", "elu", "softplus",
-        "identity"]
+ACTS = [
+    "relu",
+    "tanh",
+    "selu",
+    "sigmoid",
+    "gelu",
+    "gelu_tanh",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "identity",
+]
 NORMS = [None, "layer", "layer_affine", "batch", "batch_affine"]
 
 
@@ -66,8 +77,16 @@ class Case:
 
 
 @st.composite
-def cases(draw, *, dtype=torch.float64, max_depth: int = 12, max_width: int = 40,
-          batchnorm: bool = True, datasets: bool = True, max_batch: int = 5) -> Case:
+def cases(
+    draw,
+    *,
+    dtype=torch.float64,
+    max_depth: int = 12,
+    max_width: int = 40,
+    batchnorm: bool = True,
+    datasets: bool = True,
+    max_batch: int = 5,
+) -> Case:
     """A random supported model with inputs ``x [B, n]`` or ``[D, B, n]`` and targets."""
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +114,9 @@ def cases(draw, *, dtype=torch.float64, max_depth: int = 12, max_width: int = 40
                 lin.bias.copy_(0.2 * torch.randn(out, generator=g))
         block = [lin, *make_norm(norm, out, bn_eval, g), make_act(act)]
         if residual:
-            layers.append(gscfast.nn.Residual(nn.Sequential(*block), scale=draw(st.sampled_from([1.0, 0.5]))))
+            layers.append(
+                gscfast.nn.Residual(nn.Sequential(*block), scale=draw(st.sampled_from([1.0, 0.5])))
+            )
         else:
             # Nest some layers in Sequentials: the compiler must flatten them.
             layers.append(nn.Sequential(*block) if draw(st.booleans()) else block[0])
@@ -129,5 +150,11 @@ def cases(draw, *, dtype=torch.float64, max_depth: int = 12, max_width: int = 40
 
 def to64(case: Case) -> Case:
     """The same case in float64 (the ground truth for float32 results)."""
-    return Case(copy.deepcopy(case.model).double(), case.x.double(), case.y.double(), case.labels,
-                case.couples, case.desc)
+    return Case(
+        copy.deepcopy(case.model).double(),
+        case.x.double(),
+        case.y.double(),
+        case.labels,
+        case.couples,
+        case.desc,
+    )

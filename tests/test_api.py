@@ -9,6 +9,7 @@ over 3 features, a ReLU pre-activation a rounding error from 0): there the float
 the reference's float32 result has another NaN or sign pattern than its float64 one is discarded
 (``assume``), as beyond float32. A broken kernel is off by far more than the reference's rounding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from strategies import cases, to64
 
 import gscfast
-from strategies import cases, to64
 
 FAST = [b for b in gscfast.available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float64, torch.float32]
@@ -40,8 +41,9 @@ def f32_tol(ref32: torch.Tensor, ref64: torch.Tensor, base: float = 1e-4) -> flo
     return max(base, 4 * float(err.max())) if err.numel() else base
 
 
-def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
-                 tol: float = 1e-4) -> None:
+def assert_agree(
+    got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", tol: float = 1e-4
+) -> None:
     """Same shape, same NaN/Inf pattern, close values (relative for float64, log for float32)."""
     assert got.shape == ref.shape, what
     assert got.dtype == dtype, what
@@ -52,15 +54,17 @@ def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     g, r = got[fin], ref[fin]
     if dtype == torch.float64:
         scale = r.abs().max().clamp(min=1e-300) if r.numel() else 1
-        assert torch.allclose(g, r, rtol=1e-9, atol=1e-12 * scale), \
+        assert torch.allclose(g, r, rtol=1e-9, atol=1e-12 * scale), (
             f"{what}: max rel. error {((g - r).abs() / r.abs()).max():.3g}\n{g}\n{r}"
+        )
     else:
         # log space where values are clearly nonzero; absolute agreement for (near-)zeros
         big = r.abs() > 1e-6 * (r.abs().max() if r.numel() else 1)
         assert torch.equal(torch.sign(g[big]), torch.sign(r[big])), what
         err = (g[big].abs().log() - r[big].abs().log()).abs()
-        assert err.max() <= tol if err.numel() else True, \
+        assert err.max() <= tol if err.numel() else True, (
             f"{what}: log error {err.max():.3g} (tolerance {tol:.3g})"
+        )
 
 
 def both(case, dtype):
@@ -73,8 +77,10 @@ def targets(case, error):
 
 
 def state(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+    )
 
 
 def assert_unchanged(model, before):
@@ -87,28 +93,56 @@ def assert_unchanged(model, before):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
-@given(data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"]))
+@given(
+    data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
+)
 def test_gsc_and_analyze(backend, dtype, data, error, bn):
     case = data.draw(cases(dtype=dtype))
     case, c64 = both(case, dtype)
     before = state(case.model)
-    ref = gscfast.gsc(c64.model, c64.x, targets(c64, error), error=error, batchnorm=bn,
-                      backend="reference")
-    got = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
-                      backend=backend)
+    ref = gscfast.gsc(
+        c64.model, c64.x, targets(c64, error), error=error, batchnorm=bn, backend="reference"
+    )
+    got = gscfast.gsc(
+        case.model, case.x, targets(case, error), error=error, batchnorm=bn, backend=backend
+    )
     tol = 1e-4
     if dtype == torch.float32:
-        tol = f32_tol(gscfast.gsc(case.model, case.x, targets(case, error), error=error,
-                                  batchnorm=bn, backend="reference"), ref)
+        tol = f32_tol(
+            gscfast.gsc(
+                case.model,
+                case.x,
+                targets(case, error),
+                error=error,
+                batchnorm=bn,
+                backend="reference",
+            ),
+            ref,
+        )
     assert_agree(got, ref, dtype, "gsc", tol)
     if dtype == torch.float64:  # single float32 datapoints can be ill-conditioned (cancellation)
-        per = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
-                          backend=backend, reduction="none")
-        per_ref = gscfast.gsc(c64.model, c64.x, targets(c64, error), error=error, batchnorm=bn,
-                              backend="reference", reduction="none")
+        per = gscfast.gsc(
+            case.model,
+            case.x,
+            targets(case, error),
+            error=error,
+            batchnorm=bn,
+            backend=backend,
+            reduction="none",
+        )
+        per_ref = gscfast.gsc(
+            c64.model,
+            c64.x,
+            targets(c64, error),
+            error=error,
+            batchnorm=bn,
+            backend="reference",
+            reduction="none",
+        )
         assert_agree(per, per_ref, dtype, "gsc per datapoint")
-    a = gscfast.analyze(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
-                        backend=backend)
+    a = gscfast.analyze(
+        case.model, case.x, targets(case, error), error=error, batchnorm=bn, backend=backend
+    )
     assert_agree(a.gsc, got, dtype, "analyze.gsc", tol)
     assert_unchanged(case.model, before)
 
@@ -129,28 +163,46 @@ def test_preactivation_stats(backend, dtype, data, bn):
         r32 = gscfast.preactivation_stats(case.model, case.x, batchnorm=bn, backend="reference")
         assert_agree(got.std, ref.std, dtype, "std", f32_tol(r32.std, ref.std))
         flips = (r32.sign_diversity.double() - ref.sign_diversity.double()).nan_to_num().abs()
-        assert torch.allclose(got.sign_diversity.double(), ref.sign_diversity.double(),
-                              atol=max(0.05, 2 * float(flips.max())), equal_nan=True)
+        assert torch.allclose(
+            got.sign_diversity.double(),
+            ref.sign_diversity.double(),
+            atol=max(0.05, 2 * float(flips.max())),
+            equal_nan=True,
+        )
     assert_unchanged(case.model, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
-@given(data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"]))
+@given(
+    data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
+)
 def test_gsc_matrix_exact(backend, dtype, data, error, bn):
     case, c64 = both(data.draw(cases(dtype=dtype, max_depth=6, max_width=12, max_batch=3)), dtype)
-    ref = gscfast.gsc_matrix(c64.model, c64.x, targets(c64, error), error=error, batchnorm=bn,
-                             backend="reference")
-    got = gscfast.gsc_matrix(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
-                             backend=backend)
+    ref = gscfast.gsc_matrix(
+        c64.model, c64.x, targets(c64, error), error=error, batchnorm=bn, backend="reference"
+    )
+    got = gscfast.gsc_matrix(
+        case.model, case.x, targets(case, error), error=error, batchnorm=bn, backend=backend
+    )
     tol = 1e-4
     if dtype == torch.float32:
-        tol = f32_tol(gscfast.gsc_matrix(case.model, case.x, targets(case, error), error=error,
-                                         batchnorm=bn, backend="reference"), ref)
+        tol = f32_tol(
+            gscfast.gsc_matrix(
+                case.model,
+                case.x,
+                targets(case, error),
+                error=error,
+                batchnorm=bn,
+                backend="reference",
+            ),
+            ref,
+        )
     assert_agree(got, ref, dtype, "gsc_matrix", tol)
-    g = gscfast.gsc(case.model, case.x, targets(case, error), error=error, batchnorm=bn,
-                    backend=backend)
+    g = gscfast.gsc(
+        case.model, case.x, targets(case, error), error=error, batchnorm=bn, backend=backend
+    )
     assert_agree(got[:, 0], g, dtype, "first column is GSC(l, 0)", tol)
 
 
@@ -161,10 +213,22 @@ def test_gsc_matrix_sketch_same_probes(backend, data, bn):
     """With the same generator, a backend's sketch equals the reference's to 1e-9."""
     case = data.draw(cases(max_depth=5, max_width=10, max_batch=3))
     kw = dict(batchnorm=bn, method="sketch", probes=7)
-    ref = gscfast.gsc_matrix(case.model, case.x, case.y, backend="reference",
-                             generator=torch.Generator().manual_seed(3), **kw)
-    got = gscfast.gsc_matrix(case.model, case.x, case.y, backend=backend,
-                             generator=torch.Generator().manual_seed(3), **kw)
+    ref = gscfast.gsc_matrix(
+        case.model,
+        case.x,
+        case.y,
+        backend="reference",
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    got = gscfast.gsc_matrix(
+        case.model,
+        case.x,
+        case.y,
+        backend=backend,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
     assert_agree(got, ref, torch.float64, "sketch")
 
 
@@ -184,9 +248,13 @@ def test_jacobian(backend, dtype, data):
         assert_agree(got, ref, dtype, "jacobian")
     else:  # signed entries can cancel: float32 error relative to each sample's Jacobian norm
         assert got.dtype == dtype and got.shape == ref.shape
+
         def rel(j):
-            return ((j.double() - ref).flatten(-2).norm(dim=-1)
-                    / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)).max()
+            return (
+                (j.double() - ref).flatten(-2).norm(dim=-1)
+                / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)
+            ).max()
+
         own = rel(gscfast.jacobian(case.model, case.x, backend="reference", **kw))
         # Where float32 itself does not fix the Jacobian to 1% (a frozen batch norm over 2-4
         # samples can divide by a near-zero variance: the reference's own float32 error reached
@@ -200,26 +268,48 @@ def test_jacobian(backend, dtype, data):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
-@given(data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"]))
+@given(
+    data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
+)
 def test_effective_depth(backend, dtype, data, error, bn):
     case, c64 = both(data.draw(cases(dtype=dtype, max_depth=8, max_width=16)), dtype)
     init = copy.deepcopy(case.model)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     with torch.no_grad():  # the "trained" model: the initial one with every parameter moved
         for p in case.model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-                   * p.abs().mean().clamp(min=1e-3))
+            p.add_(
+                0.3
+                * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                * p.abs().mean().clamp(min=1e-3)
+            )
     init64 = init if dtype == torch.float64 else copy.deepcopy(init).double()
     c64 = c64 if dtype == torch.float64 else to64(case)
-    d_ref, p_ref = gscfast.effective_depth(c64.model, init64, c64.x, targets(c64, error),
-                                           error=error, batchnorm=bn, backend="reference")
-    d_got, p_got = gscfast.effective_depth(case.model, init, case.x, targets(case, error),
-                                           error=error, batchnorm=bn, backend=backend)
+    d_ref, p_ref = gscfast.effective_depth(
+        c64.model,
+        init64,
+        c64.x,
+        targets(c64, error),
+        error=error,
+        batchnorm=bn,
+        backend="reference",
+    )
+    d_got, p_got = gscfast.effective_depth(
+        case.model, init, case.x, targets(case, error), error=error, batchnorm=bn, backend=backend
+    )
     tol = 1e-4
     if dtype == torch.float32:
-        tol = f32_tol(gscfast.effective_depth(case.model, init, case.x, targets(case, error),
-                                              error=error, batchnorm=bn, backend="reference")[1],
-                      p_ref)
+        tol = f32_tol(
+            gscfast.effective_depth(
+                case.model,
+                init,
+                case.x,
+                targets(case, error),
+                error=error,
+                batchnorm=bn,
+                backend="reference",
+            )[1],
+            p_ref,
+        )
     assert_agree(p_got, p_ref, dtype, "contribution profile", tol)
     if dtype == torch.float64:
         assert d_got == d_ref
@@ -235,7 +325,9 @@ def test_chunking_does_not_change_results():
         for bn in ("batch", "frozen"):
             full = gscfast.gsc_matrix(model, x, y, batchnorm=bn, backend=backend)
             for chunk in (1, 2, 5, 8, 100):
-                part = gscfast.gsc_matrix(model, x, y, batchnorm=bn, backend=backend, chunk_size=chunk)
+                part = gscfast.gsc_matrix(
+                    model, x, y, batchnorm=bn, backend=backend, chunk_size=chunk
+                )
                 assert torch.allclose(part, full, rtol=1e-12, equal_nan=True), (backend, bn, chunk)
 
 
@@ -246,16 +338,31 @@ def test_sketch_is_unbiased():
     x = torch.randn(8, 12, generator=g, dtype=torch.float64)
     y = torch.randn(8, 12, generator=g, dtype=torch.float64)
     exact = gscfast.gsc_matrix(model, x, y, backend="torch")
-    sk = gscfast.gsc_matrix(model, x, y, backend="torch", method="sketch", probes=4000,
-                            generator=torch.Generator().manual_seed(1))
+    sk = gscfast.gsc_matrix(
+        model,
+        x,
+        y,
+        backend="torch",
+        method="sketch",
+        probes=4000,
+        generator=torch.Generator().manual_seed(1),
+    )
     low = torch.ones_like(exact, dtype=torch.bool).tril()
     rel = ((sk - exact).abs() / exact)[low]
     assert rel.max() < 0.1, rel.max()
     assert torch.allclose(sk[:, 0], exact[:, 0], rtol=1e-12)  # row l = 0 is always exact
-    a = gscfast.gsc_matrix(model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(9))
-    b = gscfast.gsc_matrix(model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(9))
-    c = gscfast.gsc_matrix(model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a.nan_to_num(), b.nan_to_num()) and not torch.equal(a.nan_to_num(), c.nan_to_num())
+    a = gscfast.gsc_matrix(
+        model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(9)
+    )
+    b = gscfast.gsc_matrix(
+        model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(9)
+    )
+    c = gscfast.gsc_matrix(
+        model, x, y, method="sketch", probes=5, generator=torch.Generator().manual_seed(8)
+    )
+    assert torch.equal(a.nan_to_num(), b.nan_to_num()) and not torch.equal(
+        a.nan_to_num(), c.nan_to_num()
+    )
 
 
 def test_effective_depth_of_untrained_model_is_zero():
@@ -278,7 +385,9 @@ def test_results_on_callers_dtype_and_shapes():
     assert gscfast.gsc(model, x, y).shape == (5,)
     assert gscfast.gsc(model, x, y).dtype == torch.float32
     assert gscfast.gsc(model, x, y, reduction="none").shape == (4, 5)
-    assert gscfast.gsc(model, x[None].expand(3, 4, 5), y[None].expand(3, 4, 2), reduction="none").shape == (3, 4, 5)
+    assert gscfast.gsc(
+        model, x[None].expand(3, 4, 5), y[None].expand(3, 4, 2), reduction="none"
+    ).shape == (3, 4, 5)
     assert gscfast.gsc_matrix(model, x, y).shape == (5, 5)
     assert gscfast.jacobian(model, x).shape == (4, 2, 5)
     assert gscfast.jacobian(model, x, start=3, end=2).shape == (4, 5, 5)

@@ -1,5 +1,6 @@
 """``gscfast.autograd.jacobian`` against ``torch.autograd.functional.jacobian``: same results,
 nesting, dtype, ``requires_grad`` and errors; the fast path is taken where documented."""
+
 from __future__ import annotations
 
 import copy
@@ -30,22 +31,32 @@ def _seed_model(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _models(dtype=F64) -> dict[str, nn.Module]:
     kw = dict(dtype=dtype)
-    eval_bn = nn.Sequential(nn.Linear(N, W, **kw), nn.BatchNorm1d(W, **kw), nn.SELU(),
-                            nn.Linear(W, M, **kw))
+    eval_bn = nn.Sequential(
+        nn.Linear(N, W, **kw), nn.BatchNorm1d(W, **kw), nn.SELU(), nn.Linear(W, M, **kw)
+    )
     eval_bn.eval()
     ms = {
-        "plain": nn.Sequential(nn.Linear(N, W, bias=False, **kw), nn.Tanh(),
-                               nn.Linear(W, M, bias=False, **kw)),
-        "bias": nn.Sequential(nn.Linear(N, W, **kw), nn.Softplus(),
-                              nn.Sequential(nn.Linear(W, W, **kw), nn.ELU()), nn.Linear(W, M, **kw)),
-        "layernorm": nn.Sequential(nn.Linear(N, W, **kw), nn.LayerNorm(W, **kw), nn.GELU(),
-                                   nn.Linear(W, M, **kw)),
+        "plain": nn.Sequential(
+            nn.Linear(N, W, bias=False, **kw), nn.Tanh(), nn.Linear(W, M, bias=False, **kw)
+        ),
+        "bias": nn.Sequential(
+            nn.Linear(N, W, **kw),
+            nn.Softplus(),
+            nn.Sequential(nn.Linear(W, W, **kw), nn.ELU()),
+            nn.Linear(W, M, **kw),
+        ),
+        "layernorm": nn.Sequential(
+            nn.Linear(N, W, **kw), nn.LayerNorm(W, **kw), nn.GELU(), nn.Linear(W, M, **kw)
+        ),
         "eval_bn": eval_bn,
-        "train_bn": nn.Sequential(nn.Linear(N, W, **kw), nn.BatchNorm1d(W, **kw), nn.Tanh(),
-                                  nn.Linear(W, M, **kw)),
-        "residual": nn.Sequential(nn.Linear(N, W, **kw),
-                                  Residual(nn.Sequential(nn.Linear(W, W, **kw), nn.Tanh()), 0.5),
-                                  nn.Linear(W, M, **kw)),
+        "train_bn": nn.Sequential(
+            nn.Linear(N, W, **kw), nn.BatchNorm1d(W, **kw), nn.Tanh(), nn.Linear(W, M, **kw)
+        ),
+        "residual": nn.Sequential(
+            nn.Linear(N, W, **kw),
+            Residual(nn.Sequential(nn.Linear(W, W, **kw), nn.Tanh()), 0.5),
+            nn.Linear(W, M, **kw),
+        ),
         "linear": nn.Linear(N, M, **kw),
     }
     return {k: _seed_model(v, i) for i, (k, v) in enumerate(ms.items())}
@@ -79,8 +90,10 @@ def _assert_raises_like(func, inputs, **kw):
 @pytest.fixture
 def no_torch(monkeypatch):
     """Makes any delegation to torch fail, so a passing call proves the fast path answered."""
+
     def boom(*a, **k):
         raise AssertionError("delegated to torch.autograd.functional.jacobian")
+
     monkeypatch.setattr(torch.autograd.functional, "jacobian", boom)
 
 
@@ -91,6 +104,7 @@ def spy(monkeypatch):
     def wrapped(*a, **k):
         calls.append(a)
         return TORCH_JAC(*a, **k)
+
     monkeypatch.setattr(torch.autograd.functional, "jacobian", wrapped)
     return calls
 
@@ -126,6 +140,7 @@ def test_fast_path_taken_and_model_untouched(name, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("delegated to torch")
+
     monkeypatch.setattr(torch.autograd.functional, "jacobian", boom)
     got = ga.jacobian(model, x)
     _assert_same(got, want)
@@ -175,7 +190,9 @@ def test_one_d_input(no_torch):
         model = _models()[name]
         # no_torch has patched the module attribute; the reference is the saved original
         _assert_same(ga.jacobian(model, x1), TORCH_JAC(model, x1))
-        _assert_same(ga.jacobian(model, (x1,), vectorize=True), TORCH_JAC(model, (x1,), vectorize=True))
+        _assert_same(
+            ga.jacobian(model, (x1,), vectorize=True), TORCH_JAC(model, (x1,), vectorize=True)
+        )
 
 
 def test_float32():
@@ -189,6 +206,7 @@ def test_float32():
 
 
 # --- fallbacks and errors ----------------------------------------------------------------------
+
 
 def test_forward_mode_without_vectorize_raises_like_torch():
     _assert_raises_like(_models()["plain"], _x(), strategy="forward-mode")
@@ -207,8 +225,9 @@ def test_strict_independent_output_raises_like_torch():
 
 def test_strict_with_vectorize_raises_like_torch():
     _assert_raises_like(_models()["plain"], _x(), strict=True, vectorize=True)
-    _assert_raises_like(_models()["plain"], _x(), strict=True, vectorize=True,
-                        strategy="forward-mode")
+    _assert_raises_like(
+        _models()["plain"], _x(), strict=True, vectorize=True, strategy="forward-mode"
+    )
 
 
 def test_batch_of_one_with_train_bn_raises_like_torch():
@@ -262,8 +281,12 @@ def test_unsupported_falls_back(kind, spy):
         model = nn.Sequential(nn.Linear(N, M, dtype=F64), nn.Tanh())
         model[0].register_forward_hook(lambda mod, inp, out: out * 3)
     elif kind == "nan":
-        model, x = _models()["plain"], _x().index_put_((torch.tensor(0), torch.tensor(1)),
-                                                       torch.tensor(float("nan"), dtype=F64))
+        model, x = (
+            _models()["plain"],
+            _x().index_put_(
+                (torch.tensor(0), torch.tensor(1)), torch.tensor(float("nan"), dtype=F64)
+            ),
+        )
     elif kind == "half":
         model, x = _models(torch.bfloat16)["plain"], _x(torch.bfloat16)
     else:

@@ -1,4 +1,5 @@
 """The pooled expected GSC (definitions.md) and its bootstrap interval."""
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,16 @@ def test_pooled_moments_equal_gsc_on_several_datasets_of_one_network(norm):
     assert pool(ms).count == (4 if norm == "batch" else 120)
     # datasets of unequal size are weighted by their datapoints
     if norm is None:
-        parts = [gscfast.analyze(model, x[0, :10], y[0, :10], backend="reference").moments,
-                 gscfast.analyze(model, x[0, 10:], y[0, 10:], backend="reference").moments]
-        assert torch.allclose(pool(parts).gsc(), gscfast.gsc(model, x[0], y[0], backend="reference"),
-                              rtol=1e-12, atol=0)
+        parts = [
+            gscfast.analyze(model, x[0, :10], y[0, :10], backend="reference").moments,
+            gscfast.analyze(model, x[0, 10:], y[0, 10:], backend="reference").moments,
+        ]
+        assert torch.allclose(
+            pool(parts).gsc(),
+            gscfast.gsc(model, x[0], y[0], backend="reference"),
+            rtol=1e-12,
+            atol=0,
+        )
 
 
 def test_bootstrap_interval_covers_the_true_value():
@@ -59,7 +66,10 @@ def test_bootstrap_interval_covers_the_true_value():
         a = 2.0 * torch.rand(60, generator=g, dtype=torch.float64) * 2  # E a = 2
         b = torch.distributions.Exponential(1 / 3.0).sample((60,))  # E b = 3
         c = torch.randn(60, generator=g, dtype=torch.float64).square()  # E c = 1
-        ms = [_moments([1.0, float(ai)], [float(ci), float(bi)], [1.0, 1.0]) for ai, bi, ci in zip(a, b, c)]
+        ms = [
+            _moments([1.0, float(ai)], [float(ci), float(bi)], [1.0, 1.0])
+            for ai, bi, ci in zip(a, b, c)
+        ]
         bs = bootstrap_gsc(ms, resamples=400, seed=t)
         hits += bool(bs.gsc_lo[1] <= true_l1 <= bs.gsc_hi[1])
     assert 0.85 <= hits / trials <= 0.99, hits / trials
@@ -77,8 +87,10 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 
 
 def test_explosion_rates_match_explosion_rate_per_row():
-    g = torch.tensor([[1.0, 2.0, 4.0, 8.0], [1.0, float("nan"), 3.0, 0.0], [1.0, 0.0, -1.0, 0.0]],
-                     dtype=torch.float64)
+    g = torch.tensor(
+        [[1.0, 2.0, 4.0, 8.0], [1.0, float("nan"), 3.0, 0.0], [1.0, 0.0, -1.0, 0.0]],
+        dtype=torch.float64,
+    )
     r = explosion_rates(g)
     assert r[0].item() == pytest.approx(2.0, rel=1e-12)
     assert r[1].item() == pytest.approx(math.exp(math.log(3.0) / 2), rel=1e-12)  # finite > 0 only
@@ -86,19 +98,36 @@ def test_explosion_rates_match_explosion_rate_per_row():
     assert gscfast.explosion_rate(g[0]) == pytest.approx(2.0, rel=1e-12)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda: GSCMoments([1.0, 2.0], [1.0], [1.0, 1.0], 1), "one entry per layer"),
-    (lambda: GSCMoments([1.0], [1.0], [1.0], True), "count must be a positive int"),
-    (lambda: GSCMoments([1.0], [1.0], [1.0], 0), "count must be a positive int"),
-    (lambda: GSCMoments([1.0, float("nan")], [1.0, 1.0], [1.0, 1.0], 1), "sq_grad must hold finite"),
-    (lambda: GSCMoments([1.0], [-1.0], [1.0], 1), "sq_out must hold finite non-negative"),
-    (lambda: GSCMoments.from_dict({"sq_grad": [True], "sq_out": [1.0], "n": [1.0], "count": 1}),
-     r"'sq_grad'\[0\] is not a number"),
-    (lambda: pool([]), "nothing to pool"),
-    (lambda: pool([_moments([1.0, 1.0], [1.0, 1.0], [1.0, 2.0]), _moments([1.0, 1.0], [1.0, 1.0], [1.0, 3.0])]),
-     "only the same architecture"),
-    (lambda: bootstrap_gsc([_moments([1.0], [1.0], [1.0])], level=1.5), "level must lie in"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda: GSCMoments([1.0, 2.0], [1.0], [1.0, 1.0], 1), "one entry per layer"),
+        (lambda: GSCMoments([1.0], [1.0], [1.0], True), "count must be a positive int"),
+        (lambda: GSCMoments([1.0], [1.0], [1.0], 0), "count must be a positive int"),
+        (
+            lambda: GSCMoments([1.0, float("nan")], [1.0, 1.0], [1.0, 1.0], 1),
+            "sq_grad must hold finite",
+        ),
+        (lambda: GSCMoments([1.0], [-1.0], [1.0], 1), "sq_out must hold finite non-negative"),
+        (
+            lambda: GSCMoments.from_dict(
+                {"sq_grad": [True], "sq_out": [1.0], "n": [1.0], "count": 1}
+            ),
+            r"'sq_grad'\[0\] is not a number",
+        ),
+        (lambda: pool([]), "nothing to pool"),
+        (
+            lambda: pool(
+                [
+                    _moments([1.0, 1.0], [1.0, 1.0], [1.0, 2.0]),
+                    _moments([1.0, 1.0], [1.0, 1.0], [1.0, 3.0]),
+                ]
+            ),
+            "only the same architecture",
+        ),
+        (lambda: bootstrap_gsc([_moments([1.0], [1.0], [1.0])], level=1.5), "level must lie in"),
+    ],
+)
 def test_bad_input_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()

@@ -1,4 +1,5 @@
 """The pattern of Philipp, Song & Carbonell (2018), Figure 1, on the paper's 50 x 100 networks."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,12 @@ import torch
 import gscfast
 
 ARCHS = {  # name -> (activation, norm, explodes)
-    "ReLU": ("relu", None, False), "layer-ReLU": ("relu", "layer", False),
-    "batch-ReLU": ("relu", "batch", True), "tanh": ("tanh", None, False),
-    "layer-tanh": ("tanh", "layer", True), "batch-tanh": ("tanh", "batch", True),
+    "ReLU": ("relu", None, False),
+    "layer-ReLU": ("relu", "layer", False),
+    "batch-ReLU": ("relu", "batch", True),
+    "tanh": ("tanh", None, False),
+    "layer-tanh": ("tanh", "layer", True),
+    "batch-tanh": ("tanh", "batch", True),
     "SeLU": ("selu", None, True),
 }
 

@@ -1,4 +1,5 @@
 """GradientFlow records what autograd computes, removes its hooks, and leaves the model alone."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ from gscfast.flow import GradientFlow, tensorboard_writer, wandb_writer
 
 def conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 16), nn.Tanh(), nn.Linear(16, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 16),
+        nn.Tanh(),
+        nn.Linear(16, 5),
+    )
 
 
 def train(model, flow, steps=4):
@@ -54,8 +61,15 @@ def test_records_equal_autograd_gradients_and_hooks_are_removed(tmp_path):
 
 def test_gsc_of_the_mlp_tail_and_model_untouched():
     model = conv_net()
-    bn_model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
-                             nn.Linear(2 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    bn_model = nn.Sequential(
+        nn.Conv2d(3, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 6 * 6, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 5),
+    )
     x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
     for m in (model, bn_model):
         before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -82,7 +96,9 @@ def test_whole_model_gsc_and_tensorboard_writer():
         def add_scalar(self, tag, value, step, **precision):
             logged.append((tag, value, step))
 
-    with GradientFlow(model, gsc_data=(x, y), writers=[tensorboard_writer(FakeSummaryWriter())]) as flow:
+    with GradientFlow(
+        model, gsc_data=(x, y), writers=[tensorboard_writer(FakeSummaryWriter())]
+    ) as flow:
         nn.functional.cross_entropy(model(x), y).backward()
         rec = flow.step()
     assert rec["gsc"] == pytest.approx(gscfast.gsc(model, x, y, error="kl").tolist(), rel=1e-6)
@@ -150,6 +166,7 @@ def test_no_tail_gsc_when_the_container_itself_is_not_plain():
 
 # -- the writers against the real TensorBoard and W&B (optional test dependencies) --------------
 
+
 def expected_scalars(records):
     """What the writers must log: {tag: [(step, value), ...]} in step order, from the records."""
     tags = {}
@@ -168,7 +185,9 @@ def flow_with(writer):
     steps 2, 3 and 4."""
     model = conv_net()
     x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
-    with GradientFlow(model, every=2, steps={3}, start=1, gsc_data=(x, y), writers=[writer]) as flow:
+    with GradientFlow(
+        model, every=2, steps={3}, start=1, gsc_data=(x, y), writers=[writer]
+    ) as flow:
         train(model, flow, steps=4)  # steps 1..4
     assert sorted(flow.records) == [2, 3, 4] and all("gsc" in r for r in flow.records.values())
     return flow
@@ -177,7 +196,9 @@ def flow_with(writer):
 def test_tensorboard_writer_with_a_real_summary_writer(tmp_path):
     """Every tag, step and value the flow records is in the event file, read back by the reader
     TensorBoard itself serves its scalar dashboard from."""
-    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')")
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')"
+    )
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
     from torch.utils.tensorboard import SummaryWriter
@@ -198,19 +219,25 @@ def test_tensorboard_writer_keeps_float64_values(tmp_path):
     """A float64 network's statistics outside float32's range (a saturated deep tanh net gives
     GSC(L, 0) ~ 1e-138 and mean |grad| ~ 1e-74; an exploding one beyond 3.4e38) reach TensorBoard
     as they are, not as 0 or inf, and on its scalar dashboard."""
-    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')")
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is optional (pip install 'gscfast[test]')"
+    )
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
     from torch.utils.tensorboard import SummaryWriter
 
-    record = {"weights": {"0.weight": {"mean_abs": 2.1994917744957843e-74, "norm": 0.1}},
-              "gsc": [1.0, 6.388455596035586e-138, 1.5e40]}
+    record = {
+        "weights": {"0.weight": {"mean_abs": 2.1994917744957843e-74, "norm": 0.1}},
+        "gsc": [1.0, 6.388455596035586e-138, 1.5e40],
+    }
     with SummaryWriter(tmp_path) as sw:
         tensorboard_writer(sw)(7, record)
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    logged = {tag: [(e.step, make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
-              for tag in events.PluginTagToContent("scalars")}
+    logged = {
+        tag: [(e.step, make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+        for tag in events.PluginTagToContent("scalars")
+    }
     assert logged == {tag: values for tag, values in expected_scalars({7: record}).items()}
 
 
@@ -232,24 +259,36 @@ def read_wandb_history(run_dir):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + n]
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at {pos} in {path}"
+        crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + n]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, (
+            f"bad checksum at {pos} in {path}"
+        )
         pos += 7 + n
         record = chunk if kind in (1, 2) else record + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (1, 4):
             r = wandb_internal_pb2.Record()
             r.ParseFromString(record)
             if r.WhichOneof("record_type") == "history":
-                row = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                row = {
+                    i.key or ".".join(i.nested_key): json.loads(i.value_json)
+                    for i in r.history.item
+                }
                 rows[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
     return rows
 
 
 def logged_rows(records):
     """The history rows {step: {key: value}} wandb_writer must produce from the records."""
-    return {step: {tag: v for tag, values in expected_scalars(records).items() for s, v in values if s == step}
-            for step in records}
+    return {
+        step: {
+            tag: v
+            for tag, values in expected_scalars(records).items()
+            for s, v in values
+            if s == step
+        }
+        for step in records
+    }
 
 
 def finished_history(run):
@@ -268,14 +307,28 @@ def offline_wandb_run(tmp_path, monkeypatch):
     in tmp_path, and the server address is a closed local port, so an attempt to reach it would
     fail rather than leave the machine."""
     wandb = pytest.importorskip("wandb", reason="wandb is optional (pip install 'gscfast[test]')")
-    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path,
-                       "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_CONFIG_DIR": tmp_path / "config",
-                       "WANDB_DATA_DIR": tmp_path / "data", "WANDB_ARTIFACT_DIR": tmp_path / "artifacts",
-                       "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}.items():
+    for var, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": tmp_path,
+        "WANDB_CACHE_DIR": tmp_path / "cache",
+        "WANDB_CONFIG_DIR": tmp_path / "config",
+        "WANDB_DATA_DIR": tmp_path / "data",
+        "WANDB_ARTIFACT_DIR": tmp_path / "artifacts",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "",
+    }.items():
         monkeypatch.setenv(var, str(value))
-    settings = wandb.Settings(mode="offline", silent=True, console="off", disable_git=True,
-                              disable_code=True, x_disable_stats=True, x_disable_meta=True,
-                              x_disable_machine_info=True)
+    settings = wandb.Settings(
+        mode="offline",
+        silent=True,
+        console="off",
+        disable_git=True,
+        disable_code=True,
+        x_disable_stats=True,
+        x_disable_meta=True,
+        x_disable_machine_info=True,
+    )
     run = wandb.init(project="gscfast-test", dir=tmp_path, settings=settings)
     try:
         yield run
@@ -311,10 +364,14 @@ def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
                 run.log({"loss": losses[i]})  # step i too, then W&B moves on to i + 1
             else:
                 run.log({"loss": losses[i]})  # before flow.step(): W&B moves on to step 3
-                with pytest.raises(ValueError, match="W&B's run is at step 3, past GradientFlow's step 2"):
+                with pytest.raises(
+                    ValueError, match="W&B's run is at step 3, past GradientFlow's step 2"
+                ):
                     flow.step()
             model.zero_grad()
     expected = logged_rows({i: flow.records[i] for i in (0, 1)})
-    assert finished_history(run) == {0: {**expected[0], "loss": losses[0]},
-                                     1: {**expected[1], "loss": losses[1]},
-                                     2: {"loss": losses[2]}}
+    assert finished_history(run) == {
+        0: {**expected[0], "loss": losses[0]},
+        1: {**expected[1], "loss": losses[1]},
+        2: {"loss": losses[2]},
+    }

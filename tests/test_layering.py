@@ -1,6 +1,7 @@
 """The layering of gscfast's own imports, read from the source (issue 12): library code never
 imports the studies, a study never imports another study, no private name crosses modules, and no
 import cycle (function-local imports included: they are cycles that only hide until run time)."""
+
 from __future__ import annotations
 
 import ast
@@ -51,7 +52,7 @@ def imports(package: Path) -> list[tuple[str, str, str | None, int]]:
         for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = here[:len(here) - node.level + 1]
+                    base = here[: len(here) - node.level + 1]
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
@@ -68,20 +69,29 @@ def imports(package: Path) -> list[tuple[str, str, str | None, int]]:
 
 def experiments_imports(package: Path) -> list[str]:
     name = package.name
-    return [f"{mod} line {line} imports {target}" for mod, target, _, line in imports(package)
-            if target.startswith(f"{name}.experiments") and not mod.startswith(f"{name}.experiments")
-            and mod not in ENTRY_POINTS]
+    return [
+        f"{mod} line {line} imports {target}"
+        for mod, target, _, line in imports(package)
+        if target.startswith(f"{name}.experiments")
+        and not mod.startswith(f"{name}.experiments")
+        and mod not in ENTRY_POINTS
+    ]
 
 
 def study_imports(package: Path, studies: set[str]) -> list[str]:
-    return [f"{mod} line {line} imports {target}" for mod, target, _, line in imports(package)
-            if mod in studies and target in studies]
+    return [
+        f"{mod} line {line} imports {target}"
+        for mod, target, _, line in imports(package)
+        if mod in studies and target in studies
+    ]
 
 
 def private_imports(package: Path) -> list[str]:
-    return [f"{mod} line {line} imports {name} from {target}"
-            for mod, target, name, line in imports(package)
-            if name is not None and name.startswith("_") and not name.startswith("__")]
+    return [
+        f"{mod} line {line} imports {name} from {target}"
+        for mod, target, name, line in imports(package)
+        if name is not None and name.startswith("_") and not name.startswith("__")
+    ]
 
 
 def cycles(package: Path) -> list[list[str]]:
@@ -142,18 +152,39 @@ def test_no_import_cycles():
     assert cycles(PACKAGE) == []
 
 
-@pytest.mark.parametrize("files, check, expected", [
-    ({"a.py": "from .b import f", "b.py": "def f():\n    from .a import g"},
-     cycles, [["pkg.a", "pkg.b"]]),
-    ({"a.py": "from .b import _f", "b.py": "_f = 1"},
-     private_imports, ["pkg.a line 1 imports _f from pkg.b"]),
-    ({"a.py": "from . import _b", "_b.py": "x = 1"}, private_imports, []),  # a private module
-    ({"a.py": "from .experiments.runner import g", "experiments/__init__.py": "",
-      "experiments/runner.py": "g = 1"},
-     experiments_imports, ["pkg.a line 1 imports pkg.experiments.runner"]),
-    ({"a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B",
-      "b.py": "from .a import A"}, cycles, []),  # annotations only: no cycle at run time
-])
+@pytest.mark.parametrize(
+    "files, check, expected",
+    [
+        (
+            {"a.py": "from .b import f", "b.py": "def f():\n    from .a import g"},
+            cycles,
+            [["pkg.a", "pkg.b"]],
+        ),
+        (
+            {"a.py": "from .b import _f", "b.py": "_f = 1"},
+            private_imports,
+            ["pkg.a line 1 imports _f from pkg.b"],
+        ),
+        ({"a.py": "from . import _b", "_b.py": "x = 1"}, private_imports, []),  # a private module
+        (
+            {
+                "a.py": "from .experiments.runner import g",
+                "experiments/__init__.py": "",
+                "experiments/runner.py": "g = 1",
+            },
+            experiments_imports,
+            ["pkg.a line 1 imports pkg.experiments.runner"],
+        ),
+        (
+            {
+                "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B",
+                "b.py": "from .a import A",
+            },
+            cycles,
+            [],
+        ),  # annotations only: no cycle at run time
+    ],
+)
 def test_the_checks_catch_what_they_refuse(tmp_path, files, check, expected):
     pkg = tmp_path / "pkg"
     for name, text in {"__init__.py": "", **files}.items():
@@ -165,5 +196,7 @@ def test_the_checks_catch_what_they_refuse(tmp_path, files, check, expected):
 def test_problem_lives_where_it_is_built():
     from gscfast import backends, validation
 
-    assert validation.Problem.__module__ == validation.make_problem.__module__ == "gscfast.validation"
+    assert (
+        validation.Problem.__module__ == validation.make_problem.__module__ == "gscfast.validation"
+    )
     assert backends.Problem is validation.Problem  # the registry's public name, one class

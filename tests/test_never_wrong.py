@@ -5,6 +5,7 @@ Refusals happen while the model is compiled, before a backend is chosen, so the 
 cupy kernels are never compiled or run here: listing every backend costs nothing and shows that
 they all refuse alike.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,10 +25,13 @@ ALL_BACKENDS = list(BACKENDS)
 
 
 def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 5, dtype=F64), nn.Tanh(),
-                         nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.ReLU()),
-                         gscfast.Residual(nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.Tanh()), 0.5),
-                         nn.Linear(5, 3, dtype=F64))
+    return nn.Sequential(
+        nn.Linear(4, 5, dtype=F64),
+        nn.Tanh(),
+        nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.ReLU()),
+        gscfast.Residual(nn.Sequential(nn.Linear(5, 5, dtype=F64), nn.Tanh()), 0.5),
+        nn.Linear(5, 3, dtype=F64),
+    )
 
 
 def _xy(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +49,9 @@ def _calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str) -> 
         "preactivation_stats": lambda: gscfast.preactivation_stats(model, x, backend=backend),
         "jacobian": lambda: gscfast.jacobian(model, x, backend=backend),
         "effective_depth": lambda: gscfast.effective_depth(model, plain, x, y, backend=backend),
-        "effective_depth(init_model)": lambda: gscfast.effective_depth(plain, model, x, y,
-                                                                       backend=backend),
+        "effective_depth(init_model)": lambda: gscfast.effective_depth(
+            plain, model, x, y, backend=backend
+        ),
         "analyze": lambda: gscfast.analyze(model, x, y, backend=backend),
     }
 
@@ -86,34 +91,69 @@ def _halve_grad_out(mod, grad_out):
 # (case, position in the message, what the message says). Each case changes what calling the
 # model computes (checked below), so ignoring it would be a silently wrong number.
 MODULE_CASES = {
-    "forward hook": ("model[0]", "forward hook",
-                     lambda m: m[0].register_forward_hook(_triple)),
-    "forward pre-hook on Tanh": ("model[1]", "forward pre-hook",
-                                 lambda m: m[1].register_forward_pre_hook(_pre_double)),
-    "forward hook with kwargs": ("model[4]", "forward hook",
-                                 lambda m: m[4].register_forward_hook(
-                                     lambda mod, args, kwargs, out: out * 3, with_kwargs=True)),
-    "hook on the top Sequential": ("model (Sequential)", "forward hook",
-                                   lambda m: m.register_forward_hook(_triple)),
-    "hook on a nested Sequential": ("model[2]", "forward pre-hook",
-                                    lambda m: m[2].register_forward_pre_hook(_pre_double)),
-    "hook on a Residual": ("model[3]", "forward hook",
-                           lambda m: m[3].register_forward_hook(_triple)),
-    "hook inside a Residual body": ("model[3].body[1] (Tanh)", "forward hook",
-                                    lambda m: m[3].body[1].register_forward_hook(_triple)),
-    "full backward hook": ("model[1]", "backward hook",
-                           lambda m: m[1].register_full_backward_hook(_halve_grad)),
-    "full backward pre-hook": ("model[1]", "backward pre-hook",
-                               lambda m: m[1].register_full_backward_pre_hook(_halve_grad_out)),
-    "old backward hook": ("model[4]", "backward hook",
-                          lambda m: m[4].register_backward_hook(_halve_grad)),
-    "overridden forward": ("model[0]", "overrides forward",
-                           lambda m: m.__setitem__(0, _copy_into(_Doubled(4, 5, dtype=F64), m[0]))),
-    "forward set on the instance": ("model[1]", "overrides forward",
-                                    lambda m: setattr(m[1], "forward", lambda x: torch.tanh(2 * x))),
-    "overridden Sequential.forward": ("model[2]", "overrides forward",
-                                      lambda m: m.__setitem__(2, _ReversedSequential(
-                                          nn.Linear(5, 5, dtype=F64), nn.Tanh()))),
+    "forward hook": ("model[0]", "forward hook", lambda m: m[0].register_forward_hook(_triple)),
+    "forward pre-hook on Tanh": (
+        "model[1]",
+        "forward pre-hook",
+        lambda m: m[1].register_forward_pre_hook(_pre_double),
+    ),
+    "forward hook with kwargs": (
+        "model[4]",
+        "forward hook",
+        lambda m: m[4].register_forward_hook(
+            lambda mod, args, kwargs, out: out * 3, with_kwargs=True
+        ),
+    ),
+    "hook on the top Sequential": (
+        "model (Sequential)",
+        "forward hook",
+        lambda m: m.register_forward_hook(_triple),
+    ),
+    "hook on a nested Sequential": (
+        "model[2]",
+        "forward pre-hook",
+        lambda m: m[2].register_forward_pre_hook(_pre_double),
+    ),
+    "hook on a Residual": (
+        "model[3]",
+        "forward hook",
+        lambda m: m[3].register_forward_hook(_triple),
+    ),
+    "hook inside a Residual body": (
+        "model[3].body[1] (Tanh)",
+        "forward hook",
+        lambda m: m[3].body[1].register_forward_hook(_triple),
+    ),
+    "full backward hook": (
+        "model[1]",
+        "backward hook",
+        lambda m: m[1].register_full_backward_hook(_halve_grad),
+    ),
+    "full backward pre-hook": (
+        "model[1]",
+        "backward pre-hook",
+        lambda m: m[1].register_full_backward_pre_hook(_halve_grad_out),
+    ),
+    "old backward hook": (
+        "model[4]",
+        "backward hook",
+        lambda m: m[4].register_backward_hook(_halve_grad),
+    ),
+    "overridden forward": (
+        "model[0]",
+        "overrides forward",
+        lambda m: m.__setitem__(0, _copy_into(_Doubled(4, 5, dtype=F64), m[0])),
+    ),
+    "forward set on the instance": (
+        "model[1]",
+        "overrides forward",
+        lambda m: setattr(m[1], "forward", lambda x: torch.tanh(2 * x)),
+    ),
+    "overridden Sequential.forward": (
+        "model[2]",
+        "overrides forward",
+        lambda m: m.__setitem__(2, _ReversedSequential(nn.Linear(5, 5, dtype=F64), nn.Tanh())),
+    ),
 }
 
 
@@ -124,12 +164,13 @@ def _copy_into(new: nn.Linear, old: nn.Linear) -> nn.Linear:
 
 @contextlib.contextmanager
 def _global(kind: str):
-    hook = {"forward": (torch_module.register_module_forward_hook, _triple),
-            "forward_pre": (torch_module.register_module_forward_pre_hook, _pre_double),
-            "full_backward": (torch_module.register_module_full_backward_hook, _halve_grad),
-            "full_backward_pre": (torch_module.register_module_full_backward_pre_hook,
-                                  _halve_grad_out),
-            "backward": (torch_module.register_module_backward_hook, _halve_grad)}[kind]
+    hook = {
+        "forward": (torch_module.register_module_forward_hook, _triple),
+        "forward_pre": (torch_module.register_module_forward_pre_hook, _pre_double),
+        "full_backward": (torch_module.register_module_full_backward_hook, _halve_grad),
+        "full_backward_pre": (torch_module.register_module_full_backward_pre_hook, _halve_grad_out),
+        "backward": (torch_module.register_module_backward_hook, _halve_grad),
+    }[kind]
     # torch remembers which kind of global backward hook was used, even after removal, and then
     # refuses the other kind: restore its flag so the cases stay independent.
     flag = torch_module._global_is_full_backward_hook
@@ -141,9 +182,13 @@ def _global(kind: str):
         torch_module._global_is_full_backward_hook = flag
 
 
-GLOBAL_KINDS = {"forward": "forward hook", "forward_pre": "forward pre-hook",
-                "full_backward": "backward hook", "full_backward_pre": "backward pre-hook",
-                "backward": "backward hook"}
+GLOBAL_KINDS = {
+    "forward": "forward hook",
+    "forward_pre": "forward pre-hook",
+    "full_backward": "backward hook",
+    "full_backward_pre": "backward pre-hook",
+    "backward": "backward hook",
+}
 
 
 def _seeded(seed: int = 0) -> nn.Sequential:
@@ -164,7 +209,8 @@ def test_each_case_changes_what_the_model_computes(case):
     plain, hooked = _seeded(), _seeded()
     MODULE_CASES[case][2](hooked)
     changed = not torch.allclose(plain(x), hooked(x)) or not torch.allclose(
-        _input_grad(plain, x, y), _input_grad(hooked, x, y))
+        _input_grad(plain, x, y), _input_grad(hooked, x, y)
+    )
     assert changed
 
 
@@ -199,8 +245,9 @@ def test_subclass_keeping_forward_still_works(backend):
     plain = _seeded()
     sub = _seeded()
     sub[0] = _copy_into(_PlainLinear(4, 5, dtype=F64), sub[0])
-    torch.testing.assert_close(gscfast.gsc(sub, x, y, backend=backend),
-                               gscfast.gsc(plain, x, y, backend="reference"))
+    torch.testing.assert_close(
+        gscfast.gsc(sub, x, y, backend=backend), gscfast.gsc(plain, x, y, backend="reference")
+    )
     want = torch.func.vmap(torch.func.jacrev(sub))(x)
     torch.testing.assert_close(gscfast.jacobian(sub, x, backend=backend), want)
 
@@ -227,16 +274,19 @@ def test_autograd_jacobian_delegates_global_hooks_to_torch(kind):
 
 # ------------------------------------------------------------------ smaller gaps (issue 11, 4)
 
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_error_none_is_refused_with_the_choices(backend):
     """``error=None`` used to mean "no error layer" inside: an AttributeError, or (gsc_matrix)
     a NaN column returned as if it were a result."""
     x, y = _xy()
     model = _seeded()
-    calls = [lambda: gscfast.gsc(model, x, y, error=None, backend=backend),
-             lambda: gscfast.gsc_matrix(model, x, y, error=None, backend=backend),
-             lambda: gscfast.effective_depth(model, model, x, y, error=None, backend=backend),
-             lambda: gscfast.analyze(model, x, y, error=None, backend=backend)]
+    calls = [
+        lambda: gscfast.gsc(model, x, y, error=None, backend=backend),
+        lambda: gscfast.gsc_matrix(model, x, y, error=None, backend=backend),
+        lambda: gscfast.effective_depth(model, model, x, y, error=None, backend=backend),
+        lambda: gscfast.analyze(model, x, y, error=None, backend=backend),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match=r"error must be one of \('dot', 'kl'\), got None"):
             call()
@@ -248,11 +298,17 @@ def test_init_model_problems_name_init_model(backend):
     model, init = _seeded(), _seeded(1)
     with torch.no_grad():
         init[0].weight[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"^init_model\[0\] \(Linear\) weight contains NaN at index \(1, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"^init_model\[0\] \(Linear\) weight contains NaN at index \(1, 2\)"
+    ):
         gscfast.effective_depth(model, init, x, y, backend=backend)
-    with pytest.raises(ValueError, match=r"^init_model\[0\] \(Linear\) weight has dtype torch.float32"):
+    with pytest.raises(
+        ValueError, match=r"^init_model\[0\] \(Linear\) weight has dtype torch.float32"
+    ):
         gscfast.effective_depth(model, _seeded(1).float(), x, y, backend=backend)
-    with pytest.raises(TypeError, match=r"^init_model\[3\]\.body\[2\] \(Dropout\) is not supported"):
+    with pytest.raises(
+        TypeError, match=r"^init_model\[3\]\.body\[2\] \(Dropout\) is not supported"
+    ):
         bad = _seeded(1)
         bad[3].body.append(nn.Dropout(0.0))
         gscfast.effective_depth(model, bad, x, y, backend=backend)
@@ -263,13 +319,19 @@ def test_meta_tensors_are_refused(backend):
     x, y = _xy()
     model, meta = _seeded(), _seeded().to("meta")
     no_values = "is a meta tensor .*no values"
-    cases = [(lambda: gscfast.gsc(meta, x.to("meta"), y.to("meta"), backend=backend), "^x " + no_values),
-             (lambda: gscfast.gsc(model, x, y.to("meta"), backend=backend), "^y " + no_values),
-             (lambda: gscfast.preactivation_stats(meta, x, backend=backend),
-              r"^model\[0\] \(Linear\) weight " + no_values),
-             (lambda: gscfast.jacobian(meta, x.to("meta"), backend=backend), "^x " + no_values),
-             (lambda: gscfast.effective_depth(model, meta, x, y, backend=backend),
-              r"^init_model\[0\] \(Linear\) weight " + no_values)]
+    cases = [
+        (lambda: gscfast.gsc(meta, x.to("meta"), y.to("meta"), backend=backend), "^x " + no_values),
+        (lambda: gscfast.gsc(model, x, y.to("meta"), backend=backend), "^y " + no_values),
+        (
+            lambda: gscfast.preactivation_stats(meta, x, backend=backend),
+            r"^model\[0\] \(Linear\) weight " + no_values,
+        ),
+        (lambda: gscfast.jacobian(meta, x.to("meta"), backend=backend), "^x " + no_values),
+        (
+            lambda: gscfast.effective_depth(model, meta, x, y, backend=backend),
+            r"^init_model\[0\] \(Linear\) weight " + no_values,
+        ),
+    ]
     for call, msg in cases:
         with pytest.raises(ValueError, match=msg):
             call()
@@ -298,7 +360,13 @@ def _f32_case(kind: str):
                 if isinstance(m, nn.Linear):
                     m.weight.mul_(1e13)
         # the values overflow at f_1; the squared norm of a layer's output can overflow earlier
-        return model, x, y, {}, r"(layer f_1, the output of model\[4\] \(Linear\)|\|\|f_\d\|\|\^2, the squared norm of layer f_\d's output)"
+        return (
+            model,
+            x,
+            y,
+            {},
+            r"(layer f_1, the output of model\[4\] \(Linear\)|\|\|f_\d\|\|\^2, the squared norm of layer f_\d's output)",
+        )
     assert kind == "huge targets"
     model = gscfast.mlp(3, 6, act="tanh", seed=0)
     return model, x, y * 1e37, {}, r"\|\|f_0\|\|\^2, the square of the error f_0 \(error='dot'\)"
@@ -308,15 +376,20 @@ F32_CASES = ["batch norm", "frozen batch norm", "layer norm", "huge weights", "h
 
 
 def _f32_calls(model, x, y, kw, backend):
-    calls = {"gsc": lambda: gscfast.gsc(model, x, y, backend=backend, **kw),
-             "gsc_moments": lambda: gscfast.gsc_moments(model, x, y, backend=backend, **kw),
-             "analyze": lambda: gscfast.analyze(model, x, y, backend=backend, **kw),
-             "preactivation_stats": lambda: gscfast.preactivation_stats(model, x, backend=backend, **kw)}
+    calls = {
+        "gsc": lambda: gscfast.gsc(model, x, y, backend=backend, **kw),
+        "gsc_moments": lambda: gscfast.gsc_moments(model, x, y, backend=backend, **kw),
+        "analyze": lambda: gscfast.analyze(model, x, y, backend=backend, **kw),
+        "preactivation_stats": lambda: gscfast.preactivation_stats(model, x, backend=backend, **kw),
+    }
     if kw.get("batchnorm") != "batch" or not gscfast.compile_model(model).couples_batch:
-        calls["jacobian"] = lambda: gscfast.jacobian(model, x, backend=backend,
-                                                     **{"batchnorm": "frozen", **kw})
+        calls["jacobian"] = lambda: gscfast.jacobian(
+            model, x, backend=backend, **{"batchnorm": "frozen", **kw}
+        )
     calls["gsc_matrix"] = lambda: gscfast.gsc_matrix(model, x, y, backend=backend, **kw)
-    calls["effective_depth"] = lambda: gscfast.effective_depth(model, model, x, y, backend=backend, **kw)
+    calls["effective_depth"] = lambda: gscfast.effective_depth(
+        model, model, x, y, backend=backend, **kw
+    )
     return calls
 
 

@@ -1,4 +1,5 @@
 """The theory constants of definitions.md (``gscfast.theory``), checked by quadrature."""
+
 from __future__ import annotations
 
 import pytest

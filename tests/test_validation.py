@@ -1,4 +1,5 @@
 """Bad input gets a clear error that says what and where; the model is never modified."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,9 @@ def xy():
 
 
 def test_wrong_feature_count(model, xy):
-    with pytest.raises(ValueError, match=r"model\[0\] \(Linear\) expects 6 features but receives 7"):
+    with pytest.raises(
+        ValueError, match=r"model\[0\] \(Linear\) expects 6 features but receives 7"
+    ):
         gscfast.gsc(model, torch.randn(5, 7), xy[1])
 
 
@@ -29,7 +32,10 @@ def test_wrong_target_shape(model, xy):
 
 
 def test_dtype_mismatch(model, xy):
-    with pytest.raises(ValueError, match=r"model\[0\] \(Linear\) weight has dtype torch.float32 but x has dtype torch.float64"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\[0\] \(Linear\) weight has dtype torch.float32 but x has dtype torch.float64",
+    ):
         gscfast.gsc(model, xy[0].double(), xy[1].double())
     with pytest.raises(ValueError, match="y has dtype torch.float64"):
         gscfast.gsc(model, xy[0], xy[1].double())
@@ -49,7 +55,9 @@ def test_nan_and_inf_in_inputs(model, xy):
 def test_inf_in_weights(model, xy):
     with torch.no_grad():
         model[3].weight[2, 1] = float("inf")
-    with pytest.raises(ValueError, match=r"model\[3\] \(Linear\) weight contains Inf at index \(2, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"model\[3\] \(Linear\) weight contains Inf at index \(2, 1\)"
+    ):
         gscfast.preactivation_stats(model, xy[0])
 
 
@@ -86,17 +94,25 @@ def test_model_on_another_device(model, xy):
 
 
 def test_unsupported_module_is_named_with_its_position(xy):
-    model = nn.Sequential(nn.Linear(6, 6), nn.Sequential(nn.Tanh(), nn.Dropout(0.1)), nn.Linear(6, 4))
-    with pytest.raises(TypeError, match=r"model\[1\]\[1\] \(Dropout\) is not supported.*Supported: .*nn.Linear"):
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Sequential(nn.Tanh(), nn.Dropout(0.1)), nn.Linear(6, 4)
+    )
+    with pytest.raises(
+        TypeError, match=r"model\[1\]\[1\] \(Dropout\) is not supported.*Supported: .*nn.Linear"
+    ):
         gscfast.gsc(model, *xy)
     with pytest.raises(TypeError, match=r"LayerNorm over \(3, 2\)"):
         gscfast.compile_model(nn.Sequential(nn.LayerNorm((3, 2))))
 
 
 def test_bad_options(model, xy):
-    for kw, msg in [({"error": "mse"}, "error must be one of"), ({"batchnorm": "x"}, "batchnorm must be"),
-                    ({"backend": "nope"}, "unknown backend"), ({"chunk_size": 0}, "chunk_size"),
-                    ({"reduction": "sum"}, "reduction")]:
+    for kw, msg in [
+        ({"error": "mse"}, "error must be one of"),
+        ({"batchnorm": "x"}, "batchnorm must be"),
+        ({"backend": "nope"}, "unknown backend"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"reduction": "sum"}, "reduction"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             gscfast.gsc(model, *xy, **kw)
     with pytest.raises(ValueError, match="method"):

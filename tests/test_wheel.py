@@ -4,6 +4,7 @@ installed copy (``gscfast/backends/cuda_sources.py``, ``setup.py``'s ``build_py`
 
 About 10-20 s on 2 cores (pip, one host build of the kernels, a small comparison).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,26 +26,46 @@ from gscfast.backends import cuda_sources as cs
 ROOT = Path(__file__).resolve().parents[1]
 KDIR = ROOT / "kernels"
 # what a clean clone would not have: build outputs, environments, results
-JUNK = {".git", ".venv", "build", "dist", "results", "__pycache__", ".hypothesis", ".pytest_cache",
-        ".benchmarks", ".whl", ".gl", "_kernels"}
+JUNK = {
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "results",
+    "__pycache__",
+    ".hypothesis",
+    ".pytest_cache",
+    ".benchmarks",
+    ".whl",
+    ".gl",
+    "_kernels",
+}
 
 
 def _digests(d: Path) -> dict[str, str]:
     """Relative path -> sha256 of every CUDA source (``*.cu``, ``*.cuh``) under ``d``."""
-    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in d.rglob("*") if p.suffix in (".cu", ".cuh") and p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in d.rglob("*")
+        if p.suffix in (".cu", ".cuh") and p.is_file()
+    }
 
 
 def _clean_copy(dst: Path) -> Path:
     """The checkout without build outputs, so the build neither sees nor writes anything in it."""
-    shutil.copytree(ROOT, dst, ignore=lambda _, names: [
-        n for n in names if n in JUNK or n.endswith(".egg-info")])
+    shutil.copytree(
+        ROOT,
+        dst,
+        ignore=lambda _, names: [n for n in names if n in JUNK or n.endswith(".egg-info")],
+    )
     return dst
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
     return res
 
 
@@ -92,8 +113,22 @@ print(json.dumps(out))
 def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = _clean_copy(tmp / "src")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "-q", "-w", str(tmp / "dist"), str(src)], cwd=tmp)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        cwd=tmp,
+    )
     (whl,) = (tmp / "dist").glob("gscfast-*.whl")
     return whl
 
@@ -109,20 +144,41 @@ def test_installed_wheel_finds_every_cuda_source_and_builds_them_for_the_host(wh
     py = venv / "bin" / "python"
     # --ignore-installed: this environment's gscfast (a checkout) must neither satisfy the
     # requirement nor be uninstalled; the venv gets its own copy
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
-          "--ignore-installed", "-q", str(wheel)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-q",
+            str(wheel),
+        ]
+    )
     # torch, numba, cupy of the test environment: a venv of a venv sees only the base Python's
     # packages, so list this environment's site folders (plain paths: their .pth files, such as an
     # editable install of the checkout, are not run)
-    vsite = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
-                 .stdout.strip())
+    vsite = Path(
+        _run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+        ).stdout.strip()
+    )
     (vsite / "zz_test_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", cs.ENV, "GSCFAST_FATBIN_DIR", "PYTHONSTARTUP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", cs.ENV, "GSCFAST_FATBIN_DIR", "PYTHONSTARTUP")
+    }
     env["GSCFAST_HOST_BUILD"] = str(tmp_path / "host")  # a fresh build, not a cached library
     run_dir = tmp_path / "elsewhere"  # cwd outside the checkout: it is not on sys.path
     run_dir.mkdir()
-    got = json.loads(_run([str(py), "-c", PROBE], cwd=run_dir, env=env).stdout.strip().splitlines()[-1])
+    got = json.loads(
+        _run([str(py), "-c", PROBE], cwd=run_dir, env=env).stdout.strip().splitlines()[-1]
+    )
 
     pkg = Path(got["gscfast"]).parent
     assert pkg.is_relative_to(vsite), f"imported {got['gscfast']}, not the installed wheel"
@@ -145,13 +201,32 @@ def test_wheel_holds_no_stale_kernel(tmp_path):
     stale = src / "build" / "lib" / "gscfast" / "_kernels" / "deleted.cu"
     stale.parent.mkdir(parents=True)
     stale.write_text("// an old kernel\n")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "-q", "-w", str(tmp_path / "dist"), str(src)], cwd=tmp_path)
-    assert (src / "build" / "lib" / "gscfast" / "_kernels").is_dir(), "the build used another folder"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        cwd=tmp_path,
+    )
+    assert (src / "build" / "lib" / "gscfast" / "_kernels").is_dir(), (
+        "the build used another folder"
+    )
     (whl,) = (tmp_path / "dist").glob("gscfast-*.whl")
     names = zipfile.ZipFile(whl).namelist()
-    got = {n[len("gscfast/_kernels/"):] for n in names
-           if n.startswith("gscfast/_kernels/") and n.endswith((".cu", ".cuh"))}
+    got = {
+        n[len("gscfast/_kernels/") :]
+        for n in names
+        if n.startswith("gscfast/_kernels/") and n.endswith((".cu", ".cuh"))
+    }
     assert got == set(_digests(KDIR))
 
 

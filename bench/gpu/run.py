@@ -22,6 +22,7 @@ Workloads (as the CPU issue's W1-W4): W1 ``gsc`` B=10,000; W2 ``gsc_matrix`` exa
 W3 ``jacobian`` input -> output B=1,000; W4 ``effective_depth`` B=10,000.
 See bench/gpu/README.md for the H100 FLOP and byte floors these numbers should be read against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,21 @@ DEPTH, WIDTH = 50, 100
 
 # ----------------------------------------------------------------------------- checks
 
+
 def _random_model(rng: random.Random, dtype, max_width: int = 130):
     """A random fusable model: widths 5..max_width, every activation, LN / eval BN / train BN (frozen)."""
-    acts = [torch.nn.ReLU(), torch.nn.Tanh(), torch.nn.SELU(), torch.nn.Sigmoid(), torch.nn.GELU(),
-            torch.nn.GELU(approximate="tanh"), torch.nn.LeakyReLU(0.05), torch.nn.ELU(0.7),
-            torch.nn.Softplus(beta=1.5, threshold=3.0), torch.nn.Identity()]
+    acts = [
+        torch.nn.ReLU(),
+        torch.nn.Tanh(),
+        torch.nn.SELU(),
+        torch.nn.Sigmoid(),
+        torch.nn.GELU(),
+        torch.nn.GELU(approximate="tanh"),
+        torch.nn.LeakyReLU(0.05),
+        torch.nn.ELU(0.7),
+        torch.nn.Softplus(beta=1.5, threshold=3.0),
+        torch.nn.Identity(),
+    ]
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     d = n_in = rng.randrange(5, max_width + 1)
     mods = []
@@ -101,10 +112,16 @@ def _close_jac(got, ref, dtype):
     """Jacobians: error relative to each sample's Jacobian norm (signed entries cancel)."""
     got, ref = got.double().cpu().flatten(1), ref.double().cpu().flatten(1)
     err = ((got - ref).norm(dim=1) / ref.norm(dim=1).clamp(min=1e-300)).max()
-    return f"jacobian: relative error {err:.3g}" if err > (1e-9 if dtype == torch.float64 else 1e-4) else None
+    return (
+        f"jacobian: relative error {err:.3g}"
+        if err > (1e-9 if dtype == torch.float64 else 1e-4)
+        else None
+    )
 
 
-def check(names, seed: int, n_models: int, device: str = "cuda", max_width: int = 130) -> list[dict]:
+def check(
+    names, seed: int, n_models: int, device: str = "cuda", max_width: int = 130
+) -> list[dict]:
     """Every method of every backend on random models; returns one record per (model, dtype, backend).
 
     ``device="cpu"`` is for the test suite (the backends' CPU test modes)."""
@@ -113,7 +130,9 @@ def check(names, seed: int, n_models: int, device: str = "cuda", max_width: int 
     out = []
     for i in range(n_models):
         for dtype in (torch.float64, torch.float32):
-            model, n_in, g = _random_model(random.Random(rng.randrange(2**31)), torch.float64, max_width)
+            model, n_in, g = _random_model(
+                random.Random(rng.randrange(2**31)), torch.float64, max_width
+            )
             D, B = rng.choice([1, 2]), rng.randrange(2, 9)
             x = torch.randn(D, B, n_in, generator=g, dtype=torch.float64)
             m = [mm for mm in model.modules() if isinstance(mm, torch.nn.Linear)][-1].out_features
@@ -124,28 +143,57 @@ def check(names, seed: int, n_models: int, device: str = "cuda", max_width: int 
                     p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * p.abs().mean())
             pb64, _ = make_problem(model, x, y, error="dot", batchnorm="frozen")
             i64 = gscfast.compile_model(init)
-            want = dict(sweep=ref.sweep(pb64, grads=True, stats=False), chain=ref.chain(pb64, None),
-                        jac=ref.jacobian(pb64, pb64.L + 1, 1), contrib=ref.contributions(pb64, i64))
-            mc, xc, yc = (copy.deepcopy(model).to(device, dtype), x.to(device, dtype), y.to(device, dtype))
+            want = dict(
+                sweep=ref.sweep(pb64, grads=True, stats=False),
+                chain=ref.chain(pb64, None),
+                jac=ref.jacobian(pb64, pb64.L + 1, 1),
+                contrib=ref.contributions(pb64, i64),
+            )
+            mc, xc, yc = (
+                copy.deepcopy(model).to(device, dtype),
+                x.to(device, dtype),
+                y.to(device, dtype),
+            )
             pb, _ = make_problem(mc, xc, yc, error="dot", batchnorm="frozen")
             ic = gscfast.compile_model(copy.deepcopy(init).to(device, dtype))
             for name in names:
                 be = backends._load(name)()
-                errs = [e for e in (
-                    _close(be.sweep(pb, grads=True, stats=False).sq_grad, want["sweep"].sq_grad, dtype, "sweep"),
-                    _close(be.chain(pb, None), want["chain"], dtype, "chain"),
-                    _close_jac(be.jacobian(pb, pb.L + 1, 1), want["jac"], dtype),
-                    _close(be.contributions(pb, ic), want["contrib"], dtype, "contributions"),
-                ) if e]
+                errs = [
+                    e
+                    for e in (
+                        _close(
+                            be.sweep(pb, grads=True, stats=False).sq_grad,
+                            want["sweep"].sq_grad,
+                            dtype,
+                            "sweep",
+                        ),
+                        _close(be.chain(pb, None), want["chain"], dtype, "chain"),
+                        _close_jac(be.jacobian(pb, pb.L + 1, 1), want["jac"], dtype),
+                        _close(be.contributions(pb, ic), want["contrib"], dtype, "contributions"),
+                    )
+                    if e
+                ]
                 fused = getattr(be, "fused", lambda pb: None)(pb)
-                out.append(dict(model=i, dtype=str(dtype), backend=name, fused=fused, errors=errs,
-                                arch=repr(model)))
-                print(f"  check model {i} {str(dtype):14s} {name:7s} fused={fused!s:5s} "
-                      f"{'ok' if not errs else 'FAIL ' + '; '.join(errs)}", flush=True)
+                out.append(
+                    dict(
+                        model=i,
+                        dtype=str(dtype),
+                        backend=name,
+                        fused=fused,
+                        errors=errs,
+                        arch=repr(model),
+                    )
+                )
+                print(
+                    f"  check model {i} {dtype!s:14s} {name:7s} fused={fused!s:5s} "
+                    f"{'ok' if not errs else 'FAIL ' + '; '.join(errs)}",
+                    flush=True,
+                )
     return out
 
 
 # ----------------------------------------------------------------------------- workloads
+
 
 def make_model(arch: str, seed: int, device: str = "cuda"):
     act, _, norm = arch.partition("-")
@@ -175,7 +223,9 @@ def runner(w: str, name: str, model, init, xs, ys):
         return lambda i: gscfast.gsc_matrix(model, xs[i], ys[i], backend=name, batchnorm="frozen")
     if w == "W3":
         return lambda i: gscfast.jacobian(model, xs[i], backend=name, batchnorm="frozen")
-    return lambda i: gscfast.effective_depth(model, init, xs[i], ys[i], backend=name, batchnorm="frozen")
+    return lambda i: gscfast.effective_depth(
+        model, init, xs[i], ys[i], backend=name, batchnorm="frozen"
+    )
 
 
 def time_calls(fn, warmup: int, reps: int, rotate: int) -> list[float]:
@@ -212,11 +262,15 @@ def pct(ts, q):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workloads", default="W1,W2,W3,W4")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--precisions", default="fp32,tf32", help="fp32 (IEEE) and/or tf32")
-    ap.add_argument("--arch", default="tanh-layer", help="ACT-NORM of the 50x100 network (NORM: none|layer)")
+    ap.add_argument(
+        "--arch", default="tanh-layer", help="ACT-NORM of the 50x100 network (NORM: none|layer)"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input sets cycled through")
@@ -240,14 +294,26 @@ def main(argv=None) -> int:
             names.remove(n)
     seed = args.seed if args.seed is not None else int(time.time())
     props = torch.cuda.get_device_properties(0)
-    result = dict(device=props.name, sm=f"{props.major}{props.minor}", host=platform.node(),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  versions=_versions(), seed=seed, args=vars(args))
-    print(f"device {props.name} (sm_{props.major}{props.minor}), backends {names}, check seed {seed}")
+    result = dict(
+        device=props.name,
+        sm=f"{props.major}{props.minor}",
+        host=platform.node(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        versions=_versions(),
+        seed=seed,
+        args=vars(args),
+    )
+    print(
+        f"device {props.name} (sm_{props.major}{props.minor}), backends {names}, check seed {seed}"
+    )
 
     torch.set_float32_matmul_precision("highest")
     result["checks"] = check(names, seed, args.check_models)
-    failed = [c for c in result["checks"] if c["errors"] or (c["backend"] != "torch" and c["fused"] is False)]
+    failed = [
+        c
+        for c in result["checks"]
+        if c["errors"] or (c["backend"] != "torch" and c["fused"] is False)
+    ]
     result["checks_passed"] = not failed
     print(f"checks: {len(result['checks']) - len(failed)}/{len(result['checks'])} passed")
     if args.check_only or (failed and not args.force):
@@ -257,9 +323,13 @@ def main(argv=None) -> int:
     reps = 5 if args.quick else args.reps
     scale = 10 if args.quick else 1
     result["gemm"] = [gemm(8192, 8192, 8192, tf32, reps) for tf32 in (False, True)]
-    result["gemm"] += [gemm(SIZES["W2"] // scale * WIDTH, WIDTH, WIDTH, tf32, reps) for tf32 in (False, True)]
+    result["gemm"] += [
+        gemm(SIZES["W2"] // scale * WIDTH, WIDTH, WIDTH, tf32, reps) for tf32 in (False, True)
+    ]
     for gm in result["gemm"]:
-        print(f"cuBLAS {'tf32' if gm['tf32'] else 'sgemm'} {gm['shape']}: {gm['tflops']:.1f} TFLOP/s")
+        print(
+            f"cuBLAS {'tf32' if gm['tf32'] else 'sgemm'} {gm['shape']}: {gm['tflops']:.1f} TFLOP/s"
+        )
     peak = {gm["tf32"]: gm["tflops"] for gm in result["gemm"][:2]}
     shaped = {gm["tf32"]: gm["tflops"] for gm in result["gemm"][2:]}
 
@@ -278,19 +348,34 @@ def main(argv=None) -> int:
                 if name == "cupy" and prec == "tf32":
                     continue  # the CUDA kernels have no TF32 path
                 try:
-                    ts = time_calls(runner(w, name, model, init, xs, ys), args.warmup, reps, args.rotate)
+                    ts = time_calls(
+                        runner(w, name, model, init, xs, ys), args.warmup, reps, args.rotate
+                    )
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"{w} {name} {prec}: out of memory ({e})")
                     continue
                 med = statistics.median(ts)
                 tf = flops(w, B) / med / 1e12
-                row = dict(workload=w, B=B, backend=name, precision=prec, median_s=med,
-                           p10_s=pct(ts, 0.1), p90_s=pct(ts, 0.9), tflops=tf,
-                           vs_cublas_peak=tf / peak[prec == "tf32"], vs_cublas_shape=tf / shaped[prec == "tf32"],
-                           flops=flops(w, B), samples_s=ts)
+                row = dict(
+                    workload=w,
+                    B=B,
+                    backend=name,
+                    precision=prec,
+                    median_s=med,
+                    p10_s=pct(ts, 0.1),
+                    p90_s=pct(ts, 0.9),
+                    tflops=tf,
+                    vs_cublas_peak=tf / peak[prec == "tf32"],
+                    vs_cublas_shape=tf / shaped[prec == "tf32"],
+                    flops=flops(w, B),
+                    samples_s=ts,
+                )
                 rows.append(row)
-                print(f"{w} B={B:6d} {name:7s} {prec}: {med * 1e3:9.2f} ms  {tf:7.2f} TFLOP/s  "
-                      f"{100 * row['vs_cublas_peak']:5.1f}% of cuBLAS peak", flush=True)
+                print(
+                    f"{w} B={B:6d} {name:7s} {prec}: {med * 1e3:9.2f} ms  {tf:7.2f} TFLOP/s  "
+                    f"{100 * row['vs_cublas_peak']:5.1f}% of cuBLAS peak",
+                    flush=True,
+                )
     torch.set_float32_matmul_precision("highest")
     result["timings"] = rows
     _table(rows)
@@ -310,16 +395,24 @@ def _versions() -> dict:
 
 def _table(rows) -> None:
     print()
-    print("| workload | B | backend | precision | median ms | p10-p90 ms | TFLOP/s | / cuBLAS peak | / cuBLAS same-shape |")
+    print(
+        "| workload | B | backend | precision | median ms | p10-p90 ms | TFLOP/s | / cuBLAS peak | / cuBLAS same-shape |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workload']} | {r['B']} | {r['backend']} | {r['precision']} | {r['median_s'] * 1e3:.2f} "
-              f"| {r['p10_s'] * 1e3:.2f}-{r['p90_s'] * 1e3:.2f} | {r['tflops']:.2f} | {r['vs_cublas_peak']:.2f} "
-              f"| {r['vs_cublas_shape']:.2f} |")
+        print(
+            f"| {r['workload']} | {r['B']} | {r['backend']} | {r['precision']} | {r['median_s'] * 1e3:.2f} "
+            f"| {r['p10_s'] * 1e3:.2f}-{r['p90_s'] * 1e3:.2f} | {r['tflops']:.2f} | {r['vs_cublas_peak']:.2f} "
+            f"| {r['vs_cublas_shape']:.2f} |"
+        )
 
 
 def _write(result: dict, args) -> None:
-    path = Path(args.json) if args.json else HERE / f"results-{result['host']}-{result['date'][:10]}.json"
+    path = (
+        Path(args.json)
+        if args.json
+        else HERE / f"results-{result['host']}-{result['date'][:10]}.json"
+    )
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

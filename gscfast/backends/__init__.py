@@ -3,6 +3,7 @@
 ``"auto"`` (or the ``GSCFAST_BACKEND`` environment variable) picks the available backend of
 highest priority that runs on the input's device.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,7 +14,7 @@ import torch
 from ..validation import Problem
 from .base import Backend, Sweep
 
-__all__ = ["Backend", "Problem", "Sweep", "BACKENDS", "get_backend", "available_backends"]
+__all__ = ["BACKENDS", "Backend", "Problem", "Sweep", "available_backends", "get_backend"]
 
 # name -> "module:Class" (relative to this package). Slots whose module is missing report it.
 BACKENDS: dict[str, str] = {
@@ -34,7 +35,9 @@ def _load(name: str) -> type[Backend] | str:
             mod = importlib.import_module(f".{module}", __name__)
         except ModuleNotFoundError as e:
             if e.name and e.name.endswith(module):
-                _loaded[name] = f"the {name!r} backend is not implemented in this version of gscfast"
+                _loaded[name] = (
+                    f"the {name!r} backend is not implemented in this version of gscfast"
+                )
             else:
                 _loaded[name] = f"the {name!r} backend needs {e.name!r} (pip install {e.name})"
         else:
@@ -48,7 +51,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     found = []
     for name in BACKENDS:
         klass = _load(name)
-        if isinstance(klass, str) or (device is not None and not klass.supports(torch.device(device))):
+        if isinstance(klass, str) or (
+            device is not None and not klass.supports(torch.device(device))
+        ):
             continue
         found.append(klass)
     return [k.name for k in sorted(found, key=lambda k: -k.priority)]
@@ -68,6 +73,8 @@ def get_backend(name: str, device: torch.device | str) -> Backend:
     if isinstance(klass, str):
         raise RuntimeError(klass)
     if not klass.supports(device):
-        raise RuntimeError(f"the {name!r} backend does not run on {device} tensors; "
-                           f"available there: {available_backends(device)}")
+        raise RuntimeError(
+            f"the {name!r} backend does not run on {device} tensors; "
+            f"available there: {available_backends(device)}"
+        )
     return klass()

@@ -25,6 +25,7 @@ stacked per sample, a layer maps ``d_in -> d_out``):
 - ``contrib_step``: the effective-depth recursion ``v^(lam) S + v^(lam-1) (G - S)`` for all
   ``lam`` of a tile at once (three products sharing the loads), rows' squared norms.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,17 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..rules import error_grad, error_value
-from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
-                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.activation import (
+    ELURule,
+    GELURule,
+    IdentityRule,
+    LeakyReLURule,
+    ReLURule,
+    SELURule,
+    SigmoidRule,
+    SoftplusRule,
+    TanhRule,
+)
 from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
@@ -44,13 +54,32 @@ from .chunks import iter_chunks
 from .torch_engine import TorchBackend
 
 # Activation and norm codes: the same numbers in kernels/common/codes.cuh (a test checks it).
-ACT_NONE, ACT_IDENTITY, ACT_RELU, ACT_LEAKY, ACT_TANH, ACT_SIGMOID, ACT_ELU, ACT_SELU, \
-    ACT_SOFTPLUS, ACT_GELU, ACT_GELU_TANH = range(11)
+(
+    ACT_NONE,
+    ACT_IDENTITY,
+    ACT_RELU,
+    ACT_LEAKY,
+    ACT_TANH,
+    ACT_SIGMOID,
+    ACT_ELU,
+    ACT_SELU,
+    ACT_SOFTPLUS,
+    ACT_GELU,
+    ACT_GELU_TANH,
+) = range(11)
 NORM_NONE, NORM_LAYER, NORM_DIAG = range(3)
 
-_ACTS = {ReLURule: ACT_RELU, LeakyReLURule: ACT_LEAKY, TanhRule: ACT_TANH, SigmoidRule: ACT_SIGMOID,
-         ELURule: ACT_ELU, SELURule: ACT_SELU, SoftplusRule: ACT_SOFTPLUS, GELURule: ACT_GELU,
-         IdentityRule: ACT_IDENTITY}
+_ACTS = {
+    ReLURule: ACT_RELU,
+    LeakyReLURule: ACT_LEAKY,
+    TanhRule: ACT_TANH,
+    SigmoidRule: ACT_SIGMOID,
+    ELURule: ACT_ELU,
+    SELURule: ACT_SELU,
+    SoftplusRule: ACT_SOFTPLUS,
+    GELURule: ACT_GELU,
+    IdentityRule: ACT_IDENTITY,
+}
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -160,7 +189,9 @@ def build_specs(program: Program, like: Tensor, frozen: dict | None) -> list[Lay
             elif a == ACT_GELU and mod.approximate == "tanh":
                 a = ACT_GELU_TANH
         params = torch.tensor([eps, p0, p1], dtype=torch.float64).to(**kw)
-        specs.append(LayerSpec(layer.index, W, bias, code, gamma, beta, mean, eps, a, p0, p1, params))
+        specs.append(
+            LayerSpec(layer.index, W, bias, code, gamma, beta, mean, eps, a, p0, p1, params)
+        )
     return specs
 
 
@@ -200,8 +231,16 @@ class FusedEngine(TorchBackend):
     def _device_ok(self, device: torch.device) -> bool:
         raise NotImplementedError
 
-    def _layer_fwd(self, x: Tensor, spec: LayerSpec, group_rows: int, y: Tensor, saved: Saved,
-                   sq: Tensor | None, mom: Tensor | None) -> None:
+    def _layer_fwd(
+        self,
+        x: Tensor,
+        spec: LayerSpec,
+        group_rows: int,
+        y: Tensor,
+        saved: Saved,
+        sq: Tensor | None,
+        mom: Tensor | None,
+    ) -> None:
         """``x [N, d_in]`` -> ``y [N, d_out]`` (also scratch when the output is not needed),
         ``saved``'s tensors, ``sq [N]`` = ``||y||^2``, ``mom [T, 4, d_out]`` per ``moment_tile``."""
         raise NotImplementedError
@@ -210,14 +249,34 @@ class FusedEngine(TorchBackend):
         """Samples per tile of ``_layer_fwd``'s moments."""
         raise NotImplementedError
 
-    def _chain_step(self, v: Tensor, rows: int, R: int, svn: int, svr: int, spec: LayerSpec,
-                    saved: Saved, out: Tensor | None, sqr: Tensor | None) -> None:
+    def _chain_step(
+        self,
+        v: Tensor,
+        rows: int,
+        R: int,
+        svn: int,
+        svr: int,
+        spec: LayerSpec,
+        saved: Saved,
+        out: Tensor | None,
+        sqr: Tensor | None,
+    ) -> None:
         """Row ``r`` (sample ``r // R``, row ``r % R`` of it) is ``v[(r // R) * svn + (r % R) * svr
         + :d_out]``; ``out [rows, d_in]`` = its VJP through the layer, ``sqr [rows]`` its squared norm."""
         raise NotImplementedError
 
-    def _contrib_step(self, v: Tensor, N: int, M: int, spec: LayerSpec, saved: Saved,
-                      spec0: LayerSpec, saved0: Saved, out: Tensor, sqr: Tensor) -> None:
+    def _contrib_step(
+        self,
+        v: Tensor,
+        N: int,
+        M: int,
+        spec: LayerSpec,
+        saved: Saved,
+        spec0: LayerSpec,
+        saved0: Saved,
+        out: Tensor,
+        sqr: Tensor,
+    ) -> None:
         """``v [N, M, d_out]`` -> ``out [N, M+1, d_in]``: ``out[:, j] = v[:, j] S + v[:, j-1] G -
         v[:, j-1] S`` (missing terms zero), ``S``/``G`` the layer's VJP with ``spec0``/``spec``;
         ``sqr [N*(M+1)]`` the rows' squared norms."""
@@ -237,10 +296,21 @@ class FusedEngine(TorchBackend):
         w = pb.widths
         item = pb.x.element_size()
         saved = 2 * sum(w[1:-1]) + 2 * pb.L
-        return item * ((2 if init else 1) * saved + 2 * rows * max(w[1:]) + 3 * max(w[1:]) + pb.L + 1)
+        return item * (
+            (2 if init else 1) * saved + 2 * rows * max(w[1:]) + 3 * max(w[1:]) + pb.L + 1
+        )
 
-    def _forward(self, pb: Problem, ds: slice, bs: slice, ctx, *, save: bool,
-                 moments: list | None = None, init: Program | None = None) -> Pass:
+    def _forward(
+        self,
+        pb: Problem,
+        ds: slice,
+        bs: slice,
+        ctx,
+        *,
+        save: bool,
+        moments: list | None = None,
+        init: Program | None = None,
+    ) -> Pass:
         x = pb.x[ds, bs]
         Dc, b, n = x.shape
         N, L = Dc * b, pb.L
@@ -287,12 +357,23 @@ class FusedEngine(TorchBackend):
         if not save:
             return Saved(None, None, None)
         ln = spec.norm == NORM_LAYER
-        return Saved(empty((N, spec.dout), like) if spec.has_ds else None,
-                     empty((N, spec.dout), like) if ln else None,
-                     empty((N,), like) if ln else None)
+        return Saved(
+            empty((N, spec.dout), like) if spec.has_ds else None,
+            empty((N, spec.dout), like) if ln else None,
+            empty((N,), like) if ln else None,
+        )
 
-    def _steps(self, fw: Pass, v: Tensor, R: int, broadcast: bool, k0: int, k1: int,
-               dest: Tensor, scale: float) -> Tensor:
+    def _steps(
+        self,
+        fw: Pass,
+        v: Tensor,
+        R: int,
+        broadcast: bool,
+        k0: int,
+        k1: int,
+        dest: Tensor,
+        scale: float,
+    ) -> Tensor:
         """Push ``R`` rows per sample (one ``[R, d]`` matrix for all samples if ``broadcast``)
         through layers ``k0 .. k1-1``; ``dest[:, k+1]`` (``dest [N, L+1]``, a view) = each sample's
         squared norm after layer ``k`` divided by ``scale``. Returns the last rows ``[N*R, d]``.
@@ -311,7 +392,7 @@ class FusedEngine(TorchBackend):
             self._chain_step(v, N * R, R, svn, svr, spec, fw.saved[k], out, sq[k - k0])
             v, broadcast = out, False
         s = sq.view(k1 - k0, N, R).sum(2) if R > 1 else sq
-        dest[:, k0 + 1:k1 + 1] = (s / scale if scale != 1 else s).T
+        dest[:, k0 + 1 : k1 + 1] = (s / scale if scale != 1 else s).T
         return v
 
     # ---------------------------------------------------------------- the four methods
@@ -337,7 +418,7 @@ class FusedEngine(TorchBackend):
         if not self.fused(pb):
             return super().chain(pb, probes)
         w, L = pb.widths, pb.L
-        rows = max(w[1:L + 1]) if probes is None else probes(1).shape[0]
+        rows = max(w[1 : L + 1]) if probes is None else probes(1).shape[0]
         out = []
         for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, rows)):
             fw = self._forward(pb, ds, bs, ctx, save=True)
@@ -376,7 +457,11 @@ class FusedEngine(TorchBackend):
             for k in range(end, start):
                 spec = fw.specs[k]
                 last = k == start - 1
-                o = result[p0:p0 + N].view(N * R, spec.din) if last else empty((N * R, spec.din), v)
+                o = (
+                    result[p0 : p0 + N].view(N * R, spec.din)
+                    if last
+                    else empty((N * R, spec.din), v)
+                )
                 svn, svr = (0, spec.dout) if broadcast else (R * spec.dout, spec.dout)
                 self._chain_step(v, N * R, R, svn, svr, spec, fw.saved[k], o, None)
                 v, broadcast = o, False
@@ -399,7 +484,7 @@ class FusedEngine(TorchBackend):
                 nxt = empty((N * (m + 1), spec.din), v)
                 sqr = empty((N * (m + 1),), v)
                 self._contrib_step(v, N, m, spec, fw.saved[m], fw.specs0[m], fw.saved0[m], nxt, sqr)
-                res[:, m + 1, :m + 1] = sqr.view(N, m + 1)
+                res[:, m + 1, : m + 1] = sqr.view(N, m + 1)
                 v = nxt
             out.append(res)
         return torch.cat(out)

@@ -8,6 +8,7 @@ compiler (``CXX``, else ``g++``/``c++``/``clang++``), caches it by content hash,
 ``"cupy"`` backend passes on the GPU. The tests use it to check the numbers the CUDA source
 computes without a GPU.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,15 @@ import torch
 
 from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
 
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-DGSC_HOST", "-fvisibility=hidden",
-         "-ffp-contract=off")
+FLAGS = (
+    "-O2",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-DGSC_HOST",
+    "-fvisibility=hidden",
+    "-ffp-contract=off",
+)
 
 
 def compiler() -> str | None:
@@ -36,7 +44,9 @@ def compiler() -> str | None:
 
 def unavailable_reason() -> str | None:
     if compiler() is None:
-        return "no C++ compiler (set CXX or install g++) to build the host emulation of kernels/*.cu"
+        return (
+            "no C++ compiler (set CXX or install g++) to build the host emulation of kernels/*.cu"
+        )
     if not kernel_sources():
         return missing_reason()
     return None
@@ -50,17 +60,22 @@ def build(out_dir: str | os.PathLike | None = None) -> Path:
     kdir = kernel_dir()
     sources = kernel_sources()
     unity = "".join(f'#include "{p.name}"\n' for p in sources)
-    unity += ('extern "C" __attribute__((visibility("default"))) void gsc_host_launch('
-              "long long grid, long long block) {\n"
-              "  gsc::launch_config().grid = grid;\n"
-              "  gsc::launch_config().block = int(block);\n}\n")
+    unity += (
+        'extern "C" __attribute__((visibility("default"))) void gsc_host_launch('
+        "long long grid, long long block) {\n"
+        "  gsc::launch_config().grid = grid;\n"
+        "  gsc::launch_config().block = int(block);\n}\n"
+    )
     h = hashlib.sha256(unity.encode())
     for p in sorted(kdir.rglob("*")):
         if p.suffix in (".cu", ".cuh", ".h") and p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     h.update(" ".join((cxx,) + FLAGS).encode())
-    out_dir = Path(out_dir or os.environ.get("GSCFAST_HOST_BUILD")
-                   or Path(tempfile.gettempdir()) / f"gscfast-host-{os.getuid()}")
+    out_dir = Path(
+        out_dir
+        or os.environ.get("GSCFAST_HOST_BUILD")
+        or Path(tempfile.gettempdir()) / f"gscfast-host-{os.getuid()}"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"gsckernels-{h.hexdigest()[:16]}.so"
     if lib.exists():

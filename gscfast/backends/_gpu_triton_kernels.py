@@ -12,6 +12,7 @@ branches that keep them accurate to a few ulp in float32 and float64.
 
 The activation codes are ``_gpu_engine.ACT_*``; norm codes ``_gpu_engine.NORM_*``.
 """
+
 from __future__ import annotations
 
 import triton
@@ -27,6 +28,7 @@ SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
 
 
 # ----------------------------------------------------------------------------- scalar helpers
+
 
 @triton.jit
 def _tanh(x):
@@ -133,20 +135,47 @@ def _activate(z, ACT: tl.constexpr, p0, p1):
     else:  # 10: gelu (tanh approximation)
         t = _tanh((z + 0.044715 * z * z * z) * SQRT_2_OVER_PI)
         y = 0.5 * z * (1.0 + t)
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (
+            1.0 + 3.0 * 0.044715 * z * z
+        )
     return y, d
 
 
 # ----------------------------------------------------------------------------- forward
 
+
 @triton.jit
 def layer_fwd_kernel(
-    X, W, BIAS, GAMMA, BETA, MEAN, PRM, Y, DS, XH, INV, SQ, MOM,
-    N, DIN, DOUT, GROUP_ROWS,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    ACT: tl.constexpr, SAVE_DS: tl.constexpr, SAVE_LN: tl.constexpr, WRITE_SQ: tl.constexpr,
-    STATS: tl.constexpr, PREC: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    GAMMA,
+    BETA,
+    MEAN,
+    PRM,
+    Y,
+    DS,
+    XH,
+    INV,
+    SQ,
+    MOM,
+    N,
+    DIN,
+    DOUT,
+    GROUP_ROWS,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    ACT: tl.constexpr,
+    SAVE_DS: tl.constexpr,
+    SAVE_LN: tl.constexpr,
+    WRITE_SQ: tl.constexpr,
+    STATS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One tile of ``BM`` samples, whole output rows (``BN >= DOUT``): GEMM over ``DIN`` in ``BK``
     steps, then bias, norm, activation, ``||y||^2``, saved state and the tile's moments."""
@@ -161,10 +190,12 @@ def layer_fwd_kernel(
     for k0 in range(0, DIN, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < DIN
-        b_x = tl.load(X + o_m64[:, None] * DIN + o_k[None, :],
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        b_w = tl.load(W + o_n[None, :] * DIN + o_k[:, None],
-                      mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN] = W^T
+        b_x = tl.load(
+            X + o_m64[:, None] * DIN + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0
+        )  # [BM, BK]
+        b_w = tl.load(
+            W + o_n[None, :] * DIN + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0
+        )  # [BK, BN] = W^T
         b_z = tl.dot(b_x, b_w, b_z, input_precision=PREC)
     if HAS_BIAS:
         b_z += tl.load(BIAS + o_n, mask=m_n, other=0.0)[None, :]
@@ -220,8 +251,11 @@ def layer_fwd_kernel(
 
 # ----------------------------------------------------------------------------- VJP steps
 
+
 @triton.jit
-def _load_u(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, DOUT, HAS_DS: tl.constexpr, HAS_GAMMA: tl.constexpr):
+def _load_u(
+    p_row, m_r, o_s, o_k, m_k, DS, GAMMA, DOUT, HAS_DS: tl.constexpr, HAS_GAMMA: tl.constexpr
+):
     """``v * ds * gamma`` for rows ``p_row [BM]`` (pointers) and columns ``o_k [BK]``."""
     m = m_r[:, None] & m_k[None, :]
     b_u = tl.load(p_row[:, None] + o_k[None, :], mask=m, other=0.0)  # [BM, BK]
@@ -233,8 +267,20 @@ def _load_u(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, DOUT, HAS_DS: tl.constexpr, HA
 
 
 @triton.jit
-def _ln_stats(p_row, m_r, o_s, DS, GAMMA, XH, DOUT, BK: tl.constexpr, BM: tl.constexpr,
-              HAS_DS: tl.constexpr, HAS_GAMMA: tl.constexpr, dtype: tl.constexpr):
+def _ln_stats(
+    p_row,
+    m_r,
+    o_s,
+    DS,
+    GAMMA,
+    XH,
+    DOUT,
+    BK: tl.constexpr,
+    BM: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    dtype: tl.constexpr,
+):
     """Row means of ``u`` and ``u * xh`` over the ``DOUT`` features (layer-norm projection)."""
     b_a = tl.zeros((BM,), dtype=dtype)
     b_b = tl.zeros((BM,), dtype=dtype)
@@ -242,15 +288,32 @@ def _ln_stats(p_row, m_r, o_s, DS, GAMMA, XH, DOUT, BK: tl.constexpr, BM: tl.con
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < DOUT
         b_u = _load_u(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, DOUT, HAS_DS, HAS_GAMMA)
-        b_xh = tl.load(XH + o_s[:, None] * DOUT + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_xh = tl.load(
+            XH + o_s[:, None] * DOUT + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0
+        )
         b_a += tl.sum(b_u, 1)
         b_b += tl.sum(b_u * b_xh, 1)
     return b_a / DOUT, b_b / DOUT
 
 
 @triton.jit
-def _vjp_in(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, XH, DOUT, b_a, b_b, b_inv,
-            HAS_DS: tl.constexpr, LN: tl.constexpr, HAS_GAMMA: tl.constexpr):
+def _vjp_in(
+    p_row,
+    m_r,
+    o_s,
+    o_k,
+    m_k,
+    DS,
+    GAMMA,
+    XH,
+    DOUT,
+    b_a,
+    b_b,
+    b_inv,
+    HAS_DS: tl.constexpr,
+    LN: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+):
     """The GEMM input of the layer's VJP for one ``[BM, BK]`` tile: ``v * ds``, then the
     layer-norm projection ``(u - mean(u) - xh mean(u xh)) * inv`` with ``u = v * ds * gamma``."""
     b_u = _load_u(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, DOUT, HAS_DS, HAS_GAMMA)
@@ -263,11 +326,29 @@ def _vjp_in(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, XH, DOUT, b_a, b_b, b_inv,
 
 @triton.jit
 def chain_step_kernel(
-    V, DS, GAMMA, XH, INV, W, OUT, SQR,
-    ROWS, R, DOUT, DIN, SVN, SVR,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_DS: tl.constexpr, LN: tl.constexpr, HAS_GAMMA: tl.constexpr, STORE: tl.constexpr,
-    WRITE_SQ: tl.constexpr, PREC: tl.constexpr,
+    V,
+    DS,
+    GAMMA,
+    XH,
+    INV,
+    W,
+    OUT,
+    SQR,
+    ROWS,
+    R,
+    DOUT,
+    DIN,
+    SVN,
+    SVR,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    LN: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    STORE: tl.constexpr,
+    WRITE_SQ: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Rows ``r`` of a tile (sample ``n = r // R``): ``out = P(v * ds) @ W`` over ``DIN`` in ``BN``
     column blocks (``DOUT`` in ``BK`` steps), ``sqr[r] = ||out_r||^2`` (the epilogue)."""
@@ -292,24 +373,62 @@ def chain_step_kernel(
         for k0 in range(0, DOUT, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < DOUT
-            b_u = _vjp_in(p_row, m_r, o_s, o_k, m_k, DS, GAMMA, XH, DOUT, b_a, b_b, b_inv,
-                          HAS_DS, LN, HAS_GAMMA)  # [BM, BK]
-            b_w = tl.load(W + o_k[:, None] * DIN + o_c[None, :],
-                          mask=m_k[:, None] & m_c[None, :], other=0.0)  # [BK, BN]
+            b_u = _vjp_in(
+                p_row,
+                m_r,
+                o_s,
+                o_k,
+                m_k,
+                DS,
+                GAMMA,
+                XH,
+                DOUT,
+                b_a,
+                b_b,
+                b_inv,
+                HAS_DS,
+                LN,
+                HAS_GAMMA,
+            )  # [BM, BK]
+            b_w = tl.load(
+                W + o_k[:, None] * DIN + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0
+            )  # [BK, BN]
             b_acc = tl.dot(b_u, b_w, b_acc, input_precision=PREC)
         b_sq += tl.sum(b_acc * b_acc, 1)
         if STORE:
-            tl.store(OUT + o_r64[:, None] * DIN + o_c[None, :], b_acc, mask=m_r[:, None] & m_c[None, :])
+            tl.store(
+                OUT + o_r64[:, None] * DIN + o_c[None, :], b_acc, mask=m_r[:, None] & m_c[None, :]
+            )
     if WRITE_SQ:
         tl.store(SQR + o_r64, b_sq, mask=m_r)
 
 
 @triton.jit
 def contrib_step_kernel(
-    V, DS, GAMMA, XH, INV, W, DS0, GAMMA0, XH0, INV0, W0, OUT, SQR,
-    NS, M, DOUT, DIN,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_DS: tl.constexpr, LN: tl.constexpr, HAS_GAMMA: tl.constexpr, PREC: tl.constexpr,
+    V,
+    DS,
+    GAMMA,
+    XH,
+    INV,
+    W,
+    DS0,
+    GAMMA0,
+    XH0,
+    INV0,
+    W0,
+    OUT,
+    SQR,
+    NS,
+    M,
+    DOUT,
+    DIN,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    LN: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Output row ``(n, j)``, ``j = 0..M``: ``v[n, j] S + (v[n, j-1] G - v[n, j-1] S)`` (missing rows
     zero; ``G`` from the trained layer, ``S`` from the initial one), and its squared norm. The
@@ -336,9 +455,13 @@ def contrib_step_kernel(
     b_inv = tl.zeros((BM,), dtype=dtype)
     b_inv0 = tl.zeros((BM,), dtype=dtype)
     if LN:
-        b_a0, b_b0 = _ln_stats(p_0, m_0, o_s, DS0, GAMMA0, XH0, DOUT, BK, BM, HAS_DS, HAS_GAMMA, dtype)
+        b_a0, b_b0 = _ln_stats(
+            p_0, m_0, o_s, DS0, GAMMA0, XH0, DOUT, BK, BM, HAS_DS, HAS_GAMMA, dtype
+        )
         b_a1, b_b1 = _ln_stats(p_1, m_1, o_s, DS, GAMMA, XH, DOUT, BK, BM, HAS_DS, HAS_GAMMA, dtype)
-        b_a2, b_b2 = _ln_stats(p_1, m_1, o_s, DS0, GAMMA0, XH0, DOUT, BK, BM, HAS_DS, HAS_GAMMA, dtype)
+        b_a2, b_b2 = _ln_stats(
+            p_1, m_1, o_s, DS0, GAMMA0, XH0, DOUT, BK, BM, HAS_DS, HAS_GAMMA, dtype
+        )
         b_inv = tl.load(INV + o_s, mask=m_r, other=0.0)
         b_inv0 = tl.load(INV0 + o_s, mask=m_r, other=0.0)
     b_sq = tl.zeros((BM,), dtype=dtype)
@@ -352,12 +475,57 @@ def contrib_step_kernel(
         for k0 in range(0, DOUT, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < DOUT
-            b_u0 = _vjp_in(p_0, m_0, o_s, o_k, m_k, DS0, GAMMA0, XH0, DOUT, b_a0, b_b0, b_inv0,
-                           HAS_DS, LN, HAS_GAMMA)
-            b_u1 = _vjp_in(p_1, m_1, o_s, o_k, m_k, DS, GAMMA, XH, DOUT, b_a1, b_b1, b_inv,
-                           HAS_DS, LN, HAS_GAMMA)
-            b_u2 = _vjp_in(p_1, m_1, o_s, o_k, m_k, DS0, GAMMA0, XH0, DOUT, b_a2, b_b2, b_inv0,
-                           HAS_DS, LN, HAS_GAMMA)
+            b_u0 = _vjp_in(
+                p_0,
+                m_0,
+                o_s,
+                o_k,
+                m_k,
+                DS0,
+                GAMMA0,
+                XH0,
+                DOUT,
+                b_a0,
+                b_b0,
+                b_inv0,
+                HAS_DS,
+                LN,
+                HAS_GAMMA,
+            )
+            b_u1 = _vjp_in(
+                p_1,
+                m_1,
+                o_s,
+                o_k,
+                m_k,
+                DS,
+                GAMMA,
+                XH,
+                DOUT,
+                b_a1,
+                b_b1,
+                b_inv,
+                HAS_DS,
+                LN,
+                HAS_GAMMA,
+            )
+            b_u2 = _vjp_in(
+                p_1,
+                m_1,
+                o_s,
+                o_k,
+                m_k,
+                DS0,
+                GAMMA0,
+                XH0,
+                DOUT,
+                b_a2,
+                b_b2,
+                b_inv0,
+                HAS_DS,
+                LN,
+                HAS_GAMMA,
+            )
             m_kw = m_k[:, None] & m_w
             b_w = tl.load(W + o_k[:, None] * DIN + o_c[None, :], mask=m_kw, other=0.0)  # [BK, BN]
             b_w0 = tl.load(W0 + o_k[:, None] * DIN + o_c[None, :], mask=m_kw, other=0.0)

@@ -20,9 +20,11 @@ Activations save only their output where the derivative follows from it (``tanh'
 ``relu'(z) = [y > 0]``, ...), so the saved state is also the next layer's GEMM input.
 float32 uses vectorizable approximations of ``tanh``/``exp`` (a few ulp); float64 uses ``math``.
 """
+
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -31,13 +33,28 @@ from numba.extending import intrinsic, overload
 
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
-OPTS = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
-INL = dict(fastmath=FM, error_model="numpy", inline="always")  # small helpers: inlined in numba IR
-HELP = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)  # compiled once, LLVM-inlined
+OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
+INL: dict[str, Any] = dict(
+    fastmath=FM, error_model="numpy", inline="always"
+)  # small helpers: inlined in numba IR
+HELP: dict[str, Any] = dict(
+    fastmath=FM, error_model="numpy", cache=True, nogil=True
+)  # compiled once, LLVM-inlined
 
 # activation codes
-A_NONE, A_IDENTITY, A_RELU, A_LEAKY, A_TANH, A_SIGMOID, A_ELU, A_SELU, A_SOFTPLUS, A_GELU, \
-    A_GELU_TANH = range(11)
+(
+    A_NONE,
+    A_IDENTITY,
+    A_RELU,
+    A_LEAKY,
+    A_TANH,
+    A_SIGMOID,
+    A_ELU,
+    A_SELU,
+    A_SOFTPLUS,
+    A_GELU,
+    A_GELU_TANH,
+) = range(11)
 # norm codes
 N_NONE, N_LAYER, N_DIAG, N_BATCH = range(4)  # N_BATCH: batch statistics, coupled
 # meta columns
@@ -59,6 +76,7 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # ------------------------------------------------------------------ scalar helpers
 
+
 def _c(like, value):
     """``value`` as the float type of ``like`` (a scalar or an array)."""
 
@@ -72,11 +90,13 @@ def _c_impl(like, value):
 @intrinsic
 def _bits_as_f32(typingctx, n):
     """Reinterpret the low 32 bits of an integer as a float32 (for ``2**n``)."""
+
     def codegen(context, builder, sig, args):
         v = args[0]
         if v.type.width != 32:
             v = builder.trunc(v, ir.IntType(32))
         return builder.bitcast(v, ir.FloatType())
+
     return types.float32(n), codegen
 
 
@@ -146,44 +166,60 @@ def _expm1(x):
 @overload(_expm1)
 def _expm1_impl(x):
     if x == types.float32:
+
         def impl(x):
-            small = x * (np.float32(1.0) + x * (np.float32(0.5) + x * (
-                np.float32(1.0 / 6.0) + x * (np.float32(1.0 / 24.0) + x * np.float32(1.0 / 120.0)))))
+            small = x * (
+                np.float32(1.0)
+                + x
+                * (
+                    np.float32(0.5)
+                    + x
+                    * (
+                        np.float32(1.0 / 6.0)
+                        + x * (np.float32(1.0 / 24.0) + x * np.float32(1.0 / 120.0))
+                    )
+                )
+            )
             big = _exp32(x) - np.float32(1.0)
             return small if abs(x) < np.float32(0.03) else big
+
         return impl
     return lambda x: math.expm1(x)
 
 
 # ------------------------------------------------------------------ views
 
+
 @njit(**INL)
 def _weight(wflat, meta, i):
     """``W_i [d_out, d_in]``."""
     o = meta[i, M_W]
-    return wflat[o:o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape((meta[i, M_DOUT], meta[i, M_DIN]))
+    return wflat[o : o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape(
+        (meta[i, M_DOUT], meta[i, M_DIN])
+    )
 
 
 @njit(**INL)
 def _vec(vflat, off, d):
-    return vflat[off:off + d]
+    return vflat[off : off + d]
 
 
 @njit(**INL)
 def _row(store, sto, T, i, col, t, d):
     """Row ``t`` (``[d]``) of layer ``i``'s saved item ``col`` in a thread's ``store``."""
     o = sto[i, col] * T + t * d
-    return store[o:o + d]
+    return store[o : o + d]
 
 
 @njit(**INL)
 def _mat(store, sto, T, i, col, n, d):
     """The first ``n`` rows (``[n, d]``) of layer ``i``'s saved item ``col``."""
     o = sto[i, col] * T
-    return store[o:o + n * d].reshape((n, d))
+    return store[o : o + n * d].reshape((n, d))
 
 
 # ------------------------------------------------------------------ forward
+
 
 @njit(**INL)
 def _act_row(code, p0, p1, z, y, der, dsave):
@@ -376,7 +412,7 @@ def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, 
     activation, ``||f||^2`` into ``sqo[so + t, L - i]``, saved state). Leaves the
     pre-activation in ``Z [n, d_out]`` (returned) and the output in ``store`` item ``S_H``."""
     dout = meta[i, M_DOUT]
-    Zm = Z[:n * dout].reshape((n, dout))
+    Zm = Z[: n * dout].reshape((n, dout))
     np.dot(hin, _weight(wflat, meta, i).T, Zm)
     code = meta[i, M_ACT]
     dsave = meta[i, M_DSAVE] == 1 and save
@@ -385,13 +421,21 @@ def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, 
     col = L - i
     for t in range(n):
         z = Zm[t]
-        inv = _norm_row(meta, fmeta, vflat, i, z, _row(store, sto, T, i, S_XH, t, dout),
-                        save and meta[i, M_NORM] == N_LAYER)
+        inv = _norm_row(
+            meta,
+            fmeta,
+            vflat,
+            i,
+            z,
+            _row(store, sto, T, i, S_XH, t, dout),
+            save and meta[i, M_NORM] == N_LAYER,
+        )
         if save and meta[i, M_NORM] == N_LAYER:
             store[sto[i, S_INV] * T + t] = inv
         der = _row(store, sto, T, i, S_DER, t, dout) if dsave else z
-        sqo[so + t, col] = _act_row(code, p0, p1, z, _row(store, sto, T, i, S_H, t, dout), der,
-                                    dsave)
+        sqo[so + t, col] = _act_row(
+            code, p0, p1, z, _row(store, sto, T, i, S_H, t, dout), der, dsave
+        )
     return Zm
 
 
@@ -424,6 +468,7 @@ def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
 
 
 # ------------------------------------------------------------------ backward
+
 
 @njit(**INL)
 def _dvec(dv, t, i, meta, fmeta, vflat, store, sto, T):
@@ -482,7 +527,7 @@ def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, d
     the diagonal part here; the projection over samples is the caller's."""
     if not do_ebwd:
         for k in range(rows):
-            sq[k] = _sq(U[k * d:(k + 1) * d])
+            sq[k] = _sq(U[k * d : (k + 1) * d])
         return
     dv = np.empty(d, U.dtype)
     layer = meta[i, M_NORM] == N_LAYER
@@ -493,7 +538,7 @@ def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, d
             inv = store[sto[i, S_INV] * T + t0 + t]
         for r in range(R):
             k = t * R + r
-            row = U[k * d:(k + 1) * d]
+            row = U[k * d : (k + 1) * d]
             s = _c(row, 0.0)
             for j in range(d):
                 v = row[j]
@@ -526,13 +571,17 @@ def _gemm_bwd(V, rows, i, meta, wflat, U):
     """``U[:rows*d_in] = V[:rows*d_out] @ W_i`` (flat buffers, as matrices)."""
     dout = meta[i, M_DOUT]
     din = meta[i, M_DIN]
-    np.dot(V[:rows * dout].reshape((rows, dout)), _weight(wflat, meta, i),
-           U[:rows * din].reshape((rows, din)))
+    np.dot(
+        V[: rows * dout].reshape((rows, dout)),
+        _weight(wflat, meta, i),
+        U[: rows * din].reshape((rows, din)),
+    )
 
 
 @njit(**HELP)
-def _chain_tile(V, U, n, R, i_first, meta, fmeta, wflat, vflat, store, sto, T, res, r0, col, rdiv,
-                L, sq):
+def _chain_tile(
+    V, U, n, R, i_first, meta, fmeta, wflat, vflat, store, sto, T, res, r0, col, rdiv, L, sq
+):
     """Push the row stack ``V [n*R, d]`` (already through layer ``i_first``'s elementwise VJP)
     through the GEMMs of layers ``i_first .. 1``; after each, in the same pass, the squared norm
     of every sample's rows into ``res[r0 + t, L - i + 1, col]`` and the next layer's elementwise
@@ -553,38 +602,63 @@ def _chain_tile(V, U, n, R, i_first, meta, fmeta, wflat, vflat, store, sto, T, r
 
 # ------------------------------------------------------------------ tiles and kernels
 
+
 @njit(**HELP)
-def _forward(x, r0, n, i_stop, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, save, stats,
-             mean, m2, pos, neg, cnt, tmp):
+def _forward(
+    x,
+    r0,
+    n,
+    i_stop,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    store,
+    sto,
+    T,
+    Z,
+    sqo,
+    so,
+    save,
+    stats,
+    mean,
+    m2,
+    pos,
+    neg,
+    cnt,
+    tmp,
+):
     """Layers ``0 .. i_stop-1`` on rows ``r0 .. r0+n`` of ``x``: outputs (and, if ``save``, the
     VJP state) in ``store``, ``||f||^2`` into ``sqo[so + t]``, moments if ``stats``."""
     L = meta.shape[0]
     for i in range(i_stop):
         if i == 0:
-            hin = x[r0:r0 + n]
+            hin = x[r0 : r0 + n]
         else:
             hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
         Zm = _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save)
         if stats and meta[i, M_PRE] == 1:
-            _moments_tile(Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt,
-                          tmp[0], tmp[1], tmp[2], tmp[3])
+            _moments_tile(
+                Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3]
+            )
 
 
 @njit(**HELP)
-def _start_rows(V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat, store, sto, T,
-                res, r0, sq):
+def _start_rows(
+    V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat, store, sto, T, res, r0, sq
+):
     """Start rows at ``f_l`` (identity or probes), through layer ``i0``'s elementwise VJP if ``apply``;
     ``res[r0 + t, l, l] = ||V||^2 / R`` (probes) or ``d_l`` (identity)."""
     d = meta[i0, M_DOUT]
     for t in range(n):
         for r in range(R):
-            row = V[(t * R + r) * d:(t * R + r + 1) * d]
+            row = V[(t * R + r) * d : (t * R + r + 1) * d]
             if nprobe == 0:
                 for j in range(d):
                     row[j] = 0
                 row[r] = 1
             else:
-                src = probes[poff[l] + r * d:poff[l] + (r + 1) * d]
+                src = probes[poff[l] + r * d : poff[l] + (r + 1) * d]
                 for j in range(d):
                     row[j] = src[j]
     _ebwd_rows(V, n * R, d, R, i0, meta, fmeta, vflat, store, sto, T, sq, True, apply)
@@ -597,26 +671,71 @@ def _start_rows(V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat,
 
 
 @njit(**HELP)
-def _sweep_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads,
-                  stats, sqo, sqg, mean, m2, pos, neg, cnt, ws):
+def _sweep_worker(
+    th,
+    nth,
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    grads,
+    stats,
+    sqo,
+    sqg,
+    mean,
+    m2,
+    pos,
+    neg,
+    cnt,
+    ws,
+):
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
-    dt = x.dtype
     res = sqg.reshape((sqg.shape[0], sqg.shape[1], 1))
     w = ws[th]  # this thread's workspace: sweep_ws(...) elements
-    store = w[:T * rowsz]
+    store = w[: T * rowsz]
     o = T * rowsz
-    Z = w[o:o + T * dmax]
-    G = w[o + T * dmax:o + 2 * T * dmax]
-    U = w[o + 2 * T * dmax:o + 3 * T * dmax]
+    Z = w[o : o + T * dmax]
+    G = w[o + T * dmax : o + 2 * T * dmax]
+    U = w[o + 2 * T * dmax : o + 3 * T * dmax]
     tmp = np.zeros((4, dmax))
     sq = np.empty(T)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
-        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, r0, grads,
-                 stats, mean[th], m2[th], pos[th], neg[th], cnt[th], tmp)
+        _forward(
+            x,
+            r0,
+            n,
+            L,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            T,
+            Z,
+            sqo,
+            r0,
+            grads,
+            stats,
+            mean[th],
+            m2[th],
+            pos[th],
+            neg[th],
+            cnt[th],
+            tmp,
+        )
         cnt[th] += n
         if err == E_NONE:
             continue
@@ -627,13 +746,36 @@ def _sweep_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, row
         _ebwd_rows(G, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
         for t in range(n):
             sqg[r0 + t, 1] = sq[t]
-        _chain_tile(G, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0,
-                    L, sq)
+        _chain_tile(
+            G, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0, L, sq
+        )
 
 
 @njit(parallel=True, **OPTS)
-def sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads, stats,
-                 sqo, sqg, mean, m2, pos, neg, cnt, ws):
+def sweep_kernel(
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    grads,
+    stats,
+    sqo,
+    sqg,
+    mean,
+    m2,
+    pos,
+    neg,
+    cnt,
+    ws,
+):
     """Forward (and backward if ``grads``) sweep of every row of ``x [N, n]``.
 
     Writes ``sqo [N, L+1]`` (``||f_l||^2``; column 0 the squared error if ``err``), ``sqg [N, L+1]``
@@ -642,57 +784,177 @@ def sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dma
     """
     nth = cnt.shape[0]
     for th in prange(nth):
-        _sweep_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax,
-                      grads, stats, sqo, sqg, mean, m2, pos, neg, cnt, ws)
+        _sweep_worker(
+            th,
+            nth,
+            x,
+            err,
+            yv,
+            ylab,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            sto,
+            rowsz,
+            T,
+            dmax,
+            grads,
+            stats,
+            sqo,
+            sqg,
+            mean,
+            m2,
+            pos,
+            neg,
+            cnt,
+            ws,
+        )
 
 
 @njit(**HELP)
-def _chain_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, rmax,
-                  probes, poff, nprobe, res, ws):
+def _chain_worker(
+    th,
+    nth,
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    rmax,
+    probes,
+    poff,
+    nprobe,
+    res,
+    ws,
+):
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
-    dt = x.dtype
     w = ws[th]  # chain_ws(...) elements
-    store = w[:T * rowsz]
+    store = w[: T * rowsz]
     o = T * rowsz
-    Z = w[o:o + T * dmax]
+    Z = w[o : o + T * dmax]
     o += T * dmax
-    V = w[o:o + T * rmax * dmax]
+    V = w[o : o + T * rmax * dmax]
     o += T * rmax * dmax
-    U = w[o:o + T * rmax * dmax]
+    U = w[o : o + T * rmax * dmax]
     o += T * rmax * dmax
-    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
     tmp = np.zeros((4, dmax))
     dummy = np.zeros((1, 1))
     sq = np.empty(T * rmax)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
-        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True, False,
-                 dummy, dummy, dummy, dummy, 0, tmp)
+        _forward(
+            x,
+            r0,
+            n,
+            L,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            T,
+            Z,
+            sqo,
+            0,
+            True,
+            False,
+            dummy,
+            dummy,
+            dummy,
+            dummy,
+            0,
+            tmp,
+        )
         if err != E_NONE:
             d1 = meta[L - 1, M_DOUT]
-            _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, V, sqo,
-                        0)
+            _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, V, sqo, 0)
             _ebwd_rows(V, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
             for t in range(n):
                 res[r0 + t, 1, 0] = sq[t]
-            _chain_tile(V, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0,
-                        1.0, L, sq)
+            _chain_tile(
+                V, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0, L, sq
+            )
         for l in range(1, L + 1):
             i0 = L - l
             R = meta[i0, M_DOUT] if nprobe == 0 else nprobe
-            _start_rows(V, n, R, l, i0, i0 >= 1, nprobe, probes, poff, meta, fmeta, vflat, store,
-                        sto, T, res, r0, sq)
+            _start_rows(
+                V,
+                n,
+                R,
+                l,
+                i0,
+                i0 >= 1,
+                nprobe,
+                probes,
+                poff,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                T,
+                res,
+                r0,
+                sq,
+            )
             if i0 >= 1:
-                _chain_tile(V, U, n, R, i0, meta, fmeta, wflat, vflat, store, sto, T, res, r0, l,
-                            1.0 if nprobe == 0 else float(R), L, sq)
+                _chain_tile(
+                    V,
+                    U,
+                    n,
+                    R,
+                    i0,
+                    meta,
+                    fmeta,
+                    wflat,
+                    vflat,
+                    store,
+                    sto,
+                    T,
+                    res,
+                    r0,
+                    l,
+                    1.0 if nprobe == 0 else float(R),
+                    L,
+                    sq,
+                )
 
 
 @njit(parallel=True, **OPTS)
-def chain_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, rmax, probes,
-                 poff, nprobe, res, nth, ws):
+def chain_kernel(
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    rmax,
+    probes,
+    poff,
+    nprobe,
+    res,
+    nth,
+    ws,
+):
     """``res [N, L+1, L+1]`` (pre-filled with NaN by the caller): for every start ``l``, the
     squared Frobenius norms of ``J_k^l``, ``k = l .. L``.
 
@@ -701,13 +963,34 @@ def chain_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dma
     then divided by ``nprobe``.
     """
     for th in prange(nth):
-        _chain_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax,
-                      rmax, probes, poff, nprobe, res, ws)
+        _chain_worker(
+            th,
+            nth,
+            x,
+            err,
+            yv,
+            ylab,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            sto,
+            rowsz,
+            T,
+            dmax,
+            rmax,
+            probes,
+            poff,
+            nprobe,
+            res,
+            ws,
+        )
 
 
 @njit(**HELP)
-def _jacobian_worker(th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start,
-                     out, ws):
+def _jacobian_worker(
+    th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
+):
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
@@ -718,67 +1001,148 @@ def _jacobian_worker(th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax,
     nooff = np.zeros(L + 1, np.int64)
     nores = np.zeros((0, 1, 1), dt)
     w = ws[th]  # chain_ws(..., rmax=R) elements
-    store = w[:T * rowsz]
+    store = w[: T * rowsz]
     o = T * rowsz
-    Z = w[o:o + T * dmax]
+    Z = w[o : o + T * dmax]
     o += T * dmax
-    V = w[o:o + T * R * dmax]
+    V = w[o : o + T * R * dmax]
     o += T * R * dmax
-    U = w[o:o + T * R * dmax]
+    U = w[o : o + T * R * dmax]
     o += T * R * dmax
-    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
     tmp = np.zeros((4, dmax))
     dummy = np.zeros((1, 1))
     sq = np.empty(T * R)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
-        _forward(x, r0, n, i_end + 1, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True,
-                 False, dummy, dummy, dummy, dummy, 0, tmp)
-        _start_rows(V, n, R, L - i_end, i_end, True, 0, noprobe, nooff, meta, fmeta, vflat, store,
-                    sto, T, nores, r0, sq)
+        _forward(
+            x,
+            r0,
+            n,
+            i_end + 1,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            T,
+            Z,
+            sqo,
+            0,
+            True,
+            False,
+            dummy,
+            dummy,
+            dummy,
+            dummy,
+            0,
+            tmp,
+        )
+        _start_rows(
+            V,
+            n,
+            R,
+            L - i_end,
+            i_end,
+            True,
+            0,
+            noprobe,
+            nooff,
+            meta,
+            fmeta,
+            vflat,
+            store,
+            sto,
+            T,
+            nores,
+            r0,
+            sq,
+        )
         for i in range(i_end, i_start - 1, -1):
             if i == i_start:  # the last GEMM writes the result
-                np.dot(V[:n * R * meta[i, M_DOUT]].reshape((n * R, meta[i, M_DOUT])),
-                       _weight(wflat, meta, i), out[r0:r0 + n].reshape((n * R, dst)))
+                np.dot(
+                    V[: n * R * meta[i, M_DOUT]].reshape((n * R, meta[i, M_DOUT])),
+                    _weight(wflat, meta, i),
+                    out[r0 : r0 + n].reshape((n * R, dst)),
+                )
             else:
                 _gemm_bwd(V, n * R, i, meta, wflat, U)
-                _ebwd_rows(U, n * R, meta[i, M_DIN], R, i - 1, meta, fmeta, vflat, store, sto, T, sq,
-                           False, True)
+                _ebwd_rows(
+                    U,
+                    n * R,
+                    meta[i, M_DIN],
+                    R,
+                    i - 1,
+                    meta,
+                    fmeta,
+                    vflat,
+                    store,
+                    sto,
+                    T,
+                    sq,
+                    False,
+                    True,
+                )
                 V, U = U, V
 
 
 @njit(parallel=True, **OPTS)
-def jacobian_kernel(x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, nth,
-                    ws):
+def jacobian_kernel(
+    x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, nth, ws
+):
     """``out [N, d_end, d_start]``: ``J = d f_end / d f_start`` per row, where ``i_end`` is the
     layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
     for th in prange(nth):
-        _jacobian_worker(th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end,
-                         i_start, out, ws)
+        _jacobian_worker(
+            th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
+        )
 
 
 @njit(**HELP)
-def _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0,
-                    fmeta0, wflat0, vflat0, sto0, rowsz0, T, dmax, res, ws):
+def _contrib_worker(
+    th,
+    nth,
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    meta0,
+    fmeta0,
+    wflat0,
+    vflat0,
+    sto0,
+    rowsz0,
+    T,
+    dmax,
+    res,
+    ws,
+):
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
     dt = x.dtype
     w = ws[th]  # contrib_ws(...) elements
-    store = w[:T * rowsz]
+    store = w[: T * rowsz]
     o = T * rowsz
-    store0 = w[o:o + T * rowsz0]
+    store0 = w[o : o + T * rowsz0]
     o += T * rowsz0
-    Z = w[o:o + T * dmax]
+    Z = w[o : o + T * dmax]
     o += T * dmax
     big = T * L * dmax
-    Vt = w[o:o + big]
-    Vi = w[o + big:o + 2 * big]
-    A = w[o + 2 * big:o + 3 * big]
-    S = w[o + 3 * big:o + 4 * big]
+    Vt = w[o : o + big]
+    Vi = w[o + big : o + 2 * big]
+    A = w[o + 2 * big : o + 3 * big]
+    S = w[o + 3 * big : o + 4 * big]
     o += 4 * big
-    sqo = w[o:o + T * (L + 1)].reshape((T, L + 1))
+    sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
     nxt = np.empty(dmax, dt)
     sq = np.empty(T)
     tmp = np.zeros((4, dmax))
@@ -786,19 +1150,42 @@ def _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, r
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
-        _forward(x, r0, n, L, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, 0, True, False,
-                 dummy, dummy, dummy, dummy, 0, tmp)
+        _forward(
+            x,
+            r0,
+            n,
+            L,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            T,
+            Z,
+            sqo,
+            0,
+            True,
+            False,
+            dummy,
+            dummy,
+            dummy,
+            dummy,
+            0,
+            tmp,
+        )
         for i in range(L):  # the initial layers at the trained layers' inputs
             if i == 0:
-                hin = x[r0:r0 + n]
+                hin = x[r0 : r0 + n]
             else:
                 hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
-            _layer_fwd(i, hin, n, meta0, fmeta0, wflat0, vflat0, store0, sto0, T, Z, sqo, 0, L,
-                       True)
+            _layer_fwd(
+                i, hin, n, meta0, fmeta0, wflat0, vflat0, store0, sto0, T, Z, sqo, 0, L, True
+            )
         d1 = meta[L - 1, M_DOUT]
         _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, A, sqo, 0)
         for t in range(n):
-            res[r0 + t, 1, 0] = _sq(A[t * d1:(t + 1) * d1])
+            res[r0 + t, 1, 0] = _sq(A[t * d1 : (t + 1) * d1])
         if L < 2:
             continue
         for k in range(n * d1):
@@ -819,37 +1206,95 @@ def _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, r
                     for q in range(d):
                         nxt[q] = 0
                     if j < lam:
-                        s = S[(t * lam + j) * d:(t * lam + j + 1) * d]
+                        s = S[(t * lam + j) * d : (t * lam + j + 1) * d]
                         for q in range(d):
                             nxt[q] += s[q]
                     if j >= 1:
-                        a = A[(t * lam + j - 1) * d:(t * lam + j) * d]
-                        s = S[(t * lam + j - 1) * d:(t * lam + j) * d]
+                        a = A[(t * lam + j - 1) * d : (t * lam + j) * d]
+                        s = S[(t * lam + j - 1) * d : (t * lam + j) * d]
                         for q in range(d):
                             nxt[q] += a[q] - s[q]
                     res[r0 + t, m + 1, j] = _sq(nxt[:d])
                     if i >= 2:
-                        vt = Vt[(t * nl + j) * d:(t * nl + j + 1) * d]
-                        vi = Vi[(t * nl + j) * d:(t * nl + j + 1) * d]
+                        vt = Vt[(t * nl + j) * d : (t * nl + j + 1) * d]
+                        vi = Vi[(t * nl + j) * d : (t * nl + j + 1) * d]
                         for q in range(d):
                             vt[q] = nxt[q]
                             vi[q] = nxt[q]
             if i >= 2:  # the next layer's elementwise VJPs, trained and initial, while in cache
-                _ebwd_rows(Vt, n * nl, d, nl, i - 1, meta, fmeta, vflat, store, sto, T, sq, False,
-                           True)
-                _ebwd_rows(Vi, n * nl, d, nl, i - 1, meta0, fmeta0, vflat0, store0, sto0, T, sq,
-                           False, True)
+                _ebwd_rows(
+                    Vt, n * nl, d, nl, i - 1, meta, fmeta, vflat, store, sto, T, sq, False, True
+                )
+                _ebwd_rows(
+                    Vi,
+                    n * nl,
+                    d,
+                    nl,
+                    i - 1,
+                    meta0,
+                    fmeta0,
+                    vflat0,
+                    store0,
+                    sto0,
+                    T,
+                    sq,
+                    False,
+                    True,
+                )
 
 
 @njit(parallel=True, **OPTS)
-def contrib_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0, fmeta0, wflat0,
-                   vflat0, sto0, rowsz0, T, dmax, res, nth, ws):
+def contrib_kernel(
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    meta0,
+    fmeta0,
+    wflat0,
+    vflat0,
+    sto0,
+    rowsz0,
+    T,
+    dmax,
+    res,
+    nth,
+    ws,
+):
     """``res [N, L+1, L+1]`` (pre-filled with NaN): ``res[:, l, lam] = ||g_l^(lam)||^2`` by the
     residual-trick recursion, ``meta0 ...`` the initial model (its layers evaluated at the
     trained model's layer inputs)."""
     for th in prange(nth):
-        _contrib_worker(th, nth, x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta0,
-                        fmeta0, wflat0, vflat0, sto0, rowsz0, T, dmax, res, ws)
+        _contrib_worker(
+            th,
+            nth,
+            x,
+            err,
+            yv,
+            ylab,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            sto,
+            rowsz,
+            meta0,
+            fmeta0,
+            wflat0,
+            vflat0,
+            sto0,
+            rowsz0,
+            T,
+            dmax,
+            res,
+            ws,
+        )
 
 
 # ------------------------------------------------------------------ coupled batch norm (sweep)
@@ -859,12 +1304,13 @@ def contrib_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, meta
 # per-thread partial sums combined between two parallel regions. ``store`` holds every layer's
 # saved state for all B rows (``T = B`` in the ``_row`` helpers).
 
+
 @njit(**INL)
 def _colsums(V, n, d, a, b, xh_store, sto, B, i, r0, with_xh):
     """``a[j] += sum_t V[t, j]``, ``b[j] += sum_t V[t, j] * w[t, j]`` (``w = V`` or the saved
     ``xh`` rows), in float64, for the ``n`` rows ``V [n*d]`` (flat)."""
     for t in range(n):
-        w = _row(xh_store, sto, B, i, S_XH, r0 + t, d) if with_xh else V[t * d:(t + 1) * d]
+        w = _row(xh_store, sto, B, i, S_XH, r0 + t, d) if with_xh else V[t * d : (t + 1) * d]
         for j in range(d):
             v = float(V[t * d + j])
             a[j] += v
@@ -872,8 +1318,32 @@ def _colsums(V, n, d, a, b, xh_store, sto, B, i, r0, with_xh):
 
 
 @njit(**HELP)
-def _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Z, save, stats, ps1,
-             ps2, psq, mean, m2, pos, neg, tmp, L):
+def _cb_fwd1(
+    th,
+    nth,
+    i,
+    x,
+    B,
+    T,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    store,
+    sto,
+    Z,
+    save,
+    stats,
+    ps1,
+    ps2,
+    psq,
+    mean,
+    m2,
+    pos,
+    neg,
+    tmp,
+    L,
+):
     """Forward of layer ``i`` for this thread's tiles: the GEMM, then either (batch statistics)
     the bias and partial column sums, the normalization waiting for them, or the whole layer."""
     dout = meta[i, M_DOUT]
@@ -887,9 +1357,9 @@ def _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Z, save
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        hin = x[r0:r0 + n] if i == 0 else _mat(store, sto, B, i - 1, S_H, B, din)[r0:r0 + n]
+        hin = x[r0 : r0 + n] if i == 0 else _mat(store, sto, B, i - 1, S_H, B, din)[r0 : r0 + n]
         if batch:  # pre-normalization values go to the xh slot until the statistics are known
-            Zm = _mat(store, sto, B, i, S_XH, B, dout)[r0:r0 + n]
+            Zm = _mat(store, sto, B, i, S_XH, B, dout)[r0 : r0 + n]
             np.dot(hin, W.T, Zm)
             bo = meta[i, M_B]
             if bo >= 0:
@@ -899,21 +1369,36 @@ def _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Z, save
                         Zm[t, j] += b[j]
             _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, False)
         else:
-            Zm = Z[:n * dout].reshape((n, dout))
+            Zm = Z[: n * dout].reshape((n, dout))
             np.dot(hin, W.T, Zm)
             dsave = meta[i, M_DSAVE] == 1 and save
             for t in range(n):
                 z = Zm[t]
-                inv = _norm_row(meta, fmeta, vflat, i, z, _row(store, sto, B, i, S_XH, r0 + t, dout),
-                                save and meta[i, M_NORM] == N_LAYER)
+                inv = _norm_row(
+                    meta,
+                    fmeta,
+                    vflat,
+                    i,
+                    z,
+                    _row(store, sto, B, i, S_XH, r0 + t, dout),
+                    save and meta[i, M_NORM] == N_LAYER,
+                )
                 if save and meta[i, M_NORM] == N_LAYER:
                     store[sto[i, S_INV] * B + r0 + t] = inv
                 der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
-                psq[th, L - i] += _act_row(meta[i, M_ACT], fmeta[i, F_P0], fmeta[i, F_P1], z,
-                                           _row(store, sto, B, i, S_H, r0 + t, dout), der, dsave)
+                psq[th, L - i] += _act_row(
+                    meta[i, M_ACT],
+                    fmeta[i, F_P0],
+                    fmeta[i, F_P1],
+                    z,
+                    _row(store, sto, B, i, S_H, r0 + t, dout),
+                    der,
+                    dsave,
+                )
             if stats and meta[i, M_PRE] == 1:
-                _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2],
-                              tmp[3])
+                _moments_tile(
+                    Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3]
+                )
                 cnt += n
     for j in range(dout):
         ps1[th, j] += a[j]
@@ -921,8 +1406,30 @@ def _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Z, save
 
 
 @njit(**HELP)
-def _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Z, save, stats, cmean, cinv, psq,
-             mean, m2, pos, neg, tmp, L):
+def _cb_fwd2(
+    th,
+    nth,
+    i,
+    B,
+    T,
+    meta,
+    fmeta,
+    vflat,
+    store,
+    sto,
+    Z,
+    save,
+    stats,
+    cmean,
+    cinv,
+    psq,
+    mean,
+    m2,
+    pos,
+    neg,
+    tmp,
+    L,
+):
     """Second half of a batch-statistics layer: normalize, affine, activation, norms, moments."""
     dout = meta[i, M_DOUT]
     ntiles = (B + T - 1) // T
@@ -933,7 +1440,7 @@ def _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Z, save, stats, c
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        Zm = Z[:n * dout].reshape((n, dout))
+        Zm = Z[: n * dout].reshape((n, dout))
         for t in range(n):
             xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
             z = Zm[t]
@@ -955,8 +1462,15 @@ def _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Z, save, stats, c
         for t in range(n):
             z = Zm[t]
             der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
-            psq[th, L - i] += _act_row(meta[i, M_ACT], fmeta[i, F_P0], fmeta[i, F_P1], z,
-                                       _row(store, sto, B, i, S_H, r0 + t, dout), der, dsave)
+            psq[th, L - i] += _act_row(
+                meta[i, M_ACT],
+                fmeta[i, F_P0],
+                fmeta[i, F_P1],
+                z,
+                _row(store, sto, B, i, S_H, r0 + t, dout),
+                der,
+                dsave,
+            )
 
 
 @njit(**HELP)
@@ -970,7 +1484,7 @@ def _cb_bwd_diag(th, nth, i, U, B, T, d, meta, fmeta, vflat, store, sto, sqrow, 
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        V = U[r0 * d:(r0 + n) * d]
+        V = U[r0 * d : (r0 + n) * d]
         _ebwd_rows(V, n, d, 1, i, meta, fmeta, vflat, store, sto, B, sqrow, False, True, r0)
         if batch:
             _colsums(V, n, d, a, b, store, sto, B, i, r0, True)
@@ -980,8 +1494,28 @@ def _cb_bwd_diag(th, nth, i, U, B, T, d, meta, fmeta, vflat, store, sto, sqrow, 
 
 
 @njit(**HELP)
-def _cb_bwd_gemm(th, nth, i, U, Un, B, T, meta, fmeta, wflat, vflat, store, sto, umean, uc, cinv,
-                 psq, ps1, ps2, L):
+def _cb_bwd_gemm(
+    th,
+    nth,
+    i,
+    U,
+    Un,
+    B,
+    T,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    store,
+    sto,
+    umean,
+    uc,
+    cinv,
+    psq,
+    ps1,
+    ps2,
+    L,
+):
     """Finish layer ``i``'s VJP on this thread's rows (the projection over samples for batch
     statistics), its GEMM into ``Un``, the squared norms, and the next layer's diagonal part."""
     dout = meta[i, M_DOUT]
@@ -995,13 +1529,13 @@ def _cb_bwd_gemm(th, nth, i, U, Un, B, T, meta, fmeta, wflat, vflat, store, sto,
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        V = U[r0 * dout:(r0 + n) * dout]
+        V = U[r0 * dout : (r0 + n) * dout]
         if batch:
             for t in range(n):
                 xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
                 for j in range(dout):
                     V[t * dout + j] = (V[t * dout + j] - umean[j] - xh[j] * uc[j]) * cinv[j]
-        Vn = Un[r0 * din:(r0 + n) * din]
+        Vn = Un[r0 * din : (r0 + n) * din]
         np.dot(V.reshape((n, dout)), W, Vn.reshape((n, din)))
         if i >= 2:
             _ebwd_rows(Vn, n, din, 1, i - 1, meta, fmeta, vflat, store, sto, B, sq, True, True, r0)
@@ -1009,7 +1543,7 @@ def _cb_bwd_gemm(th, nth, i, U, Un, B, T, meta, fmeta, wflat, vflat, store, sto,
                 _colsums(Vn, n, din, a, b, store, sto, B, i - 1, r0, True)
         else:
             for t in range(n):
-                sq[t] = _sq(Vn[t * din:(t + 1) * din])
+                sq[t] = _sq(Vn[t * din : (t + 1) * din])
         for t in range(n):
             psq[th, L - i + 1] += sq[t]
     for j in range(din):
@@ -1021,12 +1555,11 @@ def _cb_bwd_gemm(th, nth, i, U, Un, B, T, meta, fmeta, wflat, vflat, store, sto,
 def _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L):
     """The error layer on this thread's rows: ``sum e_i`` into ``pe[th]``, gradients into ``G``."""
     ntiles = (B + T - 1) // T
-    sqo = np.empty((T, 1))
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        out = _mat(store, sto, B, L - 1, S_H, B, d1)[r0:r0 + n]
-        Gt = G[r0 * d1:(r0 + n) * d1]
+        out = _mat(store, sto, B, L - 1, S_H, B, d1)[r0 : r0 + n]
+        Gt = G[r0 * d1 : (r0 + n) * d1]
         for t in range(n):
             o = out[t]
             if err == E_DOT:
@@ -1047,12 +1580,35 @@ def _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
                 for j in range(d1):
                     Gt[t * d1 + j] = math.exp(float(o[j]) - lse) - (1.0 if j == c else 0.0)
             pe[th] += e
-            psq[th, 1] += _sq(Gt[t * d1:(t + 1) * d1])
+            psq[th, 1] += _sq(Gt[t * d1 : (t + 1) * d1])
 
 
 @njit(parallel=True, **OPTS)
-def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, grads,
-                         stats, sqo, sqg, mean, m2, pos, neg, cnt, nth, ws):
+def coupled_sweep_kernel(
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    grads,
+    stats,
+    sqo,
+    sqg,
+    mean,
+    m2,
+    pos,
+    neg,
+    cnt,
+    nth,
+    ws,
+):
     """Forward (and backward if ``grads``) sweep of ONE batch datapoint ``x [B, n]`` whose batch
     norms use batch statistics (``N_BATCH``); the other layers as in ``sweep_kernel``.
 
@@ -1063,12 +1619,12 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
     L = meta.shape[0]
     dt = x.dtype
     w = ws[0]  # coupled_ws(...) elements
-    store = w[:B * rowsz]
+    store = w[: B * rowsz]
     o = B * rowsz
-    Zs = w[o:o + nth * T * dmax].reshape((nth, T * dmax))
+    Zs = w[o : o + nth * T * dmax].reshape((nth, T * dmax))
     o += nth * T * dmax
-    G = w[o:o + B * dmax]
-    Gn = w[o + B * dmax:o + 2 * B * dmax]
+    G = w[o : o + B * dmax]
+    Gn = w[o + B * dmax : o + 2 * B * dmax]
     psq = np.zeros((nth, L + 1))
     ps1 = np.zeros((nth, dmax))
     ps2 = np.zeros((nth, dmax))
@@ -1080,8 +1636,32 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
         ps1[:] = 0.0
         ps2[:] = 0.0
         for th in prange(nth):
-            _cb_fwd1(th, nth, i, x, B, T, meta, fmeta, wflat, vflat, store, sto, Zs[th], grads,
-                     stats, ps1, ps2, psq, mean[th], m2[th], pos[th], neg[th], tmps[th], L)
+            _cb_fwd1(
+                th,
+                nth,
+                i,
+                x,
+                B,
+                T,
+                meta,
+                fmeta,
+                wflat,
+                vflat,
+                store,
+                sto,
+                Zs[th],
+                grads,
+                stats,
+                ps1,
+                ps2,
+                psq,
+                mean[th],
+                m2[th],
+                pos[th],
+                neg[th],
+                tmps[th],
+                L,
+            )
         if meta[i, M_NORM] == N_BATCH:
             eps = fmeta[i, F_EPS]
             for j in range(dout):
@@ -1099,8 +1679,30 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
                 else:  # overflowed (or NaN): NaN outputs (refused), not silent zeros
                     cinv[i, j] = math.nan
             for th in prange(nth):
-                _cb_fwd2(th, nth, i, B, T, meta, fmeta, vflat, store, sto, Zs[th], grads, stats,
-                         cmean, cinv[i], psq, mean[th], m2[th], pos[th], neg[th], tmps[th], L)
+                _cb_fwd2(
+                    th,
+                    nth,
+                    i,
+                    B,
+                    T,
+                    meta,
+                    fmeta,
+                    vflat,
+                    store,
+                    sto,
+                    Zs[th],
+                    grads,
+                    stats,
+                    cmean,
+                    cinv[i],
+                    psq,
+                    mean[th],
+                    m2[th],
+                    pos[th],
+                    neg[th],
+                    tmps[th],
+                    L,
+                )
     for th in range(nth):
         cnt[th] = 0
     ntiles = (B + T - 1) // T
@@ -1132,8 +1734,9 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
         ps2[:] = 0.0
         sqrow = np.empty(1)
         for th in prange(nth):
-            _cb_bwd_diag(th, nth, L - 1, G, B, T, d1, meta, fmeta, vflat, store, sto, sqrow, ps1,
-                         ps2)
+            _cb_bwd_diag(
+                th, nth, L - 1, G, B, T, d1, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2
+            )
     for i in range(L - 1, 0, -1):
         dout = meta[i, M_DOUT]
         for j in range(dout):
@@ -1147,8 +1750,28 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
         ps1[:] = 0.0
         ps2[:] = 0.0
         for th in prange(nth):
-            _cb_bwd_gemm(th, nth, i, G, Gn, B, T, meta, fmeta, wflat, vflat, store, sto, umean, uc,
-                         cinv[i], psq, ps1, ps2, L)
+            _cb_bwd_gemm(
+                th,
+                nth,
+                i,
+                G,
+                Gn,
+                B,
+                T,
+                meta,
+                fmeta,
+                wflat,
+                vflat,
+                store,
+                sto,
+                umean,
+                uc,
+                cinv[i],
+                psq,
+                ps1,
+                ps2,
+                L,
+            )
         G, Gn = Gn, G
     for l in range(1, L + 1):
         s = 0.0
@@ -1158,6 +1781,7 @@ def coupled_sweep_kernel(x, err, yv, ylab, meta, fmeta, wflat, vflat, sto, rowsz
 
 
 # ------------------------------------------------------------------ workspace sizes (elements)
+
 
 def sweep_ws(T, rowsz, dmax):
     return T * (rowsz + 3 * dmax)

@@ -9,19 +9,30 @@ Index letters: D datasets, B samples per dataset, n input features, L layers, P 
 (``B`` or 1), ``d_l = dim`` of one sample's ``f_l``. Layer indices follow the paper: ``f_L`` is the
 first layer's output, ``f_1`` the model's output, ``f_0`` the error.
 """
+
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..compiler import Program
-from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
-                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.activation import (
+    ELURule,
+    GELURule,
+    IdentityRule,
+    LeakyReLURule,
+    ReLURule,
+    SELURule,
+    SigmoidRule,
+    SoftplusRule,
+    TanhRule,
+)
 from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
@@ -42,14 +53,19 @@ class Moments:
     neg: Tensor  # [d] number of negative values
 
     @staticmethod
-    def of(z: Tensor) -> "Moments":
+    def of(z: Tensor) -> Moments:
         """Moments of ``z [N, d]`` (N samples)."""
         # One pass in z's dtype (exact enough for its precision); chunks merge in float64.
         var, mean = torch.var_mean(z.detach(), 0, correction=0)
-        return Moments(z.shape[0], mean.to(torch.float64), var.to(torch.float64) * z.shape[0],
-                       (z > 0).sum(0, dtype=torch.float64), (z < 0).sum(0, dtype=torch.float64))
+        return Moments(
+            z.shape[0],
+            mean.to(torch.float64),
+            var.to(torch.float64) * z.shape[0],
+            (z > 0).sum(0, dtype=torch.float64),
+            (z < 0).sum(0, dtype=torch.float64),
+        )
 
-    def merge(self, other: "Moments | None") -> "Moments":
+    def merge(self, other: Moments | None) -> Moments:
         if other is None:
             return self
         n = self.count + other.count
@@ -139,13 +155,23 @@ def _checked(method: str, fn: Callable) -> Callable:
         init = (args[0] if args else kwargs.get("init")) if method == "contributions" else None
         check_results(pb, method, result, init)
         return result
+
     return run
 
 
 # ----------------------------------------------------------------------------- fused backends
 
-FUSED_ACTIVATIONS = (ReLURule, LeakyReLURule, TanhRule, SigmoidRule, ELURule, SELURule,
-                     SoftplusRule, GELURule, IdentityRule)
+FUSED_ACTIVATIONS = (
+    ReLURule,
+    LeakyReLURule,
+    TanhRule,
+    SigmoidRule,
+    ELURule,
+    SELURule,
+    SoftplusRule,
+    GELURule,
+    IdentityRule,
+)
 """Activation rules the fused kernels (numba, triton, cupy) implement."""
 
 

@@ -4,9 +4,11 @@ torch engine, the fused engines and the non-finite check (``finite.locate``) all
 Its own module, below ``base`` (whose ``Backend`` runs ``finite.check_results``) and the engines,
 so that none of them import each other in a cycle.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -24,8 +26,9 @@ def sq_norms(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).square().sum(1)
 
 
-def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = None
-                ) -> Iterator[tuple[slice, slice, ForwardCtx]]:
+def iter_chunks(
+    pb: Problem, per_datapoint_bytes: int, init: Program | None = None
+) -> Iterator[tuple[slice, slice, ForwardCtx]]:
     """Chunks of datapoints that fit the memory budget, in dataset-major order.
 
     Yields ``(dataset slice, sample slice, ctx)``. Batch datapoints are never split; per-sample
@@ -43,7 +46,9 @@ def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = No
         frozen = None
         if pb.frozen:
             frozen = {}
-            ctx = ForwardCtx(coupled=True, frozen_bn=frozen, record_bn=True, save=False, samples=pb.B)
+            ctx = ForwardCtx(
+                coupled=True, frozen_bn=frozen, record_bn=True, save=False, samples=pb.B
+            )
             h = pb.x[ds]
             for i, layer in enumerate(pb.program.layers):
                 if init is not None:
@@ -51,5 +56,8 @@ def iter_chunks(pb: Problem, per_datapoint_bytes: int, init: Program | None = No
                 h, _, _ = layer.forward(h, ctx)
         for b0 in range(0, pb.B, samples):
             bs = slice(b0, min(pb.B, b0 + samples))
-            yield ds, bs, ForwardCtx(coupled=pb.coupled, frozen_bn=frozen,
-                                     samples=bs.stop - bs.start)
+            yield (
+                ds,
+                bs,
+                ForwardCtx(coupled=pb.coupled, frozen_bn=frozen, samples=bs.stop - bs.start),
+            )

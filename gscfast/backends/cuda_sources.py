@@ -9,6 +9,7 @@ committed). A checkout or an editable install has no such copy and reads ``kerne
 ``GSCFAST_KERNELS_DIR`` overrides both; a folder it names without sources is an error, not a
 fallback to the others.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,13 +47,17 @@ def missing_reason() -> str:
     """Why no CUDA sources were found, and how to fix it."""
     env = os.environ.get(ENV)
     if env:
-        return (f"{ENV}={env} holds no CUDA sources (*.cu): point it at the kernels/ folder of a "
-                f"gscfast checkout, or unset it")
-    return ("the CUDA sources of the 'cupy' backend (kernels/*.cu, kernels/common/*.cuh) are missing "
-            f"from this installation: neither {PACKAGED} (the package data a wheel or `pip install .` "
-            f"carries) nor {CHECKOUT} (a checkout's kernels/) has them. Reinstall gscfast from a "
-            "wheel or source tree built by its setup.py (`pip install .`, `pip wheel .`), or set "
-            f"{ENV} to the kernels/ folder of a gscfast checkout")
+        return (
+            f"{ENV}={env} holds no CUDA sources (*.cu): point it at the kernels/ folder of a "
+            f"gscfast checkout, or unset it"
+        )
+    return (
+        "the CUDA sources of the 'cupy' backend (kernels/*.cu, kernels/common/*.cuh) are missing "
+        f"from this installation: neither {PACKAGED} (the package data a wheel or `pip install .` "
+        f"carries) nor {CHECKOUT} (a checkout's kernels/) has them. Reinstall gscfast from a "
+        "wheel or source tree built by its setup.py (`pip install .`, `pip wheel .`), or set "
+        f"{ENV} to the kernels/ folder of a gscfast checkout"
+    )
 
 
 def kernel_dir() -> Path:

@@ -22,6 +22,7 @@ Without a GPU, ``HOST_EMULATION = True`` lets ``CupyBackend()`` instances run th
 built for the host with ``-DGSC_HOST`` (``_gpu_host.py``), on CPU tensors: the tests use it.
 ``supports()`` stays CUDA-only, so the registry (``backend="auto"``) never picks it for CPU tensors.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,15 +32,25 @@ import torch
 from torch import Tensor
 
 from ._gpu_engine import NORM_LAYER, FusedEngine, LayerSpec
-from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
+from .cuda_sources import kernel_dir, kernel_sources, missing_reason
 
 HOST_EMULATION = False
 """Let ``CupyBackend()`` instances take CPU tensors, running the host build of the kernels (tests
 only; the registry never does: ``supports`` is CUDA-only)."""
 
 # kernels/common/codes.cuh, enum Flag
-F_HAS_BIAS, F_HAS_GAMMA, F_HAS_BETA, F_SAVE_DS, F_SAVE_LN, F_WRITE_SQ, F_STATS, F_HAS_DS, F_LN, \
-    F_STORE = (1 << i for i in range(10))
+(
+    F_HAS_BIAS,
+    F_HAS_GAMMA,
+    F_HAS_BETA,
+    F_SAVE_DS,
+    F_SAVE_LN,
+    F_WRITE_SQ,
+    F_STATS,
+    F_HAS_DS,
+    F_LN,
+    F_STORE,
+) = (1 << i for i in range(10))
 
 THREADS = 256
 FWD_ROWS, STEP_ROWS = 16, 64  # rows per block (the template arguments of the entry points)
@@ -75,7 +86,7 @@ class CudaModule:
 
     def function(self, name: str, dev: int | None = None):
         if (dev, name) not in self._fns:
-            stem = name[len("gsc_"):].rsplit("_", 1)[0]
+            stem = name[len("gsc_") :].rsplit("_", 1)[0]
             self._fns[dev, name] = self._module(stem, dev).get_function(name)
         return self._fns[dev, name]
 
@@ -85,8 +96,10 @@ class CudaModule:
         cp = self.cupy
         dev = next(a.device for a in args if isinstance(a, Tensor))
         conv = [cp.asarray(a) if isinstance(a, Tensor) else np.int64(a) for a in args]
-        with cp.cuda.Device(dev.index), \
-                cp.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream):
+        with (
+            cp.cuda.Device(dev.index),
+            cp.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream),
+        ):
             self.function(name, dev.index)((grid,), (block,), tuple(conv))
 
 
@@ -99,6 +112,7 @@ def module(device: torch.device):
     if kind not in _modules:
         if kind == "host":
             from ._gpu_host import HostModule
+
             _modules[kind] = HostModule()
         else:
             _modules[kind] = CudaModule()
@@ -135,42 +149,106 @@ class CupyBackend(FusedEngine):
     def _layer_fwd(self, x, spec, group_rows, y, saved, sq, mom) -> None:
         N = x.shape[0]
         d = x.new_empty(1)
-        flags = ((F_HAS_BIAS if spec.bias is not None else 0) | (F_HAS_GAMMA if spec.gamma is not None else 0)
-                 | (F_HAS_BETA if spec.beta is not None else 0) | (F_SAVE_DS if saved.ds is not None else 0)
-                 | (F_SAVE_LN if saved.xh is not None else 0) | (F_WRITE_SQ if sq is not None else 0)
-                 | (F_STATS if mom is not None else 0))
-        args = (x, spec.weight, _or(spec.bias, d), _or(spec.gamma, d), _or(spec.beta, d),
-                _or(spec.mean, d), spec.params, y, _or(saved.ds, d), _or(saved.xh, d),
-                _or(saved.inv, d), _or(sq, d), _or(mom, d),
-                N, spec.din, spec.dout, group_rows, spec.act, spec.norm, flags)
-        module(x.device).launch(f"gsc_layer_fwd_{_SUFFIX[x.dtype]}", -(-N // FWD_ROWS), THREADS, args)
+        flags = (
+            (F_HAS_BIAS if spec.bias is not None else 0)
+            | (F_HAS_GAMMA if spec.gamma is not None else 0)
+            | (F_HAS_BETA if spec.beta is not None else 0)
+            | (F_SAVE_DS if saved.ds is not None else 0)
+            | (F_SAVE_LN if saved.xh is not None else 0)
+            | (F_WRITE_SQ if sq is not None else 0)
+            | (F_STATS if mom is not None else 0)
+        )
+        args = (
+            x,
+            spec.weight,
+            _or(spec.bias, d),
+            _or(spec.gamma, d),
+            _or(spec.beta, d),
+            _or(spec.mean, d),
+            spec.params,
+            y,
+            _or(saved.ds, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            _or(sq, d),
+            _or(mom, d),
+            N,
+            spec.din,
+            spec.dout,
+            group_rows,
+            spec.act,
+            spec.norm,
+            flags,
+        )
+        module(x.device).launch(
+            f"gsc_layer_fwd_{_SUFFIX[x.dtype]}", -(-N // FWD_ROWS), THREADS, args
+        )
 
     @staticmethod
     def _vjp_flags(spec: LayerSpec) -> int:
         ln = spec.norm == NORM_LAYER
-        return ((F_HAS_DS if spec.has_ds else 0) | (F_LN if ln else 0)
-                | (F_HAS_GAMMA if ln and spec.gamma is not None else 0))
+        return (
+            (F_HAS_DS if spec.has_ds else 0)
+            | (F_LN if ln else 0)
+            | (F_HAS_GAMMA if ln and spec.gamma is not None else 0)
+        )
 
     def _chain_step(self, v, rows, R, svn, svr, spec, saved, out, sqr) -> None:
         d = v.new_empty(1)
         ln = spec.norm == NORM_LAYER
-        flags = (self._vjp_flags(spec) | (F_STORE if out is not None else 0)
-                 | (F_WRITE_SQ if sqr is not None else 0))
-        args = (v, _or(saved.ds, d), _or(spec.gamma if ln else None, d), _or(saved.xh, d),
-                _or(saved.inv, d), spec.weight, _or(out, d), _or(sqr, d),
-                rows, R, spec.dout, spec.din, svn, svr, flags)
-        module(v.device).launch(f"gsc_chain_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args)
+        flags = (
+            self._vjp_flags(spec)
+            | (F_STORE if out is not None else 0)
+            | (F_WRITE_SQ if sqr is not None else 0)
+        )
+        args = (
+            v,
+            _or(saved.ds, d),
+            _or(spec.gamma if ln else None, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            spec.weight,
+            _or(out, d),
+            _or(sqr, d),
+            rows,
+            R,
+            spec.dout,
+            spec.din,
+            svn,
+            svr,
+            flags,
+        )
+        module(v.device).launch(
+            f"gsc_chain_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args
+        )
 
     def _contrib_step(self, v, N, M, spec, saved, spec0, saved0, out, sqr) -> None:
         d = v.new_empty(1)
         ln = spec.norm == NORM_LAYER
-        args = (v, _or(saved.ds, d), _or(spec.gamma if ln else None, d), _or(saved.xh, d),
-                _or(saved.inv, d), spec.weight,
-                _or(saved0.ds, d), _or(spec0.gamma if ln else None, d), _or(saved0.xh, d),
-                _or(saved0.inv, d), spec0.weight, out, sqr, N, M, spec.dout, spec.din,
-                self._vjp_flags(spec))
+        args = (
+            v,
+            _or(saved.ds, d),
+            _or(spec.gamma if ln else None, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            spec.weight,
+            _or(saved0.ds, d),
+            _or(spec0.gamma if ln else None, d),
+            _or(saved0.xh, d),
+            _or(saved0.inv, d),
+            spec0.weight,
+            out,
+            sqr,
+            N,
+            M,
+            spec.dout,
+            spec.din,
+            self._vjp_flags(spec),
+        )
         rows = N * (M + 1)
-        module(v.device).launch(f"gsc_contrib_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args)
+        module(v.device).launch(
+            f"gsc_contrib_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args
+        )
 
 
 def _or(t: Tensor | None, dummy: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ A normalization whose variance overflows would output zeros (``(x - mean) / sqrt
 but wrong: every backend makes such a variance NaN instead (``rules.norm.poison_variance`` for the
 torch rules, the same test in the numba kernels and the reference backend), so it reaches this check.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,10 +46,16 @@ def check_results(pb, method: str, result, init=None) -> None:
     named: list[tuple[str, Tensor | None]]
     if method == "sweep":
         first = 0 if pb.error is not None else 1  # ||f_0||^2 is NaN by definition without y
-        named = [("||f_{l}||^2", result.sq_out[:, first:]),
-                 ("||d f_0 / d f_{l}||^2", result.sq_grad if pb.error is not None else None)]
-        named += [(f"the pre-activation moments of layer f_{l}", t)
-                  for l, m in enumerate(result.moments or []) if m is not None for t in (m.mean, m.m2)]
+        named = [
+            ("||f_{l}||^2", result.sq_out[:, first:]),
+            ("||d f_0 / d f_{l}||^2", result.sq_grad if pb.error is not None else None),
+        ]
+        named += [
+            (f"the pre-activation moments of layer f_{l}", t)
+            for l, m in enumerate(result.moments or [])
+            if m is not None
+            for t in (m.mean, m.m2)
+        ]
     elif method in ("chain", "contributions"):
         named = [(f"the results of {method}", result[:, _defined(pb, method)])]
     else:
@@ -68,11 +75,18 @@ def check_results(pb, method: str, result, init=None) -> None:
 
 def message(pb, where: str) -> str:
     dtype = pb.x.dtype
-    fix = ("compute in float64 (model.double(), x.double() and a float y for error='dot'), "
-           "or rescale the inputs, weights or targets") if dtype != torch.float64 else \
-        "rescale the inputs, weights or targets (they are already float64)"
-    return (f"values stop being finite (overflow to Inf, or NaN from it) in {dtype} at {where}; "
-            f"gscfast refuses to return the NaN or wrong numbers that follow. To proceed, {fix}.")
+    fix = (
+        (
+            "compute in float64 (model.double(), x.double() and a float y for error='dot'), "
+            "or rescale the inputs, weights or targets"
+        )
+        if dtype != torch.float64
+        else "rescale the inputs, weights or targets (they are already float64)"
+    )
+    return (
+        f"values stop being finite (overflow to Inf, or NaN from it) in {dtype} at {where}; "
+        f"gscfast refuses to return the NaN or wrong numbers that follow. To proceed, {fix}."
+    )
 
 
 def _bad(t: Tensor) -> bool:
@@ -99,7 +113,11 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
                 h, s = op.forward(h, ctx)
                 saved[layer.index].append(s)
                 if _bad(h):
-                    why = " (the variance of its input overflows)" if op.kind.endswith("_norm") else ""
+                    why = (
+                        " (the variance of its input overflows)"
+                        if op.kind.endswith("_norm")
+                        else ""
+                    )
                     return f"layer f_{layer.index}, the output of {_module(op)}{why}"
             if norms and _bad(sq_norms(h if pb.coupled else h.reshape(P, -1))):
                 return f"||f_{layer.index}||^2, the squared norm of layer f_{layer.index}'s output"
@@ -119,8 +137,10 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
                 for op, s in zip(reversed(layer.ops), reversed(saved[m])):
                     v = op.vjp(v, s)
                     if _bad(v):
-                        return (f"the gradient d f_0 / d f_{m + 1} in the backward pass through "
-                                f"layer f_{m}, at {_module(op)}")
+                        return (
+                            f"the gradient d f_0 / d f_{m + 1} in the backward pass through "
+                            f"layer f_{m}, at {_module(op)}"
+                        )
             if norms and _bad(sq_norms(v)):
                 return f"||d f_0 / d f_{m + 1}||^2, the squared norm of the gradient"
     return None

@@ -30,6 +30,7 @@ kernel, then restored). Working sets are reused between calls (``workspace``) up
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
 independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,17 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..rules import ForwardCtx
-from ..rules.activation import (ELURule, GELURule, IdentityRule, LeakyReLURule, ReLURule, SELURule,
-                                SigmoidRule, SoftplusRule, TanhRule)
+from ..rules.activation import (
+    ELURule,
+    GELURule,
+    IdentityRule,
+    LeakyReLURule,
+    ReLURule,
+    SELURule,
+    SigmoidRule,
+    SoftplusRule,
+    TanhRule,
+)
 from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
@@ -60,6 +70,7 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 def _k():
     """The kernels module (imported lazily: importing it imports numba)."""
     from . import _numba_kernels
+
     return _numba_kernels
 
 
@@ -84,8 +95,10 @@ def _find_blas() -> list[tuple]:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for set_name, get_name in (("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-                                   ("openblas_set_num_threads", "openblas_get_num_threads")):
+        for set_name, get_name in (
+            ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+            ("openblas_set_num_threads", "openblas_get_num_threads"),
+        ):
             if hasattr(lib, set_name) and hasattr(lib, get_name):
                 setter, getter = getattr(lib, set_name), getattr(lib, get_name)
                 setter.argtypes, setter.restype = [ctypes.c_int], None
@@ -146,6 +159,7 @@ def release_workspace() -> None:
 
 # ----------------------------------------------------------------------------- the compiled net
 
+
 @dataclass
 class Net:
     """A program flattened for the kernels (see ``_numba_kernels`` module docstring)."""
@@ -162,16 +176,26 @@ class Net:
         return self.meta, self.fmeta, self.wflat, self.vflat, self.sto, self.rowsz
 
 
-_ACTS = {ReLURule: "A_RELU", LeakyReLURule: "A_LEAKY", TanhRule: "A_TANH", SigmoidRule: "A_SIGMOID",
-         ELURule: "A_ELU", SELURule: "A_SELU", SoftplusRule: "A_SOFTPLUS", GELURule: "A_GELU",
-         IdentityRule: "A_IDENTITY"}
+_ACTS = {
+    ReLURule: "A_RELU",
+    LeakyReLURule: "A_LEAKY",
+    TanhRule: "A_TANH",
+    SigmoidRule: "A_SIGMOID",
+    ELURule: "A_ELU",
+    SELURule: "A_SELU",
+    SoftplusRule: "A_SOFTPLUS",
+    GELURule: "A_GELU",
+    IdentityRule: "A_IDENTITY",
+}
 
 
 def _np(t: Tensor, dtype) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False).reshape(-1)
 
 
-def build_net(program: Program, dtype, n_in: int, frozen: dict | None, coupled: bool = False) -> Net:
+def build_net(
+    program: Program, dtype, n_in: int, frozen: dict | None, coupled: bool = False
+) -> Net:
     """Flatten ``program``; ``frozen`` maps ``id(batch norm rule)`` to its ``(mean, var)`` batch
     statistics (constants) for batch norms that use batch statistics; with ``coupled`` those
     compute them over the batch instead (``N_BATCH``)."""
@@ -263,7 +287,10 @@ def build_net(program: Program, dtype, n_in: int, frozen: dict | None, coupled: 
             rowsz += 1
         dmax = max(dmax, dout, din if i > 0 else 1)
         d = dout
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(1, dtype))
+
+    def cat(parts: list) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(1, dtype)
+
     return Net(meta, fmeta, cat(weights), cat(vecs), sto, rowsz, dmax)
 
 
@@ -271,7 +298,7 @@ def _frozen_stats(pb: Problem, d: int, init: Program | None = None) -> dict:
     """Batch statistics of dataset ``d`` for every batch-statistics batch norm (the same pre-pass
     as ``iter_chunks``): of the model, and of ``init`` evaluated at the model's layer inputs."""
     ctx = ForwardCtx(coupled=True, frozen_bn={}, record_bn=True, save=False, samples=pb.B)
-    h = pb.x[d:d + 1]
+    h = pb.x[d : d + 1]
     for i, layer in enumerate(pb.program.layers):
         if init is not None:
             init.layers[i].forward(h, ctx)
@@ -280,6 +307,7 @@ def _frozen_stats(pb: Problem, d: int, init: Program | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------- the backend
+
 
 class NumbaBackend(TorchBackend):
     __doc__ = __doc__
@@ -383,10 +411,25 @@ class NumbaBackend(TorchBackend):
             cnt = np.zeros(nth, np.int64)
             ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax), dt, pb.memory)
             with single_threaded_blas():
-                k.sweep_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
-                               ylab[rows] if err == k.E_KL else ylab, *net.args(), T, net.dmax,
-                               grads, stats, sqo[rows], sqg[rows] if grads else sqg,
-                               mean, m2, pos, neg, cnt, ws)
+                k.sweep_kernel(
+                    x[rows],
+                    err,
+                    yv[rows] if err == k.E_DOT else yv,
+                    ylab[rows] if err == k.E_KL else ylab,
+                    *net.args(),
+                    T,
+                    net.dmax,
+                    grads,
+                    stats,
+                    sqo[rows],
+                    sqg[rows] if grads else sqg,
+                    mean,
+                    m2,
+                    pos,
+                    neg,
+                    cnt,
+                    ws,
+                )
             if stats:
                 self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
         if grads:
@@ -416,10 +459,26 @@ class NumbaBackend(TorchBackend):
             g = np.zeros(L + 1)
             ws = workspace(1, k.coupled_ws(B, T, net.rowsz, net.dmax, nth), dt, pb.memory)
             with single_threaded_blas():
-                k.coupled_sweep_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
-                                       ylab[rows] if err == k.E_KL else ylab, *net.args(), T,
-                                       net.dmax, grads, stats, o, g, mean, m2, pos, neg, cnt, nth,
-                                       ws)
+                k.coupled_sweep_kernel(
+                    x[rows],
+                    err,
+                    yv[rows] if err == k.E_DOT else yv,
+                    ylab[rows] if err == k.E_KL else ylab,
+                    *net.args(),
+                    T,
+                    net.dmax,
+                    grads,
+                    stats,
+                    o,
+                    g,
+                    mean,
+                    m2,
+                    pos,
+                    neg,
+                    cnt,
+                    nth,
+                    ws,
+                )
             sqo[d, 1:] = o[1:]
             if err != k.E_NONE:
                 sqo[d, 0] = o[0]
@@ -442,8 +501,10 @@ class NumbaBackend(TorchBackend):
             for th in range(len(cnt)):
                 if cnt[th] == 0:
                     continue
-                mo = Moments(int(cnt[th]), *(torch.from_numpy(a[th, i, :d].copy())
-                                             for a in (mean, m2, pos, neg)))
+                mo = Moments(
+                    int(cnt[th]),
+                    *(torch.from_numpy(a[th, i, :d].copy()) for a in (mean, m2, pos, neg)),
+                )
                 m = L - i
                 moments[m] = mo if moments[m] is None else moments[m].merge(mo)
 
@@ -460,7 +521,7 @@ class NumbaBackend(TorchBackend):
         res = np.full((N, L + 1, L + 1), np.nan, dt)
         res[:, 0, 0] = 1
         if probes is None:
-            nprobe, rmax = 0, max(w[1:L + 1])
+            nprobe, rmax = 0, max(w[1 : L + 1])
             pflat, poff = np.zeros(1, dt), np.zeros(L + 1, np.int64)
         else:
             parts = [probes(l).to(pb.x.dtype).reshape(-1, w[l]) for l in range(1, L + 1)]
@@ -473,9 +534,22 @@ class NumbaBackend(TorchBackend):
             T = self._tile(pb, n, rmax, dt.itemsize * (net.rowsz + net.dmax + 2 * rmax * net.dmax))
             ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, rmax, L), dt, pb.memory)
             with single_threaded_blas():
-                k.chain_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
-                               ylab[rows] if err == k.E_KL else ylab, *net.args(), T, net.dmax,
-                               rmax, pflat, poff, nprobe, res[rows], nth, ws)
+                k.chain_kernel(
+                    x[rows],
+                    err,
+                    yv[rows] if err == k.E_DOT else yv,
+                    ylab[rows] if err == k.E_KL else ylab,
+                    *net.args(),
+                    T,
+                    net.dmax,
+                    rmax,
+                    pflat,
+                    poff,
+                    nprobe,
+                    res[rows],
+                    nth,
+                    ws,
+                )
         return torch.from_numpy(res)
 
     def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
@@ -500,8 +574,9 @@ class NumbaBackend(TorchBackend):
             T = self._tile(pb, n, R, dt.itemsize * (net.rowsz + net.dmax + 2 * R * net.dmax))
             ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, R, L), dt, pb.memory)
             with single_threaded_blas():
-                k.jacobian_kernel(x[rows], *net.args(), T, net.dmax, L - end, L + 1 - start,
-                                  out[rows], nth, ws)
+                k.jacobian_kernel(
+                    x[rows], *net.args(), T, net.dmax, L - end, L + 1 - start, out[rows], nth, ws
+                )
         return torch.from_numpy(out)
 
     def contributions(self, pb: Problem, init: Program) -> Tensor:
@@ -521,9 +596,19 @@ class NumbaBackend(TorchBackend):
             T = self._tile(pb, n, L, dt.itemsize * (net.rowsz + net0.rowsz + 4 * L * dmax))
             ws = workspace(nth, k.contrib_ws(T, net.rowsz, net0.rowsz, dmax, L), dt, pb.memory)
             with single_threaded_blas():
-                k.contrib_kernel(x[rows], err, yv[rows] if err == k.E_DOT else yv,
-                                 ylab[rows] if err == k.E_KL else ylab, *net.args(), *net0.args(),
-                                 T, dmax, res[rows], nth, ws)
+                k.contrib_kernel(
+                    x[rows],
+                    err,
+                    yv[rows] if err == k.E_DOT else yv,
+                    ylab[rows] if err == k.E_KL else ylab,
+                    *net.args(),
+                    *net0.args(),
+                    T,
+                    dmax,
+                    res[rows],
+                    nth,
+                    ws,
+                )
         return torch.from_numpy(res)
 
 

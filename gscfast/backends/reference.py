@@ -16,11 +16,13 @@ Batch norm:
   are then switched to eval mode with those statistics as their running statistics (eval batch
   norm computes ``(x - running_mean) / sqrt(running_var + eps)``), i.e. constants.
 """
+
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,11 @@ def _nan_if_variance_overflows(m: nn.Module, args: tuple[Tensor], out: Tensor) -
         dim = 0
     else:
         return None
-    return None if bool(torch.isfinite(args[0].detach().var(dim, correction=0)).all()) else out + math.nan
+    return (
+        None
+        if bool(torch.isfinite(args[0].detach().var(dim, correction=0)).all())
+        else out + math.nan
+    )
 
 
 def _run(mods: Mods, h: Tensor, pre: list[Tensor] | None = None) -> Tensor:
@@ -142,8 +148,10 @@ class _Data:
         self.L = self.program.L
         self.base = _copy_layers(self.program, pb.x)
         if _batch_norms(self.base) and not (pb.coupled or pb.frozen):
-            raise ValueError("the model has batch norm with batch statistics: it needs batch "
-                             "datapoints (coupled) or frozen statistics")
+            raise ValueError(
+                "the model has batch norm with batch statistics: it needs batch "
+                "datapoints (coupled) or frozen statistics"
+            )
 
     def layers(self, d: int) -> list[Mods]:
         """Model-order layer modules for dataset ``d`` (frozen statistics of that dataset)."""
@@ -173,8 +181,9 @@ class _Data:
     def f0(self, out: Tensor, d: int, rows: slice) -> Tensor:
         return _error(self.pb.error, out, self.pb.y[d, rows])
 
-    def forward(self, layers: list[Mods], x: Tensor, pre: dict[int, list[Tensor]] | None = None
-                ) -> dict[int, Tensor]:
+    def forward(
+        self, layers: list[Mods], x: Tensor, pre: dict[int, list[Tensor]] | None = None
+    ) -> dict[int, Tensor]:
         """``{L+1: x, L: f_L, ..., 1: f_1}``; pre-activations appended to ``pre[l]``."""
         fs = {self.L + 1: x}
         for i, mods in enumerate(layers):
@@ -185,10 +194,12 @@ class _Data:
 
     def compose(self, layers: list[Mods], start: int, end: int) -> Callable[[Tensor], Tensor]:
         """``f_start -> f_end`` (``start >= end >= 1``)."""
+
         def fn(h: Tensor) -> Tensor:
             for m in range(start - 1, end - 1, -1):
                 h = _run(layers[self.L - m], h)
             return h
+
         return fn
 
 
@@ -238,8 +249,9 @@ class ReferenceBackend(Backend):
             for l in range(1, L + 1):
                 v = probes(l).to(device=x.device, dtype=x.dtype)
                 if v.dim() != 3 or v.shape[1:] != (S, pb.widths[l]):
-                    raise ValueError(f"probes({l}) has shape {tuple(v.shape)}, expected "
-                                     f"[R, {S}, {pb.widths[l]}]")
+                    raise ValueError(
+                        f"probes({l}) has shape {tuple(v.shape)}, expected [R, {S}, {pb.widths[l]}]"
+                    )
                 V[l] = v.reshape(v.shape[0], -1)
         out = torch.full((pb.P, L + 1, L + 1), math.nan, dtype=x.dtype, device=x.device)
         for p, d, rows, layers in data.all():
@@ -267,8 +279,9 @@ class ReferenceBackend(Backend):
                 nk = fs[k].numel()
                 for l, J in zip(ends, jacs):
                     J = J.reshape(-1, nk)
-                    out[p, k, l] = J.square().sum() if V is None else \
-                        (V[l] @ J).square().sum() / V[l].shape[0]
+                    out[p, k, l] = (
+                        J.square().sum() if V is None else (V[l] @ J).square().sum() / V[l].shape[0]
+                    )
                 if data.has_error():
                     out[p, k, 0] = jacs[-1].square().sum()
         return out
@@ -277,8 +290,9 @@ class ReferenceBackend(Backend):
     def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
         L = pb.L
         if not (1 <= end <= start <= L + 1 and end <= L):
-            raise ValueError(f"need 1 <= end <= start <= L+1 and end <= L (L={L}), "
-                             f"got start={start}, end={end}")
+            raise ValueError(
+                f"need 1 <= end <= start <= L+1 and end <= L (L={L}), got start={start}, end={end}"
+            )
         data = _Data(pb)
         x, S, w = pb.x, pb.S, pb.widths
         out = torch.empty((pb.P, S * w[end], S * w[start]), dtype=x.dtype, device=x.device)
@@ -322,8 +336,8 @@ class ReferenceBackend(Backend):
                 for l in range(1, L):  # v_{l+1}^(lam) = v_l^(lam) S_l + v_l^(lam-1) R_l
                     h = fs[l + 1].detach()
                     shape = (fs[l].numel(), h.numel())
-                    G = _jac(lambda t: _run(layers[L - l], t), h).reshape(shape)
-                    Sm = _jac(lambda t: _run(ilayers[L - l], t), h).reshape(shape)
+                    G = _jac(functools.partial(_run, layers[L - l]), h).reshape(shape)
+                    Sm = _jac(functools.partial(_run, ilayers[L - l]), h).reshape(shape)
                     R = G - Sm
                     new = {}
                     for lam in range(l + 1):

@@ -4,6 +4,7 @@ Each chunk of datapoints is run forward once, saving what the layer VJPs need; t
 cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only their squared norms
 are kept, so no ``[B, L, d, d]`` tensor ever exists.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,16 @@ class Trace:
     grad: Tensor | None = None  # [P, 1, S, d_1], d f_0 / d f_1
 
 
-def forward(pb: Problem, program: Program, ds: slice, bs: slice, ctx: ForwardCtx, *,
-            moments: list[Moments | None] | None = None, keep_inputs: bool = False) -> Trace:
+def forward(
+    pb: Problem,
+    program: Program,
+    ds: slice,
+    bs: slice,
+    ctx: ForwardCtx,
+    *,
+    moments: list[Moments | None] | None = None,
+    keep_inputs: bool = False,
+) -> Trace:
     """Run one chunk forward; accumulate pre-activation ``moments`` in place if given."""
     h = pb.x[ds, bs]
     Dc, b = h.shape[:2]

@@ -27,6 +27,7 @@ with ``ALLOW_CPU = True`` (or inside ``interpret_on_cpu()``) a ``TritonBackend()
 CPU tensors. ``supports()`` stays CUDA-only, so ``backend="auto"`` (and ``backend="triton"``)
 never run it on CPU tensors.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,10 @@ def interpret_on_cpu():
     (then run in a fresh process with ``TRITON_INTERPRET=1`` set before anything imports triton)."""
     global ALLOW_CPU
     if not interpreter_ready():
-        raise RuntimeError("triton was imported without TRITON_INTERPRET=1 in this process; "
-                           "set it before the first import of triton to interpret kernels on CPU")
+        raise RuntimeError(
+            "triton was imported without TRITON_INTERPRET=1 in this process; "
+            "set it before the first import of triton to interpret kernels on CPU"
+        )
     old_env, old_allow = os.environ.get("TRITON_INTERPRET"), ALLOW_CPU
     os.environ["TRITON_INTERPRET"] = "1"
     ALLOW_CPU = True
@@ -148,20 +151,46 @@ def _configs(kind: str, dtype: torch.dtype):
     import triton
 
     C = triton.Config
-    if kind == "fwd":  # BM, BN come from fwd_config (moments are per BM-tile); tune BK, warps, stages
-        return [C(dict(BK=bk), num_warps=w, num_stages=s)
-                for bk in (16, 32, 64) for w in (4, 8, 16) for s in (1, 2, 3)]
+    if (
+        kind == "fwd"
+    ):  # BM, BN come from fwd_config (moments are per BM-tile); tune BK, warps, stages
+        return [
+            C(dict(BK=bk), num_warps=w, num_stages=s)
+            for bk in (16, 32, 64)
+            for w in (4, 8, 16)
+            for s in (1, 2, 3)
+        ]
     if dtype == torch.float64:
-        step = [(32, 64, 32, 4, 2), (64, 64, 32, 4, 2), (32, 128, 16, 4, 2), (64, 128, 16, 8, 2),
-                (32, 32, 16, 4, 2)]
+        step = [
+            (32, 64, 32, 4, 2),
+            (64, 64, 32, 4, 2),
+            (32, 128, 16, 4, 2),
+            (64, 128, 16, 8, 2),
+            (32, 32, 16, 4, 2),
+        ]
         contrib = [(32, 64, 16, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2), (16, 32, 16, 4, 2)]
     else:  # (BM, BN, BK, warps, stages); the third is width 100 padded to one 128 x 128 block
-        step = [(64, 128, 32, 4, 3), (64, 128, 64, 4, 2), (64, 128, 128, 8, 1), (128, 128, 32, 8, 3),
-                (128, 64, 32, 4, 3), (32, 128, 64, 4, 2), (64, 64, 64, 4, 2), (64, 32, 32, 4, 2)]
-        contrib = [(64, 64, 32, 4, 2), (32, 128, 32, 4, 2), (64, 128, 32, 8, 2), (32, 64, 64, 4, 2),
-                   (32, 32, 32, 4, 2)]
-    return [C(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in (contrib if kind == "contrib" else step)]
+        step = [
+            (64, 128, 32, 4, 3),
+            (64, 128, 64, 4, 2),
+            (64, 128, 128, 8, 1),
+            (128, 128, 32, 8, 3),
+            (128, 64, 32, 4, 3),
+            (32, 128, 64, 4, 2),
+            (64, 64, 64, 4, 2),
+            (64, 32, 32, 4, 2),
+        ]
+        contrib = [
+            (64, 64, 32, 4, 2),
+            (32, 128, 32, 4, 2),
+            (64, 128, 32, 8, 2),
+            (32, 64, 64, 4, 2),
+            (32, 32, 32, 4, 2),
+        ]
+    return [
+        C(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (contrib if kind == "contrib" else step)
+    ]
 
 
 def prune(configs, named_args, *, kind: str, item: int, smem: int | None = None, **kwargs):
@@ -184,7 +213,11 @@ def prune(configs, named_args, *, kind: str, item: int, smem: int | None = None,
             smem = (BM * BK + BK * BN) * item * max(1, c.num_stages)
         else:
             fits = BN <= max(16, 2 * _p2(din)) and BK <= max(16, 2 * _p2(dout))
-            smem = (ops * BM * BK + (2 if kind == "contrib" else 1) * BK * BN) * item * max(1, c.num_stages)
+            smem = (
+                (ops * BM * BK + (2 if kind == "contrib" else 1) * BK * BN)
+                * item
+                * max(1, c.num_stages)
+            )
             smem *= STEP_SMEM_FACTOR
         if fits and smem <= budget:
             keep.append(c)
@@ -194,7 +227,11 @@ def prune(configs, named_args, *, kind: str, item: int, smem: int | None = None,
 def _kernel(kind: str, dtype: torch.dtype):
     """The jit kernel, autotuned on a GPU unless ``GSCFAST_TRITON_AUTOTUNE=0`` or forced."""
     k = kernels()
-    raw = {"fwd": k.layer_fwd_kernel, "step": k.chain_step_kernel, "contrib": k.contrib_step_kernel}[kind]
+    raw = {
+        "fwd": k.layer_fwd_kernel,
+        "step": k.chain_step_kernel,
+        "contrib": k.contrib_step_kernel,
+    }[kind]
     if not AUTOTUNE or k.INTERPRETED or FORCE_CONFIG is not None:
         return raw, False
     return autotuned(kind, dtype), True
@@ -209,16 +246,23 @@ def autotuned(kind: str, dtype: torch.dtype):
         import triton
 
         k = kernels()
-        raw = {"fwd": k.layer_fwd_kernel, "step": k.chain_step_kernel, "contrib": k.contrib_step_kernel}[kind]
+        raw = {
+            "fwd": k.layer_fwd_kernel,
+            "step": k.chain_step_kernel,
+            "contrib": k.contrib_step_kernel,
+        }[kind]
         keys = ["DIN", "DOUT", "NORM"] if kind == "fwd" else ["DIN", "DOUT", "LN"]
         item = 8 if dtype == torch.float64 else 4
         _tuned[key] = triton.autotune(
-            _configs(kind, dtype), key=keys,
-            prune_configs_by={"early_config_prune": functools.partial(prune, kind=kind, item=item)})(raw)
+            _configs(kind, dtype),
+            key=keys,
+            prune_configs_by={"early_config_prune": functools.partial(prune, kind=kind, item=item)},
+        )(raw)
     return _tuned[key]
 
 
 # ----------------------------------------------------------------------------- the backend
+
 
 class TritonBackend(FusedEngine):
     __doc__ = __doc__
@@ -250,7 +294,10 @@ class TritonBackend(FusedEngine):
 
     @staticmethod
     def _fwd_cfg(spec: LayerSpec) -> dict:
-        return {**fwd_config(spec.din, spec.dout, spec.weight.dtype), **(FORCE_CONFIG or {}).get("fwd", {})}
+        return {
+            **fwd_config(spec.din, spec.dout, spec.weight.dtype),
+            **(FORCE_CONFIG or {}).get("fwd", {}),
+        }
 
     def moment_tile(self, spec: LayerSpec) -> int:
         return self._fwd_cfg(spec)["BM"]
@@ -261,29 +308,74 @@ class TritonBackend(FusedEngine):
         fn, tuned = _kernel("fwd", dt)
         d = x.new_empty(1)
         ln = spec.norm == NORM_LAYER
-        meta = dict(BM=cfg["BM"], BN=cfg["BN"], HAS_BIAS=spec.bias is not None, NORM=spec.norm,
-                    HAS_GAMMA=spec.gamma is not None, HAS_BETA=spec.beta is not None, ACT=spec.act,
-                    SAVE_DS=saved.ds is not None, SAVE_LN=ln and saved.xh is not None,
-                    WRITE_SQ=sq is not None, STATS=mom is not None, PREC=self._prec(dt))
+        meta = dict(
+            BM=cfg["BM"],
+            BN=cfg["BN"],
+            HAS_BIAS=spec.bias is not None,
+            NORM=spec.norm,
+            HAS_GAMMA=spec.gamma is not None,
+            HAS_BETA=spec.beta is not None,
+            ACT=spec.act,
+            SAVE_DS=saved.ds is not None,
+            SAVE_LN=ln and saved.xh is not None,
+            WRITE_SQ=sq is not None,
+            STATS=mom is not None,
+            PREC=self._prec(dt),
+        )
         if not tuned:
             meta.update(BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         grid = (-(-N // cfg["BM"]),)
         with _on(x.device):
-            fn[grid](x, spec.weight, _or(spec.bias, d), _or(spec.gamma, d), _or(spec.beta, d),
-                     _or(spec.mean, d), spec.params, y, _or(saved.ds, d), _or(saved.xh, d),
-                     _or(saved.inv, d), _or(sq, d), _or(mom, d),
-                     N, spec.din, spec.dout, group_rows, **meta)
+            fn[grid](
+                x,
+                spec.weight,
+                _or(spec.bias, d),
+                _or(spec.gamma, d),
+                _or(spec.beta, d),
+                _or(spec.mean, d),
+                spec.params,
+                y,
+                _or(saved.ds, d),
+                _or(saved.xh, d),
+                _or(saved.inv, d),
+                _or(sq, d),
+                _or(mom, d),
+                N,
+                spec.din,
+                spec.dout,
+                group_rows,
+                **meta,
+            )
 
     def _chain_step(self, v, rows, R, svn, svr, spec, saved, out, sqr) -> None:
         dt = v.dtype
         fn, tuned = _kernel("step", dt)
         d = v.new_empty(1)
         ln = spec.norm == NORM_LAYER
-        meta = dict(HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None,
-                    STORE=out is not None, WRITE_SQ=sqr is not None, PREC=self._prec(dt))
-        args = (v, _or(saved.ds, d), _or(spec.gamma if ln else None, d), _or(saved.xh, d),
-                _or(saved.inv, d), spec.weight, _or(out, d), _or(sqr, d),
-                rows, R, spec.dout, spec.din, svn, svr)
+        meta = dict(
+            HAS_DS=spec.has_ds,
+            LN=ln,
+            HAS_GAMMA=ln and spec.gamma is not None,
+            STORE=out is not None,
+            WRITE_SQ=sqr is not None,
+            PREC=self._prec(dt),
+        )
+        args = (
+            v,
+            _or(saved.ds, d),
+            _or(spec.gamma if ln else None, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            spec.weight,
+            _or(out, d),
+            _or(sqr, d),
+            rows,
+            R,
+            spec.dout,
+            spec.din,
+            svn,
+            svr,
+        )
         self._launch(fn, tuned, "step", rows, spec, dt, args, meta)
 
     def _contrib_step(self, v, N, M, spec, saved, spec0, saved0, out, sqr) -> None:
@@ -291,12 +383,28 @@ class TritonBackend(FusedEngine):
         fn, tuned = _kernel("contrib", dt)
         d = v.new_empty(1)
         ln = spec.norm == NORM_LAYER
-        meta = dict(HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None,
-                    PREC=self._prec(dt))
-        args = (v, _or(saved.ds, d), _or(spec.gamma if ln else None, d), _or(saved.xh, d),
-                _or(saved.inv, d), spec.weight,
-                _or(saved0.ds, d), _or(spec0.gamma if ln else None, d), _or(saved0.xh, d),
-                _or(saved0.inv, d), spec0.weight, out, sqr, N, M, spec.dout, spec.din)
+        meta = dict(
+            HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None, PREC=self._prec(dt)
+        )
+        args = (
+            v,
+            _or(saved.ds, d),
+            _or(spec.gamma if ln else None, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            spec.weight,
+            _or(saved0.ds, d),
+            _or(spec0.gamma if ln else None, d),
+            _or(saved0.xh, d),
+            _or(saved0.inv, d),
+            spec0.weight,
+            out,
+            sqr,
+            N,
+            M,
+            spec.dout,
+            spec.din,
+        )
         self._launch(fn, tuned, "contrib", N * (M + 1), spec, dt, args, meta)
 
     @staticmethod
@@ -304,10 +412,17 @@ class TritonBackend(FusedEngine):
         if tuned:
             grid = lambda m: (-(-rows // m["BM"]),)  # noqa: E731
         else:
-            cfg = {**step_config(spec.din, spec.dout, dt, contrib=kind == "contrib"),
-                   **(FORCE_CONFIG or {}).get(kind, {})}
-            meta.update(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
-                        num_stages=cfg["num_stages"])
+            cfg = {
+                **step_config(spec.din, spec.dout, dt, contrib=kind == "contrib"),
+                **(FORCE_CONFIG or {}).get(kind, {}),
+            }
+            meta.update(
+                BM=cfg["BM"],
+                BN=cfg["BN"],
+                BK=cfg["BK"],
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
             grid = (-(-rows // cfg["BM"]),)
         with _on(args[0].device):
             fn[grid](*args, **meta)
@@ -320,4 +435,3 @@ def _on(device: torch.device):
 
 def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
     return dummy if t is None else t
-

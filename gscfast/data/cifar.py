@@ -5,6 +5,7 @@ Every archive is checked against its MD5 sum before anything in it is read, and 
 with a restricted unpickler that accepts only what the official batches contain (dicts, lists,
 strings, numbers and numpy uint8 arrays), so a tampered file cannot run code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ARCHIVES", "CifarArchive", "load_cifar", "cifar10", "cifar100", "cifar100_splits",
-           "ImageSplits", "standardize", "standardize_images", "channel_stats", "ChecksumError"]
+__all__ = [
+    "ARCHIVES",
+    "ChecksumError",
+    "CifarArchive",
+    "ImageSplits",
+    "channel_stats",
+    "cifar10",
+    "cifar100",
+    "cifar100_splits",
+    "load_cifar",
+    "standardize",
+    "standardize_images",
+]
 
 
 class ChecksumError(ValueError):
@@ -48,17 +60,41 @@ class CifarArchive:
 
 ARCHIVES: dict[tuple[str, str], CifarArchive] = {
     ("cifar10", "python"): CifarArchive(
-        "cifar10", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "python",
-        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",)),
+        "cifar10",
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "python",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+    ),
     ("cifar10", "binary"): CifarArchive(
-        "cifar10", "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", "binary",
-        "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",)),
+        "cifar10",
+        "cifar-10-binary.tar.gz",
+        "c32a1d4ab5d03f1284b67883e8d87530",
+        "binary",
+        "cifar-10-batches-bin",
+        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        ("test_batch.bin",),
+    ),
     ("cifar100", "python"): CifarArchive(
-        "cifar100", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "python",
-        "cifar-100-python", ("train",), ("test",)),
+        "cifar100",
+        "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "python",
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+    ),
     ("cifar100", "binary"): CifarArchive(
-        "cifar100", "cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8", "binary",
-        "cifar-100-binary", ("train.bin",), ("test.bin",)),
+        "cifar100",
+        "cifar-100-binary.tar.gz",
+        "03b5dce01913d631647c71ecec9e9cb8",
+        "binary",
+        "cifar-100-binary",
+        ("train.bin",),
+        ("test.bin",),
+    ),
 }
 
 
@@ -73,17 +109,25 @@ def _md5(path: Path) -> str:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Only the globals a CIFAR batch needs (numpy array reconstruction)."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
-    }
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("_codecs", "encode"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR batch "
-                                     "contains only dicts, lists, strings and numpy arrays")
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: a CIFAR batch "
+            "contains only dicts, lists, strings and numpy arrays"
+        )
 
 
 def _unpickle(data: bytes, where: str) -> dict:
@@ -102,9 +146,16 @@ def _read_python_batch(data: bytes, where: str, label_key: str) -> tuple[np.ndar
         raise ValueError(f"{where}: missing 'data' or {label_key!r} (keys: {sorted(batch)})")
     images = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
-    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072 or len(labels) != len(images):
-        raise ValueError(f"{where}: expected uint8 data [N, 3072] and N labels, got "
-                         f"{images.dtype} {images.shape} and {labels.shape}")
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 2
+        or images.shape[1] != 3072
+        or len(labels) != len(images)
+    ):
+        raise ValueError(
+            f"{where}: expected uint8 data [N, 3072] and N labels, got "
+            f"{images.dtype} {images.shape} and {labels.shape}"
+        )
     return images, labels
 
 
@@ -124,7 +175,9 @@ def _download(url: str, dest: Path) -> None:
                 f.write(block)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} ({e}); download it by hand into {dest.parent}") from e
+        raise RuntimeError(
+            f"could not download {url} ({e}); download it by hand into {dest.parent}"
+        ) from e
     os.replace(tmp, dest)
 
 
@@ -152,21 +205,27 @@ def load_cifar(
     fmts = [fmt] if fmt else ["python", "binary"]
     if name not in ("cifar10", "cifar100") or any(f not in ("python", "binary") for f in fmts):
         raise ValueError(f"unknown CIFAR archive {name!r} / {fmt!r}")
-    archive = next((ARCHIVES[name, f] for f in fmts if (root / ARCHIVES[name, f].filename).exists()), None)
+    archive = next(
+        (ARCHIVES[name, f] for f in fmts if (root / ARCHIVES[name, f].filename).exists()), None
+    )
     if archive is None:
         archive = ARCHIVES[name, fmts[0]]
         if not download:
-            raise FileNotFoundError(f"{root / archive.filename} not found; pass download=True or "
-                                    f"put the official archive there (from {archive.url})")
+            raise FileNotFoundError(
+                f"{root / archive.filename} not found; pass download=True or "
+                f"put the official archive there (from {archive.url})"
+            )
         root.mkdir(parents=True, exist_ok=True)
         _download(archive.url, root / archive.filename)
     path = root / archive.filename
     expected = md5 or archive.md5
     actual = _md5(path)
     if actual != expected:
-        raise ChecksumError(f"{path}: MD5 {actual} does not match the expected {expected}; "
-                            "the file is corrupted or not the official archive: delete it and "
-                            "download it again")
+        raise ChecksumError(
+            f"{path}: MD5 {actual} does not match the expected {expected}; "
+            "the file is corrupted or not the official archive: delete it and "
+            "download it again"
+        )
     members = archive.train if train else archive.test
     images, labels = [], []
     try:
@@ -181,7 +240,9 @@ def load_cifar(
                     raise ValueError(f"{where}: missing from the archive")
                 data = f.read()
                 if archive.fmt == "python":
-                    im, lb = _read_python_batch(data, where, "labels" if name == "cifar10" else "fine_labels")
+                    im, lb = _read_python_batch(
+                        data, where, "labels" if name == "cifar10" else "fine_labels"
+                    )
                 else:
                     im, lb = _read_binary_batch(data, where, 1 if name == "cifar10" else 2)
                 images.append(im)
@@ -218,8 +279,14 @@ def standardize(images: Tensor, reference: Tensor) -> Tensor:
     return standardize_images(images, reference).reshape(len(images), -1)
 
 
-def cifar10(root: str | os.PathLike, train: bool = True, download: bool = False, *,
-            md5: str | None = None, fmt: str | None = None) -> tuple[Tensor, Tensor]:
+def cifar10(
+    root: str | os.PathLike,
+    train: bool = True,
+    download: bool = False,
+    *,
+    md5: str | None = None,
+    fmt: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """CIFAR-10 as the CIFAR study uses it: ``x [N, 3072]`` float32, standardized per channel with
     the training set's mean and std; ``y [N]`` int64 labels."""
     train_x, train_y = load_cifar(root, "cifar10", train=True, download=download, fmt=fmt, md5=md5)
@@ -229,8 +296,14 @@ def cifar10(root: str | os.PathLike, train: bool = True, download: bool = False,
     return standardize(test_x, train_x), test_y
 
 
-def cifar100(root: str | os.PathLike, train: bool = True, download: bool = False, *,
-             md5: str | None = None, fmt: str | None = None) -> tuple[Tensor, Tensor]:
+def cifar100(
+    root: str | os.PathLike,
+    train: bool = True,
+    download: bool = False,
+    *,
+    md5: str | None = None,
+    fmt: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """CIFAR-100 images ``[N, 3, 32, 32]`` uint8 and fine labels ``[N]`` (for convolutional models)."""
     return load_cifar(root, "cifar100", train=train, download=download, fmt=fmt, md5=md5)
 
@@ -253,8 +326,14 @@ class ImageSplits:
         return (-self.mean / self.std).to(torch.float32)
 
 
-def cifar100_splits(root: str | os.PathLike, *, val_size: int = 2500, download: bool = False,
-                    md5: str | None = None, fmt: str | None = None) -> ImageSplits:
+def cifar100_splits(
+    root: str | os.PathLike,
+    *,
+    val_size: int = 2500,
+    download: bool = False,
+    md5: str | None = None,
+    fmt: str | None = None,
+) -> ImageSplits:
     """CIFAR-100 for convolutional models, as the ``vgg`` study uses it.
 
     ``train`` is the official training set but its last ``val_size`` images, ``val`` those last
@@ -268,13 +347,24 @@ def cifar100_splits(root: str | os.PathLike, *, val_size: int = 2500, download: 
     n = len(x) - val_size
     xt, yt = load_cifar(root, "cifar100", train=False, fmt=fmt, md5=md5)
     mean, std = channel_stats(x[:n])  # once: each pass converts the whole set to float64
-    return ImageSplits(train=(_standardized(x[:n], mean, std), y[:n].clone()),
-                       val=(_standardized(x[n:], mean, std), y[n:].clone()),
-                       test=(_standardized(xt, mean, std), yt), mean=mean, std=std)
+    return ImageSplits(
+        train=(_standardized(x[:n], mean, std), y[:n].clone()),
+        val=(_standardized(x[n:], mean, std), y[n:].clone()),
+        test=(_standardized(xt, mean, std), yt),
+        mean=mean,
+        std=std,
+    )
 
 
-def write_fake_archive(root: str | os.PathLike, name: str = "cifar10", fmt: str = "python", *,
-                       n_train: int = 50, n_test: int = 20, seed: int = 0) -> str:
+def write_fake_archive(
+    root: str | os.PathLike,
+    name: str = "cifar10",
+    fmt: str = "python",
+    *,
+    n_train: int = 50,
+    n_test: int = 20,
+    seed: int = 0,
+) -> str:
     """Write a small archive in an official CIFAR format (random images) and return its MD5.
 
     For tests and offline smoke runs: no machine of this project can reach the official download.
@@ -294,8 +384,12 @@ def write_fake_archive(root: str | os.PathLike, name: str = "cifar10", fmt: str 
             labels = rng.integers(0, classes, n)
             if fmt == "python":
                 key = b"labels" if name == "cifar10" else b"fine_labels"
-                obj = {b"batch_label": part.encode(), key: labels.tolist(), b"data": data,
-                       b"filenames": [f"{i}.png".encode() for i in range(n)]}
+                obj = {
+                    b"batch_label": part.encode(),
+                    key: labels.tolist(),
+                    b"data": data,
+                    b"filenames": [f"{i}.png".encode() for i in range(n)],
+                }
                 (folder / part).write_bytes(pickle.dumps(obj, protocol=2))
             else:
                 lead = labels[:, None].astype(np.uint8)

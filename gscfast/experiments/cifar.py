@@ -49,6 +49,7 @@ continues from the last one and ends with the same numbers as an uninterrupted r
 seeded per epoch). Checkpoints hold only tensors and plain values and load with
 ``torch.load(path, weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,28 +67,69 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import check_command, check_number, check_numbers
-from .outputs import (add_study_arguments, json_safe as _json_safe, mean_or_none as _mean, num as _num,
-                      pyplot, resolve_device as _device, run_info, run_timings, save_figure, write_json)
+from .outputs import (
+    add_study_arguments,
+    check_command,
+    check_number,
+    check_numbers,
+    pyplot,
+    run_info,
+    run_timings,
+    save_figure,
+    write_json,
+)
+from .outputs import (
+    json_safe as _json_safe,
+)
+from .outputs import (
+    mean_or_none as _mean,
+)
+from .outputs import (
+    num as _num,
+)
+from .outputs import (
+    resolve_device as _device,
+)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
 from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "PAPER_LRS", "BN_DATAPOINTS", "make_config", "make_search_study",
-           "make_final_study", "choose_lrs", "train_job", "load_data", "make_model", "PlateauSchedule",
-           "load_checkpoint", "datapoint", "aggregate", "write_outputs", "add_arguments", "main"]
+__all__ = [
+    "ARCHS",
+    "BN_DATAPOINTS",
+    "PAPER_ARCHS",
+    "PAPER_LRS",
+    "PlateauSchedule",
+    "add_arguments",
+    "aggregate",
+    "choose_lrs",
+    "datapoint",
+    "load_checkpoint",
+    "load_data",
+    "main",
+    "make_config",
+    "make_final_study",
+    "make_model",
+    "make_search_study",
+    "train_job",
+    "write_outputs",
+]
 
 NAME = "cifar"
 HELP = "Figure 3 of Philipp et al. (2018): training on CIFAR-10, GSC, effective depth, Taylor test"
 
 # The four exploding architectures of the Gaussian study: name -> (activation, norm).
 ARCHS: dict[str, tuple[str, str | None]] = {
-    "batch-ReLU": ("relu", "batch"), "layer-tanh": ("tanh", "layer"),
-    "batch-tanh": ("tanh", "batch"), "SeLU": ("selu", None),
+    "batch-ReLU": ("relu", "batch"),
+    "layer-tanh": ("tanh", "layer"),
+    "batch-tanh": ("tanh", "batch"),
+    "SeLU": ("selu", None),
 }
 PAPER_ARCHS = list(ARCHS)
 # {1e5, 3e4, 1e4, 3e3, ..., 1e-4, 3e-5, 1e-5}
-PAPER_LRS = sorted({float(f"{m}e{e}") for e in range(-5, 6) for m in (1, 3)
-                    if float(f"{m}e{e}") <= 1e5}, reverse=True)
+PAPER_LRS = sorted(
+    {float(f"{m}e{e}") for e in range(-5, 6) for m in (1, 3) if float(f"{m}e{e}") <= 1e5},
+    reverse=True,
+)
 DATASETS = ("cifar10", "digits")
 # How a batch-norm network's datapoints are formed when it is measured (module docstring).
 BN_DATAPOINTS = ("frozen", "batch")
@@ -109,8 +151,9 @@ def load_data(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if config["dataset"] == "cifar10":
             from ..data import cifar10
 
-            x, y = cifar10(config["data_dir"], train=True, download=config["download"],
-                           md5=config["data_md5"])
+            x, y = cifar10(
+                config["data_dir"], train=True, download=config["download"], md5=config["data_md5"]
+            )
         else:
             from ..data import digits
 
@@ -126,8 +169,15 @@ def make_model(arch: str, config: dict[str, Any], in_features: int) -> nn.Sequen
     from .. import mlp
 
     act, norm = ARCHS[arch]
-    return mlp(config["depth"], config["width"], act=act, norm=norm, in_features=in_features,
-               out_features=10, seed=job_seed(config["seed"], "net", arch))
+    return mlp(
+        config["depth"],
+        config["width"],
+        act=act,
+        norm=norm,
+        in_features=in_features,
+        out_features=10,
+        seed=job_seed(config["seed"], "net", arch),
+    )
 
 
 class PlateauSchedule:
@@ -149,19 +199,28 @@ class PlateauSchedule:
         return self.lr
 
     def state_dict(self) -> dict[str, float]:
-        return {"lr": self.lr, "patience": self.patience, "factor": self.factor,
-                "best": self.best, "bad": self.bad}
+        return {
+            "lr": self.lr,
+            "patience": self.patience,
+            "factor": self.factor,
+            "best": self.best,
+            "bad": self.bad,
+        }
 
     def load_state_dict(self, s: dict[str, float]) -> None:
         self.lr, self.patience, self.factor = float(s["lr"]), int(s["patience"]), float(s["factor"])
         self.best, self.bad = float(s["best"]), int(s["bad"])
 
 
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train_mode: bool = True,
-             chunk: int = 10_000) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    train_mode: bool = True,
+    chunk: int = 10_000,
+) -> tuple[float, float]:
     """``(mean KL loss, classification error)`` over ``(x, y)``. ``train_mode``: batch norm with the
     statistics of the whole set (one forward pass, on a copy so that running statistics are not
     touched); else eval mode in chunks."""
@@ -170,7 +229,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train_mode: 
     if train_mode and has_bn:
         out = m(x)
     else:
-        out = torch.cat([m(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        out = torch.cat([m(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     loss = nn.functional.cross_entropy(out.double(), y, reduction="mean")
     return float(loss), float((out.argmax(1) != y).double().mean())
 
@@ -179,8 +238,14 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                batch_size: int, seed: int) -> bool:
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+) -> bool:
     """One epoch of minibatch training in a seeded order; False if the loss became non-finite."""
     model.train()
     for idx in minibatches(len(x), batch_size, seed, x.device):
@@ -194,8 +259,16 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 # ----------------------------------------------------------------------------- one job
-def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             sub: torch.Tensor, epoch: int, epochs: int) -> dict[str, Any]:
+def _measure(
+    config: dict,
+    model: nn.Module,
+    init: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sub: torch.Tensor,
+    epoch: int,
+    epochs: int,
+) -> dict[str, Any]:
     from .. import analyze, effective_depth
     from ..reduction import weight_change_norms
 
@@ -214,13 +287,27 @@ def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y
     t0 = time.perf_counter()
     norms = weight_change_norms(model, init)
     t["opnorm"] = time.perf_counter() - t0
-    m: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_error": err,
-                         "gsc": a.gsc.tolist(), "preact_std": a.preact_std.tolist(),
-                         "sign_diversity": a.sign_diversity.tolist(), "opnorm": norms.tolist()}
+    m: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": loss,
+        "train_error": err,
+        "gsc": a.gsc.tolist(),
+        "preact_std": a.preact_std.tolist(),
+        "sign_diversity": a.sign_diversity.tolist(),
+        "opnorm": norms.tolist(),
+    }
     if config["ed_samples"] > 0:
         t0 = time.perf_counter()
-        d, prof = effective_depth(model, init, x[sub], y[sub], error="kl", tau=config["tau"],
-                                  batchnorm=bn, backend=config["backend"])
+        d, prof = effective_depth(
+            model,
+            init,
+            x[sub],
+            y[sub],
+            error="kl",
+            tau=config["tau"],
+            batchnorm=bn,
+            backend=config["backend"],
+        )
         t["ed_subset"] = time.perf_counter() - t0
         m["ed_subset"], m["profile_subset"] = d, prof[-1].tolist()
         if epoch == epochs:  # the whole [L+1, L+1] profile once, at the end
@@ -228,8 +315,16 @@ def _measure(config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y
     every = config["ed_every"]
     if every > 0 and (epoch % every == 0 or epoch == epochs):
         t0 = time.perf_counter()
-        d, prof = effective_depth(model, init, x, y, error="kl", tau=config["tau"],
-                                  batchnorm=bn, backend=config["backend"])
+        d, prof = effective_depth(
+            model,
+            init,
+            x,
+            y,
+            error="kl",
+            tau=config["tau"],
+            batchnorm=bn,
+            backend=config["backend"],
+        )
         t["ed_full"] = time.perf_counter() - t0
         m["ed_full"], m["profile_full"] = d, prof[-1].tolist()
     m["seconds"] = t
@@ -276,8 +371,15 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     if _PROGRESS:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, initial=state["epoch"], desc=f"{arch} lr={spec['lr']:g}",
-                   unit="epoch", leave=False, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=epochs,
+            initial=state["epoch"],
+            desc=f"{arch} lr={spec['lr']:g}",
+            unit="epoch",
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     done_here = 0
     try:
         while state["epoch"] < epochs and not state["diverged"]:
@@ -285,8 +387,9 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = sched.lr
             t0 = time.perf_counter()
-            ok = train_epoch(model, opt, x, y, config["batch_size"],
-                             job_seed(config["seed"], "shuffle", arch, e))
+            ok = train_epoch(
+                model, opt, x, y, config["batch_size"], job_seed(config["seed"], "shuffle", arch, e)
+            )
             train_s = time.perf_counter() - t0
             state["lrs"].append(sched.lr)
             if not ok:
@@ -298,8 +401,12 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     t1 = time.perf_counter()
                     loss, err = evaluate(model, x, y)
-                    m = {"epoch": e, "train_loss": loss, "train_error": err,
-                         "seconds": {"error": time.perf_counter() - t1}}
+                    m = {
+                        "epoch": e,
+                        "train_loss": loss,
+                        "train_error": err,
+                        "seconds": {"error": time.perf_counter() - t1},
+                    }
                 m["seconds"]["train"] = train_s
                 m["lr"] = state["lrs"][-1]
                 if not (math.isfinite(m["train_loss"]) and math.isfinite(m["train_error"])):
@@ -310,8 +417,13 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
                 history.append(m)
                 state["epoch"] = e
             if ckpt is not None:
-                save_training_state(ckpt, stateful, history=json.dumps(history),
-                                    state=json.dumps(state), epoch=state["epoch"])
+                save_training_state(
+                    ckpt,
+                    stateful,
+                    history=json.dumps(history),
+                    state=json.dumps(state),
+                    epoch=state["epoch"],
+                )
             if bar is not None:
                 last = history[-1]
                 post = "diverged" if last.get("diverged") else f"err={last['train_error']:.4f}"
@@ -327,10 +439,15 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             bar.close()
     last = next((h for h in reversed(history) if "train_error" in h), None)
     result: dict[str, Any] = {
-        "arch": arch, "lr": spec["lr"], "epochs_done": state["epoch"], "diverged": state["diverged"],
+        "arch": arch,
+        "lr": spec["lr"],
+        "epochs_done": state["epoch"],
+        "diverged": state["diverged"],
         "final_error": None if state["diverged"] or last is None else last["train_error"],
         "final_loss": None if state["diverged"] or last is None else last["train_loss"],
-        "lrs": state["lrs"], "device": str(device), "samples": len(x),
+        "lrs": state["lrs"],
+        "device": str(device),
+        "samples": len(x),
     }
     if measure:
         result["history"] = history
@@ -339,12 +456,17 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
             t0 = time.perf_counter()
             tc = taylor_curve(_taylor_model(config, model, x), x, x, y, error="kl")
-            result["taylor"] = {"loss": tc["loss"].tolist(), "error_rate": tc["error_rate"].tolist(),
-                                "seconds": time.perf_counter() - t0}
+            result["taylor"] = {
+                "loss": tc["loss"].tolist(),
+                "error_rate": tc["error_rate"].tolist(),
+                "seconds": time.perf_counter() - t0,
+            }
             result["eval_loss"], result["eval_error"] = evaluate(model, x, y, train_mode=False)
     else:
-        result["history"] = [{k: h[k] for k in ("epoch", "train_loss", "train_error", "lr")
-                              if k in h} for h in history]
+        result["history"] = [
+            {k: h[k] for k in ("epoch", "train_loss", "train_error", "lr") if k in h}
+            for h in history
+        ]
     return _json_safe(result)
 
 
@@ -364,21 +486,41 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
         if not h.get("diverged"):
             # null: the non-finite loss of a diverged run's last epoch (the search drops "diverged")
             for k in ("train_loss", "train_error"):
-                check_number(h.get(k), f"'history'[{i}][{k!r}]",
-                             none=result["diverged"] and i == len(hist) - 1)
+                check_number(
+                    h.get(k),
+                    f"'history'[{i}][{k!r}]",
+                    none=result["diverged"] and i == len(hist) - 1,
+                )
         for k in ("gsc", "preact_std", "sign_diversity", "opnorm"):  # null: non-finite
             if k in h:
                 check_numbers(h[k], f"'history'[{i}][{k!r}]", none=True)
 
 
 # ----------------------------------------------------------------------------- the studies
-def make_config(*, dataset: str = "cifar10", data_dir: str = "data", data_md5: str | None = None,
-                download: bool = False, archs: list[str] | None = None, lrs: list[float] | None = None,
-                search_epochs: int | None = None, epochs: int = 500, depth: int = 50,
-                width: int = 100, batch_size: int = 100, momentum: float = 0.0, patience: int = 5,
-                factor: float = 1 / 3, ed_samples: int = 5000, ed_every: int = 50, tau: float = 0.01,
-                bn_datapoint: str = "frozen", seed: int = 0, backend: str = "auto",
-                device: str = "cpu") -> dict[str, Any]:
+def make_config(
+    *,
+    dataset: str = "cifar10",
+    data_dir: str = "data",
+    data_md5: str | None = None,
+    download: bool = False,
+    archs: list[str] | None = None,
+    lrs: list[float] | None = None,
+    search_epochs: int | None = None,
+    epochs: int = 500,
+    depth: int = 50,
+    width: int = 100,
+    batch_size: int = 100,
+    momentum: float = 0.0,
+    patience: int = 5,
+    factor: float = 1 / 3,
+    ed_samples: int = 5000,
+    ed_every: int = 50,
+    tau: float = 0.01,
+    bn_datapoint: str = "frozen",
+    seed: int = 0,
+    backend: str = "auto",
+    device: str = "cpu",
+) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -387,27 +529,51 @@ def make_config(*, dataset: str = "cifar10", data_dir: str = "data", data_md5: s
     archs = list(archs or PAPER_ARCHS)
     bad = [a for a in archs if a not in ARCHS]
     if bad or len(set(archs)) != len(archs):
-        raise ValueError(f"architectures must be distinct names among {', '.join(ARCHS)}, got {archs}")
+        raise ValueError(
+            f"architectures must be distinct names among {', '.join(ARCHS)}, got {archs}"
+        )
     lrs = [float(v) for v in (lrs or PAPER_LRS)]
     if not lrs or any(not (v > 0 and math.isfinite(v)) for v in lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"learning rates must be distinct positive numbers, got {lrs}")
     search_epochs = epochs if search_epochs is None else search_epochs
-    for k, v, lo in (("epochs", epochs, 0), ("search_epochs", search_epochs, 1), ("depth", depth, 1),
-                     ("width", width, 1), ("batch_size", batch_size, 2), ("patience", patience, 1),
-                     ("ed_samples", ed_samples, 0), ("ed_every", ed_every, 0)):
+    for k, v, lo in (
+        ("epochs", epochs, 0),
+        ("search_epochs", search_epochs, 1),
+        ("depth", depth, 1),
+        ("width", width, 1),
+        ("batch_size", batch_size, 2),
+        ("patience", patience, 1),
+        ("ed_samples", ed_samples, 0),
+        ("ed_every", ed_every, 0),
+    ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
     if not 0 < factor <= 1:
         raise ValueError(f"factor must lie in (0, 1], got {factor}")
-    return {"dataset": dataset, "data_dir": str(data_dir) if dataset == "cifar10" else None,
-            "data_md5": data_md5 if dataset == "cifar10" else None,
-            "download": bool(download) if dataset == "cifar10" else False,
-            "archs": archs, "lrs": lrs, "search_epochs": search_epochs, "epochs": epochs,
-            "depth": depth, "width": width, "batch_size": batch_size, "momentum": float(momentum),
-            "optimizer": "sgd", "patience": patience, "factor": float(factor),
-            "ed_samples": ed_samples, "ed_every": ed_every, "tau": float(tau),
-            "bn_datapoint": bn_datapoint, "seed": int(seed),
-            "backend": backend, "device": device}
+    return {
+        "dataset": dataset,
+        "data_dir": str(data_dir) if dataset == "cifar10" else None,
+        "data_md5": data_md5 if dataset == "cifar10" else None,
+        "download": bool(download) if dataset == "cifar10" else False,
+        "archs": archs,
+        "lrs": lrs,
+        "search_epochs": search_epochs,
+        "epochs": epochs,
+        "depth": depth,
+        "width": width,
+        "batch_size": batch_size,
+        "momentum": float(momentum),
+        "optimizer": "sgd",
+        "patience": patience,
+        "factor": float(factor),
+        "ed_samples": ed_samples,
+        "ed_every": ed_every,
+        "tau": float(tau),
+        "bn_datapoint": bn_datapoint,
+        "seed": int(seed),
+        "backend": backend,
+        "device": device,
+    }
 
 
 def _lr_key(lr: float) -> str:
@@ -417,10 +583,23 @@ def _lr_key(lr: float) -> str:
 def make_search_study(config: dict[str, Any], out: Path) -> Study:
     """Jobs ``<arch>.lr<rate>`` training ``search_epochs`` epochs each."""
     ck = (out / "checkpoints").resolve()
-    jobs = [Job(f"{a}.{_lr_key(lr)}", {"arch": a, "lr": lr, "epochs": config["search_epochs"],
-                                       "measure": False, "checkpoint": str(ck / f"{a}.{_lr_key(lr)}.pt")})
-            for a in config["archs"] for lr in config["lrs"]]
-    return Study(f"{NAME}-search", config, jobs, train_job, check_result, gpu=config["device"] != "cpu")
+    jobs = [
+        Job(
+            f"{a}.{_lr_key(lr)}",
+            {
+                "arch": a,
+                "lr": lr,
+                "epochs": config["search_epochs"],
+                "measure": False,
+                "checkpoint": str(ck / f"{a}.{_lr_key(lr)}.pt"),
+            },
+        )
+        for a in config["archs"]
+        for lr in config["lrs"]
+    ]
+    return Study(
+        f"{NAME}-search", config, jobs, train_job, check_result, gpu=config["device"] != "cpu"
+    )
 
 
 def choose_lrs(config: dict[str, Any], records: dict[str, dict]) -> dict[str, float | None]:
@@ -428,7 +607,11 @@ def choose_lrs(config: dict[str, Any], records: dict[str, dict]) -> dict[str, fl
     the larger rate); None if every rate diverged."""
     best: dict[str, float | None] = {}
     for a in config["archs"]:
-        cands = [r["result"] for r in records.values() if r["spec"]["arch"] == a and not r["result"]["diverged"]]
+        cands = [
+            r["result"]
+            for r in records.values()
+            if r["spec"]["arch"] == a and not r["result"]["diverged"]
+        ]
         cands.sort(key=lambda r: (r["final_error"], r["final_loss"], -r["lr"]))
         best[a] = cands[0]["lr"] if cands else None
     return best
@@ -438,14 +621,24 @@ def make_final_study(config: dict[str, Any], chosen: dict[str, float | None], ou
     """Jobs ``<arch>``: ``epochs`` epochs at the chosen rate with every measurement."""
     ck = (out / "checkpoints").resolve()
     cfg = {**config, "chosen_lrs": chosen}
-    jobs = [Job(a, {"arch": a, "lr": lr, "epochs": config["epochs"], "measure": True,
-                    "checkpoint": str(ck / f"{a}.pt")}) for a, lr in chosen.items() if lr is not None]
+    jobs = [
+        Job(
+            a,
+            {
+                "arch": a,
+                "lr": lr,
+                "epochs": config["epochs"],
+                "measure": True,
+                "checkpoint": str(ck / f"{a}.pt"),
+            },
+        )
+        for a, lr in chosen.items()
+        if lr is not None
+    ]
     return Study(f"{NAME}-final", cfg, jobs, train_job, check_result, gpu=config["device"] != "cpu")
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
 
 
 def datapoint(config: dict, arch: str) -> str:
@@ -454,21 +647,48 @@ def datapoint(config: dict, arch: str) -> str:
     return "set" if ARCHS[arch][1] == "batch" and config["bn_datapoint"] == "batch" else "image"
 
 
-def aggregate(config: dict, search: dict[str, dict], final: dict[str, dict],
-              chosen: dict[str, float | None]) -> dict[str, Any]:
+def aggregate(
+    config: dict, search: dict[str, dict], final: dict[str, dict], chosen: dict[str, float | None]
+) -> dict[str, Any]:
     archs: dict[str, Any] = {}
     for a in config["archs"]:
-        s = [{"lr": r["result"]["lr"], "diverged": r["result"]["diverged"],
-              "final_error": r["result"]["final_error"], "final_loss": r["result"]["final_loss"],
-              "epochs_done": r["result"]["epochs_done"], "seconds": r["seconds"]}
-             for r in search.values() if r["spec"]["arch"] == a]
-        archs[a] = {"act": ARCHS[a][0], "norm": ARCHS[a][1], "datapoint": datapoint(config, a),
-                    "search": s, "lr": chosen.get(a)}
+        s = [
+            {
+                "lr": r["result"]["lr"],
+                "diverged": r["result"]["diverged"],
+                "final_error": r["result"]["final_error"],
+                "final_loss": r["result"]["final_loss"],
+                "epochs_done": r["result"]["epochs_done"],
+                "seconds": r["seconds"],
+            }
+            for r in search.values()
+            if r["spec"]["arch"] == a
+        ]
+        archs[a] = {
+            "act": ARCHS[a][0],
+            "norm": ARCHS[a][1],
+            "datapoint": datapoint(config, a),
+            "search": s,
+            "lr": chosen.get(a),
+        }
         if a in final:
             res = final[a]["result"]
-            archs[a].update({k: res.get(k) for k in ("diverged", "final_error", "final_loss",
-                                                      "eval_error", "eval_loss", "history", "taylor",
-                                                      "lrs", "samples")})
+            archs[a].update(
+                {
+                    k: res.get(k)
+                    for k in (
+                        "diverged",
+                        "final_error",
+                        "final_loss",
+                        "eval_error",
+                        "eval_loss",
+                        "history",
+                        "taylor",
+                        "lrs",
+                        "samples",
+                    )
+                }
+            )
             archs[a]["seconds"] = final[a]["seconds"]
     return {"study": NAME, "config": config, "chosen_lrs": chosen, "archs": archs}
 
@@ -476,8 +696,22 @@ def aggregate(config: dict, search: dict[str, dict], final: dict[str, dict],
 def epochs_csv(results: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    cols = ["arch", "epoch", "lr", "train_loss", "train_error", "gsc_L0", "ed_subset", "ed_full",
-            "t_train", "t_error", "t_gsc", "t_opnorm", "t_ed_subset", "t_ed_full"]
+    cols = [
+        "arch",
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_error",
+        "gsc_L0",
+        "ed_subset",
+        "ed_full",
+        "t_train",
+        "t_error",
+        "t_gsc",
+        "t_opnorm",
+        "t_ed_subset",
+        "t_ed_full",
+    ]
     w.writerow(cols)
     for a, r in results["archs"].items():
         for h in r.get("history") or []:
@@ -485,18 +719,41 @@ def epochs_csv(results: dict) -> str:
                 w.writerow([a, h["epoch"], *[""] * (len(cols) - 2)])
                 continue
             t = h.get("seconds", {})
-            w.writerow([a, h["epoch"], _num(h.get("lr")), _num(h["train_loss"]), _num(h["train_error"]),
-                        _num(h["gsc"][-1]), _num(h.get("ed_subset")), _num(h.get("ed_full")),
-                        *(_num(t.get(k)) for k in ("train", "error", "gsc", "opnorm", "ed_subset",
-                                                   "ed_full"))])
+            w.writerow(
+                [
+                    a,
+                    h["epoch"],
+                    _num(h.get("lr")),
+                    _num(h["train_loss"]),
+                    _num(h["train_error"]),
+                    _num(h["gsc"][-1]),
+                    _num(h.get("ed_subset")),
+                    _num(h.get("ed_full")),
+                    *(
+                        _num(t.get(k))
+                        for k in ("train", "error", "gsc", "opnorm", "ed_subset", "ed_full")
+                    ),
+                ]
+            )
     return buf.getvalue()
 
 
 def layers_csv(results: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["arch", "epoch", "l", "gsc", "opnorm", "preact_std", "sign_diversity",
-                "contribution_subset", "contribution_full"])
+    w.writerow(
+        [
+            "arch",
+            "epoch",
+            "l",
+            "gsc",
+            "opnorm",
+            "preact_std",
+            "sign_diversity",
+            "contribution_subset",
+            "contribution_full",
+        ]
+    )
     for a, r in results["archs"].items():
         for h in r.get("history") or []:
             if "gsc" not in h:
@@ -504,9 +761,19 @@ def layers_csv(results: dict) -> str:
             ps, pf = h.get("profile_subset"), h.get("profile_full")
             for l in range(len(h["gsc"])):
                 # contribution_*: c(L, lambda) with lambda = l (the last row of the profile)
-                w.writerow([a, h["epoch"], l, _num(h["gsc"][l]), _num(h["opnorm"][l]),
-                            _num(h["preact_std"][l]), _num(h["sign_diversity"][l]),
-                            _num(ps[l]) if ps else "", _num(pf[l]) if pf else ""])
+                w.writerow(
+                    [
+                        a,
+                        h["epoch"],
+                        l,
+                        _num(h["gsc"][l]),
+                        _num(h["opnorm"][l]),
+                        _num(h["preact_std"][l]),
+                        _num(h["sign_diversity"][l]),
+                        _num(ps[l]) if ps else "",
+                        _num(pf[l]) if pf else "",
+                    ]
+                )
     return buf.getvalue()
 
 
@@ -525,12 +792,23 @@ def taylor_csv(results: dict) -> str:
 def search_csv(results: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["arch", "lr", "diverged", "final_error", "final_loss", "epochs_done", "chosen", "seconds"])
+    w.writerow(
+        ["arch", "lr", "diverged", "final_error", "final_loss", "epochs_done", "chosen", "seconds"]
+    )
     for a, r in results["archs"].items():
         for s in r["search"]:
-            w.writerow([a, repr(s["lr"]), int(s["diverged"]), _num(s["final_error"]),
-                        _num(s["final_loss"]), s["epochs_done"], int(s["lr"] == r["lr"]),
-                        f"{s['seconds']:.3f}"])
+            w.writerow(
+                [
+                    a,
+                    repr(s["lr"]),
+                    int(s["diverged"]),
+                    _num(s["final_error"]),
+                    _num(s["final_loss"]),
+                    s["epochs_done"],
+                    int(s["lr"] == r["lr"]),
+                    f"{s['seconds']:.3f}",
+                ]
+            )
     return buf.getvalue()
 
 
@@ -547,7 +825,9 @@ def plot(results: dict, paths: list[Path]) -> None:
             continue
         ep = [h["epoch"] for h in hist]
         axes[0].plot(ep, [h["train_error"] for h in hist], color=c, label=f"{a} (lr {r['lr']:g})")
-        axes[1].plot(ep, [h["gsc"][-1] if h["gsc"][-1] is not None else np.nan for h in hist], color=c)
+        axes[1].plot(
+            ep, [h["gsc"][-1] if h["gsc"][-1] is not None else np.nan for h in hist], color=c
+        )
         if any("ed_subset" in h for h in hist):
             axes[2].plot(ep, [h.get("ed_subset", np.nan) for h in hist], color=c)
         full = [(h["epoch"], h["ed_full"]) for h in hist if "ed_full" in h]
@@ -558,22 +838,33 @@ def plot(results: dict, paths: list[Path]) -> None:
         t = r.get("taylor")
         if t:
             axes[4].plot(range(len(t["error_rate"])), t["error_rate"], color=c)
-    titles = ("(A) training classification error", "(B) GSC(L, 0)",
-              "(C) effective depth (line: subset, dots: full set)",
-              "(D) ||W_t - W_0||_2 per layer (final)", "(E) Taylor test: error after reducing K layers")
+    titles = (
+        "(A) training classification error",
+        "(B) GSC(L, 0)",
+        "(C) effective depth (line: subset, dots: full set)",
+        "(D) ||W_t - W_0||_2 per layer (final)",
+        "(E) Taylor test: error after reducing K layers",
+    )
     xlabels = ("epoch", "epoch", "epoch", "compositional depth l", "K")
     for ax, ti, xl in zip(axes, titles, xlabels):
         ax.set_title(ti, fontsize=10)
         ax.set_xlabel(xl)
         ax.grid(alpha=0.3)
     for ax in (axes[1], axes[3]):  # log scale where there is something positive to show
-        if any(v > 0 for line in ax.get_lines() for v in np.asarray(line.get_ydata(), float)
-               if np.isfinite(v)):
+        if any(
+            v > 0
+            for line in ax.get_lines()
+            for v in np.asarray(line.get_ydata(), float)
+            if np.isfinite(v)
+        ):
             ax.set_yscale("log")
     cfg = results["config"]
-    fig.suptitle(f"{cfg['dataset']}: {cfg['depth']} layers x {cfg['width']} + output layer, "
-                 f"{cfg['epochs']} epochs; batch norm measured with --bn-datapoint "
-                 f"{cfg['bn_datapoint']}", fontsize=10)
+    fig.suptitle(
+        f"{cfg['dataset']}: {cfg['depth']} layers x {cfg['width']} + output layer, "
+        f"{cfg['epochs']} epochs; batch norm measured with --bn-datapoint "
+        f"{cfg['bn_datapoint']}",
+        fontsize=10,
+    )
     h, lab = axes[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=max(1, len(lab)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -584,29 +875,30 @@ def _f(v: Any, d: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}g}"
 
 
-
-
 def _bn_notes(results: dict) -> list[str]:
     """summary.md's notes on what one datapoint of a batch-norm architecture is, and why."""
     cfg = results["config"]
     n = {r.get("samples") for r in results["archs"].values()} - {None}
     here = f" (B = {n.pop():,} here)" if len(n) == 1 else ""
-    why = ("The KL error is positive, so with the whole set as one datapoint `f_0 = sum_i e_i` grows "
-           f"like the number B of measured images{here} while the Jacobian's norm does not: "
-           "GSC(l, 0) scales like 1/B and changes with how many images are measured")
+    why = (
+        "The KL error is positive, so with the whole set as one datapoint `f_0 = sum_i e_i` grows "
+        f"like the number B of measured images{here} while the Jacobian's norm does not: "
+        "GSC(l, 0) scales like 1/B and changes with how many images are measured"
+    )
     if cfg["bn_datapoint"] == "frozen":
         return [
             "- Batch norm: trained in train mode (batch statistics of each minibatch). Measured "
             "with `--bn-datapoint frozen` (the default; definitions.md's (choice)): every "
             "measurement (GSC, pre-activation statistics, effective depth) uses the batch "
-            "statistics of the whole measured set held constant (`batchnorm=\"frozen\"`), so each "
+            'statistics of the whole measured set held constant (`batchnorm="frozen"`), so each '
             "image is one datapoint, as for the architectures without batch norm. " + why + ", so "
             "the coupled form (`--bn-datapoint batch`, the whole set one datapoint) is not "
             "comparable across architectures or set sizes. The effective depth on the subset uses "
             "the subset's own statistics.",
             "- Taylor curve: it expands the same function (batch norm frozen at the whole "
             "training set's statistics), so its K = 0 is the training error; the eval-mode error "
-            "(running statistics) is `eval_error` in results.json."]
+            "(running statistics) is `eval_error` in results.json.",
+        ]
     return [
         "- Batch norm: trained in train mode (batch statistics of each minibatch). Measured with "
         "`--bn-datapoint batch`: every measurement uses train-mode batch norm over the whole "
@@ -616,92 +908,148 @@ def _bn_notes(results: dict) -> list[str]:
         "`--bn-datapoint frozen` measures every image as one datapoint.",
         "- Taylor curve: the coupled function has no per-image expansion, so it uses eval mode "
         "(running statistics); its K = 0 equals the eval-mode error (`eval_error` in "
-        "results.json)."]
+        "results.json).",
+    ]
 
 
 def summary_md(results: dict, info: dict) -> str:
     cfg = results["config"]
     L = cfg["depth"] + 1
-    lines = ["# CIFAR study (Philipp, Song & Carbonell 2018, Figure 3)", "",
-             f"gscfast {info['version']}: dataset {cfg['dataset']}, {len(cfg['archs'])} architectures, "
-             f"{cfg['depth']} hidden layers of width {cfg['width']} + output layer to 10 classes "
-             f"(L = {L}), KL error layer; SGD (momentum {cfg['momentum']:g}), batch size "
-             f"{cfg['batch_size']}, learning rate x{cfg['factor']:.4g} after {cfg['patience']} epochs "
-             f"without a new minimum of the training classification error; search over "
-             f"{len(cfg['lrs'])} rates for {cfg['search_epochs']} epochs, final runs "
-             f"{cfg['epochs']} epochs; seed {cfg['seed']}.", "",
-             "## Results", "",
-             f"Batch-norm architectures measured with `--bn-datapoint {cfg['bn_datapoint']}`: "
-             + ("every image is one datapoint (the measured set's batch statistics held constant)."
-                if cfg["bn_datapoint"] == "frozen" else
-                "the whole measured set is one datapoint (GSC(l, 0) scales like 1/B).")
-             + " See the notes.", "",
-             "| architecture | datapoint | chosen lr | final training error | final loss "
-             "| GSC(L, 0) final | effective depth (subset) | effective depth (full) "
-             "| Taylor error at K = 0 / K = L |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# CIFAR study (Philipp, Song & Carbonell 2018, Figure 3)",
+        "",
+        f"gscfast {info['version']}: dataset {cfg['dataset']}, {len(cfg['archs'])} architectures, "
+        f"{cfg['depth']} hidden layers of width {cfg['width']} + output layer to 10 classes "
+        f"(L = {L}), KL error layer; SGD (momentum {cfg['momentum']:g}), batch size "
+        f"{cfg['batch_size']}, learning rate x{cfg['factor']:.4g} after {cfg['patience']} epochs "
+        f"without a new minimum of the training classification error; search over "
+        f"{len(cfg['lrs'])} rates for {cfg['search_epochs']} epochs, final runs "
+        f"{cfg['epochs']} epochs; seed {cfg['seed']}.",
+        "",
+        "## Results",
+        "",
+        f"Batch-norm architectures measured with `--bn-datapoint {cfg['bn_datapoint']}`: "
+        + (
+            "every image is one datapoint (the measured set's batch statistics held constant)."
+            if cfg["bn_datapoint"] == "frozen"
+            else "the whole measured set is one datapoint (GSC(l, 0) scales like 1/B)."
+        )
+        + " See the notes.",
+        "",
+        "| architecture | datapoint | chosen lr | final training error | final loss "
+        "| GSC(L, 0) final | effective depth (subset) | effective depth (full) "
+        "| Taylor error at K = 0 / K = L |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for a, r in results["archs"].items():
         hist = [h for h in (r.get("history") or []) if "gsc" in h]
         last = hist[-1] if hist else {}
         full = [h for h in hist if "ed_full" in h]
         t = r.get("taylor") or {}
         te = t.get("error_rate")
-        lines.append(f"| {a} | {r['datapoint']} | {_f(r['lr'])} | {_f(r.get('final_error'))} "
-                     f"| {_f(r.get('final_loss'))} "
-                     f"| {_f((last.get('gsc') or [None])[-1])} | {last.get('ed_subset', 'n/a')} "
-                     f"| {full[-1]['ed_full'] if full else 'n/a'} "
-                     f"| {_f(te[0]) if te else 'n/a'} / {_f(te[-1]) if te else 'n/a'} |")
-    lines += ["", "## Learning-rate search", "",
-              "| architecture | rates tried | diverged | best final error |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| {a} | {r['datapoint']} | {_f(r['lr'])} | {_f(r.get('final_error'))} "
+            f"| {_f(r.get('final_loss'))} "
+            f"| {_f((last.get('gsc') or [None])[-1])} | {last.get('ed_subset', 'n/a')} "
+            f"| {full[-1]['ed_full'] if full else 'n/a'} "
+            f"| {_f(te[0]) if te else 'n/a'} / {_f(te[-1]) if te else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "## Learning-rate search",
+        "",
+        "| architecture | rates tried | diverged | best final error |",
+        "| --- | --- | --- | --- |",
+    ]
     for a, r in results["archs"].items():
         s = r["search"]
         errs = [x["final_error"] for x in s if not x["diverged"]]
-        lines.append(f"| {a} | {len(s)} | {sum(x['diverged'] for x in s)} "
-                     f"| {_f(min(errs)) if errs else 'n/a (all diverged)'} |")
-    lines += ["", "## Effective depth: subset against full set", "",
-              f"Exact effective depth every epoch on a fixed seeded subset of {cfg['ed_samples']} "
-              f"training points, over the whole set every {cfg['ed_every']} epochs (and at the end).",
-              "", "| architecture | epoch | subset | full set | max abs. diff. of c(L, lambda) / sum |",
-              "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {a} | {len(s)} | {sum(x['diverged'] for x in s)} "
+            f"| {_f(min(errs)) if errs else 'n/a (all diverged)'} |"
+        )
+    lines += [
+        "",
+        "## Effective depth: subset against full set",
+        "",
+        f"Exact effective depth every epoch on a fixed seeded subset of {cfg['ed_samples']} "
+        f"training points, over the whole set every {cfg['ed_every']} epochs (and at the end).",
+        "",
+        "| architecture | epoch | subset | full set | max abs. diff. of c(L, lambda) / sum |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for a, r in results["archs"].items():
         for h in r.get("history") or []:
             if "ed_full" in h and "ed_subset" in h:
                 ps, pf = np.array(h["profile_subset"], float), np.array(h["profile_full"], float)
                 with np.errstate(all="ignore"):
                     dif = np.nanmax(np.abs(ps / np.nansum(ps) - pf / np.nansum(pf)))
-                lines.append(f"| {a} | {h['epoch']} | {h['ed_subset']} | {h['ed_full']} | {_f(float(dif), 3)} |")
-    lines += ["", "## Timings per epoch (seconds, mean over epochs)", "",
-              "| architecture | training | error (full set) | GSC + pre-activation stats (full set) "
-              "| operator norms | effective depth (subset) | effective depth (full set) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+                lines.append(
+                    f"| {a} | {h['epoch']} | {h['ed_subset']} | {h['ed_full']} | {_f(float(dif), 3)} |"
+                )
+    lines += [
+        "",
+        "## Timings per epoch (seconds, mean over epochs)",
+        "",
+        "| architecture | training | error (full set) | GSC + pre-activation stats (full set) "
+        "| operator norms | effective depth (subset) | effective depth (full set) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for a, r in results["archs"].items():
         hs = [h["seconds"] for h in (r.get("history") or []) if "seconds" in h]
-        lines.append(f"| {a} | " + " | ".join(_f(_mean([t.get(k) for t in hs]), 3) for k in
-                                             ("train", "error", "gsc", "opnorm", "ed_subset", "ed_full")) + " |")
-    lines += ["", f"Machine: {info['machine']}; engine {info['engine']}, {info['threads']} CPU threads "
-              "per job.", "",
-              "## Notes", "",
-              *_bn_notes(results),
-              "- Diverged: a non-finite loss or weight stops the job; it is never chosen.",
-              "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
-              "## Files", "",
-              "- `figure3.png`, `figure3.pdf`: error, GSC(L, 0), effective depth, operator norms, "
-              "Taylor curve.",
-              "- `results.json`: every number (per architecture: search results, chosen rate, "
-              "per-epoch history with per-layer GSC, pre-activation statistics, operator norms, "
-              "the contribution row c(L, lambda) of the effective depth (`profile_subset`, "
-              "`profile_full`), timings; the whole [L+1, L+1] profile on the subset at the last "
-              "epoch (`profile_subset_matrix`, indexed [l, lambda]); Taylor curve).",
-              "- `epochs.csv` (one row per architecture and epoch), `layers.csv` (one row per "
-              "architecture, epoch and layer l; `contribution_*` is c(L, lambda = l)), `taylor.csv`, "
-              "`search.csv`.",
-              "- `search/`, `final/`: the two runner directories (manifest, jobs, checkpoints); "
-              "rerun the same command with `--resume` to continue or regenerate.", ""]
+        lines.append(
+            f"| {a} | "
+            + " | ".join(
+                _f(_mean([t.get(k) for t in hs]), 3)
+                for k in ("train", "error", "gsc", "opnorm", "ed_subset", "ed_full")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Machine: {info['machine']}; engine {info['engine']}, {info['threads']} CPU threads "
+        "per job.",
+        "",
+        "## Notes",
+        "",
+        *_bn_notes(results),
+        "- Diverged: a non-finite loss or weight stops the job; it is never chosen.",
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(cfg, indent=2),
+        "```",
+        "",
+        "## Files",
+        "",
+        "- `figure3.png`, `figure3.pdf`: error, GSC(L, 0), effective depth, operator norms, "
+        "Taylor curve.",
+        "- `results.json`: every number (per architecture: search results, chosen rate, "
+        "per-epoch history with per-layer GSC, pre-activation statistics, operator norms, "
+        "the contribution row c(L, lambda) of the effective depth (`profile_subset`, "
+        "`profile_full`), timings; the whole [L+1, L+1] profile on the subset at the last "
+        "epoch (`profile_subset_matrix`, indexed [l, lambda]); Taylor curve).",
+        "- `epochs.csv` (one row per architecture and epoch), `layers.csv` (one row per "
+        "architecture, epoch and layer l; `contribution_*` is c(L, lambda = l)), `taylor.csv`, "
+        "`search.csv`.",
+        "- `search/`, `final/`: the two runner directories (manifest, jobs, checkpoints); "
+        "rerun the same command with `--resume` to continue or regenerate.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-OUTPUTS = ("figure3.png", "figure3.pdf", "results.json", "epochs.csv", "layers.csv", "taylor.csv",
-           "search.csv", "summary.md")
+OUTPUTS = (
+    "figure3.png",
+    "figure3.pdf",
+    "results.json",
+    "epochs.csv",
+    "layers.csv",
+    "taylor.csv",
+    "search.csv",
+    "summary.md",
+)
 
 
 def write_outputs(out: str | Path, config: dict, search, final, chosen: dict) -> dict[str, Path]:
@@ -722,40 +1070,81 @@ def write_outputs(out: str | Path, config: dict, search, final, chosen: dict) ->
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/cifar", help="results directory (default %(default)s)")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                   help="cifar10 (official archive in --data-dir) or digits (scikit-learn's bundled "
-                        "8x8 digits, no download)")
-    p.add_argument("--data-dir", default="data", help="folder of cifar-10-python.tar.gz (default data)")
-    p.add_argument("--download", action="store_true", help="download the official archive if missing")
-    p.add_argument("--data-md5", default=None,
-                   help="expected MD5 of the archive (default: the official one; for generated "
-                        "archives, see gscfast.data.cifar.write_fake_archive)")
-    p.add_argument("--archs", nargs="+", default=PAPER_ARCHS, metavar="ARCH",
-                   help=f"architectures among {', '.join(ARCHS)} (default: all four)")
-    p.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
-                   help="learning rates of the search (default 1e5, 3e4, 1e4, ..., 3e-5, 1e-5)")
-    p.add_argument("--search-epochs", type=int, default=None,
-                   help="epochs per search job (default: --epochs)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="cifar10",
+        help="cifar10 (official archive in --data-dir) or digits (scikit-learn's bundled "
+        "8x8 digits, no download)",
+    )
+    p.add_argument(
+        "--data-dir", default="data", help="folder of cifar-10-python.tar.gz (default data)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download the official archive if missing"
+    )
+    p.add_argument(
+        "--data-md5",
+        default=None,
+        help="expected MD5 of the archive (default: the official one; for generated "
+        "archives, see gscfast.data.cifar.write_fake_archive)",
+    )
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=PAPER_ARCHS,
+        metavar="ARCH",
+        help=f"architectures among {', '.join(ARCHS)} (default: all four)",
+    )
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="learning rates of the search (default 1e5, 3e4, 1e4, ..., 3e-5, 1e-5)",
+    )
+    p.add_argument(
+        "--search-epochs", type=int, default=None, help="epochs per search job (default: --epochs)"
+    )
     p.add_argument("--epochs", type=int, default=500, help="epochs of the final runs (default 500)")
     p.add_argument("--depth", type=int, default=50, help="hidden layers (default 50)")
     p.add_argument("--width", type=int, default=100, help="their width (default 100)")
     p.add_argument("--batch-size", type=int, default=100, help="SGD minibatch (default 100)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
-    p.add_argument("--patience", type=int, default=5,
-                   help="epochs without a new minimum of the training error before the rate is "
-                        "multiplied by --factor (default 5)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="epochs without a new minimum of the training error before the rate is "
+        "multiplied by --factor (default 5)",
+    )
     p.add_argument("--factor", type=float, default=1 / 3, help="rate multiplier (default 1/3)")
-    p.add_argument("--ed-samples", type=int, default=5000,
-                   help="size of the fixed subset for the per-epoch effective depth (default 5000; 0: off)")
-    p.add_argument("--ed-every", type=int, default=50,
-                   help="effective depth over the whole training set every N epochs and at the end "
-                        "(default 50; 0: never)")
-    p.add_argument("--tau", type=float, default=0.01, help="effective-depth threshold (default 0.01)")
-    p.add_argument("--bn-datapoint", choices=BN_DATAPOINTS, default="frozen",
-                   help="batch-norm architectures: 'frozen' (default) measures every image as one "
-                        "datapoint, the measured set's batch statistics held constant; 'batch' "
-                        "makes the whole measured set one datapoint, whose GSC(l, 0) scales like "
-                        "1/(number of images) with the positive KL error")
+    p.add_argument(
+        "--ed-samples",
+        type=int,
+        default=5000,
+        help="size of the fixed subset for the per-epoch effective depth (default 5000; 0: off)",
+    )
+    p.add_argument(
+        "--ed-every",
+        type=int,
+        default=50,
+        help="effective depth over the whole training set every N epochs and at the end "
+        "(default 50; 0: never)",
+    )
+    p.add_argument(
+        "--tau", type=float, default=0.01, help="effective-depth threshold (default 0.01)"
+    )
+    p.add_argument(
+        "--bn-datapoint",
+        choices=BN_DATAPOINTS,
+        default="frozen",
+        help="batch-norm architectures: 'frozen' (default) measures every image as one "
+        "datapoint, the measured set's batch statistics held constant; 'batch' "
+        "makes the whole measured set one datapoint, whose GSC(l, 0) scales like "
+        "1/(number of images) with the positive KL error",
+    )
     add_study_arguments(p, device="cpu", dtype=None)
     add_runner_arguments(p)
 
@@ -763,31 +1152,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     global _PROGRESS
     try:
-        config = make_config(dataset=args.dataset, data_dir=args.data_dir, data_md5=args.data_md5,
-                             download=args.download, archs=args.archs, lrs=args.lrs,
-                             search_epochs=args.search_epochs, epochs=args.epochs, depth=args.depth,
-                             width=args.width, batch_size=args.batch_size, momentum=args.momentum,
-                             patience=args.patience, factor=args.factor, ed_samples=args.ed_samples,
-                             ed_every=args.ed_every, tau=args.tau, bn_datapoint=args.bn_datapoint,
-                             seed=args.seed,
-                             backend=args.backend, device=args.device)
+        config = make_config(
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            data_md5=args.data_md5,
+            download=args.download,
+            archs=args.archs,
+            lrs=args.lrs,
+            search_epochs=args.search_epochs,
+            epochs=args.epochs,
+            depth=args.depth,
+            width=args.width,
+            batch_size=args.batch_size,
+            momentum=args.momentum,
+            patience=args.patience,
+            factor=args.factor,
+            ed_samples=args.ed_samples,
+            ed_every=args.ed_every,
+            tau=args.tau,
+            bn_datapoint=args.bn_datapoint,
+            seed=args.seed,
+            backend=args.backend,
+            device=args.device,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
     check_command(args)  # before anything is written
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
-        raise UsageError(f"{out} is not empty; pass --resume to continue the run stored there, "
-                         "or choose another --out")
+        raise UsageError(
+            f"{out} is not empty; pass --resume to continue the run stored there, "
+            "or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(resume=args.resume, engine=args.engine, address=args.address, num_cpus=args.num_cpus,
-              threads=args.threads, quiet=args.quiet)
+    kw = dict(
+        resume=args.resume,
+        engine=args.engine,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
     _PROGRESS = not args.quiet
     max_jobs = args.max_jobs
     try:
-        search = run(make_search_study(config, out / "search"), out / "search", max_jobs=max_jobs, **kw)
+        search = run(
+            make_search_study(config, out / "search"), out / "search", max_jobs=max_jobs, **kw
+        )
         if not search.complete:
-            print(f"stopped after {search.computed} new search jobs; continue with the same command "
-                  "and --resume")
+            print(
+                f"stopped after {search.computed} new search jobs; continue with the same command "
+                "and --resume"
+            )
             return 0
         if max_jobs is not None:
             max_jobs -= search.computed
@@ -795,20 +1211,26 @@ def main(args: argparse.Namespace) -> int:
         final_study = make_final_study(config, chosen, out / "final")
         final = run(final_study, out / "final", max_jobs=max_jobs, **kw)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished jobs and per-epoch checkpoints are saved in {out}; continue "
-              "with the same command and --resume")
+        print(
+            f"\ninterrupted: finished jobs and per-epoch checkpoints are saved in {out}; continue "
+            "with the same command and --resume"
+        )
         return 130
     finally:
         _PROGRESS = False
     if not final.complete:
-        print(f"stopped after {final.computed} new final jobs; continue with the same command and --resume")
+        print(
+            f"stopped after {final.computed} new final jobs; continue with the same command and --resume"
+        )
         return 0
     paths = write_outputs(out, config, search, final, chosen)
     if not args.quiet:
         res = json.loads(paths["results.json"].read_text())
         for a, r in res["archs"].items():
             h = [x for x in (r.get("history") or []) if "gsc" in x]
-            print(f"{a:<12} lr {_f(r['lr'])}  final error {_f(r.get('final_error'))}  "
-                  f"GSC(L,0) {_f(h[-1]['gsc'][-1] if h else None)}")
+            print(
+                f"{a:<12} lr {_f(r['lr'])}  final error {_f(r.get('final_error'))}  "
+                f"GSC(L,0) {_f(h[-1]['gsc'][-1] if h else None)}"
+            )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -8,6 +8,7 @@ rate with a 95% confidence interval beside r(s) of definitions.md.
 
 One job is one (architecture, dataset) pair; ``gscfast.experiments.runner`` runs and stores them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,22 +26,71 @@ import torch
 
 from ..estimators import GSCMoments, pooled_summary
 from ..theory import R_S
-from .outputs import (add_study_arguments, check_number, check_numbers, expand_names, fmt as _fmt,
-                      num as _num, pyplot, resolve_device as _device, resolve_dtype as _dtype,
-                      run_command, run_info, run_timings, save_figure, sci as _sci, t_interval,
-                      write_json)
-from .runner import Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write, job_seed
+from .outputs import (
+    add_study_arguments,
+    check_number,
+    check_numbers,
+    expand_names,
+    pyplot,
+    run_command,
+    run_info,
+    run_timings,
+    save_figure,
+    t_interval,
+    write_json,
+)
+from .outputs import (
+    fmt as _fmt,
+)
+from .outputs import (
+    num as _num,
+)
+from .outputs import (
+    resolve_device as _device,
+)
+from .outputs import (
+    resolve_dtype as _dtype,
+)
+from .outputs import (
+    sci as _sci,
+)
+from .runner import (
+    Job,
+    OutdatedRecord,
+    Study,
+    UsageError,
+    add_runner_arguments,
+    atomic_write,
+    job_seed,
+)
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "parse_arch", "expand_archs", "make_dataset", "make_model",
-           "make_config", "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
+__all__ = [
+    "ARCHS",
+    "PAPER_ARCHS",
+    "add_arguments",
+    "aggregate",
+    "expand_archs",
+    "main",
+    "make_config",
+    "make_dataset",
+    "make_model",
+    "make_study",
+    "parse_arch",
+    "run_job",
+    "write_outputs",
+]
 
 NAME = "gaussian"
 HELP = "Figure 1 of Philipp et al. (2018): GSC, pre-activation std and sign diversity on Gaussian noise"
 
 # The paper's seven architectures: name -> (activation, norm).
 ARCHS: dict[str, tuple[str, str | None]] = {
-    "ReLU": ("relu", None), "layer-ReLU": ("relu", "layer"), "batch-ReLU": ("relu", "batch"),
-    "tanh": ("tanh", None), "layer-tanh": ("tanh", "layer"), "batch-tanh": ("tanh", "batch"),
+    "ReLU": ("relu", None),
+    "layer-ReLU": ("relu", "layer"),
+    "batch-ReLU": ("relu", "batch"),
+    "tanh": ("tanh", None),
+    "layer-tanh": ("tanh", "layer"),
+    "batch-tanh": ("tanh", "batch"),
     "SeLU": ("selu", None),
 }
 PAPER_ARCHS = list(ARCHS)
@@ -63,15 +113,16 @@ def parse_arch(name: str) -> dict[str, Any]:
     ``res-`` or ``res-sqrt-``, e.g. ``"orth-res-sqrt-batch-ReLU"``."""
     rest, init, residual = name, "gaussian", None
     if rest.startswith("orth-"):
-        rest, init = rest[len("orth-"):], "orthogonal"
+        rest, init = rest[len("orth-") :], "orthogonal"
     if rest.startswith("res-sqrt-"):
-        rest, residual = rest[len("res-sqrt-"):], "sqrt"
+        rest, residual = rest[len("res-sqrt-") :], "sqrt"
     elif rest.startswith("res-"):
-        rest, residual = rest[len("res-"):], 1.0
+        rest, residual = rest[len("res-") :], 1.0
     if rest not in ARCHS:
         raise ValueError(
             f"unknown architecture {name!r}: use one of {', '.join(ARCHS)}, optionally prefixed by "
-            f"'orth-' and then 'res-' or 'res-sqrt-', or a group: {', '.join(GROUPS)}")
+            f"'orth-' and then 'res-' or 'res-sqrt-', or a group: {', '.join(GROUPS)}"
+        )
     act, norm = ARCHS[rest]
     return {"act": act, "norm": norm, "init": init, "residual": residual}
 
@@ -89,8 +140,14 @@ def predicted_rate(name: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------- one job
-def make_dataset(seed: int, samples: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def make_dataset(
+    seed: int,
+    samples: int,
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``x`` and labels ``y``, each ``[samples, dim]`` with i.i.d. ``N(0, 1/100)``
     entries (the paper's scale for ``dim = 100``), each input row rescaled to length 10. Drawn in
     float64 on the CPU from ``seed``, so the data do not depend on dtype or device."""
@@ -106,10 +163,6 @@ def make_model(name: str, depth: int, width: int, seed: int, dtype: torch.dtype 
     from .. import mlp
 
     return mlp(depth, width, **parse_arch(name), seed=int(seed), dtype=dtype)
-
-
-
-
 
 
 def is_pairs(spec: dict[str, Any]) -> bool:
@@ -138,16 +191,32 @@ def run_pairs_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
     from ..backends import get_backend
 
     device, dtype = _device(config["device"]), _dtype(config["dtype"])
-    x, y = make_dataset(spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device)
+    x, y = make_dataset(
+        spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device
+    )
     n = config["pairs_samples"]
-    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(device)
+    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(
+        device
+    )
     method = "sketch" if compile_model(model).couples_batch else "exact"
     gen = torch.Generator().manual_seed(job_seed(spec["net_seed"], "probes"))
-    m = gsc_matrix(model, x[:n], y[:n], backend=config["backend"], method=method,
-                   probes=PAIRS_PROBES, generator=gen).to(torch.float64)
-    return {"kind": "pairs", "method": method, "probes": PAIRS_PROBES if method == "sketch" else None,
-            "matrix": [m[k, :k + 1].tolist() for k in range(m.shape[0])],
-            "backend": get_backend(config["backend"], device).name, "device": str(device)}
+    m = gsc_matrix(
+        model,
+        x[:n],
+        y[:n],
+        backend=config["backend"],
+        method=method,
+        probes=PAIRS_PROBES,
+        generator=gen,
+    ).to(torch.float64)
+    return {
+        "kind": "pairs",
+        "method": method,
+        "probes": PAIRS_PROBES if method == "sketch" else None,
+        "matrix": [m[k, : k + 1].tolist() for k in range(m.shape[0])],
+        "backend": get_backend(config["backend"], device).name,
+        "device": str(device),
+    }
 
 
 def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +226,22 @@ def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, A
     from ..backends import get_backend
 
     device, dtype = _device(config["device"]), _dtype(config["dtype"])
-    x, y = make_dataset(spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device)
-    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(device)
+    x, y = make_dataset(
+        spec["data_seed"], config["samples"], config["width"], dtype=dtype, device=device
+    )
+    model = make_model(spec["arch"], config["depth"], config["width"], spec["net_seed"], dtype).to(
+        device
+    )
     a = analyze(model, x, y, backend=config["backend"])
-    return {"gsc": a.gsc.tolist(), "preact_std": a.preact_std.tolist(),
-            "sign_diversity": a.sign_diversity.tolist(), "rate": float(a.rate),
-            "moments": a.moments.to_dict(),
-            "backend": get_backend(config["backend"], device).name, "device": str(device)}
+    return {
+        "gsc": a.gsc.tolist(),
+        "preact_std": a.preact_std.tolist(),
+        "sign_diversity": a.sign_diversity.tolist(),
+        "rate": float(a.rate),
+        "moments": a.moments.to_dict(),
+        "backend": get_backend(config["backend"], device).name,
+        "device": str(device),
+    }
 
 
 def check_result(config: dict, spec: dict, result: dict) -> None:
@@ -183,7 +261,8 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
             "this job record has no 'moments', the raw per-dataset expectations that the pooled "
             "expected GSC is computed from (records written before gscfast computed the pooled GSC "
             "lack them); recompute the run into a new --out, or delete this directory's jobs/ and "
-            "manifest.json and run the same command again")
+            "manifest.json and run the same command again"
+        )
     for key in ("gsc", "preact_std", "sign_diversity"):  # NaN where a layer has no pre-activation
         check_numbers(result.get(key), repr(key), n, finite=False)
     check_number(result.get("rate"), "'rate'", finite=False)
@@ -193,10 +272,20 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the study
-def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples: int = 10_000,
-                seed: int = 0, depth: int = 50, width: int = 100, backend: str = "auto",
-                device: str = "auto", dtype: str = "float32", pairs: bool = False,
-                pairs_samples: int | None = None) -> dict[str, Any]:
+def make_config(
+    *,
+    archs: list[str] | None = None,
+    datasets: int = 100,
+    samples: int = 10_000,
+    seed: int = 0,
+    depth: int = 50,
+    width: int = 100,
+    backend: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    pairs: bool = False,
+    pairs_samples: int | None = None,
+) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     archs = expand_archs(archs or PAPER_ARCHS)
     for k, v in (("datasets", datasets), ("samples", samples), ("depth", depth), ("width", width)):
@@ -206,41 +295,74 @@ def make_config(*, archs: list[str] | None = None, datasets: int = 100, samples:
         raise ValueError("samples must be at least 2 (batch norm needs a batch)")
     if pairs_samples is None:
         pairs_samples = min(200, samples)
-    if pairs and (isinstance(pairs_samples, bool) or not isinstance(pairs_samples, int)
-                  or not 2 <= pairs_samples <= samples):
-        raise ValueError(f"pairs-samples must be an integer in [2, samples = {samples}], got {pairs_samples!r}")
+    if pairs and (
+        isinstance(pairs_samples, bool)
+        or not isinstance(pairs_samples, int)
+        or not 2 <= pairs_samples <= samples
+    ):
+        raise ValueError(
+            f"pairs-samples must be an integer in [2, samples = {samples}], got {pairs_samples!r}"
+        )
     from ..backends import BACKENDS
 
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
+        )
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return {"archs": archs, "datasets": datasets, "samples": samples, "seed": int(seed),
-            "depth": depth, "width": width, "backend": backend, "device": device, "dtype": dtype,
-            "pairs": bool(pairs), "pairs_samples": pairs_samples if pairs else None}
+    return {
+        "archs": archs,
+        "datasets": datasets,
+        "samples": samples,
+        "seed": int(seed),
+        "depth": depth,
+        "width": width,
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "pairs": bool(pairs),
+        "pairs_samples": pairs_samples if pairs else None,
+    }
 
 
 def make_study(config: dict[str, Any]) -> Study:
     """Jobs ``<arch>.<dataset>``, architecture-major. Dataset ``i`` is the same data for every
     architecture (seed from ``seed`` and ``i``); each job's network has its own seed (from ``seed``,
     the architecture and ``i``)."""
-    jobs = [Job(f"{arch}.{i:05d}", {"arch": arch, "dataset": i,
-                                     "data_seed": job_seed(config["seed"], "data", i),
-                                     "net_seed": job_seed(config["seed"], "net", arch, i)})
-            for arch in config["archs"] for i in range(config["datasets"])]
+    jobs = [
+        Job(
+            f"{arch}.{i:05d}",
+            {
+                "arch": arch,
+                "dataset": i,
+                "data_seed": job_seed(config["seed"], "data", i),
+                "net_seed": job_seed(config["seed"], "net", arch, i),
+            },
+        )
+        for arch in config["archs"]
+        for i in range(config["datasets"])
+    ]
     if config["pairs"]:  # GSC(k, l) of dataset 0's network on a subset of its points
-        jobs += [Job(f"{arch}.pairs", {"arch": arch, "kind": "pairs", "dataset": 0,
-                                       "data_seed": job_seed(config["seed"], "data", 0),
-                                       "net_seed": job_seed(config["seed"], "net", arch, 0)})
-                 for arch in config["archs"]]
+        jobs += [
+            Job(
+                f"{arch}.pairs",
+                {
+                    "arch": arch,
+                    "kind": "pairs",
+                    "dataset": 0,
+                    "data_seed": job_seed(config["seed"], "data", 0),
+                    "net_seed": job_seed(config["seed"], "net", arch, 0),
+                },
+            )
+            for arch in config["archs"]
+        ]
     return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
 
 
 # ----------------------------------------------------------------------------- aggregation
 QUANTITIES = ("gsc", "preact_std", "sign_diversity")
 STATS = ("mean", "median", "q10", "q90")
-
-
 
 
 def _layer_stats(a: np.ndarray) -> dict[str, list[float]]:
@@ -266,14 +388,17 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
     dataset's values."""
     archs: dict[str, Any] = {}
     for arch in config["archs"]:
-        recs = sorted((r for r in records.values()
-                       if r["spec"]["arch"] == arch and not is_pairs(r["spec"])),
-                      key=lambda r: r["spec"]["dataset"])
+        recs = sorted(
+            (r for r in records.values() if r["spec"]["arch"] == arch and not is_pairs(r["spec"])),
+            key=lambda r: r["spec"]["dataset"],
+        )
         per = {q: np.array([r["result"][q] for r in recs], dtype=np.float64) for q in QUANTITIES}
         rates = np.array([r["result"]["rate"] for r in recs], dtype=np.float64)
-        pooled = pooled_summary([GSCMoments.from_dict(r["result"]["moments"]) for r in recs],
-                                seed=job_seed(config["seed"], "bootstrap", arch),
-                                resamples=BOOTSTRAP_RESAMPLES)
+        pooled = pooled_summary(
+            [GSCMoments.from_dict(r["result"]["moments"]) for r in recs],
+            seed=job_seed(config["seed"], "bootstrap", arch),
+            resamples=BOOTSTRAP_RESAMPLES,
+        )
         mean, low, high, sd = t_interval(rates)
         L = config["depth"]
         layers = {q: _layer_stats(per[q]) for q in QUANTITIES}
@@ -281,22 +406,38 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
             **parse_arch(arch),
             "pooled": pooled,
             "rate": {"pooled": pooled["rate"], "ci95": pooled["rate_ci"]},
-            "rate_per_dataset": {"mean": mean, "ci95": [low, high], "std": sd,
-                                 "median": float(np.nanmedian(rates)) if len(rates) else math.nan,
-                                 "n": int(np.isfinite(rates).sum())},
+            "rate_per_dataset": {
+                "mean": mean,
+                "ci95": [low, high],
+                "std": sd,
+                "median": float(np.nanmedian(rates)) if len(rates) else math.nan,
+                "n": int(np.isfinite(rates).sum()),
+            },
             "predicted_rate": predicted_rate(arch),
             "r_s": R_S.get(parse_arch(arch)["act"]),
-            "gsc_L": {"pooled": pooled["gsc"][L], "ci95": [pooled["gsc_lo"][L], pooled["gsc_hi"][L]],
-                      **{f"per_dataset_{k}": v[L] for k, v in layers["gsc"].items()}},
+            "gsc_L": {
+                "pooled": pooled["gsc"][L],
+                "ci95": [pooled["gsc_lo"][L], pooled["gsc_hi"][L]],
+                **{f"per_dataset_{k}": v[L] for k, v in layers["gsc"].items()},
+            },
             "layers": layers,
-            "datasets": [{"dataset": r["spec"]["dataset"], "data_seed": r["spec"]["data_seed"],
-                          "net_seed": r["spec"]["net_seed"], "rate": r["result"]["rate"],
-                          **{q: r["result"][q] for q in QUANTITIES},
-                          "moments": r["result"]["moments"]} for r in recs],
+            "datasets": [
+                {
+                    "dataset": r["spec"]["dataset"],
+                    "data_seed": r["spec"]["data_seed"],
+                    "net_seed": r["spec"]["net_seed"],
+                    "rate": r["result"]["rate"],
+                    **{q: r["result"][q] for q in QUANTITIES},
+                    "moments": r["result"]["moments"],
+                }
+                for r in recs
+            ],
         }
     out = {"study": NAME, "config": config, "archs": archs}
     if config["pairs"]:
-        out["pairs"] = {arch: pairs_summary(records[f"{arch}.pairs"]["result"]) for arch in config["archs"]}
+        out["pairs"] = {
+            arch: pairs_summary(records[f"{arch}.pairs"]["result"]) for arch in config["archs"]
+        }
     return out
 
 
@@ -315,10 +456,14 @@ def pairs_summary(result: dict[str, Any]) -> dict[str, Any]:
     pairs = [(k, l) for k in range(2, len(rows)) for l in range(1, k)]
     factors = [factor(k, l) for k, l in pairs]
     worst = max(range(len(pairs)), key=factors.__getitem__, default=None)
-    return {"method": result["method"], "probes": result["probes"], "matrix": rows,
-            "max_factor": 1.0 if worst is None else factors[worst],
-            "max_at": None if worst is None else list(pairs[worst]),
-            "median_factor": float(np.median(factors)) if factors else math.nan}
+    return {
+        "method": result["method"],
+        "probes": result["probes"],
+        "matrix": rows,
+        "max_factor": 1.0 if worst is None else factors[worst],
+        "max_at": None if worst is None else list(pairs[worst]),
+        "median_factor": float(np.median(factors)) if factors else math.nan,
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -344,8 +489,6 @@ def layers_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-
-
 _STYLE = {None: "-", "layer": "--", "batch": ":"}
 
 
@@ -358,8 +501,11 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.get_cmap("tab10" if len(results["archs"]) <= 10 else "tab20").colors
     l = np.arange(cfg["depth"] + 1)
-    titles = ("(A) expected GSC(l, 0), pooled over datasets", "(B) pre-activation standard deviation",
-              "(C) sign diversity")
+    titles = (
+        "(A) expected GSC(l, 0), pooled over datasets",
+        "(B) pre-activation standard deviation",
+        "(C) sign diversity",
+    )
     for i, (arch, a) in enumerate(results["archs"].items()):
         color = colors[i % len(colors)]
         style = "-." if a["residual"] is not None else _STYLE[a["norm"]]
@@ -367,7 +513,9 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
             s = a["layers"][q]
             lo, hi, m = (np.array(s[k], dtype=float) for k in ("q10", "q90", "mean"))
             if q == "gsc":
-                lo, hi, m = (np.array(a["pooled"][k], dtype=float) for k in ("gsc_lo", "gsc_hi", "gsc"))
+                lo, hi, m = (
+                    np.array(a["pooled"][k], dtype=float) for k in ("gsc_lo", "gsc_hi", "gsc")
+                )
             ax.fill_between(l, lo, hi, color=color, alpha=0.15, linewidth=0)
             label = f"{arch} (rate {a['rate']['pooled']:.3f})" if q == "gsc" else None
             ax.plot(l, m, style, color=color, linewidth=1.6, label=label)
@@ -378,19 +526,19 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[2].set_ylim(0, 0.52)
-    fig.suptitle(f"Gaussian noise: {cfg['depth']} layers x {cfg['width']}, {cfg['datasets']} datasets "
-                 f"x {cfg['samples']:,} points. A: pooled expected GSC, band 95% bootstrap interval over "
-                 "datasets; B, C: mean over datasets, band 10-90% of datasets",
-                 fontsize=10)
+    fig.suptitle(
+        f"Gaussian noise: {cfg['depth']} layers x {cfg['width']}, {cfg['datasets']} datasets "
+        f"x {cfg['samples']:,} points. A: pooled expected GSC, band 95% bootstrap interval over "
+        "datasets; B, C: mean over datasets, band 10-90% of datasets",
+        fontsize=10,
+    )
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False
+    )
     rows = math.ceil(len(labels) / 4)
     fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     save_figure(fig, paths)
-
-
-
-
 
 
 def pairs_csv(results: dict[str, Any]) -> str:
@@ -412,22 +560,24 @@ def plot_pairs(results: dict[str, Any], paths: list[Path]) -> None:
     cols = min(4, len(pairs))
     rows = math.ceil(len(pairs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.7 * rows), squeeze=False)
-    for ax in axes.flat[len(pairs):]:
+    for ax in axes.flat[len(pairs) :]:
         ax.axis("off")
     for ax, (arch, p) in zip(axes.flat, pairs.items()):
         n = len(p["matrix"])
         m = np.full((n, n), np.nan)
         for k, row in enumerate(p["matrix"]):
-            m[k, :k + 1] = row
+            m[k, : k + 1] = row
         with np.errstate(divide="ignore", invalid="ignore"):
             im = ax.imshow(np.log10(m), origin="lower", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="log10 GSC(k, l)")
         ax.set_title(f"{arch} ({p['method']}); max dev. x{_fmt(p['max_factor'])}", fontsize=9)
         ax.set_xlabel("l")
         ax.set_ylabel("k")
-    fig.suptitle(f"GSC(k, l) for every pair k >= l: dataset 0's network on its first "
-                 f"{cfg['pairs_samples']:,} points (sketch: {PAIRS_PROBES} Rademacher probes)",
-                 fontsize=10)
+    fig.suptitle(
+        f"GSC(k, l) for every pair k >= l: dataset 0's network on its first "
+        f"{cfg['pairs_samples']:,} points (sketch: {PAIRS_PROBES} Rademacher probes)",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, paths)
 
@@ -456,23 +606,28 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
     cfg = results["config"]
     L = cfg["depth"]
     lines = [
-        "# Gaussian-noise study (Philipp, Song & Carbonell 2018, Figure 1)", "",
+        "# Gaussian-noise study (Philipp, Song & Carbonell 2018, Figure 1)",
+        "",
         f"gscfast {run_info['version']}: {len(cfg['archs'])} architectures x {cfg['datasets']} "
         f"datasets x {cfg['samples']:,} points; MLPs of depth {L} and width {cfg['width']}; "
-        f"seed {cfg['seed']}.", "",
-        "## Explosion rates", "",
+        f"seed {cfg['seed']}.",
+        "",
+        "## Explosion rates",
+        "",
         f"| architecture | rate | 95% CI | r(s) | GSC({L}, 0) | 95% CI | per-dataset rates: mean "
         f"[95% t-CI] | per-dataset GSC({L}, 0): median (10-90%) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arch, a in results["archs"].items():
         r, g, rd = a["rate"], a["gsc_L"], a["rate_per_dataset"]
-        lines.append(f"| {arch} | {_fmt(r['pooled'])} | [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
-                     f"| {_fmt(a['predicted_rate'])} | {_sci(g['pooled'])} "
-                     f"| [{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}] "
-                     f"| {_fmt(rd['mean'])} [{_fmt(rd['ci95'][0])}, {_fmt(rd['ci95'][1])}] "
-                     f"| {_sci(g['per_dataset_median'])} ({_sci(g['per_dataset_q10'])} - "
-                     f"{_sci(g['per_dataset_q90'])}) |")
+        lines.append(
+            f"| {arch} | {_fmt(r['pooled'])} | [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
+            f"| {_fmt(a['predicted_rate'])} | {_sci(g['pooled'])} "
+            f"| [{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}] "
+            f"| {_fmt(rd['mean'])} [{_fmt(rd['ci95'][0])}, {_fmt(rd['ci95'][1])}] "
+            f"| {_sci(g['per_dataset_median'])} ({_sci(g['per_dataset_q10'])} - "
+            f"{_sci(g['per_dataset_q90'])}) |"
+        )
     lines += [
         "",
         f"- **GSC(l, 0)** is the **pooled expected GSC** of definitions.md: the ratio of "
@@ -501,10 +656,11 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "the other architectures (no norm, layer norm, residual blocks) definitions.md makes no "
         "prediction, and their rates are compared with each other and with 1 (no explosion).",
         "",
-        "## How the numbers are made", "",
+        "## How the numbers are made",
+        "",
         f"- Each dataset: {cfg['samples']:,} inputs and labels of dimension {cfg['width']} with "
         "i.i.d. N(0, 1/100) entries, inputs rescaled to length 10; error layer `<y, output>` "
-        "(`error=\"dot\"`). Dataset i is the same for every architecture; every (architecture, "
+        '(`error="dot"`). Dataset i is the same for every architecture; every (architecture, '
         "dataset) pair gets a fresh network. Seeds come from `--seed`, the architecture name and "
         "the dataset index by SHA-256, so the numbers do not depend on job order, engine or resume.",
         "- Networks: `gscfast.mlp(depth, width, act, norm, init, residual)`: linear (no bias) -> "
@@ -524,15 +680,18 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
     ]
     if cfg["pairs"]:
         lines += [
-            f"## GSC(k, l) for every pair of layers (`--pairs`, {cfg['pairs_samples']:,} points)", "",
+            f"## GSC(k, l) for every pair of layers (`--pairs`, {cfg['pairs_samples']:,} points)",
+            "",
             "| architecture | method | GSC(L, 0) on the subset | largest deviation of GSC(k, l) from "
             "GSC(k, 0) / GSC(l, 0) | at (k, l) | median deviation |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for arch, p in results["pairs"].items():
-            lines.append(f"| {arch} | {p['method']} | {_sci(p['matrix'][-1][0])} | "
-                         f"x{_fmt(p['max_factor'])} | {tuple(p['max_at']) if p['max_at'] else 'n/a'} | "
-                         f"x{_fmt(p['median_factor'])} |")
+            lines.append(
+                f"| {arch} | {p['method']} | {_sci(p['matrix'][-1][0])} | "
+                f"x{_fmt(p['max_factor'])} | {tuple(p['max_at']) if p['max_at'] else 'n/a'} | "
+                f"x{_fmt(p['median_factor'])} |"
+            )
         lines += [
             "",
             "- `gscfast.gsc_matrix` on dataset 0's network and its first points: entry (k, l) is the "
@@ -550,9 +709,14 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "## Configuration", "",
-        "```json", json.dumps(cfg, indent=2), "```", "",
-        "## Timings", "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(cfg, indent=2),
+        "```",
+        "",
+        "## Timings",
+        "",
     ]
     t = run_info["timings"]
     lines += [
@@ -568,48 +732,81 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "for the study.",
     ]
     if max(len(t["backends"]), len(t["devices"]), len(t["threads"])) > 1:
-        lines.append("- **Warning**: the jobs ran with different backends, devices or thread "
-                     "counts (the run was resumed elsewhere), so the numbers may differ in the "
-                     "last bits from those of a single run.")
-    lines += ["", "| architecture | seconds per job (mean) | min | max | x FLOP floor |",
-              "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            "- **Warning**: the jobs ran with different backends, devices or thread "
+            "counts (the run was resumed elsewhere), so the numbers may differ in the "
+            "last bits from those of a single run."
+        )
+    lines += [
+        "",
+        "| architecture | seconds per job (mean) | min | max | x FLOP floor |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for arch, s in t["per_arch"].items():
-        lines.append(f"| {arch} | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f} "
-                     f"| {s['mean'] / t['floor_seconds']:.1f} |")
+        lines.append(
+            f"| {arch} | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f} "
+            f"| {s['mean'] / t['floor_seconds']:.1f} |"
+        )
     if t.get("pairs_seconds"):
-        lines.append("- `--pairs` jobs: " + ", ".join(f"{a} {v:.1f} s" for a, v in t["pairs_seconds"].items()) + ".")
-    lines += ["", f"Machine: {run_info['machine']}.", "",
-              "## Files", "",
-              "- `figure1.png`, `figure1.pdf`: the three panels.",
-              "- `results.json`: every number (per architecture: the pooled GSC with its band "
-              "(`pooled`), the rates, per-layer statistics over datasets, each dataset's values, "
-              "raw expectations and seeds), the configuration and the timings.",
-              "- `layers.csv`: columns `arch, dataset, l, gsc, preact_std, sign_diversity`; "
-              "`dataset` is a dataset index, `pooled`, `pooled_lo`, `pooled_hi` (panel A's line "
-              "and band; GSC only) or one of `mean, median, q10, q90` (statistics over datasets; "
-              "panels B and C plot `mean`, `q10`, `q90`).",
-              *(["- `pairs.png`, `pairs.pdf`, `pairs.csv` (`--pairs`): GSC(k, l) for every pair, "
-                 "as heatmaps and as columns `arch, k, l, gsc`."] if cfg["pairs"] else []),
-              "- `manifest.json`, `jobs/`: the run's identity and one record per (architecture, "
-              "dataset); `gscfast gaussian --out DIR --resume` with the same options continues or "
-              "regenerates these files.", ""]
+        lines.append(
+            "- `--pairs` jobs: "
+            + ", ".join(f"{a} {v:.1f} s" for a, v in t["pairs_seconds"].items())
+            + "."
+        )
+    lines += [
+        "",
+        f"Machine: {run_info['machine']}.",
+        "",
+        "## Files",
+        "",
+        "- `figure1.png`, `figure1.pdf`: the three panels.",
+        "- `results.json`: every number (per architecture: the pooled GSC with its band "
+        "(`pooled`), the rates, per-layer statistics over datasets, each dataset's values, "
+        "raw expectations and seeds), the configuration and the timings.",
+        "- `layers.csv`: columns `arch, dataset, l, gsc, preact_std, sign_diversity`; "
+        "`dataset` is a dataset index, `pooled`, `pooled_lo`, `pooled_hi` (panel A's line "
+        "and band; GSC only) or one of `mean, median, q10, q90` (statistics over datasets; "
+        "panels B and C plot `mean`, `q10`, `q90`).",
+        *(
+            [
+                "- `pairs.png`, `pairs.pdf`, `pairs.csv` (`--pairs`): GSC(k, l) for every pair, "
+                "as heatmaps and as columns `arch, k, l, gsc`."
+            ]
+            if cfg["pairs"]
+            else []
+        ),
+        "- `manifest.json`, `jobs/`: the run's identity and one record per (architecture, "
+        "dataset); `gscfast gaussian --out DIR --resume` with the same options continues or "
+        "regenerates these files.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     per_arch = {}
     for arch in config["archs"]:
-        s = [r["seconds"] for r in records.values()
-             if r["spec"]["arch"] == arch and not is_pairs(r["spec"])]
-        per_arch[arch] = {"mean": float(np.mean(s)), "min": float(np.min(s)), "max": float(np.max(s))}
+        s = [
+            r["seconds"]
+            for r in records.values()
+            if r["spec"]["arch"] == arch and not is_pairs(r["spec"])
+        ]
+        per_arch[arch] = {
+            "mean": float(np.mean(s)),
+            "min": float(np.min(s)),
+            "max": float(np.max(s)),
+        }
     device = _device(config["device"])
     rate = sgemm_rate(config["width"], config["samples"], device)
     return {
-        **run_timings(result), "per_arch": per_arch,
-        "pairs_seconds": {r["spec"]["arch"]: r["seconds"] for r in records.values()
-                          if is_pairs(r["spec"])},
+        **run_timings(result),
+        "per_arch": per_arch,
+        "pairs_seconds": {
+            r["spec"]["arch"]: r["seconds"] for r in records.values() if is_pairs(r["spec"])
+        },
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
-        "sgemm_device": str(device), "sgemm_gflops": rate / 1e9,
+        "sgemm_device": str(device),
+        "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,
     }
 
@@ -619,14 +816,33 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     out = Path(out)
     results = aggregate(config, result.records)
     info = run_info(result, _timings(config, result.records, result))
-    paths = {k: out / f for k, f in (("png", "figure1.png"), ("pdf", "figure1.pdf"),
-                                      ("json", "results.json"), ("csv", "layers.csv"),
-                                      ("summary", "summary.md"))}
+    paths = {
+        k: out / f
+        for k, f in (
+            ("png", "figure1.png"),
+            ("pdf", "figure1.pdf"),
+            ("json", "results.json"),
+            ("csv", "layers.csv"),
+            ("summary", "summary.md"),
+        )
+    }
     if config["pairs"]:
-        paths.update({k: out / f for k, f in (("pairs_png", "pairs.png"), ("pairs_pdf", "pairs.pdf"),
-                                               ("pairs_csv", "pairs.csv"))})
-    full = {**results, "gscfast_version": info["version"], "timings": info["timings"],
-            "seconds": {k: r["seconds"] for k, r in result.records.items()}}
+        paths.update(
+            {
+                k: out / f
+                for k, f in (
+                    ("pairs_png", "pairs.png"),
+                    ("pairs_pdf", "pairs.pdf"),
+                    ("pairs_csv", "pairs.csv"),
+                )
+            }
+        )
+    full = {
+        **results,
+        "gscfast_version": info["version"],
+        "timings": info["timings"],
+        "seconds": {k: r["seconds"] for k, r in result.records.items()},
+    }
     write_json(paths["json"], full)
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
@@ -639,33 +855,64 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/gaussian", help="results directory (default %(default)s)")
-    p.add_argument("--datasets", type=int, default=100, help="datasets per architecture (default 100)")
+    p.add_argument(
+        "--out", default="results/gaussian", help="results directory (default %(default)s)"
+    )
+    p.add_argument(
+        "--datasets", type=int, default=100, help="datasets per architecture (default 100)"
+    )
     p.add_argument("--samples", type=int, default=10_000, help="points per dataset (default 10000)")
-    p.add_argument("--archs", nargs="+", default=["paper"], metavar="ARCH",
-                   help=f"architectures: {', '.join(ARCHS)}, optionally prefixed by 'orth-' "
-                        f"(orthogonal init) and then 'res-' or 'res-sqrt-' (residual blocks with "
-                        f"branch scale 1 or 1/sqrt(L)); or groups {', '.join(GROUPS)} "
-                        f"(default: paper, the seven above)")
-    p.add_argument("--depth", type=int, default=50, help="layers (default 50; smaller for quick runs)")
-    p.add_argument("--width", type=int, default=100,
-                   help="width, also the input and label dimension (default 100)")
-    p.add_argument("--pairs", action="store_true",
-                   help="also GSC(k, l) for every pair of layers of each architecture (dataset 0's "
-                        "network on --pairs-samples points): pairs.png/.pdf, pairs.csv and the "
-                        "largest deviation from GSC(k, 0) / GSC(l, 0) in the summary")
-    p.add_argument("--pairs-samples", type=int, default=None,
-                   help="points of dataset 0 for --pairs (default 200, at most --samples)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=["paper"],
+        metavar="ARCH",
+        help=f"architectures: {', '.join(ARCHS)}, optionally prefixed by 'orth-' "
+        f"(orthogonal init) and then 'res-' or 'res-sqrt-' (residual blocks with "
+        f"branch scale 1 or 1/sqrt(L)); or groups {', '.join(GROUPS)} "
+        f"(default: paper, the seven above)",
+    )
+    p.add_argument(
+        "--depth", type=int, default=50, help="layers (default 50; smaller for quick runs)"
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=100,
+        help="width, also the input and label dimension (default 100)",
+    )
+    p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="also GSC(k, l) for every pair of layers of each architecture (dataset 0's "
+        "network on --pairs-samples points): pairs.png/.pdf, pairs.csv and the "
+        "largest deviation from GSC(k, 0) / GSC(l, 0) in the summary",
+    )
+    p.add_argument(
+        "--pairs-samples",
+        type=int,
+        default=None,
+        help="points of dataset 0 for --pairs (default 200, at most --samples)",
+    )
     add_study_arguments(p, backend="the sweeps")
     add_runner_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = make_config(archs=args.archs, datasets=args.datasets, samples=args.samples,
-                             seed=args.seed, depth=args.depth, width=args.width,
-                             backend=args.backend, device=args.device, dtype=args.dtype,
-                             pairs=args.pairs, pairs_samples=args.pairs_samples)
+        config = make_config(
+            archs=args.archs,
+            datasets=args.datasets,
+            samples=args.samples,
+            seed=args.seed,
+            depth=args.depth,
+            width=args.width,
+            backend=args.backend,
+            device=args.device,
+            dtype=args.dtype,
+            pairs=args.pairs,
+            pairs_samples=args.pairs_samples,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -673,13 +920,14 @@ def main(args: argparse.Namespace) -> int:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:
             results = json.loads(paths["json"].read_text())
-            print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)   "
-                  f"GSC(L, 0) [95% CI]")
+            print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)   GSC(L, 0) [95% CI]")
             for arch, a in results["archs"].items():
                 r, ci, g = a["rate"], a["rate"]["ci95"], a["gsc_L"]
-                print(f"{arch:<22} {_fmt(r['pooled']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
-                      f"{_fmt(a['predicted_rate']):<6} {_sci(g['pooled'])} "
-                      f"[{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}]")
+                print(
+                    f"{arch:<22} {_fmt(r['pooled']):>7}  [{_fmt(ci[0])}, {_fmt(ci[1])}]  "
+                    f"{_fmt(a['predicted_rate']):<6} {_sci(g['pooled'])} "
+                    f"[{_sci(g['ci95'][0])}, {_sci(g['ci95'][1])}]"
+                )
         return paths
 
     return run_command(make_study(config), args, write)

@@ -15,6 +15,7 @@ Variants: ``{plain,res,res-sqrt}-{relu,tanh,selu}[-bn]``; ``res-sqrt`` scales ea
 branch by 1/sqrt(number of blocks). One job is one (variant, chunk of repeats);
 ``gscfast.experiments.runner`` runs and stores them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,24 +33,65 @@ from torch import Tensor, nn
 from ..estimators import GSCMoments, pooled_summary
 from ..nn import Residual
 from ..theory import R_S
-from .outputs import check_number, check_numbers
-from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device,
-                      resolve_dtype, run_command, run_info, run_timings, save_figure, sci, t_interval,
-                      write_json)
-from .runner import (Job, OutdatedRecord, Study, UsageError, add_runner_arguments, atomic_write,
-                     job_seed)
+from .outputs import (
+    add_study_arguments,
+    check_number,
+    check_numbers,
+    expand_names,
+    fmt,
+    num,
+    pyplot,
+    resolve_device,
+    resolve_dtype,
+    run_command,
+    run_info,
+    run_timings,
+    save_figure,
+    sci,
+    t_interval,
+    write_json,
+)
+from .runner import (
+    Job,
+    OutdatedRecord,
+    Study,
+    UsageError,
+    add_runner_arguments,
+    atomic_write,
+    job_seed,
+)
 
-__all__ = ["ACTIVATIONS", "NETS", "VARIANTS", "GROUPS", "parse_variant", "expand_variants",
-           "ghost_net", "redraw_weights", "weight_grad_norms", "growth_rate", "make_config",
-           "make_study", "run_job", "aggregate", "write_outputs", "add_arguments", "main"]
+__all__ = [
+    "ACTIVATIONS",
+    "GROUPS",
+    "NETS",
+    "VARIANTS",
+    "add_arguments",
+    "aggregate",
+    "expand_variants",
+    "ghost_net",
+    "growth_rate",
+    "main",
+    "make_config",
+    "make_study",
+    "parse_variant",
+    "redraw_weights",
+    "run_job",
+    "weight_grad_norms",
+    "write_outputs",
+]
 
 NAME = "ghost"
-HELP = "forward/backward scaling of plain and residual MLPs: per-layer weight-gradient norms vs r(s)"
+HELP = (
+    "forward/backward scaling of plain and residual MLPs: per-layer weight-gradient norms vs r(s)"
+)
 
 # activation -> (module, weight variance x fan_in, the initialization's name): He for ReLU,
 # Glorot for tanh (2 / (fan_in + fan_out) = 1 / d for square layers), LeCun for SELU (its own).
 ACTIVATIONS: dict[str, tuple[type[nn.Module], float, str]] = {
-    "relu": (nn.ReLU, 2.0, "He"), "tanh": (nn.Tanh, 1.0, "Glorot"), "selu": (nn.SELU, 1.0, "LeCun"),
+    "relu": (nn.ReLU, 2.0, "He"),
+    "tanh": (nn.Tanh, 1.0, "Glorot"),
+    "selu": (nn.SELU, 1.0, "LeCun"),
 }
 NETS = ("plain", "res", "res-sqrt")
 VARIANTS = [f"{net}-{act}{bn}" for net in NETS for bn in ("-bn", "") for act in ACTIVATIONS]
@@ -67,9 +109,11 @@ def parse_variant(name: str) -> dict[str, Any]:
     rest = name[:-3] if bn else name
     net, _, act = rest.rpartition("-")
     if net not in NETS or act not in ACTIVATIONS:
-        raise ValueError(f"unknown variant {name!r}: use NET-ACT or NET-ACT-bn with NET in "
-                         f"{', '.join(NETS)} and ACT in {', '.join(ACTIVATIONS)} (e.g. plain-relu-bn), "
-                         f"or a group: {', '.join(GROUPS)}")
+        raise ValueError(
+            f"unknown variant {name!r}: use NET-ACT or NET-ACT-bn with NET in "
+            f"{', '.join(NETS)} and ACT in {', '.join(ACTIVATIONS)} (e.g. plain-relu-bn), "
+            f"or a group: {', '.join(GROUPS)}"
+        )
     return {"net": net, "act": act, "bn": bn}
 
 
@@ -79,8 +123,16 @@ def expand_variants(words: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- networks
-def ghost_net(net: str, act: str, bn: bool, *, width: int = 256, depth: int = 20,
-              generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def ghost_net(
+    net: str,
+    act: str,
+    bn: bool,
+    *,
+    width: int = 256,
+    depth: int = 20,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
     """PlainNet / ResNet MLP with ``depth`` weight layers of width ``width`` (no biases).
 
     Layer 1 is ``linear -> [BN] -> act``; layers ``2..depth-1`` are either the same (``net =
@@ -94,8 +146,10 @@ def ghost_net(net: str, act: str, bn: bool, *, width: int = 256, depth: int = 20
     if depth < 3 or width < 1:
         raise ValueError(f"depth must be >= 3 and width >= 1, got depth={depth}, width={width}")
     if net != "plain" and depth % 2:
-        raise ValueError(f"a ResNet has a stem, (depth - 2) / 2 two-layer blocks and a head, so "
-                         f"depth must be even, got {depth}")
+        raise ValueError(
+            f"a ResNet has a stem, (depth - 2) / 2 two-layer blocks and a head, so "
+            f"depth must be even, got {depth}"
+        )
     Act = ACTIVATIONS[act][0]
 
     def linear() -> nn.Linear:  # weights drawn below, by redraw_weights
@@ -132,7 +186,9 @@ def redraw_weights(model: nn.Module, act: str, generator: torch.Generator | None
         for i, lin in enumerate(lins):
             c = 1.0 if i == len(lins) - 1 else ACTIVATIONS[act][1]
             # Drawn in float32 on the CPU whatever the dtype and device: the same network everywhere.
-            w = torch.randn(lin.weight.shape, generator=gen).mul_(math.sqrt(c / lin.weight.shape[1]))
+            w = torch.randn(lin.weight.shape, generator=gen).mul_(
+                math.sqrt(c / lin.weight.shape[1])
+            )
             lin.weight.copy_(w)
 
 
@@ -174,8 +230,9 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     s1 = torch.zeros(L, dtype=torch.float64)
     s2, s4 = torch.zeros_like(s1), torch.zeros_like(s1)
     first = None
-    model = ghost_net(v["net"], v["act"], v["bn"], width=d, depth=L, generator=gen,
-                      dtype=dtype).to(device)
+    model = ghost_net(v["net"], v["act"], v["bn"], width=d, depth=L, generator=gen, dtype=dtype).to(
+        device
+    )
     for r in range(spec["repeats"]):
         if r:
             redraw_weights(model, v["act"], gen)
@@ -187,8 +244,14 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         s4 += n**4
         if r == 0 and config["gsc"]:
             first = gsc_moments(model, x, g, error="dot", backend=config["backend"]).to_dict()
-    return {"repeats": spec["repeats"], "sum_norm": s1.tolist(), "sum_sq": s2.tolist(),
-            "sum_sq2": s4.tolist(), "gsc_moments": first, "device": str(device)}
+    return {
+        "repeats": spec["repeats"],
+        "sum_norm": s1.tolist(),
+        "sum_sq": s2.tolist(),
+        "sum_sq2": s4.tolist(),
+        "gsc_moments": first,
+        "device": str(device),
+    }
 
 
 def check_result(config: dict, spec: dict, result: dict) -> None:
@@ -206,20 +269,36 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
                 "this job record has no 'gsc_moments', the raw expectations that the pooled GSC "
                 "is computed from (records of older gscfast versions lack them); recompute the run "
                 "into a new --out, or delete this directory's jobs/ and manifest.json and run the "
-                "same command again")
+                "same command again"
+            )
         if GSCMoments.from_dict(result["gsc_moments"]).L != L:
             raise ValueError(f"'gsc_moments' does not have {L + 1} layers")
 
 
 # ----------------------------------------------------------------------------- the study
-def make_config(*, variants: list[str] | None = None, repeats: int = 4096, chunk: int = 256,
-                width: int = 256, depth: int = 20, batch: int = 128, seed: int = 0,
-                gsc: bool = True, backend: str = "auto", device: str = "cpu",
-                dtype: str = "float32") -> dict[str, Any]:
+def make_config(
+    *,
+    variants: list[str] | None = None,
+    repeats: int = 4096,
+    chunk: int = 256,
+    width: int = 256,
+    depth: int = 20,
+    batch: int = 128,
+    seed: int = 0,
+    gsc: bool = True,
+    backend: str = "auto",
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     variants = expand_variants(variants or ["all"])
-    for k, val in (("repeats", repeats), ("chunk", chunk), ("width", width), ("depth", depth),
-                   ("batch", batch)):
+    for k, val in (
+        ("repeats", repeats),
+        ("chunk", chunk),
+        ("width", width),
+        ("depth", depth),
+        ("batch", batch),
+    ):
         if not isinstance(val, int) or val < 1:
             raise ValueError(f"{k} must be a positive integer, got {val!r}")
     if batch < 2:
@@ -227,15 +306,29 @@ def make_config(*, variants: list[str] | None = None, repeats: int = 4096, chunk
     if depth < 4:
         raise ValueError(f"depth must be at least 4 (stem, two hidden layers, head), got {depth}")
     if depth % 2 and any(parse_variant(v)["net"] != "plain" for v in variants):
-        raise ValueError(f"ResNet variants need an even depth (stem, two-layer blocks, head), got {depth}")
+        raise ValueError(
+            f"ResNet variants need an even depth (stem, two-layer blocks, head), got {depth}"
+        )
     from ..backends import BACKENDS
 
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
+        )
     resolve_dtype(dtype)
-    return {"variants": variants, "repeats": repeats, "chunk": min(chunk, repeats), "width": width,
-            "depth": depth, "batch": batch, "seed": int(seed), "gsc": bool(gsc),
-            "backend": backend, "device": device, "dtype": dtype}
+    return {
+        "variants": variants,
+        "repeats": repeats,
+        "chunk": min(chunk, repeats),
+        "width": width,
+        "depth": depth,
+        "batch": batch,
+        "seed": int(seed),
+        "gsc": bool(gsc),
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+    }
 
 
 def make_study(config: dict[str, Any]) -> Study:
@@ -245,8 +338,17 @@ def make_study(config: dict[str, Any]) -> Study:
     for variant in config["variants"]:
         for c, start in enumerate(range(0, config["repeats"], config["chunk"])):
             n = min(config["chunk"], config["repeats"] - start)
-            jobs.append(Job(f"{variant}.{c:04d}", {"variant": variant, "chunk": c, "repeats": n,
-                                                    "seed": job_seed(config["seed"], variant, c)}))
+            jobs.append(
+                Job(
+                    f"{variant}.{c:04d}",
+                    {
+                        "variant": variant,
+                        "chunk": c,
+                        "repeats": n,
+                        "seed": job_seed(config["seed"], variant, c),
+                    },
+                )
+            )
     return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
 
 
@@ -259,28 +361,47 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
     L = config["depth"]
     out: dict[str, Any] = {}
     for variant in config["variants"]:
-        recs = sorted((r for r in records.values() if r["spec"]["variant"] == variant),
-                      key=lambda r: r["spec"]["chunk"])
+        recs = sorted(
+            (r for r in records.values() if r["spec"]["variant"] == variant),
+            key=lambda r: r["spec"]["chunk"],
+        )
         n = sum(r["result"]["repeats"] for r in recs)
-        s1, s2, s4 = (np.sum([r["result"][k] for r in recs], axis=0)
-                      for k in ("sum_norm", "sum_sq", "sum_sq2"))
+        s1, s2, s4 = (
+            np.sum([r["result"][k] for r in recs], axis=0)
+            for k in ("sum_norm", "sum_sq", "sum_sq2")
+        )
         mean_sq = s2 / n
         se_sq = np.sqrt(np.maximum(s4 / n - mean_sq**2, 0) / max(n - 1, 1))
-        chunk_rates = [growth_rate(np.array(r["result"]["sum_sq"]) / r["result"]["repeats"], L)
-                       for r in recs]
+        chunk_rates = [
+            growth_rate(np.array(r["result"]["sum_sq"]) / r["result"]["repeats"], L) for r in recs
+        ]
         _, low, high, sd = t_interval(np.array(chunk_rates))
-        moments = [GSCMoments.from_dict(r["result"]["gsc_moments"]) for r in recs
-                   if r["result"].get("gsc_moments") is not None]
+        moments = [
+            GSCMoments.from_dict(r["result"]["gsc_moments"])
+            for r in recs
+            if r["result"].get("gsc_moments") is not None
+        ]
         v = parse_variant(variant)
         out[variant] = {
-            **v, "repeats": n, "init": ACTIVATIONS[v["act"]][2],
-            "rate": {"value": growth_rate(mean_sq, L), "ci95": [low, high], "chunk_std": sd,
-                     "chunks": len(recs)},
+            **v,
+            "repeats": n,
+            "init": ACTIVATIONS[v["act"]][2],
+            "rate": {
+                "value": growth_rate(mean_sq, L),
+                "ci95": [low, high],
+                "chunk_std": sd,
+                "chunks": len(recs),
+            },
             "r_s": R_S[v["act"]],
             "predicted": v["net"] == "plain" and v["bn"],
-            "mean_norm": (s1 / n).tolist(), "mean_sq": mean_sq.tolist(), "se_sq": se_sq.tolist(),
-            "gsc": (pooled_summary(moments, seed=job_seed(config["seed"], "bootstrap", variant))
-                    if moments else None),
+            "mean_norm": (s1 / n).tolist(),
+            "mean_sq": mean_sq.tolist(),
+            "se_sq": se_sq.tolist(),
+            "gsc": (
+                pooled_summary(moments, seed=job_seed(config["seed"], "bootstrap", variant))
+                if moments
+                else None
+            ),
         }
     return {"study": NAME, "config": config, "fit_layers": fit_layers(L), "variants": out}
 
@@ -295,8 +416,16 @@ def layers_csv(results: dict[str, Any]) -> str:
     for name, v in results["variants"].items():
         g = v["gsc"]
         for i, (m, q, e) in enumerate(zip(v["mean_norm"], v["mean_sq"], v["se_sq"])):
-            w.writerow([name, i + 1, num(m), num(q), num(e),
-                        *((num(g[k][i + 1]) for k in ("gsc", "gsc_lo", "gsc_hi")) if g else ("",) * 3)])
+            w.writerow(
+                [
+                    name,
+                    i + 1,
+                    num(m),
+                    num(q),
+                    num(e),
+                    *((num(g[k][i + 1]) for k in ("gsc", "gsc_lo", "gsc_hi")) if g else ("",) * 3),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -321,34 +450,59 @@ def plot(results: dict[str, Any], paths: list[Path]) -> None:
             if v["act"] != act:
                 continue
             style = "-" if v["bn"] else "--"
-            ax.plot(l, v["mean_norm"], style, color=_COLORS[v["net"]], marker=".", markersize=4,
-                    label=f"{name} (rate {fmt(v['rate']['value'])})")
+            ax.plot(
+                l,
+                v["mean_norm"],
+                style,
+                color=_COLORS[v["net"]],
+                marker=".",
+                markersize=4,
+                label=f"{name} (rate {fmt(v['rate']['value'])})",
+            )
             if v["predicted"]:
                 # r(s) is the growth of the squared norm: the norm grows by sqrt(r(s)) per layer.
                 anchor = np.sqrt(v["mean_sq"][fit[-1] - 1])
-                ax.plot(fit, anchor * np.sqrt(v["r_s"]) ** (fit[-1] - fit), ":", color="k",
-                        linewidth=1.2, label=f"r(s) = {v['r_s']:.3f} (prediction)")
+                ax.plot(
+                    fit,
+                    anchor * np.sqrt(v["r_s"]) ** (fit[-1] - fit),
+                    ":",
+                    color="k",
+                    linewidth=1.2,
+                    label=f"r(s) = {v['r_s']:.3f} (prediction)",
+                )
             if with_gsc and v["gsc"]:
                 lg = np.arange(cfg["depth"] + 1)
-                axes[1, j].fill_between(lg, v["gsc"]["gsc_lo"], v["gsc"]["gsc_hi"],
-                                        color=_COLORS[v["net"]], alpha=0.12, linewidth=0)
+                axes[1, j].fill_between(
+                    lg,
+                    v["gsc"]["gsc_lo"],
+                    v["gsc"]["gsc_hi"],
+                    color=_COLORS[v["net"]],
+                    alpha=0.12,
+                    linewidth=0,
+                )
                 axes[1, j].plot(lg, v["gsc"]["gsc"], style, color=_COLORS[v["net"]], label=name)
-        ax.set_title(f"{act}: mean ||dE/dW_l|| over {cfg['repeats']:,} repeats; r(s) = "
-                     f"{R_S[act]:.3f}", fontsize=10)
+        ax.set_title(
+            f"{act}: mean ||dE/dW_l|| over {cfg['repeats']:,} repeats; r(s) = {R_S[act]:.3f}",
+            fontsize=10,
+        )
         ax.set_xlabel("layer index l (input to output)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         if with_gsc:
-            axes[1, j].set_title(f"{act}: pooled GSC(l, 0), error <g, output> (band: 95% "
-                                 "bootstrap)", fontsize=9)
+            axes[1, j].set_title(
+                f"{act}: pooled GSC(l, 0), error <g, output> (band: 95% bootstrap)", fontsize=9
+            )
             axes[1, j].set_xlabel("compositional depth l (output to input)")
             axes[1, j].set_yscale("log")
             axes[1, j].grid(alpha=0.3)
             axes[1, j].legend(fontsize=7)
-    fig.suptitle(f"Forward/backward scaling: {cfg['depth']} weight layers x {cfg['width']}, batch "
-                 f"{cfg['batch']}, x ~ N(0, I), injected gradient ~ N(0, I/d) (solid: batch norm; "
-                 "dashed: none)", fontsize=10)
+    fig.suptitle(
+        f"Forward/backward scaling: {cfg['depth']} weight layers x {cfg['width']}, batch "
+        f"{cfg['batch']}, x ~ N(0, I), injected gradient ~ N(0, I/d) (solid: batch norm; "
+        "dashed: none)",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, paths)
 
@@ -357,11 +511,14 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
     cfg, t = results["config"], info["timings"]
     fl = results["fit_layers"]
     lines = [
-        "# Forward/backward scaling ('ghost' analysis)", "",
+        "# Forward/backward scaling ('ghost' analysis)",
+        "",
         f"gscfast {info['version']}: {len(cfg['variants'])} variants x {cfg['repeats']:,} repeats "
         f"(fresh network and data each); MLPs of {cfg['depth']} weight layers and width "
-        f"{cfg['width']}, batch {cfg['batch']}; seed {cfg['seed']}.", "",
-        "## Plain networks: measured rate beside r(s)", "",
+        f"{cfg['width']}, batch {cfg['batch']}; seed {cfg['seed']}.",
+        "",
+        "## Plain networks: measured rate beside r(s)",
+        "",
         "| variant | init | measured rate | 95% CI over chunks | r(s) | measured / r(s) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -369,19 +526,30 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         if v["net"] == "plain":
             r = v["rate"]
             mark = "" if v["predicted"] else " (no prediction: no batch norm)"
-            lines.append(f"| {name} | {v['init']} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
-                         f"{fmt(r['ci95'][1], 4)}] | {v['r_s']:.3f}{mark} | "
-                         f"{fmt(r['value'] / v['r_s'], 3) if v['predicted'] else 'n/a'} |")
-    lines += ["", "## All variants", "",
-              "| variant | measured rate | 95% CI | mean norm, layer 1 | layer L | "
-              f"GSC({cfg['depth']}, 0) (gscfast) |", "| --- | --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {name} | {v['init']} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
+                f"{fmt(r['ci95'][1], 4)}] | {v['r_s']:.3f}{mark} | "
+                f"{fmt(r['value'] / v['r_s'], 3) if v['predicted'] else 'n/a'} |"
+            )
+    lines += [
+        "",
+        "## All variants",
+        "",
+        "| variant | measured rate | 95% CI | mean norm, layer 1 | layer L | "
+        f"GSC({cfg['depth']}, 0) (gscfast) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, v in results["variants"].items():
         r, g = v["rate"], (v["gsc"] or {}).get("gsc")
-        lines.append(f"| {name} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
-                     f"{fmt(r['ci95'][1], 4)}] | {sci(v['mean_norm'][0])} | {sci(v['mean_norm'][-1])} "
-                     f"| {sci(g[-1] if g else None)} |")
+        lines.append(
+            f"| {name} | {fmt(r['value'], 4)} | [{fmt(r['ci95'][0], 4)}, "
+            f"{fmt(r['ci95'][1], 4)}] | {sci(v['mean_norm'][0])} | {sci(v['mean_norm'][-1])} "
+            f"| {sci(g[-1] if g else None)} |"
+        )
     lines += [
-        "", "## How the numbers are made", "",
+        "",
+        "## How the numbers are made",
+        "",
         f"- Networks (`gscfast.experiments.ghost.ghost_net`): layer 1 `linear -> [batch norm] -> "
         f"activation`; layers 2..{cfg['depth'] - 1} the same (plain) or basic blocks "
         "`act(x + scale * BN(W2 act(BN(W1 x))))` (res: scale 1; res-sqrt: 1/sqrt(number of "
@@ -412,21 +580,32 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         "bootstrap over the networks. gscfast ends a layer after each activation and after each residual block, "
         "so in a ResNet l counts blocks and the activations after them (as many layers as weight "
         f"layers, {cfg['depth']}).",
-        "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
-        "## Timings", "",
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(cfg, indent=2),
+        "```",
+        "",
+        "## Timings",
+        "",
         f"- This invocation: {t['computed']} jobs computed with engine `{info['engine']}` "
         f"({info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
         f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total; per repeat "
         f"{1e3 * t['job_seconds'] / max(1, cfg['repeats'] * len(cfg['variants'])):.1f} ms on "
         "average.",
-        "", f"Machine: {info['machine']}.", "",
-        "## Files", "",
+        "",
+        f"Machine: {info['machine']}.",
+        "",
+        "## Files",
+        "",
         "- `ghost.png`, `ghost.pdf`: mean weight-gradient norm per layer (top) and GSC (bottom).",
         "- `results.json`: every number (per variant: rate, interval, r(s), per-layer mean norm, "
         "mean squared norm and its standard error, pooled GSC with its band), the configuration and timings.",
         "- `layers.csv`: columns `variant, l, mean_norm, mean_sq, se_sq, gsc, gsc_lo, gsc_hi`.",
         "- `manifest.json`, `jobs/`: the run's identity and one record per (variant, chunk); "
-        "`gscfast ghost --out DIR --resume` with the same options continues or regenerates.", "",
+        "`gscfast ghost --out DIR --resume` with the same options continues or regenerates.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -436,10 +615,19 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     out = Path(out)
     results = aggregate(config, result.records)
     info = run_info(result, run_timings(result))
-    paths = {k: out / f for k, f in (("png", "ghost.png"), ("pdf", "ghost.pdf"),
-                                      ("json", "results.json"), ("csv", "layers.csv"),
-                                      ("summary", "summary.md"))}
-    write_json(paths["json"], {**results, "gscfast_version": info["version"], "timings": info["timings"]})
+    paths = {
+        k: out / f
+        for k, f in (
+            ("png", "ghost.png"),
+            ("pdf", "ghost.pdf"),
+            ("json", "results.json"),
+            ("csv", "layers.csv"),
+            ("summary", "summary.md"),
+        )
+    }
+    write_json(
+        paths["json"], {**results, "gscfast_version": info["version"], "timings": info["timings"]}
+    )
     atomic_write(paths["csv"], layers_csv(results))
     plot(results, [paths["png"], paths["pdf"]])
     atomic_write(paths["summary"], summary_md(results, info))
@@ -449,26 +637,41 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/ghost", help="results directory (default %(default)s)")
-    p.add_argument("--variants", nargs="+", default=["all"], metavar="VARIANT",
-                   help=f"NET-ACT or NET-ACT-bn, NET in {', '.join(NETS)}, ACT in "
-                        f"{', '.join(ACTIVATIONS)}; or groups {', '.join(GROUPS)} (default: all 18)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["all"],
+        metavar="VARIANT",
+        help=f"NET-ACT or NET-ACT-bn, NET in {', '.join(NETS)}, ACT in "
+        f"{', '.join(ACTIVATIONS)}; or groups {', '.join(GROUPS)} (default: all 18)",
+    )
     p.add_argument("--repeats", type=int, default=4096, help="networks per variant (default 4096)")
     p.add_argument("--chunk", type=int, default=256, help="repeats per job (default 256)")
     p.add_argument("--width", type=int, default=256, help="width d (default 256)")
     p.add_argument("--depth", type=int, default=20, help="weight layers (default 20)")
     p.add_argument("--batch", type=int, default=128, help="inputs per batch (default 128)")
-    p.add_argument("--no-gsc", action="store_true",
-                   help="skip gscfast's GSC of each chunk's first network")
+    p.add_argument(
+        "--no-gsc", action="store_true", help="skip gscfast's GSC of each chunk's first network"
+    )
     add_study_arguments(p, device="cpu", backend="the GSC")
     add_runner_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = make_config(variants=args.variants, repeats=args.repeats, chunk=args.chunk,
-                             width=args.width, depth=args.depth, batch=args.batch, seed=args.seed,
-                             gsc=not args.no_gsc, backend=args.backend, device=args.device,
-                             dtype=args.dtype)
+        config = make_config(
+            variants=args.variants,
+            repeats=args.repeats,
+            chunk=args.chunk,
+            width=args.width,
+            depth=args.depth,
+            batch=args.batch,
+            seed=args.seed,
+            gsc=not args.no_gsc,
+            backend=args.backend,
+            device=args.device,
+            dtype=args.dtype,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -479,8 +682,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"{'variant':<18} {'rate':>7}  95% CI             r(s)")
             for name, v in results["variants"].items():
                 r = v["rate"]
-                print(f"{name:<18} {fmt(r['value'], 4):>7}  [{fmt(r['ci95'][0], 4)}, "
-                      f"{fmt(r['ci95'][1], 4)}]  {v['r_s']:.3f}{'' if v['predicted'] else ' (n/a)'}")
+                print(
+                    f"{name:<18} {fmt(r['value'], 4):>7}  [{fmt(r['ci95'][0], 4)}, "
+                    f"{fmt(r['ci95'][1], 4)}]  {v['r_s']:.3f}{'' if v['predicted'] else ' (n/a)'}"
+                )
         return paths
 
     return run_command(make_study(config), args, write)

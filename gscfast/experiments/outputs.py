@@ -1,37 +1,76 @@
 """What every study shares around the runner: devices, strict JSON, CSV numbers, figures written
 atomically, the machine line of a summary, and the tail of a study's command (run, report an
 interrupted or partial run, write the outputs)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import platform
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..io import atomic_write, pyplot, save_figure  # noqa: F401  (re-exported for the studies)
-from .runner import ResultsDirError, RunResult, Study, UsageError, check_out_dir, check_run_options, run
+from ..io import atomic_write, pyplot, save_figure
+from .runner import (
+    ResultsDirError,
+    RunResult,
+    Study,
+    UsageError,
+    check_out_dir,
+    check_run_options,
+    run,
+)
 
-__all__ = ["resolve_device", "resolve_dtype", "json_safe", "write_json", "num", "fmt", "sci",
-           "pyplot", "save_figure", "machine", "run_command", "mean_or_none", "t_interval",
-           "expand_names", "add_study_arguments", "run_timings", "run_info", "check_number",
-           "check_numbers", "check_device", "check_command"]
+__all__ = [
+    "add_study_arguments",
+    "check_command",
+    "check_device",
+    "check_number",
+    "check_numbers",
+    "expand_names",
+    "fmt",
+    "json_safe",
+    "machine",
+    "mean_or_none",
+    "num",
+    "pyplot",
+    "resolve_device",
+    "resolve_dtype",
+    "run_command",
+    "run_info",
+    "run_timings",
+    "save_figure",
+    "sci",
+    "t_interval",
+    "write_json",
+]
 
 
-def add_study_arguments(p: argparse.ArgumentParser, *, device: str = "auto",
-                        dtype: str | None = "float32", backend: str | None = "the measurements") -> None:
+def add_study_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    device: str = "auto",
+    dtype: str | None = "float32",
+    backend: str | None = "the measurements",
+) -> None:
     """``--seed``, ``--device`` and, unless None, ``--dtype`` (default ``dtype``) and
     ``--backend`` (help: what the backend computes)."""
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     if backend is not None:
-        p.add_argument("--backend", default="auto", help=f"gscfast backend for {backend} (default auto)")
-    p.add_argument("--device", default=device,
-                   help=f"auto (cuda if available; then --engine ray gives each job one GPU), cpu, "
-                        f"cuda, cuda:1, ... (default {device})")
+        p.add_argument(
+            "--backend", default="auto", help=f"gscfast backend for {backend} (default auto)"
+        )
+    p.add_argument(
+        "--device",
+        default=device,
+        help=f"auto (cuda if available; then --engine ray gives each job one GPU), cpu, "
+        f"cuda, cuda:1, ... (default {device})",
+    )
     if dtype is not None:
         p.add_argument("--dtype", choices=("float32", "float64"), default=dtype)
 
@@ -50,15 +89,18 @@ def check_device(name: str, *, here: bool = True) -> torch.device:
     try:
         device = resolve_device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "meta":
         raise UsageError("--device meta holds no data; use auto, cpu, cuda or cuda:N")
     if here:
         try:
             torch.empty(0, device=device)
         except Exception as e:  # AssertionError (no CUDA build), RuntimeError (no such GPU), ...
-            raise UsageError(f"--device {name} is not available here "
-                             f"({str(e).splitlines()[0][:120]})") from None
+            raise UsageError(
+                f"--device {name} is not available here ({str(e).splitlines()[0][:120]})"
+            ) from None
     return device
 
 
@@ -68,8 +110,14 @@ def check_command(args: argparse.Namespace, out: str | Path | None = None) -> No
     CPUs, job limit, device, backend) and an ``out`` (default ``args.out``) that cannot be created
     or written. Writes nothing: call it before any work, so that a corrected command is never
     refused as another run."""
-    check_run_options(engine=args.engine, address=args.address, num_cpus=args.num_cpus,
-                      threads=args.threads, max_jobs=args.max_jobs, cli=True)
+    check_run_options(
+        engine=args.engine,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        threads=args.threads,
+        max_jobs=args.max_jobs,
+        cli=True,
+    )
     here = args.engine == "local"  # with Ray, the jobs' machines may have other devices
     device = check_device(args.device, here=here) if hasattr(args, "device") else None
     backend = getattr(args, "backend", "auto")
@@ -77,7 +125,9 @@ def check_command(args: argparse.Namespace, out: str | Path | None = None) -> No
         from ..backends import BACKENDS, get_backend
 
         if backend not in BACKENDS:
-            raise UsageError(f"--backend {backend!r} is unknown; choose auto or one of {', '.join(BACKENDS)}")
+            raise UsageError(
+                f"--backend {backend!r} is unknown; choose auto or one of {', '.join(BACKENDS)}"
+            )
         if here and device is not None:
             try:
                 get_backend(backend, device)
@@ -97,8 +147,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def expand_names(words: Iterable[str], groups: dict[str, list[str]], check: Callable[[str], Any],
-                 what: str = "architectures") -> list[str]:
+def expand_names(
+    words: Iterable[str],
+    groups: dict[str, list[str]],
+    check: Callable[[str], Any],
+    what: str = "architectures",
+) -> list[str]:
     """Command-line words (names or group names) -> names, in order, without repeats; ``check``
     raises ``ValueError`` on an unknown name."""
     names: list[str] = []
@@ -112,8 +166,9 @@ def expand_names(words: Iterable[str], groups: dict[str, list[str]], check: Call
     return names
 
 
-def check_number(value: Any, what: str, *, finite: bool = True, none: bool = False,
-                 integer: bool = False) -> None:
+def check_number(
+    value: Any, what: str, *, finite: bool = True, none: bool = False, integer: bool = False
+) -> None:
     """Raise ``ValueError`` naming ``what`` unless ``value`` is a number as a job wrote it: an
     ``int`` or ``float`` but never a ``bool`` (``isinstance(True, int)`` is True, and JSON's
     ``true`` must not pass for 1), an ``int`` if ``integer``, NaN or infinite only if not
@@ -128,8 +183,9 @@ def check_number(value: Any, what: str, *, finite: bool = True, none: bool = Fal
         raise ValueError(f"{what} is not finite (got {value!r})")
 
 
-def check_numbers(value: Any, what: str, length: int | None = None, *, finite: bool = True,
-                  none: bool = False) -> None:
+def check_numbers(
+    value: Any, what: str, length: int | None = None, *, finite: bool = True, none: bool = False
+) -> None:
     """Raise ``ValueError`` naming ``what`` unless ``value`` is a list (of ``length`` items, if
     given) of numbers as ``check_number`` accepts them."""
     if not isinstance(value, list) or (length is not None and len(value) != length):
@@ -179,6 +235,7 @@ def mean_or_none(values: Iterable[float | None]) -> float | None:
     v = [t for t in values if t is not None]
     return sum(v) / len(v) if v else None
 
+
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
     """``(mean, low, high, sample std)``: Student-t confidence interval for the mean of the finite
     values (NaN bounds with fewer than two)."""
@@ -198,8 +255,10 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
 
 def machine() -> str:
     """One line naming the machine, for summaries."""
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def run_timings(result: RunResult) -> dict[str, Any]:
@@ -207,11 +266,14 @@ def run_timings(result: RunResult) -> dict[str, Any]:
     its wall time, the job time of all records, and the devices and CPU thread counts they name
     (more than one of either: the run was resumed elsewhere)."""
     recs = result.records.values()
-    return {"jobs": len(result.records), "computed": result.computed,
-            "wall_seconds": result.wall_seconds,
-            "job_seconds": float(sum(r["seconds"] for r in recs)),
-            "devices": sorted({str(r["result"]["device"]) for r in recs if "device" in r["result"]}),
-            "threads": sorted({r["threads"] for r in recs})}
+    return {
+        "jobs": len(result.records),
+        "computed": result.computed,
+        "wall_seconds": result.wall_seconds,
+        "job_seconds": float(sum(r["seconds"] for r in recs)),
+        "devices": sorted({str(r["result"]["device"]) for r in recs if "device" in r["result"]}),
+        "threads": sorted({r["threads"] for r in recs}),
+    }
 
 
 def run_info(result: RunResult, timings: dict[str, Any]) -> dict[str, Any]:
@@ -219,28 +281,49 @@ def run_info(result: RunResult, timings: dict[str, Any]) -> dict[str, Any]:
     and the machine."""
     from .. import __version__
 
-    return {"version": __version__, "engine": result.engine, "threads": result.threads,
-            "timings": timings, "machine": machine()}
+    return {
+        "version": __version__,
+        "engine": result.engine,
+        "threads": result.threads,
+        "timings": timings,
+        "machine": machine(),
+    }
 
 
-def run_command(study: Study, args: argparse.Namespace,
-                write: Callable[[RunResult], dict[str, Path]], out: str | Path | None = None) -> int:
+def run_command(
+    study: Study,
+    args: argparse.Namespace,
+    write: Callable[[RunResult], dict[str, Path]],
+    out: str | Path | None = None,
+) -> int:
     """Run ``study`` with the shared runner options of ``args`` (``add_runner_arguments``) into
     ``out`` (default ``args.out``); on a complete run call ``write(result)`` and list the files it
     wrote. Returns the command's exit status (130 when interrupted: finished jobs are kept)."""
     out = Path(args.out if out is None else out)
     check_command(args, out)
     try:
-        result = run(study, out, resume=args.resume, engine=args.engine, address=args.address,
-                     num_cpus=args.num_cpus, threads=args.threads, quiet=args.quiet,
-                     max_jobs=args.max_jobs)
+        result = run(
+            study,
+            out,
+            resume=args.resume,
+            engine=args.engine,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            threads=args.threads,
+            quiet=args.quiet,
+            max_jobs=args.max_jobs,
+        )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished jobs are saved in {out}; continue with the same command "
-              "and --resume")
+        print(
+            f"\ninterrupted: finished jobs are saved in {out}; continue with the same command "
+            "and --resume"
+        )
         return 130
     if not result.complete:
-        print(f"stopped after {result.computed} new jobs ({len(result.records)} of "
-              f"{len(study.jobs)} done); continue with the same command and --resume")
+        print(
+            f"stopped after {result.computed} new jobs ({len(result.records)} of "
+            f"{len(study.jobs)} done); continue with the same command and --resume"
+        )
         return 0
     paths = write(result)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -33,6 +33,7 @@ Guarantees:
 - Seeds: ``job_seed`` derives a job's seeds from the run's seed and the job's identity with a
   stable hash, so numbers do not depend on job order, engine or resume.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,18 +42,32 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from ..io import atomic_write
 
-__all__ = ["Job", "Study", "RunResult", "ResultsDirError", "EngineError", "UsageError", "run", "job_seed",
-           "atomic_write", "add_runner_arguments", "check_run_options", "check_out_dir", "ENGINES",
-           "FORMAT"]
+__all__ = [
+    "ENGINES",
+    "FORMAT",
+    "EngineError",
+    "Job",
+    "ResultsDirError",
+    "RunResult",
+    "Study",
+    "UsageError",
+    "add_runner_arguments",
+    "atomic_write",
+    "check_out_dir",
+    "check_run_options",
+    "job_seed",
+    "run",
+]
 
 FORMAT = "gscfast-results/1"
 ENGINES = ("local", "ray")
@@ -159,8 +174,13 @@ def _gscfast_version() -> str:
 
 
 def _manifest(study: Study) -> dict[str, Any]:
-    return {"format": FORMAT, "study": study.name, "gscfast_version": _gscfast_version(),
-            "config": _canonical(study.config), "jobs": len(study.jobs)}
+    return {
+        "format": FORMAT,
+        "study": study.name,
+        "gscfast_version": _gscfast_version(),
+        "config": _canonical(study.config),
+        "jobs": len(study.jobs),
+    }
 
 
 def _fingerprint(manifest: dict[str, Any]) -> str:
@@ -177,7 +197,9 @@ def _describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     if isinstance(fc, dict):
         for key in sorted(set(fc) | set(wc)):
             if fc.get(key, "<absent>") != wc.get(key, "<absent>"):
-                diffs.append(f"{key} {fc.get(key, '<absent>')!r} there, {wc.get(key, '<absent>')!r} here")
+                diffs.append(
+                    f"{key} {fc.get(key, '<absent>')!r} there, {wc.get(key, '<absent>')!r} here"
+                )
     elif fc != wc:
         diffs.append("config is not a mapping there")
     if not diffs and found != wanted:
@@ -213,7 +235,8 @@ def _prepare(study: Study, out: Path, resume: bool) -> tuple[dict[str, Any], boo
     if not fresh and not resume:
         raise ResultsDirError(
             f"{out} is not empty; pass --resume to continue the run stored there (same study and "
-            f"options), or choose another --out")
+            f"options), or choose another --out"
+        )
     if fresh:
         try:
             (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -227,7 +250,8 @@ def _prepare(study: Study, out: Path, resume: bool) -> tuple[dict[str, Any], boo
     if not path.is_file():
         raise ResultsDirError(
             f"{out} has no manifest.json, so it is not a gscfast results directory; refusing to "
-            f"write into it (found: {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})")
+            f"write into it (found: {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})"
+        )
     try:
         found = json.loads(path.read_text())
         if not isinstance(found, dict):
@@ -237,7 +261,8 @@ def _prepare(study: Study, out: Path, resume: bool) -> tuple[dict[str, Any], boo
     if found != wanted:
         raise ResultsDirError(
             f"{out} holds a different run ({_describe_difference(found, wanted)}); use the same "
-            f"options to resume it, or choose another --out")
+            f"options to resume it, or choose another --out"
+        )
     (out / "jobs").mkdir(exist_ok=True)
     return wanted, False
 
@@ -268,21 +293,26 @@ def check_out_dir(out: str | Path) -> None:
         raise ResultsDirError(f"{out} cannot be created: {existing} is not a directory")
     why = _writable(existing)
     if why is not None:
-        raise ResultsDirError(f"{out} cannot be written: no file can be created in {existing} ({why})"
-                              if existing == out else
-                              f"{out} cannot be created: no folder can be created in {existing} ({why})")
+        raise ResultsDirError(
+            f"{out} cannot be written: no file can be created in {existing} ({why})"
+            if existing == out
+            else f"{out} cannot be created: no folder can be created in {existing} ({why})"
+        )
     jobs = out / "jobs"
     if existing == out and (jobs.exists() or jobs.is_symlink()):
         if not jobs.is_dir():
             raise ResultsDirError(f"{jobs} is not a directory (the jobs' records go there)")
         why = _writable(jobs)
         if why is not None:
-            raise ResultsDirError(f"{out} cannot be written: no file can be created in {jobs} ({why}), "
-                                  f"where each finished job's record goes")
+            raise ResultsDirError(
+                f"{out} cannot be written: no file can be created in {jobs} ({why}), "
+                f"where each finished job's record goes"
+            )
 
 
-def _load_records(study: Study, out: Path, fingerprint: str,
-                  clean: bool = False) -> dict[str, dict[str, Any]]:
+def _load_records(
+    study: Study, out: Path, fingerprint: str, clean: bool = False
+) -> dict[str, dict[str, Any]]:
     """Every finished job's record in ``out/jobs``, validated; refuses anything it cannot vouch for.
     ``clean`` (only under the directory's lock) removes temp files of interrupted writes."""
     specs = {j.key: _canonical(j.spec) for j in study.jobs}
@@ -295,7 +325,8 @@ def _load_records(study: Study, out: Path, fingerprint: str,
         key = path.name[:-5] if path.name.endswith(".json") else None
         if key not in specs:
             raise ResultsDirError(
-                f"{path} is not a job of this run; refusing to mix it in (remove it if it is stray)")
+                f"{path} is not a job of this run; refusing to mix it in (remove it if it is stray)"
+            )
         try:
             rec = json.loads(path.read_text())
             if not isinstance(rec, dict):
@@ -304,7 +335,9 @@ def _load_records(study: Study, out: Path, fingerprint: str,
                 raise ValueError("it belongs to another run")
             if rec.get("key") != key or rec.get("spec") != specs[key]:
                 raise ValueError("its job does not match its file name")
-            if not isinstance(rec.get("result"), dict) or not isinstance(rec.get("seconds"), (int, float)):
+            if not isinstance(rec.get("result"), dict) or not isinstance(
+                rec.get("seconds"), (int, float)
+            ):
                 raise ValueError("missing result or seconds")
             if study.check is not None:
                 study.check(study.config, rec["spec"], rec["result"])
@@ -312,7 +345,8 @@ def _load_records(study: Study, out: Path, fingerprint: str,
             raise ResultsDirError(f"{path} cannot be used: {e}") from e
         except (ValueError, UnicodeDecodeError, TypeError, KeyError) as e:
             raise ResultsDirError(
-                f"{path} is corrupted ({e}); delete it to recompute that job, then --resume") from e
+                f"{path} is corrupted ({e}); delete it to recompute that job, then --resume"
+            ) from e
         found[key] = rec
     return {j.key: found[j.key] for j in study.jobs if j.key in found}
 
@@ -337,7 +371,9 @@ def thread_limit(threads: int) -> Iterator[None]:
             numba.set_num_threads(old_nb)
 
 
-def _execute(fn: Callable[[dict, dict], dict], config: dict, spec: dict, threads: int) -> tuple[dict, float]:
+def _execute(
+    fn: Callable[[dict, dict], dict], config: dict, spec: dict, threads: int
+) -> tuple[dict, float]:
     """One job with ``threads`` CPU threads: ``(result, seconds)``. Also what Ray tasks run."""
     with thread_limit(threads):
         t0 = time.perf_counter()
@@ -345,7 +381,9 @@ def _execute(fn: Callable[[dict, dict], dict], config: dict, spec: dict, threads
         return result, time.perf_counter() - t0
 
 
-def _local(study: Study, todo: list[Job], threads: int, **_: Any) -> Iterator[tuple[Job, tuple[dict, float]]]:
+def _local(
+    study: Study, todo: list[Job], threads: int, **_: Any
+) -> Iterator[tuple[Job, tuple[dict, float]]]:
     for job in todo:
         yield job, _execute(study.fn, study.config, job.spec, threads)
 
@@ -356,12 +394,18 @@ def _import_ray():
     except ImportError as e:
         raise EngineError(
             "--engine ray needs Ray, which is not installed here: pip install 'gscfast[ray]' "
-            "(or pip install 'ray>=2.9'), or use --engine local") from e
+            "(or pip install 'ray>=2.9'), or use --engine local"
+        ) from e
     return ray
 
 
-def _ray(study: Study, todo: list[Job], threads: int, address: str | None = None,
-         num_cpus: int | None = None) -> Iterator[tuple[Job, tuple[dict, float]]]:
+def _ray(
+    study: Study,
+    todo: list[Job],
+    threads: int,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> Iterator[tuple[Job, tuple[dict, float]]]:
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
@@ -424,8 +468,9 @@ def run(
         ResultsDirError: ``out`` cannot be used (see the module docstring).
         EngineError: the engine cannot run here.
     """
-    check_run_options(engine=engine, address=address, num_cpus=num_cpus, threads=threads,
-                      max_jobs=max_jobs)
+    check_run_options(
+        engine=engine, address=address, num_cpus=num_cpus, threads=threads, max_jobs=max_jobs
+    )
     if engine == "ray":
         _import_ray()  # fail before touching the directory
     threads = threads or torch.get_num_threads()
@@ -438,16 +483,33 @@ def run(
         _load_records(study, out, fingerprint)  # refuse a spoiled directory before taking it
         with _lock(out):
             records = _load_records(study, out, fingerprint, clean=True)
-            computed = _run_jobs(study, out, records, fingerprint, engine, threads, address,
-                                 num_cpus, quiet, max_jobs)
+            computed = _run_jobs(
+                study,
+                out,
+                records,
+                fingerprint,
+                engine,
+                threads,
+                address,
+                num_cpus,
+                quiet,
+                max_jobs,
+            )
             # Always hand back what is on disk, so resumed and uninterrupted runs give the same numbers.
             records = _load_records(study, out, fingerprint)
     except BaseException:
         if fresh:
             _unstart(out, created)
         raise
-    return RunResult(records, len(records) == len(study.jobs), computed,
-                     time.perf_counter() - t0, engine, threads, manifest)
+    return RunResult(
+        records,
+        len(records) == len(study.jobs),
+        computed,
+        time.perf_counter() - t0,
+        engine,
+        threads,
+        manifest,
+    )
 
 
 def _unstart(out: Path, created: bool) -> None:
@@ -468,32 +530,49 @@ def _unstart(out: Path, created: bool) -> None:
         pass
 
 
-def check_run_options(*, engine: str = "local", address: str | None = None,
-                      num_cpus: int | None = None, threads: int | None = None,
-                      max_jobs: int | None = None, cli: bool = False) -> None:
+def check_run_options(
+    *,
+    engine: str = "local",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    threads: int | None = None,
+    max_jobs: int | None = None,
+    cli: bool = False,
+) -> None:
     """Raise ``UsageError`` naming the option unless ``run``'s options are valid: a known engine,
     ``threads`` and ``num_cpus`` positive integers, ``max_jobs`` an integer >= 0, ``address`` and
     ``num_cpus`` only for the Ray engine and not together. ``cli``: name them as the command-line
     options (``--num-cpus``) rather than as ``run``'s arguments."""
+
     def name(k: str) -> str:
         return "--" + k.replace("_", "-") if cli else k
 
     if engine not in _ENGINES:
         raise UsageError(f"{name('engine')} must be one of {', '.join(ENGINES)}, got {engine!r}")
-    for k, v, least in (("threads", threads, 1), ("num_cpus", num_cpus, 1), ("max_jobs", max_jobs, 0)):
+    for k, v, least in (
+        ("threads", threads, 1),
+        ("num_cpus", num_cpus, 1),
+        ("max_jobs", max_jobs, 0),
+    ):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
             raise UsageError(f"{name(k)} must be an integer >= {least}, got {v!r}")
-    if address is not None and (not isinstance(address, str) or not address.strip()
-                                or any(c.isspace() for c in address)):
-        raise UsageError(f"{name('address')} must be a Ray cluster address (e.g. auto, "
-                         f"ray://host:10001 or host:6379), got {address!r}")
+    if address is not None and (
+        not isinstance(address, str) or not address.strip() or any(c.isspace() for c in address)
+    ):
+        raise UsageError(
+            f"{name('address')} must be a Ray cluster address (e.g. auto, "
+            f"ray://host:10001 or host:6379), got {address!r}"
+        )
     for k, v in (("address", address), ("num_cpus", num_cpus)):
         if v is not None and engine != "ray":
-            raise UsageError(f"{name(k)} applies to the Ray engine only ({name('engine')} ray), "
-                             f"not to {engine}")
+            raise UsageError(
+                f"{name(k)} applies to the Ray engine only ({name('engine')} ray), not to {engine}"
+            )
     if address is not None and num_cpus is not None:
-        raise UsageError(f"{name('num_cpus')} sizes a local Ray instance; with {name('address')} "
-                         f"the cluster's CPUs are used")
+        raise UsageError(
+            f"{name('num_cpus')} sizes a local Ray instance; with {name('address')} "
+            f"the cluster's CPUs are used"
+        )
 
 
 @contextmanager
@@ -510,8 +589,10 @@ def _lock(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            raise ResultsDirError(f"{out} is in use by another gscfast process "
-                                  f"(pid {f.read().strip() or '?'}); wait for it to finish") from None
+            raise ResultsDirError(
+                f"{out} is in use by another gscfast process "
+                f"(pid {f.read().strip() or '?'}); wait for it to finish"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -523,19 +604,38 @@ def _lock(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_jobs(study: Study, out: Path, records: dict, fingerprint: str, engine: str, threads: int,
-              address: str | None, num_cpus: int | None, quiet: bool, max_jobs: int | None) -> int:
+def _run_jobs(
+    study: Study,
+    out: Path,
+    records: dict,
+    fingerprint: str,
+    engine: str,
+    threads: int,
+    address: str | None,
+    num_cpus: int | None,
+    quiet: bool,
+    max_jobs: int | None,
+) -> int:
     """Compute the unfinished jobs, writing each record as it completes; returns how many."""
     todo = [j for j in study.jobs if j.key not in records]
     if max_jobs is not None:
-        todo = todo[:max(0, max_jobs)]
+        todo = todo[: max(0, max_jobs)]
     computed = 0
     bar = _progress(len(study.jobs), len(records), study.name, quiet)
     try:
-        for job, (result, seconds) in _ENGINES[engine](study, todo, threads, address=address,
-                                                       num_cpus=num_cpus):
-            rec = {"format": FORMAT, "run": fingerprint, "key": job.key, "spec": _canonical(job.spec),
-                   "result": result, "seconds": seconds, "threads": threads, "engine": engine}
+        for job, (result, seconds) in _ENGINES[engine](
+            study, todo, threads, address=address, num_cpus=num_cpus
+        ):
+            rec = {
+                "format": FORMAT,
+                "run": fingerprint,
+                "key": job.key,
+                "spec": _canonical(job.spec),
+                "result": result,
+                "seconds": seconds,
+                "threads": threads,
+                "engine": engine,
+            }
             path = out / "jobs" / f"{job.key}.json"
             try:
                 atomic_write(path, json.dumps(rec) + "\n")
@@ -543,7 +643,8 @@ def _run_jobs(study: Study, out: Path, records: dict, fingerprint: str, engine: 
                 raise ResultsDirError(
                     f"the record of job {job.key} could not be written to {path} ({e.strerror or e}), "
                     f"so its result is lost; make {out / 'jobs'} writable (or free space), then run "
-                    f"the same command with --resume") from e
+                    f"the same command with --resume"
+                ) from e
             computed += 1
             if bar is not None:
                 bar.set_postfix_str(job.key, refresh=False)
@@ -560,28 +661,60 @@ def _progress(total: int, done: int, name: str, quiet: bool):
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        print(f"{name}: {done}/{total} jobs done (pip install tqdm for a progress bar)", file=sys.stderr)
+        print(
+            f"{name}: {done}/{total} jobs done (pip install tqdm for a progress bar)",
+            file=sys.stderr,
+        )
         return None
-    return tqdm(total=total, initial=done, desc=name, unit="job", dynamic_ncols=True,
-                smoothing=0.1, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=name,
+        unit="job",
+        dynamic_ncols=True,
+        smoothing=0.1,
+        file=sys.stderr,
+    )
 
 
 def add_runner_arguments(parser) -> None:
     """The options every study's command shares (``--out`` is the study's own)."""
     g = parser.add_argument_group("running")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run stored in --out (same study and options); a complete run "
-                        "only regenerates the outputs. Without it a non-empty --out is refused")
-    g.add_argument("--engine", choices=ENGINES, default="local",
-                   help="local: jobs one after another in this process; ray: jobs as Ray tasks "
-                        "(pip install 'gscfast[ray]'), one GPU per task when there are GPUs")
-    g.add_argument("--address", default=None,
-                   help="address of an existing Ray cluster (--engine ray); default: a local instance")
-    g.add_argument("--num-cpus", type=int, default=None,
-                   help="CPUs of the local Ray instance (--engine ray without --address; default: all)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per job (default: torch's, here %d); numbers are reproducible "
-                        "bit for bit for equal --threads" % torch.get_num_threads())
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run stored in --out (same study and options); a complete run "
+        "only regenerates the outputs. Without it a non-empty --out is refused",
+    )
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: jobs one after another in this process; ray: jobs as Ray tasks "
+        "(pip install 'gscfast[ray]'), one GPU per task when there are GPUs",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="address of an existing Ray cluster (--engine ray); default: a local instance",
+    )
+    g.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray instance (--engine ray without --address; default: all)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"CPU threads per job (default: torch's, here {torch.get_num_threads()}); numbers "
+        "are reproducible bit for bit for equal --threads",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--max-jobs", type=int, default=None,
-                   help="compute at most N jobs, then stop (continue with --resume)")
+    g.add_argument(
+        "--max-jobs",
+        type=int,
+        default=None,
+        help="compute at most N jobs, then stop (continue with --resume)",
+    )

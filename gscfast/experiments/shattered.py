@@ -34,6 +34,7 @@ this project's shared 2-core CPU (4.6 minutes with --looks-linear); building the
 costs about as much as their gradients. The three preresnet nets (6 + 24 + 48 one-layer blocks)
 add about the cost of 1.6 resnet-50s; the current default has not been timed at full scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,18 +50,51 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import CReLU, Residual, init_weight, freeze_batchnorm, mlp
-from .outputs import check_numbers
-from .outputs import (add_study_arguments, expand_names, fmt, num, pyplot, resolve_device, resolve_dtype,
-                      run_command, run_info, run_timings, save_figure, sci, write_json)
+from ..nn import CReLU, Residual, freeze_batchnorm, init_weight, mlp
+from .outputs import (
+    add_study_arguments,
+    check_numbers,
+    expand_names,
+    fmt,
+    num,
+    pyplot,
+    resolve_device,
+    resolve_dtype,
+    run_command,
+    run_info,
+    run_timings,
+    save_figure,
+    sci,
+    write_json,
+)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
 
-__all__ = ["KINDS", "DEFAULT_ARCHS", "parse_arch", "expand_archs", "predicted_correlation",
-           "theorem3_variance", "theorem3_correlation", "wide_relu_correlation",
-           "make_model", "gradient_method", "input_gradients", "grid",
-           "autocorrelation", "correlation_matrix", "make_config", "make_study", "run_job",
-           "check_result", "aggregate", "write_outputs", "summary_md", "table", "add_arguments",
-           "main"]
+__all__ = [
+    "DEFAULT_ARCHS",
+    "KINDS",
+    "add_arguments",
+    "aggregate",
+    "autocorrelation",
+    "check_result",
+    "correlation_matrix",
+    "expand_archs",
+    "gradient_method",
+    "grid",
+    "input_gradients",
+    "main",
+    "make_config",
+    "make_model",
+    "make_study",
+    "parse_arch",
+    "predicted_correlation",
+    "run_job",
+    "summary_md",
+    "table",
+    "theorem3_correlation",
+    "theorem3_variance",
+    "wide_relu_correlation",
+    "write_outputs",
+]
 
 NAME = "shattered"
 HELP = "shattered gradients (Balduzzi et al. 2017): gradient autocorrelation and R(i, j) at init"
@@ -69,8 +103,17 @@ KINDS = ("ReLU", "batch-ReLU", "resnet", "preresnet", "ll-ReLU")
 # The paper's feedforward depths 1, 24, 50 and its 50-layer resnet, plus the batch-norm
 # feedforward nets that the paper's networks are compared with "despite batch normalization", and
 # nets of 6, 24 and 48 of Theorem 3's residual modules (24: resnet-50's number of blocks).
-DEFAULT_ARCHS = ["ReLU-1", "ReLU-24", "ReLU-50", "batch-ReLU-24", "batch-ReLU-50", "resnet-50",
-                 "preresnet-8", "preresnet-26", "preresnet-50"]
+DEFAULT_ARCHS = [
+    "ReLU-1",
+    "ReLU-24",
+    "ReLU-50",
+    "batch-ReLU-24",
+    "batch-ReLU-50",
+    "resnet-50",
+    "preresnet-8",
+    "preresnet-26",
+    "preresnet-50",
+]
 BIAS_STD = 0.3
 BETA = 1.0
 _ARCH = re.compile(r"(ReLU|batch-ReLU|preresnet|resnet|ll-ReLU)-([0-9]+)")
@@ -78,9 +121,9 @@ _KIND_TEXT = {
     "ReLU": "feedforward: L x (Linear -> ReLU), then Linear(width, 1)",
     "batch-ReLU": "feedforward: L x (Linear -> BatchNorm1d -> ReLU), then Linear(width, 1)",
     "resnet": "Linear(1, width), (L-2)/2 blocks x + beta [Linear -> BN -> ReLU -> Linear -> BN -> ReLU](x), "
-              "Linear(width, 1)",
+    "Linear(width, 1)",
     "preresnet": "Theorem 3's module: Linear(1, width), L-2 blocks x + beta Linear(ReLU(BN(x))), "
-                 "Linear(width, 1)",
+    "Linear(width, 1)",
     "ll-ReLU": "looks-linear: L x (Linear -> CReLU) with mirrored weights [W0, -W0], then Linear(2 width, 1)",
 }
 
@@ -94,18 +137,24 @@ def parse_arch(name: str) -> dict[str, Any]:
     layers; residual blocks for resnets)."""
     m = _ARCH.fullmatch(name)
     if m is None:
-        raise ValueError(f"unknown architecture {name!r}: use ReLU-L, batch-ReLU-L, resnet-L, "
-                         f"preresnet-L or ll-ReLU-L with a depth L (e.g. ReLU-24, resnet-50)")
+        raise ValueError(
+            f"unknown architecture {name!r}: use ReLU-L, batch-ReLU-L, resnet-L, "
+            f"preresnet-L or ll-ReLU-L with a depth L (e.g. ReLU-24, resnet-50)"
+        )
     kind, depth = m.group(1), int(m.group(2))
     if kind == "resnet":
         if depth < 4 or depth % 2:
-            raise ValueError(f"{name}: a resnet-L has a stem, (L-2)/2 two-layer blocks and a head, "
-                             f"so L must be even and at least 4")
+            raise ValueError(
+                f"{name}: a resnet-L has a stem, (L-2)/2 two-layer blocks and a head, "
+                f"so L must be even and at least 4"
+            )
         return {"kind": kind, "depth": depth, "theory_L": (depth - 2) // 2}
     if kind == "preresnet":
         if depth < 3:
-            raise ValueError(f"{name}: a preresnet-L has a stem, L-2 one-layer blocks and a head, "
-                             f"so L must be at least 3")
+            raise ValueError(
+                f"{name}: a preresnet-L has a stem, L-2 one-layer blocks and a head, "
+                f"so L must be at least 3"
+            )
         return {"kind": kind, "depth": depth, "theory_L": depth - 2}
     if depth < 1:
         raise ValueError(f"{name}: the depth must be at least 1")
@@ -127,7 +176,7 @@ def theorem3_variance(blocks: int, beta: float = BETA) -> float:
     """Theorem 3(a) of Balduzzi et al.: the gradient variance ``beta^2 (L - 1) + 1`` of a resnet
     with batch norm and beta-rescaling, here with ``L - 1 = blocks`` (a net without blocks has
     variance 1)."""
-    return 1.0 + blocks * beta ** 2
+    return 1.0 + blocks * beta**2
 
 
 def theorem3_correlation(blocks: int, beta: float = BETA) -> float:
@@ -141,7 +190,7 @@ def theorem3_correlation(blocks: int, beta: float = BETA) -> float:
     Theorem 3(a), ``theorem3_variance``; the covariance grows like ``beta sqrt(blocks)`` (3b)."""
     cov = 1.0
     for k in range(blocks):
-        cov *= 1.0 + beta ** 2 / (2.0 * (1.0 + k * beta ** 2))
+        cov *= 1.0 + beta**2 / (2.0 * (1.0 + k * beta**2))
     return cov / theorem3_variance(blocks, beta)
 
 
@@ -173,16 +222,20 @@ def _relu_output_kernel(a: np.ndarray, b: np.ndarray, depth: int, bias_std: floa
     wide ``ReLU-depth`` net as ``make_model`` draws it (first-layer weight variance 2, He 2/fan_in
     after it, biases N(0, bias_std^2)), up to the output layer's scale and bias (which do not
     change a correlation)."""
-    sb2 = bias_std ** 2
+    sb2 = bias_std**2
     kaa, kab, kbb = 2.0 * a * a + sb2, 2.0 * a * b + sb2, 2.0 * b * b + sb2
     for _ in range(depth - 1):
-        kaa, kab, kbb = (sb2 + 2.0 * _relu_kernel(kaa, kaa, kaa), sb2 + 2.0 * _relu_kernel(kaa, kab, kbb),
-                         sb2 + 2.0 * _relu_kernel(kbb, kbb, kbb))
+        kaa, kab, kbb = (
+            sb2 + 2.0 * _relu_kernel(kaa, kaa, kaa),
+            sb2 + 2.0 * _relu_kernel(kaa, kab, kbb),
+            sb2 + 2.0 * _relu_kernel(kbb, kbb, kbb),
+        )
     return _relu_kernel(kaa, kab, kbb)
 
 
-def wide_relu_correlation(x: np.ndarray, depth: int, bias_std: float = BIAS_STD,
-                          h: float = 1e-4) -> np.ndarray:
+def wide_relu_correlation(
+    x: np.ndarray, depth: int, bias_std: float = BIAS_STD, h: float = 1e-4
+) -> np.ndarray:
     """``R [P, P]``: the exact correlation over initializations of ``d out / d x`` at the points
     ``x [P]`` for an infinitely wide ``ReLU-depth`` net of this study. The output is then a
     Gaussian process, its derivative one with covariance ``d^2 K(a, b) / da db``, taken here by
@@ -198,13 +251,17 @@ def wide_relu_correlation(x: np.ndarray, depth: int, bias_std: float = BIAS_STD,
 
 
 # ----------------------------------------------------------------------------- networks
-def _linear(n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype) -> nn.Linear:
+def _linear(
+    n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype
+) -> nn.Linear:
     lin = nn.Linear(n_in, n_out, dtype=dtype)
     init_weight(lin.weight, var, "gaussian", gen)
     return lin
 
 
-def _mirrored(n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype) -> nn.Linear:
+def _mirrored(
+    n_in: int, n_out: int, var: float, gen: torch.Generator, dtype: torch.dtype
+) -> nn.Linear:
     """``Linear(2 n_in, n_out)`` with weight ``[W0, -W0]``: after a CReLU it computes ``W0 h``."""
     half = _linear(n_in, n_out, var, gen, dtype)
     lin = nn.Linear(2 * n_in, n_out, dtype=dtype)
@@ -222,8 +279,15 @@ def _random_biases(model: nn.Module, std: float, gen: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=torch.float64) * std)
 
 
-def make_model(name: str, width: int, seed: int, *, bias_std: float = BIAS_STD,
-               beta: float = BETA, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+def make_model(
+    name: str,
+    width: int,
+    seed: int,
+    *,
+    bias_std: float = BIAS_STD,
+    beta: float = BETA,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
     """The network ``name`` (see the module docstring) with scalar input and output, seeded
     (private generators; the global RNG is untouched), in train mode.
 
@@ -237,21 +301,51 @@ def make_model(name: str, width: int, seed: int, *, bias_std: float = BIAS_STD,
     kind, L = a["kind"], a["depth"]
     gen = torch.Generator().manual_seed(job_seed(seed, "ends"))
     if kind in ("ReLU", "batch-ReLU"):
-        model = mlp(L, width, act="relu", norm="batch" if kind == "batch-ReLU" else None,
-                    in_features=1, out_features=1, bias=True, seed=int(seed), dtype=dtype)
+        model = mlp(
+            L,
+            width,
+            act="relu",
+            norm="batch" if kind == "batch-ReLU" else None,
+            in_features=1,
+            out_features=1,
+            bias=True,
+            seed=int(seed),
+            dtype=dtype,
+        )
     elif kind == "resnet":
         # Each block's body is gscfast.mlp's two-layer batch-ReLU stack.
-        blocks = [Residual(mlp(2, width, act="relu", norm="batch", bias=True,
-                               seed=job_seed(seed, "block", k), dtype=dtype), beta)
-                  for k in range(a["theory_L"])]
-        model = nn.Sequential(_linear(1, width, 2.0, gen, dtype), *blocks,
-                              _linear(width, 1, 1.0 / width, gen, dtype))
+        blocks = [
+            Residual(
+                mlp(
+                    2,
+                    width,
+                    act="relu",
+                    norm="batch",
+                    bias=True,
+                    seed=job_seed(seed, "block", k),
+                    dtype=dtype,
+                ),
+                beta,
+            )
+            for k in range(a["theory_L"])
+        ]
+        model = nn.Sequential(
+            _linear(1, width, 2.0, gen, dtype), *blocks, _linear(width, 1, 1.0 / width, gen, dtype)
+        )
     elif kind == "preresnet":
         # Theorem 3's module: batch norm on the branch's input, one He-initialized ReLU layer.
         stem = _linear(1, width, 2.0, gen, dtype)
-        blocks = [Residual(nn.Sequential(nn.BatchNorm1d(width, affine=False, dtype=dtype), nn.ReLU(),
-                                         _linear(width, width, 2.0 / width, gen, dtype)), beta)
-                  for _ in range(a["theory_L"])]
+        blocks = [
+            Residual(
+                nn.Sequential(
+                    nn.BatchNorm1d(width, affine=False, dtype=dtype),
+                    nn.ReLU(),
+                    _linear(width, width, 2.0 / width, gen, dtype),
+                ),
+                beta,
+            )
+            for _ in range(a["theory_L"])
+        ]
         model = nn.Sequential(stem, *blocks, _linear(width, 1, 1.0 / width, gen, dtype))
     else:
         layers: list[nn.Module] = [_linear(1, width, 1.0, gen, dtype)]
@@ -353,7 +447,9 @@ def _jackknife_se(g: np.ndarray) -> float:
     E = g.shape[0]
     if E < 3:
         return math.nan
-    loo = np.array([_mean_off_diagonal(correlation_matrix(np.delete(g, k, axis=0))) for k in range(E)])
+    loo = np.array(
+        [_mean_off_diagonal(correlation_matrix(np.delete(g, k, axis=0))) for k in range(E)]
+    )
     return float(math.sqrt((E - 1) / E * ((loo - loo.mean()) ** 2).sum()))
 
 
@@ -369,8 +465,14 @@ def run_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     x = grid(config["points"], config["low"], config["high"]).to(device=device, dtype=dtype)
     grads, method = [], None
     for seed in spec["net_seeds"]:
-        model = make_model(spec["arch"], config["width"], seed, bias_std=config["bias_std"],
-                           beta=config["beta"], dtype=dtype).to(device)
+        model = make_model(
+            spec["arch"],
+            config["width"],
+            seed,
+            bias_std=config["bias_std"],
+            beta=config["beta"],
+            dtype=dtype,
+        ).to(device)
         method = method or gradient_method(model)
         grads.append(input_gradients(model, x, method=method).double().cpu().tolist())
     return {"gradients": grads, "method": method, "device": str(device)}
@@ -389,17 +491,35 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the study
-def make_config(*, archs: list[str] | None = None, looks_linear: bool = False, ensemble: int = 100,
-                chunk: int = 10, points: int = 256, low: float = -2.0, high: float = 2.0,
-                width: int = 200, bias_std: float = BIAS_STD, beta: float = BETA, seed: int = 0,
-                device: str = "auto", dtype: str = "float64") -> dict[str, Any]:
+def make_config(
+    *,
+    archs: list[str] | None = None,
+    looks_linear: bool = False,
+    ensemble: int = 100,
+    chunk: int = 10,
+    points: int = 256,
+    low: float = -2.0,
+    high: float = 2.0,
+    width: int = 200,
+    bias_std: float = BIAS_STD,
+    beta: float = BETA,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float64",
+) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     archs = expand_archs(archs, looks_linear)
-    for k, v, least in (("ensemble", ensemble, 2), ("chunk", chunk, 1), ("points", points, 4),
-                        ("width", width, 1)):
+    for k, v, least in (
+        ("ensemble", ensemble, 2),
+        ("chunk", chunk, 1),
+        ("points", points, 4),
+        ("width", width, 1),
+    ):
         if not isinstance(v, int) or v < least:
-            raise ValueError(f"{k} must be an integer >= {least}, got {v!r}"
-                             + (" (correlations are taken over the ensemble)" if k == "ensemble" else ""))
+            raise ValueError(
+                f"{k} must be an integer >= {least}, got {v!r}"
+                + (" (correlations are taken over the ensemble)" if k == "ensemble" else "")
+            )
     low, high, bias_std, beta = float(low), float(high), float(bias_std), float(beta)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"need finite low < high, got low={low}, high={high}")
@@ -408,9 +528,20 @@ def make_config(*, archs: list[str] | None = None, looks_linear: bool = False, e
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta (the residual branch scale) must be finite and >= 0, got {beta}")
     resolve_dtype(dtype)
-    return {"archs": archs, "ensemble": ensemble, "chunk": chunk, "points": points, "low": low,
-            "high": high, "width": width, "bias_std": bias_std, "beta": beta, "seed": int(seed),
-            "device": device, "dtype": dtype}
+    return {
+        "archs": archs,
+        "ensemble": ensemble,
+        "chunk": chunk,
+        "points": points,
+        "low": low,
+        "high": high,
+        "width": width,
+        "bias_std": bias_std,
+        "beta": beta,
+        "seed": int(seed),
+        "device": device,
+        "dtype": dtype,
+    }
 
 
 def make_study(config: dict[str, Any]) -> Study:
@@ -421,17 +552,25 @@ def make_study(config: dict[str, Any]) -> Study:
     for arch in config["archs"]:
         for first in range(0, config["ensemble"], config["chunk"]):
             members = range(first, min(first + config["chunk"], config["ensemble"]))
-            jobs.append(Job(f"{arch}.{first:05d}", {
-                "arch": arch, "first": first,
-                "net_seeds": [job_seed(config["seed"], "net", arch, m) for m in members]}))
+            jobs.append(
+                Job(
+                    f"{arch}.{first:05d}",
+                    {
+                        "arch": arch,
+                        "first": first,
+                        "net_seeds": [job_seed(config["seed"], "net", arch, m) for m in members],
+                    },
+                )
+            )
     return Study(NAME, config, jobs, run_job, check_result, gpu=config["device"] != "cpu")
 
 
 # ----------------------------------------------------------------------------- aggregation
 def _gradients(config: dict, records: dict, arch: str) -> tuple[np.ndarray, list[int], str]:
     """``([E, P] gradients in member order, net seeds, method)`` of ``arch`` from the records."""
-    recs = sorted((r for r in records.values() if r["spec"]["arch"] == arch),
-                  key=lambda r: r["spec"]["first"])
+    recs = sorted(
+        (r for r in records.values() if r["spec"]["arch"] == arch), key=lambda r: r["spec"]["first"]
+    )
     g = np.array([row for r in recs for row in r["result"]["gradients"]], dtype=np.float64)
     seeds = [s for r in recs for s in r["spec"]["net_seeds"]]
     return g, seeds, recs[0]["result"]["method"]
@@ -442,8 +581,10 @@ def _noise_references(config: dict) -> dict[str, list[float]]:
     length and the ensemble's size, by the same estimator (seeded)."""
     rng = np.random.default_rng(job_seed(config["seed"], "noise-references"))
     white = rng.standard_normal((config["ensemble"], config["points"]))
-    return {"white": autocorrelation(white).mean(axis=0).tolist(),
-            "brown": autocorrelation(np.cumsum(white, axis=1)).mean(axis=0).tolist()}
+    return {
+        "white": autocorrelation(white).mean(axis=0).tolist(),
+        "brown": autocorrelation(np.cumsum(white, axis=1)).mean(axis=0).tolist(),
+    }
 
 
 def _theory(config: dict[str, Any], arch: str, g: np.ndarray) -> dict[str, Any]:
@@ -451,9 +592,14 @@ def _theory(config: dict[str, Any], arch: str, g: np.ndarray) -> dict[str, Any]:
     infinite-width correlation (``wide_relu_correlation``: its mean over pairs, at lag 1 and by
     lag); for resnets Theorem 3's variance beside the measured one. ``None`` where not defined."""
     a = parse_arch(arch)
-    out: dict[str, Any] = {"wide_R": None, "wide_R_lag1": None, "wide_R_by_lag": None,
-                           "theorem3_variance": None, "variance_ratio": None,
-                           "asymptotic": None}
+    out: dict[str, Any] = {
+        "wide_R": None,
+        "wide_R_lag1": None,
+        "wide_R_by_lag": None,
+        "theorem3_variance": None,
+        "variance_ratio": None,
+        "asymptotic": None,
+    }
     if a["kind"] == "ReLU":
         x = grid(config["points"], config["low"], config["high"])[:, 0].numpy()
         R = wide_relu_correlation(x, a["depth"], config["bias_std"])
@@ -462,9 +608,11 @@ def _theory(config: dict[str, Any], arch: str, g: np.ndarray) -> dict[str, Any]:
     elif a["kind"] in ("resnet", "preresnet"):
         n, beta = a["theory_L"], config["beta"]
         # Without blocks the gradient is v . w (stem variance 2, head 1/width): variance 2.
-        out.update(theorem3_variance=theorem3_variance(n, beta),
-                   variance_ratio=float((g ** 2).mean()) / 2.0 / theorem3_variance(n, beta),
-                   asymptotic=None if beta == 0 else 1.0 / (beta * math.sqrt(n)))
+        out.update(
+            theorem3_variance=theorem3_variance(n, beta),
+            variance_ratio=float((g**2).mean()) / 2.0 / theorem3_variance(n, beta),
+            asymptotic=None if beta == 0 else 1.0 / (beta * math.sqrt(n)),
+        )
     return out
 
 
@@ -483,21 +631,31 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
         mean_acf = acf[varies].mean(axis=0) if varies.any() else np.full(config["points"], np.nan)
         spread = (g.max(axis=1) - g.min(axis=1)) / np.abs(g).max(axis=1)
         archs[arch] = {
-            **parse_arch(arch), "method": method,
+            **parse_arch(arch),
+            "method": method,
             "predicted": predicted_correlation(arch, config["beta"]),
-            "mean_R": _mean_off_diagonal(R), "mean_R_se": _jackknife_se(g),
-            "R_lag1": float(by_lag[1]), "acf_lag1": float(mean_acf[1]),
+            "mean_R": _mean_off_diagonal(R),
+            "mean_R_se": _jackknife_se(g),
+            "R_lag1": float(by_lag[1]),
+            "acf_lag1": float(mean_acf[1]),
             "half_lag": _first_below(mean_acf, 0.5),
-            "constant_members": int((~varies).sum()), "max_relative_spread": float(spread.max()),
-            "gradient_rms": float(np.sqrt((g ** 2).mean())),
+            "constant_members": int((~varies).sum()),
+            "max_relative_spread": float(spread.max()),
+            "gradient_rms": float(np.sqrt((g**2).mean())),
             **_theory(config, arch, g),
-            "acf": mean_acf.tolist(), "R_by_lag": by_lag.tolist(),
+            "acf": mean_acf.tolist(),
+            "R_by_lag": by_lag.tolist(),
             "example": {"member": 0, "net_seed": seeds[0], "gradient": g[0].tolist()},
             "net_seeds": seeds,
         }
     x = grid(config["points"], config["low"], config["high"])[:, 0]
-    return {"study": NAME, "config": config, "x": x.tolist(), "archs": archs,
-            "noise": _noise_references(config)}
+    return {
+        "study": NAME,
+        "config": config,
+        "x": x.tolist(),
+        "archs": archs,
+        "noise": _noise_references(config),
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -528,7 +686,7 @@ def plot(results: dict[str, Any], records: dict[str, dict[str, Any]], paths: lis
     colors = plt.get_cmap("tab10").colors
     image = None
     for i, (arch, a) in enumerate(archs.items()):
-        ax = fig.add_subplot(gs[0, 2 * i:2 * i + 2])
+        ax = fig.add_subplot(gs[0, 2 * i : 2 * i + 2])
         ax.plot(x, a["example"]["gradient"], color=colors[i % 10], linewidth=0.9)
         ax.set_title(f"{arch}: d out / d x", fontsize=9)
         ax.set_xlabel("x", fontsize=8)
@@ -537,18 +695,25 @@ def plot(results: dict[str, Any], records: dict[str, dict[str, Any]], paths: lis
         if a["constant_members"]:  # constant up to rounding: do not magnify the rounding
             mid = float(np.mean(a["example"]["gradient"]))
             ax.set_ylim(mid - max(abs(mid), 1.0), mid + max(abs(mid), 1.0))
-        ax = fig.add_subplot(gs[1, 2 * i:2 * i + 2])
+        ax = fig.add_subplot(gs[1, 2 * i : 2 * i + 2])
         g, _, _ = _gradients(cfg, records, arch)
-        image = ax.imshow(correlation_matrix(g), vmin=-1, vmax=1, cmap="RdBu_r",
-                          extent=(x[0], x[-1], x[-1], x[0]), interpolation="nearest")
+        image = ax.imshow(
+            correlation_matrix(g),
+            vmin=-1,
+            vmax=1,
+            cmap="RdBu_r",
+            extent=(x[0], x[-1], x[-1], x[0]),
+            interpolation="nearest",
+        )
         ax.set_title(f"R(i, j), mean {a['mean_R']:.3f}", fontsize=9)
         ax.tick_params(labelsize=7)
     ax = fig.add_subplot(gs[2, :n])
     lags = np.arange(cfg["points"])
     shown = min(cfg["points"], 64)
     for name, style in (("brown", "--"), ("white", ":")):
-        ax.plot(lags[:shown], results["noise"][name][:shown], style, color="gray",
-                label=f"{name} noise")
+        ax.plot(
+            lags[:shown], results["noise"][name][:shown], style, color="gray", label=f"{name} noise"
+        )
     for i, (arch, a) in enumerate(archs.items()):
         if a["constant_members"] < cfg["ensemble"]:
             ax.plot(lags[:shown], a["acf"][:shown], color=colors[i % 10], label=arch)
@@ -565,9 +730,12 @@ def plot(results: dict[str, Any], records: dict[str, dict[str, Any]], paths: lis
     ax.set_xlabel("k (grid steps)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Shattered gradients at initialization: width {cfg['width']}, {cfg['points']} "
-                 f"points in [{cfg['low']:g}, {cfg['high']:g}], {cfg['ensemble']} initializations, "
-                 f"bias std {cfg['bias_std']:g}", fontsize=11)
+    fig.suptitle(
+        f"Shattered gradients at initialization: width {cfg['width']}, {cfg['points']} "
+        f"points in [{cfg['low']:g}, {cfg['high']:g}], {cfg['ensemble']} initializations, "
+        f"bias std {cfg['bias_std']:g}",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 0.93, 0.97))
     if image is not None:
         fig.colorbar(image, cax=fig.add_axes((0.94, 0.38, 0.01, 0.25)))
@@ -596,16 +764,17 @@ def _setup_comparison(results: dict[str, Any]) -> list[str]:
         return "within" if inside else "outside"
 
     lines = [
-        "## The paper's setup and this study's, point by point", "",
+        "## The paper's setup and this study's, point by point",
+        "",
         "Sources: Theorem 1, Theorem 3 and section 2's text on Figures 1 and 2 of Balduzzi et al. "
         "(ICML 2017, arXiv:1702.08591v2), as quoted below. The appendix with the experiments' "
         "network details could not be read for this study; where a point rests on it, it says so.",
         "",
-        "1. **The quantity.** Paper: \"Theorem 1 (covariance of gradients in feedforward nets). "
+        '1. **The quantity.** Paper: "Theorem 1 (covariance of gradients in feedforward nets). '
         "Suppose weights are initialized with variance sigma^2 = 2/N following He et al. (2015). "
         "Then a) the variance of the gradient at x^(i) is C(i) = 1, b) the covariance is "
-        "C(i, j) = 1/2^L\": a covariance over random initializations at two fixed inputs, "
-        "computed by \"counting the number of co-active paths\", under the assumption that the "
+        'C(i, j) = 1/2^L": a covariance over random initializations at two fixed inputs, '
+        'computed by "counting the number of co-active paths", under the assumption that the '
         "activation patterns at the two inputs are independent (each unit active with "
         "probability 1/2, co-active with 1/4). Study: the same correlation over initializations, "
         "R(i, j), at every pair of the grid's points. **Matched**: the estimator. **Not the "
@@ -621,23 +790,31 @@ def _setup_comparison(results: dict[str, Any]) -> list[str]:
         "is homogeneous and nothing shatters; batch norm cancels them.",
     ]
     if relu is not None or bn is not None:
-        text = ("3. **Feedforward nets and batch norm.** Paper, section 2: \"there are still "
-                "correlations in the 50-layer resnet whereas in the equivalent feedforward net, "
-                "the gradients are indistinguishable from white noise\". ")
+        text = (
+            '3. **Feedforward nets and batch norm.** Paper, section 2: "there are still '
+            "correlations in the 50-layer resnet whereas in the equivalent feedforward net, "
+            'the gradients are indistinguishable from white noise". '
+        )
         if bn is not None:
             name, a = bn
-            text += (f"Batch-norm net {name}: ACF(1) {acf(a)} and R(i, i+1) {fmt(a['R_lag1'])} "
-                     f"(white noise: about 0), mean R {fmt(a['mean_R'], 4)} +- "
-                     f"{fmt(a['mean_R_se'], 4)}, {versus(a, a['predicted'])} 2 SE of 1/2^L = "
-                     f"{sci(a['predicted'])}. ")
+            text += (
+                f"Batch-norm net {name}: ACF(1) {acf(a)} and R(i, i+1) {fmt(a['R_lag1'])} "
+                f"(white noise: about 0), mean R {fmt(a['mean_R'], 4)} +- "
+                f"{fmt(a['mean_R_se'], 4)}, {versus(a, a['predicted'])} 2 SE of 1/2^L = "
+                f"{sci(a['predicted'])}. "
+            )
         if relu is not None:
             name, a = relu
-            text += (f"Plain He-initialized ReLU net {name}: ACF(1) {acf(a)} and R(i, i+1) "
-                     f"{fmt(a['R_lag1'])}, not white (its mean R over all pairs can still be near "
-                     "0: see 4). ")
-        text += ("Whether the paper's feedforward nets had batch norm is in its appendix, not "
-                 "read here; its abstract compares resnets with feedforward nets \"despite "
-                 "well-chosen initialization and batch normalization\".")
+            text += (
+                f"Plain He-initialized ReLU net {name}: ACF(1) {acf(a)} and R(i, i+1) "
+                f"{fmt(a['R_lag1'])}, not white (its mean R over all pairs can still be near "
+                "0: see 4). "
+            )
+        text += (
+            "Whether the paper's feedforward nets had batch norm is in its appendix, not "
+            'read here; its abstract compares resnets with feedforward nets "despite '
+            'well-chosen initialization and batch normalization".'
+        )
         lines.append(text)
     if relu is not None:
         name, a = relu
@@ -654,33 +831,40 @@ def _setup_comparison(results: dict[str, Any]) -> list[str]:
             "near-pair correlations with negative far-pair ones, is small without the gradients "
             "being white. Differences between the measurement and this infinite-width theory "
             "that exceed the SE are of the order of finite-width corrections "
-            f"(depth/width = {a['depth'] / cfg['width']:.2f}), not investigated further.")
+            f"(depth/width = {a['depth'] / cfg['width']:.2f}), not investigated further."
+        )
     if pre is not None or res is not None:
-        text = ("5. **Resnets.** Paper, Theorem 3 (covariance of gradients in resnets with BN and "
-                "rescaling): \"a) the variance is beta^2 (L - 1) + 1; b) the covariance is "
-                "~ beta sqrt(L); the correlation is ~ 1/(beta sqrt(L))\". That variance "
-                "telescopes only for the module x + beta W relu(BN(x)) with He weights, batch norm "
-                "dividing the branch by the standard deviation of x (variance 1 + k beta^2 after k "
-                "blocks): `preresnet-L` builds exactly that module, and `theorem3_correlation` "
-                "evaluates its correlation exactly (the paper gives only the order; 1/sqrt(24) = "
-                "0.20 is that order for 24 blocks). `resnet-L` (two layers, batch norm after each "
-                "linear layer, a ReLU closing the branch) is a different module, kept for "
-                "comparison. ")
+        text = (
+            "5. **Resnets.** Paper, Theorem 3 (covariance of gradients in resnets with BN and "
+            'rescaling): "a) the variance is beta^2 (L - 1) + 1; b) the covariance is '
+            '~ beta sqrt(L); the correlation is ~ 1/(beta sqrt(L))". That variance '
+            "telescopes only for the module x + beta W relu(BN(x)) with He weights, batch norm "
+            "dividing the branch by the standard deviation of x (variance 1 + k beta^2 after k "
+            "blocks): `preresnet-L` builds exactly that module, and `theorem3_correlation` "
+            "evaluates its correlation exactly (the paper gives only the order; 1/sqrt(24) = "
+            "0.20 is that order for 24 blocks). `resnet-L` (two layers, batch norm after each "
+            "linear layer, a ReLU closing the branch) is a different module, kept for "
+            "comparison. "
+        )
         for name, a in archs.items():
             if a["kind"] in ("preresnet", "resnet"):
-                text += (f"{name}: mean R {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} "
-                         f"against {fmt(a['predicted'], 4)} ({versus(a, a['predicted'])} 2 SE), "
-                         "gradient variance "
-                         f"{sci(a['variance_ratio'])} x Theorem 3(a). ")
-        text += ("Where the measured variance is near Theorem 3(a) (few blocks, or small "
-                 "beta), the correlation is near Theorem 3's; the deeper the net, the more its "
-                 "variance exceeds 3(a) and the further its correlation falls below. The reason: "
-                 "the theorem treats batch norm as a division by the forward standard deviation "
-                 "of x, the same factor for the signal and the gradient, while batch norm here "
-                 "divides by the standard deviation over the batch of grid points, which the "
-                 "branches' shattered gradients outgrow (the batch-norm gradient growth of "
-                 "definitions.md, r(s) = 1.467 per layer for ReLU). The branches then outweigh "
-                 "the skip path that all points share, and the correlation drops.")
+                text += (
+                    f"{name}: mean R {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} "
+                    f"against {fmt(a['predicted'], 4)} ({versus(a, a['predicted'])} 2 SE), "
+                    "gradient variance "
+                    f"{sci(a['variance_ratio'])} x Theorem 3(a). "
+                )
+        text += (
+            "Where the measured variance is near Theorem 3(a) (few blocks, or small "
+            "beta), the correlation is near Theorem 3's; the deeper the net, the more its "
+            "variance exceeds 3(a) and the further its correlation falls below. The reason: "
+            "the theorem treats batch norm as a division by the forward standard deviation "
+            "of x, the same factor for the signal and the gradient, while batch norm here "
+            "divides by the standard deviation over the batch of grid points, which the "
+            "branches' shattered gradients outgrow (the batch-norm gradient growth of "
+            "definitions.md, r(s) = 1.467 per layer for ReLU). The branches then outweigh "
+            "the skip path that all points share, and the correlation drops."
+        )
         lines.append(text)
     return lines
 
@@ -692,58 +876,84 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
     noise = results["noise"]
     archs = results["archs"]
     lines = [
-        "# Shattered gradients (Balduzzi et al. 2017)", "",
+        "# Shattered gradients (Balduzzi et al. 2017)",
+        "",
         f"gscfast {run_info['version']}: {len(cfg['archs'])} networks x {cfg['ensemble']} random "
         f"initializations; width {cfg['width']}; {cfg['points']} grid points in "
         f"[{cfg['low']:g}, {cfg['high']:g}]; bias std {cfg['bias_std']:g} (choice); residual "
-        f"branch scale beta {cfg['beta']:g}; {cfg['dtype']}; seed {cfg['seed']}.", "",
-        "## Measured correlations beside the paper's predictions and this setup's theory", "",
+        f"branch scale beta {cfg['beta']:g}; {cfg['dtype']}; seed {cfg['seed']}.",
+        "",
+        "## Measured correlations beside the paper's predictions and this setup's theory",
+        "",
         "| network | L | paper's prediction | mean R(i, j), i != j (+- SE) | wide-net theory: mean R "
         "| R(i, i+1) (theory) | ACF(1) | ACF < 0.5 from lag | gradient rms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arch, a in archs.items():
-        rule = {"resnet": "Thm 3", "preresnet": "Thm 3", "ll-ReLU": "linear"}.get(a["kind"], "1/2^L")
+        rule = {"resnet": "Thm 3", "preresnet": "Thm 3", "ll-ReLU": "linear"}.get(
+            a["kind"], "1/2^L"
+        )
         if a["constant_members"] == cfg["ensemble"]:
             acf1, half = "constant", "constant"
         else:
-            acf1, half = fmt(a["acf_lag1"]), "never" if a["half_lag"] is None else str(a["half_lag"])
+            acf1, half = (
+                fmt(a["acf_lag1"]),
+                "never" if a["half_lag"] is None else str(a["half_lag"]),
+            )
         wide = "" if a.get("wide_R") is None else fmt(a["wide_R"], 4)
-        lag1 = fmt(a["R_lag1"]) + ("" if a.get("wide_R_lag1") is None else f" ({fmt(a['wide_R_lag1'])})")
-        lines.append(f"| {arch} | {a['theory_L']} | {sci(a['predicted'])} ({rule}) "
-                     f"| {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} | {wide} | {lag1} "
-                     f"| {acf1} | {half} | {sci(a['gradient_rms'])} |")
+        lag1 = fmt(a["R_lag1"]) + (
+            "" if a.get("wide_R_lag1") is None else f" ({fmt(a['wide_R_lag1'])})"
+        )
+        lines.append(
+            f"| {arch} | {a['theory_L']} | {sci(a['predicted'])} ({rule}) "
+            f"| {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} | {wide} | {lag1} "
+            f"| {acf1} | {half} | {sci(a['gradient_rms'])} |"
+        )
     for name in ("brown", "white"):
         half = _first_below(np.array(noise[name]), 0.5)
-        lines.append(f"| {name} noise (reference) | | | | | | {fmt(noise[name][1])} | "
-                     f"{'never' if half is None else half} | |")
+        lines.append(
+            f"| {name} noise (reference) | | | | | | {fmt(noise[name][1])} | "
+            f"{'never' if half is None else half} | |"
+        )
     residual = {arch: a for arch, a in archs.items() if a["kind"] in ("resnet", "preresnet")}
     if residual:
-        lines += ["", "Residual nets against Theorem 3 (batch norm, beta-rescaling):", "",
-                  "| network | blocks n | Theorem 3's model, exact | ~1/(beta sqrt(n)) | mean R (+- SE) "
-                  "| Theorem 3(a) variance 1 + n beta^2 | measured variance / Theorem 3(a) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Residual nets against Theorem 3 (batch norm, beta-rescaling):",
+            "",
+            "| network | blocks n | Theorem 3's model, exact | ~1/(beta sqrt(n)) | mean R (+- SE) "
+            "| Theorem 3(a) variance 1 + n beta^2 | measured variance / Theorem 3(a) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for arch, a in residual.items():
-            lines.append(f"| {arch} | {a['theory_L']} | {fmt(a['predicted'], 4)} "
-                         f"| {'' if a['asymptotic'] is None else fmt(a['asymptotic'], 4)} "
-                         f"| {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} "
-                         f"| {sci(a['theorem3_variance'])} | {sci(a['variance_ratio'])} |")
-    lines += ["", *_setup_comparison(results), "",
-              "- **SE** is the jackknife standard error over initializations; for white-noise "
-              f"gradients the pair average is 0 up to it (a single R(i, j) has noise 1/sqrt(E) = "
-              f"{1 / math.sqrt(cfg['ensemble']):.2f}).",
-              "- **L**: hidden layers of a feedforward net; residual blocks of a resnet (resnet-50: "
-              "a stem, 24 blocks of two layers and a head; preresnet-50: a stem, 48 one-layer "
-              "blocks and a head).",
-              "- **wide-net theory**: for the plain ReLU nets, the exact correlation over "
-              "initializations of an infinitely wide net of this setup (the output is a Gaussian "
-              "process; the gradient's covariance is the mixed second derivative of its kernel; "
-              "`wide_relu_correlation`); no closed form is computed here for the batch-norm nets.",
-              "- **measured variance / Theorem 3(a)**: the mean squared gradient over points and "
-              "initializations, divided by 2 (the variance of a net without blocks: stem weight "
-              "variance 2, head 1/width) and by 1 + n beta^2."]
+            lines.append(
+                f"| {arch} | {a['theory_L']} | {fmt(a['predicted'], 4)} "
+                f"| {'' if a['asymptotic'] is None else fmt(a['asymptotic'], 4)} "
+                f"| {fmt(a['mean_R'], 4)} +- {fmt(a['mean_R_se'], 4)} "
+                f"| {sci(a['theorem3_variance'])} | {sci(a['variance_ratio'])} |"
+            )
     lines += [
-        "", "## How the numbers are made", "",
+        "",
+        *_setup_comparison(results),
+        "",
+        "- **SE** is the jackknife standard error over initializations; for white-noise "
+        f"gradients the pair average is 0 up to it (a single R(i, j) has noise 1/sqrt(E) = "
+        f"{1 / math.sqrt(cfg['ensemble']):.2f}).",
+        "- **L**: hidden layers of a feedforward net; residual blocks of a resnet (resnet-50: "
+        "a stem, 24 blocks of two layers and a head; preresnet-50: a stem, 48 one-layer "
+        "blocks and a head).",
+        "- **wide-net theory**: for the plain ReLU nets, the exact correlation over "
+        "initializations of an infinitely wide net of this setup (the output is a Gaussian "
+        "process; the gradient's covariance is the mixed second derivative of its kernel; "
+        "`wide_relu_correlation`); no closed form is computed here for the batch-norm nets.",
+        "- **measured variance / Theorem 3(a)**: the mean squared gradient over points and "
+        "initializations, divided by 2 (the variance of a net without blocks: stem weight "
+        "variance 2, head 1/width) and by 1 + n beta^2.",
+    ]
+    lines += [
+        "",
+        "## How the numbers are made",
+        "",
         f"- Inputs: {cfg['points']} equally spaced x in [{cfg['low']:g}, {cfg['high']:g}], as one "
         "batch. Networks: scalar input and output, width "
         f"{cfg['width']}; " + "; ".join(f"`{k}-L`: {v}" for k, v in _KIND_TEXT.items()) + ".",
@@ -760,12 +970,13 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "(nearby inputs stay correlated), so their ACF(1) falls with depth but stays well above "
         "0; the batch-norm feedforward nets, the networks the paper compares resnets with, "
         "shatter to white noise.",
-        "- Gradients: `gscfast.jacobian(model, x, batchnorm=\"frozen\")`, i.e. with the batch norms' "
+        '- Gradients: `gscfast.jacobian(model, x, batchnorm="frozen")`, i.e. with the batch norms\' '
         "statistics of the grid batch held constant: the derivative at each point of the function "
         "the network computes on this grid; networks gscfast cannot compile (CReLU) use "
         "`torch.func.vmap(torch.func.jacrev(...))` of the same function (batch norms switched to "
         "eval mode with the grid's statistics). Per network: "
-        + ", ".join(f"{arch} {a['method']}" for arch, a in results["archs"].items()) + ".",
+        + ", ".join(f"{arch} {a['method']}" for arch, a in results["archs"].items())
+        + ".",
         "- Autocorrelation: per initialization, a(k) = sum_i d_i d_(i+k) / sum_i d_i^2 with the "
         "mean over the grid removed (d = g - mean g), then the mean over initializations; a "
         "gradient constant along the grid (the looks-linear net) has none.",
@@ -774,35 +985,49 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         "results.json is its mean along the k-th off-diagonal.",
         "- Brown and white noise: the same estimator on seeded white noise and its running sum "
         f"({cfg['ensemble']} series of {cfg['points']} points).",
-        f"- Seeds: member m of network `arch` has the seed `job_seed({cfg['seed']}, \"net\", arch, "
+        f'- Seeds: member m of network `arch` has the seed `job_seed({cfg["seed"]}, "net", arch, '
         "m)` (SHA-256), so the numbers do not depend on job order, chunking, engine or resume.",
-        "", "## Configuration", "",
-        "```json", json.dumps(cfg, indent=2), "```", "",
-        "## Timings", "",
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(cfg, indent=2),
+        "```",
+        "",
+        "## Timings",
+        "",
         f"- This invocation: {t['computed']} jobs computed with engine `{run_info['engine']}` "
         f"({run_info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
         f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total "
         f"(the run may have been split by --resume); devices {', '.join(t['devices'])}.",
-        "", "| network | seconds per initialization |", "| --- | --- |",
+        "",
+        "| network | seconds per initialization |",
+        "| --- | --- |",
     ]
     for arch, s in t["per_member"].items():
         lines.append(f"| {arch} | {s:.4f} |")
-    lines += ["", f"Machine: {run_info['machine']}.", "",
-              "## Files", "",
-              "- `shattered.png`, `shattered.pdf`: per network one initialization's gradient "
-              "along the grid and the correlation matrix R(i, j); the mean autocorrelation "
-              "against lag beside white and brown noise; the mean R(i, i + k) against k (dashed: "
-              "the wide-net theory of the plain ReLU nets).",
-              "- `results.json`: every number (per network: the table's values, the mean "
-              "autocorrelation `acf` at every lag, `R_by_lag`, the wide-net theory's "
-              "`wide_R_by_lag` (plain ReLU nets), Theorem 3's `theorem3_variance` and the measured "
-              "`variance_ratio` (resnets), one initialization's gradient, the seeds), the grid `x`, "
-              "the noise references, the configuration and the timings.",
-              "- `gradients.csv`: every initialization's gradients, one row per (network, member): "
-              "`arch, member, net_seed, g_0 .. g_(P-1)`, `g_i` at `x_i` of results.json.",
-              f"- `manifest.json`, `jobs/`: the run's identity and one record per (network, chunk "
-              f"of {cfg['chunk']} initializations); `gscfast shattered --out DIR --resume` with the "
-              "same options continues or regenerates these files.", ""]
+    lines += [
+        "",
+        f"Machine: {run_info['machine']}.",
+        "",
+        "## Files",
+        "",
+        "- `shattered.png`, `shattered.pdf`: per network one initialization's gradient "
+        "along the grid and the correlation matrix R(i, j); the mean autocorrelation "
+        "against lag beside white and brown noise; the mean R(i, i + k) against k (dashed: "
+        "the wide-net theory of the plain ReLU nets).",
+        "- `results.json`: every number (per network: the table's values, the mean "
+        "autocorrelation `acf` at every lag, `R_by_lag`, the wide-net theory's "
+        "`wide_R_by_lag` (plain ReLU nets), Theorem 3's `theorem3_variance` and the measured "
+        "`variance_ratio` (resnets), one initialization's gradient, the seeds), the grid `x`, "
+        "the noise references, the configuration and the timings.",
+        "- `gradients.csv`: every initialization's gradients, one row per (network, member): "
+        "`arch, member, net_seed, g_0 .. g_(P-1)`, `g_i` at `x_i` of results.json.",
+        f"- `manifest.json`, `jobs/`: the run's identity and one record per (network, chunk "
+        f"of {cfg['chunk']} initializations); `gscfast shattered --out DIR --resume` with the "
+        "same options continues or regenerates these files.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -810,7 +1035,9 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
     per_member = {}
     for arch in config["archs"]:
         recs = [r for r in records.values() if r["spec"]["arch"] == arch]
-        per_member[arch] = sum(r["seconds"] for r in recs) / sum(len(r["spec"]["net_seeds"]) for r in recs)
+        per_member[arch] = sum(r["seconds"] for r in recs) / sum(
+            len(r["spec"]["net_seeds"]) for r in recs
+        )
     return {**run_timings(result), "per_member": per_member}
 
 
@@ -820,12 +1047,25 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     out = Path(out)
     results = aggregate(config, result.records)
     info = run_info(result, _timings(config, result.records, result))
-    paths = {k: out / f for k, f in (("png", "shattered.png"), ("pdf", "shattered.pdf"),
-                                      ("json", "results.json"), ("csv", "gradients.csv"),
-                                      ("summary", "summary.md"))}
-    write_json(paths["json"], {**results, "gscfast_version": info["version"],
-                               "timings": info["timings"],
-                               "seconds": {k: r["seconds"] for k, r in result.records.items()}})
+    paths = {
+        k: out / f
+        for k, f in (
+            ("png", "shattered.png"),
+            ("pdf", "shattered.pdf"),
+            ("json", "results.json"),
+            ("csv", "gradients.csv"),
+            ("summary", "summary.md"),
+        )
+    }
+    write_json(
+        paths["json"],
+        {
+            **results,
+            "gscfast_version": info["version"],
+            "timings": info["timings"],
+            "seconds": {k: r["seconds"] for k, r in result.records.items()},
+        },
+    )
     atomic_write(paths["csv"], gradients_csv(config, result.records))
     plot(results, result.records, [paths["png"], paths["pdf"]])
     atomic_write(paths["summary"], summary_md(results, info))
@@ -836,47 +1076,78 @@ def table(results: dict[str, Any]) -> str:
     """The command's short report: per network the prediction, mean R(i, j), the wide-net theory
     of this setup (plain ReLU nets) and ACF(1)."""
     rows = [f"{'network':<16} {'predicted':>10} {'mean R':>8} {'theory':>8} {'ACF(1)':>7}"]
-    rows += [f"{arch:<16} {sci(a['predicted']):>10} {fmt(a['mean_R'], 4):>8} "
-             f"{'' if a.get('wide_R') is None else fmt(a['wide_R'], 4):>8} "
-             f"{'const' if a['acf_lag1'] is None else fmt(a['acf_lag1']):>7}"
-             for arch, a in results["archs"].items()]
+    rows += [
+        f"{arch:<16} {sci(a['predicted']):>10} {fmt(a['mean_R'], 4):>8} "
+        f"{'' if a.get('wide_R') is None else fmt(a['wide_R'], 4):>8} "
+        f"{'const' if a['acf_lag1'] is None else fmt(a['acf_lag1']):>7}"
+        for arch, a in results["archs"].items()
+    ]
     return "\n".join(rows) + "\n"
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/shattered", help="results directory (default %(default)s)")
-    p.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
-                   help="networks: ReLU-L, batch-ReLU-L, resnet-L (L linear layers, L even), "
-                        "preresnet-L (Theorem 3's module, L linear layers), ll-ReLU-L "
-                        f"(default: {' '.join(DEFAULT_ARCHS)})")
-    p.add_argument("--looks-linear", action="store_true",
-                   help="add the looks-linear net ll-ReLU-L (CReLU, mirrored weights) of the "
-                        "deepest network's depth")
-    p.add_argument("--ensemble", type=int, default=100,
-                   help="random initializations per network (default 100)")
+    p.add_argument(
+        "--out", default="results/shattered", help="results directory (default %(default)s)"
+    )
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=None,
+        metavar="ARCH",
+        help="networks: ReLU-L, batch-ReLU-L, resnet-L (L linear layers, L even), "
+        "preresnet-L (Theorem 3's module, L linear layers), ll-ReLU-L "
+        f"(default: {' '.join(DEFAULT_ARCHS)})",
+    )
+    p.add_argument(
+        "--looks-linear",
+        action="store_true",
+        help="add the looks-linear net ll-ReLU-L (CReLU, mirrored weights) of the "
+        "deepest network's depth",
+    )
+    p.add_argument(
+        "--ensemble", type=int, default=100, help="random initializations per network (default 100)"
+    )
     p.add_argument("--chunk", type=int, default=10, help="initializations per job (default 10)")
     p.add_argument("--points", type=int, default=256, help="grid points (default 256)")
     p.add_argument("--low", type=float, default=-2.0, help="grid start (default -2)")
     p.add_argument("--high", type=float, default=2.0, help="grid end (default 2)")
     p.add_argument("--width", type=int, default=200, help="hidden width (default 200)")
-    p.add_argument("--beta", type=float, default=BETA,
-                   help=f"scale of the residual branches, x + beta body(x): the paper's "
-                        f"beta-rescaling, its Theorem 3 and Figure 2c (default {BETA:g})")
-    p.add_argument("--bias-std", type=float, default=BIAS_STD,
-                   help=f"std of the random biases (default {BIAS_STD}; 0 makes plain ReLU nets "
-                        "homogeneous: no shattering)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=BETA,
+        help=f"scale of the residual branches, x + beta body(x): the paper's "
+        f"beta-rescaling, its Theorem 3 and Figure 2c (default {BETA:g})",
+    )
+    p.add_argument(
+        "--bias-std",
+        type=float,
+        default=BIAS_STD,
+        help=f"std of the random biases (default {BIAS_STD}; 0 makes plain ReLU nets "
+        "homogeneous: no shattering)",
+    )
     add_study_arguments(p, dtype="float64", backend=None)
     add_runner_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = make_config(archs=args.archs, looks_linear=args.looks_linear,
-                             ensemble=args.ensemble, chunk=args.chunk, points=args.points,
-                             low=args.low, high=args.high, width=args.width,
-                             bias_std=args.bias_std, beta=args.beta, seed=args.seed,
-                             device=args.device, dtype=args.dtype)
+        config = make_config(
+            archs=args.archs,
+            looks_linear=args.looks_linear,
+            ensemble=args.ensemble,
+            chunk=args.chunk,
+            points=args.points,
+            low=args.low,
+            high=args.high,
+            width=args.width,
+            bias_std=args.bias_std,
+            beta=args.beta,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
 

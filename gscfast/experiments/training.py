@@ -7,24 +7,35 @@ epoch and, on ``--resume``, continues from the last checkpoint. Resumed training
 numbers as uninterrupted training because everything random is drawn from generators seeded per
 epoch (``minibatches``) and everything stateful (model, optimizer, schedule, RNG) is checkpointed.
 """
+
 from __future__ import annotations
 
 import io
 import pickle
 import re
 import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .runner import ResultsDirError, atomic_write
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_training_state",
-           "restore_training_state",
-           "rng_state", "set_rng_state", "minibatches", "deterministic", "progress_line"]
+__all__ = [
+    "CheckpointError",
+    "deterministic",
+    "load_checkpoint",
+    "minibatches",
+    "progress_line",
+    "restore_training_state",
+    "rng_state",
+    "save_checkpoint",
+    "save_training_state",
+    "set_rng_state",
+]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -45,7 +56,8 @@ class CheckpointError(ResultsDirError):
 def _unloadable(path: Path, reason: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {path} cannot be used: {reason}. Delete it to restart that job from its first "
-        f"epoch (finished jobs are kept), then run the same command with --resume")
+        f"epoch (finished jobs are kept), then run the same command with --resume"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -61,11 +73,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False, i.e. running the file's code: never say that.
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = (f"a reference to code ({found.group(1)})" if found
-                else "objects other than tensors and plain values")
-        raise _unloadable(path, f"it holds {what}, which a gscfast checkpoint never does (the file "
-                                f"is damaged or was not written by gscfast; do not load it by other "
-                                f"means)") from None
+        what = (
+            f"a reference to code ({found.group(1)})"
+            if found
+            else "objects other than tensors and plain values"
+        )
+        raise _unloadable(
+            path,
+            f"it holds {what}, which a gscfast checkpoint never does (the file "
+            f"is damaged or was not written by gscfast; do not load it by other "
+            f"means)",
+        ) from None
     except OSError as e:
         raise _unloadable(path, f"it cannot be read ({e.strerror or e})") from None
     except Exception as e:  # torch.load raises many types on a damaged file
@@ -80,10 +98,14 @@ def save_training_state(path: str | Path, stateful: Mapping[str, Any], **extra: 
     """Checkpoint each object of ``stateful`` (model, optimizer, schedule, ...: anything with
     ``state_dict``) under its name, the global RNG state as ``"rng"``, and the plain values
     ``extra`` (e.g. the history as a JSON string)."""
-    save_checkpoint(path, {**{k: v.state_dict() for k, v in stateful.items()}, "rng": rng_state(), **extra})
+    save_checkpoint(
+        path, {**{k: v.state_dict() for k, v in stateful.items()}, "rng": rng_state(), **extra}
+    )
 
 
-def restore_training_state(path: str | Path | None, stateful: Mapping[str, Any]) -> dict[str, Any] | None:
+def restore_training_state(
+    path: str | Path | None, stateful: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """The inverse of ``save_training_state``: if ``path`` is a file, load it, restore each object
     of ``stateful`` and the RNG state, and return the checkpoint (for its extra values); else None."""
     if path is None or not Path(path).is_file():
@@ -96,7 +118,9 @@ def restore_training_state(path: str | Path | None, stateful: Mapping[str, Any])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         # A loadable file of another job, architecture or gscfast version.
         what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).split("\n")[0][:200]
-        raise _unloadable(Path(path), f"it does not hold this job's training state ({what})") from None
+        raise _unloadable(
+            Path(path), f"it does not hold this job's training state ({what})"
+        ) from None
     return c
 
 
@@ -118,14 +142,16 @@ def set_rng_state(state: dict[str, Any] | Tensor) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def minibatches(n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
+def minibatches(
+    n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"
+) -> Iterator[Tensor]:
     """Index tensors of one epoch's minibatches: a permutation of ``range(n)`` drawn from a
     generator seeded with ``seed`` (so the order does not depend on anything that ran before),
     cut into batches of ``min(batch_size, n)``, the last incomplete batch dropped."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).to(device)
     bs = min(batch_size, n)
     for i in range(0, n - bs + 1, bs):
-        yield perm[i:i + bs]
+        yield perm[i : i + bs]
 
 
 @contextmanager

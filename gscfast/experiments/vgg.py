@@ -37,6 +37,7 @@ Long runs: each job writes a checkpoint (model, optimizer, schedule, RNG state, 
 flow records) atomically after every epoch to ``DIR/checkpoints/``; ``--resume`` continues from it
 and ends with the same numbers as an uninterrupted run (loaded with ``weights_only=True``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,25 +56,71 @@ from torch import nn
 
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
-from .outputs import check_command, check_number
-from .outputs import (add_study_arguments, fmt as _fmt, json_safe, mean_or_none as _mean, num as _num,
-                      pyplot, resolve_device, run_command, run_info, run_timings, save_figure,
-                      sci as _sci, write_json)
+from .outputs import (
+    add_study_arguments,
+    check_command,
+    check_number,
+    json_safe,
+    pyplot,
+    resolve_device,
+    run_command,
+    run_info,
+    run_timings,
+    save_figure,
+    write_json,
+)
+from .outputs import (
+    fmt as _fmt,
+)
+from .outputs import (
+    mean_or_none as _mean,
+)
+from .outputs import (
+    num as _num,
+)
+from .outputs import (
+    sci as _sci,
+)
 from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
-from .training import deterministic, load_checkpoint, minibatches, progress_line
-from .training import restore_training_state, save_training_state
+from .training import (
+    deterministic,
+    load_checkpoint,
+    minibatches,
+    progress_line,
+    restore_training_state,
+    save_training_state,
+)
 
-__all__ = ["VARIANTS", "vgg", "make_model", "weight_layers", "load_data", "train_epoch", "evaluate",
-           "train_variant", "check_result", "load_checkpoint", "make_config", "make_study",
-           "aggregate", "write_outputs", "summary_md", "add_arguments", "main"]
+__all__ = [
+    "VARIANTS",
+    "add_arguments",
+    "aggregate",
+    "check_result",
+    "evaluate",
+    "load_checkpoint",
+    "load_data",
+    "main",
+    "make_config",
+    "make_model",
+    "make_study",
+    "summary_md",
+    "train_epoch",
+    "train_variant",
+    "vgg",
+    "weight_layers",
+    "write_outputs",
+]
 
 NAME = "vgg"
 HELP = "gradient flow while VGG08/VGG38 (+BN, +RC) train on CIFAR-100 (MLP coursework 2021)"
 
 # Variant -> (processing blocks per stage, batch norm, residual connections).
 VARIANTS: dict[str, tuple[int, bool, bool]] = {
-    "VGG08": (0, False, False), "VGG38": (5, False, False), "VGG38-BN": (5, True, False),
-    "VGG38-RC": (5, False, True), "VGG38-BN-RC": (5, True, True),
+    "VGG08": (0, False, False),
+    "VGG38": (5, False, False),
+    "VGG38-BN": (5, True, False),
+    "VGG38-RC": (5, False, True),
+    "VGG38-BN-RC": (5, True, True),
 }
 CLASSES = 100
 _EVAL_CHUNK = 500  # images per forward pass in evaluation (fixed: the sums' rounding depends on it)
@@ -95,42 +142,74 @@ class GlobalAvgPool(nn.Module):
 
 def _unit(i: int, c_in: int, c_out: int, bn: bool, bias: bool) -> list[tuple[str, nn.Module]]:
     """conv 3x3 -> [BN] -> leaky ReLU, named ``conv<i>``, ``bn<i>``, ``act<i>``."""
-    out: list[tuple[str, nn.Module]] = [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))]
+    out: list[tuple[str, nn.Module]] = [
+        (f"conv{i}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
+    ]
     if bn:
         out.append((f"bn{i}", nn.BatchNorm2d(c_out)))
     return out + [(f"act{i}", nn.LeakyReLU(0.01))]
 
 
-def vgg(blocks_per_stage: int, *, filters: int = 32, batch_norm: bool = False,
-        residual: bool = False, stages: int = 3, in_channels: int = 3, num_classes: int = CLASSES,
-        bias: bool = False, seed: int = 0) -> nn.Sequential:
+def vgg(
+    blocks_per_stage: int,
+    *,
+    filters: int = 32,
+    batch_norm: bool = False,
+    residual: bool = False,
+    stages: int = 3,
+    in_channels: int = 3,
+    num_classes: int = CLASSES,
+    bias: bool = False,
+    seed: int = 0,
+) -> nn.Sequential:
     """The coursework's ``ConvolutionalNetwork`` as a plain ``nn.Sequential`` (see the module
     docstring): ``input``, ``stage<s>_block<b>`` (a ``gscfast.nn.Residual`` when ``residual``),
     ``stage<s>_reduce``, ``pool``, ``logits``. Weights are PyTorch's default initialization drawn
     from a private generator seeded with ``seed``; the global RNG is untouched."""
-    for k, v, lo in (("blocks_per_stage", blocks_per_stage, 0), ("filters", filters, 1),
-                     ("stages", stages, 0), ("in_channels", in_channels, 1), ("num_classes", num_classes, 1)):
+    for k, v, lo in (
+        ("blocks_per_stage", blocks_per_stage, 0),
+        ("filters", filters, 1),
+        ("stages", stages, 0),
+        ("in_channels", in_channels, 1),
+        ("num_classes", num_classes, 1),
+    ):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
     # Module constructors draw their default init from the global RNG: keep it as it was.
     with torch.random.fork_rng(devices=[]):
         layers: list[tuple[str, nn.Module]] = [
-            ("input", nn.Sequential(OrderedDict(_unit(0, in_channels, filters, batch_norm, bias))))]
+            ("input", nn.Sequential(OrderedDict(_unit(0, in_channels, filters, batch_norm, bias))))
+        ]
         for s in range(stages):
             for b in range(blocks_per_stage):
-                body = nn.Sequential(OrderedDict(_unit(0, filters, filters, batch_norm, bias)
-                                                 + _unit(1, filters, filters, batch_norm, bias)))
+                body = nn.Sequential(
+                    OrderedDict(
+                        _unit(0, filters, filters, batch_norm, bias)
+                        + _unit(1, filters, filters, batch_norm, bias)
+                    )
+                )
                 layers.append((f"stage{s}_block{b}", Residual(body) if residual else body))
-            layers.append((f"stage{s}_reduce", nn.Sequential(OrderedDict(
-                _unit(0, filters, filters, batch_norm, bias) + [("pool", nn.AvgPool2d(2))]
-                + _unit(1, filters, filters, batch_norm, bias)))))
+            layers.append(
+                (
+                    f"stage{s}_reduce",
+                    nn.Sequential(
+                        OrderedDict(
+                            _unit(0, filters, filters, batch_norm, bias)
+                            + [("pool", nn.AvgPool2d(2))]
+                            + _unit(1, filters, filters, batch_norm, bias)
+                        )
+                    ),
+                )
+            )
         layers += [("pool", GlobalAvgPool()), ("logits", nn.Linear(filters, num_classes))]
         model = nn.Sequential(OrderedDict(layers))
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = 1 / math.sqrt(m.weight[0].numel())  # kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+                bound = 1 / math.sqrt(
+                    m.weight[0].numel()
+                )  # kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in))
                 m.weight.uniform_(-bound, bound, generator=gen)
                 if m.bias is not None:
                     m.bias.uniform_(-bound, bound, generator=gen)
@@ -140,8 +219,13 @@ def vgg(blocks_per_stage: int, *, filters: int = 32, batch_norm: bool = False,
 def make_model(variant: str, config: dict[str, Any]) -> nn.Sequential:
     """The network of ``variant`` (``VARIANTS``) with ``config``'s filters and seed."""
     blocks, bn, rc = VARIANTS[variant]
-    return vgg(blocks, filters=config["filters"], batch_norm=bn, residual=rc,
-               seed=job_seed(config["seed"], "init"))
+    return vgg(
+        blocks,
+        filters=config["filters"],
+        batch_norm=bn,
+        residual=rc,
+        seed=job_seed(config["seed"], "init"),
+    )
 
 
 def weight_layers(model: nn.Module) -> int:
@@ -163,33 +247,60 @@ def load_data(config: dict[str, Any]) -> dict[str, Any]:
     """``{"train": (x, y), "val": ..., "test": ..., "fill": black pixel [3]}``: CIFAR-100 split and
     standardized by ``gscfast.data.cifar100_splits``, cut to ``max_train`` / ``max_test`` images
     (the first ones); cached per process."""
-    key = (config["data_dir"], config["data_md5"], config["download"], config["val_size"],
-           config["max_train"], config["max_test"])
+    key = (
+        config["data_dir"],
+        config["data_md5"],
+        config["download"],
+        config["val_size"],
+        config["max_train"],
+        config["max_test"],
+    )
     if key not in _DATA_CACHE:
         from ..data import cifar100_splits
 
-        s = cifar100_splits(config["data_dir"], val_size=config["val_size"],
-                            download=config["download"], md5=config["data_md5"])
+        s = cifar100_splits(
+            config["data_dir"],
+            val_size=config["val_size"],
+            download=config["download"],
+            md5=config["data_md5"],
+        )
+
         def cut(xy, n):
             return xy if n is None else (xy[0][:n].clone(), xy[1][:n].clone())
 
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = {"train": cut(s.train, config["max_train"]), "val": s.val,
-                            "test": cut(s.test, config["max_test"]), "fill": s.black}
+        _DATA_CACHE[key] = {
+            "train": cut(s.train, config["max_train"]),
+            "val": s.val,
+            "test": cut(s.test, config["max_test"]),
+            "fill": s.black,
+        }
     return _DATA_CACHE[key]
 
 
 # ----------------------------------------------------------------------------- training
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, flow: GradientFlow | None,
-                x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle_seed: int,
-                augment_seed: int, padding: int, fill: torch.Tensor) -> tuple[float, float]:
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    flow: GradientFlow | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    shuffle_seed: int,
+    augment_seed: int,
+    padding: int,
+    fill: torch.Tensor,
+) -> tuple[float, float]:
     """One epoch of augmented minibatch training (``flow.step()`` after each optimizer step);
     returns the mean loss and the accuracy over the epoch's minibatches, as trained."""
     from ..data.augment import augment
 
     model.train()
     gen = torch.Generator().manual_seed(int(augment_seed))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)  # summed on the device: no sync
+    loss_sum = torch.zeros(
+        (), dtype=torch.float64, device=x.device
+    )  # summed on the device: no sync
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     n = 0
     for idx in minibatches(len(x), batch_size, shuffle_seed, x.device):
@@ -207,7 +318,9 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, flow: GradientFlow
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float | None, float | None]:
     """``(mean cross-entropy, accuracy)`` of ``model`` in eval mode (batch norm with its running
     statistics) over ``(x, y)`` in fixed chunks; ``(None, None)`` for an empty set. The model's
     mode is restored."""
@@ -219,9 +332,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float 
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     try:
         for i in range(0, len(x), _EVAL_CHUNK):
-            out = model(x[i:i + _EVAL_CHUNK])
-            loss += nn.functional.cross_entropy(out.double(), y[i:i + _EVAL_CHUNK], reduction="sum")
-            correct += (out.argmax(1) == y[i:i + _EVAL_CHUNK]).sum()
+            out = model(x[i : i + _EVAL_CHUNK])
+            loss += nn.functional.cross_entropy(
+                out.double(), y[i : i + _EVAL_CHUNK], reduction="sum"
+            )
+            correct += (out.argmax(1) == y[i : i + _EVAL_CHUNK]).sum()
     finally:
         model.train(was)
     return float(loss) / len(x), int(correct) / len(x)
@@ -238,8 +353,9 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
     set. A non-finite training loss stops the job with ``diverged: True`` (never raises)."""
     device = resolve_device(config["device"])
     data = load_data(config)
-    (x, y), (xv, yv), (xt, yt) = ((a.to(device), b.to(device)) for a, b in
-                                  (data["train"], data["val"], data["test"]))
+    (x, y), (xv, yv), (xt, yt) = (
+        (a.to(device), b.to(device)) for a, b in (data["train"], data["val"], data["test"])
+    )
     fill = data["fill"].to(device)
     variant, epochs = spec["variant"], config["epochs"]
     model = make_model(variant, config).to(device)
@@ -256,21 +372,35 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
     if c is not None:
         history, flow_records, state = (json.loads(c[k]) for k in ("history", "flow", "state"))
     done_here = 0
-    flow = GradientFlow(model, every=config["flow_every"], steps={last_step},
-                        start=state["epoch"] * steps_per_epoch)
+    flow = GradientFlow(
+        model, every=config["flow_every"], steps={last_step}, start=state["epoch"] * steps_per_epoch
+    )
     with deterministic(device), flow:
         while state["epoch"] < epochs and not state["diverged"]:
             e = state["epoch"] + 1
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             train_loss, train_acc = train_epoch(
-                model, opt, flow, x, y, batch_size=config["batch_size"],
+                model,
+                opt,
+                flow,
+                x,
+                y,
+                batch_size=config["batch_size"],
                 shuffle_seed=job_seed(config["seed"], "shuffle", e),
-                augment_seed=job_seed(config["seed"], "augment", e), padding=config["padding"], fill=fill)
+                augment_seed=job_seed(config["seed"], "augment", e),
+                padding=config["padding"],
+                fill=fill,
+            )
             _sync(device)
             t1 = time.perf_counter()
             sched.step()
-            h: dict[str, Any] = {"epoch": e, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
+            h: dict[str, Any] = {
+                "epoch": e,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+            }
             if not math.isfinite(train_loss):
                 state["diverged"] = h["diverged"] = True
                 h["val_loss"] = h["val_acc"] = None
@@ -282,28 +412,50 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
             flow_records.update({str(k): v for k, v in flow.records.items()})
             state["epoch"] = e
             if ckpt is not None:
-                save_training_state(ckpt, stateful, epoch=e, history=json.dumps(json_safe(history)),
-                                    flow=json.dumps(json_safe(flow_records)), state=json.dumps(state))
+                save_training_state(
+                    ckpt,
+                    stateful,
+                    epoch=e,
+                    history=json.dumps(json_safe(history)),
+                    flow=json.dumps(json_safe(flow_records)),
+                    state=json.dumps(state),
+                )
             if _PROGRESS:
-                progress_line(f"{variant} epoch {e}/{epochs}: train loss {_fmt(train_loss, 4)} acc "
-                              f"{_fmt(train_acc, 4)}, val loss {_fmt(h['val_loss'], 4)} acc "
-                              f"{_fmt(h['val_acc'], 4)}, lr {lr:.3g}, {h['seconds']['train']:.1f} s"
-                              + (" (diverged)" if state["diverged"] else ""))
+                progress_line(
+                    f"{variant} epoch {e}/{epochs}: train loss {_fmt(train_loss, 4)} acc "
+                    f"{_fmt(train_acc, 4)}, val loss {_fmt(h['val_loss'], 4)} acc "
+                    f"{_fmt(h['val_acc'], 4)}, lr {lr:.3g}, {h['seconds']['train']:.1f} s"
+                    + (" (diverged)" if state["diverged"] else "")
+                )
             done_here += 1
-            if _INTERRUPT_AFTER is not None and done_here >= _INTERRUPT_AFTER and state["epoch"] < epochs:
+            if (
+                _INTERRUPT_AFTER is not None
+                and done_here >= _INTERRUPT_AFTER
+                and state["epoch"] < epochs
+            ):
                 raise KeyboardInterrupt(f"test hook: stopped after {done_here} epochs")
     t0 = time.perf_counter()
     test_loss, test_acc = (None, None) if state["diverged"] else evaluate(model, xt, yt)
     names = [n for n, p in model.named_parameters() if p.dim() >= 2]  # what GradientFlow records
-    return json_safe({
-        "variant": variant, "weight_layers": weight_layers(model),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs_done": state["epoch"], "diverged": state["diverged"], "history": history,
-        "test_loss": test_loss, "test_acc": test_acc, "test_seconds": time.perf_counter() - t0,
-        "n_train": len(x), "n_val": len(xv), "n_test": len(xt), "steps_per_epoch": steps_per_epoch,
-        "flow": {"every": config["flow_every"], "weights": names, "records": flow_records},
-        "device": str(device),
-    })
+    return json_safe(
+        {
+            "variant": variant,
+            "weight_layers": weight_layers(model),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "epochs_done": state["epoch"],
+            "diverged": state["diverged"],
+            "history": history,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "test_seconds": time.perf_counter() - t0,
+            "n_train": len(x),
+            "n_val": len(xv),
+            "n_test": len(xt),
+            "steps_per_epoch": steps_per_epoch,
+            "flow": {"every": config["flow_every"], "weights": names, "records": flow_records},
+            "device": str(device),
+        }
+    )
 
 
 def check_result(config: dict, spec: dict, result: dict) -> None:
@@ -312,7 +464,15 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
         raise ValueError("not a training result")
     if not result["diverged"] and len(result["history"]) != config["epochs"]:
         raise ValueError(f"expected {config['epochs']} epochs, got {len(result['history'])}")
-    for k in ("epochs_done", "weight_layers", "parameters", "n_train", "n_val", "n_test", "steps_per_epoch"):
+    for k in (
+        "epochs_done",
+        "weight_layers",
+        "parameters",
+        "n_train",
+        "n_val",
+        "n_test",
+        "steps_per_epoch",
+    ):
         check_number(result.get(k), repr(k), integer=True)
     for k in ("test_loss", "test_acc"):  # null: diverged, or no test images
         check_number(result.get(k), repr(k), none=True)
@@ -321,12 +481,21 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
             raise ValueError(f"'history'[{i}] is not an epoch's record")
         check_number(h.get("epoch"), f"'history'[{i}]['epoch']", integer=True)
         check_number(h.get("lr"), f"'history'[{i}]['lr']")
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):  # null: non-finite or no images
+        for k in (
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+        ):  # null: non-finite or no images
             check_number(h.get(k), f"'history'[{i}][{k!r}]", none=True)
         for k in ("train", "val"):
             check_number(h["seconds"].get(k), f"'history'[{i}]['seconds'][{k!r}]")
     flow = result.get("flow")
-    if not isinstance(flow, dict) or not isinstance(flow.get("records"), dict) or not flow["records"]:
+    if (
+        not isinstance(flow, dict)
+        or not isinstance(flow.get("records"), dict)
+        or not flow["records"]
+    ):
         raise ValueError("missing gradient-flow records")
     for step, rec in flow["records"].items():
         weights = rec.get("weights") if isinstance(rec, dict) else None
@@ -334,36 +503,78 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
             raise ValueError(f"gradient-flow record {step} has no weights")
         for name, w in weights.items():
             for k in ("mean_abs", "norm"):  # null: a non-finite gradient
-                check_number(w.get(k) if isinstance(w, dict) else w,
-                             f"gradient-flow record {step} {name}[{k!r}]", none=True)
+                check_number(
+                    w.get(k) if isinstance(w, dict) else w,
+                    f"gradient-flow record {step} {name}[{k!r}]",
+                    none=True,
+                )
 
 
 # ----------------------------------------------------------------------------- the study
-def make_config(*, archs: list[str] | None = None, epochs: int = 100, batch_size: int = 100,
-                lr: float = 1e-3, weight_decay: float = 0.0, eta_min: float = 2e-5, filters: int = 32,
-                val_size: int = 2500, max_train: int | None = None, max_test: int | None = None,
-                flow_every: int = 100, padding: int = 4, data_dir: str = "data",
-                data_md5: str | None = None, download: bool = False, seed: int = 0,
-                device: str = "auto") -> dict[str, Any]:
+def make_config(
+    *,
+    archs: list[str] | None = None,
+    epochs: int = 100,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    eta_min: float = 2e-5,
+    filters: int = 32,
+    val_size: int = 2500,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    flow_every: int = 100,
+    padding: int = 4,
+    data_dir: str = "data",
+    data_md5: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
     """The study's configuration (the coursework's scale by default), checked."""
     archs = list(archs or VARIANTS)
     if any(a not in VARIANTS for a in archs) or len(set(archs)) != len(archs) or not archs:
         raise ValueError(f"--archs must be distinct names among {', '.join(VARIANTS)}, got {archs}")
-    for k, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 2), ("filters", filters, 1),
-                     ("val_size", val_size, 0), ("flow_every", flow_every, 1), ("padding", padding, 0),
-                     ("max_train", max_train, 2), ("max_test", max_test, 1)):
+    for k, v, lo in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 2),
+        ("filters", filters, 1),
+        ("val_size", val_size, 0),
+        ("flow_every", flow_every, 1),
+        ("padding", padding, 0),
+        ("max_train", max_train, 2),
+        ("max_test", max_test, 1),
+    ):
         if v is None and k.startswith("max_"):
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
-    for k, v, pos in (("lr", lr, True), ("weight_decay", weight_decay, False), ("eta_min", eta_min, False)):
+    for k, v, pos in (
+        ("lr", lr, True),
+        ("weight_decay", weight_decay, False),
+        ("eta_min", eta_min, False),
+    ):
         if not (math.isfinite(v) and (v > 0 if pos else v >= 0)):
             raise ValueError(f"{k} must be a finite number {'> 0' if pos else '>= 0'}, got {v!r}")
-    return {"archs": archs, "epochs": epochs, "batch_size": batch_size, "lr": float(lr),
-            "weight_decay": float(weight_decay), "eta_min": float(eta_min), "filters": filters,
-            "val_size": val_size, "max_train": max_train, "max_test": max_test,
-            "flow_every": flow_every, "padding": padding, "data_dir": str(data_dir),
-            "data_md5": data_md5, "download": bool(download), "seed": int(seed), "device": device}
+    return {
+        "archs": archs,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "eta_min": float(eta_min),
+        "filters": filters,
+        "val_size": val_size,
+        "max_train": max_train,
+        "max_test": max_test,
+        "flow_every": flow_every,
+        "padding": padding,
+        "data_dir": str(data_dir),
+        "data_md5": data_md5,
+        "download": bool(download),
+        "seed": int(seed),
+        "device": device,
+    }
 
 
 def make_study(config: dict[str, Any], out: str | Path) -> Study:
@@ -387,14 +598,23 @@ def flow_summary(result: dict[str, Any]) -> dict[str, Any]:
     flow = result["flow"]
     first, last = _ends(flow)
     names = flow["weights"]
-    out: dict[str, Any] = {"first_step": first, "last_step": last, "input": names[0], "output": names[-1]}
+    out: dict[str, Any] = {
+        "first_step": first,
+        "last_step": last,
+        "input": names[0],
+        "output": names[-1],
+    }
     for tag, step in (("first", first), ("last", last)):
         w = flow["records"][str(step)]["weights"]
         # None: a non-finite gradient (a diverged run), stored as null in strict JSON
         a, b = w[names[0]]["mean_abs"], w[names[-1]]["mean_abs"]
         finite = [w[n]["mean_abs"] for n in names if n in w and w[n]["mean_abs"] is not None]
-        out[tag] = {"input": a, "output": b, "ratio": a / b if a is not None and b else None,
-                    "median": statistics.median(finite) if finite else None}
+        out[tag] = {
+            "input": a,
+            "output": b,
+            "ratio": a / b if a is not None and b else None,
+            "median": statistics.median(finite) if finite else None,
+        }
     return out
 
 
@@ -409,16 +629,37 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
         best = max(vals, key=lambda t: (t[0], -t[1])) if vals else (None, None)
         blocks, bn, rc = VARIANTS[v]
         variants[v] = {
-            "blocks_per_stage": blocks, "batch_norm": bn, "residual": rc,
-            **{k: r[k] for k in ("weight_layers", "parameters", "epochs_done", "diverged", "test_loss",
-                                 "test_acc", "n_train", "n_val", "n_test", "steps_per_epoch", "device")},
+            "blocks_per_stage": blocks,
+            "batch_norm": bn,
+            "residual": rc,
+            **{
+                k: r[k]
+                for k in (
+                    "weight_layers",
+                    "parameters",
+                    "epochs_done",
+                    "diverged",
+                    "test_loss",
+                    "test_acc",
+                    "n_train",
+                    "n_val",
+                    "n_test",
+                    "steps_per_epoch",
+                    "device",
+                )
+            },
             "final": {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-            "best_val_acc": best[0], "best_val_epoch": best[1],
-            "seconds": {"train_per_epoch": _mean(h["seconds"]["train"] for h in hist),
-                        "val_per_epoch": _mean(h["seconds"]["val"] for h in hist),
-                        "train_total": sum(h["seconds"]["train"] for h in hist),
-                        "test": r["test_seconds"], "job_this_process": records[v]["seconds"]},
-            "flow": flow_summary(r), "history": hist,
+            "best_val_acc": best[0],
+            "best_val_epoch": best[1],
+            "seconds": {
+                "train_per_epoch": _mean(h["seconds"]["train"] for h in hist),
+                "val_per_epoch": _mean(h["seconds"]["val"] for h in hist),
+                "train_total": sum(h["seconds"]["train"] for h in hist),
+                "test": r["test_seconds"],
+                "job_this_process": records[v]["seconds"],
+            },
+            "flow": flow_summary(r),
+            "history": hist,
         }
     return {"study": NAME, "config": config, "variants": variants}
 
@@ -427,13 +668,33 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
 def epochs_csv(results: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                "t_train", "t_val"])
+    w.writerow(
+        [
+            "variant",
+            "epoch",
+            "lr",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "t_train",
+            "t_val",
+        ]
+    )
     for v, a in results["variants"].items():
         for h in a["history"]:
-            w.writerow([v, h["epoch"], *(_num(h.get(k)) for k in ("lr", "train_loss", "train_acc",
-                                                                   "val_loss", "val_acc")),
-                        _num(h["seconds"]["train"]), _num(h["seconds"]["val"])])
+            w.writerow(
+                [
+                    v,
+                    h["epoch"],
+                    *(
+                        _num(h.get(k))
+                        for k in ("lr", "train_loss", "train_acc", "val_loss", "val_acc")
+                    ),
+                    _num(h["seconds"]["train"]),
+                    _num(h["seconds"]["val"]),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -449,8 +710,17 @@ def flow_csv(records: dict[str, dict[str, Any]], variants: list[str]) -> str:
             ws = flow["records"][str(step)]["weights"]
             for i, name in enumerate(flow["weights"], 1):
                 if name in ws:
-                    w.writerow([v, step, step // spe + 1, i, name, _num(ws[name]["mean_abs"]),
-                                _num(ws[name]["norm"])])
+                    w.writerow(
+                        [
+                            v,
+                            step,
+                            step // spe + 1,
+                            i,
+                            name,
+                            _num(ws[name]["mean_abs"]),
+                            _num(ws[name]["norm"]),
+                        ]
+                    )
     return buf.getvalue()
 
 
@@ -464,17 +734,26 @@ def plot_curves(results: dict[str, Any], paths: list[Path]) -> None:
         for ax, q in zip(axes, ("loss", "acc")):
             for split, style in (("train", "-"), ("val", "--")):
                 ys = [h.get(f"{split}_{q}") for h in a["history"]]
-                ax.plot(ep, [math.nan if t is None else t for t in ys], style, color=colors[i % 10],
-                        marker="o" if len(ep) < 15 else None, markersize=3,
-                        label=f"{v} {'training' if split == 'train' else 'validation'}")
+                ax.plot(
+                    ep,
+                    [math.nan if t is None else t for t in ys],
+                    style,
+                    color=colors[i % 10],
+                    marker="o" if len(ep) < 15 else None,
+                    markersize=3,
+                    label=f"{v} {'training' if split == 'train' else 'validation'}",
+                )
     for ax, t in zip(axes, ("cross-entropy loss", "accuracy")):
         ax.set_title(t)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     cfg = results["config"]
-    fig.suptitle(f"CIFAR-100, {cfg['filters']} filters, Adam lr {cfg['lr']:g} (cosine), batch "
-                 f"{cfg['batch_size']} (solid: training, dashed: validation)", fontsize=10)
+    fig.suptitle(
+        f"CIFAR-100, {cfg['filters']} filters, Adam lr {cfg['lr']:g} (cosine), batch "
+        f"{cfg['batch_size']} (solid: training, dashed: validation)",
+        fontsize=10,
+    )
     h, lab = axes[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 4), fontsize=8, frameon=False)
     rows = math.ceil(len(lab) / 4)
@@ -486,14 +765,24 @@ def plot_flow_variant(v: str, result: dict[str, Any], paths: list[Path]) -> None
     """The classic gradient-flow bar plot of one variant at its first and last recorded step."""
     flow, spe = result["flow"], result["steps_per_epoch"]
     steps = sorted(set(_ends(flow)))
-    titles = [f"step {s} (epoch {s // spe + 1}, {'first' if s == steps[0] else 'last'} step)" for s in steps]
+    titles = [
+        f"step {s} (epoch {s // spe + 1}, {'first' if s == steps[0] else 'last'} step)"
+        for s in steps
+    ]
     pyplot()  # the Agg backend before the figure is made
-    fig = plot_flow(flow["records"], steps, titles=titles, labels={n: _label(n) for n in flow["weights"]},
-                    suptitle=f"{v}: gradient flow per weight layer, input to output")
+    fig = plot_flow(
+        flow["records"],
+        steps,
+        titles=titles,
+        labels={n: _label(n) for n in flow["weights"]},
+        suptitle=f"{v}: gradient flow per weight layer, input to output",
+    )
     save_figure(fig, paths)
 
 
-def plot_flow_comparison(records: dict[str, dict[str, Any]], variants: list[str], paths: list[Path]) -> None:
+def plot_flow_comparison(
+    records: dict[str, dict[str, Any]], variants: list[str], paths: list[Path]
+) -> None:
     """Mean |gradient| per weight layer (input to output) of every variant, first and last step."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
@@ -502,10 +791,18 @@ def plot_flow_comparison(records: dict[str, dict[str, Any]], variants: list[str]
         flow = records[v]["result"]["flow"]
         for ax, step in zip(axes, _ends(flow)):
             ws = flow["records"][str(step)]["weights"]
-            ys = [math.nan if ws.get(n, {}).get("mean_abs") is None else ws[n]["mean_abs"]
-                  for n in flow["weights"]]
-            ax.plot(range(1, len(ys) + 1), ys, "o-", color=colors[i % 10], markersize=3,
-                    label=f"{v} (step {step})")
+            ys = [
+                math.nan if ws.get(n, {}).get("mean_abs") is None else ws[n]["mean_abs"]
+                for n in flow["weights"]
+            ]
+            ax.plot(
+                range(1, len(ys) + 1),
+                ys,
+                "o-",
+                color=colors[i % 10],
+                markersize=3,
+                label=f"{v} (step {step})",
+            )
     for ax, t in zip(axes, ("first step of training", "last step of training")):
         ax.set_yscale("log")
         ax.set_title(t)
@@ -522,12 +819,15 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
     vs = results["variants"]
     any_v = next(iter(vs.values()))
     lines = [
-        "# VGG study: gradient flow in VGG08 / VGG38 on CIFAR-100 (MLP coursework 2021)", "",
+        "# VGG study: gradient flow in VGG08 / VGG38 on CIFAR-100 (MLP coursework 2021)",
+        "",
         f"gscfast {info['version']}: {len(vs)} variants, {cfg['epochs']} epochs of Adam (lr "
         f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, cosine annealing to {cfg['eta_min']:g}), "
         f"batch {cfg['batch_size']}, {cfg['filters']} filters; {any_v['n_train']:,} training, "
-        f"{any_v['n_val']:,} validation, {any_v['n_test']:,} test images; seed {cfg['seed']}.", "",
-        "## Results (after the last epoch)", "",
+        f"{any_v['n_val']:,} validation, {any_v['n_test']:,} test images; seed {cfg['seed']}.",
+        "",
+        "## Results (after the last epoch)",
+        "",
         "| variant | weight layers | parameters | epochs | train loss | train acc | val loss "
         "| val acc | best val acc (epoch) | test loss | test acc |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -535,15 +835,24 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
     for v, a in vs.items():
         f = a["final"]
         ep = f"{a['epochs_done']}" + (" (diverged)" if a["diverged"] else "")
-        best = f"{_fmt(a['best_val_acc'], 4)} ({a['best_val_epoch']})" if a["best_val_acc"] is not None else "n/a"
-        lines.append(f"| {v} | {a['weight_layers']} | {a['parameters']:,} | {ep} | {_fmt(f['train_loss'], 4)} "
-                     f"| {_fmt(f['train_acc'], 4)} | {_fmt(f['val_loss'], 4)} | {_fmt(f['val_acc'], 4)} "
-                     f"| {best} | {_fmt(a['test_loss'], 4)} | {_fmt(a['test_acc'], 4)} |")
+        best = (
+            f"{_fmt(a['best_val_acc'], 4)} ({a['best_val_epoch']})"
+            if a["best_val_acc"] is not None
+            else "n/a"
+        )
+        lines.append(
+            f"| {v} | {a['weight_layers']} | {a['parameters']:,} | {ep} | {_fmt(f['train_loss'], 4)} "
+            f"| {_fmt(f['train_acc'], 4)} | {_fmt(f['val_loss'], 4)} | {_fmt(f['val_acc'], 4)} "
+            f"| {best} | {_fmt(a['test_loss'], 4)} | {_fmt(a['test_acc'], 4)} |"
+        )
     lines += [
-        "", "## Gradient flow", "",
+        "",
+        "## Gradient flow",
+        "",
         "Mean |gradient| of the weight of the input convolution, its median over all weight "
         "layers, that of the output layer, and the ratio input / output, at the first and the "
-        "last step of training (`flow-<variant>.png` shows every layer).", "",
+        "last step of training (`flow-<variant>.png` shows every layer).",
+        "",
         "| variant | step (epoch) | input layer | median layer | output layer | input / output |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -551,22 +860,31 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
         fl = a["flow"]
         for t in ("first", "last"):
             step = fl[f"{t}_step"]
-            lines.append(f"| {v} | {step} ({step // a['steps_per_epoch'] + 1}) | {_sci(fl[t]['input'])} "
-                         f"| {_sci(fl[t]['median'])} | {_sci(fl[t]['output'])} | {_sci(fl[t]['ratio'])} |")
+            lines.append(
+                f"| {v} | {step} ({step // a['steps_per_epoch'] + 1}) | {_sci(fl[t]['input'])} "
+                f"| {_sci(fl[t]['median'])} | {_sci(fl[t]['output'])} | {_sci(fl[t]['ratio'])} |"
+            )
     lines += [
-        "", "## Timings", "",
+        "",
+        "## Timings",
+        "",
         "| variant | training s / epoch | validation s / epoch | training total s | test s |",
         "| --- | --- | --- | --- | --- |",
     ]
     for v, a in vs.items():
         s = a["seconds"]
-        lines.append(f"| {v} | {_fmt(s['train_per_epoch'], 2)} | {_fmt(s['val_per_epoch'], 2)} "
-                     f"| {_fmt(s['train_total'], 1)} | {_fmt(s['test'], 2)} |")
+        lines.append(
+            f"| {v} | {_fmt(s['train_per_epoch'], 2)} | {_fmt(s['val_per_epoch'], 2)} "
+            f"| {_fmt(s['train_total'], 1)} | {_fmt(s['test'], 2)} |"
+        )
     devices = sorted({a["device"] for a in vs.values()})
     lines += [
-        "", f"Machine: {info['machine']}; device {', '.join(devices)}; engine {info['engine']}, "
-        f"{info['threads']} CPU threads per job.", "",
-        "## How the numbers are made", "",
+        "",
+        f"Machine: {info['machine']}; device {', '.join(devices)}; engine {info['engine']}, "
+        f"{info['threads']} CPU threads per job.",
+        "",
+        "## How the numbers are made",
+        "",
         "- **train loss / acc**: mean cross-entropy and accuracy over the epoch's minibatches as "
         "they were trained on (augmented, train mode, weights changing during the epoch).",
         "- **val / test**: eval mode (batch norm with running statistics), no augmentation, over "
@@ -582,24 +900,32 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
         "its -BN, -RC, -BN-RC variants start from the same convolution weights.",
         "- **resume**: per-epoch checkpoints; a resumed run repeats an uninterrupted one bit for "
         "bit on the same machine and thread count.",
-        "", "## Configuration", "", "```json", json.dumps(cfg, indent=2), "```", "",
-        "## Files", "",
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(cfg, indent=2),
+        "```",
+        "",
+        "## Files",
+        "",
         *(f"- {f}" for f in files),
         "- `manifest.json`, `jobs/`, `checkpoints/`: the run (one record and one checkpoint per "
-        "variant); rerun the same command with `--resume` to continue or to regenerate these files.", "",
+        "variant); rerun the same command with `--resume` to continue or to regenerate these files.",
+        "",
     ]
     return "\n".join(lines)
 
 
 _FILE_NOTES = {
     "results.json": "every number: per variant the per-epoch history, final, best and test metrics, "
-                    "gradient-flow summary, timings; the configuration",
+    "gradient-flow summary, timings; the configuration",
     "epochs.csv": "one row per variant and epoch (learning rate, losses, accuracies, seconds)",
     "flow.csv": "every gradient-flow record: variant, step, epoch, layer (1 = input), weight, "
-                "mean_abs, norm",
+    "mean_abs, norm",
     "curves.png": "training and validation loss and accuracy per epoch (also `curves.pdf`)",
     "flow-comparison.png": "mean |gradient| per layer of every variant at the first and last step "
-                           "(also `.pdf`)",
+    "(also `.pdf`)",
     "summary.md": "this file",
 }
 
@@ -619,15 +945,21 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
     atomic_write(path("epochs.csv"), epochs_csv(results))
     atomic_write(path("flow.csv"), flow_csv(result.records, config["archs"]))
     plot_curves(results, [path("curves.png"), path("curves.pdf")])
-    plot_flow_comparison(result.records, config["archs"], [path("flow-comparison.png"),
-                                                           path("flow-comparison.pdf")])
+    plot_flow_comparison(
+        result.records, config["archs"], [path("flow-comparison.png"), path("flow-comparison.pdf")]
+    )
     notes = dict(_FILE_NOTES)
     for v in config["archs"]:
         r = result.records[v]["result"]
-        write_json(path(f"flow-{v}.json"), {"variant": v, "steps_per_epoch": r["steps_per_epoch"], **r["flow"]})
+        write_json(
+            path(f"flow-{v}.json"),
+            {"variant": v, "steps_per_epoch": r["steps_per_epoch"], **r["flow"]},
+        )
         plot_flow_variant(v, r, [path(f"flow-{v}.png"), path(f"flow-{v}.pdf")])
-        notes[f"flow-{v}.png"] = (f"gradient-flow bar plot of {v} at the first and last step (also "
-                                  f"`.pdf`); `flow-{v}.json`: its GradientFlow records")
+        notes[f"flow-{v}.png"] = (
+            f"gradient-flow bar plot of {v} at the first and last step (also "
+            f"`.pdf`); `flow-{v}.json`: its GradientFlow records"
+        )
     files = [f"`{k}`: {notes[k]}" for k in notes]
     atomic_write(path("summary.md"), summary_md(results, info, files))
     return paths
@@ -636,30 +968,66 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/vgg", help="results directory (default %(default)s)")
-    p.add_argument("--archs", nargs="+", default=list(VARIANTS), metavar="VARIANT",
-                   help=f"variants among {', '.join(VARIANTS)} (default: all five)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants among {', '.join(VARIANTS)} (default: all five)",
+    )
     p.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
     p.add_argument("--batch-size", type=int, default=100, help="minibatch size (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam's weight decay (default 0)")
-    p.add_argument("--eta-min", type=float, default=2e-5,
-                   help="the cosine schedule's final learning rate (default 2e-5)")
-    p.add_argument("--filters", type=int, default=32, help="channels of every convolution (default 32)")
-    p.add_argument("--val-size", type=int, default=2500,
-                   help="validation images held out from the end of the official training set "
-                        "(default 2500)")
-    p.add_argument("--max-train", type=int, default=None,
-                   help="train on the first N training images only (quick runs; default: all)")
-    p.add_argument("--max-test", type=int, default=None,
-                   help="evaluate on the first N test images only (quick runs; default: all)")
-    p.add_argument("--flow-every", type=int, default=100,
-                   help="record the gradient flow every N steps (and at the first and last; default 100)")
-    p.add_argument("--data-dir", default="data", help="folder of cifar-100-python.tar.gz or "
-                   "cifar-100-binary.tar.gz (default data)")
-    p.add_argument("--data-md5", default=None,
-                   help="expected MD5 of the archive (default: the official one; for generated "
-                        "archives, see gscfast.data.cifar.write_fake_archive)")
-    p.add_argument("--download", action="store_true", help="download the official archive if missing")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="Adam's weight decay (default 0)"
+    )
+    p.add_argument(
+        "--eta-min",
+        type=float,
+        default=2e-5,
+        help="the cosine schedule's final learning rate (default 2e-5)",
+    )
+    p.add_argument(
+        "--filters", type=int, default=32, help="channels of every convolution (default 32)"
+    )
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=2500,
+        help="validation images held out from the end of the official training set (default 2500)",
+    )
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="train on the first N training images only (quick runs; default: all)",
+    )
+    p.add_argument(
+        "--max-test",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images only (quick runs; default: all)",
+    )
+    p.add_argument(
+        "--flow-every",
+        type=int,
+        default=100,
+        help="record the gradient flow every N steps (and at the first and last; default 100)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default="data",
+        help="folder of cifar-100-python.tar.gz or cifar-100-binary.tar.gz (default data)",
+    )
+    p.add_argument(
+        "--data-md5",
+        default=None,
+        help="expected MD5 of the archive (default: the official one; for generated "
+        "archives, see gscfast.data.cifar.write_fake_archive)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download the official archive if missing"
+    )
     add_study_arguments(p, dtype=None, backend=None)
     add_runner_arguments(p)
 
@@ -668,8 +1036,13 @@ def main(args: argparse.Namespace) -> int:
     global _PROGRESS
     try:
         # Every option of make_config has the command-line option of the same name.
-        config = make_config(**{k: getattr(args, k) for k in inspect.signature(make_config).parameters
-                                if hasattr(args, k)})
+        config = make_config(
+            **{
+                k: getattr(args, k)
+                for k in inspect.signature(make_config).parameters
+                if hasattr(args, k)
+            }
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -677,12 +1050,16 @@ def main(args: argparse.Namespace) -> int:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:
             res = json.loads(paths["results.json"].read_text())
-            print(f"{'variant':<12} {'layers':>6} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
-                  f"{'grad ratio in/out (first step)':>31}")
+            print(
+                f"{'variant':<12} {'layers':>6} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
+                f"{'grad ratio in/out (first step)':>31}"
+            )
             for v, a in res["variants"].items():
-                print(f"{v:<12} {a['weight_layers']:>6} {_fmt(a['final']['train_acc'], 4):>9} "
-                      f"{_fmt(a['final']['val_acc'], 4):>8} {_fmt(a['test_acc'], 4):>8} "
-                      f"{_sci(a['flow']['first']['ratio']):>31}")
+                print(
+                    f"{v:<12} {a['weight_layers']:>6} {_fmt(a['final']['train_acc'], 4):>9} "
+                    f"{_fmt(a['final']['val_acc'], 4):>8} {_fmt(a['test_acc'], 4):>8} "
+                    f"{_sci(a['flow']['first']['ratio']):>31}"
+                )
         return paths
 
     check_command(args)  # before the data are loaded

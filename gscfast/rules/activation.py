@@ -1,4 +1,5 @@
 """Elementwise activations: each supplies only its derivative, saved at forward time."""
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,9 @@ class LeakyReLURule(ActivationRule):
 
     def derivative(self, z, y):
         # Python scalars in torch.where would give float32; stay in z's dtype.
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, self.module.negative_slope))
+        return torch.where(
+            z > 0, torch.ones_like(z), torch.full_like(z, self.module.negative_slope)
+        )
 
 
 @register

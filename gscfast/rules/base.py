@@ -8,6 +8,7 @@ Layouts (index letters used throughout gscfast):
   ``P = D, S = B``, so a batch-norm VJP reduces over axis ``-2`` and every other rule ignores it.
 Saved tensors are stored already broadcastable to ``[P, 1, S, k]`` (``ForwardCtx.rows``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ def register(rule: type[Rule], *, override: bool = False) -> type[Rule]:
     """Register ``rule`` for its ``module_types``; replacing an existing rule must be asked for."""
     for t in rule.module_types:
         if t in RULES and RULES[t] is not rule and not override:
-            raise ValueError(f"a rule for {t.__name__} is already registered ({RULES[t].__name__}); "
-                             "pass override=True to replace it")
+            raise ValueError(
+                f"a rule for {t.__name__} is already registered ({RULES[t].__name__}); "
+                "pass override=True to replace it"
+            )
         RULES[t] = rule
     return rule

@@ -1,4 +1,5 @@
 """Error layers f_0 (definitions.md): ``dot`` (Gaussian study) and ``kl`` (CIFAR study)."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Both standardize ``x`` along one axis; their Jacobian is the same projection
 layer norm and over the samples of a batch datapoint (axis -2 of ``[P, R, S, d]``) for batch norm.
 Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a diagonal scale.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,10 @@ class LayerNormRule(Rule):
     def __init__(self, module: nn.LayerNorm, path: str) -> None:
         super().__init__(module, path)
         if len(module.normalized_shape) != 1:
-            raise TypeError(f"{path}: LayerNorm over {tuple(module.normalized_shape)} is not "
-                            "supported; gscfast supports LayerNorm over the last dimension only")
+            raise TypeError(
+                f"{path}: LayerNorm over {tuple(module.normalized_shape)} is not "
+                "supported; gscfast supports LayerNorm over the last dimension only"
+            )
         self.eps = module.eps
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if getattr(module, "bias", None) is None else module.bias.detach()
@@ -79,8 +82,11 @@ class BatchNormRule(Rule):
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
         self.uses_batch_stats = module.training or module.running_mean is None
-        self.running = None if self.uses_batch_stats else (
-            module.running_mean.detach(), module.running_var.detach())
+        self.running = (
+            None
+            if self.uses_batch_stats
+            else (module.running_mean.detach(), module.running_var.detach())
+        )
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:

@@ -25,8 +25,10 @@ class ResidualRule(Rule):
             h, s = op.forward(h, ctx)
             saved.append(s)
         if h.shape != x.shape:
-            raise ValueError(f"{self.path}: body maps {tuple(x.shape[-1:])} features to "
-                             f"{tuple(h.shape[-1:])}; a residual body must keep the width")
+            raise ValueError(
+                f"{self.path}: body maps {tuple(x.shape[-1:])} features to "
+                f"{tuple(h.shape[-1:])}; a residual body must keep the width"
+            )
         return x + self.scale * h, saved
 
     def vjp(self, v: Tensor, saved) -> Tensor:
@@ -39,4 +41,6 @@ class ResidualRule(Rule):
         return d_in
 
     def tensors(self):
-        return {f"body[{i}].{k}": t for i, op in enumerate(self.body) for k, t in op.tensors().items()}
+        return {
+            f"body[{i}].{k}": t for i, op in enumerate(self.body) for k, t in op.tensors().items()
+        }

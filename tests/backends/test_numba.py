@@ -10,6 +10,7 @@ a batch, residual blocks) must take the torch path and give its numbers.
 Every output buffer the backend allocates starts as NaN, so an entry a kernel never writes shows
 up as a NaN-pattern mismatch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,11 @@ from torch import nn
 
 import gscfast
 from gscfast.backends import get_backend
-from gscfast.validation import Problem
-from gscfast.validation import make_problem
+from gscfast.validation import Problem, make_problem
 
 pytest.importorskip("numba")
-from gscfast.backends import numba_backend  # noqa: E402
-from gscfast.backends.numba_backend import NumbaBackend  # noqa: E402
+from gscfast.backends import numba_backend
+from gscfast.backends.numba_backend import NumbaBackend
 
 
 @pytest.fixture(autouse=True)
@@ -39,12 +39,24 @@ def poisoned_workspaces(monkeypatch):
 
 
 DTYPES = [torch.float64, torch.float32]
-ACTS = ["relu", "leaky_relu", "leaky_neg", "tanh", "sigmoid", "elu", "selu", "softplus", "gelu",
-        "gelu_tanh", "identity"]
+ACTS = [
+    "relu",
+    "leaky_relu",
+    "leaky_neg",
+    "tanh",
+    "sigmoid",
+    "elu",
+    "selu",
+    "softplus",
+    "gelu",
+    "gelu_tanh",
+    "identity",
+]
 NORMS = [None, "layer", "layer_affine", "bn_eval", "bn_frozen"]
 
 
 # ----------------------------------------------------------------------------- problems
+
 
 def _act(name: str) -> nn.Module:
     return {
@@ -77,8 +89,14 @@ def _norm(kind: str | None, d: int, g: torch.Generator) -> list[nn.Module]:
     return [m]
 
 
-def make_model(act: str, norm: str | None, widths=(11, 37, 63, 37, 5), seed: int = 0,
-               bias: bool = True, last_linear: bool = True) -> nn.Sequential:
+def make_model(
+    act: str,
+    norm: str | None,
+    widths=(11, 37, 63, 37, 5),
+    seed: int = 0,
+    bias: bool = True,
+    last_linear: bool = True,
+) -> nn.Sequential:
     """``widths[0]`` inputs, hidden layers ``Linear -> norm -> act``, a final plain Linear."""
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
@@ -117,8 +135,11 @@ def problem(model, dtype, *, D=2, B=13, error="dot", chunk=5, seed=1, batchnorm=
     n = next(m for m in model.modules() if isinstance(m, nn.Linear)).in_features
     out = gscfast.compile_model(model).widths(n)[1]
     x = torch.randn(D, B, n, generator=g, dtype=torch.float64).to(dtype)
-    y = (torch.randn(D, B, out, generator=g, dtype=torch.float64).to(dtype) if error == "dot"
-         else torch.randint(0, out, (D, B), generator=g))
+    y = (
+        torch.randn(D, B, out, generator=g, dtype=torch.float64).to(dtype)
+        if error == "dot"
+        else torch.randint(0, out, (D, B), generator=g)
+    )
     bn = batchnorm or ("frozen" if gscfast.compile_model(model).couples_batch else "batch")
     pb, _ = make_problem(model, x, y, error=error, batchnorm=bn, chunk_size=chunk)
     return pb
@@ -127,13 +148,19 @@ def problem(model, dtype, *, D=2, B=13, error="dot", chunk=5, seed=1, batchnorm=
 def as64(pb: Problem) -> Problem:
     """The same problem in float64 (the truth for float32 results)."""
     model = copy.deepcopy(pb.program.model).double()
-    pb64, _ = make_problem(model, pb.x.double(), pb.y.double() if pb.error == "dot" else pb.y,
-                           error=pb.error, batchnorm="frozen" if pb.frozen else "batch",
-                           chunk_size=pb.chunk_size)
+    pb64, _ = make_problem(
+        model,
+        pb.x.double(),
+        pb.y.double() if pb.error == "dot" else pb.y,
+        error=pb.error,
+        batchnorm="frozen" if pb.frozen else "batch",
+        chunk_size=pb.chunk_size,
+    )
     return pb64
 
 
 # ----------------------------------------------------------------------------- comparisons
+
 
 def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     """Same shape and NaN pattern; 1e-9 relative (float64) or 1e-4 in log space (float32)."""
@@ -163,15 +190,19 @@ def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
         assert ((g[small] - r[small]).abs() <= 1e-4 * r.abs().max()).all(), what
 
 
-def run_all(be, pb: Problem, init=None, probes=None, spans=((None, None),), only_sweep=False
-            ) -> dict[str, torch.Tensor]:
+def run_all(
+    be, pb: Problem, init=None, probes=None, spans=((None, None),), only_sweep=False
+) -> dict[str, torch.Tensor]:
     """Every raw quantity of a backend on ``pb`` (the sweep's only, if ``only_sweep``)."""
     L = pb.L
     sw = be.sweep(pb, grads=True, stats=True)
     out = {"sq_out": sw.sq_out, "sq_grad": sw.sq_grad, "chain": be.chain(pb, None)}
     # statistics without gradients too: nothing is saved for a backward pass then, a separate
     # code path (as preactivation_stats takes it)
-    for tag, moments in (("", sw.moments), ("nograd ", be.sweep(pb, grads=False, stats=True).moments)):
+    for tag, moments in (
+        ("", sw.moments),
+        ("nograd ", be.sweep(pb, grads=False, stats=True).moments),
+    ):
         for l, mo in enumerate(moments):
             if mo is not None:
                 out[f"{tag}mean[{l}]"] = mo.mean.to(pb.x.dtype)
@@ -193,14 +224,18 @@ def run_all(be, pb: Problem, init=None, probes=None, spans=((None, None),), only
     return out
 
 
-def compare(pb: Problem, init=None, probes=None, spans=((None, None),), against="torch",
-            only_sweep=False):
+def compare(
+    pb: Problem, init=None, probes=None, spans=((None, None),), against="torch", only_sweep=False
+):
     numba = NumbaBackend()
     ref_pb = pb if pb.x.dtype == torch.float64 else as64(pb)
     ref_init = None
     if init is not None:
-        ref_init = gscfast.compile_model(copy.deepcopy(init.model).double()) \
-            if pb.x.dtype != torch.float64 else init
+        ref_init = (
+            gscfast.compile_model(copy.deepcopy(init.model).double())
+            if pb.x.dtype != torch.float64
+            else init
+        )
     got = run_all(numba, pb, init, probes, spans, only_sweep)
     ref = run_all(get_backend(against, "cpu"), ref_pb, ref_init, probes, spans, only_sweep)
     assert got.keys() == ref.keys()
@@ -220,10 +255,12 @@ def probe_fn(pb: Problem, R: int = 7):
     def probes(l: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(100 + l)
         return (torch.randint(0, 2, (R, pb.S, pb.widths[l]), generator=g) * 2 - 1).double()
+
     return probes
 
 
 # ----------------------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm", NORMS, ids=str)
@@ -236,8 +273,12 @@ def test_all_methods_match_torch(act, norm, dtype):
     assert NumbaBackend.fused(pb), "this problem should run on the fused kernels"
     L = pb.L
     init = gscfast.compile_model(perturbed(pb.program.model, seed=3))
-    compare(pb, init=init, probes=probe_fn(pb),
-            spans=((None, None), (L + 1, L), (L, 2), (3, 3), (L - 1, 1)))
+    compare(
+        pb,
+        init=init,
+        probes=probe_fn(pb),
+        spans=((None, None), (L + 1, L), (L, 2), (3, 3), (L - 1, 1)),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -268,8 +309,9 @@ def test_against_reference(act, norm, dtype):
     pb = problem(model, dtype, D=2, B=4, chunk=3)
     L = pb.L
     init = gscfast.compile_model(perturbed(pb.program.model, seed=7))
-    compare(pb, init=init, probes=probe_fn(pb, R=3), spans=((None, None), (L, 2)),
-            against="reference")
+    compare(
+        pb, init=init, probes=probe_fn(pb, R=3), spans=((None, None), (L, 2)), against="reference"
+    )
 
 
 def _coupled_model():
@@ -284,8 +326,9 @@ def test_coupled_sweep_matches_torch(act, error, dtype):
     tiles that end mid-batch; with a layer norm and a plain layer mixed in."""
     g = torch.Generator().manual_seed(9)
     model = make_model(act, "bn_frozen", widths=(11, 37, 63, 37, 5), seed=4)
-    model = nn.Sequential(*model[:-1], nn.Linear(37, 37), nn.LayerNorm(37), _act(act),
-                          nn.Linear(37, 5)).double()
+    model = nn.Sequential(
+        *model[:-1], nn.Linear(37, 37), nn.LayerNorm(37), _act(act), nn.Linear(37, 5)
+    ).double()
     with torch.no_grad():
         model[-4].weight.copy_(torch.randn(37, 37, generator=g, dtype=torch.float64) / 6)
     pb = problem(model, dtype, D=3, B=29, error=error, batchnorm="batch")
@@ -302,9 +345,12 @@ def test_coupled_sweep_against_reference(dtype):
 
 def _residual_model():
     g = torch.Generator().manual_seed(0)
-    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(),
-                      gscfast.nn.Residual(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), 0.5),
-                      nn.Linear(6, 3)).double()
+    m = nn.Sequential(
+        nn.Linear(5, 6),
+        nn.Tanh(),
+        gscfast.nn.Residual(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), 0.5),
+        nn.Linear(6, 3),
+    ).double()
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
@@ -322,8 +368,10 @@ def test_fallbacks_give_torch_numbers(case, dtype):
     elif case == "no_linear_first":
         pb = problem(nn.Sequential(nn.Tanh(), nn.Linear(5, 4)).double(), dtype)
     else:
-        pb = problem(nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)
-                                   ).double(), dtype)
+        pb = problem(
+            nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double(),
+            dtype,
+        )
     assert not NumbaBackend.fused(pb)
     assert NumbaBackend.fused(pb, method="sweep") == (case == "coupled")  # fused coupled sweep
     init = gscfast.compile_model(perturbed(pb.program.model, seed=1))
@@ -331,20 +379,33 @@ def test_fallbacks_give_torch_numbers(case, dtype):
     ref = run_all(get_backend("torch", "cpu"), pb, init, probe_fn(pb, R=2))
     for k in got:
         if case == "coupled" and k.removeprefix("nograd ").startswith(
-                ("sq_", "mean", "var", "signs", "count")):
+            ("sq_", "mean", "var", "signs", "count")
+        ):
             continue  # the sweep is fused: test_coupled_sweep_* compare it
         torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_public_api_with_numba(dtype):
-    model = gscfast.mlp(6, 37, act="tanh", norm="layer", in_features=63, out_features=9, bias=True,
-                        seed=3, dtype=dtype)
+    model = gscfast.mlp(
+        6,
+        37,
+        act="tanh",
+        norm="layer",
+        in_features=63,
+        out_features=9,
+        bias=True,
+        seed=3,
+        dtype=dtype,
+    )
     x = torch.randn(2, 17, 63, dtype=dtype)
     y = torch.randn(2, 17, 9, dtype=dtype)
     tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
-    for fn, kw in ((gscfast.gsc, {}), (gscfast.gsc_matrix, {}),
-                   (gscfast.gsc_matrix, {"method": "sketch", "probes": 5})):
+    for fn, kw in (
+        (gscfast.gsc, {}),
+        (gscfast.gsc_matrix, {}),
+        (gscfast.gsc_matrix, {"method": "sketch", "probes": 5}),
+    ):
         gen = {"generator": torch.Generator().manual_seed(0)} if "probes" in kw else {}
         a = fn(model, x, y, backend="numba", chunk_size=7, **kw, **gen)
         gen = {"generator": torch.Generator().manual_seed(0)} if "probes" in kw else {}
@@ -353,8 +414,17 @@ def test_public_api_with_numba(dtype):
     J = gscfast.jacobian(model, x, backend="numba")
     Jt = torch.func.vmap(torch.func.vmap(torch.func.jacrev(model)))(x)
     torch.testing.assert_close(J, Jt, **tol)
-    init = gscfast.mlp(6, 37, act="tanh", norm="layer", in_features=63, out_features=9, bias=True,
-                       seed=4, dtype=dtype)
+    init = gscfast.mlp(
+        6,
+        37,
+        act="tanh",
+        norm="layer",
+        in_features=63,
+        out_features=9,
+        bias=True,
+        seed=4,
+        dtype=dtype,
+    )
     da, pa = gscfast.effective_depth(model, init, x, y, backend="numba")
     db, pb_ = gscfast.effective_depth(model, init, x, y, backend="torch")
     assert da == db

@@ -4,6 +4,7 @@ The ground truth of this file splits models into layers itself, evaluates batch 
 formula (batch, frozen or running statistics), calls every other module directly, and takes every
 derivative with ``torch.func`` (``jacrev``, ``grad``, ``vmap``), one datapoint at a time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,18 +16,28 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
-from gscfast.validation import Problem
 from gscfast.backends.reference import ReferenceBackend
 from gscfast.compiler import compile_model
 from gscfast.nn import Residual, mlp
+from gscfast.validation import Problem
 
 DT = torch.float64
 D, B, N_IN, N_OUT = 2, 3, 4, 3
-ACTS = (nn.ReLU, nn.Tanh, nn.SELU, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Softplus,
-        nn.Identity)
+ACTS = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.SELU,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
 
 
 # ----------------------------------------------------------------------------- models
+
 
 def _randomize(model: nn.Module, seed: int, running: bool = False) -> nn.Module:
     """Random (nonzero) parameters, and running statistics if ``running``."""
@@ -56,7 +67,9 @@ def _mlp_tanh(seed=0):
 def _hand_ln(seed=0):
     torch.manual_seed(seed)
     m = nn.Sequential(
-        nn.Linear(N_IN, 6, bias=False), nn.LayerNorm(6), nn.ReLU(),
+        nn.Linear(N_IN, 6, bias=False),
+        nn.LayerNorm(6),
+        nn.ReLU(),
         nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6, elementwise_affine=False), nn.GELU()),
         Residual(nn.Sequential(nn.Linear(6, 6), nn.Tanh()), 0.7),
         nn.Linear(6, N_OUT),
@@ -67,25 +80,35 @@ def _hand_ln(seed=0):
 def _bn_eval(seed=0):
     torch.manual_seed(seed)
     m = nn.Sequential(
-        nn.Linear(N_IN, 5), nn.BatchNorm1d(5), nn.SELU(),
-        nn.Linear(5, 5, bias=False), nn.BatchNorm1d(5, affine=False), nn.LeakyReLU(0.1),
+        nn.Linear(N_IN, 5),
+        nn.BatchNorm1d(5),
+        nn.SELU(),
+        nn.Linear(5, 5, bias=False),
+        nn.BatchNorm1d(5, affine=False),
+        nn.LeakyReLU(0.1),
         nn.Linear(5, N_OUT),
     ).to(DT)
     return _randomize(m, seed, running=True).eval()
 
 
 def _bn_mlp(seed=0):
-    return mlp(3, 5, act="relu", norm="batch", in_features=N_IN, out_features=N_OUT, seed=seed,
-               dtype=DT)
+    return mlp(
+        3, 5, act="relu", norm="batch", in_features=N_IN, out_features=N_OUT, seed=seed, dtype=DT
+    )
 
 
 def _bn_hand(seed=0):
     torch.manual_seed(seed)
     m = nn.Sequential(
-        nn.Linear(N_IN, 5), nn.BatchNorm1d(5), nn.Softplus(),
-        Residual(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5, track_running_stats=False),
-                               nn.ELU()), 0.5),
-        nn.Linear(5, N_OUT), nn.Sigmoid(),
+        nn.Linear(N_IN, 5),
+        nn.BatchNorm1d(5),
+        nn.Softplus(),
+        Residual(
+            nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.ELU()),
+            0.5,
+        ),
+        nn.Linear(5, N_OUT),
+        nn.Sigmoid(),
     ).to(DT)
     return _randomize(m, seed)
 
@@ -112,8 +135,14 @@ def _data(error: str, seed: int = 7):
 
 
 def _problem(model, x, y, error, mode):
-    return Problem(program=compile_model(model), x=x, y=y, error=error,
-                   coupled=mode == "coupled", frozen=mode == "frozen")
+    return Problem(
+        program=compile_model(model),
+        x=x,
+        y=y,
+        error=error,
+        coupled=mode == "coupled",
+        frozen=mode == "frozen",
+    )
 
 
 def _perturbed(model, seed):
@@ -126,6 +155,7 @@ def _perturbed(model, seed):
 
 
 # ----------------------------------------------------------------------------- ground truth
+
 
 def _leaves(module):
     if isinstance(module, nn.Sequential):
@@ -228,6 +258,7 @@ class Truth:
             for f in fns:
                 h = f(h)
             return h
+
         return fn
 
     def to_error(self, d, rows, start):
@@ -261,6 +292,7 @@ def _close(actual, expected, rtol=1e-10, atol=0.0):
 
 # ----------------------------------------------------------------------------- tests
 
+
 @pytest.mark.parametrize("name,mode", PARAMS)
 def test_sweep(name, mode):
     build, error, _ = CASES[name]
@@ -275,8 +307,10 @@ def test_sweep(name, mode):
         fs = tr.outputs(d, rows)
         f0 = _f0(error, fs[1], y[d, rows])
         sq_out.append([f0.item() ** 2] + [fs[l].square().sum().item() for l in range(1, L + 1)])
-        sq_grad.append([1.0] + [grad(tr.to_error(d, rows, l))(fs[l]).square().sum().item()
-                                for l in range(1, L + 1)])
+        sq_grad.append(
+            [1.0]
+            + [grad(tr.to_error(d, rows, l))(fs[l]).square().sum().item() for l in range(1, L + 1)]
+        )
     _close(sw.sq_out, sq_out)
     _close(sw.sq_grad, sq_grad)
 
@@ -290,8 +324,9 @@ def test_sweep(name, mode):
         zs = []
         for d, rows in tr.datapoints():
             h = tr.outputs(d, rows)[m + 1]
-            zs.append(tr._run(mods[:-1], h, "coupled" if mode == "coupled" else "frozen",
-                              tr.stats[d]))
+            zs.append(
+                tr._run(mods[:-1], h, "coupled" if mode == "coupled" else "frozen", tr.stats[d])
+            )
         z = torch.cat(zs)
         mo = sw.moments[m]
         assert mo.count == D * B == z.shape[0]
@@ -422,9 +457,14 @@ def test_model_unchanged(name, mode):
                 with torch.no_grad():
                     bn.running_mean.fill_(0.25)
                     bn.running_var.fill_(2.0)
-    snap = [({k: v.clone() for k, v in m.state_dict().items()},
-             [mod.training for mod in m.modules()],
-             [p.requires_grad for p in m.parameters()]) for m in (model, init)]
+    snap = [
+        (
+            {k: v.clone() for k, v in m.state_dict().items()},
+            [mod.training for mod in m.modules()],
+            [p.requires_grad for p in m.parameters()],
+        )
+        for m in (model, init)
+    ]
     x, y = _data(error)
     pb = _problem(model, x, y, error, mode)
     be = ReferenceBackend()

@@ -1,5 +1,6 @@
 """CIFAR's random crop and horizontal flip as batched tensor ops, against a per-image reference
 that uses the same random draws."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,14 +12,16 @@ from gscfast.data import augment, random_crop, random_hflip
 
 def reference_crop(x, padding, seed, fill):
     """Per image: pad with the per-channel fill, slice the window at the drawn offset."""
-    off = torch.randint(0, 2 * padding + 1, (len(x), 2), generator=torch.Generator().manual_seed(seed))
+    off = torch.randint(
+        0, 2 * padding + 1, (len(x), 2), generator=torch.Generator().manual_seed(seed)
+    )
     out = []
     for img, (i, j) in zip(x, off.tolist()):
         p = F.pad(img, (padding,) * 4, value=0.0)
         border = torch.ones_like(p, dtype=torch.bool)
         border[:, padding:-padding, padding:-padding] = False
         p = torch.where(border, fill[:, None, None], p)
-        out.append(p[:, i:i + x.shape[2], j:j + x.shape[3]])
+        out.append(p[:, i : i + x.shape[2], j : j + x.shape[3]])
     return torch.stack(out), off
 
 

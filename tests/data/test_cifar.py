@@ -1,4 +1,5 @@
 """The CIFAR loaders on small archives in the official formats, generated here."""
+
 from __future__ import annotations
 
 import pickle
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from gscfast.data import ChecksumError, cifar10, cifar100, load_cifar, standardize, write_fake_archive
+from gscfast.data import (
+    ChecksumError,
+    cifar10,
+    cifar100,
+    load_cifar,
+    standardize,
+    write_fake_archive,
+)
 from gscfast.data.cifar import ARCHIVES
 
 
@@ -18,7 +26,7 @@ def test_reads_both_formats_identically(tmp_path, name, fmt):
     md5 = write_fake_archive(tmp_path / fmt, name, fmt, n_train=50, n_test=20, seed=1)
     x, y = load_cifar(tmp_path / fmt, name, train=True, md5=md5)
     assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (50,)
-    xt, yt = load_cifar(tmp_path / fmt, name, train=False, md5=md5)
+    xt, _yt = load_cifar(tmp_path / fmt, name, train=False, md5=md5)
     assert xt.shape == (20, 3, 32, 32)
     # the generator draws the same images for both formats: the two readers must agree
     other = "binary" if fmt == "python" else "python"
@@ -30,7 +38,7 @@ def test_reads_both_formats_identically(tmp_path, name, fmt):
 
 def test_cifar10_is_standardized_with_training_statistics(tmp_path):
     md5 = write_fake_archive(tmp_path, n_train=100, n_test=30)
-    x, y = cifar10(tmp_path, md5=md5)
+    x, _y = cifar10(tmp_path, md5=md5)
     assert x.shape == (100, 3072) and x.dtype == torch.float32
     per_channel = x.reshape(100, 3, 1024).transpose(0, 1).reshape(3, -1)
     assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-5)
@@ -44,7 +52,9 @@ def test_cifar10_is_standardized_with_training_statistics(tmp_path):
 
 def test_wrong_checksum_is_refused(tmp_path):
     write_fake_archive(tmp_path)
-    with pytest.raises(ChecksumError, match="does not match the expected c58f30108f718f92721af3b95e74349a"):
+    with pytest.raises(
+        ChecksumError, match="does not match the expected c58f30108f718f92721af3b95e74349a"
+    ):
         load_cifar(tmp_path)  # the official sum: a generated archive is not the official one
 
 
@@ -59,6 +69,7 @@ def test_corrupted_archive_is_refused(tmp_path):
     # a broken archive whose sum the caller vouches for still fails clearly, not with a crash
     path.write_bytes(b"not a tarball")
     import hashlib
+
     with pytest.raises(ValueError, match="not a readable tar.gz"):
         load_cifar(tmp_path, md5=hashlib.md5(b"not a tarball").hexdigest())
 
@@ -76,6 +87,7 @@ def test_malicious_pickle_is_never_executed(tmp_path):
     with tarfile.open(path, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     import hashlib
+
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="refusing to unpickle"):
         load_cifar(tmp_path, md5=md5)
@@ -90,7 +102,10 @@ def test_missing_archive_and_failed_download(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
-    with pytest.raises(RuntimeError, match="could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"):
+    with pytest.raises(
+        RuntimeError,
+        match="could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ):
         load_cifar(tmp_path, download=True)
     assert not any(tmp_path.iterdir())  # no partial file left behind
 
@@ -99,11 +114,14 @@ def test_bad_batch_contents(tmp_path):
     folder = tmp_path / "src" / "cifar-10-batches-bin"
     folder.mkdir(parents=True)
     for part in ARCHIVES["cifar10", "binary"].train + ARCHIVES["cifar10", "binary"].test:
-        (folder / part).write_bytes(np.zeros(3000, dtype=np.uint8).tobytes())  # not 3073-byte records
+        (folder / part).write_bytes(
+            np.zeros(3000, dtype=np.uint8).tobytes()
+        )  # not 3073-byte records
     path = tmp_path / "cifar-10-binary.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-bin")
     import hashlib
+
     with pytest.raises(ValueError, match="not a multiple of the record size 3073"):
         load_cifar(tmp_path, md5=hashlib.md5(path.read_bytes()).hexdigest())
 
@@ -113,7 +131,7 @@ def test_digits_split_and_standardization():
     from gscfast.data import digits
 
     x, y = digits(train=True)
-    xt, yt = digits(train=False)
+    xt, _yt = digits(train=False)
     assert x.shape[1] == 64 and len(x) + len(xt) == 1797 and len(xt) == 359
     assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-5
     assert set(y.tolist()) == set(range(10))

@@ -1,6 +1,7 @@
 """``cifar100_splits``: CIFAR-100 images for convolutional models from generated archives in both
 official formats, split into training / validation / test and standardized with the training
 part's statistics only."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,10 @@ def archives(tmp_path_factory) -> dict[str, tuple[str, str]]:
     out = {}
     for fmt in ("python", "binary"):
         root = tmp_path_factory.mktemp(fmt)
-        out[fmt] = (str(root), write_fake_archive(root, "cifar100", fmt, n_train=60, n_test=20, seed=5))
+        out[fmt] = (
+            str(root),
+            write_fake_archive(root, "cifar100", fmt, n_train=60, n_test=20, seed=5),
+        )
     return out
 
 
@@ -31,9 +35,15 @@ def test_splits_from_both_formats(archives, fmt):
     raw, labels = load_cifar(root, "cifar100", train=True, md5=md5)
     raw_test, labels_test = load_cifar(root, "cifar100", train=False, md5=md5)
     (x, y), (xv, yv), (xt, yt) = s.train, s.val, s.test
-    assert x.shape == (45, 3, 32, 32) and xv.shape == (15, 3, 32, 32) and xt.shape == (20, 3, 32, 32)
+    assert (
+        x.shape == (45, 3, 32, 32) and xv.shape == (15, 3, 32, 32) and xt.shape == (20, 3, 32, 32)
+    )
     assert x.dtype == xv.dtype == xt.dtype == torch.float32
-    assert torch.equal(y, labels[:45]) and torch.equal(yv, labels[45:]) and torch.equal(yt, labels_test)
+    assert (
+        torch.equal(y, labels[:45])
+        and torch.equal(yv, labels[45:])
+        and torch.equal(yt, labels_test)
+    )
     assert y.dtype == torch.int64 and int(torch.cat([y, yv, yt]).max()) < 100
     # Standardized per channel with the statistics of the 45 training images alone.
     per_channel = x.transpose(0, 1).reshape(3, -1)
@@ -42,7 +52,9 @@ def test_splits_from_both_formats(archives, fmt):
     assert torch.equal(xv, standardize_images(raw[45:], raw[:45]))
     assert torch.equal(xt, standardize_images(raw_test, raw[:45]))
     ref = raw[:45].double()
-    assert torch.allclose(s.mean, ref.mean((0, 2, 3))) and torch.allclose(s.std, ref.std((0, 2, 3), unbiased=False))
+    assert torch.allclose(s.mean, ref.mean((0, 2, 3))) and torch.allclose(
+        s.std, ref.std((0, 2, 3), unbiased=False)
+    )
     black = standardize_images(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), raw[:45])[0, :, 0, 0]
     assert torch.equal(s.black, black)
 

@@ -1,4 +1,5 @@
 """What a resumed or regenerated study run must reproduce exactly: its numbers, not its timings."""
+
 from __future__ import annotations
 
 import json

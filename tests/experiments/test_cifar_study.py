@@ -1,6 +1,7 @@
 """The CIFAR study end to end at tiny scale on a generated archive in the official format: every
 output file, the search skipping a diverged job, checkpoint and resume bit for bit, the Taylor curve
 at K = 0, the effective depth of an untrained model, and ``--dataset digits``."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,23 @@ from gscfast.experiments import cifar
 ARCHS = ["SeLU", "batch-tanh"]
 LRS = ["1e5", "0.01"]  # 1e5 diverges for SeLU (no normalization)
 DEPTH, WIDTH, EPOCHS, SEARCH_EPOCHS = 3, 16, 3, 2
-COMMON = ["--depth", str(DEPTH), "--width", str(WIDTH), "--batch-size", "50", "--ed-samples", "100",
-          "--ed-every", "2", "--backend", "torch", "--threads", "1", "--quiet"]
+COMMON = [
+    "--depth",
+    str(DEPTH),
+    "--width",
+    str(WIDTH),
+    "--batch-size",
+    "50",
+    "--ed-samples",
+    "100",
+    "--ed-every",
+    "2",
+    "--backend",
+    "torch",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,9 +57,23 @@ def torch_backend():
 def archive(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("cifar-data")
     md5 = write_fake_archive(root, "cifar10", "python", n_train=250, n_test=10)
-    return ["--dataset", "cifar10", "--data-dir", str(root), "--data-md5", md5,
-            "--archs", *ARCHS, "--lrs", *LRS, "--epochs", str(EPOCHS),
-            "--search-epochs", str(SEARCH_EPOCHS), *COMMON]
+    return [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(root),
+        "--data-md5",
+        md5,
+        "--archs",
+        *ARCHS,
+        "--lrs",
+        *LRS,
+        "--epochs",
+        str(EPOCHS),
+        "--search-epochs",
+        str(SEARCH_EPOCHS),
+        *COMMON,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +100,19 @@ def _csv_without(text: str, prefix: tuple[str, ...]) -> list[list[str]]:
 def numbers(d: Path) -> dict:
     """Everything but wall-clock times."""
     res = _strip_seconds(json.loads((d / "results.json").read_text()))
-    jobs = {f"{ph}/{p.name}": _strip_seconds(json.loads(p.read_text())["result"])
-            for ph in ("search", "final") for p in sorted((d / ph / "jobs").iterdir())}
-    return {"results": res, "jobs": jobs,
-            "epochs": _csv_without((d / "epochs.csv").read_text(), ("t_",)),
-            "search": _csv_without((d / "search.csv").read_text(), ("seconds",)),
-            "layers": (d / "layers.csv").read_text(), "taylor": (d / "taylor.csv").read_text()}
+    jobs = {
+        f"{ph}/{p.name}": _strip_seconds(json.loads(p.read_text())["result"])
+        for ph in ("search", "final")
+        for p in sorted((d / ph / "jobs").iterdir())
+    }
+    return {
+        "results": res,
+        "jobs": jobs,
+        "epochs": _csv_without((d / "epochs.csv").read_text(), ("t_",)),
+        "search": _csv_without((d / "search.csv").read_text(), ("seconds",)),
+        "layers": (d / "layers.csv").read_text(),
+        "taylor": (d / "taylor.csv").read_text(),
+    }
 
 
 def test_every_output_file(full):
@@ -103,14 +140,18 @@ def test_every_output_file(full):
     rows = (full / "epochs.csv").read_text().splitlines()
     assert rows[0].startswith("arch,epoch,lr,train_loss,train_error,gsc_L0,ed_subset,ed_full")
     assert len(rows) == 1 + len(ARCHS) * (EPOCHS + 1)
-    assert len((full / "layers.csv").read_text().splitlines()) == 1 + len(ARCHS) * (EPOCHS + 1) * (L + 1)
+    assert len((full / "layers.csv").read_text().splitlines()) == 1 + len(ARCHS) * (EPOCHS + 1) * (
+        L + 1
+    )
     assert len((full / "taylor.csv").read_text().splitlines()) == 1 + len(ARCHS) * (L + 1)
     summary = (full / "summary.md").read_text()
     assert "Effective depth: subset against full set" in summary and "Timings per epoch" in summary
     for phase in ("search", "final"):
         assert (full / phase / "manifest.json").is_file()
     assert len(list((full / "search" / "jobs").iterdir())) == len(ARCHS) * len(LRS)
-    assert sorted(p.name for p in (full / "final" / "checkpoints").iterdir()) == [f"{a}.pt" for a in sorted(ARCHS)]
+    assert sorted(p.name for p in (full / "final" / "checkpoints").iterdir()) == [
+        f"{a}.pt" for a in sorted(ARCHS)
+    ]
 
 
 def test_search_skips_diverged_job(full):
@@ -124,9 +165,16 @@ def test_search_skips_diverged_job(full):
 
 
 def test_diverging_job_returns_instead_of_raising(tmp_path):
-    config = cifar.make_config(dataset="digits", depth=2, width=8, epochs=3, ed_samples=0, ed_every=0)
-    spec = {"arch": "SeLU", "lr": 1e5, "epochs": 3, "measure": True,
-            "checkpoint": str(tmp_path / "c.pt")}
+    config = cifar.make_config(
+        dataset="digits", depth=2, width=8, epochs=3, ed_samples=0, ed_every=0
+    )
+    spec = {
+        "arch": "SeLU",
+        "lr": 1e5,
+        "epochs": 3,
+        "measure": True,
+        "checkpoint": str(tmp_path / "c.pt"),
+    }
     r = cifar.train_job(config, spec)
     assert r["diverged"] is True and r["final_error"] is None and r["epochs_done"] < 3
     assert cifar.load_checkpoint(tmp_path / "c.pt")["epoch"] == r["epochs_done"]
@@ -164,8 +212,9 @@ def test_checkpoint_is_safe_and_complete(full):
     c = cifar.load_checkpoint(full / "final" / "checkpoints" / "SeLU.pt")  # weights_only=True
     assert c["epoch"] == EPOCHS
     assert {"model", "init", "optimizer", "schedule", "rng", "history", "state"} <= set(c)
-    model = cifar.make_model("SeLU", json.loads((full / "final" / "manifest.json").read_text())["config"],
-                             3072)
+    model = cifar.make_model(
+        "SeLU", json.loads((full / "final" / "manifest.json").read_text())["config"], 3072
+    )
     model.load_state_dict(c["model"])
     assert len(json.loads(c["history"])) == EPOCHS + 1
 
@@ -196,8 +245,27 @@ def test_plateau_schedule_and_refusals(tmp_path, archive):
 
 def test_digits_end_to_end_and_untrained(tmp_path):
     out = tmp_path / "digits"
-    assert main(["cifar", "--out", str(out), "--dataset", "digits", "--archs", "layer-tanh",
-                 "--lrs", "0.1", "--search-epochs", "1", "--epochs", "0", *COMMON]) == 0
+    assert (
+        main(
+            [
+                "cifar",
+                "--out",
+                str(out),
+                "--dataset",
+                "digits",
+                "--archs",
+                "layer-tanh",
+                "--lrs",
+                "0.1",
+                "--search-epochs",
+                "1",
+                "--epochs",
+                "0",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     a = res["archs"]["layer-tanh"]
     assert [h["epoch"] for h in a["history"]] == [0]
@@ -225,23 +293,38 @@ def test_batchnorm_measurements_do_not_depend_on_how_many_images_are_measured(ar
     ratios = {}
     for bn in (None, "batch"):  # None: the study's default
         kw = {} if bn is None else {"bn_datapoint": bn}
-        config = cifar.make_config(dataset="digits", depth=10, ed_samples=0, ed_every=1,
-                                   backend="torch", **kw)
+        config = cifar.make_config(
+            dataset="digits", depth=10, ed_samples=0, ed_every=1, backend="torch", **kw
+        )
         model = cifar.make_model(arch, config, x.shape[1])
         init = copy.deepcopy(model)
         every = cifar._measure(config, model, init, x, y, None, 0, 0)
         part = cifar._measure(config, model, init, x[sub], y[sub], None, 0, 0)
         L = config["depth"] + 1
-        ratios[bn] = {k: every[k][i] / part[k][i]
-                      for k, i in (("gsc", L), ("profile_full", 0), ("preact_std", L))}
+        ratios[bn] = {
+            k: every[k][i] / part[k][i]
+            for k, i in (("gsc", L), ("profile_full", 0), ("preact_std", L))
+        }
     for k, r in ratios[None].items():
         assert 1 / 1.5 < r < 1.5, (k, ratios)
     assert ratios["batch"]["gsc"] < 1 / 2, ratios
 
 
 def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys):
-    common = ["--dataset", "digits", "--archs", "batch-ReLU", "SeLU", "--lrs", "0.1",
-              "--search-epochs", "1", "--epochs", "0", *COMMON]
+    common = [
+        "--dataset",
+        "digits",
+        "--archs",
+        "batch-ReLU",
+        "SeLU",
+        "--lrs",
+        "0.1",
+        "--search-epochs",
+        "1",
+        "--epochs",
+        "0",
+        *COMMON,
+    ]
     res, summary = {}, {}
     for bn in cifar.BN_DATAPOINTS:
         out = tmp_path / bn
@@ -250,7 +333,9 @@ def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys
         summary[bn] = (out / "summary.md").read_text()
         assert res[bn]["config"]["bn_datapoint"] == bn
         assert res[bn]["archs"]["SeLU"]["datapoint"] == "image"
-        assert res[bn]["archs"]["batch-ReLU"]["datapoint"] == {"frozen": "image", "batch": "set"}[bn]
+        assert (
+            res[bn]["archs"]["batch-ReLU"]["datapoint"] == {"frozen": "image", "batch": "set"}[bn]
+        )
         assert f"`--bn-datapoint {bn}`" in summary[bn] and "B = 1,438 here" in summary[bn]
         # The GSC and the effective depth over the whole set are gscfast's in that mode.
         config = res[bn]["config"]
@@ -259,8 +344,9 @@ def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys
         h0 = res[bn]["archs"]["batch-ReLU"]["history"][0]
         a = gscfast.analyze(model, x, y, error="kl", batchnorm=bn, backend="torch")
         assert h0["gsc"] == pytest.approx(a.gsc.tolist(), rel=1e-5)
-        _, prof = gscfast.effective_depth(model, copy.deepcopy(model), x, y, error="kl",
-                                          batchnorm=bn, backend="torch")
+        _, prof = gscfast.effective_depth(
+            model, copy.deepcopy(model), x, y, error="kl", batchnorm=bn, backend="torch"
+        )
         assert h0["profile_full"][0] == pytest.approx(float(prof[-1, 0]), rel=1e-5)
         # Taylor curve: the frozen function (K = 0 is the training error), or eval mode.
         a = res[bn]["archs"]["batch-ReLU"]
@@ -269,8 +355,10 @@ def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys
     assert "**one datapoint**" in summary["batch"]
     # The subset's effective depth too: c(L, 0) of one coupled datapoint is the whole set's gradient
     # norm, about sqrt(100) times the per-image quadratic mean; nothing changes without batch norm.
-    first = {bn: {a: r["archs"][a]["history"][0] for a in ("batch-ReLU", "SeLU")}
-             for bn, r in res.items()}
+    first = {
+        bn: {a: r["archs"][a]["history"][0] for a in ("batch-ReLU", "SeLU")}
+        for bn, r in res.items()
+    }
     for key in ("profile_subset", "profile_full", "gsc"):
         assert first["frozen"]["SeLU"][key] == first["batch"]["SeLU"][key]
     bn_relu = {bn: f["batch-ReLU"] for bn, f in first.items()}
@@ -279,8 +367,20 @@ def test_bn_datapoint_reaches_every_measurement_and_the_summary(tmp_path, capsys
     assert std["frozen"] == pytest.approx(std["batch"], rel=1e-5)  # the same forward values
     # Part of the run's configuration: resuming with the other form is refused as another run.
     capsys.readouterr()
-    assert main(["cifar", "--out", str(tmp_path / "frozen"), *common, "--bn-datapoint", "batch",
-                 "--resume"]) == 2
+    assert (
+        main(
+            [
+                "cifar",
+                "--out",
+                str(tmp_path / "frozen"),
+                *common,
+                "--bn-datapoint",
+                "batch",
+                "--resume",
+            ]
+        )
+        == 2
+    )
     assert "bn_datapoint 'frozen' there, 'batch' here" in "".join(capsys.readouterr())
     assert json.loads((tmp_path / "frozen" / "results.json").read_text()) == res["frozen"]
     assert cifar.make_config()["bn_datapoint"] == "frozen"
@@ -292,7 +392,10 @@ def test_ray_engine_gives_the_local_numbers(full, archive, tmp_path):
     pytest.importorskip("ray", reason="Ray is optional (pip install 'gscfast[ray]')")
     out = tmp_path / "ray"
     assert main(["cifar", "--out", str(out), *archive, "--engine", "ray", "--num-cpus", "2"]) == 0
-    engines = {json.loads(p.read_text())["engine"] for ph in ("search", "final")
-               for p in (out / ph / "jobs").iterdir()}
+    engines = {
+        json.loads(p.read_text())["engine"]
+        for ph in ("search", "final")
+        for p in (out / ph / "jobs").iterdir()
+    }
     assert engines == {"ray"}
     assert numbers(out) == numbers(full)

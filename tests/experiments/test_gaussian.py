@@ -1,5 +1,6 @@
 """The Gaussian-noise study at quick scale: every output file, the numbers against the API, resume
 bit for bit, refusal of foreign or corrupted results directories, the command line, and Ray."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from _study_results import numbers as _numbers
 
 import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import gaussian, outputs
 from gscfast.experiments.runner import job_seed, thread_limit
-from _study_results import numbers as _numbers
-
 
 ARCHS = ["batch-tanh", "ReLU"]
 DEPTH, WIDTH, DATASETS, SAMPLES = 5, 16, 3, 64
-BASE = ["--datasets", str(DATASETS), "--samples", str(SAMPLES), "--depth", str(DEPTH),
-        "--width", str(WIDTH), "--backend", "torch", "--threads", "1", "--quiet"]
+BASE = [
+    "--datasets",
+    str(DATASETS),
+    "--samples",
+    str(SAMPLES),
+    "--depth",
+    str(DEPTH),
+    "--width",
+    str(WIDTH),
+    "--backend",
+    "torch",
+    "--threads",
+    "1",
+    "--quiet",
+]
 ARGS = [*BASE, "--archs", *ARCHS]
 OUTPUTS = ["figure1.png", "figure1.pdf", "results.json", "layers.csv", "summary.md"]
 
@@ -68,12 +81,16 @@ def test_every_output_file(full):
         assert p["datasets"] == DATASETS and p["datapoints"] == pooled.count
         assert all(lo <= g <= hi for lo, g, hi in zip(p["gsc_lo"], p["gsc"], p["gsc_hi"]))
         r = a["rate"]
-        assert r["pooled"] == pytest.approx(gscfast.explosion_rate(torch.tensor(p["gsc"], dtype=torch.float64)), rel=1e-12)
+        assert r["pooled"] == pytest.approx(
+            gscfast.explosion_rate(torch.tensor(p["gsc"], dtype=torch.float64)), rel=1e-12
+        )
         assert r["ci95"][0] <= r["pooled"] <= r["ci95"][1]
         assert a["gsc_L"]["pooled"] == p["gsc"][DEPTH]
         rd = a["rate_per_dataset"]
         assert rd["n"] == DATASETS and rd["ci95"][0] < rd["mean"] < rd["ci95"][1]
-        assert rd["mean"] == pytest.approx(sum(d["rate"] for d in a["datasets"]) / DATASETS, rel=1e-12)
+        assert rd["mean"] == pytest.approx(
+            sum(d["rate"] for d in a["datasets"]) / DATASETS, rel=1e-12
+        )
     assert res["archs"]["batch-tanh"]["predicted_rate"] == 1.178
     assert res["archs"]["ReLU"]["predicted_rate"] is None
 
@@ -83,13 +100,24 @@ def test_every_output_file(full):
     assert "ReLU,mean,0,1.0,," in rows and "ReLU,pooled,0,1.0,," in rows
     pooled = res["archs"]["ReLU"]["pooled"]
     for name, key in (("pooled", "gsc"), ("pooled_lo", "gsc_lo"), ("pooled_hi", "gsc_hi")):
-        assert [float(r.split(",")[3]) for r in rows if r.startswith(f"ReLU,{name},")] == pooled[key]
+        assert [float(r.split(",")[3]) for r in rows if r.startswith(f"ReLU,{name},")] == pooled[
+            key
+        ]
 
     summary = (full / "summary.md").read_text()
     assert f"gscfast {gscfast.__version__}" in summary
-    for text in ("| batch-tanh |", "| ReLU |", "1.178", "95% CI", "pooled expected GSC",
-                 "percentile bootstrap", "a mean of ratios is not an expected GSC",
-                 "FLOP floor", "seconds per job", '"samples": 64'):
+    for text in (
+        "| batch-tanh |",
+        "| ReLU |",
+        "1.178",
+        "95% CI",
+        "pooled expected GSC",
+        "percentile bootstrap",
+        "a mean of ratios is not an expected GSC",
+        "FLOP floor",
+        "seconds per job",
+        '"samples": 64',
+    ):
         assert text in summary, text
 
 
@@ -145,7 +173,9 @@ def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
     shutil.copytree(full, out)
     for name in OUTPUTS:
         (out / name).unlink()
-    monkeypatch.setattr(gaussian, "run_job", lambda *a: pytest.fail("a finished job was recomputed"))
+    monkeypatch.setattr(
+        gaussian, "run_job", lambda *a: pytest.fail("a finished job was recomputed")
+    )
     assert study(out, "--resume") == 0
     assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv")
     assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
@@ -175,6 +205,7 @@ def _edit_manifest(**changes):
         m = json.loads((d / "manifest.json").read_text())
         m.update(changes)
         (d / "manifest.json").write_text(json.dumps(m))
+
     return edit
 
 
@@ -187,27 +218,51 @@ def _edit_job(**changes):
             if v is None:
                 del rec["result"][k]
         p.write_text(json.dumps(rec))
+
     return edit
 
 
 REFUSALS = {  # name -> (how to spoil a finished run, extra options, words of the message)
     "non-empty without --resume": (lambda d: None, [], "not empty"),
-    "foreign directory": (lambda d: (d / "manifest.json").unlink(), ["--resume"], "no manifest.json"),
-    "corrupted manifest": (lambda d: (d / "manifest.json").write_text("{\"format\": "), ["--resume"],
-                           "manifest.json is corrupted"),
+    "foreign directory": (
+        lambda d: (d / "manifest.json").unlink(),
+        ["--resume"],
+        "no manifest.json",
+    ),
+    "corrupted manifest": (
+        lambda d: (d / "manifest.json").write_text('{"format": '),
+        ["--resume"],
+        "manifest.json is corrupted",
+    ),
     "other options": (lambda d: None, ["--resume", "--datasets", "4"], "datasets 3 there, 4 here"),
-    "other gscfast version": (_edit_manifest(gscfast_version="0.0.1"), ["--resume"],
-                              "gscfast_version '0.0.1' there"),
+    "other gscfast version": (
+        _edit_manifest(gscfast_version="0.0.1"),
+        ["--resume"],
+        "gscfast_version '0.0.1' there",
+    ),
     "corrupted job file": (_corrupt_job, ["--resume"], "ReLU.00001.json is corrupted"),
     "job of another run": (_other_run_job, ["--resume"], "another run"),
-    "foreign job file": (lambda d: (d / "jobs" / "SeLU.00000.json").write_text("{}"), ["--resume"],
-                         "not a job of this run"),
-    "record of an older gscfast": (_edit_job(moments=None), ["--resume"],
-                                   "has no 'moments', the raw per-dataset expectations"),
+    "foreign job file": (
+        lambda d: (d / "jobs" / "SeLU.00000.json").write_text("{}"),
+        ["--resume"],
+        "not a job of this run",
+    ),
+    "record of an older gscfast": (
+        _edit_job(moments=None),
+        ["--resume"],
+        "has no 'moments', the raw per-dataset expectations",
+    ),
     "true in place of a number": (_edit_job(rate=True), ["--resume"], "'rate' is not a number"),
-    "true in a list": (_edit_job(gsc=[True] * (DEPTH + 1)), ["--resume"], "'gsc'[0] is not a number"),
-    "bad moments": (_edit_job(moments={"sq_grad": [1.0], "sq_out": [1.0], "n": [1.0], "count": True}),
-                    ["--resume"], "count must be a positive int"),
+    "true in a list": (
+        _edit_job(gsc=[True] * (DEPTH + 1)),
+        ["--resume"],
+        "'gsc'[0] is not a number",
+    ),
+    "bad moments": (
+        _edit_job(moments={"sq_grad": [1.0], "sq_out": [1.0], "n": [1.0], "count": True}),
+        ["--resume"],
+        "count must be a positive int",
+    ),
 }
 
 
@@ -234,14 +289,22 @@ def test_refuses_a_file_in_place_of_the_directory(tmp_path, capsys):
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "run"
     args = [*BASE, "--archs", "SeLU"]
-    proc = subprocess.run([sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and proc.stderr == ""  # --quiet: no progress bar
     assert all((out / name).is_file() for name in OUTPUTS)
-    bad = subprocess.run([sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gscfast", "gaussian", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not empty" in bad.stderr
 
 
@@ -252,10 +315,18 @@ def test_bad_architecture_is_a_clear_error(tmp_path, capsys):
 
 
 def test_architecture_names():
-    assert gaussian.parse_arch("layer-tanh") == {"act": "tanh", "norm": "layer", "init": "gaussian",
-                                                 "residual": None}
+    assert gaussian.parse_arch("layer-tanh") == {
+        "act": "tanh",
+        "norm": "layer",
+        "init": "gaussian",
+        "residual": None,
+    }
     assert gaussian.parse_arch("orth-res-sqrt-batch-ReLU") == {
-        "act": "relu", "norm": "batch", "init": "orthogonal", "residual": "sqrt"}
+        "act": "relu",
+        "norm": "batch",
+        "init": "orthogonal",
+        "residual": "sqrt",
+    }
     assert gaussian.parse_arch("res-SeLU")["residual"] == 1.0
     assert gaussian.expand_archs(["paper"]) == gaussian.PAPER_ARCHS
     assert len(gaussian.expand_archs(["all", "ReLU"])) == 28
@@ -266,7 +337,11 @@ def test_architecture_names():
 def test_t_interval():
     mean, low, high, sd = outputs.t_interval([1.0, 2.0, 3.0, float("nan")])
     half = 4.302652729749462 / math.sqrt(3)
-    assert (mean, sd) == (2.0, 1.0) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    assert (
+        (mean, sd) == (2.0, 1.0)
+        and low == pytest.approx(2 - half)
+        and high == pytest.approx(2 + half)
+    )
     assert math.isnan(outputs.t_interval([1.0])[1])
 
 
@@ -288,7 +363,9 @@ def test_ray_engine_gives_the_local_numbers(full, tmp_path):
 def test_progress_bar_and_quiet(tmp_path, capsys):
     assert study(tmp_path / "a", args=[*BASE, "--archs", "ReLU"]) == 0
     assert capsys.readouterr().err == ""  # BASE has --quiet
-    assert study(tmp_path / "b", args=[a for a in BASE if a != "--quiet"] + ["--archs", "ReLU"]) == 0
+    assert (
+        study(tmp_path / "b", args=[a for a in BASE if a != "--quiet"] + ["--archs", "ReLU"]) == 0
+    )
     err = capsys.readouterr().err
     assert "gaussian: 100%" in err and f"{DATASETS}/{DATASETS}" in err and "<00:00" in err  # ETA
 
@@ -307,7 +384,9 @@ def test_a_directory_in_use_is_refused(full, tmp_path, capsys):
         assert study(out, "--resume") == 2
     assert "in use by another gscfast process (pid 4242)" in capsys.readouterr().err
     assert study(out, "--resume") == 0  # the temp file is dropped, the job recomputed
-    assert _numbers(out, "layers.csv") == _numbers(full, "layers.csv") and not (out / ".lock").exists()
+    assert (
+        _numbers(out, "layers.csv") == _numbers(full, "layers.csv") and not (out / ".lock").exists()
+    )
 
 
 def test_pairs_heatmaps_and_deviation(full, tmp_path):
@@ -326,11 +405,16 @@ def test_pairs_heatmaps_and_deviation(full, tmp_path):
     want = gscfast.gsc_matrix(model, x[:20], y[:20], backend="torch").double()
     p = res["pairs"]["ReLU"]
     assert p["method"] == "exact" and res["pairs"]["batch-tanh"]["method"] == "sketch"
-    got = torch.tensor([row + [math.nan] * (DEPTH - k) for k, row in enumerate(p["matrix"])],
-                       dtype=torch.float64)
+    got = torch.tensor(
+        [row + [math.nan] * (DEPTH - k) for k, row in enumerate(p["matrix"])], dtype=torch.float64
+    )
     assert torch.allclose(got, want, rtol=1e-5, equal_nan=True)
-    factors = [max(r, 1 / r) for k in range(2, DEPTH + 1) for l in range(1, k)
-               for r in [float(want[k, l] * want[l, 0] / want[k, 0])]]
+    factors = [
+        max(r, 1 / r)
+        for k in range(2, DEPTH + 1)
+        for l in range(1, k)
+        for r in [float(want[k, l] * want[l, 0] / want[k, 0])]
+    ]
     assert p["max_factor"] == pytest.approx(max(factors), rel=1e-4)
     rows = (out / "pairs.csv").read_text().splitlines()
     assert rows[0] == "arch,k,l,gsc" and len(rows) == 1 + 2 * (DEPTH + 1) * (DEPTH + 2) // 2

@@ -1,5 +1,6 @@
 """The 'ghost' forward/backward-scaling study at quick scale: r(s), the networks, the measured rate
 of a plain batch-norm ReLU net against r(s), every output file, resume bit for bit, refusals."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _study_results import numbers as _numbers
 from torch import nn
 
 import gscfast
@@ -14,14 +16,28 @@ from gscfast.__main__ import main
 from gscfast.experiments import ghost
 from gscfast.nn import Residual
 from gscfast.theory import R_S
-from _study_results import numbers as _numbers
-
 
 VARIANTS = ["plain-relu-bn", "res-sqrt-tanh", "plain-selu"]
 DEPTH, WIDTH, BATCH, REPEATS, CHUNK = 6, 24, 16, 6, 3
-ARGS = ["--variants", *VARIANTS, "--depth", str(DEPTH), "--width", str(WIDTH), "--batch",
-        str(BATCH), "--repeats", str(REPEATS), "--chunk", str(CHUNK), "--backend", "torch",
-        "--threads", "1", "--quiet"]
+ARGS = [
+    "--variants",
+    *VARIANTS,
+    "--depth",
+    str(DEPTH),
+    "--width",
+    str(WIDTH),
+    "--batch",
+    str(BATCH),
+    "--repeats",
+    str(REPEATS),
+    "--chunk",
+    str(CHUNK),
+    "--backend",
+    "torch",
+    "--threads",
+    "1",
+    "--quiet",
+]
 OUTPUTS = ["ghost.png", "ghost.pdf", "results.json", "layers.csv", "summary.md"]
 
 
@@ -64,9 +80,32 @@ def test_weight_grad_norms_are_autograds():
 def test_plain_batchnorm_relu_rate_within_5_percent_of_r_s(tmp_path):
     """The measured growth of the squared weight-gradient norm matches r(s) = 1.467."""
     out = tmp_path / "rate"
-    assert main(["ghost", "--out", str(out), "--variants", "plain-relu-bn", "--depth", "12",
-                 "--width", "128", "--batch", "128", "--repeats", "32", "--chunk", "16",
-                 "--no-gsc", "--threads", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "ghost",
+                "--out",
+                str(out),
+                "--variants",
+                "plain-relu-bn",
+                "--depth",
+                "12",
+                "--width",
+                "128",
+                "--batch",
+                "128",
+                "--repeats",
+                "32",
+                "--chunk",
+                "16",
+                "--no-gsc",
+                "--threads",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     v = json.loads((out / "results.json").read_text())["variants"]["plain-relu-bn"]
     assert v["predicted"] and v["r_s"] == 1.467
     assert v["rate"]["value"] == pytest.approx(1.467, rel=0.05)
@@ -85,8 +124,12 @@ def test_every_output(full):
         assert all(q >= m * m for m, q in zip(v["mean_norm"], v["mean_sq"]))  # Jensen
         assert v["rate"]["value"] == pytest.approx(ghost.growth_rate(v["mean_sq"], DEPTH))
         g = v["gsc"]  # the pooled GSC of the chunks' first networks, not a mean of their GSCs
-        assert len(g["gsc"]) == DEPTH + 1 and g["gsc"][0] == 1.0 and g["datasets"] == REPEATS // CHUNK
-        recs = [json.loads(p.read_text())["result"] for p in sorted((full / "jobs").glob(f"{name}.*"))]
+        assert (
+            len(g["gsc"]) == DEPTH + 1 and g["gsc"][0] == 1.0 and g["datasets"] == REPEATS // CHUNK
+        )
+        recs = [
+            json.loads(p.read_text())["result"] for p in sorted((full / "jobs").glob(f"{name}.*"))
+        ]
         pooled = gscfast.pool([gscfast.GSCMoments.from_dict(r["gsc_moments"]) for r in recs])
         assert g["gsc"] == pooled.gsc().tolist()
         assert all(lo <= x <= hi for lo, x, hi in zip(g["gsc_lo"], g["gsc"], g["gsc_hi"]))
@@ -124,7 +167,9 @@ def test_records_without_gsc_moments_are_refused(full, tmp_path, capsys):
     shutil.copytree(full, out)
     path = out / "jobs" / f"{VARIANTS[0]}.0000.json"
     rec = json.loads(path.read_text())
-    rec["result"]["gsc"] = gscfast.GSCMoments.from_dict(rec["result"].pop("gsc_moments")).gsc().tolist()
+    rec["result"]["gsc"] = (
+        gscfast.GSCMoments.from_dict(rec["result"].pop("gsc_moments")).gsc().tolist()
+    )
     path.write_text(json.dumps(rec))
     capsys.readouterr()
     assert study(out, "--resume") == 2
@@ -132,8 +177,15 @@ def test_records_without_gsc_moments_are_refused(full, tmp_path, capsys):
     assert "has no 'gsc_moments'" in err and "recompute the run into a new --out" in err, err
 
 
-@pytest.mark.parametrize("bad", [["--variants", "plain-gelu"], ["--variants", "res-relu", "--depth", "7"],
-                                 ["--batch", "1"], ["--repeats", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--variants", "plain-gelu"],
+        ["--variants", "res-relu", "--depth", "7"],
+        ["--batch", "1"],
+        ["--repeats", "0"],
+    ],
+)
 def test_bad_options_are_usage_errors(tmp_path, bad, capsys):
     assert main(["ghost", "--out", str(tmp_path / "x"), *bad, "--quiet"]) == 2
     assert "gscfast ghost: error:" in capsys.readouterr().err
@@ -142,10 +194,12 @@ def test_bad_options_are_usage_errors(tmp_path, bad, capsys):
 
 def test_redrawn_network_equals_a_fresh_one():
     """A job redraws one network per repeat: the same weights as building it anew."""
-    fresh = ghost.ghost_net("res-sqrt", "selu", True, width=16, depth=6,
-                            generator=torch.Generator().manual_seed(5))
-    reused = ghost.ghost_net("res-sqrt", "selu", True, width=16, depth=6,
-                             generator=torch.Generator().manual_seed(9))
+    fresh = ghost.ghost_net(
+        "res-sqrt", "selu", True, width=16, depth=6, generator=torch.Generator().manual_seed(5)
+    )
+    reused = ghost.ghost_net(
+        "res-sqrt", "selu", True, width=16, depth=6, generator=torch.Generator().manual_seed(9)
+    )
     ghost.redraw_weights(reused, "selu", torch.Generator().manual_seed(5))
     for a, b in zip(fresh.state_dict().values(), reused.state_dict().values()):
         assert torch.equal(a, b)

@@ -3,6 +3,7 @@ with something else than a number, a results directory that cannot be created or
 option value, a damaged or malicious checkpoint. Each is a one-line error that names what is wrong,
 given before anything is written or computed; nothing computed is dropped silently, and a run
 stopped before its first job never blocks the corrected command."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +23,33 @@ from gscfast.__main__ import main
 from gscfast.data.cifar import write_fake_archive
 from gscfast.experiments import cifar, ghost, runner, shattered, vgg
 from gscfast.experiments.outputs import check_number, check_numbers
-from gscfast.experiments.training import (CheckpointError, load_checkpoint, restore_training_state,
-                                          save_checkpoint, save_training_state)
+from gscfast.experiments.training import (
+    CheckpointError,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 
-GHOST = ["--variants", "plain-relu", "--depth", "4", "--width", "8", "--batch", "2", "--repeats", "2",
-         "--chunk", "1", "--backend", "torch", "--threads", "1", "--quiet"]
+GHOST = [
+    "--variants",
+    "plain-relu",
+    "--depth",
+    "4",
+    "--width",
+    "8",
+    "--batch",
+    "2",
+    "--repeats",
+    "2",
+    "--chunk",
+    "1",
+    "--backend",
+    "torch",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def ghost_cmd(out: Path, *extra: str) -> int:
@@ -68,49 +91,108 @@ def _json(obj):
 
 
 def _ghost_job(tmp_path):
-    config = ghost.make_config(variants=["plain-relu"], repeats=1, chunk=1, width=4, depth=4, batch=2,
-                               backend="torch")
+    config = ghost.make_config(
+        variants=["plain-relu"], repeats=1, chunk=1, width=4, depth=4, batch=2, backend="torch"
+    )
     spec = ghost.make_study(config).jobs[0].spec
-    return ghost.check_result, config, spec, _json(ghost.run_job(config, spec)), [
-        ("sum_sq", 1), ("sum_norm", 0), ("repeats",), ("gsc_moments", "sq_grad", 2)]
+    return (
+        ghost.check_result,
+        config,
+        spec,
+        _json(ghost.run_job(config, spec)),
+        [("sum_sq", 1), ("sum_norm", 0), ("repeats",), ("gsc_moments", "sq_grad", 2)],
+    )
 
 
 def _shattered_job(tmp_path):
-    config = shattered.make_config(archs=["ReLU-2"], ensemble=2, chunk=2, points=4, width=4, device="cpu")
+    config = shattered.make_config(
+        archs=["ReLU-2"], ensemble=2, chunk=2, points=4, width=4, device="cpu"
+    )
     spec = shattered.make_study(config).jobs[0].spec
-    return shattered.check_result, config, spec, _json(shattered.run_job(config, spec)), [
-        ("gradients", 1, 2)]
+    return (
+        shattered.check_result,
+        config,
+        spec,
+        _json(shattered.run_job(config, spec)),
+        [("gradients", 1, 2)],
+    )
 
 
 def _cifar_job(tmp_path):
-    config = cifar.make_config(dataset="digits", archs=["SeLU"], lrs=[0.1], epochs=1, search_epochs=1,
-                               depth=2, width=8, batch_size=500, ed_samples=0, ed_every=0,
-                               backend="torch", device="cpu")
+    config = cifar.make_config(
+        dataset="digits",
+        archs=["SeLU"],
+        lrs=[0.1],
+        epochs=1,
+        search_epochs=1,
+        depth=2,
+        width=8,
+        batch_size=500,
+        ed_samples=0,
+        ed_every=0,
+        backend="torch",
+        device="cpu",
+    )
     study = cifar.make_final_study(config, {"SeLU": 0.1}, tmp_path)
     spec = study.jobs[0].spec
-    return cifar.check_result, study.config, spec, _json(cifar.train_job(study.config, spec)), [
-        ("final_error",), ("final_loss",), ("lr",), ("epochs_done",), ("history", 1, "train_error"),
-        ("history", 0, "gsc", 1)]
+    return (
+        cifar.check_result,
+        study.config,
+        spec,
+        _json(cifar.train_job(study.config, spec)),
+        [
+            ("final_error",),
+            ("final_loss",),
+            ("lr",),
+            ("epochs_done",),
+            ("history", 1, "train_error"),
+            ("history", 0, "gsc", 1),
+        ],
+    )
 
 
 def _vgg_job(tmp_path):
     md5 = write_fake_archive(tmp_path, "cifar100", "python", n_train=30, n_test=10, seed=3)
-    config = vgg.make_config(archs=["VGG08"], epochs=1, batch_size=10, filters=2, val_size=10,
-                             flow_every=1, data_dir=str(tmp_path), data_md5=md5, device="cpu")
+    config = vgg.make_config(
+        archs=["VGG08"],
+        epochs=1,
+        batch_size=10,
+        filters=2,
+        val_size=10,
+        flow_every=1,
+        data_dir=str(tmp_path),
+        data_md5=md5,
+        device="cpu",
+    )
     spec = vgg.make_study(config, tmp_path).jobs[0].spec
     result = _json(vgg.train_variant(config, spec))
     step = sorted(result["flow"]["records"])[0]
     name = result["flow"]["weights"][0]
-    return vgg.check_result, config, spec, result, [
-        ("epochs_done",), ("test_acc",), ("history", 0, "train_loss"), ("history", 0, "lr"),
-        ("flow", "records", step, "weights", name, "mean_abs")]
+    return (
+        vgg.check_result,
+        config,
+        spec,
+        result,
+        [
+            ("epochs_done",),
+            ("test_acc",),
+            ("history", 0, "train_loss"),
+            ("history", 0, "lr"),
+            ("flow", "records", step, "weights", name, "mean_abs"),
+        ],
+    )
 
 
-@pytest.mark.parametrize("make", [_ghost_job, _shattered_job, _cifar_job, _vgg_job],
-                         ids=["ghost", "shattered", "cifar", "vgg"])
+@pytest.mark.parametrize(
+    "make",
+    [_ghost_job, _shattered_job, _cifar_job, _vgg_job],
+    ids=["ghost", "shattered", "cifar", "vgg"],
+)
 def test_every_study_refuses_true_in_place_of_a_number(make, tmp_path, monkeypatch):
     """JSON's ``true`` reads back as Python's True, an int: each study's check must refuse it."""
-    monkeypatch.setenv("GSCFAST_BACKEND", "torch")  # no JIT compilation (the Taylor curve's backend)
+    monkeypatch.setenv(
+        "GSCFAST_BACKEND", "torch"
+    )  # no JIT compilation (the Taylor curve's backend)
     with runner.thread_limit(1):
         check, config, spec, result, paths = make(tmp_path)
     check(config, spec, result)  # the job's own result passes
@@ -119,7 +201,9 @@ def test_every_study_refuses_true_in_place_of_a_number(make, tmp_path, monkeypat
         leaf = bad
         for k in path[:-1]:
             leaf = leaf[k]
-        assert isinstance(leaf[path[-1]], (int, float)) and not isinstance(leaf[path[-1]], bool), path
+        assert isinstance(leaf[path[-1]], (int, float)) and not isinstance(leaf[path[-1]], bool), (
+            path
+        )
         leaf[path[-1]] = True
         with pytest.raises(ValueError, match="is not a number"):
             check(config, spec, bad)
@@ -167,21 +251,30 @@ def test_bad_option_values_are_refused_before_anything_is_written(option, tmp_pa
 
 def test_cifar_and_vgg_check_the_options_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["cifar", "--out", str(out), "--dataset", "digits", "--threads", "-2", "--quiet"]) == 2
+    assert (
+        main(["cifar", "--out", str(out), "--dataset", "digits", "--threads", "-2", "--quiet"]) == 2
+    )
     assert "--threads must be" in _error(capsys) and not out.exists()
     assert main(["cifar", "--out", str(out), "--dataset", "digits", "--backend", "nonsense"]) == 2
     assert "--backend 'nonsense' is unknown" in _error(capsys) and not out.exists()
     # vgg: refused before its data are looked for (there are none here)
-    assert main(["vgg", "--out", str(out), "--data-dir", str(tmp_path / "none"), "--device", "x"]) == 2
+    assert (
+        main(["vgg", "--out", str(out), "--data-dir", str(tmp_path / "none"), "--device", "x"]) == 2
+    )
     assert "--device 'x' is not a device" in _error(capsys) and not out.exists()
 
 
 def test_run_checks_its_options(tmp_path):
-    study = ghost.make_study(ghost.make_config(variants=["plain-relu"], repeats=1, chunk=1, width=4,
-                                               depth=4, batch=2, backend="torch"))
-    for kw, words in (({"threads": -2}, "threads must be an integer >= 1"),
-                      ({"max_jobs": True}, "max_jobs must be an integer"),
-                      ({"engine": "slurm"}, "engine must be one of local, ray")):
+    study = ghost.make_study(
+        ghost.make_config(
+            variants=["plain-relu"], repeats=1, chunk=1, width=4, depth=4, batch=2, backend="torch"
+        )
+    )
+    for kw, words in (
+        ({"threads": -2}, "threads must be an integer >= 1"),
+        ({"max_jobs": True}, "max_jobs must be an integer"),
+        ({"engine": "slurm"}, "engine must be one of local, ray"),
+    ):
         with pytest.raises(ValueError, match=words):
             runner.run(study, tmp_path / "run", quiet=True, **kw)
         assert not (tmp_path / "run").exists()
@@ -225,10 +318,14 @@ def test_a_directory_without_finished_jobs_is_taken_as_empty(tmp_path, capsys):
     assert ghost_cmd(out, "--max-jobs", "0") == 0
     assert sorted(p.name for p in out.iterdir()) == ["jobs", "manifest.json"]
     (out / "jobs" / ".plain-relu.0000.json.tmp-99").write_text("half a record")
-    assert ghost_cmd(out, "--seed", "1") == 0  # other options, no --resume: the manifest is replaced
+    assert (
+        ghost_cmd(out, "--seed", "1") == 0
+    )  # other options, no --resume: the manifest is replaced
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
-    assert sorted(p.name for p in (out / "jobs").iterdir()) == ["plain-relu.0000.json",
-                                                                 "plain-relu.0001.json"]
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == [
+        "plain-relu.0000.json",
+        "plain-relu.0001.json",
+    ]
     (out / "other").write_text("x")  # anything else: not taken
     shutil.rmtree(out / "jobs")
     (out / "jobs").mkdir()
@@ -275,7 +372,10 @@ def test_out_under_a_file_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert ghost_cmd(tmp_path / "file" / "sub") == 2
     err = _error(capsys)
-    assert f"--out {tmp_path / 'file' / 'sub'} cannot be created: {tmp_path / 'file'} is not a directory" in err
+    assert (
+        f"--out {tmp_path / 'file' / 'sub'} cannot be created: {tmp_path / 'file'} is not a directory"
+        in err
+    )
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -288,7 +388,10 @@ def test_read_only_out_is_a_usage_error(shared_dir, capsys, monkeypatch):
         capsys.readouterr()
         assert ghost_cmd(ro) == 2
         err = _error(capsys)
-        assert f"--out {ro} cannot be written: no file can be created in {ro} (Permission denied)" in err
+        assert (
+            f"--out {ro} cannot be written: no file can be created in {ro} (Permission denied)"
+            in err
+        )
         assert ghost_cmd(ro / "sub") == 2
         assert f"--out {ro / 'sub'} cannot be created" in _error(capsys)
     assert list(ro.iterdir()) == []
@@ -335,7 +438,7 @@ class _Code:
 def _damage(path: Path, how: str) -> None:
     if how == "truncated":
         data = path.read_bytes()
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif how == "not a zip file":
         path.write_text("hello, not a checkpoint")
     elif how == "empty":
@@ -358,7 +461,9 @@ def test_a_damaged_checkpoint_is_a_clear_error(how, tmp_path):
     msg = str(e.value)
     assert str(path) in msg and "Delete it to restart that job" in msg and "--resume" in msg
     assert "weights_only" not in msg and "\n" not in msg
-    assert e.value.__suppress_context__  # torch's message (suggesting weights_only=False) is not shown
+    assert (
+        e.value.__suppress_context__
+    )  # torch's message (suggesting weights_only=False) is not shown
     if how == "forbidden global":
         assert "a reference to code" in msg and "getpid" in msg
 
@@ -367,8 +472,12 @@ def test_a_checkpoint_of_something_else_is_a_clear_error(tmp_path):
     path = tmp_path / "job.pt"
     model = torch.nn.Linear(2, 2)
     save_training_state(path, {"model": model})
-    with pytest.raises(CheckpointError, match="does not hold this job's training state .no 'optimizer'"):
-        restore_training_state(path, {"model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1)})
+    with pytest.raises(
+        CheckpointError, match="does not hold this job's training state .no 'optimizer'"
+    ):
+        restore_training_state(
+            path, {"model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1)}
+        )
     with pytest.raises(CheckpointError, match="does not hold this job's training state"):
         restore_training_state(path, {"model": torch.nn.Linear(3, 2)})
 
@@ -377,10 +486,36 @@ def test_a_checkpoint_of_something_else_is_a_clear_error(tmp_path):
 def test_cifar_resume_with_a_damaged_checkpoint(how, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GSCFAST_BACKEND", "torch")
     monkeypatch.setattr(cifar, "_INTERRUPT_AFTER", 1)  # a kill right after the first checkpoint
-    args = ["cifar", "--out", str(tmp_path / "run"), "--dataset", "digits", "--archs", "SeLU", "--lrs",
-            "0.1", "--search-epochs", "2", "--epochs", "1", "--depth", "2", "--width", "8",
-            "--batch-size", "500", "--ed-samples", "0", "--ed-every", "0", "--backend", "torch",
-            "--threads", "1", "--quiet"]
+    args = [
+        "cifar",
+        "--out",
+        str(tmp_path / "run"),
+        "--dataset",
+        "digits",
+        "--archs",
+        "SeLU",
+        "--lrs",
+        "0.1",
+        "--search-epochs",
+        "2",
+        "--epochs",
+        "1",
+        "--depth",
+        "2",
+        "--width",
+        "8",
+        "--batch-size",
+        "500",
+        "--ed-samples",
+        "0",
+        "--ed-every",
+        "0",
+        "--backend",
+        "torch",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     assert main(args) == 130
     ckpt = tmp_path / "run" / "search" / "checkpoints" / "SeLU.lr0.1.pt"
     _damage(ckpt, how)
@@ -388,6 +523,9 @@ def test_cifar_resume_with_a_damaged_checkpoint(how, tmp_path, monkeypatch, caps
     monkeypatch.setattr(cifar, "_INTERRUPT_AFTER", None)
     assert main([*args, "--resume"]) == 2
     err = _error(capsys)
-    assert f"gscfast cifar: error: checkpoint {ckpt} cannot be used" in err and "weights_only" not in err
+    assert (
+        f"gscfast cifar: error: checkpoint {ckpt} cannot be used" in err
+        and "weights_only" not in err
+    )
     ckpt.unlink()  # as the message says
     assert main([*args, "--resume"]) == 0

@@ -1,6 +1,7 @@
 """The shattered-gradients study at tiny scale: every output file, resume without recomputing,
 refusal of a foreign directory, the looks-linear net's constant gradient, the gradient function
 against torch.func, and the depth dependence of the autocorrelation (a property of the nets)."""
+
 from __future__ import annotations
 
 import json
@@ -11,18 +12,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _study_results import numbers as _numbers
 
 import gscfast
 from gscfast.__main__ import main
 from gscfast.experiments import shattered
 from gscfast.experiments.runner import job_seed
-from _study_results import numbers as _numbers
 
 ARCHS = ["ReLU-1", "ReLU-4", "batch-ReLU-4", "resnet-6", "preresnet-5"]
 ALL = ARCHS + ["ll-ReLU-6"]  # --looks-linear adds the looks-linear net of the deepest depth
 ENSEMBLE, CHUNK, POINTS, WIDTH = 6, 4, 24, 12
-ARGS = ["--archs", *ARCHS, "--looks-linear", "--ensemble", str(ENSEMBLE), "--chunk", str(CHUNK),
-        "--points", str(POINTS), "--width", str(WIDTH), "--threads", "1", "--quiet"]
+ARGS = [
+    "--archs",
+    *ARCHS,
+    "--looks-linear",
+    "--ensemble",
+    str(ENSEMBLE),
+    "--chunk",
+    str(CHUNK),
+    "--points",
+    str(POINTS),
+    "--width",
+    str(WIDTH),
+    "--threads",
+    "1",
+    "--quiet",
+]
 OUTPUTS = ["shattered.png", "shattered.pdf", "results.json", "gradients.csv", "summary.md"]
 
 
@@ -75,7 +90,9 @@ def test_every_output_file(full):
 
     rows = (full / "gradients.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["arch", "member", "net_seed", "g_0"]
-    assert len(rows) == 1 + len(ALL) * ENSEMBLE and all(len(r.split(",")) == 3 + POINTS for r in rows)
+    assert len(rows) == 1 + len(ALL) * ENSEMBLE and all(
+        len(r.split(",")) == 3 + POINTS for r in rows
+    )
     # The CSV holds exactly the gradients the records hold, in member order.
     first = json.loads((full / "jobs" / "ReLU-4.00000.json").read_text())["result"]["gradients"][1]
     row = next(r for r in rows if r.startswith("ReLU-4,1,"))
@@ -83,11 +100,27 @@ def test_every_output_file(full):
 
     summary = (full / "summary.md").read_text()
     assert f"gscfast {gscfast.__version__}" in summary
-    for text in ("| network | L | paper's prediction | mean R(i, j)", "| ReLU-1 | 1 | 0.5 (1/2^L) |",
-                 "| resnet-6 | 2 |", "| preresnet-5 | 3 |", "| ll-ReLU-6 |", "constant", "(choice)",
-                 "white noise", "brown noise", "point by point", "Theorem 1 (covariance",
-                 "Theorem 3", "wide-net theory", "1 + n beta^2", "seconds per initialization",
-                 "Machine:", '"ensemble": 6', '"beta": 1.0', "gradients.csv"):
+    for text in (
+        "| network | L | paper's prediction | mean R(i, j)",
+        "| ReLU-1 | 1 | 0.5 (1/2^L) |",
+        "| resnet-6 | 2 |",
+        "| preresnet-5 | 3 |",
+        "| ll-ReLU-6 |",
+        "constant",
+        "(choice)",
+        "white noise",
+        "brown noise",
+        "point by point",
+        "Theorem 1 (covariance",
+        "Theorem 3",
+        "wide-net theory",
+        "1 + n beta^2",
+        "seconds per initialization",
+        "Machine:",
+        '"ensemble": 6',
+        '"beta": 1.0',
+        "gradients.csv",
+    ):
         assert text in summary, text
 
 
@@ -96,7 +129,9 @@ def test_resume_of_a_complete_run_only_regenerates(full, tmp_path, monkeypatch):
     shutil.copytree(full, out)
     for name in OUTPUTS:
         (out / name).unlink()
-    monkeypatch.setattr(shattered, "run_job", lambda *a: pytest.fail("a finished job was recomputed"))
+    monkeypatch.setattr(
+        shattered, "run_job", lambda *a: pytest.fail("a finished job was recomputed")
+    )
     assert study(out, "--resume") == 0
     assert _numbers(out, "gradients.csv") == _numbers(full, "gradients.csv")
     assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
@@ -174,8 +209,12 @@ def test_depth_shatters_the_gradients():
     x = shattered.grid(128, -2.0, 2.0)
     acf1 = {}
     for arch in ("ReLU-1", "ReLU-50", "batch-ReLU-50", "resnet-50"):
-        g = np.stack([shattered.input_gradients(shattered.make_model(arch, 64, seed=s), x).numpy()
-                      for s in range(4)])
+        g = np.stack(
+            [
+                shattered.input_gradients(shattered.make_model(arch, 64, seed=s), x).numpy()
+                for s in range(4)
+            ]
+        )
         acf1[arch] = float(shattered.autocorrelation(g)[:, 1].mean())
     assert acf1["ReLU-1"] > 0.85, acf1
     assert acf1["ReLU-50"] < acf1["ReLU-1"] - 0.25, acf1
@@ -194,10 +233,16 @@ def test_preresnet_is_theorem3_module():
     """preresnet-L: a stem, L - 2 blocks x + beta Linear(ReLU(BN(x))) with He weights, a head."""
     model = shattered.make_model("preresnet-6", 16, seed=2, beta=0.25)
     blocks = list(model)[1:-1]
-    assert len(blocks) == 4 and all(isinstance(b, gscfast.nn.Residual) and b.scale == 0.25 for b in blocks)
-    assert [type(m) for m in blocks[0].body] == [torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    assert len(blocks) == 4 and all(
+        isinstance(b, gscfast.nn.Residual) and b.scale == 0.25 for b in blocks
+    )
+    assert [type(m) for m in blocks[0].body] == [
+        torch.nn.BatchNorm1d,
+        torch.nn.ReLU,
+        torch.nn.Linear,
+    ]
     assert not blocks[0].body[0].affine
-    assert list(model)[0].weight.shape == (16, 1) and list(model)[-1].weight.shape == (1, 16)
+    assert next(iter(model)).weight.shape == (16, 1) and list(model)[-1].weight.shape == (1, 16)
 
 
 def test_theorem3_formulas():
@@ -206,15 +251,25 @@ def test_theorem3_formulas():
     assert shattered.theorem3_correlation(0) == 1.0
     assert shattered.theorem3_correlation(1) == pytest.approx(1.5 / 2)
     # Large depth: 1/(beta sqrt(n)) up to beta Gamma(c) / Gamma(c + 1/2), c = 1/beta^2.
-    n = 10 ** 5
-    assert shattered.theorem3_correlation(n) * math.sqrt(n) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-3)
-    assert shattered.theorem3_correlation(n, 0.1) * 0.1 * math.sqrt(n) == pytest.approx(1.0, rel=5e-3)
-    assert shattered.predicted_correlation("preresnet-26", 0.1) == shattered.theorem3_correlation(24, 0.1)
+    n = 10**5
+    assert shattered.theorem3_correlation(n) * math.sqrt(n) == pytest.approx(
+        2 / math.sqrt(math.pi), rel=1e-3
+    )
+    assert shattered.theorem3_correlation(n, 0.1) * 0.1 * math.sqrt(n) == pytest.approx(
+        1.0, rel=5e-3
+    )
+    assert shattered.predicted_correlation("preresnet-26", 0.1) == shattered.theorem3_correlation(
+        24, 0.1
+    )
 
 
 def _gradients(arch: str, width: int, x: torch.Tensor, members: int, **kw) -> np.ndarray:
-    return np.stack([shattered.input_gradients(shattered.make_model(arch, width, s, **kw), x).numpy()
-                     for s in range(members)])
+    return np.stack(
+        [
+            shattered.input_gradients(shattered.make_model(arch, width, s, **kw), x).numpy()
+            for s in range(members)
+        ]
+    )
 
 
 def test_theorem3_holds_for_its_module_where_batch_norm_rescales_as_it_assumes():
@@ -248,7 +303,9 @@ def test_plain_relu_nets_follow_the_wide_theory_not_two_to_the_minus_depth():
     R = shattered.correlation_matrix(g)
     wide = shattered.wide_relu_correlation(x[:, 0].numpy(), 3)
     assert np.abs(R - wide).max() < 0.25
-    assert shattered._mean_off_diagonal(R) == pytest.approx(shattered._mean_off_diagonal(wide), abs=0.05)
+    assert shattered._mean_off_diagonal(R) == pytest.approx(
+        shattered._mean_off_diagonal(wide), abs=0.05
+    )
     assert np.diagonal(R, 1).mean() == pytest.approx(np.diagonal(wide, 1).mean(), abs=0.02)
     # Neighbouring points share their activation patterns: R(i, i+1) near 1, not 1/2^3; far
     # apart the gradients are anti-correlated (the theory says so too).

@@ -1,6 +1,7 @@
 """The ``vgg`` study end to end at tiny scale on a generated CIFAR-100 archive: every output file,
 interruption + ``--resume`` bit for bit, GradientFlow leaving training and the model unchanged,
 the networks' layer counts and shared initialization, and the command's refusals."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,29 @@ def cli(argv: list[str]) -> int:
 def archive(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("cifar100")
     md5 = write_fake_archive(root, "cifar100", "python", n_train=N_TRAIN, n_test=N_TEST, seed=3)
-    return ["--data-dir", str(root), "--data-md5", md5, "--archs", *VARIANTS, "--epochs", str(EPOCHS),
-            "--filters", "4", "--val-size", str(N_VAL), "--batch-size", str(BATCH),
-            "--flow-every", str(FLOW_EVERY), "--threads", "1", "--device", "cpu", "--quiet"]
+    return [
+        "--data-dir",
+        str(root),
+        "--data-md5",
+        md5,
+        "--archs",
+        *VARIANTS,
+        "--epochs",
+        str(EPOCHS),
+        "--filters",
+        "4",
+        "--val-size",
+        str(N_VAL),
+        "--batch-size",
+        str(BATCH),
+        "--flow-every",
+        str(FLOW_EVERY),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +86,38 @@ def numbers(d: Path) -> dict:
     """Every output number but wall-clock times."""
     rows = list(csv.reader(io.StringIO((d / "epochs.csv").read_text())))
     keep = [i for i, c in enumerate(rows[0]) if not c.startswith("t_")]
-    return {"results": _strip_seconds(json.loads((d / "results.json").read_text())),
-            "jobs": {p.name: _strip_seconds(json.loads(p.read_text())["result"])
-                     for p in sorted((d / "jobs").iterdir())},
-            "epochs": [[r[i] for i in keep] for r in rows],
-            "flow": (d / "flow.csv").read_text(),
-            **{f"flow-{v}": (d / f"flow-{v}.json").read_text() for v in VARIANTS}}
+    return {
+        "results": _strip_seconds(json.loads((d / "results.json").read_text())),
+        "jobs": {
+            p.name: _strip_seconds(json.loads(p.read_text())["result"])
+            for p in sorted((d / "jobs").iterdir())
+        },
+        "epochs": [[r[i] for i in keep] for r in rows],
+        "flow": (d / "flow.csv").read_text(),
+        **{f"flow-{v}": (d / f"flow-{v}.json").read_text() for v in VARIANTS},
+    }
 
 
 def _strict(text: str):
     def refuse(c):
         raise ValueError(f"non-strict JSON constant {c}")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def test_every_output_file(full):
     figures = ["curves", "flow-comparison", *(f"flow-{v}" for v in VARIANTS)]
-    expected = {"results.json", "summary.md", "epochs.csv", "flow.csv", "manifest.json", "jobs",
-                "checkpoints", *(f"flow-{v}.json" for v in VARIANTS),
-                *(f"{f}.{e}" for f in figures for e in ("png", "pdf"))}
+    expected = {
+        "results.json",
+        "summary.md",
+        "epochs.csv",
+        "flow.csv",
+        "manifest.json",
+        "jobs",
+        "checkpoints",
+        *(f"flow-{v}.json" for v in VARIANTS),
+        *(f"{f}.{e}" for f in figures for e in ("png", "pdf")),
+    }
     assert {p.name for p in full.iterdir()} == expected
     for f in figures:
         assert (full / f"{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,8 +130,15 @@ def test_every_output_file(full):
     cos = 2e-5 + (1e-3 - 2e-5) * (1 + math.cos(math.pi / EPOCHS)) / 2  # the rate of epoch 2
     for v, layers in zip(VARIANTS, (8, 38)):
         a = res["variants"][v]
-        assert a["weight_layers"] == layers and a["diverged"] is False and a["epochs_done"] == EPOCHS
-        assert (a["n_train"], a["n_val"], a["n_test"], a["steps_per_epoch"]) == (N_TRAIN - N_VAL, N_VAL, N_TEST, STEPS)
+        assert (
+            a["weight_layers"] == layers and a["diverged"] is False and a["epochs_done"] == EPOCHS
+        )
+        assert (a["n_train"], a["n_val"], a["n_test"], a["steps_per_epoch"]) == (
+            N_TRAIN - N_VAL,
+            N_VAL,
+            N_TEST,
+            STEPS,
+        )
         hist = a["history"]
         assert [h["epoch"] for h in hist] == [1, 2]
         assert [h["lr"] for h in hist] == pytest.approx([1e-3, cos], rel=1e-12)
@@ -105,7 +146,9 @@ def test_every_output_file(full):
             assert all(0 <= h[k] <= 1 for k in ("train_acc", "val_acc"))
             assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])
             assert h["seconds"]["train"] > 0
-        assert a["final"] == {k: hist[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        assert a["final"] == {
+            k: hist[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+        }
         assert 0 <= a["test_acc"] <= 1 and a["test_loss"] > 0
         assert a["best_val_acc"] == max(h["val_acc"] for h in hist)
         assert (a["flow"]["first_step"], a["flow"]["last_step"]) == (0, RECORDED[-1])
@@ -113,7 +156,9 @@ def test_every_output_file(full):
 
     epochs = list(csv.DictReader(io.StringIO((full / "epochs.csv").read_text())))
     assert len(epochs) == len(VARIANTS) * EPOCHS
-    assert float(epochs[0]["val_acc"]) == res["variants"]["VGG08"]["history"][0]["val_acc"]  # exact text
+    assert (
+        float(epochs[0]["val_acc"]) == res["variants"]["VGG08"]["history"][0]["val_acc"]
+    )  # exact text
 
     flow_rows = list(csv.DictReader(io.StringIO((full / "flow.csv").read_text())))
     assert len(flow_rows) == len(RECORDED) * (8 + 38)
@@ -126,15 +171,30 @@ def test_every_output_file(full):
         assert f["weights"] == names
         for rec in f["records"].values():
             assert list(rec["weights"]) == names  # input to output
-            assert all(s["mean_abs"] > 0 and s["norm"] >= s["mean_abs"] for s in rec["weights"].values())
+            assert all(
+                s["mean_abs"] > 0 and s["norm"] >= s["mean_abs"] for s in rec["weights"].values()
+            )
         rows = [r for r in flow_rows if r["variant"] == v and r["step"] == "7"]
         assert [r["weight"] for r in rows] == names and {r["epoch"] for r in rows} == {"2"}
         assert float(rows[0]["mean_abs"]) == f["records"]["7"]["weights"][names[0]]["mean_abs"]
 
     summary = (full / "summary.md").read_text()
-    for part in ("## Results", "## Gradient flow", "## Timings", "## How the numbers are made",
-                 "## Configuration", "## Files", "Machine:", "| VGG08 | 8 |", "| VGG38-BN-RC | 38 |",
-                 "flow-VGG38-BN-RC.png", "curves.png", "flow.csv", "epochs.csv", "results.json"):
+    for part in (
+        "## Results",
+        "## Gradient flow",
+        "## Timings",
+        "## How the numbers are made",
+        "## Configuration",
+        "## Files",
+        "Machine:",
+        "| VGG08 | 8 |",
+        "| VGG38-BN-RC | 38 |",
+        "flow-VGG38-BN-RC.png",
+        "curves.png",
+        "flow.csv",
+        "epochs.csv",
+        "results.json",
+    ):
         assert part in summary, part
     ck = vgg.load_checkpoint(full / "checkpoints" / "VGG08.pt")  # weights_only=True
     assert ck["epoch"] == EPOCHS
@@ -218,15 +278,24 @@ def test_layer_counts_and_shared_initialization(one_thread):
         ws = [p for p in models[v].parameters() if p.dim() >= 2 or p.shape == (100,)]
         assert len(ws) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, ws))
     w = models["VGG08"].input.conv0.weight
-    assert float(w.detach().abs().max()) <= 1 / math.sqrt(27)  # PyTorch's default bound 1/sqrt(fan_in)
+    assert float(w.detach().abs().max()) <= 1 / math.sqrt(
+        27
+    )  # PyTorch's default bound 1/sqrt(fan_in)
     assert not torch.equal(vgg.vgg(0, filters=8, seed=1).input.conv0.weight, w)
 
 
 def test_progress_lines(archive, monkeypatch, capfd, one_thread):
     ix = archive.index
-    config = vgg.make_config(archs=["VGG08"], epochs=1, filters=4, val_size=N_VAL, batch_size=BATCH,
-                             data_dir=archive[ix("--data-dir") + 1], data_md5=archive[ix("--data-md5") + 1],
-                             device="cpu")
+    config = vgg.make_config(
+        archs=["VGG08"],
+        epochs=1,
+        filters=4,
+        val_size=N_VAL,
+        batch_size=BATCH,
+        data_dir=archive[ix("--data-dir") + 1],
+        data_md5=archive[ix("--data-md5") + 1],
+        device="cpu",
+    )
     monkeypatch.setattr(vgg, "_PROGRESS", True)
     r = vgg.train_variant(config, {"variant": "VGG08", "checkpoint": None})
     err = capfd.readouterr().err
@@ -257,9 +326,17 @@ def test_refusals(archive, tmp_path):
 
 def test_diverged_job_is_recorded_not_raised(archive, tmp_path, one_thread):
     ix = archive.index
-    config = vgg.make_config(archs=["VGG08"], epochs=3, filters=4, val_size=N_VAL, batch_size=BATCH,
-                             lr=1e30, data_dir=archive[ix("--data-dir") + 1],
-                             data_md5=archive[ix("--data-md5") + 1], device="cpu")
+    config = vgg.make_config(
+        archs=["VGG08"],
+        epochs=3,
+        filters=4,
+        val_size=N_VAL,
+        batch_size=BATCH,
+        lr=1e30,
+        data_dir=archive[ix("--data-dir") + 1],
+        data_md5=archive[ix("--data-md5") + 1],
+        device="cpu",
+    )
     spec = {"variant": "VGG08", "checkpoint": str(tmp_path / "c.pt")}
     r = vgg.train_variant(config, spec)
     assert r["diverged"] is True and r["epochs_done"] == 1 and r["test_acc"] is None
@@ -268,6 +345,9 @@ def test_diverged_job_is_recorded_not_raised(archive, tmp_path, one_thread):
     assert vgg.load_checkpoint(tmp_path / "c.pt")["epoch"] == 1
     res = vgg.aggregate(config, {"VGG08": {"result": r, "seconds": 1.0}})
     assert res["variants"]["VGG08"]["best_val_acc"] is None
-    text = vgg.summary_md(res, {"version": gscfast.__version__, "engine": "local", "threads": 1,
-                                "machine": "test"}, [])
+    text = vgg.summary_md(
+        res,
+        {"version": gscfast.__version__, "engine": "local", "threads": 1, "machine": "test"},
+        [],
+    )
     assert "1 (diverged)" in text and "n/a" in text

@@ -5,6 +5,7 @@ Widths are chosen so that masks and multi-block loops are exercised: 5, 7, 17, 3
 of 16 or 64), 70 (more than one 64-column CUDA tile), and batches of 20 rows (more than one
 16-row forward tile).
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,8 @@ import torch
 from torch import nn
 
 import gscfast
-from gscfast.validation import Problem
 from gscfast.backends.reference import ReferenceBackend
-from gscfast.validation import make_problem
+from gscfast.validation import Problem, make_problem
 
 
 @dataclass
@@ -29,15 +29,26 @@ class GpuCase:
     error: str
     batchnorm: str = "frozen"
 
-    def to(self, dtype: torch.dtype, device="cpu") -> "GpuCase":
+    def to(self, dtype: torch.dtype, device="cpu") -> GpuCase:
         y = self.y.to(device=device, dtype=dtype) if self.error == "dot" else self.y.to(device)
-        return GpuCase(self.id, copy.deepcopy(self.model).to(device=device, dtype=dtype),
-                       self.x.to(device=device, dtype=dtype), y, self.error, self.batchnorm)
+        return GpuCase(
+            self.id,
+            copy.deepcopy(self.model).to(device=device, dtype=dtype),
+            self.x.to(device=device, dtype=dtype),
+            y,
+            self.error,
+            self.batchnorm,
+        )
 
     def problem(self, error: bool = True, program=None) -> Problem:
-        pb, _ = make_problem(self.model, self.x, self.y if error else None,
-                             error=self.error if error else None, batchnorm=self.batchnorm,
-                             program=program)
+        pb, _ = make_problem(
+            self.model,
+            self.x,
+            self.y if error else None,
+            error=self.error if error else None,
+            batchnorm=self.batchnorm,
+            program=program,
+        )
         return pb
 
 
@@ -46,26 +57,37 @@ def _seeded(model: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
-                               * math.sqrt(1.5 / m.in_features))
+                m.weight.copy_(
+                    torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                    * math.sqrt(1.5 / m.in_features)
+                )
                 if m.bias is not None:
                     m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
                 if getattr(m, "weight", None) is not None:
-                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+                    m.weight.copy_(
+                        1 + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                    )
                 if getattr(m, "bias", None) is not None:
                     m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
                 if isinstance(m, nn.BatchNorm1d) and m.running_mean is not None:
-                    m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g, dtype=torch.float64))
-                    m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g, dtype=torch.float64))
+                    m.running_mean.copy_(
+                        0.3 * torch.randn(m.num_features, generator=g, dtype=torch.float64)
+                    )
+                    m.running_var.copy_(
+                        0.5 + torch.rand(m.num_features, generator=g, dtype=torch.float64)
+                    )
     return model.double()
 
 
 def _data(seed: int, D: int, B: int, n: int, m: int, error: str):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(D, B, n, generator=g, dtype=torch.float64)
-    y = (torch.randn(D, B, m, generator=g, dtype=torch.float64) if error == "dot"
-         else torch.randint(0, m, (D, B), generator=g))
+    y = (
+        torch.randn(D, B, m, generator=g, dtype=torch.float64)
+        if error == "dot"
+        else torch.randint(0, m, (D, B), generator=g)
+    )
     return x, y
 
 
@@ -85,19 +107,73 @@ def cases() -> list[GpuCase]:
         x, y = _data(seed + 1, D, B, n, m, error)
         out.append(GpuCase(id, model, x, y, error, **kw))
 
-    add("ln-tanh-selu", nn.Sequential(L(5, 7), nn.LayerNorm(7), nn.Tanh(), L(7, 6, bias=False),
-                                      nn.SELU(), L(6, 4)), 2, 3, "dot", 0)
-    add("bn-eval-relu-leaky-sigmoid", nn.Sequential(
-        L(6, 17), _bn(17, True, True), nn.ReLU(), L(17, 9), nn.LeakyReLU(0.07),
-        L(9, 5, bias=False), nn.Sigmoid()), 1, 20, "kl", 10)
-    add("bn-frozen-tanh-elu", nn.Sequential(
-        L(4, 9), _bn(9, False, False), nn.Tanh(), L(9, 9), _bn(9, True, False), nn.ELU(0.8),
-        L(9, 3)), 2, 4, "dot", 20)
-    add("ln-affine-gelu-softplus-37", nn.Sequential(
-        L(7, 37), nn.LayerNorm(37), nn.GELU(), L(37, 20), nn.LayerNorm(20, elementwise_affine=False),
-        nn.GELU(approximate="tanh"), L(20, 37), nn.Softplus(beta=1.5, threshold=3.0),
-        L(37, 6), nn.Identity()), 1, 3, "kl", 30)
-    add("wide-70", nn.Sequential(L(3, 70), nn.Tanh(), L(70, 66), nn.ReLU(), L(66, 5)), 1, 2, "dot", 40)
+    add(
+        "ln-tanh-selu",
+        nn.Sequential(L(5, 7), nn.LayerNorm(7), nn.Tanh(), L(7, 6, bias=False), nn.SELU(), L(6, 4)),
+        2,
+        3,
+        "dot",
+        0,
+    )
+    add(
+        "bn-eval-relu-leaky-sigmoid",
+        nn.Sequential(
+            L(6, 17),
+            _bn(17, True, True),
+            nn.ReLU(),
+            L(17, 9),
+            nn.LeakyReLU(0.07),
+            L(9, 5, bias=False),
+            nn.Sigmoid(),
+        ),
+        1,
+        20,
+        "kl",
+        10,
+    )
+    add(
+        "bn-frozen-tanh-elu",
+        nn.Sequential(
+            L(4, 9),
+            _bn(9, False, False),
+            nn.Tanh(),
+            L(9, 9),
+            _bn(9, True, False),
+            nn.ELU(0.8),
+            L(9, 3),
+        ),
+        2,
+        4,
+        "dot",
+        20,
+    )
+    add(
+        "ln-affine-gelu-softplus-37",
+        nn.Sequential(
+            L(7, 37),
+            nn.LayerNorm(37),
+            nn.GELU(),
+            L(37, 20),
+            nn.LayerNorm(20, elementwise_affine=False),
+            nn.GELU(approximate="tanh"),
+            L(20, 37),
+            nn.Softplus(beta=1.5, threshold=3.0),
+            L(37, 6),
+            nn.Identity(),
+        ),
+        1,
+        3,
+        "kl",
+        30,
+    )
+    add(
+        "wide-70",
+        nn.Sequential(L(3, 70), nn.Tanh(), L(70, 66), nn.ReLU(), L(66, 5)),
+        1,
+        2,
+        "dot",
+        40,
+    )
     return out
 
 
@@ -108,8 +184,12 @@ def fallback_cases() -> list[GpuCase]:
     m = _seeded(nn.Sequential(L(4, 6), nn.BatchNorm1d(6), nn.Tanh(), L(6, 3)), 50)
     x, y = _data(51, 2, 4, 4, 3, "dot")
     out.append(GpuCase("bn-coupled", m, x, y, "dot", batchnorm="batch"))
-    m = _seeded(nn.Sequential(L(4, 5), nn.ReLU(),
-                              gscfast.nn.Residual(nn.Sequential(L(5, 5), nn.Tanh()), 0.5), L(5, 3)), 60)
+    m = _seeded(
+        nn.Sequential(
+            L(4, 5), nn.ReLU(), gscfast.nn.Residual(nn.Sequential(L(5, 5), nn.Tanh()), 0.5), L(5, 3)
+        ),
+        60,
+    )
     x, y = _data(61, 1, 3, 4, 3, "dot")
     out.append(GpuCase("residual", m, x, y, "dot"))
     return out
@@ -121,35 +201,50 @@ def perturbed(case: GpuCase, seed: int = 7) -> GpuCase:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in c.model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p)
-                   * p.abs().mean().clamp(min=1e-3))
+            p.add_(
+                0.3
+                * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p)
+                * p.abs().mean().clamp(min=1e-3)
+            )
     return c
 
 
 def probes(case: GpuCase, R: int = 3, seed: int = 5):
     widths = gscfast.compile_model(case.model).widths(case.x.shape[-1])
     g = torch.Generator().manual_seed(seed)
-    V = {l: (torch.randint(0, 2, (R, 1, widths[l]), generator=g) * 2 - 1).double()
-         for l in range(1, len(widths) - 1)}
+    V = {
+        l: (torch.randint(0, 2, (R, 1, widths[l]), generator=g) * 2 - 1).double()
+        for l in range(1, len(widths) - 1)
+    }
     return lambda l: V[l]
 
 
 # ----------------------------------------------------------------------------- comparison
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str,
-                 reduce_dims: tuple[int, ...] = (0,)) -> None:
+
+def assert_close(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    reduce_dims: tuple[int, ...] = (0,),
+) -> None:
     """Same shape and NaN pattern; ``|got - ref| <= rtol |ref| + atol * scale`` with ``scale`` the
     largest ``|ref|`` over ``reduce_dims`` (per entry of the other dims): float64 1e-9 / 1e-12,
     float32 (against a float64 reference) 2e-4 / 2e-6."""
     assert got.shape == ref.shape, (what, got.shape, ref.shape)
     assert got.dtype == dtype, (what, got.dtype)
     got, ref = got.double().cpu(), ref.double().cpu()
-    assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{what}: NaN pattern differs\n{got}\n{ref}"
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), (
+        f"{what}: NaN pattern differs\n{got}\n{ref}"
+    )
     g, r = got.nan_to_num(), ref.nan_to_num()
     scale = r.abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else r.abs().max()
     rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (2e-4, 2e-6)
     err = (g - r).abs() - rtol * r.abs() - atol * scale
-    assert err.max() <= 0, f"{what}: max |got - ref| = {(g - r).abs().max():.3g} (at {int(err.argmax())})"
+    assert err.max() <= 0, (
+        f"{what}: max |got - ref| = {(g - r).abs().max():.3g} (at {int(err.argmax())})"
+    )
 
 
 _REF: dict = {}
@@ -182,19 +277,31 @@ def check_backend(be, case: GpuCase, dtype: torch.dtype, device="cpu", methods=N
                 continue
             ma, mb = a.moments[l], b.moments[l]
             assert ma.count == mb.count
-            tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-5)
+            tol = (
+                dict(rtol=1e-9, atol=1e-12)
+                if dtype == torch.float64
+                else dict(rtol=1e-3, atol=1e-5)
+            )
             std_a, std_b = (ma.m2 / ma.count).sqrt().cpu(), (mb.m2 / mb.count).sqrt()
             assert torch.allclose(ma.mean.cpu(), mb.mean, **tol), f"moments mean f_{l}"
             assert torch.allclose(std_a, std_b, **tol), f"moments std f_{l}"
             if dtype == torch.float64:
-                assert torch.equal(ma.pos.cpu(), mb.pos) and torch.equal(ma.neg.cpu(), mb.neg), f"signs f_{l}"
+                assert torch.equal(ma.pos.cpu(), mb.pos) and torch.equal(ma.neg.cpu(), mb.neg), (
+                    f"signs f_{l}"
+                )
             else:
-                assert (ma.pos.cpu() - mb.pos).abs().max() <= 1 and (ma.neg.cpu() - mb.neg).abs().max() <= 1
+                assert (ma.pos.cpu() - mb.pos).abs().max() <= 1 and (
+                    ma.neg.cpu() - mb.neg
+                ).abs().max() <= 1
         a = be.sweep(pb, grads=False, stats=False)
         assert_close(a.sq_out, b.sq_out, dtype, "forward-only sq_out")
     if "chain" in methods:
-        assert_close(be.chain(pb, None), _ref(case, ("chain",), lambda: ref.chain(pb64, None)),
-                     dtype, "chain exact")
+        assert_close(
+            be.chain(pb, None),
+            _ref(case, ("chain",), lambda: ref.chain(pb64, None)),
+            dtype,
+            "chain exact",
+        )
     if "sketch" in methods:
         want = _ref(case, ("sketch",), lambda: ref.chain(pb64, probes(case)))
         assert_close(be.chain(pb, probes(case)), want, dtype, "chain sketch")
@@ -204,11 +311,17 @@ def check_backend(be, case: GpuCase, dtype: torch.dtype, device="cpu", methods=N
             if end > start:
                 continue
             J = be.jacobian(pj, start, end)
-            J64 = _ref(case, ("jacobian", start, end), lambda: ref.jacobian(pj64, start, end))
+            J64 = _ref(
+                case,
+                ("jacobian", start, end),
+                lambda start=start, end=end: ref.jacobian(pj64, start, end),
+            )
             if dtype == torch.float64:
                 assert_close(J, J64, dtype, f"jacobian {start}->{end}", reduce_dims=(0, 1, 2))
             else:
-                err = (J.double().cpu() - J64).flatten(-2).norm(dim=-1) / J64.flatten(-2).norm(dim=-1)
+                err = (J.double().cpu() - J64).flatten(-2).norm(dim=-1) / J64.flatten(-2).norm(
+                    dim=-1
+                )
                 assert err.max() <= 1e-4, f"jacobian {start}->{end}: {err.max():.3g}"
     if "contributions" in methods:
         init = gscfast.compile_model(c.model)
@@ -237,7 +350,10 @@ def check_overflow_refused(be) -> None:
     else:
         raise AssertionError("the torch backend must refuse")
     assert "model[1] (LayerNorm) (the variance of its input overflows)" in want
-    for method, args in (("sweep", dict(grads=True, stats=True)), ("sweep", dict(grads=False, stats=True))):
+    for method, args in (
+        ("sweep", dict(grads=True, stats=True)),
+        ("sweep", dict(grads=False, stats=True)),
+    ):
         try:
             getattr(be, method)(pb, **args)
         except ValueError as e:

@@ -5,6 +5,7 @@ compile them): ``python tests/gpu/_triton_aot.py [--all]``. Prints one JSON obje
 variant: kernel, dtype, precision, arch, block sizes, shared memory, cubin size, or the error.
 ``--all`` compiles many more variants (see ``jobs``; tens of minutes).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,26 @@ import time
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from gscfast.backends import triton_backend as tb  # noqa: E402
+from gscfast.backends import triton_backend as tb
 
 INTS = {"N", "DIN", "DOUT", "GROUP_ROWS", "ROWS", "R", "SVN", "SVR", "NS", "M"}
 FLAGS = {
-    "fwd": dict(HAS_BIAS=True, NORM=1, HAS_GAMMA=True, HAS_BETA=True, ACT=4, SAVE_DS=True,
-                SAVE_LN=True, WRITE_SQ=True, STATS=True),
+    "fwd": dict(
+        HAS_BIAS=True,
+        NORM=1,
+        HAS_GAMMA=True,
+        HAS_BETA=True,
+        ACT=4,
+        SAVE_DS=True,
+        SAVE_LN=True,
+        WRITE_SQ=True,
+        STATS=True,
+    ),
     "step": dict(HAS_DS=True, LN=True, HAS_GAMMA=True, STORE=True, WRITE_SQ=True),
     "contrib": dict(HAS_DS=True, LN=True, HAS_GAMMA=True),
 }
@@ -34,7 +44,9 @@ SMEM = {80: 163 * 1024, 90: 227 * 1024}
 
 def compile_one(kind, dtype, arch, prec, cfg, flags):
     k = tb.kernels()
-    fn = {"fwd": k.layer_fwd_kernel, "step": k.chain_step_kernel, "contrib": k.contrib_step_kernel}[kind]
+    fn = {"fwd": k.layer_fwd_kernel, "step": k.chain_step_kernel, "contrib": k.contrib_step_kernel}[
+        kind
+    ]
     t = "fp32" if dtype == torch.float32 else "fp64"
     sig, consts = {}, {}
     for name in fn.arg_names:
@@ -46,10 +58,17 @@ def compile_one(kind, dtype, arch, prec, cfg, flags):
         else:
             sig[name] = f"*{t}"
     t0 = time.time()
-    c = triton.compile(ASTSource(fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)})
-    return dict(shared=c.metadata.shared, cubin=len(c.asm["cubin"]), seconds=round(time.time() - t0, 2),
-                fits=c.metadata.shared <= SMEM[arch])
+    c = triton.compile(
+        ASTSource(fn, signature=sig, constexprs=consts),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)},
+    )
+    return dict(
+        shared=c.metadata.shared,
+        cubin=len(c.asm["cubin"]),
+        seconds=round(time.time() - t0, 2),
+        fits=c.metadata.shared <= SMEM[arch],
+    )
 
 
 def jobs(full: bool):
@@ -70,12 +89,18 @@ def jobs(full: bool):
     yield "fwd", torch.float32, 90, "ieee", tb.fwd_config(1024, 1024, torch.float32), FLAGS["fwd"]
     yield "fwd", torch.float64, 80, "ieee", tb.fwd_config(1024, 1024, torch.float64), FLAGS["fwd"]
     for kind in ("fwd", "step", "contrib"):
-        for dtype, prec, archs in ((torch.float64, "ieee", (80,)), (torch.float32, "tf32", (90,)),
-                                   (torch.float32, "ieee", ())):
+        for dtype, prec, archs in (
+            (torch.float64, "ieee", (80,)),
+            (torch.float32, "tf32", (90,)),
+            (torch.float32, "ieee", ()),
+        ):
             if full:
                 archs = (80, 90)
-            cfg = (tb.fwd_config(100, 100, dtype) if kind == "fwd"
-                   else tb.step_config(100, 100, dtype, contrib=kind == "contrib"))
+            cfg = (
+                tb.fwd_config(100, 100, dtype)
+                if kind == "fwd"
+                else tb.step_config(100, 100, dtype, contrib=kind == "contrib")
+            )
             for arch in archs:
                 yield kind, dtype, arch, prec, cfg, FLAGS[kind]
     if not full:
@@ -87,9 +112,20 @@ def jobs(full: bool):
                 base = tb.fwd_config(width, width, dtype) if kind == "fwd" else {}
                 extra = {k: v for k, v in base.items() if k in ("BM", "BN")}
                 # the configurations the autotuner may pick (after pruning) at this width
-                for conf in tb.prune(tb._configs(kind, dtype), {"DIN": width, "DOUT": width},
-                                     kind=kind, item=item, smem=SMEM[90], **extra):
-                    cfg = {**base, **conf.kwargs, "num_warps": conf.num_warps, "num_stages": conf.num_stages}
+                for conf in tb.prune(
+                    tb._configs(kind, dtype),
+                    {"DIN": width, "DOUT": width},
+                    kind=kind,
+                    item=item,
+                    smem=SMEM[90],
+                    **extra,
+                ):
+                    cfg = {
+                        **base,
+                        **conf.kwargs,
+                        "num_warps": conf.num_warps,
+                        "num_stages": conf.num_stages,
+                    }
                     yield kind, dtype, 90, "ieee", cfg, FLAGS[kind]
 
 
@@ -100,10 +136,22 @@ def autotune_records():
             tb.autotuned(kind, dtype)
             item = 8 if dtype == torch.float64 else 4
             for w in (16, 100, 1024):
-                extra = {k: v for k, v in tb.fwd_config(w, w, dtype).items() if k in ("BM", "BN")} if kind == "fwd" else {}
-                kept = tb.prune(tb._configs(kind, dtype), {"DIN": w, "DOUT": w}, kind=kind, item=item, **extra)
-                yield dict(kind="autotune-" + kind, dtype=str(dtype), width=w, kept=len(kept),
-                           of=len(tb._configs(kind, dtype)), fits=len(kept) > 0)
+                extra = (
+                    {k: v for k, v in tb.fwd_config(w, w, dtype).items() if k in ("BM", "BN")}
+                    if kind == "fwd"
+                    else {}
+                )
+                kept = tb.prune(
+                    tb._configs(kind, dtype), {"DIN": w, "DOUT": w}, kind=kind, item=item, **extra
+                )
+                yield dict(
+                    kind="autotune-" + kind,
+                    dtype=str(dtype),
+                    width=w,
+                    kept=len(kept),
+                    of=len(tb._configs(kind, dtype)),
+                    fits=len(kept) > 0,
+                )
 
 
 def main(argv):
@@ -112,8 +160,9 @@ def main(argv):
         ok &= rec["fits"]
         print(json.dumps(rec), flush=True)
     for kind, dtype, arch, prec, cfg, flags in jobs("--all" in argv):
-        rec = dict(kind=kind, dtype=str(dtype), prec=prec, arch=arch,
-                   cfg={k: v for k, v in cfg.items()})
+        rec = dict(
+            kind=kind, dtype=str(dtype), prec=prec, arch=arch, cfg={k: v for k, v in cfg.items()}
+        )
         try:
             rec.update(compile_one(kind, dtype, arch, prec, cfg, flags))
             ok &= rec["fits"]

@@ -1,4 +1,5 @@
 """Shared setup of the GPU-backend tests: the ``gpu`` marker, poisoned buffers, skips with reasons."""
+
 from __future__ import annotations
 
 import os

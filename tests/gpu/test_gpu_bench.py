@@ -1,5 +1,6 @@
 """bench/gpu/run.py's own code, run on the CPU at toy sizes (its GPU run cannot happen here):
 the random-model checks through each backend's CPU test mode, the workload runners, the FLOP counts."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gsc_bench_gpu", ROOT / "bench" / "gpu" / "run.py")
+    spec = importlib.util.spec_from_file_location(
+        "gsc_bench_gpu", ROOT / "bench" / "gpu" / "run.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -26,6 +29,7 @@ def test_checks_on_cpu(bench, monkeypatch):
     names = ["torch"]
     monkeypatch.setattr(cb, "HOST_EMULATION", True)
     from gscfast.backends import _gpu_host
+
     if _gpu_host.compiler() is not None and cb.CupyBackend.unavailable_reason() is None:
         names.append("cupy")
     recs = bench.check(names, seed=1234, n_models=1, device="cpu", max_width=20)

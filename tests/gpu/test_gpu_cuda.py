@@ -2,13 +2,14 @@
 
 Skipped without a GPU (``torch.cuda.is_available()`` is False); ``conftest.py`` says so.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from _gpu_cases import cases, check_backend, fallback_cases
 
 import gscfast
-from _gpu_cases import cases, check_backend, fallback_cases
 from gscfast import backends
 
 pytestmark = pytest.mark.gpu
@@ -65,7 +66,9 @@ def test_public_api(name):
     assert torch.allclose(a.gsc.cpu(), b.gsc, rtol=1e-9)
     assert torch.allclose(a.preact_std.cpu(), b.preact_std, rtol=1e-9, equal_nan=True)
     J = gscfast.jacobian(mc, xc[:4], backend=name)
-    assert torch.allclose(J.cpu(), gscfast.jacobian(model, x[:4], backend="torch"), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        J.cpu(), gscfast.jacobian(model, x[:4], backend="torch"), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_tf32_is_close():

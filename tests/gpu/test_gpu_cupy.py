@@ -7,6 +7,7 @@
   with the options ``CudaModule`` uses at run time, and the CMake project's test list.
 - The launch glue (``CudaModule``) against a stand-in for ``cupy``: names, options, argument types.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
 
-from gscfast.backends import _gpu_engine, _gpu_host  # noqa: E402
-from gscfast.backends import cupy_backend as cb  # noqa: E402
+from gscfast.backends import _gpu_engine, _gpu_host
+from gscfast.backends import cupy_backend as cb
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "kernels"
@@ -30,9 +30,13 @@ SOURCES = sorted(KDIR.glob("*.cu"))
 DTYPES = [torch.float64, torch.float32]
 ARCHS = [80, 90]
 nvcc = shutil.which("nvcc")
-needs_nvcc = pytest.mark.skipif(nvcc is None, reason="nvcc is not on PATH (install the CUDA toolkit)")
-needs_cxx = pytest.mark.skipif(_gpu_host.compiler() is None,
-                               reason="no C++ compiler (g++/clang++) for the host build of kernels/*.cu")
+needs_nvcc = pytest.mark.skipif(
+    nvcc is None, reason="nvcc is not on PATH (install the CUDA toolkit)"
+)
+needs_cxx = pytest.mark.skipif(
+    _gpu_host.compiler() is None,
+    reason="no C++ compiler (g++/clang++) for the host build of kernels/*.cu",
+)
 
 
 def test_sources_present():
@@ -40,6 +44,7 @@ def test_sources_present():
 
 
 # ----------------------------------------------------------------------------- host emulation
+
 
 @pytest.fixture
 def host(monkeypatch):
@@ -74,6 +79,7 @@ def test_cpu_needs_the_switch():
 
 # ----------------------------------------------------------------------------- consistency
 
+
 def _enum(text: str, prefix: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(rf"\b({prefix}[A-Z_0-9]+)\s*=\s*(\d+)", text)}
 
@@ -105,6 +111,7 @@ def test_entry_signatures_agree_with_python():
 
 # ----------------------------------------------------------------------------- compile
 
+
 @needs_nvcc
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_nvcc_sm80_sm90(src, tmp_path):
@@ -121,8 +128,13 @@ def test_nvcc_sm80_sm90(src, tmp_path):
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_cupy_compile_using_nvcc(src, arch):
     compiler = pytest.importorskip("cupy.cuda.compiler", reason="cupy is not installed")
-    cubin = compiler.compile_using_nvcc(src.read_text(), options=("-std=c++17", f"-I{KDIR}"),
-                                        arch=str(arch), filename=src.name, code_type="cubin")
+    cubin = compiler.compile_using_nvcc(
+        src.read_text(),
+        options=("-std=c++17", f"-I{KDIR}"),
+        arch=str(arch),
+        filename=src.name,
+        code_type="cubin",
+    )
     assert len(cubin) > 0
 
 
@@ -150,13 +162,19 @@ def test_nvrtc_runtime_path(src, arch):
     assert len(nvrtc.getCUBIN(prog)) > 0
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,
-                    reason="cmake/ctest are not installed")
+@pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("ctest") is None,
+    reason="cmake/ctest are not installed",
+)
 @needs_nvcc
 def test_cmake_declares_a_compile_test_per_kernel_and_arch(tmp_path):
-    res = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path)], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout + res.stderr
-    res = subprocess.run(["ctest", "-N", "--test-dir", str(tmp_path)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["ctest", "-N", "--test-dir", str(tmp_path)], capture_output=True, text=True
+    )
     names = set(re.findall(r"Test\s+#\d+: (\S+)", res.stdout))
     for src in SOURCES:
         for a in ARCHS:
@@ -164,6 +182,7 @@ def test_cmake_declares_a_compile_test_per_kernel_and_arch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- launch glue
+
 
 class _FakeCupy(types.SimpleNamespace):
     """Records what ``CudaModule`` asks of cupy (no GPU needed)."""
@@ -199,7 +218,9 @@ def test_cuda_module_glue(monkeypatch, tmp_path, with_fatbin):
     if with_fatbin:
         (tmp_path / "chain_step.fatbin").write_bytes(b"\0")
     monkeypatch.setenv("GSCFAST_FATBIN_DIR", str(tmp_path))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0)
+    )
     v = torch.zeros(3, 4)
     mod.launch("gsc_chain_step_f32", 5, 256, (v, 7, 2))
     kind, path, options, from_code = calls[0]

@@ -1,5 +1,6 @@
 """Backend selection: ``backend="auto"`` picks triton on CUDA (cupy without triton, torch without
 either) and never a GPU backend for CPU tensors, whatever test switches are on."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,7 +56,9 @@ def test_reasons_name_the_package(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a)
+    )
     assert "pip install" in tb.TritonBackend.unavailable_reason()
     monkeypatch.setattr(cb, "kernel_sources", lambda: [])
     reason = cb.CupyBackend.unavailable_reason()

@@ -11,6 +11,7 @@ Triton fixes its mode at import, so interpreting needs ``TRITON_INTERPRET=1`` be
 ``import triton`` (``conftest.py`` sets it on machines without CUDA). Where triton was already
 imported compiled, the interpreter tests run again in a fresh process instead.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,26 +23,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'triton>=3.0')", allow_module_level=True)
 
-from gscfast.backends import triton_backend as tb  # noqa: E402
+from gscfast.backends import triton_backend as tb
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DTYPES = [torch.float64, torch.float32]
-SMALL_TILES = {"fwd": {"BM": 16, "BK": 16}, "step": {"BM": 16, "BN": 16, "BK": 16},
-               "contrib": {"BM": 16, "BN": 16, "BK": 16}}
+SMALL_TILES = {
+    "fwd": {"BM": 16, "BK": 16},
+    "step": {"BM": 16, "BN": 16, "BK": 16},
+    "contrib": {"BM": 16, "BN": 16, "BK": 16},
+}
 
 
 @pytest.fixture
 def interp():
     if not tb.interpreter_ready():
-        pytest.skip("triton was imported compiled in this process: "
-                    "test_interpreter_in_fresh_process runs these tests")
+        pytest.skip(
+            "triton was imported compiled in this process: "
+            "test_interpreter_in_fresh_process runs these tests"
+        )
     with tb.interpret_on_cpu():
         yield tb.TritonBackend()
 
@@ -53,8 +58,12 @@ def test_kernels_match_reference(interp, case, dtype):
     check_backend(interp, case, dtype)
 
 
-SMALL_TILE_CASES = [(c, dt) for c in cases() for name, dt in (("ln-affine-gelu-softplus-37", torch.float32),
-                                                                ("wide-70", torch.float64)) if c.id == name]
+SMALL_TILE_CASES = [
+    (c, dt)
+    for c in cases()
+    for name, dt in (("ln-affine-gelu-softplus-37", torch.float32), ("wide-70", torch.float64))
+    if c.id == name
+]
 
 
 @pytest.mark.parametrize("case,dtype", SMALL_TILE_CASES, ids=lambda v: getattr(v, "id", str(v)))
@@ -83,9 +92,24 @@ def test_interpreter_in_fresh_process():
     if tb.interpreter_ready():
         pytest.skip("the interpreter tests ran in this process")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_gpu_triton.py"),
-                          "-k", "match_reference or small_tiles or fallback"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / "test_gpu_triton.py"),
+            "-k",
+            "match_reference or small_tiles or fallback",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
 
 
@@ -100,7 +124,7 @@ def test_compiles_for_sm80_and_sm90():
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     bad = [r for r in recs if "error" in r or not r.get("fits")]
-    assert recs and not bad and res.returncode == 0, (bad or res.stderr[-4000:])
+    assert recs and not bad and res.returncode == 0, bad or res.stderr[-4000:]
     assert {r.get("arch") for r in recs} >= {80, 90}
     assert {r["kind"] for r in recs} >= {"fwd", "step", "contrib", "autotune-fwd", "autotune-step"}
 
