@@ -109,6 +109,8 @@ def analyze(
     check_error(error)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
+    # grads=True and stats=True asked for both
+    assert sw.sq_grad is not None and sw.moments is not None
     moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
     g = moments.gsc().to(device=x.device, dtype=x.dtype)
     stats = PreactStats.from_moments(sw.moments, x)
