@@ -1,6 +1,7 @@
 """The documentation (issue 12): ``mkdocs build --strict`` of ``docs/`` is clean (griffe's
 docstring warnings included), the API reference renders every public name, ``docs/definitions.md``
-is the project's definitions verbatim, and the code of the workflow pages runs as written."""
+is the project's definitions verbatim, and the code of the quick start and the workflow pages runs
+as written (the study pages' commands are not run here: tests/experiments runs the studies)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import gscfast
 
@@ -121,6 +123,16 @@ def test_page_code_runs(name: str, tmp_path, monkeypatch):
     blocks = code_blocks(page)
     assert blocks, f"{name} has no code to run"
     namespace: dict = {"__name__": "__docs__"}
+    # the pages seed torch's global generator and open figures: leave neither to later tests
+    with torch.random.fork_rng():
+        try:
+            _run_blocks(name, blocks, namespace)
+        finally:
+            if "matplotlib.pyplot" in sys.modules:
+                sys.modules["matplotlib.pyplot"].close("all")
+
+
+def _run_blocks(name: str, blocks: list[tuple[str, str, int]], namespace: dict) -> None:
     for lang, code, line in blocks:
         where = f"{name}, the block at line {line}"
         if lang == "python":
