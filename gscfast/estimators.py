@@ -72,6 +72,7 @@ class GSCMoments:
 
     @property
     def L(self) -> int:
+        """The number of layers (the error layer not counted)."""
         return len(self.sq_grad) - 1
 
     def gsc(self) -> Tensor:
