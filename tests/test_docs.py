@@ -116,6 +116,8 @@ def test_page_code_runs(name: str, tmp_path, monkeypatch):
     ``gscfast`` command, run as ``python -m gscfast``. The torch backend stands in for ``auto``:
     the examples are checked for what they compute, and numba's first compile of its kernels
     (minutes) belongs to the backend tests."""
+    for module in ("matplotlib", "pandas", "tensorboard"):  # the pages plot, tabulate and log
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test]')")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GSCFAST_BACKEND", "torch")
     monkeypatch.setenv("MPLBACKEND", "Agg")
