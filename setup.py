@@ -9,6 +9,8 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 KERNEL_FILES = ("**/*.cu", "**/*.cuh", "README.md")
 """What of kernels/ a wheel carries (relative to kernels/)."""
+DOCS = ["mkdocs>=1.6", "mkdocstrings-python>=1.10", "mkdocs-material>=9.5"]
+"""What builds the documentation site (mkdocs.yml, docs/); the ``docs`` and ``test`` extras."""
 
 
 class build_py_with_kernels(build_py):
@@ -87,7 +89,10 @@ setup(
             # static checks (tests/test_static.py)
             "ruff>=0.6",
             "mypy>=1.10",
+            # the documentation, built in strict mode by tests/test_docs.py
+            *DOCS,
         ],
+        "docs": DOCS,
     },
     entry_points={"console_scripts": ["gscfast=gscfast.__main__:main"]},
     cmdclass={"build_py": build_py_with_kernels},

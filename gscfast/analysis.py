@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -12,6 +12,10 @@ from .api import PreactStats, explosion_rate
 from .backends import get_backend
 from .estimators import GSCMoments
 from .validation import check_error, make_problem
+
+if TYPE_CHECKING:  # optional dependencies, imported where used
+    from matplotlib.figure import Figure
+    from pandas import DataFrame
 
 __all__ = ["Analysis", "analyze"]
 
@@ -37,6 +41,7 @@ class Analysis:
 
     @property
     def L(self) -> int:
+        """The number of layers (the error layer not counted)."""
         return len(self.gsc) - 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,7 +55,7 @@ class Analysis:
             "moments": None if self.moments is None else self.moments.to_dict(),
         }
 
-    def to_frame(self):
+    def to_frame(self) -> DataFrame:
         """A pandas DataFrame indexed by layer ``l`` (needs pandas)."""
         try:
             import pandas as pd
@@ -65,7 +70,7 @@ class Analysis:
             index=pd.RangeIndex(self.L + 1, name="l"),
         )
 
-    def plot(self, path: str | Path | None = None, *, label: str | None = None):
+    def plot(self, path: str | Path | None = None, *, label: str | None = None) -> Figure:
         """Three panels as in Philipp et al. (2018), Figure 1; saves to ``path`` if given.
         Returns the matplotlib figure (needs matplotlib)."""
         try:
@@ -109,6 +114,8 @@ def analyze(
     check_error(error)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
+    # grads=True and stats=True asked for both
+    assert sw.sq_grad is not None and sw.moments is not None
     moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
     g = moments.gsc().to(device=x.device, dtype=x.dtype)
     stats = PreactStats.from_moments(sw.moments, x)

@@ -108,6 +108,7 @@ def gsc(
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
+    assert sw.sq_grad is not None  # grads=True asked for it
     out = sw.sq_out.to(torch.float64)
     per = sw.sq_grad.to(torch.float64) / _n(pb) * out / out[:, :1]
     per[:, 0] = 1
@@ -130,6 +131,7 @@ def gsc_moments(
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
+    assert sw.sq_grad is not None  # grads=True asked for it
     return GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
 
 
@@ -219,6 +221,7 @@ def preactivation_stats(
     """
     pb, _ = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=False, stats=True)
+    assert sw.moments is not None  # stats=True asked for them
     return PreactStats.from_moments(sw.moments, x)
 
 

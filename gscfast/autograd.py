@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeGuard
+
 import torch
 from torch import Tensor, nn
 
@@ -16,8 +19,13 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def jacobian(
-    func, inputs, create_graph=False, strict=False, vectorize=False, strategy="reverse-mode"
-):
+    func: Callable[..., Any],
+    inputs: Tensor | tuple[Tensor, ...],
+    create_graph: bool = False,
+    strict: bool = False,
+    vectorize: bool = False,
+    strategy: str = "reverse-mode",
+) -> Any:
     """``torch.autograd.functional.jacobian`` with the same signature, results and errors, fast
     for the models gscfast compiles.
 
@@ -64,8 +72,11 @@ def _plain_module(model: nn.Module) -> bool:
     return not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
 
 
-def _plain_input(x) -> bool:
-    if type(x) not in (Tensor, nn.Parameter) or x.layout != torch.strided:
+def _plain_input(x: object) -> TypeGuard[Tensor]:
+    # exact types: a Tensor subclass may override what the fast path relies on
+    if not isinstance(x, Tensor) or type(x) not in (Tensor, nn.Parameter):
+        return False
+    if x.layout != torch.strided:
         return False
     if x.dtype not in _FAST_DTYPES or x.dim() not in (1, 2) or x.is_inference():
         return False
@@ -74,8 +85,13 @@ def _plain_input(x) -> bool:
 
 
 def _fast_jacobian(
-    func, inputs, create_graph, strict, vectorize, strategy
-) -> Tensor | tuple | None:
+    func: Callable[..., Any],
+    inputs: Tensor | tuple[Tensor, ...],
+    create_graph: bool,
+    strict: bool,
+    vectorize: bool,
+    strategy: str,
+) -> Tensor | tuple[Tensor] | list[Tensor] | None:
     """The Jacobian by gscfast's engine, or None where torch must answer."""
     if not isinstance(func, nn.Module) or create_graph:
         return None

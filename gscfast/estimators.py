@@ -72,6 +72,7 @@ class GSCMoments:
 
     @property
     def L(self) -> int:
+        """The number of layers (the error layer not counted)."""
         return len(self.sq_grad) - 1
 
     def gsc(self) -> Tensor:
@@ -111,7 +112,8 @@ class GSCMoments:
             for i, t in enumerate(v):  # JSON's true reads back as an int: refuse it
                 if isinstance(t, bool) or not isinstance(t, (int, float)):
                     raise ValueError(f"GSC moments: {key!r}[{i}] is not a number")
-        return GSCMoments(d["sq_grad"], d["sq_out"], d["n"], d.get("count"))
+        count: Any = d.get("count")  # unchecked here: __post_init__ refuses all but a positive int
+        return GSCMoments(d["sq_grad"], d["sq_out"], d["n"], count)
 
 
 def _stack(moments: Sequence[GSCMoments]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

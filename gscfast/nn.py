@@ -45,7 +45,6 @@ class CReLU(nn.Module):
         return torch.cat([torch.relu(x), torch.relu(-x)], dim=-1)
 
 
-# Name -> constructor for the activations `mlp` accepts (all are supported by the compiler).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -57,6 +56,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
     "identity": nn.Identity,
 }
+"""Name -> module class of the activations ``mlp`` accepts (all are supported by the compiler)."""
 
 
 def _norm(kind: str | None, width: int) -> list[nn.Module]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUFF_PATHS = ["gscfast", "tests", "bench", "setup.py"]
+RUFF_PATHS = ["gscfast", "tests", "bench", "docs", "setup.py"]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
