@@ -40,7 +40,7 @@ measured set of its own (its own batch statistics, frozen or coupled), as it alw
 curve is a per-sample expansion, which the coupled function has none of: with ``frozen`` it expands
 the function every other measurement sees (batch norm frozen at the whole training set's
 statistics, so its K = 0 is the reported training error); with ``batch`` it evaluates the model in
-eval mode (running statistics), as ``gscfast.reduction.taylor_curve`` does. The eval-mode error
+eval mode (running statistics), as ``gscfast.taylor.taylor_curve`` does. The eval-mode error
 (``eval_error``) is reported in both modes.
 
 Long runs: every training job writes a checkpoint (model, initial model, optimizer, schedule, RNG
@@ -270,7 +270,7 @@ def _measure(
     epochs: int,
 ) -> dict[str, Any]:
     from .. import analyze, effective_depth
-    from ..reduction import weight_change_norms
+    from ..taylor import weight_change_norms
 
     # Every gscfast measurement takes the same datapoint form (module docstring); it changes
     # nothing for the architectures without batch norm.
@@ -452,7 +452,7 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     if measure:
         result["history"] = history
         if not state["diverged"]:
-            from ..reduction import taylor_curve
+            from ..taylor import taylor_curve
 
             t0 = time.perf_counter()
             tc = taylor_curve(_taylor_model(config, model, x), x, x, y, error="kl")
