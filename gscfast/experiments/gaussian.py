@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..estimators import GSCMoments, pooled_summary
+from ..machine import gemm_rate
 from ..theory import R_S
 from .outputs import (
     add_study_arguments,
@@ -582,21 +582,6 @@ def plot_pairs(results: dict[str, Any], paths: list[Path]) -> None:
     save_figure(fig, paths)
 
 
-def sgemm_rate(width: int, rows: int, device: torch.device, seconds: float = 0.3) -> float:
-    """Measured GEMM rate (FLOP/s) for ``[rows, width] @ [width, width]`` float32 on ``device``."""
-    a = torch.randn(rows, width, device=device)
-    w = torch.randn(width, width, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ w
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ w
-        n += 1
-    sync()
-    return 2.0 * rows * width * width * n / (time.perf_counter() - t0)
-
-
 def job_flops(config: dict[str, Any]) -> float:
     """GEMM FLOPs of one job's forward and backward (input-gradient) passes: 2 x 2 B L d^2."""
     return 4.0 * config["samples"] * config["depth"] * config["width"] ** 2
@@ -726,8 +711,9 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         f"(the run may have been split by --resume); backends {', '.join(t['backends'])}, devices "
         f"{', '.join(t['devices'])}, CPU threads per job {', '.join(map(str, t['threads']))}.",
         f"- FLOP floor: one job is {job_flops(cfg) / 1e9:.3g} GFLOP of GEMMs (forward and backward, "
-        f"4 B L d^2); at the GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
-        f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s) "
+        f"4 B L d^2); at the best GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
+        f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s "
+        f"with {t['sgemm_library']}, the faster of numpy (OpenBLAS) and torch where both run) "
         f"that is {t['floor_seconds'] * 1e3:.3g} ms per job, {t['floor_seconds'] * t['jobs']:.3g} s "
         "for the study.",
     ]
@@ -797,7 +783,11 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
             "max": float(np.max(s)),
         }
     device = _device(config["device"])
-    rate = sgemm_rate(config["width"], config["samples"], device)
+    # The floor divides by the best rate of a job's GEMM shape, whichever library reaches it.
+    gemm = gemm_rate(
+        config["samples"], config["width"], config["width"], device=device, seconds=0.3
+    )
+    rate = gemm.flops
     return {
         **run_timings(result),
         "per_arch": per_arch,
@@ -805,7 +795,8 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
             r["spec"]["arch"]: r["seconds"] for r in records.values() if is_pairs(r["spec"])
         },
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
-        "sgemm_device": str(device),
+        "sgemm_device": gemm.device,
+        "sgemm_library": gemm.library,
         "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,
     }

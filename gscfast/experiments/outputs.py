@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, pyplot, save_figure
+from ..machine import describe as describe_machine
 from .runner import (
     ResultsDirError,
     RunResult,
@@ -35,7 +35,6 @@ __all__ = [
     "expand_names",
     "fmt",
     "json_safe",
-    "machine",
     "mean_or_none",
     "num",
     "pyplot",
@@ -253,14 +252,6 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half, sd
 
 
-def machine() -> str:
-    """One line naming the machine, for summaries."""
-    return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}"
-    )
-
-
 def run_timings(result: RunResult) -> dict[str, Any]:
     """What every study's summary says of a run's cost: jobs, jobs computed by this invocation,
     its wall time, the job time of all records, and the devices and CPU thread counts they name
@@ -286,7 +277,7 @@ def run_info(result: RunResult, timings: dict[str, Any]) -> dict[str, Any]:
         "engine": result.engine,
         "threads": result.threads,
         "timings": timings,
-        "machine": machine(),
+        "machine": describe_machine(),
     }
 
 
