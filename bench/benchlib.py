@@ -12,12 +12,12 @@ import os
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 import gscfast
 from gscfast.backends import available_backends, get_backend
+from gscfast.machine import gemm_rate
 
 SCALE = os.environ.get("GSCFAST_BENCH_SCALE", "full")
 if SCALE not in ("full", "smoke"):
@@ -124,34 +124,15 @@ def flops_w4(model: nn.Module, B: int) -> float:
 
 
 def measure_sgemm() -> dict:
-    """Best sgemm GFLOP/s of this machine right now (float32, n x n x n, torch and numpy)."""
+    """Best sgemm GFLOP/s of this machine right now (float32, n x n x n, numpy and torch: the
+    package's ``gemm_rate``), under the keys ``report.py`` reads."""
     n, reps = SIZES["sgemm"]["n"], SIZES["sgemm"]["reps"]
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    c = torch.empty(n, n)
-    an, bn, cn = a.numpy(), b.numpy(), c.numpy()
-    best = {}
-    for name, fn in (
-        ("numpy", lambda: np.matmul(an, bn, out=cn)),
-        ("torch", lambda: torch.mm(a, b, out=c)),
-    ):
-        fn()
-        t = min(_time(fn) for _ in range(reps))
-        best[name] = 2.0 * n**3 / t / 1e9
-    # OpenBLAS (numpy) worker threads busy-wait ~0.1 s after a call; let them park so they do not
-    # steal the cores from whatever is timed next.
-    time.sleep(0.3)
+    r = gemm_rate(n, n, n, reps=reps)
     return {
-        "sgemm_gflops": max(best.values()),
-        "sgemm_torch_gflops": best["torch"],
-        "sgemm_numpy_gflops": best["numpy"],
+        "sgemm_gflops": r.flops / 1e9,
+        "sgemm_torch_gflops": r.rates["torch"] / 1e9,
+        "sgemm_numpy_gflops": r.rates["numpy"] / 1e9,
     }
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- memory

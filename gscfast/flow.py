@@ -139,7 +139,7 @@ class GradientFlow:
     # -- recording ---------------------------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
         """Close the current step: store (and write) its record if it is a recorded step."""
-        record = None
+        record: dict[str, Any] | None = None
         if self._current and self.recording():
             # Hooks fire in backward order (output first); store in the model's order instead.
             record = {"weights": {n: self._current[n] for n in self._names if n in self._current}}
@@ -162,6 +162,7 @@ class GradientFlow:
 
         from .api import gsc
 
+        assert self.gsc_data is not None  # the model is split (_tail) only when it is given
         x, y = self.gsc_data
         if self._head is not None:
             with torch.no_grad():
@@ -197,7 +198,7 @@ class GradientFlow:
 
 
 def plot_flow(
-    records: Mapping[int | str, dict[str, Any]],
+    records: Mapping[int, dict[str, Any]] | Mapping[str, dict[str, Any]],
     steps: Sequence[int],
     *,
     titles: Sequence[str] | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["atomic_write", "pyplot", "save_figure"]
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete: a temp file in
     the same directory, flushed to disk, then ``os.replace``."""
     path = Path(path)

@@ -86,6 +86,27 @@ def study_imports(package: Path, studies: set[str]) -> list[str]:
     ]
 
 
+# What the studies share through one path (issue 12): their files through ``outputs.write_files``,
+# their command's shared options through ``outputs.add_study_arguments``, their training loops
+# through ``training.EpochLoop``. A study importing one of these steps writes the recipe again.
+RECIPE_STEPS = {
+    "atomic_write",
+    "write_json",
+    "run_info",
+    "add_runner_arguments",
+    "save_training_state",
+    "restore_training_state",
+}
+
+
+def recipe_bypasses(package: Path, studies: set[str]) -> list[str]:
+    return [
+        f"{mod} line {line} imports {name} from {target}"
+        for mod, target, name, line in imports(package)
+        if mod in studies and name in RECIPE_STEPS
+    ]
+
+
 def private_imports(package: Path) -> list[str]:
     return [
         f"{mod} line {line} imports {name} from {target}"
@@ -144,6 +165,10 @@ def test_no_study_imports_another():
     assert study_imports(PACKAGE, set(STUDIES.values())) == []
 
 
+def test_studies_share_their_recipe():
+    assert recipe_bypasses(PACKAGE, set(STUDIES.values())) == []
+
+
 def test_no_private_name_imported_across_modules():
     assert private_imports(PACKAGE) == []
 
@@ -166,6 +191,11 @@ def test_no_import_cycles():
             ["pkg.a line 1 imports _f from pkg.b"],
         ),
         ({"a.py": "from . import _b", "_b.py": "x = 1"}, private_imports, []),  # a private module
+        (
+            {"study.py": "from .io import atomic_write", "io.py": "atomic_write = 1"},
+            lambda pkg: recipe_bypasses(pkg, {"pkg.study"}),
+            ["pkg.study line 1 imports atomic_write from pkg.io"],
+        ),
         (
             {
                 "a.py": "from .experiments.runner import g",

@@ -40,7 +40,7 @@ measured set of its own (its own batch statistics, frozen or coupled), as it alw
 curve is a per-sample expansion, which the coupled function has none of: with ``frozen`` it expands
 the function every other measurement sees (batch norm frozen at the whole training set's
 statistics, so its K = 0 is the reported training error); with ``batch`` it evaluates the model in
-eval mode (running statistics), as ``gscfast.reduction.taylor_curve`` does. The eval-mode error
+eval mode (running statistics), as ``gscfast.taylor.taylor_curve`` does. The eval-mode error
 (``eval_error``) is reported in both modes.
 
 Long runs: every training job writes a checkpoint (model, initial model, optimizer, schedule, RNG
@@ -58,7 +58,6 @@ import csv
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,15 +67,20 @@ import torch
 from torch import nn
 
 from .outputs import (
+    PhaseRunner,
+    add_data_arguments,
     add_study_arguments,
-    check_command,
+    check_integers,
     check_number,
     check_numbers,
+    config_from_args,
+    config_section,
+    figure_files,
     pyplot,
-    run_info,
-    run_timings,
+    run_phases,
     save_figure,
-    write_json,
+    text_file,
+    write_files,
 )
 from .outputs import (
     json_safe as _json_safe,
@@ -90,8 +94,8 @@ from .outputs import (
 from .outputs import (
     resolve_device as _device,
 )
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed, run
-from .training import load_checkpoint, minibatches, restore_training_state, save_training_state
+from .runner import Job, Study, UsageError, job_seed
+from .training import EpochLoop, load_checkpoint, minibatches
 
 __all__ = [
     "ARCHS",
@@ -270,7 +274,7 @@ def _measure(
     epochs: int,
 ) -> dict[str, Any]:
     from .. import analyze, effective_depth
-    from ..reduction import weight_change_norms
+    from ..taylor import weight_change_norms
 
     # Every gscfast measurement takes the same datapoint form (module docstring); it changes
     # nothing for the architectures without batch norm.
@@ -357,102 +361,74 @@ def train_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(job_seed(config["seed"], "ed-subset"))
     n_sub = min(config["ed_samples"], len(x))
     sub = torch.randperm(len(x), generator=gen)[:n_sub].sort().values.to(device)
-    history: list[dict[str, Any]] = []
-    state = {"epoch": 0, "diverged": False, "lrs": []}
-    ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
     stateful = {"model": model, "init": init, "optimizer": opt, "schedule": sched}
-    c = restore_training_state(ckpt, stateful)
-    if c is not None:
-        history = json.loads(c["history"])
-        state = json.loads(c["state"])
+    loop = EpochLoop(
+        spec.get("checkpoint"),
+        stateful,
+        epochs,
+        {"history": [], "lrs": []},
+        desc=f"{arch} lr={spec['lr']:g}",
+        progress="bar" if _PROGRESS else None,
+        interrupt_after=_INTERRUPT_AFTER,
+    )
+    history: list[dict[str, Any]] = loop.values["history"]
+    lrs: list[float] = loop.values["lrs"]
     if measure and not history:
         history.append(_measure(config, model, init, x, y, sub, 0, epochs))
-    bar = None
-    if _PROGRESS:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=epochs,
-            initial=state["epoch"],
-            desc=f"{arch} lr={spec['lr']:g}",
-            unit="epoch",
-            leave=False,
-            dynamic_ncols=True,
-            file=sys.stderr,
+    def train(e: int) -> tuple[bool, str]:
+        for g in opt.param_groups:
+            g["lr"] = sched.lr
+        t0 = time.perf_counter()
+        ok = train_epoch(
+            model, opt, x, y, config["batch_size"], job_seed(config["seed"], "shuffle", arch, e)
         )
-    done_here = 0
-    try:
-        while state["epoch"] < epochs and not state["diverged"]:
-            e = state["epoch"] + 1
-            for g in opt.param_groups:
-                g["lr"] = sched.lr
-            t0 = time.perf_counter()
-            ok = train_epoch(
-                model, opt, x, y, config["batch_size"], job_seed(config["seed"], "shuffle", arch, e)
-            )
-            train_s = time.perf_counter() - t0
-            state["lrs"].append(sched.lr)
-            if not ok:
-                state["diverged"], state["epoch"] = True, e
-                history.append({"epoch": e, "diverged": True})
-            else:
-                if measure:
-                    m = _measure(config, model, init, x, y, sub, e, epochs)
-                else:
-                    t1 = time.perf_counter()
-                    loss, err = evaluate(model, x, y)
-                    m = {
-                        "epoch": e,
-                        "train_loss": loss,
-                        "train_error": err,
-                        "seconds": {"error": time.perf_counter() - t1},
-                    }
-                m["seconds"]["train"] = train_s
-                m["lr"] = state["lrs"][-1]
-                if not (math.isfinite(m["train_loss"]) and math.isfinite(m["train_error"])):
-                    state["diverged"] = True
-                    m["diverged"] = True
-                else:
-                    sched.step(m["train_error"])
-                history.append(m)
-                state["epoch"] = e
-            if ckpt is not None:
-                save_training_state(
-                    ckpt,
-                    stateful,
-                    history=json.dumps(history),
-                    state=json.dumps(state),
-                    epoch=state["epoch"],
-                )
-            if bar is not None:
-                last = history[-1]
-                post = "diverged" if last.get("diverged") else f"err={last['train_error']:.4f}"
-                if measure and "gsc" in last:
-                    post += f" GSC(L,0)={last['gsc'][-1]:.3g}"
-                bar.set_postfix_str(post, refresh=False)
-                bar.update(1)
-            done_here += 1
-            if _INTERRUPT_AFTER is not None and done_here >= _INTERRUPT_AFTER:
-                raise KeyboardInterrupt(f"test hook: stopped after {done_here} epochs")
-    finally:
-        if bar is not None:
-            bar.close()
+        train_s = time.perf_counter() - t0
+        lrs.append(sched.lr)
+        if not ok:
+            history.append({"epoch": e, "diverged": True})
+            return True, "diverged"
+        if measure:
+            m = _measure(config, model, init, x, y, sub, e, epochs)
+        else:
+            t1 = time.perf_counter()
+            loss, err = evaluate(model, x, y)
+            m = {
+                "epoch": e,
+                "train_loss": loss,
+                "train_error": err,
+                "seconds": {"error": time.perf_counter() - t1},
+            }
+        m["seconds"]["train"] = train_s
+        m["lr"] = lrs[-1]
+        diverged = not (math.isfinite(m["train_loss"]) and math.isfinite(m["train_error"]))
+        if diverged:
+            m["diverged"] = True
+        else:
+            sched.step(m["train_error"])
+        history.append(m)
+        text = "diverged" if diverged else f"err={m['train_error']:.4f}"
+        if measure and "gsc" in m:
+            text += f" GSC(L,0)={m['gsc'][-1]:.3g}"
+        return diverged, text
+
+    loop.run(train)
     last = next((h for h in reversed(history) if "train_error" in h), None)
     result: dict[str, Any] = {
         "arch": arch,
         "lr": spec["lr"],
-        "epochs_done": state["epoch"],
-        "diverged": state["diverged"],
-        "final_error": None if state["diverged"] or last is None else last["train_error"],
-        "final_loss": None if state["diverged"] or last is None else last["train_loss"],
-        "lrs": state["lrs"],
+        "epochs_done": loop.epoch,
+        "diverged": loop.diverged,
+        "final_error": None if loop.diverged or last is None else last["train_error"],
+        "final_loss": None if loop.diverged or last is None else last["train_loss"],
+        "lrs": lrs,
         "device": str(device),
         "samples": len(x),
     }
     if measure:
         result["history"] = history
-        if not state["diverged"]:
-            from ..reduction import taylor_curve
+        if not loop.diverged:
+            from ..taylor import taylor_curve
 
             t0 = time.perf_counter()
             tc = taylor_curve(_taylor_model(config, model, x), x, x, y, error="kl")
@@ -536,7 +512,7 @@ def make_config(
     if not lrs or any(not (v > 0 and math.isfinite(v)) for v in lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"learning rates must be distinct positive numbers, got {lrs}")
     search_epochs = epochs if search_epochs is None else search_epochs
-    for k, v, lo in (
+    check_integers(
         ("epochs", epochs, 0),
         ("search_epochs", search_epochs, 1),
         ("depth", depth, 1),
@@ -545,9 +521,7 @@ def make_config(
         ("patience", patience, 1),
         ("ed_samples", ed_samples, 0),
         ("ed_every", ed_every, 0),
-    ):
-        if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
+    )
     if not 0 < factor <= 1:
         raise ValueError(f"factor must lie in (0, 1], got {factor}")
     return {
@@ -1015,12 +989,7 @@ def summary_md(results: dict, info: dict) -> str:
         *_bn_notes(results),
         "- Diverged: a non-finite loss or weight stops the job; it is never chosen.",
         "",
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2),
-        "```",
-        "",
+        *config_section(cfg),
         "## Files",
         "",
         "- `figure3.png`, `figure3.pdf`: error, GSC(L, 0), effective depth, operator norms, "
@@ -1053,23 +1022,20 @@ OUTPUTS = (
 
 
 def write_outputs(out: str | Path, config: dict, search, final, chosen: dict) -> dict[str, Path]:
-    out = Path(out)
+    """``OUTPUTS`` from the complete search and final runs."""
     results = aggregate(config, search.records, final.records, chosen)
-    info = run_info(final, run_timings(final))
-    paths = {f: out / f for f in OUTPUTS}
-    write_json(paths["results.json"], {**results, "gscfast_version": info["version"]})
-    atomic_write(paths["epochs.csv"], epochs_csv(results))
-    atomic_write(paths["layers.csv"], layers_csv(results))
-    atomic_write(paths["taylor.csv"], taylor_csv(results))
-    atomic_write(paths["search.csv"], search_csv(results))
-    plot(results, [paths["figure3.png"], paths["figure3.pdf"]])
-    atomic_write(paths["summary.md"], summary_md(results, info))
-    return paths
+    files = [
+        text_file("epochs.csv", epochs_csv(results)),
+        text_file("layers.csv", layers_csv(results)),
+        text_file("taylor.csv", taylor_csv(results)),
+        text_file("search.csv", search_csv(results)),
+        figure_files("figure3", lambda paths: plot(results, paths)),
+    ]
+    return write_files(out, final, results, files, summary_md)
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/cifar", help="results directory (default %(default)s)")
     p.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -1077,18 +1043,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cifar10 (official archive in --data-dir) or digits (scikit-learn's bundled "
         "8x8 digits, no download)",
     )
-    p.add_argument(
-        "--data-dir", default="data", help="folder of cifar-10-python.tar.gz (default data)"
-    )
-    p.add_argument(
-        "--download", action="store_true", help="download the official archive if missing"
-    )
-    p.add_argument(
-        "--data-md5",
-        default=None,
-        help="expected MD5 of the archive (default: the official one; for generated "
-        "archives, see gscfast.data.cifar.write_fake_archive)",
-    )
+    add_data_arguments(p, "cifar-10-python.tar.gz")
     p.add_argument(
         "--archs",
         nargs="+",
@@ -1145,92 +1100,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "makes the whole measured set one datapoint, whose GSC(l, 0) scales like "
         "1/(number of images) with the positive KL error",
     )
-    add_study_arguments(p, device="cpu", dtype=None)
-    add_runner_arguments(p)
+    add_study_arguments(p, NAME, device="cpu", dtype=None)
 
 
 def main(args: argparse.Namespace) -> int:
     global _PROGRESS
-    try:
-        config = make_config(
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            data_md5=args.data_md5,
-            download=args.download,
-            archs=args.archs,
-            lrs=args.lrs,
-            search_epochs=args.search_epochs,
-            epochs=args.epochs,
-            depth=args.depth,
-            width=args.width,
-            batch_size=args.batch_size,
-            momentum=args.momentum,
-            patience=args.patience,
-            factor=args.factor,
-            ed_samples=args.ed_samples,
-            ed_every=args.ed_every,
-            tau=args.tau,
-            bn_datapoint=args.bn_datapoint,
-            seed=args.seed,
-            backend=args.backend,
-            device=args.device,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    check_command(args)  # before anything is written
+    config = config_from_args(make_config, args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise UsageError(
-            f"{out} is not empty; pass --resume to continue the run stored there, "
-            "or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    kw = dict(
-        resume=args.resume,
-        engine=args.engine,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        threads=args.threads,
-        quiet=args.quiet,
-    )
-    _PROGRESS = not args.quiet
-    max_jobs = args.max_jobs
-    try:
-        search = run(
-            make_search_study(config, out / "search"), out / "search", max_jobs=max_jobs, **kw
-        )
-        if not search.complete:
-            print(
-                f"stopped after {search.computed} new search jobs; continue with the same command "
-                "and --resume"
+
+    def phases(run_phase: PhaseRunner) -> dict[str, Path]:
+        # The runner checks each phase's folder; the top folder holds only the phases.
+        if out.exists() and any(out.iterdir()) and not args.resume:
+            raise UsageError(
+                f"{out} is not empty; pass --resume to continue the run stored there, "
+                "or choose another --out"
             )
-            return 0
-        if max_jobs is not None:
-            max_jobs -= search.computed
+        out.mkdir(parents=True, exist_ok=True)
+        search = run_phase(make_search_study(config, out / "search"), out / "search", "search ")
         chosen = choose_lrs(config, search.records)
         final_study = make_final_study(config, chosen, out / "final")
-        final = run(final_study, out / "final", max_jobs=max_jobs, **kw)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: finished jobs and per-epoch checkpoints are saved in {out}; continue "
-            "with the same command and --resume"
-        )
-        return 130
+        final = run_phase(final_study, out / "final", "final ")
+        paths = write_outputs(out, config, search, final, chosen)
+        if not args.quiet:
+            res = json.loads(paths["results.json"].read_text())
+            for a, r in res["archs"].items():
+                h = [x for x in (r.get("history") or []) if "gsc" in x]
+                print(
+                    f"{a:<12} lr {_f(r['lr'])}  final error {_f(r.get('final_error'))}  "
+                    f"GSC(L,0) {_f(h[-1]['gsc'][-1] if h else None)}"
+                )
+        return paths
+
+    _PROGRESS = not args.quiet
+    try:
+        return run_phases(args, phases, kept="finished jobs and per-epoch checkpoints are")
     finally:
         _PROGRESS = False
-    if not final.complete:
-        print(
-            f"stopped after {final.computed} new final jobs; continue with the same command and --resume"
-        )
-        return 0
-    paths = write_outputs(out, config, search, final, chosen)
-    if not args.quiet:
-        res = json.loads(paths["results.json"].read_text())
-        for a, r in res["archs"].items():
-            h = [x for x in (r.get("history") or []) if "gsc" in x]
-            print(
-                f"{a:<12} lr {_f(r['lr'])}  final error {_f(r.get('final_error'))}  "
-                f"GSC(L,0) {_f(h[-1]['gsc'][-1] if h else None)}"
-            )
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0

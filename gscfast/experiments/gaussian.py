@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,26 @@ import numpy as np
 import torch
 
 from ..estimators import GSCMoments, pooled_summary
+from ..machine import gemm_rate
 from ..theory import R_S
 from .outputs import (
     add_study_arguments,
+    check_backend,
+    check_integers,
     check_number,
     check_numbers,
+    config_from_args,
+    config_section,
     expand_names,
+    figure_files,
+    invocation_line,
     pyplot,
     run_command,
-    run_info,
     run_timings,
     save_figure,
     t_interval,
-    write_json,
+    text_file,
+    write_files,
 )
 from .outputs import (
     fmt as _fmt,
@@ -58,9 +64,6 @@ from .runner import (
     Job,
     OutdatedRecord,
     Study,
-    UsageError,
-    add_runner_arguments,
-    atomic_write,
     job_seed,
 )
 
@@ -111,7 +114,8 @@ def parse_arch(name: str) -> dict[str, Any]:
     """Architecture name -> keyword arguments of ``gscfast.mlp`` (``act``, ``norm``, ``init``,
     ``residual``). Names are a paper name (``ARCHS``) with optional prefixes ``orth-`` then
     ``res-`` or ``res-sqrt-``, e.g. ``"orth-res-sqrt-batch-ReLU"``."""
-    rest, init, residual = name, "gaussian", None
+    rest, init = name, "gaussian"
+    residual: str | float | None = None
     if rest.startswith("orth-"):
         rest, init = rest[len("orth-") :], "orthogonal"
     if rest.startswith("res-sqrt-"):
@@ -233,6 +237,7 @@ def run_dataset_job(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, A
         device
     )
     a = analyze(model, x, y, backend=config["backend"])
+    assert a.moments is not None  # analyze keeps the moments behind its expected GSC
     return {
         "gsc": a.gsc.tolist(),
         "preact_std": a.preact_std.tolist(),
@@ -288,9 +293,9 @@ def make_config(
 ) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     archs = expand_archs(archs or PAPER_ARCHS)
-    for k, v in (("datasets", datasets), ("samples", samples), ("depth", depth), ("width", width)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    check_integers(
+        ("datasets", datasets, 1), ("samples", samples, 1), ("depth", depth, 1), ("width", width, 1)
+    )
     if samples < 2:
         raise ValueError("samples must be at least 2 (batch norm needs a batch)")
     if pairs_samples is None:
@@ -303,12 +308,7 @@ def make_config(
         raise ValueError(
             f"pairs-samples must be an integer in [2, samples = {samples}], got {pairs_samples!r}"
         )
-    from ..backends import BACKENDS
-
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(
-            f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
-        )
+    check_backend(backend)
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return {
@@ -582,21 +582,6 @@ def plot_pairs(results: dict[str, Any], paths: list[Path]) -> None:
     save_figure(fig, paths)
 
 
-def sgemm_rate(width: int, rows: int, device: torch.device, seconds: float = 0.3) -> float:
-    """Measured GEMM rate (FLOP/s) for ``[rows, width] @ [width, width]`` float32 on ``device``."""
-    a = torch.randn(rows, width, device=device)
-    w = torch.randn(width, width, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ w
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ w
-        n += 1
-    sync()
-    return 2.0 * rows * width * width * n / (time.perf_counter() - t0)
-
-
 def job_flops(config: dict[str, Any]) -> float:
     """GEMM FLOPs of one job's forward and backward (input-gradient) passes: 2 x 2 B L d^2."""
     return 4.0 * config["samples"] * config["depth"] * config["width"] ** 2
@@ -709,25 +694,20 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2),
-        "```",
-        "",
+        *config_section(cfg),
         "## Timings",
         "",
     ]
     t = run_info["timings"]
     lines += [
-        f"- This invocation: {t['computed']} jobs computed with engine `{run_info['engine']}` "
-        f"({run_info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        invocation_line(run_info),
         f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total "
         f"(the run may have been split by --resume); backends {', '.join(t['backends'])}, devices "
         f"{', '.join(t['devices'])}, CPU threads per job {', '.join(map(str, t['threads']))}.",
         f"- FLOP floor: one job is {job_flops(cfg) / 1e9:.3g} GFLOP of GEMMs (forward and backward, "
-        f"4 B L d^2); at the GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
-        f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s) "
+        f"4 B L d^2); at the best GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
+        f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s "
+        f"with {t['sgemm_library']}, the faster of numpy (OpenBLAS) and torch where both run) "
         f"that is {t['floor_seconds'] * 1e3:.3g} ms per job, {t['floor_seconds'] * t['jobs']:.3g} s "
         "for the study.",
     ]
@@ -797,7 +777,11 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
             "max": float(np.max(s)),
         }
     device = _device(config["device"])
-    rate = sgemm_rate(config["width"], config["samples"], device)
+    # The floor divides by the best rate of a job's GEMM shape, whichever library reaches it.
+    gemm = gemm_rate(
+        config["samples"], config["width"], config["width"], device=device, seconds=0.15
+    )
+    rate = gemm.flops
     return {
         **run_timings(result),
         "per_arch": per_arch,
@@ -805,59 +789,39 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
             r["spec"]["arch"]: r["seconds"] for r in records.values() if is_pairs(r["spec"])
         },
         "backends": sorted({r["result"]["backend"] for r in records.values()}),
-        "sgemm_device": str(device),
+        "sgemm_device": gemm.device,
+        "sgemm_library": gemm.library,
         "sgemm_gflops": rate / 1e9,
         "floor_seconds": job_flops(config) / rate,
     }
 
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
-    """figure1.png/pdf, results.json, layers.csv and summary.md from a complete run's records."""
-    out = Path(out)
+    """results.json, layers.csv, figure1.png/pdf (with ``pairs``: pairs.csv, pairs.png/pdf) and
+    summary.md from a complete run's records."""
     results = aggregate(config, result.records)
-    info = run_info(result, _timings(config, result.records, result))
-    paths = {
-        k: out / f
-        for k, f in (
-            ("png", "figure1.png"),
-            ("pdf", "figure1.pdf"),
-            ("json", "results.json"),
-            ("csv", "layers.csv"),
-            ("summary", "summary.md"),
-        )
-    }
+    files = [
+        text_file("layers.csv", layers_csv(results)),
+        figure_files("figure1", lambda paths: plot(results, paths)),
+    ]
     if config["pairs"]:
-        paths.update(
-            {
-                k: out / f
-                for k, f in (
-                    ("pairs_png", "pairs.png"),
-                    ("pairs_pdf", "pairs.pdf"),
-                    ("pairs_csv", "pairs.csv"),
-                )
-            }
-        )
-    full = {
-        **results,
-        "gscfast_version": info["version"],
-        "timings": info["timings"],
-        "seconds": {k: r["seconds"] for k, r in result.records.items()},
-    }
-    write_json(paths["json"], full)
-    atomic_write(paths["csv"], layers_csv(results))
-    plot(results, [paths["png"], paths["pdf"]])
-    if config["pairs"]:
-        atomic_write(paths["pairs_csv"], pairs_csv(results))
-        plot_pairs(results, [paths["pairs_png"], paths["pairs_pdf"]])
-    atomic_write(paths["summary"], summary_md(results, info))
-    return paths
+        files += [
+            text_file("pairs.csv", pairs_csv(results)),
+            figure_files("pairs", lambda paths: plot_pairs(results, paths)),
+        ]
+    return write_files(
+        out,
+        result,
+        results,
+        files,
+        summary_md,
+        timings=_timings(config, result.records, result),
+        extras=("timings", "seconds"),
+    )
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--out", default="results/gaussian", help="results directory (default %(default)s)"
-    )
     p.add_argument(
         "--datasets", type=int, default=100, help="datasets per architecture (default 100)"
     )
@@ -894,32 +858,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="points of dataset 0 for --pairs (default 200, at most --samples)",
     )
-    add_study_arguments(p, backend="the sweeps")
-    add_runner_arguments(p)
+    add_study_arguments(p, NAME, backend="the sweeps")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = make_config(
-            archs=args.archs,
-            datasets=args.datasets,
-            samples=args.samples,
-            seed=args.seed,
-            depth=args.depth,
-            width=args.width,
-            backend=args.backend,
-            device=args.device,
-            dtype=args.dtype,
-            pairs=args.pairs,
-            pairs_samples=args.pairs_samples,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    config = config_from_args(make_config, args)
 
     def write(result) -> dict[str, Path]:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:
-            results = json.loads(paths["json"].read_text())
+            results = json.loads(paths["results.json"].read_text())
             print(f"{'architecture':<22} {'rate':>7}  95% CI            r(s)   GSC(L, 0) [95% CI]")
             for arch, a in results["archs"].items():
                 r, ci, g = a["rate"], a["rate"]["ci95"], a["gsc_L"]

@@ -35,29 +35,31 @@ from ..nn import Residual
 from ..theory import R_S
 from .outputs import (
     add_study_arguments,
+    check_backend,
+    check_integers,
     check_number,
     check_numbers,
+    config_from_args,
+    config_section,
     expand_names,
+    figure_files,
     fmt,
+    invocation_line,
     num,
     pyplot,
     resolve_device,
     resolve_dtype,
     run_command,
-    run_info,
-    run_timings,
     save_figure,
     sci,
     t_interval,
-    write_json,
+    text_file,
+    write_files,
 )
 from .runner import (
     Job,
     OutdatedRecord,
     Study,
-    UsageError,
-    add_runner_arguments,
-    atomic_write,
     job_seed,
 )
 
@@ -292,15 +294,13 @@ def make_config(
 ) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     variants = expand_variants(variants or ["all"])
-    for k, val in (
-        ("repeats", repeats),
-        ("chunk", chunk),
-        ("width", width),
-        ("depth", depth),
-        ("batch", batch),
-    ):
-        if not isinstance(val, int) or val < 1:
-            raise ValueError(f"{k} must be a positive integer, got {val!r}")
+    check_integers(
+        ("repeats", repeats, 1),
+        ("chunk", chunk, 1),
+        ("width", width, 1),
+        ("depth", depth, 1),
+        ("batch", batch, 1),
+    )
     if batch < 2:
         raise ValueError("batch must be at least 2 (batch norm needs a batch)")
     if depth < 4:
@@ -309,12 +309,7 @@ def make_config(
         raise ValueError(
             f"ResNet variants need an even depth (stem, two-layer blocks, head), got {depth}"
         )
-    from ..backends import BACKENDS
-
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(
-            f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
-        )
+    check_backend(backend)
     resolve_dtype(dtype)
     return {
         "variants": variants,
@@ -581,16 +576,10 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
         "so in a ResNet l counts blocks and the activations after them (as many layers as weight "
         f"layers, {cfg['depth']}).",
         "",
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2),
-        "```",
-        "",
+        *config_section(cfg),
         "## Timings",
         "",
-        f"- This invocation: {t['computed']} jobs computed with engine `{info['engine']}` "
-        f"({info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        invocation_line(info),
         f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total; per repeat "
         f"{1e3 * t['job_seconds'] / max(1, cfg['repeats'] * len(cfg['variants'])):.1f} ms on "
         "average.",
@@ -611,32 +600,17 @@ def summary_md(results: dict[str, Any], info: dict[str, Any]) -> str:
 
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
-    """ghost.png/pdf, results.json, layers.csv and summary.md from a complete run's records."""
-    out = Path(out)
+    """results.json, layers.csv, ghost.png/pdf and summary.md from a complete run's records."""
     results = aggregate(config, result.records)
-    info = run_info(result, run_timings(result))
-    paths = {
-        k: out / f
-        for k, f in (
-            ("png", "ghost.png"),
-            ("pdf", "ghost.pdf"),
-            ("json", "results.json"),
-            ("csv", "layers.csv"),
-            ("summary", "summary.md"),
-        )
-    }
-    write_json(
-        paths["json"], {**results, "gscfast_version": info["version"], "timings": info["timings"]}
-    )
-    atomic_write(paths["csv"], layers_csv(results))
-    plot(results, [paths["png"], paths["pdf"]])
-    atomic_write(paths["summary"], summary_md(results, info))
-    return paths
+    files = [
+        text_file("layers.csv", layers_csv(results)),
+        figure_files("ghost", lambda paths: plot(results, paths)),
+    ]
+    return write_files(out, result, results, files, summary_md, extras=("timings",))
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/ghost", help="results directory (default %(default)s)")
     p.add_argument(
         "--variants",
         nargs="+",
@@ -653,32 +627,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-gsc", action="store_true", help="skip gscfast's GSC of each chunk's first network"
     )
-    add_study_arguments(p, device="cpu", backend="the GSC")
-    add_runner_arguments(p)
+    add_study_arguments(p, NAME, device="cpu", backend="the GSC")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = make_config(
-            variants=args.variants,
-            repeats=args.repeats,
-            chunk=args.chunk,
-            width=args.width,
-            depth=args.depth,
-            batch=args.batch,
-            seed=args.seed,
-            gsc=not args.no_gsc,
-            backend=args.backend,
-            device=args.device,
-            dtype=args.dtype,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    config = config_from_args(make_config, args, gsc=not args.no_gsc)
 
     def write(result) -> dict[str, Path]:
         paths = write_outputs(args.out, config, result)
         if not args.quiet:
-            results = json.loads(paths["json"].read_text())
+            results = json.loads(paths["results.json"].read_text())
             print(f"{'variant':<18} {'rate':>7}  95% CI             r(s)")
             for name, v in results["variants"].items():
                 r = v["rate"]

@@ -1,14 +1,25 @@
-"""What every study shares around the runner: devices, strict JSON, CSV numbers, figures written
-atomically, the machine line of a summary, and the tail of a study's command (run, report an
-interrupted or partial run, write the outputs)."""
+"""What every study shares around the runner, so that a study writes only what is its own:
+
+- its command: the shared options (``add_study_arguments``, ``add_data_arguments``), the
+  configuration from the options with refusals as usage errors (``config_from_args``,
+  ``usage_errors``), option checks before anything is written (``check_command``), and the run of
+  one or more phases with the report of an interrupted or partial run (``run_command``,
+  ``run_phases``);
+- its outputs: one recipe (``write_files``: results.json first, the study's list of ``Output``\\ s,
+  summary.md last, each file atomically), strict JSON, CSV numbers, figures, and the summary
+  pieces every study prints (machine, timings, configuration);
+- checks of option values and of job records read back (``check_integers``, ``check_number``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
-import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +27,37 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, pyplot, save_figure
+from ..machine import describe as describe_machine
 from .runner import (
     ResultsDirError,
     RunResult,
     Study,
     UsageError,
+    add_runner_arguments,
     check_out_dir,
     check_run_options,
     run,
 )
 
 __all__ = [
+    "Output",
+    "PhaseRunner",
+    "add_data_arguments",
     "add_study_arguments",
+    "check_backend",
     "check_command",
     "check_device",
+    "check_integers",
     "check_number",
     "check_numbers",
+    "config_from_args",
+    "config_section",
     "expand_names",
+    "figure_files",
     "fmt",
+    "invocation_line",
+    "json_file",
     "json_safe",
-    "machine",
     "mean_or_none",
     "num",
     "pyplot",
@@ -43,23 +65,32 @@ __all__ = [
     "resolve_dtype",
     "run_command",
     "run_info",
+    "run_phases",
     "run_timings",
     "save_figure",
     "sci",
     "t_interval",
+    "text_file",
+    "usage_errors",
+    "write_files",
     "write_json",
 ]
 
 
 def add_study_arguments(
     p: argparse.ArgumentParser,
+    name: str,
     *,
     device: str = "auto",
     dtype: str | None = "float32",
     backend: str | None = "the measurements",
 ) -> None:
-    """``--seed``, ``--device`` and, unless None, ``--dtype`` (default ``dtype``) and
-    ``--backend`` (help: what the backend computes)."""
+    """The options every study's command shares, after its own: ``--out`` (default
+    ``results/<name>``), ``--seed``, ``--device``, unless None ``--dtype`` (default ``dtype``) and
+    ``--backend`` (help: what the backend computes), and the runner's (``add_runner_arguments``)."""
+    p.add_argument(
+        "--out", default=f"results/{name}", help="results directory (default %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     if backend is not None:
         p.add_argument(
@@ -73,6 +104,46 @@ def add_study_arguments(
     )
     if dtype is not None:
         p.add_argument("--dtype", choices=("float32", "float64"), default=dtype)
+    add_runner_arguments(p)
+
+
+def add_data_arguments(p: argparse.ArgumentParser, archives: str) -> None:
+    """``--data-dir`` (the folder of ``archives``, default ``data``), ``--data-md5`` and
+    ``--download``: the options of a study that trains on an official dataset archive."""
+    p.add_argument("--data-dir", default="data", help=f"folder of {archives} (default data)")
+    p.add_argument(
+        "--data-md5",
+        default=None,
+        help="expected MD5 of the archive (default: the official one; for generated "
+        "archives, see gscfast.data.cifar.write_fake_archive)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download the official archive if missing"
+    )
+
+
+@contextmanager
+def usage_errors(*types: type[Exception]) -> Iterator[None]:
+    """Turn an exception of ``types`` (default ``ValueError``: a bad option value) into
+    ``UsageError`` with the same message, which the ``gscfast`` command reports as
+    ``gscfast <study>: error: ...`` with exit status 2."""
+    caught = types or (ValueError,)
+    try:
+        yield
+    except caught as e:
+        raise UsageError(str(e)) from e
+
+
+def config_from_args(
+    make_config: Callable[..., dict[str, Any]], args: argparse.Namespace, **options: Any
+) -> dict[str, Any]:
+    """``make_config`` of a study's command line: each parameter of ``make_config`` that names an
+    option of ``args`` takes its value, ``options`` give the others (an option spelt otherwise,
+    e.g. ``gsc=not args.no_gsc``); a refused value is a ``UsageError`` (``usage_errors``)."""
+    params = inspect.signature(make_config).parameters
+    kwargs = {k: getattr(args, k) for k in params if hasattr(args, k)}
+    with usage_errors():
+        return make_config(**{**kwargs, **options})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +237,27 @@ def expand_names(
     return names
 
 
+def check_integers(*checks: tuple[Any, ...], optional: Collection[str] = ()) -> None:
+    """Raise ``ValueError`` naming the first option of ``checks``, ``(name, value, least)`` or
+    ``(name, value, least, why)``, whose value is not an integer (never a ``bool``) ``>= least``
+    (``why``: appended to the message); an option named in ``optional`` may be None."""
+    for name, value, least, *why in checks:
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}{''.join(why)}")
+
+
+def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` unless ``backend`` is ``"auto"`` or a gscfast backend's name."""
+    from ..backends import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
+        )
+
+
 def check_number(
     value: Any, what: str, *, finite: bool = True, none: bool = False, integer: bool = False
 ) -> None:
@@ -253,11 +345,18 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half, sd
 
 
-def machine() -> str:
-    """One line naming the machine, for summaries."""
+def config_section(config: dict[str, Any]) -> list[str]:
+    """A summary's ``## Configuration`` section (lines): the configuration as indented JSON."""
+    return ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+
+
+def invocation_line(info: dict[str, Any]) -> str:
+    """A summary's line on this invocation (``run_info``): jobs computed, engine, threads, wall
+    time."""
+    t = info["timings"]
     return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}"
+        f"- This invocation: {t['computed']} jobs computed with engine `{info['engine']}` "
+        f"({info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s."
     )
 
 
@@ -286,8 +385,137 @@ def run_info(result: RunResult, timings: dict[str, Any]) -> dict[str, Any]:
         "engine": result.engine,
         "threads": result.threads,
         "timings": timings,
-        "machine": machine(),
+        "machine": describe_machine(),
     }
+
+
+@dataclass(frozen=True)
+class Output:
+    """Files of a study's outputs written by one producer: ``write(paths)`` writes each of
+    ``names`` (in the results directory) atomically. Made by ``text_file``, ``json_file`` and
+    ``figure_files``."""
+
+    names: tuple[str, ...]
+    write: Callable[[list[Path]], None]
+
+
+def text_file(name: str, text: str) -> Output:
+    """The file ``name`` holding ``text`` (a CSV table, ...)."""
+    return Output((name,), lambda paths: atomic_write(paths[0], text))
+
+
+def json_file(name: str, obj: Any) -> Output:
+    """The file ``name`` holding ``obj`` as ``write_json`` writes it."""
+    return Output((name,), lambda paths: write_json(paths[0], obj))
+
+
+def figure_files(stem: str, plot: Callable[[list[Path]], None]) -> Output:
+    """``stem.png`` and ``stem.pdf``, written by ``plot(paths)`` (which ends in ``save_figure``)."""
+    return Output((f"{stem}.png", f"{stem}.pdf"), plot)
+
+
+# What results.json may carry besides the study's aggregate, always in this order.
+_RESULTS_EXTRAS = ("timings", "seconds")
+
+
+def write_files(
+    out: str | Path,
+    result: RunResult,
+    results: dict[str, Any],
+    files: Iterable[Output],
+    summary: Callable[[dict[str, Any], dict[str, Any]], str],
+    *,
+    timings: dict[str, Any] | None = None,
+    extras: Iterable[str] = (),
+) -> dict[str, Path]:
+    """Every study's output recipe from a complete run: ``results.json`` (the aggregate
+    ``results``, the gscfast version and, as ``extras`` names them, the run's ``timings`` and
+    every job's ``seconds``), then each of ``files`` in order, then ``summary.md`` from
+    ``summary(results, run_info)`` (last: its presence says the outputs are complete). ``timings``
+    default ``run_timings(result)``. Each file is written atomically; returns file name -> path
+    in the order written."""
+    out = Path(out)
+    extras = tuple(extras)
+    unknown = sorted(set(extras) - set(_RESULTS_EXTRAS))
+    if unknown:
+        raise ValueError(f"results.json extras must be among {_RESULTS_EXTRAS}, got {unknown}")
+    info = run_info(result, run_timings(result) if timings is None else timings)
+    values = {
+        "timings": info["timings"],
+        "seconds": {k: r["seconds"] for k, r in result.records.items()},
+    }
+    full = {
+        **results,
+        "gscfast_version": info["version"],
+        **{k: values[k] for k in _RESULTS_EXTRAS if k in extras},
+    }
+    paths: dict[str, Path] = {}
+    for output in (json_file("results.json", full), *files):
+        output.write([out / name for name in output.names])
+        paths.update((name, out / name) for name in output.names)
+    atomic_write(out / "summary.md", summary(results, info))
+    paths["summary.md"] = out / "summary.md"
+    return paths
+
+
+class _Stopped(Exception):
+    """A phase of a command stopped at ``--max-jobs``; the message says how to continue."""
+
+
+# run_phase(study, out, what) of run_phases: run ``study`` into ``out`` (``what``: the phase's
+# name in messages, e.g. "search "), return its complete result or stop the command.
+PhaseRunner = Callable[[Study, Path, str], RunResult]
+
+
+def run_phases(
+    args: argparse.Namespace,
+    body: Callable[[PhaseRunner], dict[str, Path]],
+    out: str | Path | None = None,
+    *,
+    kept: str = "finished jobs are",
+) -> int:
+    """A study's command that runs one or more studies (phases) with the shared runner options of
+    ``args`` (``add_runner_arguments``; ``--max-jobs`` counts the jobs of all phases), then writes
+    its outputs: ``body(run_phase)`` runs each phase with ``run_phase(study, dir, what)`` and
+    returns the files it wrote, which are listed. A phase stopped by ``--max-jobs`` ends the
+    command (status 0) with how to continue; an interrupt, status 130 (``kept``: what is saved in
+    ``out``, default ``args.out``). Options are checked (``check_command``) before anything."""
+    out = Path(args.out if out is None else out)
+    check_command(args, out)
+    budget = args.max_jobs
+
+    def run_phase(study: Study, where: Path, what: str = "") -> RunResult:
+        nonlocal budget
+        result = run(
+            study,
+            where,
+            resume=args.resume,
+            engine=args.engine,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            threads=args.threads,
+            quiet=args.quiet,
+            max_jobs=budget,
+        )
+        if budget is not None:
+            budget -= result.computed
+        if not result.complete:
+            raise _Stopped(
+                f"stopped after {result.computed} new {what}jobs ({len(result.records)} of "
+                f"{len(study.jobs)} done); continue with the same command and --resume"
+            )
+        return result
+
+    try:
+        paths = body(run_phase)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {kept} saved in {out}; continue with the same command and --resume")
+        return 130
+    except _Stopped as e:
+        print(e)
+        return 0
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 def run_command(
@@ -296,35 +524,7 @@ def run_command(
     write: Callable[[RunResult], dict[str, Path]],
     out: str | Path | None = None,
 ) -> int:
-    """Run ``study`` with the shared runner options of ``args`` (``add_runner_arguments``) into
-    ``out`` (default ``args.out``); on a complete run call ``write(result)`` and list the files it
-    wrote. Returns the command's exit status (130 when interrupted: finished jobs are kept)."""
-    out = Path(args.out if out is None else out)
-    check_command(args, out)
-    try:
-        result = run(
-            study,
-            out,
-            resume=args.resume,
-            engine=args.engine,
-            address=args.address,
-            num_cpus=args.num_cpus,
-            threads=args.threads,
-            quiet=args.quiet,
-            max_jobs=args.max_jobs,
-        )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: finished jobs are saved in {out}; continue with the same command "
-            "and --resume"
-        )
-        return 130
-    if not result.complete:
-        print(
-            f"stopped after {result.computed} new jobs ({len(result.records)} of "
-            f"{len(study.jobs)} done); continue with the same command and --resume"
-        )
-        return 0
-    paths = write(result)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    """``run_phases`` of one study: run ``study`` into ``out`` (default ``args.out``); on a
+    complete run call ``write(result)``. Returns the command's exit status."""
+    where = Path(args.out if out is None else out)
+    return run_phases(args, lambda run_phase: write(run_phase(study, where, "")), where)

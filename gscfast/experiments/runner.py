@@ -37,6 +37,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -46,6 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -355,8 +357,9 @@ def _load_records(
 def thread_limit(threads: int) -> Iterator[None]:
     """Run with exactly ``threads`` torch (and numba) CPU threads; restored afterwards."""
     old = torch.get_num_threads()
+    numba: ModuleType | None
     try:
-        import numba
+        numba = importlib.import_module("numba")
     except ImportError:  # pragma: no cover - numba is a dependency
         numba = None
     old_nb = numba.get_num_threads() if numba is not None else None
@@ -433,7 +436,11 @@ def _ray(
             ray.shutdown()
 
 
-_ENGINES = {"local": _local, "ray": _ray}
+# Engine name -> (study, jobs to do, threads, address=, num_cpus=) -> finished (job, (result, s)).
+_ENGINES: dict[str, Callable[..., Iterator[tuple[Job, tuple[dict, float]]]]] = {
+    "local": _local,
+    "ray": _ray,
+}
 
 
 def run(
@@ -563,8 +570,8 @@ def check_run_options(
             f"{name('address')} must be a Ray cluster address (e.g. auto, "
             f"ray://host:10001 or host:6379), got {address!r}"
         )
-    for k, v in (("address", address), ("num_cpus", num_cpus)):
-        if v is not None and engine != "ray":
+    for k, given in (("address", address), ("num_cpus", num_cpus)):
+        if given is not None and engine != "ray":
             raise UsageError(
                 f"{name(k)} applies to the Ray engine only ({name('engine')} ray), not to {engine}"
             )

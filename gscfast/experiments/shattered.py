@@ -53,21 +53,26 @@ from torch import Tensor, nn
 from ..nn import CReLU, Residual, freeze_batchnorm, init_weight, mlp
 from .outputs import (
     add_study_arguments,
+    check_integers,
     check_numbers,
+    config_from_args,
+    config_section,
     expand_names,
+    figure_files,
     fmt,
+    invocation_line,
     num,
     pyplot,
     resolve_device,
     resolve_dtype,
     run_command,
-    run_info,
     run_timings,
     save_figure,
     sci,
-    write_json,
+    text_file,
+    write_files,
 )
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
+from .runner import Job, Study, job_seed
 
 __all__ = [
     "DEFAULT_ARCHS",
@@ -509,17 +514,12 @@ def make_config(
 ) -> dict[str, Any]:
     """The study's configuration (the paper's scale by default), checked."""
     archs = expand_archs(archs, looks_linear)
-    for k, v, least in (
-        ("ensemble", ensemble, 2),
+    check_integers(
+        ("ensemble", ensemble, 2, " (correlations are taken over the ensemble)"),
         ("chunk", chunk, 1),
         ("points", points, 4),
         ("width", width, 1),
-    ):
-        if not isinstance(v, int) or v < least:
-            raise ValueError(
-                f"{k} must be an integer >= {least}, got {v!r}"
-                + (" (correlations are taken over the ensemble)" if k == "ensemble" else "")
-            )
+    )
     low, high, bias_std, beta = float(low), float(high), float(bias_std), float(beta)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"need finite low < high, got low={low}, high={high}")
@@ -910,10 +910,10 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
             f"| {acf1} | {half} | {sci(a['gradient_rms'])} |"
         )
     for name in ("brown", "white"):
-        half = _first_below(np.array(noise[name]), 0.5)
+        below = _first_below(np.array(noise[name]), 0.5)
         lines.append(
             f"| {name} noise (reference) | | | | | | {fmt(noise[name][1])} | "
-            f"{'never' if half is None else half} | |"
+            f"{'never' if below is None else below} | |"
         )
     residual = {arch: a for arch, a in archs.items() if a["kind"] in ("resnet", "preresnet")}
     if residual:
@@ -988,16 +988,10 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         f'- Seeds: member m of network `arch` has the seed `job_seed({cfg["seed"]}, "net", arch, '
         "m)` (SHA-256), so the numbers do not depend on job order, chunking, engine or resume.",
         "",
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2),
-        "```",
-        "",
+        *config_section(cfg),
         "## Timings",
         "",
-        f"- This invocation: {t['computed']} jobs computed with engine `{run_info['engine']}` "
-        f"({run_info['threads']} CPU threads per job), wall time {t['wall_seconds']:.1f} s.",
+        invocation_line(run_info),
         f"- All {t['jobs']} jobs: {t['job_seconds']:.1f} s of job time in total "
         f"(the run may have been split by --resume); devices {', '.join(t['devices'])}.",
         "",
@@ -1042,34 +1036,22 @@ def _timings(config: dict, records: dict, result) -> dict[str, Any]:
 
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
-    """shattered.png/pdf, results.json, gradients.csv and summary.md from a complete run's
-    records, each written atomically."""
-    out = Path(out)
+    """results.json, gradients.csv, shattered.png/pdf and summary.md from a complete run's
+    records."""
     results = aggregate(config, result.records)
-    info = run_info(result, _timings(config, result.records, result))
-    paths = {
-        k: out / f
-        for k, f in (
-            ("png", "shattered.png"),
-            ("pdf", "shattered.pdf"),
-            ("json", "results.json"),
-            ("csv", "gradients.csv"),
-            ("summary", "summary.md"),
-        )
-    }
-    write_json(
-        paths["json"],
-        {
-            **results,
-            "gscfast_version": info["version"],
-            "timings": info["timings"],
-            "seconds": {k: r["seconds"] for k, r in result.records.items()},
-        },
+    files = [
+        text_file("gradients.csv", gradients_csv(config, result.records)),
+        figure_files("shattered", lambda paths: plot(results, result.records, paths)),
+    ]
+    return write_files(
+        out,
+        result,
+        results,
+        files,
+        summary_md,
+        timings=_timings(config, result.records, result),
+        extras=("timings", "seconds"),
     )
-    atomic_write(paths["csv"], gradients_csv(config, result.records))
-    plot(results, result.records, [paths["png"], paths["pdf"]])
-    atomic_write(paths["summary"], summary_md(results, info))
-    return paths
 
 
 def table(results: dict[str, Any]) -> str:
@@ -1087,9 +1069,6 @@ def table(results: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--out", default="results/shattered", help="results directory (default %(default)s)"
-    )
     p.add_argument(
         "--archs",
         nargs="+",
@@ -1127,33 +1106,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"std of the random biases (default {BIAS_STD}; 0 makes plain ReLU nets "
         "homogeneous: no shattering)",
     )
-    add_study_arguments(p, dtype="float64", backend=None)
-    add_runner_arguments(p)
+    add_study_arguments(p, NAME, dtype="float64", backend=None)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = make_config(
-            archs=args.archs,
-            looks_linear=args.looks_linear,
-            ensemble=args.ensemble,
-            chunk=args.chunk,
-            points=args.points,
-            low=args.low,
-            high=args.high,
-            width=args.width,
-            bias_std=args.bias_std,
-            beta=args.beta,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    config = config_from_args(make_config, args)
 
     def write(result) -> dict[str, Path]:
         paths = write_outputs(args.out, config, result)
-        print("" if args.quiet else table(json.loads(paths["json"].read_text())), end="")
+        print("" if args.quiet else table(json.loads(paths["results.json"].read_text())), end="")
         return paths
 
     return run_command(make_study(config), args, write)

@@ -1,6 +1,6 @@
-"""What the training studies share (``cifar``, ``vgg``): per-epoch checkpoints written atomically
-and loaded safely, the global RNG state, seeded minibatch orders, deterministic cuDNN and progress
-lines.
+"""What the training studies share (``cifar``, ``vgg``): the resumable epoch loop (``EpochLoop``),
+per-epoch checkpoints written atomically and loaded safely, the global RNG state, seeded minibatch
+orders, deterministic cuDNN and progress lines.
 
 A training job of these studies runs for hours inside one runner job, so it checkpoints after every
 epoch and, on ``--resume``, continues from the last checkpoint. Resumed training gives the same
@@ -11,10 +11,11 @@ epoch (``minibatches``) and everything stateful (model, optimizer, schedule, RNG
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .outputs import json_safe
 from .runner import ResultsDirError, atomic_write
 
 __all__ = [
     "CheckpointError",
+    "EpochLoop",
     "deterministic",
     "load_checkpoint",
     "minibatches",
@@ -179,3 +182,112 @@ def progress_line(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
         return
     tqdm.write(text, file=sys.stderr)
+
+
+class EpochLoop:
+    """The resumable epoch loop of a training job: restore the last checkpoint, run the epochs
+    still to do, checkpoint after each one atomically, show progress.
+
+    Constructing it restores ``checkpoint`` if the file exists (``restore_training_state``:
+    ``stateful`` and the RNG state, refused with ``CheckpointError`` if it is no checkpoint of this
+    job), together with ``epoch``, ``diverged`` and the JSON-able ``values`` (the job's history,
+    ...; ``values`` holds the initial ones, replaced in place by the checkpoint's). ``run(train)``
+    then calls ``train(e)`` for each epoch ``e`` still to do, until ``epochs`` or divergence;
+    ``train`` updates ``values`` and returns ``(diverged, text)``, ``text`` its progress report.
+    Values are checkpointed as strict JSON (``json_safe``: non-finite numbers become null).
+
+    Args:
+        checkpoint: the job's checkpoint file, or None (no checkpoints).
+        stateful: name -> object with ``state_dict`` (model, optimizer, schedule, ...).
+        epochs: the epochs of the whole job.
+        values: name -> JSON-able value, checkpointed with the training state.
+        desc: the job's name in progress reports.
+        progress: ``"bar"`` (an epoch bar, the last text as its postfix: for short epochs),
+            ``"lines"`` (one line per epoch, ``"<desc> epoch e/epochs: <text>"``: for long ones) or
+            None.
+        interrupt_after: test hook: raise ``KeyboardInterrupt`` after this many epochs computed
+            by this ``run`` while epochs remain (a kill right after a checkpoint).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None,
+        stateful: Mapping[str, Any],
+        epochs: int,
+        values: dict[str, Any],
+        *,
+        desc: str,
+        progress: str | None = None,
+        interrupt_after: int | None = None,
+    ) -> None:
+        if progress not in (None, "bar", "lines"):
+            raise ValueError(f"progress must be None, 'bar' or 'lines', got {progress!r}")
+        clash = sorted(set(values) & {*stateful, "rng", "epoch", "state"})
+        if clash:
+            raise ValueError(f"values {clash} would overwrite the checkpoint's own entries")
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.stateful = stateful
+        self.epochs = epochs
+        self.values = values
+        self.desc = desc
+        self.progress = progress
+        self.interrupt_after = interrupt_after
+        self.epoch = 0
+        self.diverged = False
+        c = restore_training_state(self.checkpoint, stateful)
+        if c is not None:
+            assert self.checkpoint is not None  # restore_training_state found the file
+            try:
+                state = json.loads(c["state"])
+                self.epoch, self.diverged = int(state["epoch"]), bool(state["diverged"])
+                values.update({k: json.loads(c[k]) for k in values})
+            except (KeyError, ValueError, TypeError) as e:
+                what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)[:200]
+                raise _unloadable(
+                    self.checkpoint, f"it does not hold this job's training state ({what})"
+                ) from None
+
+    def run(self, train: Callable[[int], tuple[bool, str]]) -> None:
+        """Train the epochs still to do (class docstring)."""
+        bar = None
+        if self.progress == "bar":
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.epochs,
+                initial=self.epoch,
+                desc=self.desc,
+                unit="epoch",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        done_here = 0
+        try:
+            while self.epoch < self.epochs and not self.diverged:
+                e = self.epoch + 1
+                diverged, text = train(e)
+                self.epoch, self.diverged = e, diverged
+                if self.checkpoint is not None:
+                    save_training_state(
+                        self.checkpoint,
+                        self.stateful,
+                        epoch=e,
+                        state=json.dumps({"epoch": e, "diverged": diverged}),
+                        **{k: json.dumps(json_safe(v)) for k, v in self.values.items()},
+                    )
+                if bar is not None:
+                    bar.set_postfix_str(text, refresh=False)
+                    bar.update(1)
+                elif self.progress == "lines":
+                    progress_line(f"{self.desc} epoch {e}/{self.epochs}: {text}")
+                done_here += 1
+                if (
+                    self.interrupt_after is not None
+                    and done_here >= self.interrupt_after
+                    and e < self.epochs
+                ):
+                    raise KeyboardInterrupt(f"test hook: stopped after {done_here} epochs")
+        finally:
+            if bar is not None:
+                bar.close()

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
+import functools
 import io
 import json
 import math
@@ -57,17 +57,23 @@ from torch import nn
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
 from .outputs import (
+    add_data_arguments,
     add_study_arguments,
     check_command,
+    check_integers,
     check_number,
+    config_from_args,
+    config_section,
+    figure_files,
+    json_file,
     json_safe,
     pyplot,
     resolve_device,
     run_command,
-    run_info,
-    run_timings,
     save_figure,
-    write_json,
+    text_file,
+    usage_errors,
+    write_files,
 )
 from .outputs import (
     fmt as _fmt,
@@ -81,15 +87,8 @@ from .outputs import (
 from .outputs import (
     sci as _sci,
 )
-from .runner import Job, Study, UsageError, add_runner_arguments, atomic_write, job_seed
-from .training import (
-    deterministic,
-    load_checkpoint,
-    minibatches,
-    progress_line,
-    restore_training_state,
-    save_training_state,
-)
+from .runner import Job, Study, job_seed
+from .training import EpochLoop, deterministic, load_checkpoint, minibatches
 
 __all__ = [
     "VARIANTS",
@@ -166,15 +165,13 @@ def vgg(
     docstring): ``input``, ``stage<s>_block<b>`` (a ``gscfast.nn.Residual`` when ``residual``),
     ``stage<s>_reduce``, ``pool``, ``logits``. Weights are PyTorch's default initialization drawn
     from a private generator seeded with ``seed``; the global RNG is untouched."""
-    for k, v, lo in (
+    check_integers(
         ("blocks_per_stage", blocks_per_stage, 0),
         ("filters", filters, 1),
         ("stages", stages, 0),
         ("in_channels", in_channels, 1),
         ("num_classes", num_classes, 1),
-    ):
-        if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
+    )
     # Module constructors draw their default init from the global RNG: keep it as it was.
     with torch.random.fork_rng(devices=[]):
         layers: list[tuple[str, nn.Module]] = [
@@ -363,87 +360,74 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=config["eta_min"])
     steps_per_epoch = len(x) // min(config["batch_size"], len(x))
     last_step = epochs * steps_per_epoch - 1
-    history: list[dict[str, Any]] = []
-    flow_records: dict[str, Any] = {}
-    state: dict[str, Any] = {"epoch": 0, "diverged": False}
-    ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
     stateful = {"model": model, "optimizer": opt, "scheduler": sched}
-    c = restore_training_state(ckpt, stateful)
-    if c is not None:
-        history, flow_records, state = (json.loads(c[k]) for k in ("history", "flow", "state"))
-    done_here = 0
-    flow = GradientFlow(
-        model, every=config["flow_every"], steps={last_step}, start=state["epoch"] * steps_per_epoch
+    loop = EpochLoop(
+        spec.get("checkpoint"),
+        stateful,
+        epochs,
+        {"history": [], "flow": {}},
+        desc=variant,
+        progress="lines" if _PROGRESS else None,
+        interrupt_after=_INTERRUPT_AFTER,
     )
+    history: list[dict[str, Any]] = loop.values["history"]
+    flow_records: dict[str, Any] = loop.values["flow"]
+    flow = GradientFlow(
+        model, every=config["flow_every"], steps={last_step}, start=loop.epoch * steps_per_epoch
+    )
+
+    def train(e: int) -> tuple[bool, str]:
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_epoch(
+            model,
+            opt,
+            flow,
+            x,
+            y,
+            batch_size=config["batch_size"],
+            shuffle_seed=job_seed(config["seed"], "shuffle", e),
+            augment_seed=job_seed(config["seed"], "augment", e),
+            padding=config["padding"],
+            fill=fill,
+        )
+        _sync(device)
+        t1 = time.perf_counter()
+        sched.step()
+        h: dict[str, Any] = {
+            "epoch": e,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+        }
+        diverged = not math.isfinite(train_loss)
+        if diverged:
+            h["diverged"] = True
+            h["val_loss"] = h["val_acc"] = None
+        else:
+            h["val_loss"], h["val_acc"] = evaluate(model, xv, yv)
+        _sync(device)
+        h["seconds"] = {"train": t1 - t0, "val": time.perf_counter() - t1}
+        history.append(h)
+        flow_records.update({str(k): v for k, v in flow.records.items()})
+        return diverged, (
+            f"train loss {_fmt(train_loss, 4)} acc {_fmt(train_acc, 4)}, val loss "
+            f"{_fmt(h['val_loss'], 4)} acc {_fmt(h['val_acc'], 4)}, lr {lr:.3g}, "
+            f"{h['seconds']['train']:.1f} s" + (" (diverged)" if diverged else "")
+        )
+
     with deterministic(device), flow:
-        while state["epoch"] < epochs and not state["diverged"]:
-            e = state["epoch"] + 1
-            lr = opt.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(
-                model,
-                opt,
-                flow,
-                x,
-                y,
-                batch_size=config["batch_size"],
-                shuffle_seed=job_seed(config["seed"], "shuffle", e),
-                augment_seed=job_seed(config["seed"], "augment", e),
-                padding=config["padding"],
-                fill=fill,
-            )
-            _sync(device)
-            t1 = time.perf_counter()
-            sched.step()
-            h: dict[str, Any] = {
-                "epoch": e,
-                "lr": lr,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-            }
-            if not math.isfinite(train_loss):
-                state["diverged"] = h["diverged"] = True
-                h["val_loss"] = h["val_acc"] = None
-            else:
-                h["val_loss"], h["val_acc"] = evaluate(model, xv, yv)
-            _sync(device)
-            h["seconds"] = {"train": t1 - t0, "val": time.perf_counter() - t1}
-            history.append(h)
-            flow_records.update({str(k): v for k, v in flow.records.items()})
-            state["epoch"] = e
-            if ckpt is not None:
-                save_training_state(
-                    ckpt,
-                    stateful,
-                    epoch=e,
-                    history=json.dumps(json_safe(history)),
-                    flow=json.dumps(json_safe(flow_records)),
-                    state=json.dumps(state),
-                )
-            if _PROGRESS:
-                progress_line(
-                    f"{variant} epoch {e}/{epochs}: train loss {_fmt(train_loss, 4)} acc "
-                    f"{_fmt(train_acc, 4)}, val loss {_fmt(h['val_loss'], 4)} acc "
-                    f"{_fmt(h['val_acc'], 4)}, lr {lr:.3g}, {h['seconds']['train']:.1f} s"
-                    + (" (diverged)" if state["diverged"] else "")
-                )
-            done_here += 1
-            if (
-                _INTERRUPT_AFTER is not None
-                and done_here >= _INTERRUPT_AFTER
-                and state["epoch"] < epochs
-            ):
-                raise KeyboardInterrupt(f"test hook: stopped after {done_here} epochs")
+        loop.run(train)
     t0 = time.perf_counter()
-    test_loss, test_acc = (None, None) if state["diverged"] else evaluate(model, xt, yt)
+    test_loss, test_acc = (None, None) if loop.diverged else evaluate(model, xt, yt)
     names = [n for n, p in model.named_parameters() if p.dim() >= 2]  # what GradientFlow records
     return json_safe(
         {
             "variant": variant,
             "weight_layers": weight_layers(model),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "epochs_done": state["epoch"],
-            "diverged": state["diverged"],
+            "epochs_done": loop.epoch,
+            "diverged": loop.diverged,
             "history": history,
             "test_loss": test_loss,
             "test_acc": test_acc,
@@ -535,7 +519,7 @@ def make_config(
     archs = list(archs or VARIANTS)
     if any(a not in VARIANTS for a in archs) or len(set(archs)) != len(archs) or not archs:
         raise ValueError(f"--archs must be distinct names among {', '.join(VARIANTS)}, got {archs}")
-    for k, v, lo in (
+    check_integers(
         ("epochs", epochs, 1),
         ("batch_size", batch_size, 2),
         ("filters", filters, 1),
@@ -544,18 +528,17 @@ def make_config(
         ("padding", padding, 0),
         ("max_train", max_train, 2),
         ("max_test", max_test, 1),
-    ):
-        if v is None and k.startswith("max_"):
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
-    for k, v, pos in (
+        optional=("max_train", "max_test"),
+    )
+    for k, number, pos in (
         ("lr", lr, True),
         ("weight_decay", weight_decay, False),
         ("eta_min", eta_min, False),
     ):
-        if not (math.isfinite(v) and (v > 0 if pos else v >= 0)):
-            raise ValueError(f"{k} must be a finite number {'> 0' if pos else '>= 0'}, got {v!r}")
+        if not (math.isfinite(number) and (number > 0 if pos else number >= 0)):
+            raise ValueError(
+                f"{k} must be a finite number {'> 0' if pos else '>= 0'}, got {number!r}"
+            )
     return {
         "archs": archs,
         "epochs": epochs,
@@ -901,12 +884,7 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
         "- **resume**: per-epoch checkpoints; a resumed run repeats an uninterrupted one bit for "
         "bit on the same machine and thread count.",
         "",
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2),
-        "```",
-        "",
+        *config_section(cfg),
         "## Files",
         "",
         *(f"- {f}" for f in files),
@@ -931,43 +909,39 @@ _FILE_NOTES = {
 
 
 def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, Path]:
-    """Every output file from a complete run's records (atomically)."""
-    out = Path(out)
+    """Every output file from a complete run's records."""
     results = aggregate(config, result.records)
-    info = run_info(result, run_timings(result))
-    paths: dict[str, Path] = {}
-
-    def path(name: str) -> Path:
-        paths[name] = out / name
-        return paths[name]
-
-    write_json(path("results.json"), {**results, "gscfast_version": info["version"]})
-    atomic_write(path("epochs.csv"), epochs_csv(results))
-    atomic_write(path("flow.csv"), flow_csv(result.records, config["archs"]))
-    plot_curves(results, [path("curves.png"), path("curves.pdf")])
-    plot_flow_comparison(
-        result.records, config["archs"], [path("flow-comparison.png"), path("flow-comparison.pdf")]
-    )
+    files = [
+        text_file("epochs.csv", epochs_csv(results)),
+        text_file("flow.csv", flow_csv(result.records, config["archs"])),
+        figure_files("curves", lambda paths: plot_curves(results, paths)),
+        figure_files(
+            "flow-comparison",
+            lambda paths: plot_flow_comparison(result.records, config["archs"], paths),
+        ),
+    ]
     notes = dict(_FILE_NOTES)
     for v in config["archs"]:
         r = result.records[v]["result"]
-        write_json(
-            path(f"flow-{v}.json"),
-            {"variant": v, "steps_per_epoch": r["steps_per_epoch"], **r["flow"]},
-        )
-        plot_flow_variant(v, r, [path(f"flow-{v}.png"), path(f"flow-{v}.pdf")])
+        files += [
+            json_file(
+                f"flow-{v}.json",
+                {"variant": v, "steps_per_epoch": r["steps_per_epoch"], **r["flow"]},
+            ),
+            figure_files(f"flow-{v}", functools.partial(plot_flow_variant, v, r)),
+        ]
         notes[f"flow-{v}.png"] = (
             f"gradient-flow bar plot of {v} at the first and last step (also "
             f"`.pdf`); `flow-{v}.json`: its GradientFlow records"
         )
-    files = [f"`{k}`: {notes[k]}" for k in notes]
-    atomic_write(path("summary.md"), summary_md(results, info, files))
-    return paths
+    listed = [f"`{k}`: {notes[k]}" for k in notes]
+    return write_files(
+        out, result, results, files, lambda results, info: summary_md(results, info, listed)
+    )
 
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/vgg", help="results directory (default %(default)s)")
     p.add_argument(
         "--archs",
         nargs="+",
@@ -1014,37 +988,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=100,
         help="record the gradient flow every N steps (and at the first and last; default 100)",
     )
-    p.add_argument(
-        "--data-dir",
-        default="data",
-        help="folder of cifar-100-python.tar.gz or cifar-100-binary.tar.gz (default data)",
-    )
-    p.add_argument(
-        "--data-md5",
-        default=None,
-        help="expected MD5 of the archive (default: the official one; for generated "
-        "archives, see gscfast.data.cifar.write_fake_archive)",
-    )
-    p.add_argument(
-        "--download", action="store_true", help="download the official archive if missing"
-    )
-    add_study_arguments(p, dtype=None, backend=None)
-    add_runner_arguments(p)
+    add_data_arguments(p, "cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
+    add_study_arguments(p, NAME, dtype=None, backend=None)
 
 
 def main(args: argparse.Namespace) -> int:
     global _PROGRESS
-    try:
-        # Every option of make_config has the command-line option of the same name.
-        config = make_config(
-            **{
-                k: getattr(args, k)
-                for k in inspect.signature(make_config).parameters
-                if hasattr(args, k)
-            }
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    config = config_from_args(make_config, args)
 
     def write(result) -> dict[str, Path]:
         paths = write_outputs(args.out, config, result)
@@ -1064,10 +1014,8 @@ def main(args: argparse.Namespace) -> int:
 
     check_command(args)  # before the data are loaded
     if args.engine == "local":  # a missing or wrong archive is a usage error, not a traceback
-        try:
+        with usage_errors(OSError, ValueError):
             load_data(config)  # cached: the jobs of this process reuse it
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from e
     _PROGRESS = not args.quiet
     try:
         return run_command(make_study(config, args.out), args, write)

@@ -25,6 +25,7 @@ from gscfast.experiments import cifar, ghost, runner, shattered, vgg
 from gscfast.experiments.outputs import check_number, check_numbers
 from gscfast.experiments.training import (
     CheckpointError,
+    EpochLoop,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
@@ -480,6 +481,20 @@ def test_a_checkpoint_of_something_else_is_a_clear_error(tmp_path):
         )
     with pytest.raises(CheckpointError, match="does not hold this job's training state"):
         restore_training_state(path, {"model": torch.nn.Linear(3, 2)})
+
+
+def test_an_epoch_loop_refuses_a_checkpoint_without_its_values(tmp_path):
+    path = tmp_path / "job.pt"
+    model = torch.nn.Linear(2, 2)
+    loop = EpochLoop(path, {"model": model}, 3, {"history": []}, desc="job")
+    loop.run(lambda e: (e == 2, f"epoch {e}"))  # diverges at epoch 2: stops there
+    assert (loop.epoch, loop.diverged) == (2, True) and load_checkpoint(path)["epoch"] == 2
+    again = EpochLoop(path, {"model": model}, 3, {"history": [1]}, desc="job")
+    assert (again.epoch, again.diverged, again.values) == (2, True, {"history": []})
+    with pytest.raises(CheckpointError, match="does not hold this job's training state .no 'lrs'"):
+        EpochLoop(path, {"model": model}, 3, {"history": [], "lrs": []}, desc="job")
+    with pytest.raises(ValueError, match=r"\['rng'\] would overwrite"):
+        EpochLoop(None, {"model": model}, 3, {"rng": []}, desc="job")
 
 
 @pytest.mark.parametrize("how", ["truncated", "forbidden global"])

@@ -5,7 +5,7 @@ import copy
 import torch
 
 import gscfast
-from gscfast.reduction import taylor_curve, weight_change_norms
+from gscfast.taylor import taylor_curve, weight_change_norms
 
 
 def data(n=200, d=12, c=4, seed=0):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .api import jacobian
 from .compiler import all_ops, compile_model
 from .rules.error import error_value
+from .rules.linear import LinearRule
 from .validation import check_finite, check_same_architecture
 
 __all__ = ["taylor_curve", "weight_change_norms"]
@@ -74,7 +75,11 @@ def weight_change_norms(model: nn.Module, init_model: nn.Module) -> Tensor:
     check_same_architecture(trained, init)
     out = torch.full((trained.L + 1,), float("nan"), dtype=torch.float64)
     for a, b in zip(trained.layers, init.layers):
-        lin = [(p, q) for p, q in zip(all_ops(a.ops), all_ops(b.ops)) if p.kind == "linear"]
+        lin = [
+            (p, q)
+            for p, q in zip(all_ops(a.ops), all_ops(b.ops))
+            if isinstance(p, LinearRule) and isinstance(q, LinearRule)  # same architecture
+        ]
         if lin:
             p, q = lin[0]
             out[a.index] = torch.linalg.matrix_norm((p.weight - q.weight).double(), ord=2)
