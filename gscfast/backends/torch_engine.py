@@ -140,13 +140,14 @@ class TorchBackend(Backend):
         L, out = pb.L, []
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
             tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            ictx = ctx.for_init()  # init's batch norms: their own frozen statistics
             P = tr.sq_out.shape[0]
             res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
             res[:, 0, 0] = 1
             v = tr.grad  # [P, lam, S, d]: g_1^(0) = G_0
             res[:, 1, 0] = sq_norms(v)
             for m in range(1, L):
-                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ctx)  # S_m at the trained input
+                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)  # S_m at the trained input
                 a = pb.program.layer(m).vjp(v, tr.saved[m])  # v G_m
                 s = init.layer(m).vjp(v, s_init)  # v S_m
                 nxt = a.new_zeros(P, v.shape[1] + 1, *a.shape[2:])
