@@ -163,7 +163,9 @@ class _Data:
         for i, mods in enumerate(layers):
             m = self.L - i
             want = pre is not None and self.program.layer(m).has_preactivation
-            fs[m] = _run(mods, fs[m + 1], pre.setdefault(m, []) if want else None)
+            fs[m] = _run(
+                mods, fs[m + 1], pre.setdefault(m, []) if pre is not None and want else None
+            )
         return fs
 
     def compose(self, layers: list[Mods], start: int, end: int) -> Callable[[Tensor], Tensor]:
@@ -188,7 +190,7 @@ class ReferenceBackend(Backend):
         data = _Data(pb)
         L, x = pb.L, pb.x
         sq_out = torch.full((pb.P, L + 1), math.nan, dtype=x.dtype, device=x.device)
-        sq_grad = torch.full_like(sq_out, math.nan) if grads else None
+        sq_grad = torch.full_like(sq_out, math.nan)  # returned only with grads
         pre: dict[int, list[Tensor]] | None = {} if stats else None
         for p, d, rows, layers in data.all():
             xin = x[d, rows].detach().clone().requires_grad_(grads and data.has_error())
@@ -206,12 +208,12 @@ class ReferenceBackend(Backend):
                     gs = torch.autograd.grad(f0, outs, allow_unused=True)
                     for l, g in zip(range(1, L + 1), gs):
                         sq_grad[p, l] = 0.0 if g is None else g.square().sum()
-        moments = None
-        if stats:
+        moments: list[Moments | None] | None = None
+        if pre is not None:  # stats
             moments = [None] * (L + 1)
             for l, zs in pre.items():
                 moments[l] = Moments.of(torch.cat([z.detach() for z in zs], 0))
-        return Sweep(sq_out, sq_grad, moments)
+        return Sweep(sq_out, sq_grad if grads else None, moments)
 
     # ------------------------------------------------------------------ chain
     def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
@@ -296,9 +298,7 @@ class ReferenceBackend(Backend):
             if pb.frozen:  # init layer m: batch statistics of its own input, the trained f_{m+1}
                 with torch.no_grad():
                     hs = data.forward(layers, x[d])
-                ilayers = copy.deepcopy(idata.base)
-                for i in range(L):
-                    _freeze([ilayers[i]], hs[L - i + 1])
+                ilayers = [_freeze([mods], hs[L - i + 1])[0] for i, mods in enumerate(idata.base)]
             for p, rows in data.datapoints(d):
                 xin = x[d, rows].detach().clone().requires_grad_(True)
                 fs = data.forward(layers, xin)
