@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["ACTIVATIONS", "CReLU", "Residual", "freeze_batchnorm", "init_weight", "mlp"]
 
@@ -163,22 +164,42 @@ def mlp(
     return nn.Sequential(*layers).to(dtype)
 
 
+def poison_variance(var: torch.Tensor) -> torch.Tensor:
+    """``var`` with non-finite entries made NaN, so that a normalization whose variance overflowed
+    outputs NaN (refused by ``backends.finite``) rather than silent zeros (``rsqrt(inf) = 0``)."""
+    return torch.where(torch.isfinite(var), var, math.nan)  # O(size of var), no sync
+
+
+def uses_batch_stats(bn: _BatchNorm) -> bool:
+    """Whether batch norm ``bn`` normalizes with the statistics of its batch (train mode, or no
+    running statistics) rather than with its running statistics."""
+    return bn.training or bn.running_mean is None
+
+
 def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """A copy of ``model`` whose batch norms that use batch statistics are switched to eval mode
     with the statistics of the batch ``x`` (mean, biased variance) as running statistics: the
     function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
-    Its outputs on ``x`` equal ``model``'s; ``model`` is not modified."""
+    Its outputs on ``x`` equal ``model``'s; ``model`` is not modified.
+
+    This is the module-level home of frozen batch norm (the reference backend and the studies;
+    ``gscfast.frozen`` says why the engines have their own). A variance that overflowed becomes
+    NaN (outputs NaN, not silent zeros). ``ValueError`` if such a batch norm is not called by
+    ``model(x)`` or is called more than once (its statistics would not be one batch's)."""
     frozen = copy.deepcopy(model)
-    bns = [
-        m
-        for m in frozen.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-    ]
+    bns = [m for m in frozen.modules() if isinstance(m, _BatchNorm) and uses_batch_stats(m)]
     if not bns:
         return frozen
+    names = {m: name or type(frozen).__name__ for name, m in frozen.named_modules()}
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if mod in stats:
+            raise ValueError(
+                f"{names[mod]} ({type(mod).__name__}) is called more than once in one forward "
+                "pass: each call has its own batch statistics, which one module in eval mode "
+                "cannot hold; use a separate module per call"
+            )
         h = inputs[0]
         stats[mod] = (h.mean(0), h.var(0, correction=0))
 
@@ -190,9 +211,14 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
         for h in hooks:
             h.remove()
     for m in bns:
+        if m not in stats:
+            raise ValueError(
+                f"{names[m]} ({type(m).__name__}) is not called by the forward pass, so it has "
+                "no batch statistics to freeze"
+            )
         mean, var = stats[m]
         m.register_buffer("running_mean", mean.clone())
-        m.register_buffer("running_var", var.clone())
+        m.register_buffer("running_var", poison_variance(var))
         m.track_running_stats = True
         m.eval()
     return frozen

@@ -1,6 +1,7 @@
 """The layering of gscfast's own imports, read from the source (issue 12): library code never
-imports the studies, a study never imports another study, no private name crosses modules, and no
-import cycle (function-local imports included: they are cycles that only hide until run time)."""
+imports the studies, a study never imports another study, no private name crosses modules, no
+import cycle (function-local imports included: they are cycles that only hide until run time),
+nothing keyed by object identity, and frozen batch norm only in its two homes."""
 
 from __future__ import annotations
 
@@ -115,6 +116,45 @@ def private_imports(package: Path) -> list[str]:
     ]
 
 
+# Frozen batch norm has one home for the engines (``frozen.frozen_stats``: the only forward pass
+# that records batch statistics) and one for modules (``nn.freeze_batchnorm``: the only forward
+# pre-hook), and keys statistics by position, never by object identity.
+FROZEN_HOMES = {"ForwardCtx(record=...)": "frozen", "register_forward_pre_hook": "nn"}
+
+
+def _calls(package: Path):
+    """``(module, call node)`` for every call in every module of ``package``."""
+    for mod, path in modules(package).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                yield mod, node
+
+
+def identity_keys(package: Path) -> list[str]:
+    """Calls of the builtin ``id``: objects keyed by identity (ids are reused once freed)."""
+    return [
+        f"{mod} line {node.lineno} calls id()"
+        for mod, node in _calls(package)
+        if isinstance(node.func, ast.Name) and node.func.id == "id"
+    ]
+
+
+def frozen_outside_homes(package: Path) -> list[str]:
+    """Each ``FROZEN_HOMES`` call (a pre-pass recording batch statistics, a forward pre-hook)
+    made outside its home module."""
+    found = []
+    for mod, node in _calls(package):
+        what = None
+        if isinstance(node.func, ast.Name) and node.func.id == "ForwardCtx":
+            if any(k.arg == "record" for k in node.keywords):
+                what = "ForwardCtx(record=...)"
+        elif isinstance(node.func, ast.Attribute) and node.func.attr == "register_forward_pre_hook":
+            what = node.func.attr
+        if what is not None and mod != f"{package.name}.{FROZEN_HOMES[what]}":
+            found.append(f"{mod} line {node.lineno}: {what} belongs in {FROZEN_HOMES[what]}")
+    return found
+
+
 def cycles(package: Path) -> list[list[str]]:
     """The import cycles (strongly connected components of more than one module)."""
     graph: dict[str, set[str]] = {}
@@ -177,6 +217,18 @@ def test_no_import_cycles():
     assert cycles(PACKAGE) == []
 
 
+def test_nothing_is_keyed_by_object_identity():
+    assert identity_keys(PACKAGE) == []
+
+
+def test_frozen_batch_norm_has_its_two_homes_only():
+    assert frozen_outside_homes(PACKAGE) == []
+    # the walker finds the homes themselves, so the check above is not vacuous
+    calls = {(m, getattr(n.func, "attr", getattr(n.func, "id", None))) for m, n in _calls(PACKAGE)}
+    assert ("gscfast.frozen", "ForwardCtx") in calls
+    assert ("gscfast.nn", "register_forward_pre_hook") in calls
+
+
 @pytest.mark.parametrize(
     "files, check, expected",
     [
@@ -191,6 +243,20 @@ def test_no_import_cycles():
             ["pkg.a line 1 imports _f from pkg.b"],
         ),
         ({"a.py": "from . import _b", "_b.py": "x = 1"}, private_imports, []),  # a private module
+        ({"a.py": "stats = {id(m): 1}"}, identity_keys, ["pkg.a line 1 calls id()"]),
+        (
+            {
+                "frozen.py": "ForwardCtx(coupled=True, record=s)",
+                "nn.py": "m.register_forward_pre_hook(f)",
+                "engine.py": "ForwardCtx(coupled=True, record=s)\nForwardCtx(coupled=False)",
+                "reference.py": "bn.register_forward_pre_hook(f)",
+            },
+            frozen_outside_homes,
+            [
+                "pkg.engine line 1: ForwardCtx(record=...) belongs in frozen",
+                "pkg.reference line 1: register_forward_pre_hook belongs in nn",
+            ],
+        ),
         (
             {"study.py": "from .io import atomic_write", "io.py": "atomic_write = 1"},
             lambda pkg: recipe_bypasses(pkg, {"pkg.study"}),

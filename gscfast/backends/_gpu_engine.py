@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..compiler import Program
+from ..frozen import FrozenStats
 from ..rules import error_grad, error_value
 from ..rules.activation import (
     ELURule,
@@ -148,9 +149,9 @@ class Saved:
     inv: Tensor | None
 
 
-def build_specs(program: Program, like: Tensor, frozen: dict | None) -> list[LayerSpec]:
-    """Flatten ``program`` in model order. ``frozen`` maps ``id(batch norm rule)`` to its batch
-    statistics ``(mean, var)`` of shape ``[G, 1, d]`` (``iter_chunks``' frozen pre-pass)."""
+def build_specs(program: Program, like: Tensor, frozen: FrozenStats | None) -> list[LayerSpec]:
+    """Flatten ``program`` in model order. ``frozen`` holds its batch norms' frozen batch
+    statistics ``(mean, var)`` of shape ``[G, 1, d]`` (``iter_chunks``' ``ctx.frozen``)."""
     specs = []
     kw = dict(dtype=like.dtype, device=like.device)
     for layer in program.layers:
@@ -164,9 +165,9 @@ def build_specs(program: Program, like: Tensor, frozen: dict | None) -> list[Lay
             beta = None if norm.bias is None else norm.bias.to(**kw).contiguous()
         elif isinstance(norm, BatchNormRule):
             if norm.uses_batch_stats:
-                if frozen is None or id(norm) not in frozen:
+                if frozen is None or norm not in frozen:
                     raise Unsupported("batch norm with batch statistics couples the samples")
-                m, v = frozen[id(norm)]
+                m, v = frozen[norm]
                 m, v = m.reshape(-1, m.shape[-1]), v.reshape(-1, v.shape[-1])
             else:
                 m, v = (t.reshape(1, -1) for t in norm.running)
@@ -314,9 +315,8 @@ class FusedEngine(TorchBackend):
         x = pb.x[ds, bs]
         Dc, b, n = x.shape
         N, L = Dc * b, pb.L
-        frozen = ctx.frozen_bn
-        specs = build_specs(pb.program, x, frozen)
-        specs0 = build_specs(init, x, frozen) if init is not None else None
+        specs = build_specs(pb.program, x, ctx.frozen)
+        specs0 = build_specs(init, x, ctx.frozen_init) if init is not None else None
         group_rows = b if pb.frozen else N
         h = x.reshape(N, n).contiguous()
         sq_t = x.new_full((L + 1, N), float("nan"))  # kernels write rows of it; sq_out is its view

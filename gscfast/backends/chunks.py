@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from ..frozen import frozen_stats
 from ..rules import ForwardCtx
 
 if TYPE_CHECKING:
@@ -33,9 +34,8 @@ def iter_chunks(
 
     Yields ``(dataset slice, sample slice, ctx)``. Batch datapoints are never split; per-sample
     datapoints are grouped by whole datasets when a chunk holds one or more, else split by samples.
-    With frozen batch norm, each dataset group's batch statistics are gathered first (a forward
-    pass over the group) so that every chunk of it sees the same constants; with ``init``, the
-    initial model's layers are run on the same (trained) layer inputs to gather theirs too.
+    With frozen batch norm, each dataset group's batch statistics are gathered first
+    (``gscfast.frozen.frozen_stats``, with ``init``'s too) and every chunk's ``ctx`` carries them.
     """
     c = pb.chunk_size or max(1, pb.memory // max(1, per_datapoint_bytes))
     per_dataset = 1 if pb.coupled else pb.B
@@ -43,21 +43,17 @@ def iter_chunks(
     samples = pb.B if (pb.coupled or c >= pb.B) else c
     for d0 in range(0, pb.D, group):
         ds = slice(d0, min(pb.D, d0 + group))
-        frozen = None
-        if pb.frozen:
-            frozen = {}
-            ctx = ForwardCtx(
-                coupled=True, frozen_bn=frozen, record_bn=True, save=False, samples=pb.B
-            )
-            h = pb.x[ds]
-            for i, layer in enumerate(pb.program.layers):
-                if init is not None:
-                    init.layers[i].forward(h, ctx)
-                h, _, _ = layer.forward(h, ctx)
+        # with frozen batch norm, every chunk of the group sees the group's constants
+        frozen, frozen0 = frozen_stats(pb.program, pb.x[ds], init) if pb.frozen else (None, None)
         for b0 in range(0, pb.B, samples):
             bs = slice(b0, min(pb.B, b0 + samples))
             yield (
                 ds,
                 bs,
-                ForwardCtx(coupled=pb.coupled, frozen_bn=frozen, samples=bs.stop - bs.start),
+                ForwardCtx(
+                    coupled=pb.coupled,
+                    frozen=frozen,
+                    frozen_init=frozen0,
+                    samples=bs.stop - bs.start,
+                ),
             )

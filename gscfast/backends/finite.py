@@ -9,11 +9,13 @@ every module, to name the first place where values stop being finite; the messag
 whichever backend computed the results.
 
 A normalization whose variance overflows would output zeros (``(x - mean) / sqrt(inf)``), finite
-but wrong: every backend makes such a variance NaN instead (``rules.norm.poison_variance`` for the
+but wrong: every backend makes such a variance NaN instead (``nn.poison_variance`` for the
 torch rules, the same test in the numba kernels and the reference backend), so it reaches this check.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +68,7 @@ def check_results(pb, method: str, result, init=None) -> None:
     where = locate(pb, init, norms=method != "jacobian")  # a Jacobian has no squared norms
     if where is None:  # the rules' pass is finite: the backend's own accumulation overflowed
         name, t = bad
+        assert t is not None  # _finite(None) holds, so what failed it is a tensor
         if "{l}" in name:
             l = int((~torch.isfinite(t)).any(0).nonzero()[0]) + (1 if t.shape[1] == pb.L else 0)
             name = name.format(l=l)
@@ -106,7 +109,7 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
     for ds, bs, ctx in iter_chunks(pb, per, init=init):
         h = pb.x[ds, bs]
         P = h.shape[0] if pb.coupled else h.shape[0] * h.shape[1]
-        saved = {}
+        saved: dict[int, list[Any]] = {}
         for layer in pb.program.layers:
             saved[layer.index] = []
             for op in layer.ops:

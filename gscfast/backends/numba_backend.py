@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..compiler import Program
-from ..rules import ForwardCtx
+from ..frozen import FrozenStats, frozen_stats
 from ..rules.activation import (
     ELURule,
     GELURule,
@@ -194,10 +194,10 @@ def _np(t: Tensor, dtype) -> np.ndarray:
 
 
 def build_net(
-    program: Program, dtype, n_in: int, frozen: dict | None, coupled: bool = False
+    program: Program, dtype, n_in: int, frozen: FrozenStats | None, coupled: bool = False
 ) -> Net:
-    """Flatten ``program``; ``frozen`` maps ``id(batch norm rule)`` to its ``(mean, var)`` batch
-    statistics (constants) for batch norms that use batch statistics; with ``coupled`` those
+    """Flatten ``program``; ``frozen`` holds the ``(mean, var)`` batch statistics (constants) of
+    its batch norms that use batch statistics; with ``coupled`` those
     compute them over the batch instead (``N_BATCH``)."""
     k = _k()
     L = program.L
@@ -241,9 +241,9 @@ def build_net(
                 m[k.M_BETA] = vec(norm.bias)
         elif isinstance(norm, BatchNormRule):
             if norm.uses_batch_stats:
-                if frozen is None or id(norm) not in frozen:
+                if frozen is None or norm not in frozen:
                     raise Unsupported("batch norm with batch statistics couples the samples")
-                mean, var = (t.reshape(-1) for t in frozen[id(norm)])
+                mean, var = (t.reshape(-1) for t in frozen[norm])
             else:
                 mean, var = norm.running
             inv = torch.rsqrt(var + norm.eps)
@@ -294,18 +294,6 @@ def build_net(
     return Net(meta, fmeta, cat(weights), cat(vecs), sto, rowsz, dmax)
 
 
-def _frozen_stats(pb: Problem, d: int, init: Program | None = None) -> dict:
-    """Batch statistics of dataset ``d`` for every batch-statistics batch norm (the same pre-pass
-    as ``iter_chunks``): of the model, and of ``init`` evaluated at the model's layer inputs."""
-    ctx = ForwardCtx(coupled=True, frozen_bn={}, record_bn=True, save=False, samples=pb.B)
-    h = pb.x[d : d + 1]
-    for i, layer in enumerate(pb.program.layers):
-        if init is not None:
-            init.layers[i].forward(h, ctx)
-        h, _, _ = layer.forward(h, ctx)
-    return ctx.frozen_bn
-
-
 # ----------------------------------------------------------------------------- the backend
 
 
@@ -350,9 +338,9 @@ class NumbaBackend(TorchBackend):
             yield slice(0, pb.D * pb.B), net, net0
             return
         for d in range(pb.D):
-            stats = _frozen_stats(pb, d, init)
+            stats, stats0 = frozen_stats(pb.program, pb.x[d : d + 1], init)
             net = build_net(pb.program, dt, n_in, stats)
-            net0 = None if init is None else build_net(init, dt, n_in, stats)
+            net0 = None if init is None else build_net(init, dt, n_in, stats0)
             yield slice(d * pb.B, (d + 1) * pb.B), net, net0
 
     @staticmethod

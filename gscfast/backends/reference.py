@@ -11,10 +11,12 @@ Batch norm:
 - eval mode (running statistics): the module runs as is.
 - batch datapoints (``pb.coupled``): train-mode batch norm runs on the whole ``[B, d]`` batch
   of the datapoint, so its Jacobians couple the samples.
-- ``pb.frozen``: for each dataset, a forward pass of the dataset through train-mode copies
-  records the mean and biased variance of every batch-statistics batch norm's input; the copies
-  are then switched to eval mode with those statistics as their running statistics (eval batch
-  norm computes ``(x - running_mean) / sqrt(running_var + eps)``), i.e. constants.
+- ``pb.frozen``: for each dataset, ``gscfast.nn.freeze_batchnorm`` runs the dataset through
+  train-mode copies, recording the mean and biased variance of every batch-statistics batch
+  norm's input with plain torch, and switches them to eval mode with those statistics as their
+  running statistics (eval batch norm computes ``(x - running_mean) / sqrt(running_var + eps)``),
+  i.e. constants. Not the engines' ``gscfast.frozen.frozen_stats``: the oracle computes its own
+  statistics, so that a bug there cannot hide in both.
 """
 
 from __future__ import annotations
@@ -27,28 +29,24 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compiler import Program
-from ..rules.norm import poison_variance
+from ..nn import freeze_batchnorm, uses_batch_stats
 from ..validation import Problem
 from .base import Backend, Moments, ProbeFn, Sweep
 
 Mods = list[nn.Module]  # one layer's modules, run in order
 
 
-def _uses_batch_stats(bn: nn.BatchNorm1d) -> bool:
-    return bn.training or bn.running_mean is None
-
-
-def _batch_norms(layers: list[Mods]) -> list[nn.BatchNorm1d]:
-    """Every batch norm using batch statistics in ``layers`` (residual bodies included), once."""
-    seen: dict[int, nn.BatchNorm1d] = {}
-    for mods in layers:
-        for top in mods:
-            for m in top.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and _uses_batch_stats(m):
-                    seen.setdefault(id(m), m)
-    return list(seen.values())
+def _has_batch_stats(layers: list[Mods]) -> bool:
+    """Whether a batch norm in ``layers`` (residual bodies included) uses batch statistics."""
+    return any(
+        isinstance(m, _BatchNorm) and uses_batch_stats(m)
+        for mods in layers
+        for top in mods
+        for m in top.modules()
+    )
 
 
 def _copy_layers(program: Program, like: Tensor) -> list[Mods]:
@@ -62,7 +60,7 @@ def _copy_layers(program: Program, like: Tensor) -> list[Mods]:
             m.to(device=like.device, dtype=like.dtype)
             m.requires_grad_(False)
             for norm in m.modules():
-                if isinstance(norm, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                if isinstance(norm, (nn.LayerNorm, _BatchNorm)):
                     norm.register_forward_hook(_nan_if_variance_overflows)
     return layers
 
@@ -73,7 +71,7 @@ def _nan_if_variance_overflows(m: nn.Module, args: tuple[Tensor], out: Tensor) -
     ``finite.check_results`` refuses, as every backend does."""
     if isinstance(m, nn.LayerNorm):
         dim = -1
-    elif _uses_batch_stats(m):
+    elif isinstance(m, _BatchNorm) and uses_batch_stats(m):
         dim = 0
     else:
         return None
@@ -94,36 +92,11 @@ def _run(mods: Mods, h: Tensor, pre: list[Tensor] | None = None) -> Tensor:
 
 
 def _freeze(layers: list[Mods], x: Tensor) -> list[Mods]:
-    """Run ``x`` (one dataset, ``[B, n]``) through ``layers`` (already copies, modified in place)
-    in their own modes, then fix every batch-statistics batch norm to the mean and biased variance
-    its input had in that pass (eval mode with those as running statistics)."""
-    bns = _batch_norms(layers)
-    if not bns:
-        return layers
-    stats: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def record(mod, args):
-        (inp,) = args
-        stats[id(mod)] = (inp.mean(0).detach().clone(), inp.var(0, unbiased=False).detach().clone())
-
-    hooks = [bn.register_forward_pre_hook(record) for bn in bns]
-    try:
-        with torch.no_grad():
-            h = x
-            for mods in layers:
-                h = _run(mods, h)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    for bn in bns:
-        if id(bn) not in stats:
-            raise RuntimeError("a batch norm was not reached by the forward pass")
-        mean, var = stats[id(bn)]
-        var = poison_variance(var)  # an overflowed variance: NaN outputs, not silent zeros
-        bn.running_mean = mean  # a registered buffer (possibly None before): sets the buffer
-        bn.running_var = var
-        bn.train(False)
-    return layers
+    """Copies of ``layers`` whose batch-statistics batch norms hold the statistics of their input
+    when ``x`` (one dataset, ``[B, n]``) runs through them (``gscfast.nn.freeze_batchnorm``; one
+    copy of all layers, so a module shared between layers stays shared)."""
+    frozen = freeze_batchnorm(nn.Sequential(*(nn.Sequential(*mods) for mods in layers)), x)
+    return [list(seq.children()) for seq in frozen.children()]
 
 
 def _error(kind: str, out: Tensor, y: Tensor) -> Tensor:
@@ -147,7 +120,7 @@ class _Data:
         self.program = program or pb.program
         self.L = self.program.L
         self.base = _copy_layers(self.program, pb.x)
-        if _batch_norms(self.base) and not (pb.coupled or pb.frozen):
+        if _has_batch_stats(self.base) and not (pb.coupled or pb.frozen):
             raise ValueError(
                 "the model has batch norm with batch statistics: it needs batch "
                 "datapoints (coupled) or frozen statistics"
@@ -157,7 +130,7 @@ class _Data:
         """Model-order layer modules for dataset ``d`` (frozen statistics of that dataset)."""
         if not self.pb.frozen:
             return self.base
-        return _freeze(copy.deepcopy(self.base), self.pb.x[d])
+        return _freeze(self.base, self.pb.x[d])
 
     def datapoints(self, d: int):
         """``(p, rows)`` for the datapoints of dataset ``d``: rows is a slice of samples."""
@@ -179,6 +152,7 @@ class _Data:
         return self.pb.error is not None and self.pb.y is not None
 
     def f0(self, out: Tensor, d: int, rows: slice) -> Tensor:
+        assert self.pb.error is not None and self.pb.y is not None  # callers check has_error()
         return _error(self.pb.error, out, self.pb.y[d, rows])
 
     def forward(
@@ -189,7 +163,9 @@ class _Data:
         for i, mods in enumerate(layers):
             m = self.L - i
             want = pre is not None and self.program.layer(m).has_preactivation
-            fs[m] = _run(mods, fs[m + 1], pre.setdefault(m, []) if want else None)
+            fs[m] = _run(
+                mods, fs[m + 1], pre.setdefault(m, []) if pre is not None and want else None
+            )
         return fs
 
     def compose(self, layers: list[Mods], start: int, end: int) -> Callable[[Tensor], Tensor]:
@@ -214,7 +190,7 @@ class ReferenceBackend(Backend):
         data = _Data(pb)
         L, x = pb.L, pb.x
         sq_out = torch.full((pb.P, L + 1), math.nan, dtype=x.dtype, device=x.device)
-        sq_grad = torch.full_like(sq_out, math.nan) if grads else None
+        sq_grad = torch.full_like(sq_out, math.nan)  # returned only with grads
         pre: dict[int, list[Tensor]] | None = {} if stats else None
         for p, d, rows, layers in data.all():
             xin = x[d, rows].detach().clone().requires_grad_(grads and data.has_error())
@@ -232,12 +208,12 @@ class ReferenceBackend(Backend):
                     gs = torch.autograd.grad(f0, outs, allow_unused=True)
                     for l, g in zip(range(1, L + 1), gs):
                         sq_grad[p, l] = 0.0 if g is None else g.square().sum()
-        moments = None
-        if stats:
+        moments: list[Moments | None] | None = None
+        if pre is not None:  # stats
             moments = [None] * (L + 1)
             for l, zs in pre.items():
                 moments[l] = Moments.of(torch.cat([z.detach() for z in zs], 0))
-        return Sweep(sq_out, sq_grad, moments)
+        return Sweep(sq_out, sq_grad if grads else None, moments)
 
     # ------------------------------------------------------------------ chain
     def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
@@ -322,9 +298,7 @@ class ReferenceBackend(Backend):
             if pb.frozen:  # init layer m: batch statistics of its own input, the trained f_{m+1}
                 with torch.no_grad():
                     hs = data.forward(layers, x[d])
-                ilayers = copy.deepcopy(idata.base)
-                for i in range(L):
-                    _freeze([ilayers[i]], hs[L - i + 1])
+                ilayers = [_freeze([mods], hs[L - i + 1])[0] for i, mods in enumerate(idata.base)]
             for p, rows in data.datapoints(d):
                 xin = x[d, rows].detach().clone().requires_grad_(True)
                 fs = data.forward(layers, xin)

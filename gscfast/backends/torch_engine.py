@@ -24,9 +24,9 @@ from .chunks import iter_chunks, sq_norms
 class Trace:
     """One chunk's forward pass: saved VJP state per layer (paper index), norms, error gradient."""
 
+    sq_out: Tensor  # [P, L+1]
     saved: dict[int, list[Any]] = field(default_factory=dict)
     inputs: dict[int, Tensor] = field(default_factory=dict)
-    sq_out: Tensor | None = None  # [P, L+1]
     grad: Tensor | None = None  # [P, 1, S, d_1], d f_0 / d f_1
 
 
@@ -53,8 +53,10 @@ def forward(
         tr.sq_out[:, m] = sq_norms(h if pb.coupled else h.reshape(P, -1))
         if moments is not None and pre is not None:
             chunk = Moments.of(pre.reshape(-1, pre.shape[-1]))
-            moments[m] = chunk if moments[m] is None else moments[m].merge(chunk)
+            prev = moments[m]
+            moments[m] = chunk if prev is None else prev.merge(chunk)
     if pb.error is not None:
+        assert pb.y is not None  # make_problem requires y with an error layer
         y = pb.y[ds, bs]
         e = error_value(pb.error, h, y)
         f0 = e.sum(1) if pb.coupled else e.reshape(-1)
@@ -74,8 +76,11 @@ class TorchBackend(Backend):
         return item * pb.S * (3 * sum(w[1:]) + 4 * rows * max(w[1:]))
 
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
+        if grads and pb.error is None:
+            raise ValueError("the gradients of a sweep need the error layer (error and y)")
         moments: list[Moments | None] | None = [None] * (pb.L + 1) if stats else None
-        sq_out, sq_grad = [], []
+        sq_out: list[Tensor] = []
+        sq_grad: list[Tensor] = []
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, 1)):
             ctx.save = grads
             tr = forward(pb, pb.program, ds, bs, ctx, moments=moments)
@@ -84,6 +89,7 @@ class TorchBackend(Backend):
                 g = tr.sq_out.new_empty(tr.sq_out.shape)
                 g[:, 0] = 1
                 v = tr.grad
+                assert v is not None  # forward sets it with the error layer, checked above
                 g[:, 1] = sq_norms(v)
                 for m in range(1, pb.L):
                     v = pb.program.layer(m).vjp(v, tr.saved[m])
@@ -137,16 +143,20 @@ class TorchBackend(Backend):
         return torch.cat(out)
 
     def contributions(self, pb: Problem, init: Program) -> Tensor:
+        if pb.error is None:
+            raise ValueError("contributions need the error layer (error and y)")
         L, out = pb.L, []
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
             tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            ictx = ctx.for_init()  # init's batch norms: their own frozen statistics
             P = tr.sq_out.shape[0]
             res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
             res[:, 0, 0] = 1
             v = tr.grad  # [P, lam, S, d]: g_1^(0) = G_0
+            assert v is not None  # forward sets it with the error layer, checked above
             res[:, 1, 0] = sq_norms(v)
             for m in range(1, L):
-                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ctx)  # S_m at the trained input
+                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)  # S_m at the trained input
                 a = pb.program.layer(m).vjp(v, tr.saved[m])  # v G_m
                 s = init.layer(m).vjp(v, s_init)  # v S_m
                 nxt = a.new_zeros(P, v.shape[1] + 1, *a.shape[2:])

@@ -119,5 +119,5 @@ class IdentityRule(ActivationRule):
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
         return x, None
 
-    def vjp(self, v: Tensor, saved: None) -> Tensor:
+    def vjp(self, v: Tensor, saved: Tensor | None) -> Tensor:
         return v

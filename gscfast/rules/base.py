@@ -11,10 +11,13 @@ Saved tensors are stored already broadcastable to ``[P, 1, S, k]`` (``ForwardCtx
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..frozen import FrozenStats
 
 
 @dataclass
@@ -23,20 +26,26 @@ class ForwardCtx:
 
     Attributes:
         coupled: batch datapoints (train-mode batch norm with batch statistics).
-        frozen_bn: per-op batch statistics treated as constants (``batchnorm="frozen"``), keyed by
-            ``id(rule)``, each ``(mean, var)`` of shape ``[D_all, 1, d]``; ``None`` when not frozen.
-        record_bn: collect batch statistics into ``frozen_bn`` (the pre-pass of frozen mode).
-        dslice: which datasets of the full input this chunk holds (to slice per-dataset constants).
+        frozen: the batch statistics treated as constants (``batchnorm="frozen"``) of the program
+            this pass runs, for this chunk's datasets (``gscfast.frozen``); ``None`` when not
+            frozen.
+        frozen_init: the same for the initial model of ``contributions`` (``for_init``).
+        record: where batch norms computing batch statistics record them (the pre-pass of
+            ``gscfast.frozen.frozen_stats``).
         samples: samples per dataset in this chunk (``b``).
         save: keep what the VJPs need (off for forward-only passes).
     """
 
     coupled: bool
-    frozen_bn: dict[int, tuple[Tensor, Tensor]] | None = None
-    record_bn: bool = False
-    dslice: slice = field(default_factory=lambda: slice(None))
+    frozen: FrozenStats | None = None
+    frozen_init: FrozenStats | None = None
+    record: FrozenStats | None = None
     samples: int = 1
     save: bool = True
+
+    def for_init(self) -> ForwardCtx:
+        """This chunk's context for a pass over the initial model (``contributions``)."""
+        return replace(self, frozen=self.frozen_init, frozen_init=None)
 
     def rows(self, t: Tensor) -> Tensor:
         """``[D, b|1, k]`` -> broadcastable ``[P, 1, S|1, k]`` in this chunk's datapoint layout."""

@@ -8,16 +8,13 @@ Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a dia
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from ..nn import poison_variance, uses_batch_stats
 from .base import ForwardCtx, Rule, register
-
-
-def poison_variance(var: Tensor) -> Tensor:
-    """``var`` with non-finite entries made NaN, so that a normalization whose variance overflowed
-    outputs NaN (refused by ``backends.finite``) rather than silent zeros (``rsqrt(inf) = 0``)."""
-    return torch.where(torch.isfinite(var), var, float("nan"))  # O(size of var), no sync
 
 
 def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -81,31 +78,32 @@ class BatchNormRule(Rule):
         self.eps = module.eps
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
-        self.uses_batch_stats = module.training or module.running_mean is None
-        self.running = (
-            None
-            if self.uses_batch_stats
-            else (module.running_mean.detach(), module.running_var.detach())
-        )
+        self.uses_batch_stats = uses_batch_stats(module)
+        self.running: tuple[Tensor, Tensor] | None = None
+        if not self.uses_batch_stats:
+            mean, var = module.running_mean, module.running_var
+            assert mean is not None  # uses_batch_stats is False only with running statistics
+            if var is None:
+                raise ValueError(f"{path}: BatchNorm1d has a running_mean but no running_var")
+            self.running = (mean.detach(), var.detach())
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
 
-    def forward(self, x: Tensor, ctx: ForwardCtx):
-        if self.uses_batch_stats and ctx.frozen_bn is None:
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
+        if self.running is not None:
+            mean, var = self.running
+        elif ctx.frozen is not None:
+            mean, var = ctx.frozen[self]
+        else:
             if not ctx.coupled:
                 raise RuntimeError(f"{self.path}: batch statistics need batch datapoints")
-            xh, inv, _, _ = _standardize(x, -2, self.eps)
+            xh, inv, mean, var = _standardize(x, -2, self.eps)
+            if ctx.record is not None:
+                ctx.record.record(self, mean, var)
             return self._affine(xh), (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
-        if self.uses_batch_stats:
-            if ctx.record_bn:
-                _, _, mean, var = _standardize(x, -2, self.eps)
-                ctx.frozen_bn[id(self)] = (mean, var)
-            mean, var = (t[ctx.dslice] for t in ctx.frozen_bn[id(self)])
-        else:
-            mean, var = self.running
         inv = torch.rsqrt(var + self.eps)
         y = self._affine((x - mean) * inv)
         scale = inv if self.weight is None else inv * self.weight
