@@ -36,6 +36,7 @@ def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
 class LayerNormRule(Rule):
     module_types = (nn.LayerNorm,)
     kind = "layer_norm"
+    limits = "last dimension"
 
     def __init__(self, module: nn.LayerNorm, path: str) -> None:
         super().__init__(module, path)
@@ -45,8 +46,12 @@ class LayerNormRule(Rule):
                 "supported; gscfast supports LayerNorm over the last dimension only"
             )
         self.eps = module.eps
+        self.features = module.normalized_shape[0]
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+
+    def in_features(self) -> int:
+        return self.features
 
     def forward(self, x: Tensor, ctx: ForwardCtx):
         xh, inv, _, _ = _standardize(x, -1, self.eps)
@@ -79,6 +84,7 @@ class BatchNormRule(Rule):
     def __init__(self, module: nn.BatchNorm1d, path: str) -> None:
         super().__init__(module, path)
         self.eps = module.eps
+        self.features = module.num_features
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
         self.uses_batch_stats = module.training or module.running_mean is None
@@ -87,6 +93,9 @@ class BatchNormRule(Rule):
             if self.uses_batch_stats
             else (module.running_mean.detach(), module.running_var.detach())
         )
+
+    def in_features(self) -> int:
+        return self.features
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
@@ -106,10 +115,16 @@ class BatchNormRule(Rule):
             mean, var = (t[ctx.dslice] for t in ctx.frozen_bn[id(self)])
         else:
             mean, var = self.running
-        inv = torch.rsqrt(var + self.eps)
+        inv, scale = self.fixed_scale(var)
         y = self._affine((x - mean) * inv)
-        scale = inv if self.weight is None else inv * self.weight
         return y, ctx.rows(scale.expand(x.shape[0], 1, x.shape[-1])) if ctx.save else None
+
+    def fixed_scale(self, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inv, scale)`` for fixed statistics of variance ``var``: ``inv = 1 / sqrt(var + eps)``
+        and the diagonal Jacobian ``scale = inv * weight``. The one fold of a batch norm into a
+        diagonal (the fused backends' lowering folds with it too)."""
+        inv = torch.rsqrt(var + self.eps)
+        return inv, inv if self.weight is None else inv * self.weight
 
     def vjp(self, v: Tensor, saved) -> Tensor:
         if isinstance(saved, tuple):
