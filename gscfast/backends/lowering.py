@@ -5,7 +5,8 @@ place that says what they fuse.
   header ``kernels/common/codes.cuh`` is generated from them (``scripts/gen-codes``; a test checks
   the checked-in copy), the numba kernels import them as plain ints.
 - ``ACTIVATIONS``: rule class -> its code and parameters, one line per activation. Adding an
-  activation to the fused backends is its rule, one line here, and its kernel bodies.
+  activation to the fused backends is its rule, its code in ``Act`` (then ``scripts/gen-codes``),
+  one line here, and its kernel bodies.
 - ``lower``: a ``Program`` -> one ``LayerPlan`` per layer (the linear map, the norm with a fixed
   batch norm folded into a diagonal scale, the activation and its parameters). The numba backend
   packs the plans into its flat arrays, the GPU engine into its per-layer specs.
