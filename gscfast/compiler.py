@@ -16,14 +16,27 @@ from torch.nn.modules import module as _module_globals
 
 from .nn import Residual
 from .rules import RULES, ForwardCtx, Rule
-from .rules.norm import BatchNormRule, LayerNormRule
+from .rules.base import propagate_width
+from .rules.norm import BatchNormRule
 from .rules.residual import ResidualRule
 
-SUPPORTED = (
-    "nn.Sequential (nested allowed) of nn.Linear, nn.LayerNorm (last dimension), nn.BatchNorm1d, "
-    "the activations nn.ReLU, nn.Tanh, nn.SELU, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, "
-    "nn.Softplus, nn.Identity, and gscfast.nn.Residual"
-)
+
+def supported() -> str:
+    """What models gscfast compiles, read from the ``RULES`` registry (so a registered rule is
+    listed too): the text of "not supported" errors."""
+    torch_types: list[str] = []
+    activations: list[str] = []
+    others: list[str] = []
+    for t, rule in RULES.items():
+        torch_module = t.__module__.startswith("torch.nn")
+        name = f"nn.{t.__name__}" if torch_module else f"{t.__module__}.{t.__name__}"
+        name += f" ({rule.limits})" if rule.limits else ""
+        if rule.is_activation:
+            activations.append(name)
+        else:
+            (torch_types if torch_module else others).append(name)
+    items = [*torch_types, f"the activations {', '.join(activations)}", *others]
+    return f"nn.Sequential (nested allowed) of {', '.join(items[:-1])}, and {items[-1]}"
 
 
 def _rule_for(module: nn.Module) -> type[Rule] | None:
@@ -67,7 +80,7 @@ def check_global_hooks() -> None:
 
 def _base_type(module: nn.Module) -> type[nn.Module] | None:
     """The supported type whose forward ``module`` is computed with (itself or a parent)."""
-    bases = (nn.Sequential, Residual, *RULES)
+    bases: tuple[type[nn.Module], ...] = (nn.Sequential, Residual, *RULES)
     t = type(module)
     return t if t in bases else next((b for b in bases if isinstance(module, b)), None)
 
@@ -115,10 +128,11 @@ def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
         if rule is None:
             raise TypeError(
                 f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
-                f"Supported: {SUPPORTED}."
+                f"Supported: {supported()}."
             )
         op = rule(leaf, where)
         if isinstance(op, ResidualRule):  # the body is compiled like any module list
+            assert isinstance(leaf, Residual)  # the one module type ResidualRule is for
             op.body = compile_ops(leaf.body, f"{where}.body")
         ops.append(op)
     return ops
@@ -160,32 +174,6 @@ class Layer:
         return v
 
 
-def _propagate_width(ops: list[Rule], d: int) -> int:
-    for op in ops:
-        if isinstance(op.module, nn.Linear):
-            want = op.module.in_features
-        elif isinstance(op, LayerNormRule):
-            want = op.module.normalized_shape[0]
-        elif isinstance(op, BatchNormRule):
-            want = op.module.num_features
-        else:
-            want = d
-        if want != d:
-            raise ValueError(
-                f"{op.path} ({type(op.module).__name__}) expects {want} features but receives {d}"
-            )
-        if isinstance(op, ResidualRule):
-            out = _propagate_width(op.body, d)
-            if out != d:
-                raise ValueError(
-                    f"{op.path} (Residual): its body maps {d} features to {out}; "
-                    "a residual body must keep the width"
-                )
-        elif isinstance(op.module, nn.Linear):
-            d = op.module.out_features
-    return d
-
-
 def all_ops(ops: list[Rule]) -> Iterator[Rule]:
     """``ops`` in order, each followed by the rules of its residual body (depth first)."""
     for op in ops:
@@ -211,7 +199,7 @@ class Program:
                 groups.append([])
         groups = [g for g in groups if g]
         if not groups:
-            raise TypeError(f"the model has no modules; expected {SUPPORTED}")
+            raise TypeError(f"the model has no modules; expected {supported()}")
         L = len(groups)
         self.layers = [
             Layer(L - i, [op for op, _ in g], [m for _, m in g]) for i, g in enumerate(groups)
@@ -239,7 +227,7 @@ class Program:
         ``ValueError`` naming the module whose expected width does not match."""
         dims = [n_in]
         for layer in self.layers:
-            dims.append(_propagate_width(layer.ops, dims[-1]))
+            dims.append(propagate_width(layer.ops, dims[-1]))
         return [1] + dims[1:][::-1] + [n_in]
 
     def __repr__(self) -> str:

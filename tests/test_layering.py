@@ -289,6 +289,33 @@ def test_the_checks_catch_what_they_refuse(tmp_path, files, check, expected):
     assert check(pkg) == expected
 
 
+def test_one_lowering_for_the_fused_backends():
+    """Only ``backends/lowering.py`` turns rule classes into kernel input, and it is the one place
+    that decides fused-or-torch-path: no other backend imports a rule class (``*Rule``) or asks
+    ``.fused(`` itself."""
+    backends = f"{PACKAGE.name}.backends"
+    lowering = f"{backends}.lowering"
+    rule_imports = [
+        f"{mod} line {line} imports {name} from {target}"
+        for mod, target, name, line in imports(PACKAGE)
+        if mod.startswith(backends)
+        and mod != lowering
+        and target.startswith(f"{PACKAGE.name}.rules")
+        and name is not None
+        and name.endswith("Rule")
+    ]
+    assert rule_imports == []
+    assert any(t == lowering for m, t, _, _ in imports(PACKAGE) if m.startswith(backends))
+    guards = [
+        f"{path.name} line {i}"
+        for mod, path in modules(PACKAGE).items()
+        if mod.startswith(backends) and mod != lowering
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if ".fused(" in line
+    ]
+    assert guards == []
+
+
 def test_problem_lives_where_it_is_built():
     from gscfast import backends, validation
 

@@ -91,6 +91,7 @@ try:
     out["cupy_reason"] = cb.CupyBackend.unavailable_reason()
 except ImportError:
     pass
+out["fatbin_dir"] = str(cb.fatbin_dir())
 if _gpu_host.compiler() is not None:
     out["host_lib"] = str(_gpu_host.build())
     cb.HOST_EMULATION = True
@@ -174,6 +175,7 @@ def test_installed_wheel_finds_every_cuda_source_and_builds_them_for_the_host(wh
         if k not in ("PYTHONPATH", cs.ENV, "GSCFAST_FATBIN_DIR", "PYTHONSTARTUP")
     }
     env["GSCFAST_HOST_BUILD"] = str(tmp_path / "host")  # a fresh build, not a cached library
+    env["GSCFAST_CACHE"] = str(tmp_path / "cache")
     run_dir = tmp_path / "elsewhere"  # cwd outside the checkout: it is not on sys.path
     run_dir.mkdir()
     got = json.loads(
@@ -184,6 +186,7 @@ def test_installed_wheel_finds_every_cuda_source_and_builds_them_for_the_host(wh
     assert pkg.is_relative_to(vsite), f"imported {got['gscfast']}, not the installed wheel"
     assert Path(got["kernel_dir"]) == pkg / "_kernels"
     assert got["sources"] == want, "the installed sources differ from the checkout's kernels/"
+    assert Path(got["fatbin_dir"]) == tmp_path / "cache" / "fatbin"  # not beside the package
     if "cupy_reason" in got:
         assert got["cupy_reason"] is None
     if _gpu_host.compiler() is None:

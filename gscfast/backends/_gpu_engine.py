@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,50 +38,10 @@ from torch import Tensor
 from ..compiler import Program
 from ..frozen import FrozenStats
 from ..rules import error_grad, error_value
-from ..rules.activation import (
-    ELURule,
-    GELURule,
-    IdentityRule,
-    LeakyReLURule,
-    ReLURule,
-    SELURule,
-    SigmoidRule,
-    SoftplusRule,
-    TanhRule,
-)
-from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
-from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
+from .base import Moments, ProbeFn, Sweep
 from .chunks import iter_chunks
-from .torch_engine import TorchBackend
-
-# Activation and norm codes: the same numbers in kernels/common/codes.cuh (a test checks it).
-(
-    ACT_NONE,
-    ACT_IDENTITY,
-    ACT_RELU,
-    ACT_LEAKY,
-    ACT_TANH,
-    ACT_SIGMOID,
-    ACT_ELU,
-    ACT_SELU,
-    ACT_SOFTPLUS,
-    ACT_GELU,
-    ACT_GELU_TANH,
-) = range(11)
-NORM_NONE, NORM_LAYER, NORM_DIAG = range(3)
-
-_ACTS = {
-    ReLURule: ACT_RELU,
-    LeakyReLURule: ACT_LEAKY,
-    TanhRule: ACT_TANH,
-    SigmoidRule: ACT_SIGMOID,
-    ELURule: ACT_ELU,
-    SELURule: ACT_SELU,
-    SoftplusRule: ACT_SOFTPLUS,
-    GELURule: ACT_GELU,
-    IdentityRule: ACT_IDENTITY,
-}
+from .lowering import FusedBackend, LayerPlan, Norm, fused_or_fallback, lower
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -94,49 +55,12 @@ def empty(shape, like: Tensor) -> Tensor:
 
 
 @dataclass
-class LayerSpec:
-    """One layer flattened for the kernels (tensors contiguous, on the chunk's device and dtype).
+class LayerSpec(LayerPlan):
+    """A ``LayerPlan`` on the chunk's device and dtype (tensors contiguous; the diagonal batch
+    norm's ``mean``/``gamma`` rows are groups of ``group_rows`` consecutive samples), with
+    ``params = [eps, p0, p1]`` as a tensor in the kernel dtype (no float32 rounding of them)."""
 
-    Attributes:
-        index: paper index ``m`` (the layer outputs ``f_m``).
-        weight: ``[d_out, d_in]``; bias ``[d_out]`` or None.
-        norm: ``NORM_*``. Layer norm: ``gamma``/``beta`` ``[d_out]`` or None. Diagonal batch norm:
-            ``mean``, ``gamma`` (= ``weight / sqrt(var + eps)``) ``[G, d_out]``, one row per group
-            of ``group_rows`` consecutive samples (a dataset, with frozen statistics), ``beta``.
-        act: ``ACT_*``; ``p0``, ``p1`` its parameters (slope, alpha, beta/threshold).
-        params: ``[eps, p0, p1]`` as a tensor in the kernel dtype (no float32 rounding of them).
-    """
-
-    index: int
-    weight: Tensor
-    bias: Tensor | None
-    norm: int
-    gamma: Tensor | None
-    beta: Tensor | None
-    mean: Tensor | None
-    eps: float
-    act: int
-    p0: float
-    p1: float
     params: Tensor
-
-    @property
-    def din(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def dout(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def has_ds(self) -> bool:
-        """Whether the VJP scales by a saved per-sample vector (activation derivative / BN scale)."""
-        return self.act not in (ACT_NONE, ACT_IDENTITY) or self.norm == NORM_DIAG
-
-    @property
-    def has_pre(self) -> bool:
-        """Whether the layer ends in an activation (its pre-activation is defined)."""
-        return self.act != ACT_NONE
 
 
 @dataclass
@@ -150,49 +74,20 @@ class Saved:
 
 
 def build_specs(program: Program, like: Tensor, frozen: FrozenStats | None) -> list[LayerSpec]:
-    """Flatten ``program`` in model order. ``frozen`` holds its batch norms' frozen batch
-    statistics ``(mean, var)`` of shape ``[G, 1, d]`` (``iter_chunks``' ``ctx.frozen``)."""
+    """``program``'s plans (``lowering.lower``) in model order on ``like``'s device and dtype.
+    ``frozen`` holds its batch norms' frozen batch statistics ``(mean, var)`` of shape ``[G, 1, d]``
+    (``iter_chunks``' ``ctx.frozen``)."""
+    kw: dict[str, Any] = dict(dtype=like.dtype, device=like.device)
+
     specs = []
-    kw = dict(dtype=like.dtype, device=like.device)
-    for layer in program.layers:
-        lin, norm, act = split_layer(layer)
-        W = lin.weight.to(**kw).contiguous()
-        bias = None if lin.bias is None else lin.bias.to(**kw).contiguous()
-        code, gamma, beta, mean, eps = NORM_NONE, None, None, None, 0.0
-        if isinstance(norm, LayerNormRule):
-            code, eps = NORM_LAYER, float(norm.eps)
-            gamma = None if norm.weight is None else norm.weight.to(**kw).contiguous()
-            beta = None if norm.bias is None else norm.bias.to(**kw).contiguous()
-        elif isinstance(norm, BatchNormRule):
-            if norm.uses_batch_stats:
-                if frozen is None or norm not in frozen:
-                    raise Unsupported("batch norm with batch statistics couples the samples")
-                m, v = frozen[norm]
-                m, v = m.reshape(-1, m.shape[-1]), v.reshape(-1, v.shape[-1])
-            else:
-                m, v = (t.reshape(1, -1) for t in norm.running)
-            scale = torch.rsqrt(v + norm.eps)  # as BatchNormRule: inv (* weight)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            code = NORM_DIAG
-            mean, gamma = m.to(**kw).contiguous(), scale.to(**kw).contiguous()
-            beta = None if norm.bias is None else norm.bias.to(**kw).contiguous()
-        a, p0, p1 = ACT_NONE, 0.0, 0.0
-        if act is not None:
-            a = _ACTS[type(act)]
-            mod = act.module
-            if a == ACT_LEAKY:
-                p0 = float(mod.negative_slope)
-            elif a == ACT_ELU:
-                p0 = float(mod.alpha)
-            elif a == ACT_SOFTPLUS:
-                p0, p1 = float(mod.beta), float(mod.threshold)
-            elif a == ACT_GELU and mod.approximate == "tanh":
-                a = ACT_GELU_TANH
-        params = torch.tensor([eps, p0, p1], dtype=torch.float64).to(**kw)
-        specs.append(
-            LayerSpec(layer.index, W, bias, code, gamma, beta, mean, eps, a, p0, p1, params)
-        )
+    for p in lower(program, frozen):
+        tensors = {
+            name: None if t is None else t.to(**kw).contiguous()
+            for name in ("weight", "bias", "gamma", "beta", "mean")
+            for t in [getattr(p, name)]
+        }
+        params = torch.tensor([p.eps, p.p0, p.p1], dtype=torch.float64).to(**kw)
+        specs.append(LayerSpec(**{**vars(p), **tensors}, params=params))
     return specs
 
 
@@ -221,7 +116,7 @@ class Pass:
     grad: Tensor | None  # [N, d_1]: d f_0 / d f_1
 
 
-class FusedEngine(TorchBackend):
+class FusedEngine(FusedBackend):
     """The four methods on three fused kernels; subclasses supply the kernels and the device test.
 
     Subclasses implement ``_device_ok``, ``_layer_fwd``, ``_chain_step`` and ``_contrib_step``.
@@ -285,11 +180,9 @@ class FusedEngine(TorchBackend):
 
     # ---------------------------------------------------------------- dispatch
 
-    def fused(self, pb: Problem, init: Program | None = None) -> bool:
-        """Whether ``pb`` runs on the fused kernels (else the torch engine's path)."""
-        if pb.coupled or pb.x.dtype not in DTYPES or not self._device_ok(pb.x.device):
-            return False
-        return programs_fused(pb.program, init)
+    def takes(self, pb: Problem, method: str) -> bool:
+        """Per-sample datapoints of float32 or float64 on a device the kernels run on."""
+        return not pb.coupled and pb.x.dtype in DTYPES and self._device_ok(pb.x.device)
 
     def _fused_bytes(self, pb: Problem, rows: int, init: bool = False) -> int:
         """Working set per sample: saved state of every layer (twice with ``init``), the output
@@ -334,7 +227,7 @@ class FusedEngine(TorchBackend):
                 mom = empty((-(-N // tile), 4, spec.dout), x)
             self._layer_fwd(h, spec, group_rows, y, sv, sq, mom)
             fw.saved[m] = sv
-            if mom is not None:
+            if moments is not None and mom is not None:
                 mo = merge_tiles(mom, N, tile)
                 moments[m] = mo if moments[m] is None else moments[m].merge(mo)
             if specs0 is not None:
@@ -345,6 +238,7 @@ class FusedEngine(TorchBackend):
                 fw.saved0[m] = sv0
             h = y
         if pb.error is not None:
+            assert pb.y is not None  # validation: an error layer comes with targets
             out = h.reshape(Dc, b, -1)
             yt = pb.y[ds, bs]
             e = error_value(pb.error, out, yt).reshape(N)
@@ -356,7 +250,7 @@ class FusedEngine(TorchBackend):
     def _alloc_saved(spec: LayerSpec, N: int, like: Tensor, save: bool) -> Saved:
         if not save:
             return Saved(None, None, None)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         return Saved(
             empty((N, spec.dout), like) if spec.has_ds else None,
             empty((N, spec.dout), like) if ln else None,
@@ -397,9 +291,8 @@ class FusedEngine(TorchBackend):
 
     # ---------------------------------------------------------------- the four methods
 
+    @fused_or_fallback
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
-        if not self.fused(pb) or (grads and pb.error is None):
-            return super().sweep(pb, grads=grads, stats=stats)
         L = pb.L
         moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
         sq_out, sq_grad = [], []
@@ -407,6 +300,7 @@ class FusedEngine(TorchBackend):
             fw = self._forward(pb, ds, bs, ctx, save=grads, moments=moments)
             sq_out.append(fw.sq_out)
             if grads:
+                assert fw.grad is not None  # fused_or_fallback: a gradient needs an error layer
                 g = fw.sq_out.new_full((fw.N, L + 1), float("nan"))
                 g[:, 0] = 1
                 g[:, 1] = fw.grad.square().sum(1)
@@ -414,9 +308,8 @@ class FusedEngine(TorchBackend):
                 sq_grad.append(g)
         return Sweep(torch.cat(sq_out), torch.cat(sq_grad) if grads else None, moments)
 
+    @fused_or_fallback
     def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
-        if not self.fused(pb):
-            return super().chain(pb, probes)
         w, L = pb.widths, pb.L
         rows = max(w[1 : L + 1]) if probes is None else probes(1).shape[0]
         out = []
@@ -439,9 +332,8 @@ class FusedEngine(TorchBackend):
             out.append(res)
         return torch.cat(out)
 
+    @fused_or_fallback
     def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
-        if not self.fused(pb):
-            return super().jacobian(pb, start, end)
         w = pb.widths
         N_all = pb.D * pb.B
         if start == end:
@@ -468,9 +360,8 @@ class FusedEngine(TorchBackend):
             p0 += N
         return result
 
+    @fused_or_fallback
     def contributions(self, pb: Problem, init: Program) -> Tensor:
-        if not self.fused(pb, init) or pb.error is None:
-            return super().contributions(pb, init)
         L, out = pb.L, []
         for ds, bs, ctx in iter_chunks(pb, self._fused_bytes(pb, L, init=True), init=init):
             fw = self._forward(pb, ds, bs, ctx, save=True, init=init)
@@ -478,6 +369,7 @@ class FusedEngine(TorchBackend):
             res = fw.sq_out.new_full((N, L + 1, L + 1), float("nan"))
             res[:, 0, 0] = 1
             v = fw.grad  # [N, 1, d_1]: g_1^(0)
+            assert v is not None  # fused_or_fallback: contributions need an error layer
             res[:, 1, 0] = v.square().sum(1)
             for m in range(1, L):
                 spec = fw.specs[m]

@@ -3,7 +3,8 @@
 ``kernels/common/block.cuh`` turns every kernel into a host function that loops over the grid and,
 within a block, runs each phase for all threads in turn (see that header for exactly what this
 covers). This module compiles all kernel sources into one shared library with the system C++
-compiler (``CXX``, else ``g++``/``c++``/``clang++``), caches it by content hash, and calls the
+compiler (``CXX``, else ``g++``/``c++``/``clang++``), caches it by content hash (in
+``GSCFAST_HOST_BUILD``, else ``cuda_sources.cache_dir()/host``), and calls the
 ``extern "C"`` entry points through ``ctypes`` on CPU tensors, with the same arguments the
 ``"cupy"`` backend passes on the GPU. The tests use it to check the numbers the CUDA source
 computes without a GPU.
@@ -16,12 +17,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
+from .cuda_sources import SIGNATURES, cache_dir, kernel_dir, kernel_sources, missing_reason
 
 FLAGS = (
     "-O2",
@@ -71,11 +71,7 @@ def build(out_dir: str | os.PathLike | None = None) -> Path:
         if p.suffix in (".cu", ".cuh", ".h") and p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     h.update(" ".join((cxx,) + FLAGS).encode())
-    out_dir = Path(
-        out_dir
-        or os.environ.get("GSCFAST_HOST_BUILD")
-        or Path(tempfile.gettempdir()) / f"gscfast-host-{os.getuid()}"
-    )
+    out_dir = Path(out_dir or os.environ.get("GSCFAST_HOST_BUILD") or cache_dir() / "host")
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"gsckernels-{h.hexdigest()[:16]}.so"
     if lib.exists():

@@ -10,13 +10,15 @@ under ``TRITON_INTERPRET=1`` as well as on the GPU, which is how these kernels a
 one. ``tanh``, ``expm1`` and ``log1p`` are written here from ``exp``/``log`` with the small-argument
 branches that keep them accurate to a few ulp in float32 and float64.
 
-The activation codes are ``_gpu_engine.ACT_*``; norm codes ``_gpu_engine.NORM_*``.
+The activation and norm codes are ``lowering.Act`` and ``lowering.Norm`` (``ACT_*``, ``NORM_*`` here).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .lowering import Act, Norm
 
 # globals a kernel reads must be tl.constexpr; write them after a tensor operand (``x * C``): the
 # interpreter turns ``C * x`` into a constexpr wrapping a tensor
@@ -25,6 +27,18 @@ INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 SELU_ALPHA = tl.constexpr(1.6732632423543772848170429916717)
 SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
+ACT_NONE = tl.constexpr(int(Act.NONE))
+ACT_IDENTITY = tl.constexpr(int(Act.IDENTITY))
+ACT_RELU = tl.constexpr(int(Act.RELU))
+ACT_LEAKY = tl.constexpr(int(Act.LEAKY))
+ACT_TANH = tl.constexpr(int(Act.TANH))
+ACT_SIGMOID = tl.constexpr(int(Act.SIGMOID))
+ACT_ELU = tl.constexpr(int(Act.ELU))
+ACT_SELU = tl.constexpr(int(Act.SELU))
+ACT_SOFTPLUS = tl.constexpr(int(Act.SOFTPLUS))
+ACT_GELU = tl.constexpr(int(Act.GELU))
+NORM_LAYER = tl.constexpr(int(Norm.LAYER))
+NORM_DIAG = tl.constexpr(int(Norm.DIAG))
 
 
 # ----------------------------------------------------------------------------- scalar helpers
@@ -99,40 +113,40 @@ def _sigmoid(z):
 def _activate(z, ACT: tl.constexpr, p0, p1):
     """``(s(z), s'(z))`` for activation code ``ACT`` (derivatives as ``gscfast.rules.activation``)."""
     one = z * 0.0 + 1.0
-    if ACT == 1:  # identity
+    if ACT == ACT_IDENTITY:
         y = z
         d = one
-    elif ACT == 2:  # relu (s'(0) = 0)
+    elif ACT == ACT_RELU:  # s'(0) = 0
         y = tl.where(z > 0, z, 0.0)
         d = tl.where(z > 0, 1.0, 0.0) * one
-    elif ACT == 3:  # leaky relu, p0 = negative slope
+    elif ACT == ACT_LEAKY:  # p0 = negative slope
         y = tl.where(z > 0, z, p0 * z)
         d = tl.where(z > 0, one, p0 * one)
-    elif ACT == 4:  # tanh
+    elif ACT == ACT_TANH:
         y = _tanh(z)
         d = 1.0 - y * y
-    elif ACT == 5:  # sigmoid
+    elif ACT == ACT_SIGMOID:
         y = _sigmoid(z)
         d = y * (1.0 - y)
-    elif ACT == 6:  # elu, p0 = alpha
+    elif ACT == ACT_ELU:  # p0 = alpha
         zn = tl.minimum(z, 0.0)
         y = tl.where(z > 0, z, p0 * _expm1(zn))
         d = tl.where(z > 0, one, p0 * tl.exp(zn))
-    elif ACT == 7:  # selu
+    elif ACT == ACT_SELU:
         zn = tl.minimum(z, 0.0)
         y = tl.where(z > 0, z, _expm1(zn) * SELU_ALPHA) * SELU_SCALE
         d = tl.where(z > 0, one, tl.exp(zn) * SELU_ALPHA) * SELU_SCALE
-    elif ACT == 8:  # softplus, p0 = beta, p1 = threshold
+    elif ACT == ACT_SOFTPLUS:  # p0 = beta, p1 = threshold
         bz = p0 * z
         lin = bz > p1
         bzc = tl.where(lin, 0.0, bz)
         y = tl.where(lin, z, _log1p(tl.exp(bzc)) / p0)
         d = tl.where(lin, one, _sigmoid(bzc))
-    elif ACT == 9:  # gelu (erf)
+    elif ACT == ACT_GELU:  # erf form
         cdf = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT_2))
         y = z * cdf
         d = cdf + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
-    else:  # 10: gelu (tanh approximation)
+    else:  # ACT_GELU_TANH
         t = _tanh((z + 0.044715 * z * z * z) * SQRT_2_OVER_PI)
         y = 0.5 * z * (1.0 + t)
         d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (
@@ -202,7 +216,7 @@ def layer_fwd_kernel(
     eps = tl.load(PRM)
     p0 = tl.load(PRM + 1)
     p1 = tl.load(PRM + 2)
-    if NORM == 1:  # layer norm over the row
+    if NORM == NORM_LAYER:  # layer norm over the row
         b_mu = tl.sum(tl.where(m_mn, b_z, 0.0), 1) / DOUT  # [BM]
         b_dz = tl.where(m_mn, b_z - b_mu[:, None], 0.0)
         b_var = tl.sum(b_dz * b_dz, 1) / DOUT  # [BM]
@@ -218,7 +232,7 @@ def layer_fwd_kernel(
         if SAVE_LN:
             tl.store(XH + o_m64[:, None] * DOUT + o_n[None, :], b_xh, mask=m_mn)
             tl.store(INV + o_m64, b_inv, mask=m_m)
-    elif NORM == 2:  # batch norm with fixed statistics: (z - mean) * scale + beta
+    elif NORM == NORM_DIAG:  # batch norm with fixed statistics: (z - mean) * scale + beta
         o_g = (o_m64 // GROUP_ROWS)[:, None] * DOUT + o_n[None, :]
         b_scale = tl.load(GAMMA + o_g, mask=m_mn, other=0.0)
         b_pre = (b_z - tl.load(MEAN + o_g, mask=m_mn, other=0.0)) * b_scale
@@ -226,12 +240,12 @@ def layer_fwd_kernel(
             b_pre += tl.load(BETA + o_n, mask=m_n, other=0.0)[None, :]
     else:
         b_pre = b_z
-    if ACT != 0:
+    if ACT != ACT_NONE:
         b_y, b_d = _activate(b_pre, ACT, p0, p1)
     else:
         b_y = b_pre
         b_d = b_pre * 0.0 + 1.0
-    if NORM == 2:
+    if NORM == NORM_DIAG:
         b_d = b_d * b_scale
     tl.store(Y + o_m64[:, None] * DOUT + o_n[None, :], b_y, mask=m_mn)
     if SAVE_DS:

@@ -31,6 +31,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .lowering import Act, Norm
+
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
 OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
@@ -41,22 +43,23 @@ HELP: dict[str, Any] = dict(
     fastmath=FM, error_model="numpy", cache=True, nogil=True
 )  # compiled once, LLVM-inlined
 
-# activation codes
-(
-    A_NONE,
-    A_IDENTITY,
-    A_RELU,
-    A_LEAKY,
-    A_TANH,
-    A_SIGMOID,
-    A_ELU,
-    A_SELU,
-    A_SOFTPLUS,
-    A_GELU,
-    A_GELU_TANH,
-) = range(11)
-# norm codes
-N_NONE, N_LAYER, N_DIAG, N_BATCH = range(4)  # N_BATCH: batch statistics, coupled
+# Activation and norm codes: lowering.Act / lowering.Norm as plain ints (numba freezes module-level
+# ints into the compiled kernels; its cache keys on this file, so the codes are ABI, never renumbered).
+A_NONE = int(Act.NONE)
+A_IDENTITY = int(Act.IDENTITY)
+A_RELU = int(Act.RELU)
+A_LEAKY = int(Act.LEAKY)
+A_TANH = int(Act.TANH)
+A_SIGMOID = int(Act.SIGMOID)
+A_ELU = int(Act.ELU)
+A_SELU = int(Act.SELU)
+A_SOFTPLUS = int(Act.SOFTPLUS)
+A_GELU = int(Act.GELU)
+A_GELU_TANH = int(Act.GELU_TANH)
+N_NONE = int(Norm.NONE)
+N_LAYER = int(Norm.LAYER)
+N_DIAG = int(Norm.DIAG)
+N_BATCH = int(Norm.BATCH)  # batch statistics, coupled
 # meta columns
 M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE = range(11)
 NMETA = 11
@@ -468,6 +471,17 @@ def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
 
 
 # ------------------------------------------------------------------ backward
+
+
+def saves_derivative(act: int, p0: float) -> bool:
+    """Whether a layer stores its activation derivative (``M_DSAVE``): ``_dvec`` computes it from
+    the saved output ``y`` where the sign of ``y`` tells the branch (tanh, sigmoid, relu, selu,
+    leaky relu of a slope >= 0, elu of an alpha > 0), which saves a row per sample."""
+    if act == A_LEAKY:
+        return p0 < 0
+    if act == A_ELU:
+        return p0 <= 0
+    return act in (A_SOFTPLUS, A_GELU, A_GELU_TANH)
 
 
 @njit(**INL)

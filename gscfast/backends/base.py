@@ -22,19 +22,6 @@ import torch
 from torch import Tensor
 
 from ..compiler import Program
-from ..rules.activation import (
-    ELURule,
-    GELURule,
-    IdentityRule,
-    LeakyReLURule,
-    ReLURule,
-    SELURule,
-    SigmoidRule,
-    SoftplusRule,
-    TanhRule,
-)
-from ..rules.linear import LinearRule
-from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
 from .finite import check_results
 
@@ -157,59 +144,3 @@ def _checked(method: str, fn: Callable) -> Callable:
         return result
 
     return run
-
-
-# ----------------------------------------------------------------------------- fused backends
-
-FUSED_ACTIVATIONS = (
-    ReLURule,
-    LeakyReLURule,
-    TanhRule,
-    SigmoidRule,
-    ELURule,
-    SELURule,
-    SoftplusRule,
-    GELURule,
-    IdentityRule,
-)
-"""Activation rules the fused kernels (numba, triton, cupy) implement."""
-
-
-class Unsupported(Exception):
-    """The problem has something the fused kernels do not cover (the torch path takes it)."""
-
-
-def split_layer(layer) -> tuple:
-    """``(linear, norm | None, activation | None)`` of a layer of the fused kernels' shape
-    ``Linear -> [LayerNorm | BatchNorm1d] -> [activation]``, or ``Unsupported``."""
-    ops = list(layer.ops)
-    if not ops or type(ops[0]) is not LinearRule:
-        raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
-    lin, rest = ops[0], ops[1:]
-    norm = act = None
-    if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
-        norm, rest = rest[0], rest[1:]
-    if rest and type(rest[0]) in FUSED_ACTIVATIONS:
-        act, rest = rest[0], rest[1:]
-    if rest:
-        raise Unsupported(f"layer f_{layer.index}: {[op.kind for op in layer.ops]}")
-    if isinstance(act, GELURule) and act.module.approximate not in ("none", "tanh"):
-        raise Unsupported(f"GELU(approximate={act.module.approximate!r})")
-    return lin, norm, act
-
-
-def check_program(program: Program) -> None:
-    """``Unsupported`` unless every layer has a fused kernel (batch statistics are checked later)."""
-    for layer in program.layers:
-        split_layer(layer)
-
-
-def programs_fused(*programs: Program | None) -> bool:
-    """Whether every layer of every given program (None is skipped) has a fused kernel."""
-    try:
-        for program in programs:
-            if program is not None:
-                check_program(program)
-    except Unsupported:
-        return False
-    return True

@@ -27,30 +27,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._gpu_engine import NORM_LAYER, FusedEngine, LayerSpec
-from .cuda_sources import kernel_dir, kernel_sources, missing_reason
+from ._gpu_engine import FusedEngine, LayerSpec
+from .cuda_sources import (
+    CHECKOUT,
+    Flag,
+    cache_dir,
+    find_kernel_dir,
+    kernel_dir,
+    kernel_sources,
+    missing_reason,
+)
+from .lowering import Norm
 
 HOST_EMULATION = False
 """Let ``CupyBackend()`` instances take CPU tensors, running the host build of the kernels (tests
 only; the registry never does: ``supports`` is CUDA-only)."""
-
-# kernels/common/codes.cuh, enum Flag
-(
-    F_HAS_BIAS,
-    F_HAS_GAMMA,
-    F_HAS_BETA,
-    F_SAVE_DS,
-    F_SAVE_LN,
-    F_WRITE_SQ,
-    F_STATS,
-    F_HAS_DS,
-    F_LN,
-    F_STORE,
-) = (1 << i for i in range(10))
 
 THREADS = 256
 FWD_ROWS, STEP_ROWS = 16, 64  # rows per block (the template arguments of the entry points)
@@ -58,8 +54,15 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def fatbin_dir() -> Path:
+    """Where prebuilt fatbins are looked for: ``$GSCFAST_FATBIN_DIR``; else, in a checkout (the
+    sources are its ``kernels/``), CMake's ``build/kernels``; else ``cache_dir()/fatbin``, never a
+    folder beside the installed package."""
     env = os.environ.get("GSCFAST_FATBIN_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "build" / "kernels"
+    if env:
+        return Path(env)
+    if find_kernel_dir() == CHECKOUT:
+        return CHECKOUT.parent / "build" / "kernels"
+    return cache_dir() / "fatbin"
 
 
 class CudaModule:
@@ -69,8 +72,8 @@ class CudaModule:
         import cupy
 
         self.cupy = cupy
-        self._mods: dict[str, object] = {}
-        self._fns: dict[str, object] = {}
+        self._mods: dict[tuple[int | None, str], Any] = {}  # cupy.RawModule, cupy's functions
+        self._fns: dict[tuple[int | None, str], Any] = {}
 
     def _module(self, stem: str, dev: int | None):
         key = (dev, stem)  # a module is loaded into one device's context
@@ -150,13 +153,13 @@ class CupyBackend(FusedEngine):
         N = x.shape[0]
         d = x.new_empty(1)
         flags = (
-            (F_HAS_BIAS if spec.bias is not None else 0)
-            | (F_HAS_GAMMA if spec.gamma is not None else 0)
-            | (F_HAS_BETA if spec.beta is not None else 0)
-            | (F_SAVE_DS if saved.ds is not None else 0)
-            | (F_SAVE_LN if saved.xh is not None else 0)
-            | (F_WRITE_SQ if sq is not None else 0)
-            | (F_STATS if mom is not None else 0)
+            (Flag.HAS_BIAS if spec.bias is not None else 0)
+            | (Flag.HAS_GAMMA if spec.gamma is not None else 0)
+            | (Flag.HAS_BETA if spec.beta is not None else 0)
+            | (Flag.SAVE_DS if saved.ds is not None else 0)
+            | (Flag.SAVE_LN if saved.xh is not None else 0)
+            | (Flag.WRITE_SQ if sq is not None else 0)
+            | (Flag.STATS if mom is not None else 0)
         )
         args = (
             x,
@@ -186,20 +189,20 @@ class CupyBackend(FusedEngine):
 
     @staticmethod
     def _vjp_flags(spec: LayerSpec) -> int:
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         return (
-            (F_HAS_DS if spec.has_ds else 0)
-            | (F_LN if ln else 0)
-            | (F_HAS_GAMMA if ln and spec.gamma is not None else 0)
+            (Flag.HAS_DS if spec.has_ds else 0)
+            | (Flag.LN if ln else 0)
+            | (Flag.HAS_GAMMA if ln and spec.gamma is not None else 0)
         )
 
     def _chain_step(self, v, rows, R, svn, svr, spec, saved, out, sqr) -> None:
         d = v.new_empty(1)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         flags = (
             self._vjp_flags(spec)
-            | (F_STORE if out is not None else 0)
-            | (F_WRITE_SQ if sqr is not None else 0)
+            | (Flag.STORE if out is not None else 0)
+            | (Flag.WRITE_SQ if sqr is not None else 0)
         )
         args = (
             v,
@@ -224,7 +227,7 @@ class CupyBackend(FusedEngine):
 
     def _contrib_step(self, v, N, M, spec, saved, spec0, saved0, out, sqr) -> None:
         d = v.new_empty(1)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         args = (
             v,
             _or(saved.ds, d),

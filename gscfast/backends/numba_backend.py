@@ -45,21 +45,9 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..frozen import FrozenStats, frozen_stats
-from ..rules.activation import (
-    ELURule,
-    GELURule,
-    IdentityRule,
-    LeakyReLURule,
-    ReLURule,
-    SELURule,
-    SigmoidRule,
-    SoftplusRule,
-    TanhRule,
-)
-from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
-from .base import Moments, ProbeFn, Sweep, Unsupported, programs_fused, split_layer
-from .torch_engine import TorchBackend
+from .base import Moments, ProbeFn, Sweep
+from .lowering import FusedBackend, Norm, Unsupported, fused_or_fallback, lower
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
 """Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
@@ -84,7 +72,7 @@ def _find_blas() -> list[tuple]:
     numpy's 64-bit-integer build exports other names and is left alone)."""
     import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba uses)
 
-    found = []
+    found: list[tuple] = []
     try:
         with open("/proc/self/maps") as f:
             libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
@@ -176,19 +164,6 @@ class Net:
         return self.meta, self.fmeta, self.wflat, self.vflat, self.sto, self.rowsz
 
 
-_ACTS = {
-    ReLURule: "A_RELU",
-    LeakyReLURule: "A_LEAKY",
-    TanhRule: "A_TANH",
-    SigmoidRule: "A_SIGMOID",
-    ELURule: "A_ELU",
-    SELURule: "A_SELU",
-    SoftplusRule: "A_SOFTPLUS",
-    GELURule: "A_GELU",
-    IdentityRule: "A_IDENTITY",
-}
-
-
 def _np(t: Tensor, dtype) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False).reshape(-1)
 
@@ -196,15 +171,15 @@ def _np(t: Tensor, dtype) -> np.ndarray:
 def build_net(
     program: Program, dtype, n_in: int, frozen: FrozenStats | None, coupled: bool = False
 ) -> Net:
-    """Flatten ``program``; ``frozen`` holds the ``(mean, var)`` batch statistics (constants) of
-    its batch norms that use batch statistics; with ``coupled`` those
-    compute them over the batch instead (``N_BATCH``)."""
+    """Pack ``program``'s plans (``lowering.lower``, which ``frozen`` and ``coupled`` are passed
+    to) into the kernels' flat arrays."""
     k = _k()
     L = program.L
     meta = np.full((L, k.NMETA), -1, np.int64)
     fmeta = np.zeros((L, k.NFMETA), np.float64)
     sto = np.full((L, 4), -1, np.int64)
-    weights, vecs = [], []
+    weights: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
     woff = voff = rowsz = 0
     dmax = 1
 
@@ -216,73 +191,38 @@ def build_net(
         return voff - a.size
 
     d = n_in
-    for i, layer in enumerate(program.layers):
-        lin, norm, act = split_layer(layer)
-        W = lin.weight
-        dout, din = W.shape
+    for i, plan in enumerate(lower(program, frozen, coupled=coupled)):
+        dout, din = plan.dout, plan.din
         if din != d:
             raise Unsupported("width mismatch")
         m = meta[i]
         m[k.M_DIN], m[k.M_DOUT] = din, dout
-        weights.append(_np(W, dtype))
+        weights.append(_np(plan.weight, dtype))
         m[k.M_W] = woff
-        woff += W.numel()
-        if lin.bias is not None:
-            m[k.M_B] = vec(lin.bias)
-        m[k.M_NORM] = k.N_NONE
-        batch_stats = isinstance(norm, BatchNormRule) and norm.uses_batch_stats and coupled
-        if isinstance(norm, LayerNormRule) or batch_stats:
-            # both standardize (over features / over the batch) with eps, gamma and beta
-            m[k.M_NORM] = k.N_BATCH if batch_stats else k.N_LAYER
-            fmeta[i, k.F_EPS] = norm.eps
-            if norm.weight is not None:
-                m[k.M_G] = vec(norm.weight)
-            if norm.bias is not None:
-                m[k.M_BETA] = vec(norm.bias)
-        elif isinstance(norm, BatchNormRule):
-            if norm.uses_batch_stats:
-                if frozen is None or norm not in frozen:
-                    raise Unsupported("batch norm with batch statistics couples the samples")
-                mean, var = (t.reshape(-1) for t in frozen[norm])
-            else:
-                mean, var = norm.running
-            inv = torch.rsqrt(var + norm.eps)
-            scale = inv if norm.weight is None else inv * norm.weight
-            m[k.M_NORM] = k.N_DIAG
-            m[k.M_MEAN] = vec(mean)
-            m[k.M_G] = vec(scale)
-            if norm.bias is not None:
-                m[k.M_BETA] = vec(norm.bias)
-        m[k.M_PRE] = int(act is not None)
-        code, p0, p1, dsave = k.A_NONE, 0.0, 0.0, False
-        if act is not None:
-            code = getattr(k, _ACTS[type(act)])
-            mod = act.module
-            if code == k.A_LEAKY:
-                p0 = float(mod.negative_slope)
-                dsave = p0 < 0
-            elif code == k.A_ELU:
-                p0 = float(mod.alpha)
-                dsave = p0 <= 0
-            elif code == k.A_SOFTPLUS:
-                p0, p1, dsave = float(mod.beta), float(mod.threshold), True
-            elif code == k.A_GELU:
-                dsave = True
-                if mod.approximate == "tanh":
-                    code = k.A_GELU_TANH
-                elif mod.approximate != "none":
-                    raise Unsupported(f"GELU(approximate={mod.approximate!r})")
-        m[k.M_ACT], m[k.M_DSAVE] = code, int(dsave)
-        fmeta[i, k.F_P0], fmeta[i, k.F_P1] = p0, p1
+        woff += plan.weight.numel()
+        if plan.bias is not None:
+            m[k.M_B] = vec(plan.bias)
+        m[k.M_NORM] = plan.norm
+        fmeta[i, k.F_EPS] = plan.eps
+        if plan.mean is not None:
+            m[k.M_MEAN] = vec(plan.mean)
+        if plan.gamma is not None:
+            m[k.M_G] = vec(plan.gamma)
+        if plan.beta is not None:
+            m[k.M_BETA] = vec(plan.beta)
+        m[k.M_PRE] = int(plan.has_pre)
+        dsave = k.saves_derivative(plan.act, plan.p0)
+        m[k.M_ACT], m[k.M_DSAVE] = plan.act, int(dsave)
+        fmeta[i, k.F_P0], fmeta[i, k.F_P1] = plan.p0, plan.p1
         sto[i, k.S_H] = rowsz
         rowsz += dout
         if dsave:
             sto[i, k.S_DER] = rowsz
             rowsz += dout
-        if m[k.M_NORM] in (k.N_LAYER, k.N_BATCH):
+        if plan.norm in (Norm.LAYER, Norm.BATCH):
             sto[i, k.S_XH] = rowsz
             rowsz += dout
-        if m[k.M_NORM] == k.N_LAYER:
+        if plan.norm == Norm.LAYER:
             sto[i, k.S_INV] = rowsz
             rowsz += 1
         dmax = max(dmax, dout, din if i > 0 else 1)
@@ -297,7 +237,7 @@ def build_net(
 # ----------------------------------------------------------------------------- the backend
 
 
-class NumbaBackend(TorchBackend):
+class NumbaBackend(FusedBackend):
     __doc__ = __doc__
     name = "numba"
     priority = 20  # CPU only; ahead of "torch" (see bench/README.md for the measured ratios)
@@ -317,15 +257,12 @@ class NumbaBackend(TorchBackend):
 
     # ---------------------------------------------------------------- helpers
 
-    @staticmethod
-    def fused(pb: Problem, init: Program | None = None, method: str = "chain") -> bool:
-        """Whether ``method`` runs on the fused kernels for ``pb`` (else the torch engine's path).
-        Batch datapoints (train-mode batch norm) are fused for ``"sweep"`` only."""
+    def takes(self, pb: Problem, method: str) -> bool:
+        """CPU tensors of float32 or float64; batch datapoints (train-mode batch norm) for
+        ``"sweep"`` only."""
         if pb.x.device.type != "cpu" or pb.x.dtype not in _DTYPES:
             return False
-        if pb.coupled and method != "sweep":
-            return False
-        return programs_fused(pb.program, init)
+        return not pb.coupled or method == "sweep"
 
     def _nets(self, pb: Problem, init: Program | None = None):
         """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
@@ -354,12 +291,15 @@ class NumbaBackend(TorchBackend):
         yv = np.zeros((1, 1), dt)
         ylab = np.zeros(1, np.int64)
         err = k.E_NONE
+        y = pb.y
         if pb.error == "dot":
+            assert y is not None  # validation: an error layer comes with targets
             err = k.E_DOT
-            yv = pb.y.reshape(N, -1).to(pb.x.dtype).contiguous().numpy()
+            yv = y.reshape(N, -1).to(pb.x.dtype).contiguous().numpy()
         elif pb.error == "kl":
+            assert y is not None
             err = k.E_KL
-            ylab = pb.y.reshape(N).to(torch.int64).contiguous().numpy()
+            ylab = y.reshape(N).to(torch.int64).contiguous().numpy()
         return x, err, yv, ylab
 
     @staticmethod
@@ -377,9 +317,8 @@ class NumbaBackend(TorchBackend):
 
     # ---------------------------------------------------------------- the four methods
 
+    @fused_or_fallback
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
-        if not self.fused(pb, method="sweep") or (grads and pb.error is None):
-            return super().sweep(pb, grads=grads, stats=stats)
         if pb.coupled:
             return self._sweep_coupled(pb, grads, stats)
         import numba
@@ -418,7 +357,7 @@ class NumbaBackend(TorchBackend):
                     cnt,
                     ws,
                 )
-            if stats:
+            if moments is not None:
                 self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
         if grads:
             sqg[:, 0] = 1
@@ -471,14 +410,14 @@ class NumbaBackend(TorchBackend):
             if err != k.E_NONE:
                 sqo[d, 0] = o[0]
             sqg[d, 1:] = g[1:]
-            if stats:
+            if moments is not None:
                 self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
         if grads:
             sqg[:, 0] = 1
         return Sweep(torch.from_numpy(sqo), torch.from_numpy(sqg) if grads else None, moments)
 
     @staticmethod
-    def _merge_moments(net: Net, moments: list, mean, m2, pos, neg, cnt) -> None:
+    def _merge_moments(net: Net, moments: list[Moments | None], mean, m2, pos, neg, cnt) -> None:
         """Merge the kernels' per-thread moments into ``moments`` (paper index)."""
         k = _k()
         L = net.meta.shape[0]
@@ -496,9 +435,8 @@ class NumbaBackend(TorchBackend):
                 m = L - i
                 moments[m] = mo if moments[m] is None else moments[m].merge(mo)
 
+    @fused_or_fallback
     def chain(self, pb: Problem, probes: ProbeFn | None) -> Tensor:
-        if not self.fused(pb):
-            return super().chain(pb, probes)
         import numba
 
         k = _k()
@@ -540,9 +478,8 @@ class NumbaBackend(TorchBackend):
                 )
         return torch.from_numpy(res)
 
+    @fused_or_fallback
     def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
-        if not self.fused(pb):
-            return super().jacobian(pb, start, end)
         import numba
 
         k = _k()
@@ -567,9 +504,8 @@ class NumbaBackend(TorchBackend):
                 )
         return torch.from_numpy(out)
 
+    @fused_or_fallback
     def contributions(self, pb: Problem, init: Program) -> Tensor:
-        if not self.fused(pb, init) or pb.error is None:
-            return super().contributions(pb, init)
         import numba
 
         k = _k()

@@ -35,11 +35,13 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._gpu_engine import NORM_LAYER, FusedEngine, LayerSpec
+from ._gpu_engine import FusedEngine, LayerSpec
+from .lowering import Norm
 
 ALLOW_CPU = False
 """Let ``TritonBackend()`` instances take CPU tensors when ``TRITON_INTERPRET=1`` (tests only; the
@@ -210,16 +212,16 @@ def prune(configs, named_args, *, kind: str, item: int, smem: int | None = None,
         ops = 3 if kind == "contrib" else 1
         if kind == "fwd":
             fits = BK <= max(16, 2 * _p2(din))
-            smem = (BM * BK + BK * BN) * item * max(1, c.num_stages)
+            need = (BM * BK + BK * BN) * item * max(1, c.num_stages)
         else:
             fits = BN <= max(16, 2 * _p2(din)) and BK <= max(16, 2 * _p2(dout))
-            smem = (
+            need = (
                 (ops * BM * BK + (2 if kind == "contrib" else 1) * BK * BN)
                 * item
                 * max(1, c.num_stages)
             )
-            smem *= STEP_SMEM_FACTOR
-        if fits and smem <= budget:
+            need *= STEP_SMEM_FACTOR
+        if fits and need <= budget:
             keep.append(c)
     return keep or configs[:1]
 
@@ -307,15 +309,15 @@ class TritonBackend(FusedEngine):
         cfg = self._fwd_cfg(spec)
         fn, tuned = _kernel("fwd", dt)
         d = x.new_empty(1)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         meta = dict(
             BM=cfg["BM"],
             BN=cfg["BN"],
             HAS_BIAS=spec.bias is not None,
-            NORM=spec.norm,
+            NORM=int(spec.norm),  # plain ints: constexpr specialization keys
             HAS_GAMMA=spec.gamma is not None,
             HAS_BETA=spec.beta is not None,
-            ACT=spec.act,
+            ACT=int(spec.act),
             SAVE_DS=saved.ds is not None,
             SAVE_LN=ln and saved.xh is not None,
             WRITE_SQ=sq is not None,
@@ -351,7 +353,7 @@ class TritonBackend(FusedEngine):
         dt = v.dtype
         fn, tuned = _kernel("step", dt)
         d = v.new_empty(1)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         meta = dict(
             HAS_DS=spec.has_ds,
             LN=ln,
@@ -382,7 +384,7 @@ class TritonBackend(FusedEngine):
         dt = v.dtype
         fn, tuned = _kernel("contrib", dt)
         d = v.new_empty(1)
-        ln = spec.norm == NORM_LAYER
+        ln = spec.norm == Norm.LAYER
         meta = dict(
             HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None, PREC=self._prec(dt)
         )
@@ -409,6 +411,7 @@ class TritonBackend(FusedEngine):
 
     @staticmethod
     def _launch(fn, tuned, kind, rows, spec, dt, args, meta) -> None:
+        grid: Callable[[dict], tuple[int]] | tuple[int]
         if tuned:
             grid = lambda m: (-(-rows // m["BM"]),)  # noqa: E731
         else:

@@ -69,6 +69,7 @@ class Rule:
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     kind: ClassVar[str] = "?"
     is_activation: ClassVar[bool] = False
+    limits: ClassVar[str] = ""  # which of the module type's configurations it supports, if not all
 
     def __init__(self, module: nn.Module, path: str) -> None:
         self.module = module
@@ -82,7 +83,12 @@ class Rule:
         """``v [P, R, S, d_out]`` -> ``v @ J  [P, R, S, d_in]``."""
         raise NotImplementedError
 
+    def in_features(self) -> int | None:
+        """The input width this rule expects, or None if it takes any."""
+        return None
+
     def out_features(self, d_in: int) -> int:
+        """The output width for ``d_in`` input features."""
         return d_in
 
     def tensors(self) -> dict[str, Tensor]:
@@ -91,6 +97,19 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path})"
+
+
+def propagate_width(ops: list[Rule], d: int) -> int:
+    """The width after ``ops`` of ``d`` input features; ``ValueError`` naming the first rule that
+    expects another width than it receives."""
+    for op in ops:
+        want = op.in_features()
+        if want is not None and want != d:
+            raise ValueError(
+                f"{op.path} ({type(op.module).__name__}) expects {want} features but receives {d}"
+            )
+        d = op.out_features(d)
+    return d
 
 
 # module type -> rule class; filled by `register`.

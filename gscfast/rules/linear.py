@@ -24,6 +24,9 @@ class LinearRule(Rule):
     def vjp(self, v: Tensor, saved: None) -> Tensor:
         return v @ self.weight
 
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
     def out_features(self, d_in: int) -> int:
         return self.weight.shape[0]
 

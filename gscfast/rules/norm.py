@@ -33,6 +33,7 @@ def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
 class LayerNormRule(Rule):
     module_types = (nn.LayerNorm,)
     kind = "layer_norm"
+    limits = "last dimension"
 
     def __init__(self, module: nn.LayerNorm, path: str) -> None:
         super().__init__(module, path)
@@ -42,8 +43,12 @@ class LayerNormRule(Rule):
                 "supported; gscfast supports LayerNorm over the last dimension only"
             )
         self.eps = module.eps
+        self.features = module.normalized_shape[0]
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+
+    def in_features(self) -> int:
+        return self.features
 
     def forward(self, x: Tensor, ctx: ForwardCtx):
         xh, inv, _, _ = _standardize(x, -1, self.eps)
@@ -76,6 +81,7 @@ class BatchNormRule(Rule):
     def __init__(self, module: nn.BatchNorm1d, path: str) -> None:
         super().__init__(module, path)
         self.eps = module.eps
+        self.features = module.num_features
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
         self.uses_batch_stats = uses_batch_stats(module)
@@ -86,6 +92,9 @@ class BatchNormRule(Rule):
             if var is None:
                 raise ValueError(f"{path}: BatchNorm1d has a running_mean but no running_var")
             self.running = (mean.detach(), var.detach())
+
+    def in_features(self) -> int:
+        return self.features
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
@@ -104,10 +113,16 @@ class BatchNormRule(Rule):
             if ctx.record is not None:
                 ctx.record.record(self, mean, var)
             return self._affine(xh), (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
-        inv = torch.rsqrt(var + self.eps)
+        inv, scale = self.fixed_scale(var)
         y = self._affine((x - mean) * inv)
-        scale = inv if self.weight is None else inv * self.weight
         return y, ctx.rows(scale.expand(x.shape[0], 1, x.shape[-1])) if ctx.save else None
+
+    def fixed_scale(self, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inv, scale)`` for fixed statistics of variance ``var``: ``inv = 1 / sqrt(var + eps)``
+        and the diagonal Jacobian ``scale = inv * weight``. The one fold of a batch norm into a
+        diagonal (the fused backends' lowering folds with it too)."""
+        inv = torch.rsqrt(var + self.eps)
+        return inv, inv if self.weight is None else inv * self.weight
 
     def vjp(self, v: Tensor, saved) -> Tensor:
         if isinstance(saved, tuple):

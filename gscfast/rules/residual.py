@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..nn import Residual
-from .base import ForwardCtx, Rule, register
+from .base import ForwardCtx, Rule, propagate_width, register
 
 
 @register
@@ -38,6 +38,12 @@ class ResidualRule(Rule):
         return v + self.scale * u
 
     def out_features(self, d_in: int) -> int:
+        out = propagate_width(self.body, d_in)
+        if out != d_in:
+            raise ValueError(
+                f"{self.path} (Residual): its body maps {d_in} features to {out}; "
+                "a residual body must keep the width"
+            )
         return d_in
 
     def tensors(self):

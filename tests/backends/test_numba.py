@@ -270,7 +270,7 @@ def test_all_methods_match_torch(act, norm, dtype):
     # different model in every run (and fail at random where float32 rounding exceeded 1e-4)
     model = make_model(act, norm, seed=zlib.crc32(f"{act}/{norm}".encode()) % 1000)
     pb = problem(model, dtype)
-    assert NumbaBackend.fused(pb), "this problem should run on the fused kernels"
+    assert NumbaBackend().fused(pb), "this problem should run on the fused kernels"
     L = pb.L
     init = gscfast.compile_model(perturbed(pb.program.model, seed=3))
     compare(
@@ -332,7 +332,7 @@ def test_coupled_sweep_matches_torch(act, error, dtype):
     with torch.no_grad():
         model[-4].weight.copy_(torch.randn(37, 37, generator=g, dtype=torch.float64) / 6)
     pb = problem(model, dtype, D=3, B=29, error=error, batchnorm="batch")
-    assert pb.coupled and NumbaBackend.fused(pb, method="sweep")
+    assert pb.coupled and NumbaBackend().fused(pb, method="sweep")
     compare(pb, only_sweep=True)
 
 
@@ -372,8 +372,8 @@ def test_fallbacks_give_torch_numbers(case, dtype):
             nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double(),
             dtype,
         )
-    assert not NumbaBackend.fused(pb)
-    assert NumbaBackend.fused(pb, method="sweep") == (case == "coupled")  # fused coupled sweep
+    assert not NumbaBackend().fused(pb)
+    assert NumbaBackend().fused(pb, method="sweep") == (case == "coupled")  # fused coupled sweep
     init = gscfast.compile_model(perturbed(pb.program.model, seed=1))
     got = run_all(NumbaBackend(), pb, init, probe_fn(pb, R=2))
     ref = run_all(get_backend("torch", "cpu"), pb, init, probe_fn(pb, R=2))
@@ -448,3 +448,14 @@ def test_blas_threads_restored():
     with nb.single_threaded_blas():
         pass
     assert [get() for _, get in nb._BLAS_SETTERS] == after
+
+
+def test_numba_codes_are_the_lowering_codes():
+    """The kernels' module-level codes (compile-time constants for numba) are the lowering's."""
+    from gscfast.backends import _numba_kernels as k
+    from gscfast.backends.lowering import Act, Norm
+
+    for m in Act:
+        assert getattr(k, f"A_{m.name}") == m, m
+    for m in Norm:
+        assert getattr(k, f"N_{m.name}") == m, m

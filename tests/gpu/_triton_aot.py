@@ -22,15 +22,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gscfast.backends import triton_backend as tb
+from gscfast.backends.lowering import Act, Norm
 
 INTS = {"N", "DIN", "DOUT", "GROUP_ROWS", "ROWS", "R", "SVN", "SVR", "NS", "M"}
 FLAGS = {
     "fwd": dict(
         HAS_BIAS=True,
-        NORM=1,
+        NORM=int(Norm.LAYER),
         HAS_GAMMA=True,
         HAS_BETA=True,
-        ACT=4,
+        ACT=int(Act.TANH),
         SAVE_DS=True,
         SAVE_LN=True,
         WRITE_SQ=True,
@@ -78,12 +79,12 @@ def jobs(full: bool):
     fp32/TF32/fp64 and both archs, and every autotune configuration the pruning keeps at widths
     100 and 1024 (sm_90)."""
     small = dict(BM=16, BN=32, BK=16)
-    for act in range(11):
-        for norm in range(3):
+    for act in map(int, Act):
+        for norm in map(int, (Norm.NONE, Norm.LAYER, Norm.DIAG)):  # Norm.BATCH: numba only
             for dtype in (torch.float32, torch.float64):
                 if not full and (norm != act % 3 or (dtype == torch.float64) != bool(act % 2)):
                     continue
-                flags = dict(FLAGS["fwd"], NORM=norm, ACT=act, SAVE_LN=norm == 1)
+                flags = dict(FLAGS["fwd"], NORM=norm, ACT=act, SAVE_LN=norm == Norm.LAYER)
                 yield "fwd", dtype, 90, "ieee", small, flags
     # width 1024: the forward's whole-row tiles are the largest
     yield "fwd", torch.float32, 90, "ieee", tb.fwd_config(1024, 1024, torch.float32), FLAGS["fwd"]

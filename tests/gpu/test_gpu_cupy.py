@@ -21,9 +21,11 @@ import pytest
 import torch
 from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
 
-from gscfast.backends import _gpu_engine, _gpu_host
+from gscfast.backends import _gpu_host
+from gscfast.backends import cuda_sources as cs
 from gscfast.backends import cupy_backend as cb
-from gscfast.backends.cuda_sources import SIGNATURES
+from gscfast.backends.cuda_sources import Flag, codes_header
+from gscfast.backends.lowering import Act, Norm
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "kernels"
@@ -89,10 +91,16 @@ def test_codes_agree_with_python():
     text = (KDIR / "common" / "codes.cuh").read_text()
     acts, norms, flags = _enum(text, "ACT_"), _enum(text, "NORM_"), _enum(text, "F_")
     assert acts and norms and flags
-    for k, v in {**acts, **norms}.items():
-        assert getattr(_gpu_engine, k) == v, k
-    for k, v in flags.items():
-        assert getattr(cb, k) == v, k
+    assert acts == {f"ACT_{m.name}": int(m) for m in Act}
+    assert norms == {f"NORM_{m.name}": int(m) for m in Norm}
+    assert flags == {f"F_{m.name}": int(m) for m in Flag}
+
+
+def test_codes_header_is_generated():
+    """``kernels/common/codes.cuh`` is what ``scripts/gen-codes`` writes from the Python codes."""
+    assert (KDIR / "common" / "codes.cuh").read_text() == codes_header(), (
+        "kernels/common/codes.cuh differs from the Python codes: run scripts/gen-codes"
+    )
 
 
 def test_entry_signatures_agree_with_python():
@@ -105,9 +113,9 @@ def test_entry_signatures_agree_with_python():
         kinds = "".join("p" if "*" in p else "i" for p in params.split(","))
         for name in re.findall(r"^GSC_\w+\((gsc_\w+), \w+, \d+\)", text, re.M):
             base = name.rsplit("_", 1)[0]
-            assert SIGNATURES[base] == kinds, name
+            assert cs.SIGNATURES[base] == kinds, name
             seen.add(base)
-    assert seen == set(SIGNATURES)
+    assert seen == set(cs.SIGNATURES)
 
 
 # ----------------------------------------------------------------------------- compile
@@ -233,3 +241,24 @@ def test_cuda_module_glue(monkeypatch, tmp_path, with_fatbin):
     _, name, grid, block, args = calls[1]
     assert (name, grid, block) == ("gsc_chain_step_f32", (5,), (256,))
     assert args[0] == ("array", (3, 4)) and all(isinstance(a, np.int64) for a in args[1:])
+
+
+def test_cache_dir_and_fatbin_dir(monkeypatch, tmp_path):
+    """Builds go to the user's cache (``GSCFAST_CACHE``, else XDG's, else ``~/.cache``); fatbins
+    are looked for in CMake's ``build/kernels`` of a checkout, else in that cache: never beside an
+    installed package."""
+    for name in ("GSCFAST_CACHE", "XDG_CACHE_HOME", "GSCFAST_FATBIN_DIR", cs.ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cs.cache_dir() == tmp_path / "home" / ".cache" / "gscfast"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cs.cache_dir() == tmp_path / "xdg" / "gscfast"
+    monkeypatch.setenv("GSCFAST_CACHE", str(tmp_path / "cache"))
+    assert cs.cache_dir() == tmp_path / "cache"
+    assert cb.fatbin_dir() == ROOT / "build" / "kernels"  # this checkout's sources
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "layer_fwd.cu").write_text("")
+    monkeypatch.setenv(cs.ENV, str(tmp_path / "k"))  # sources elsewhere, as in an installation
+    assert cb.fatbin_dir() == tmp_path / "cache" / "fatbin"
+    monkeypatch.setenv("GSCFAST_FATBIN_DIR", str(tmp_path / "fb"))
+    assert cb.fatbin_dir() == tmp_path / "fb"

@@ -120,7 +120,10 @@ def test_compiles_for_sm80_and_sm90():
     args = [sys.executable, str(HERE / "_triton_aot.py")]
     if os.environ.get("GSCFAST_TRITON_COMPILE_ALL") == "1":
         args.append("--all")
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # the script's folder, not cwd, heads sys.path: put this checkout first, or an installed
+    # gscfast (another checkout's editable install) would be the one compiled
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     bad = [r for r in recs if "error" in r or not r.get("fits")]
