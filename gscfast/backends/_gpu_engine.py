@@ -116,16 +116,48 @@ class Pass:
     grad: Tensor | None  # [N, d_1]: d f_0 / d f_1
 
 
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    """A kernel's pointer argument: ``t``, or a one-element dummy the kernel does not read."""
+    return dummy if t is None else t
+
+
+@dataclass
+class KernelCall:
+    """One launch of a fused kernel as both GPU backends make it.
+
+    ``kind``: ``"fwd"`` (``layer_fwd``), ``"step"`` (``chain_step``) or ``"contrib"``
+    (``contrib_step``); ``args``: its arguments in the kernels' order (absent tensors replaced by
+    a dummy); ``switches``: its on/off features, named as ``cuda_sources.Flag`` and as the Triton
+    kernels' constexprs; ``rows``: the rows it covers (samples for ``fwd``); ``spec``: the layer.
+    """
+
+    kind: str
+    args: tuple
+    switches: dict[str, bool]
+    rows: int
+    spec: LayerSpec
+
+
 class FusedEngine(FusedBackend):
     """The four methods on three fused kernels; subclasses supply the kernels and the device test.
 
-    Subclasses implement ``_device_ok``, ``_layer_fwd``, ``_chain_step`` and ``_contrib_step``.
+    Subclasses implement ``_device_ok``, ``moment_tile`` and ``_launch`` (one ``KernelCall``).
     """
 
     # ---------------------------------------------------------------- kernel interface
 
     def _device_ok(self, device: torch.device) -> bool:
         raise NotImplementedError
+
+    def _launch(self, call: KernelCall) -> None:
+        """Run one kernel launch (see ``KernelCall``) on the backend's kernels."""
+        raise NotImplementedError
+
+    def moment_tile(self, spec: LayerSpec) -> int:
+        """Samples per tile of ``_layer_fwd``'s moments."""
+        raise NotImplementedError
+
+    # The three kernels' arguments, built once for both GPU backends (the kernels' ABI).
 
     def _layer_fwd(
         self,
@@ -139,11 +171,47 @@ class FusedEngine(FusedBackend):
     ) -> None:
         """``x [N, d_in]`` -> ``y [N, d_out]`` (also scratch when the output is not needed),
         ``saved``'s tensors, ``sq [N]`` = ``||y||^2``, ``mom [T, 4, d_out]`` per ``moment_tile``."""
-        raise NotImplementedError
+        N, d = x.shape[0], x.new_empty(1)
+        args = (
+            x,
+            spec.weight,
+            _or(spec.bias, d),
+            _or(spec.gamma, d),
+            _or(spec.beta, d),
+            _or(spec.mean, d),
+            spec.params,
+            y,
+            _or(saved.ds, d),
+            _or(saved.xh, d),
+            _or(saved.inv, d),
+            _or(sq, d),
+            _or(mom, d),
+            N,
+            spec.din,
+            spec.dout,
+            group_rows,
+        )
+        switches = dict(
+            HAS_BIAS=spec.bias is not None,
+            HAS_GAMMA=spec.gamma is not None,
+            HAS_BETA=spec.beta is not None,
+            SAVE_DS=saved.ds is not None,
+            SAVE_LN=saved.xh is not None,  # only layer norm saves xh (``_alloc_saved``)
+            WRITE_SQ=sq is not None,
+            STATS=mom is not None,
+        )
+        self._launch(KernelCall("fwd", args, switches, N, spec))
 
-    def moment_tile(self, spec: LayerSpec) -> int:
-        """Samples per tile of ``_layer_fwd``'s moments."""
-        raise NotImplementedError
+    @staticmethod
+    def _vjp_switches(spec: LayerSpec) -> dict[str, bool]:
+        ln = spec.norm == Norm.LAYER
+        return dict(HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None)
+
+    @staticmethod
+    def _vjp_args(spec: LayerSpec, saved: Saved, d: Tensor) -> tuple:
+        """The layer's VJP state: ``ds``, layer norm's ``gamma``, ``xh``, ``inv``, ``W``."""
+        gamma = spec.gamma if spec.norm == Norm.LAYER else None
+        return (_or(saved.ds, d), _or(gamma, d), _or(saved.xh, d), _or(saved.inv, d), spec.weight)
 
     def _chain_step(
         self,
@@ -159,7 +227,25 @@ class FusedEngine(FusedBackend):
     ) -> None:
         """Row ``r`` (sample ``r // R``, row ``r % R`` of it) is ``v[(r // R) * svn + (r % R) * svr
         + :d_out]``; ``out [rows, d_in]`` = its VJP through the layer, ``sqr [rows]`` its squared norm."""
-        raise NotImplementedError
+        d = v.new_empty(1)
+        args = (
+            v,
+            *self._vjp_args(spec, saved, d),
+            _or(out, d),
+            _or(sqr, d),
+            rows,
+            R,
+            spec.dout,
+            spec.din,
+            svn,
+            svr,
+        )
+        switches = {
+            **self._vjp_switches(spec),
+            "STORE": out is not None,
+            "WRITE_SQ": sqr is not None,
+        }
+        self._launch(KernelCall("step", args, switches, rows, spec))
 
     def _contrib_step(
         self,
@@ -176,7 +262,19 @@ class FusedEngine(FusedBackend):
         """``v [N, M, d_out]`` -> ``out [N, M+1, d_in]``: ``out[:, j] = v[:, j] S + v[:, j-1] G -
         v[:, j-1] S`` (missing terms zero), ``S``/``G`` the layer's VJP with ``spec0``/``spec``;
         ``sqr [N*(M+1)]`` the rows' squared norms."""
-        raise NotImplementedError
+        d = v.new_empty(1)
+        args = (
+            v,
+            *self._vjp_args(spec, saved, d),
+            *self._vjp_args(spec0, saved0, d),
+            out,
+            sqr,
+            N,
+            M,
+            spec.dout,
+            spec.din,
+        )
+        self._launch(KernelCall("contrib", args, self._vjp_switches(spec), N * (M + 1), spec))
 
     # ---------------------------------------------------------------- dispatch
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._gpu_engine import FusedEngine, LayerSpec
+from ._gpu_engine import FusedEngine, KernelCall, LayerSpec
 from .cuda_sources import (
     CHECKOUT,
     Flag,
@@ -42,7 +42,6 @@ from .cuda_sources import (
     kernel_sources,
     missing_reason,
 )
-from .lowering import Norm
 
 HOST_EMULATION = False
 """Let ``CupyBackend()`` instances take CPU tensors, running the host build of the kernels (tests
@@ -149,110 +148,21 @@ class CupyBackend(FusedEngine):
     def moment_tile(self, spec: LayerSpec) -> int:
         return FWD_ROWS
 
-    def _layer_fwd(self, x, spec, group_rows, y, saved, sq, mom) -> None:
-        N = x.shape[0]
-        d = x.new_empty(1)
-        flags = (
-            (Flag.HAS_BIAS if spec.bias is not None else 0)
-            | (Flag.HAS_GAMMA if spec.gamma is not None else 0)
-            | (Flag.HAS_BETA if spec.beta is not None else 0)
-            | (Flag.SAVE_DS if saved.ds is not None else 0)
-            | (Flag.SAVE_LN if saved.xh is not None else 0)
-            | (Flag.WRITE_SQ if sq is not None else 0)
-            | (Flag.STATS if mom is not None else 0)
-        )
-        args = (
-            x,
-            spec.weight,
-            _or(spec.bias, d),
-            _or(spec.gamma, d),
-            _or(spec.beta, d),
-            _or(spec.mean, d),
-            spec.params,
-            y,
-            _or(saved.ds, d),
-            _or(saved.xh, d),
-            _or(saved.inv, d),
-            _or(sq, d),
-            _or(mom, d),
-            N,
-            spec.din,
-            spec.dout,
-            group_rows,
-            spec.act,
-            spec.norm,
-            flags,
-        )
+    def _launch(self, call: KernelCall) -> None:
+        flags = Flag(0)
+        for name, on in call.switches.items():
+            if on:
+                flags |= Flag[name]
+        spec = call.spec
+        extra = (spec.act, spec.norm, int(flags)) if call.kind == "fwd" else (int(flags),)
+        rows_per_block = FWD_ROWS if call.kind == "fwd" else STEP_ROWS
+        x = call.args[0]
         module(x.device).launch(
-            f"gsc_layer_fwd_{_SUFFIX[x.dtype]}", -(-N // FWD_ROWS), THREADS, args
-        )
-
-    @staticmethod
-    def _vjp_flags(spec: LayerSpec) -> int:
-        ln = spec.norm == Norm.LAYER
-        return (
-            (Flag.HAS_DS if spec.has_ds else 0)
-            | (Flag.LN if ln else 0)
-            | (Flag.HAS_GAMMA if ln and spec.gamma is not None else 0)
-        )
-
-    def _chain_step(self, v, rows, R, svn, svr, spec, saved, out, sqr) -> None:
-        d = v.new_empty(1)
-        ln = spec.norm == Norm.LAYER
-        flags = (
-            self._vjp_flags(spec)
-            | (Flag.STORE if out is not None else 0)
-            | (Flag.WRITE_SQ if sqr is not None else 0)
-        )
-        args = (
-            v,
-            _or(saved.ds, d),
-            _or(spec.gamma if ln else None, d),
-            _or(saved.xh, d),
-            _or(saved.inv, d),
-            spec.weight,
-            _or(out, d),
-            _or(sqr, d),
-            rows,
-            R,
-            spec.dout,
-            spec.din,
-            svn,
-            svr,
-            flags,
-        )
-        module(v.device).launch(
-            f"gsc_chain_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args
-        )
-
-    def _contrib_step(self, v, N, M, spec, saved, spec0, saved0, out, sqr) -> None:
-        d = v.new_empty(1)
-        ln = spec.norm == Norm.LAYER
-        args = (
-            v,
-            _or(saved.ds, d),
-            _or(spec.gamma if ln else None, d),
-            _or(saved.xh, d),
-            _or(saved.inv, d),
-            spec.weight,
-            _or(saved0.ds, d),
-            _or(spec0.gamma if ln else None, d),
-            _or(saved0.xh, d),
-            _or(saved0.inv, d),
-            spec0.weight,
-            out,
-            sqr,
-            N,
-            M,
-            spec.dout,
-            spec.din,
-            self._vjp_flags(spec),
-        )
-        rows = N * (M + 1)
-        module(v.device).launch(
-            f"gsc_contrib_step_{_SUFFIX[v.dtype]}", -(-rows // STEP_ROWS), THREADS, args
+            f"{_KERNELS[call.kind]}_{_SUFFIX[x.dtype]}",
+            -(-call.rows // rows_per_block),
+            THREADS,
+            call.args + extra,
         )
 
 
-def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
-    return dummy if t is None else t
+_KERNELS = {"fwd": "gsc_layer_fwd", "step": "gsc_chain_step", "contrib": "gsc_contrib_step"}

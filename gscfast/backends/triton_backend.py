@@ -36,12 +36,11 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from ._gpu_engine import FusedEngine, LayerSpec
-from .lowering import Norm
+from ._gpu_engine import FusedEngine, KernelCall, LayerSpec
 
 ALLOW_CPU = False
 """Let ``TritonBackend()`` instances take CPU tensors when ``TRITON_INTERPRET=1`` (tests only; the
@@ -304,120 +303,25 @@ class TritonBackend(FusedEngine):
     def moment_tile(self, spec: LayerSpec) -> int:
         return self._fwd_cfg(spec)["BM"]
 
-    def _layer_fwd(self, x, spec, group_rows, y, saved, sq, mom) -> None:
-        N, dt = x.shape[0], x.dtype
-        cfg = self._fwd_cfg(spec)
-        fn, tuned = _kernel("fwd", dt)
-        d = x.new_empty(1)
-        ln = spec.norm == Norm.LAYER
-        meta = dict(
-            BM=cfg["BM"],
-            BN=cfg["BN"],
-            HAS_BIAS=spec.bias is not None,
-            NORM=int(spec.norm),  # plain ints: constexpr specialization keys
-            HAS_GAMMA=spec.gamma is not None,
-            HAS_BETA=spec.beta is not None,
-            ACT=int(spec.act),
-            SAVE_DS=saved.ds is not None,
-            SAVE_LN=ln and saved.xh is not None,
-            WRITE_SQ=sq is not None,
-            STATS=mom is not None,
-            PREC=self._prec(dt),
-        )
-        if not tuned:
-            meta.update(BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        grid = (-(-N // cfg["BM"]),)
-        with _on(x.device):
-            fn[grid](
-                x,
-                spec.weight,
-                _or(spec.bias, d),
-                _or(spec.gamma, d),
-                _or(spec.beta, d),
-                _or(spec.mean, d),
-                spec.params,
-                y,
-                _or(saved.ds, d),
-                _or(saved.xh, d),
-                _or(saved.inv, d),
-                _or(sq, d),
-                _or(mom, d),
-                N,
-                spec.din,
-                spec.dout,
-                group_rows,
-                **meta,
-            )
-
-    def _chain_step(self, v, rows, R, svn, svr, spec, saved, out, sqr) -> None:
-        dt = v.dtype
-        fn, tuned = _kernel("step", dt)
-        d = v.new_empty(1)
-        ln = spec.norm == Norm.LAYER
-        meta = dict(
-            HAS_DS=spec.has_ds,
-            LN=ln,
-            HAS_GAMMA=ln and spec.gamma is not None,
-            STORE=out is not None,
-            WRITE_SQ=sqr is not None,
-            PREC=self._prec(dt),
-        )
-        args = (
-            v,
-            _or(saved.ds, d),
-            _or(spec.gamma if ln else None, d),
-            _or(saved.xh, d),
-            _or(saved.inv, d),
-            spec.weight,
-            _or(out, d),
-            _or(sqr, d),
-            rows,
-            R,
-            spec.dout,
-            spec.din,
-            svn,
-            svr,
-        )
-        self._launch(fn, tuned, "step", rows, spec, dt, args, meta)
-
-    def _contrib_step(self, v, N, M, spec, saved, spec0, saved0, out, sqr) -> None:
-        dt = v.dtype
-        fn, tuned = _kernel("contrib", dt)
-        d = v.new_empty(1)
-        ln = spec.norm == Norm.LAYER
-        meta = dict(
-            HAS_DS=spec.has_ds, LN=ln, HAS_GAMMA=ln and spec.gamma is not None, PREC=self._prec(dt)
-        )
-        args = (
-            v,
-            _or(saved.ds, d),
-            _or(spec.gamma if ln else None, d),
-            _or(saved.xh, d),
-            _or(saved.inv, d),
-            spec.weight,
-            _or(saved0.ds, d),
-            _or(spec0.gamma if ln else None, d),
-            _or(saved0.xh, d),
-            _or(saved0.inv, d),
-            spec0.weight,
-            out,
-            sqr,
-            N,
-            M,
-            spec.dout,
-            spec.din,
-        )
-        self._launch(fn, tuned, "contrib", N * (M + 1), spec, dt, args, meta)
-
-    @staticmethod
-    def _launch(fn, tuned, kind, rows, spec, dt, args, meta) -> None:
+    def _launch(self, call: KernelCall) -> None:
+        spec, x = call.spec, call.args[0]
+        dt = x.dtype
+        fn, tuned = _kernel(call.kind, dt)
+        meta: dict[str, Any] = {**call.switches, "PREC": self._prec(dt)}
         grid: Callable[[dict], tuple[int]] | tuple[int]
-        if tuned:
-            grid = lambda m: (-(-rows // m["BM"]),)  # noqa: E731
+        if call.kind == "fwd":
+            cfg = self._fwd_cfg(spec)
+            # plain ints: constexpr specialization keys
+            meta.update(BM=cfg["BM"], BN=cfg["BN"], NORM=int(spec.norm), ACT=int(spec.act))
+            if not tuned:
+                meta.update(BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            grid = (-(-call.rows // cfg["BM"]),)
+        elif tuned:
+            grid = lambda m: (-(-call.rows // m["BM"]),)  # noqa: E731
         else:
             cfg = {
-                **step_config(spec.din, spec.dout, dt, contrib=kind == "contrib"),
-                **(FORCE_CONFIG or {}).get(kind, {}),
+                **step_config(spec.din, spec.dout, dt, contrib=call.kind == "contrib"),
+                **(FORCE_CONFIG or {}).get(call.kind, {}),
             }
             meta.update(
                 BM=cfg["BM"],
@@ -426,15 +330,11 @@ class TritonBackend(FusedEngine):
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )
-            grid = (-(-rows // cfg["BM"]),)
-        with _on(args[0].device):
-            fn[grid](*args, **meta)
+            grid = (-(-call.rows // cfg["BM"]),)
+        with _on(x.device):
+            fn[grid](*call.args, **meta)
 
 
 def _on(device: torch.device):
     """Launch on ``device`` (Triton launches on the current CUDA device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
-    return dummy if t is None else t
