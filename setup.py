@@ -69,6 +69,8 @@ setup(
         "cupy13": ["cupy-cuda13x>=13"],
         "ray": ["ray>=2.9"],
         "data": ["scikit-learn>=1.2"],
+        # the benchmark suite: its JAX peers (CPU) and the BLAS kernels it records
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "jax[cpu]>=0.4.30", "threadpoolctl>=3"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",
@@ -86,6 +88,10 @@ setup(
             "triton>=3.0",
             "cupy-cuda13x>=13",
             "nvidia-cuda-nvrtc>=13",
+            # the benchmark suite's smoke run (tests/test_bench_smoke.py): its JAX peers and the
+            # BLAS kernels it records
+            "jax[cpu]>=0.4.30",
+            "threadpoolctl>=3",
             # static checks (tests/test_static.py)
             "ruff>=0.6",
             "mypy>=1.10",

@@ -11,11 +11,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from types import ModuleType
 
+import numpy as np
+import pytest
+import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, the one numba's ``@`` calls)
+import threadpoolctl
 import torch
 from torch import nn
 
 import gscfast
+from gscfast.backends import BACKENDS as GSCFAST_BACKENDS
 from gscfast.backends import available_backends, get_backend
 from gscfast.machine import gemm_rate
 
@@ -123,15 +129,57 @@ def flops_w4(model: nn.Module, B: int) -> float:
 # ----------------------------------------------------------------------------- yardstick
 
 
+# OpenBLAS reads these at load time: a CORETYPE forces its kernels (Haswell's AVX2 on an AVX-512
+# machine: about half numpy's sgemm rate), L2_SIZE its blocking. The timing run unsets them
+# (bench/README.md); the report names their state and warns when they were set.
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def openblas_env() -> dict[str, str | None]:
+    """The OpenBLAS variables of this process's environment (None: unset)."""
+    return {v: os.environ.get(v) for v in OPENBLAS_VARS}
+
+
+KNOWN_OWNERS = ("numpy", "scipy", "torch", "jaxlib", "sklearn", "numba")
+
+
+def blas_info() -> list[dict]:
+    """The BLAS and OpenMP libraries loaded in this process (threadpoolctl), one entry each:
+    ``owner`` (the package that ships it: numpy's OpenBLAS, scipy's, which numba's ``@`` calls,
+    torch's MKL and OpenMP), ``internal_api``, ``version``, ``architecture`` (OpenBLAS's kernel
+    name, "corename"), ``threading_layer``, ``num_threads``."""
+    out = []
+    for lib in threadpoolctl.threadpool_info():
+        parts = lib.get("filepath", "").replace("\\", "/").split("/")
+        owner = next(
+            (p.split(".")[0] for p in reversed(parts) if p.split(".")[0] in KNOWN_OWNERS), "?"
+        )
+        out.append(
+            {
+                "owner": owner,
+                "internal_api": lib.get("internal_api"),
+                "version": lib.get("version"),
+                "architecture": lib.get("architecture"),
+                "threading_layer": lib.get("threading_layer"),
+                "num_threads": lib.get("num_threads"),
+            }
+        )
+    return out
+
+
 def measure_sgemm() -> dict:
     """Best sgemm GFLOP/s of this machine right now (float32, n x n x n, numpy and torch: the
-    package's ``gemm_rate``), under the keys ``report.py`` reads."""
+    package's ``gemm_rate``: the roof the report divides by), under the keys ``report.py`` reads,
+    with the BLAS kernels that ran it and the OpenBLAS variables' state."""
     n, reps = SIZES["sgemm"]["n"], SIZES["sgemm"]["reps"]
     r = gemm_rate(n, n, n, reps=reps)
     return {
         "sgemm_gflops": r.flops / 1e9,
+        "sgemm_library": r.library,
         "sgemm_torch_gflops": r.rates["torch"] / 1e9,
         "sgemm_numpy_gflops": r.rates["numpy"] / 1e9,
+        "blas": blas_info(),
+        "openblas_env": openblas_env(),
     }
 
 
@@ -196,6 +244,9 @@ def run_checked(
     peak = peak_rss()
     ei = benchmark.extra_info
     ei.update(info)
+    # gscfast's own rows (a backend or "auto") against the peers: the report's best peer is the
+    # fastest row that is not gscfast's.
+    ei["gscfast"] = info.get("impl") in ("auto", *GSCFAST_BACKENDS)
     ei.update(sg)
     ei["sgemm_session_gflops"] = sgemm["sgemm_gflops"]
     ei["flops"] = flops
@@ -213,9 +264,14 @@ def run_checked(
     return ei
 
 
-def assert_log_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+def as_tensor(a) -> torch.Tensor:
+    """A torch tensor of ``a`` (a tensor, or an array such as a JAX peer's result)."""
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
+
+
+def assert_log_close(got, ref: torch.Tensor, tol: float, what: str) -> None:
     """Same NaN pattern; finite positive entries agree to ``tol`` in log space."""
-    got, ref = got.double().cpu(), ref.double().cpu()
+    got, ref = as_tensor(got).double().cpu(), ref.double().cpu()
     assert got.shape == ref.shape, what
     assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN patterns differ"
     ok = ~ref.isnan() & (ref.abs() > 0)
@@ -223,9 +279,9 @@ def assert_log_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     assert err.numel() == 0 or err.max() <= tol, f"{what}: log error {err.max():.3g} > {tol}"
 
 
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+def assert_rel_close(got, ref: torch.Tensor, tol: float, what: str) -> None:
     """Entries agree to ``tol`` of each datapoint's largest entry (signed matrices)."""
-    got, ref = got.double().cpu(), ref.double().cpu()
+    got, ref = as_tensor(got).double().cpu(), ref.double().cpu()
     assert got.shape == ref.shape, f"{what}: {tuple(got.shape)} vs {tuple(ref.shape)}"
     scale = ref.abs().flatten(1).max(1).values.clamp(min=1e-30)
     err = ((got - ref).abs().flatten(1).max(1).values / scale).max()
@@ -277,6 +333,20 @@ def layer_modules(model: nn.Module) -> list[nn.Sequential]:
     """The model split into gscfast's layers (each ends after an activation)."""
     prog = gscfast.compile_model(model)
     return [nn.Sequential(*layer.modules) for layer in prog.layers]
+
+
+# ----------------------------------------------------------------------------- peers
+
+JAX_MISSING = "jax is not installed (pip install 'gscfast[bench]'): no JAX peer rows"
+
+
+def jax_peers() -> ModuleType:
+    """``jaxpeers`` (the JAX formulations of W1-W3), or skip the calling test where jax is
+    missing."""
+    pytest.importorskip("jax", reason=JAX_MISSING)
+    import jaxpeers
+
+    return jaxpeers
 
 
 # ----------------------------------------------------------------------------- baselines (W1)

@@ -29,6 +29,13 @@ def expected() -> dict:
     return {}
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The BLAS kernels loaded (threadpoolctl) and the OpenBLAS variables, in the JSON's machine
+    info (each benchmark's ``extra_info`` has them too, from ``measure_sgemm``)."""
+    machine_info["blas"] = benchlib.blas_info()
+    machine_info["openblas_env"] = benchlib.openblas_env()
+
+
 def pytest_report_header(config):
     return (
         f"gscfast bench: scale={benchlib.SCALE}, backends={benchlib.BACKENDS}, "
