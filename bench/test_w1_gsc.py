@@ -1,5 +1,7 @@
 """W1: ``gscfast.gsc`` on one Gaussian dataset (B = 10,000, 50 layers x 100), each of the 7
-architectures, every backend plus the baselines a user would otherwise write."""
+architectures, every backend plus the baselines a user would otherwise write: torch autograd and
+``vmap(jacrev)``, and the JAX peers (``jaxpeers.py``: ``jax.grad`` with respect to per-layer
+perturbations, an explicit ``jax.vjp`` chain)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from benchlib import (
     autograd_gsc,
     flops_w1,
     gaussian,
+    jax_peers,
     make_model,
     run_checked,
     vmap_jacrev_gsc,
@@ -22,6 +25,7 @@ import gscfast
 
 W = SIZES["w1"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto", "autograd", "vmap_jacrev"]
+IMPLS += ["jax_grad", "jax_vjp"]
 # Sanity check in log space. float32 at depth 50 is ill-conditioned for batch-ReLU: every float32
 # implementation (torch, autograd, numba) is ~1e-2 off the float64 value there; the others agree
 # to ~1e-4. The tight correctness tests are tests/backends/test_numba.py.
@@ -37,8 +41,12 @@ def test_w1_gsc(benchmark, sgemm_session, expected, arch, impl):
     benchmark.group = f"W1 gsc {arch}"
     if impl == "vmap_jacrev" and norm == "batch":
         pytest.skip("train-mode batch norm couples the batch: there is no per-sample vmap")
+    info = dict(workload="W1", arch=arch, impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "autograd":
         fn = lambda: autograd_gsc(model, x, y)  # noqa: E731
+    elif impl.startswith("jax_"):
+        peer = jax_peers().w1(model, x, y, impl.removeprefix("jax_"))
+        fn, info["compile_s"] = peer.run, peer.compile_s
     elif impl == "vmap_jacrev":
         fn = lambda: vmap_jacrev_gsc(model, x, y)  # noqa: E731
     else:
@@ -46,7 +54,6 @@ def test_w1_gsc(benchmark, sgemm_session, expected, arch, impl):
     key = ("w1", arch)
     if key not in expected:
         expected[key] = gscfast.gsc(model, x, y, backend="torch")
-    info = dict(workload="W1", arch=arch, impl=impl, B=W["B"], depth=W["depth"], width=W["width"])
     if impl == "auto":
         info["auto_runs"] = auto_choice(model, x, y, method="sweep")
     run_checked(

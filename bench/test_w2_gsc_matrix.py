@@ -1,5 +1,6 @@
 """W2: ``gscfast.gsc_matrix`` (exact, and sketched) on B = 1,000 samples, 50 layers x 100, tanh;
-against the best hand-written torch chain and per-pair ``vmap(jacrev)``."""
+against the best hand-written torch chain, per-pair ``vmap(jacrev)`` and the JAX peers
+(``jaxpeers.py``: ``vmap`` of a ``lax.fori_loop`` chain and of ``lax.scan``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from benchlib import (
     auto_choice,
     flops_w2,
     gaussian,
+    jax_peers,
     make_model,
     pairs_jacrev_gsc_matrix,
     run_checked,
@@ -22,6 +24,7 @@ import gscfast
 
 W = SIZES["w2"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto", "torch_chain", "pairs_jacrev"]
+IMPLS += ["jax_fori", "jax_scan"]
 TOL = 1e-3
 
 
@@ -49,6 +52,9 @@ def test_w2_exact(benchmark, sgemm_session, expected, impl):
     else:
         if impl == "torch_chain":
             fn = lambda: torch_chain_gsc_matrix(model, x, y)  # noqa: E731
+        elif impl.startswith("jax_"):
+            peer = jax_peers().w2(model, x, y, impl.removeprefix("jax_"))
+            fn, info["compile_s"] = peer.run, peer.compile_s
         else:
             fn = lambda: gscfast.gsc_matrix(model, x, y, backend=impl)  # noqa: E731
         if impl == "auto":

@@ -1,6 +1,6 @@
 """W3: ``gscfast.jacobian`` input to output, B = 1,000, 50 layers x 100, tanh; against
-``vmap(jacrev(model))`` (default and chunked) and ``torch.autograd.functional.jacobian`` per
-sample."""
+``vmap(jacrev(model))`` (default and chunked), ``torch.autograd.functional.jacobian`` per
+sample and the JAX peers (``jaxpeers.py``: ``vmap(jacfwd)`` and ``vmap(jacrev)``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from benchlib import (
     flops_w3,
     functional_jacobian,
     gaussian,
+    jax_peers,
     make_model,
     run_checked,
     vmap_jacrev_jacobian,
@@ -26,7 +27,7 @@ IMPLS = (
     + [b for b in BACKENDS if b != "torch"]
     + ["auto", "vmap_jacrev"]
     + [f"vmap_jacrev_chunk{c}" for c in W["chunks"]]
-    + ["functional_per_sample"]
+    + ["functional_per_sample", "jax_jacfwd", "jax_jacrev"]
 )
 TOL = 1e-3  # of each sample's largest entry
 
@@ -52,6 +53,9 @@ def test_w3_jacobian(benchmark, sgemm_session, expected, impl):
     else:
         if impl == "vmap_jacrev":
             fn = lambda: vmap_jacrev_jacobian(model, x)  # noqa: E731
+        elif impl.startswith("jax_"):
+            peer = jax_peers().w3(model, x, impl.removeprefix("jax_"))
+            fn, info["compile_s"] = peer.run, peer.compile_s
         elif impl.startswith("vmap_jacrev_chunk"):
             c = int(impl.removeprefix("vmap_jacrev_chunk"))
             fn = lambda: vmap_jacrev_jacobian(model, x, chunk_size=c)  # noqa: E731
