@@ -210,10 +210,12 @@ def machine(data: dict, rs: list[dict]) -> str:
     blas = mi.get("blas") or next((r["blas"] for r in rs if "blas" in r), None)
     if blas:
         s += "; BLAS: " + ", ".join(
-            f"{b['owner']} {b['internal_api']} {b.get('version') or ''}"
-            f"{' ' + b['architecture'] if b.get('architecture') else ''}"
-            f"{' ' + b['threading_layer'] if b.get('threading_layer') else ''}"
-            f" x{b['num_threads']}"
+            " ".join(
+                str(b[k])
+                for k in ("owner", "internal_api", "version", "architecture", "threading_layer")
+                if b.get(k)
+            )
+            + f" x{b['num_threads']}"
             for b in blas
         )
     env = openblas_env(data, rs)
@@ -239,9 +241,9 @@ def warning(data: dict, rs: list[dict]) -> str:
     set_ = {k: v for k, v in (env or {}).items() if v is not None}
     if not set_:
         return ""
-    names = ", ".join(f"{k}={v}" for k, v in set_.items())
+    names = " and ".join(f"{k}={v}" for k, v in set_.items())
     return (
-        f"> **WARNING: {names} was set during the timing run.** OpenBLAS ran the kernels it "
+        f"> **WARNING: {names} {'was' if len(set_) == 1 else 'were'} set during the timing run.** OpenBLAS ran the kernels it "
         "forces, not the machine's best: numpy's sgemm, the roof and every time that calls "
         "OpenBLAS are not this machine's. Rerun with `env -u OPENBLAS_CORETYPE -u "
         "OPENBLAS_L2_SIZE` (bench/README.md).\n"

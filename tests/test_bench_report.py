@@ -1,0 +1,74 @@
+"""``bench/report.py`` on a hand-made result: the roof column, the best peer and its ratio, the
+"gscfast >= 1.2x the best peer" target, the BLAS kernels and the loud OpenBLAS warning."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import report
+
+BLAS = [
+    {"owner": "numpy", "internal_api": "openblas", "version": "0.3.30", "architecture": "SkylakeX",
+     "threading_layer": "pthreads", "num_threads": 2},
+]  # fmt: skip
+
+
+def bench(impl: str, t: float, gscfast: bool, env: dict) -> dict:
+    return {
+        "name": f"test_w1_gsc[tanh-{impl}]",
+        "group": "W1 gsc tanh",
+        "stats": {"min": t, "median": t},
+        "extra_info": {
+            "workload": "W1",
+            "arch": "tanh",
+            "impl": impl,
+            "gscfast": gscfast,
+            "flops": 1e9,
+            "gflops": 1.0 / t,
+            "sgemm_gflops": 10.0,
+            "sgemm_session_gflops": 8.0,
+            "sgemm_library": "numpy",
+            "time_s": t,
+            "blas": BLAS,
+            "openblas_env": env,
+        },
+    }
+
+
+def write(tmp_path, env: dict) -> str:
+    data = {
+        "machine_info": {"cpu": {"brand_raw": "CPU", "count": 2}, "python_version": "3"},
+        "datetime": "now",
+        "benchmarks": [
+            bench("auto", 0.10, True, env),
+            bench("torch", 0.12, True, env),
+            bench("autograd", 0.30, False, env),
+            bench("jax_vjp", 0.15, False, env),
+            bench("jax_grad", 0.20, False, env),
+        ],
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("env_set", [False, True])
+def test_report_marks_best_peer_roof_and_kernels(tmp_path, capsys, env_set):
+    env = {"OPENBLAS_CORETYPE": "Haswell" if env_set else None, "OPENBLAS_L2_SIZE": None}
+    report.main(write(tmp_path, env))
+    out = capsys.readouterr().out
+    assert "x sgemm" not in out and "| x roof |" in out
+    # the roof is the better of the two sgemm measurements: 10 GFLOP/s; auto at 10 GFLOP/s
+    assert "| auto | 0.1 | 10.0 | 1.00 | 1.00x |" in out
+    # the fastest non-gscfast row (torch is gscfast's backend, not a peer) is the best peer
+    assert "| jax_vjp | 0.15 | 6.7 | 0.67 | 1.50x | **best peer**: gscfast 1.50x faster |" in out
+    assert out.count("best peer**") == 1
+    assert "| W1 tanh | >= 1.2x faster than best_peer (jax_vjp) | 1.50x | yes |" in out
+    assert "BLAS: numpy openblas 0.3.30 SkylakeX pthreads x2" in out
+    assert ("WARNING: OPENBLAS_CORETYPE=Haswell was set" in out) == env_set
+    assert ("OPENBLAS_CORETYPE unset" in out) == (not env_set)
