@@ -36,6 +36,7 @@ def bench(impl: str, t: float, gscfast: bool, env: dict) -> dict:
             "time_s": t,
             "blas": BLAS,
             "openblas_env": env,
+            **({"compile_s": 1.25} if impl.startswith("jax_") else {}),
         },
     }
 
@@ -66,9 +67,14 @@ def test_report_marks_best_peer_roof_and_kernels(tmp_path, capsys, env_set):
     # the roof is the better of the two sgemm measurements: 10 GFLOP/s; auto at 10 GFLOP/s
     assert "| auto | 0.1 | 10.0 | 1.00 | 1.00x |" in out
     # the fastest non-gscfast row (torch is gscfast's backend, not a peer) is the best peer
-    assert "| jax_vjp | 0.15 | 6.7 | 0.67 | 1.50x | **best peer**: gscfast 1.50x faster |" in out
+    assert (
+        "| jax_vjp | 0.15 | 6.7 | 0.67 | 1.50x | **best peer**: gscfast 1.50x faster; "
+        "compile 1.25 s, not timed |"
+    ) in out
     assert out.count("best peer**") == 1
     assert "| W1 tanh | >= 1.2x faster than best_peer (jax_vjp) | 1.50x | yes |" in out
+    assert "- W1 gsc tanh, jax_vjp: 1.25 s (tracing and XLA compilation, not timed)" in out
+    assert "| jax_grad | 0.2 | 5.0 | 0.50 | 2.00x | compile 1.25 s, not timed |" in out
     assert "BLAS: numpy openblas 0.3.30 SkylakeX pthreads x2" in out
     assert ("WARNING: OPENBLAS_CORETYPE=Haswell was set" in out) == env_set
     assert ("OPENBLAS_CORETYPE unset" in out) == (not env_set)
