@@ -31,16 +31,21 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import lowering, numba_cache
 from .lowering import Act, Norm
 
+# numba's cache for this file: shared by every clone and environment on the machine, keyed by
+# the content of this file and of lowering.py, whose codes it freezes in (numba_cache); False
+# (no caching) where that cache cannot be written.
+CACHE = numba_cache.register(__file__, lowering.__file__)
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
-OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
+OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=CACHE, nogil=True)
 INL: dict[str, Any] = dict(
     fastmath=FM, error_model="numpy", inline="always"
 )  # small helpers: inlined in numba IR
 HELP: dict[str, Any] = dict(
-    fastmath=FM, error_model="numpy", cache=True, nogil=True
+    fastmath=FM, error_model="numpy", cache=CACHE, nogil=True
 )  # compiled once, LLVM-inlined
 
 # Activation and norm codes: lowering.Act / lowering.Norm as plain ints (numba freezes module-level
@@ -1811,3 +1816,7 @@ def contrib_ws(T, rowsz, rowsz0, dmax, L):
 
 def coupled_ws(B, T, rowsz, dmax, nth):
     return B * rowsz + nth * T * dmax + 2 * B * dmax
+
+
+# every kernel above: race-free data files in the shared cache (numba_cache.attach)
+numba_cache.attach(globals())
