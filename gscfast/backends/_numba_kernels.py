@@ -802,9 +802,11 @@ def sweep_kernel(
     ``mean, m2, pos, neg [nth, L, dmax]`` with sample counts ``cnt [nth]``.
     """
     nth = cnt.shape[0]
+    # np.int64(th): numba types prange's index as int64 in the kernel and as uint64 in the
+    # parallel loop it generates; one type compiles each worker once instead of twice.
     for th in prange(nth):
         _sweep_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -983,7 +985,7 @@ def chain_kernel(
     """
     for th in prange(nth):
         _chain_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -1115,7 +1117,21 @@ def jacobian_kernel(
     layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
     for th in prange(nth):
         _jacobian_worker(
-            th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
+            np.int64(th),
+            nth,
+            x,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            sto,
+            rowsz,
+            T,
+            dmax,
+            i_end,
+            i_start,
+            out,
+            ws,
         )
 
 
@@ -1291,7 +1307,7 @@ def contrib_kernel(
     trained model's layer inputs)."""
     for th in prange(nth):
         _contrib_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -1656,7 +1672,7 @@ def coupled_sweep_kernel(
         ps2[:] = 0.0
         for th in prange(nth):
             _cb_fwd1(
-                th,
+                np.int64(th),
                 nth,
                 i,
                 x,
@@ -1699,7 +1715,7 @@ def coupled_sweep_kernel(
                     cinv[i, j] = math.nan
             for th in prange(nth):
                 _cb_fwd2(
-                    th,
+                    np.int64(th),
                     nth,
                     i,
                     B,
@@ -1739,7 +1755,7 @@ def coupled_sweep_kernel(
     pe = np.zeros(nth)
     psq[:] = 0.0
     for th in prange(nth):
-        _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
+        _cb_error(np.int64(th), nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
     f0 = 0.0
     for th in range(nth):
         f0 += pe[th]
@@ -1754,7 +1770,21 @@ def coupled_sweep_kernel(
         sqrow = np.empty(1)
         for th in prange(nth):
             _cb_bwd_diag(
-                th, nth, L - 1, G, B, T, d1, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2
+                np.int64(th),
+                nth,
+                L - 1,
+                G,
+                B,
+                T,
+                d1,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                sqrow,
+                ps1,
+                ps2,
             )
     for i in range(L - 1, 0, -1):
         dout = meta[i, M_DOUT]
@@ -1770,7 +1800,7 @@ def coupled_sweep_kernel(
         ps2[:] = 0.0
         for th in prange(nth):
             _cb_bwd_gemm(
-                th,
+                np.int64(th),
                 nth,
                 i,
                 G,
