@@ -323,3 +323,60 @@ def test_problem_lives_where_it_is_built():
         validation.Problem.__module__ == validation.make_problem.__module__ == "gscfast.validation"
     )
     assert backends.Problem is validation.Problem  # the registry's public name, one class
+
+
+def numba_cache_bypasses(package: Path) -> list[str]:
+    """numba's cache has one home, ``backends/numba_cache`` (the shared, content-keyed cache):
+    no other module touches ``numba.core.caching``, and every ``cache=`` of a numba decorator
+    is a value ``numba_cache.register`` returned, never a literal ``True`` (numba's own cache,
+    per path, compiled again by every clone and environment)."""
+    home = f"{package.name}.backends.numba_cache"
+    found = []
+    for mod, path in modules(package).items():
+        if mod == home:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in node.names]
+                if any("numba.core.caching" in n or n == "caching" for n in names):
+                    found.append(f"{mod} line {node.lineno} imports numba's caching")
+            elif isinstance(node, ast.Call | ast.Dict):
+                if isinstance(node, ast.Call):
+                    pairs = [(k.arg, k.value) for k in node.keywords]
+                else:
+                    pairs = [
+                        (k.value if isinstance(k, ast.Constant) else None, v)
+                        for k, v in zip(node.keys, node.values)
+                    ]
+                for key, value in pairs:
+                    if key == "cache" and isinstance(value, ast.Constant) and value.value is True:
+                        found.append(f"{mod} line {node.lineno}: cache=True bypasses numba_cache")
+    return found
+
+
+def test_numba_cache_has_one_home():
+    assert numba_cache_bypasses(PACKAGE) == []
+    from gscfast.backends import _numba_kernels
+
+    assert _numba_kernels.OPTS["cache"] is _numba_kernels.CACHE  # the walker's subject exists
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "from numba import njit\n@njit(cache=True)\ndef f(x):\n    return x",
+        "OPTS = dict(fastmath=True, cache=True)",
+        "OPTS = {'cache': True}",
+        "from numba.core.caching import _CacheLocator",
+        "from numba.core import caching",
+    ],
+)
+def test_numba_cache_check_catches_bypasses(tmp_path, text):
+    pkg = tmp_path / "pkg"
+    (pkg / "backends").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "backends" / "__init__.py").write_text("")
+    (pkg / "backends" / "kern.py").write_text(text + "\n")
+    (pkg / "backends" / "numba_cache.py").write_text(text + "\n")  # the home may
+    assert len(numba_cache_bypasses(pkg)) == 1

@@ -31,16 +31,21 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import lowering, numba_cache
 from .lowering import Act, Norm
 
+# numba's cache for this file: shared by every clone and environment on the machine, keyed by
+# the content of this file and of lowering.py, whose codes it freezes in (numba_cache); False
+# (no caching) where that cache cannot be written.
+CACHE = numba_cache.register(__file__, lowering.__file__)
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
-OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=True, nogil=True)
+OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=CACHE, nogil=True)
 INL: dict[str, Any] = dict(
     fastmath=FM, error_model="numpy", inline="always"
 )  # small helpers: inlined in numba IR
 HELP: dict[str, Any] = dict(
-    fastmath=FM, error_model="numpy", cache=True, nogil=True
+    fastmath=FM, error_model="numpy", cache=CACHE, nogil=True
 )  # compiled once, LLVM-inlined
 
 # Activation and norm codes: lowering.Act / lowering.Norm as plain ints (numba freezes module-level
@@ -797,9 +802,11 @@ def sweep_kernel(
     ``mean, m2, pos, neg [nth, L, dmax]`` with sample counts ``cnt [nth]``.
     """
     nth = cnt.shape[0]
+    # np.int64(th): numba types prange's index as int64 in the kernel and as uint64 in the
+    # parallel loop it generates; one type compiles each worker once instead of twice.
     for th in prange(nth):
         _sweep_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -978,7 +985,7 @@ def chain_kernel(
     """
     for th in prange(nth):
         _chain_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -1110,7 +1117,21 @@ def jacobian_kernel(
     layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
     for th in prange(nth):
         _jacobian_worker(
-            th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
+            np.int64(th),
+            nth,
+            x,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            sto,
+            rowsz,
+            T,
+            dmax,
+            i_end,
+            i_start,
+            out,
+            ws,
         )
 
 
@@ -1286,7 +1307,7 @@ def contrib_kernel(
     trained model's layer inputs)."""
     for th in prange(nth):
         _contrib_worker(
-            th,
+            np.int64(th),
             nth,
             x,
             err,
@@ -1651,7 +1672,7 @@ def coupled_sweep_kernel(
         ps2[:] = 0.0
         for th in prange(nth):
             _cb_fwd1(
-                th,
+                np.int64(th),
                 nth,
                 i,
                 x,
@@ -1694,7 +1715,7 @@ def coupled_sweep_kernel(
                     cinv[i, j] = math.nan
             for th in prange(nth):
                 _cb_fwd2(
-                    th,
+                    np.int64(th),
                     nth,
                     i,
                     B,
@@ -1734,7 +1755,7 @@ def coupled_sweep_kernel(
     pe = np.zeros(nth)
     psq[:] = 0.0
     for th in prange(nth):
-        _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
+        _cb_error(np.int64(th), nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
     f0 = 0.0
     for th in range(nth):
         f0 += pe[th]
@@ -1749,7 +1770,21 @@ def coupled_sweep_kernel(
         sqrow = np.empty(1)
         for th in prange(nth):
             _cb_bwd_diag(
-                th, nth, L - 1, G, B, T, d1, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2
+                np.int64(th),
+                nth,
+                L - 1,
+                G,
+                B,
+                T,
+                d1,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                sqrow,
+                ps1,
+                ps2,
             )
     for i in range(L - 1, 0, -1):
         dout = meta[i, M_DOUT]
@@ -1765,7 +1800,7 @@ def coupled_sweep_kernel(
         ps2[:] = 0.0
         for th in prange(nth):
             _cb_bwd_gemm(
-                th,
+                np.int64(th),
                 nth,
                 i,
                 G,
@@ -1811,3 +1846,7 @@ def contrib_ws(T, rowsz, rowsz0, dmax, L):
 
 def coupled_ws(B, T, rowsz, dmax, nth):
     return B * rowsz + nth * T * dmax + 2 * B * dmax
+
+
+# every kernel above: race-free data files in the shared cache (numba_cache.attach)
+numba_cache.attach(globals())

@@ -536,21 +536,58 @@ class NumbaBackend(FusedBackend):
         return torch.from_numpy(res)
 
 
-def warmup(dtypes=(torch.float32, torch.float64)) -> float:
-    """Compile (or load from numba's cache) every kernel for ``dtypes``; returns the seconds taken."""
-    import time
-
+# What compiles each kernel: kernel -> the calls whose first run compiles (or loads) it, on a
+# small network of the given dtype. Every kernel has one specialization per dtype for these calls.
+def _warmup_calls(kernel: str, dtype: torch.dtype) -> None:
     import gscfast
 
-    t0 = time.perf_counter()
-    for dtype in dtypes:
-        model = gscfast.mlp(2, 3, act="tanh", seed=0, dtype=dtype)
-        x = torch.randn(4, 3, dtype=dtype)
-        y = torch.randn(4, 3, dtype=dtype)
+    x = torch.randn(4, 3, dtype=dtype)
+    y = torch.randn(4, 3, dtype=dtype)
+    if kernel == "coupled_sweep_kernel":  # train-mode batch norm: one batch datapoint
+        bn = gscfast.mlp(2, 3, act="relu", norm="batch", seed=0, dtype=dtype)
+        gscfast.gsc(bn, x, y, backend="numba")
+        return
+    model = gscfast.mlp(2, 3, act="tanh", seed=0, dtype=dtype)
+    if kernel == "sweep_kernel":
         gscfast.gsc(model, x, y, backend="numba")
         gscfast.preactivation_stats(model, x, backend="numba")
+    elif kernel == "chain_kernel":
         gscfast.gsc_matrix(model, x, y, backend="numba")
         gscfast.gsc_matrix(model, x, y, backend="numba", method="sketch", probes=2)
+    elif kernel == "jacobian_kernel":
         gscfast.jacobian(model, x, backend="numba")
+    elif kernel == "contrib_kernel":
         gscfast.effective_depth(model, model, x, y, backend="numba")
-    return time.perf_counter() - t0
+    else:
+        raise ValueError(f"unknown numba kernel {kernel!r}: use one of {', '.join(KERNELS)}")
+
+
+KERNELS = (
+    "sweep_kernel",
+    "chain_kernel",
+    "jacobian_kernel",
+    "contrib_kernel",
+    "coupled_sweep_kernel",
+)
+
+
+def compile_times(
+    dtypes=(torch.float32, torch.float64), kernels: tuple[str, ...] = KERNELS
+) -> dict[str, float]:
+    """Compile (or load from the cache, ``numba_cache``) each of ``kernels`` for each of
+    ``dtypes``, in that order; returns ``{"<kernel>/<dtype>": seconds}``. The first entry also
+    pays numba's own start-up (its first compilation initializes LLVM)."""
+    import time
+
+    out = {}
+    for dtype in dtypes:
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            _warmup_calls(kernel, dtype)
+            out[f"{kernel}/{str(dtype).removeprefix('torch.')}"] = time.perf_counter() - t0
+    return out
+
+
+def warmup(dtypes=(torch.float32, torch.float64)) -> float:
+    """Compile (or load from the cache) every kernel for ``dtypes``; returns the seconds taken."""
+    return sum(compile_times(dtypes).values())
