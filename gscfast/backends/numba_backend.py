@@ -43,11 +43,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..compiler import Program
+from ..compiler import Layer, Program
 from ..frozen import FrozenStats, frozen_stats
+from ..rules.norm import LayerNormRule
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep
-from .lowering import FusedBackend, Norm, Unsupported, fused_or_fallback, lower
+from .chunks import iter_chunks
+from .lowering import FusedBackend, Norm, Unsupported, fused_or_fallback, lower, split_layer
+from .torch_engine import forward
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
 """Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
@@ -259,10 +262,15 @@ class NumbaBackend(FusedBackend):
 
     def takes(self, pb: Problem, method: str) -> bool:
         """CPU tensors of float32 or float64; batch datapoints (train-mode batch norm) for
-        ``"sweep"`` only."""
+        ``"sweep"``, and for ``"contributions"`` without a layer norm (its projection over the
+        features is not in the coupled recursion's kernels)."""
         if pb.x.device.type != "cpu" or pb.x.dtype not in _DTYPES:
             return False
-        return not pb.coupled or method == "sweep"
+        if not pb.coupled or method == "sweep":
+            return True
+        return method == "contributions" and not any(
+            isinstance(op, LayerNormRule) for layer in pb.program.layers for op in layer.ops
+        )
 
     def _nets(self, pb: Problem, init: Program | None = None):
         """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
@@ -506,6 +514,8 @@ class NumbaBackend(FusedBackend):
 
     @fused_or_fallback
     def contributions(self, pb: Problem, init: Program) -> Tensor:
+        if pb.coupled:
+            return self._contributions_coupled(pb, init)
         import numba
 
         k = _k()
@@ -534,6 +544,89 @@ class NumbaBackend(FusedBackend):
                     ws,
                 )
         return torch.from_numpy(res)
+
+    def _contributions_coupled(self, pb: Problem, init: Program) -> Tensor:
+        """The residual-trick recursion of batch datapoints: the torch engine's forward passes
+        (trained model, and the initial one at the trained inputs), then per layer the two
+        kernels ``coupled_colsums_kernel`` (column sums) and ``coupled_step_kernel`` (one GEMM
+        with ``[W_S; W_G]`` per tile of samples (``coupled_step_kernel``)."""
+        import numba
+
+        k = _k()
+        L, dt = pb.L, _DTYPES[pb.x.dtype]
+        B = pb.B
+        dmax = max(pb.widths[1 : L + 1])  # g_1 .. g_L
+        res = np.full((pb.D, L + 1, L + 1), np.nan, dt)
+        res[:, 0, 0] = 1
+        # ping-pong buffers for g_m's lambda-rows, touched once per call (fresh pages fault)
+        bufs = [np.empty(L * B * dmax, dt) for _ in range(2)]
+        nth = numba.get_num_threads()
+        TB = max(1, min(B, ROWS // 4))  # samples per GEMM tile: [TB, 2d] stays in cache
+        ws = workspace(nth, k.coupled_step_ws(TB, dmax), dt, pb.memory)
+        d0 = 0
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
+            tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            ictx = ctx.for_init()
+            assert tr.grad is not None  # make_problem: an error layer (fused_or_fallback checks)
+            for p in range(tr.grad.shape[0]):
+                r = res[d0 + p]
+                v = tr.grad[p].reshape(1, B, -1).contiguous().numpy()
+                for m in range(1, L):
+                    _, s_init, _ = init.layer(m).forward(tr.inputs[m][p : p + 1], ictx)
+                    wG, cG, xG, projG = _coupled_vjp(
+                        pb.program.layer(m), tr.saved[m], p, B, pb.x.dtype
+                    )
+                    wS, cS, xS, projS = _coupled_vjp(init.layer(m), s_init, 0, B, pb.x.dtype)
+                    K, d = v.shape[0], v.shape[2]
+                    sq = np.empty(K)
+                    s = [np.empty((K, d)) for _ in range(4)]
+                    k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s)
+                    r[m, :K] = sq
+                    # without a batch-statistics norm, u is not projected: no means
+                    proj = (projG, projG, projS, projS)
+                    means = [
+                        (a / B if on else np.zeros_like(a)).astype(dt) for a, on in zip(s, proj)
+                    ]
+                    wcat = np.concatenate([wS, wG])
+                    din = wcat.shape[1]
+                    flat = bufs[m % 2][: (K + 1) * B * din]
+                    with single_threaded_blas():
+                        k.coupled_step_kernel(v, cG, xG, cS, xS, *means, wcat, TB, flat, nth, ws)
+                    nxt = flat.reshape(K + 1, B, din)
+                    v = nxt
+                r[L, :L] = np.einsum("kbd,kbd->k", v, v)
+            d0 += tr.grad.shape[0]
+        return torch.from_numpy(res)
+
+
+def _coupled_vjp(
+    layer: Layer, saved: list, p: int, B: int, dtype: torch.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(W [d_out, d_in], c [B, d_out], x [B, d_out], proj)`` of ``layer`` (``Linear -> [BatchNorm1d]
+    -> [activation]``) at datapoint ``p`` of its saved forward state: its VJP is ``v * c``, then
+    the batch-norm projection with the standardized input ``x`` if ``proj`` (batch statistics;
+    ``x`` is zeros without), then ``@ W``. The activation derivative, the batch-norm weight and ``1/sigma``
+    fold into ``c``: ``1/sigma`` is one per feature, so it commutes with the projection."""
+    lin, norm, act = split_layer(layer)
+    d = lin.weight.shape[0]
+    c = torch.ones((), dtype=lin.weight.dtype)
+    x: Tensor | None = None
+    for op, st in zip(layer.ops, saved):
+        if op is act and st is not None:
+            c = c * st[p, 0]  # [B, d]: the derivative (ForwardCtx.rows of a batch datapoint)
+        elif op is norm and isinstance(st, tuple):  # batch statistics: (standardized x, 1/sigma)
+            x, scale = st[0][p, 0], st[1][p, 0]
+            c = c * (scale if norm.weight is None else scale * norm.weight)
+        elif op is norm:  # fixed statistics: a diagonal scale
+            c = c * st[p, 0]
+    proj = x is not None
+    if x is None:
+        x = torch.zeros((), dtype=c.dtype)
+
+    def full(t: Tensor) -> np.ndarray:
+        return t.expand(B, d).to(dtype).contiguous().numpy()
+
+    return lin.weight.to(dtype).contiguous().numpy(), full(c), full(x), proj
 
 
 def warmup(dtypes=(torch.float32, torch.float64)) -> float:
