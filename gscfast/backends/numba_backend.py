@@ -16,13 +16,16 @@ activations ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SELU, Softplus, GELU (both form
   * ``contributions``: the residual-trick recursion, all lambdas of a tile in one GEMM per model.
 
 - Batch datapoints (train-mode batch norm, ``batchnorm="batch"``): ``sweep`` (``gsc`` and
-  ``preactivation_stats``), with the reductions over the batch done as per-thread partial sums.
+  ``preactivation_stats``), with the reductions over the batch done as per-thread partial sums;
+  ``contributions`` (``effective_depth``) without layer norms: the torch engine's forward passes,
+  then per layer the batch-norm projection's column sums of every lambda-row in one pass and one
+  GEMM per tile of samples with both models' weights (``_contributions_coupled``).
 
 Everything else falls back to the ``"torch"`` engine's code path (this class subclasses it), so
-the numbers are the torch engine's: ``chain``/``jacobian``/``contributions`` of batch datapoints,
-``gscfast.nn.Residual`` blocks, layers of another shape (two Linears in a row, an activation or a
-norm without a Linear before it), other dtypes or devices, and a gradient asked for without an
-error layer.
+the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (and
+``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
+shape (two Linears in a row, an activation or a norm without a Linear before it), other dtypes or
+devices, and a gradient asked for without an error layer.
 
 Threads: ``numba.get_num_threads()`` workers; each runs whole tiles of samples with single-threaded
 BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
@@ -45,7 +48,7 @@ from torch import Tensor
 
 from ..compiler import Layer, Program
 from ..frozen import FrozenStats, frozen_stats
-from ..rules.norm import LayerNormRule
+from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep
 from .chunks import iter_chunks
@@ -549,7 +552,7 @@ class NumbaBackend(FusedBackend):
         """The residual-trick recursion of batch datapoints: the torch engine's forward passes
         (trained model, and the initial one at the trained inputs), then per layer the two
         kernels ``coupled_colsums_kernel`` (column sums) and ``coupled_step_kernel`` (one GEMM
-        with ``[W_S; W_G]`` per tile of samples (``coupled_step_kernel``)."""
+        with ``[W_S; W_G]`` per tile of samples)."""
         import numba
 
         k = _k()
@@ -560,6 +563,9 @@ class NumbaBackend(FusedBackend):
         res[:, 0, 0] = 1
         # ping-pong buffers for g_m's lambda-rows, touched once per call (fresh pages fault)
         bufs = [np.empty(L * B * dmax, dt) for _ in range(2)]
+        if POISON:
+            for buf in bufs:
+                buf.fill(np.nan)
         nth = numba.get_num_threads()
         TB = max(1, min(B, ROWS // 4))  # samples per GEMM tile: [TB, 2d] stays in cache
         ws = workspace(nth, k.coupled_step_ws(TB, dmax), dt, pb.memory)
@@ -608,6 +614,8 @@ def _coupled_vjp(
     ``x`` is zeros without), then ``@ W``. The activation derivative, the batch-norm weight and ``1/sigma``
     fold into ``c``: ``1/sigma`` is one per feature, so it commutes with the projection."""
     lin, norm, act = split_layer(layer)
+    if norm is not None and not isinstance(norm, BatchNormRule):  # NumbaBackend.takes keeps out
+        raise Unsupported(f"layer f_{layer.index}: {norm.kind} in the coupled recursion")
     d = lin.weight.shape[0]
     c = torch.ones((), dtype=lin.weight.dtype)
     x: Tensor | None = None
