@@ -1800,8 +1800,8 @@ def coupled_sweep_kernel(
 # derivative, batch-norm scale), the batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)``
 # (``x`` the standardized input; ``x = 0`` and no mean without one), then the GEMM. Two passes
 # over ``v`` replace torch's dozen: the column sums, then tiles of the projected rows of both
-# models, each one ``[TB, 2d]`` GEMM input ``[u_S(k) - u_S(k-1) | u_G(k-1)]`` so that
-# ``[W_S; W_G]`` gives ``v^(k) S + v^(k-1) (G - S)`` in one GEMM, in cache.
+# models, each one ``[TB, 2d]`` GEMM input so that one GEMM with ``[W_S; W_G - W_S]`` gives
+# ``v^(k) S + v^(k-1) (G - S)``, in cache (``coupled_step_kernel``).
 
 
 @njit(parallel=True, **OPTS)
@@ -1850,7 +1850,15 @@ def _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, T
             if k >= 1:
                 for j in range(d):
                     vp = V[k - 1, b, j]
-                    U[r, j] -= vp * cS[b, j] - m1S[k - 1, j] - xS[b, j] * m2S[k - 1, j]
+                    # u_G - u_S from the differences of its factors: exactly 0 where the two
+                    # models agree (fastmath's contraction of g - s into an FMA would leave the
+                    # rounding error of one product)
+                    U[r, j] += (
+                        vp * (cG[b, j] - cS[b, j])
+                        - (m1G[k - 1, j] - m1S[k - 1, j])
+                        - (xG[b, j] - xS[b, j]) * m2G[k - 1, j]
+                        - xS[b, j] * (m2G[k - 1, j] - m2S[k - 1, j])
+                    )
                     U[r, d + j] = vp * cG[b, j] - m1G[k - 1, j] - xG[b, j] * m2G[k - 1, j]
         o = (k * B + b0) * din
         np.dot(U, Wcat, out[o : o + n * din].reshape((n, din)))
@@ -1859,10 +1867,13 @@ def _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, T
 @njit(parallel=True, **OPTS)
 def coupled_step_kernel(V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, nth, ws):
     """One layer of the coupled recursion: ``out [(K+1) * B * d_in]`` (flat) holds, for each
-    ``k = 0 .. K``, ``[u_S(k) - u_S(k-1) | u_G(k-1)] @ Wcat`` with ``u_X(k) = V[k] * cX - m1X[k]
-    - xX * m2X[k]`` (the projected rows; ``u_X(-1) = u_X(K) = 0``) and ``Wcat = [W_S; W_G]``;
-    ``m1X``/``m2X`` are the column means ``s1X / B``, ``s2X / B``. Each thread builds tiles of
-    ``TB`` samples of one lambda-row in its ``ws`` row and GEMMs them while they are in cache."""
+    ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat = [W_S;
+    W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) = V[k] * cX -
+    m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``), ``m1X``/``m2X`` the
+    column means ``s1X / B``, ``s2X / B``. Written with the differences, a model equal to its
+    initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of two products).
+    Each thread builds tiles of ``TB`` samples of one lambda-row in its ``ws`` row and GEMMs them
+    while they are in cache."""
     for th in prange(nth):
         _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws)
 

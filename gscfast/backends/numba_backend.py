@@ -48,11 +48,18 @@ from torch import Tensor
 
 from ..compiler import Layer, Program
 from ..frozen import FrozenStats, frozen_stats
-from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep
 from .chunks import iter_chunks
-from .lowering import FusedBackend, Norm, Unsupported, fused_or_fallback, lower, split_layer
+from .lowering import (
+    FusedBackend,
+    Norm,
+    Unsupported,
+    coupled_recursion_takes,
+    coupled_vjp,
+    fused_or_fallback,
+    lower,
+)
 from .torch_engine import forward
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
@@ -271,9 +278,7 @@ class NumbaBackend(FusedBackend):
             return False
         if not pb.coupled or method == "sweep":
             return True
-        return method == "contributions" and not any(
-            isinstance(op, LayerNormRule) for layer in pb.program.layers for op in layer.ops
-        )
+        return method == "contributions" and coupled_recursion_takes(pb.program)
 
     def _nets(self, pb: Problem, init: Program | None = None):
         """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
@@ -552,7 +557,7 @@ class NumbaBackend(FusedBackend):
         """The residual-trick recursion of batch datapoints: the torch engine's forward passes
         (trained model, and the initial one at the trained inputs), then per layer the two
         kernels ``coupled_colsums_kernel`` (column sums) and ``coupled_step_kernel`` (one GEMM
-        with ``[W_S; W_G]`` per tile of samples)."""
+        with ``[W_S; W_G - W_S]`` per tile of samples)."""
         import numba
 
         k = _k()
@@ -561,80 +566,69 @@ class NumbaBackend(FusedBackend):
         dmax = max(pb.widths[1 : L + 1])  # g_1 .. g_L
         res = np.full((pb.D, L + 1, L + 1), np.nan, dt)
         res[:, 0, 0] = 1
-        # ping-pong buffers for g_m's lambda-rows, touched once per call (fresh pages fault)
-        bufs = [np.empty(L * B * dmax, dt) for _ in range(2)]
-        if POISON:
-            for buf in bufs:
-                buf.fill(np.nan)
         nth = numba.get_num_threads()
         TB = max(1, min(B, ROWS // 4))  # samples per GEMM tile: [TB, 2d] stays in cache
         ws = workspace(nth, k.coupled_step_ws(TB, dmax), dt, pb.memory)
+        bufs: list[np.ndarray] = []
         d0 = 0
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
             tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
             ictx = ctx.for_init()
             assert tr.grad is not None  # make_problem: an error layer (fused_or_fallback checks)
-            for p in range(tr.grad.shape[0]):
-                r = res[d0 + p]
-                v = tr.grad[p].reshape(1, B, -1).contiguous().numpy()
-                for m in range(1, L):
-                    _, s_init, _ = init.layer(m).forward(tr.inputs[m][p : p + 1], ictx)
-                    wG, cG, xG, projG = _coupled_vjp(
+            P = tr.grad.shape[0]
+            # ping-pong buffers of g_m's lambda-rows per datapoint, kept between chunks
+            # (fresh pages fault on first touch)
+            if len(bufs) < 2 * P:
+                bufs = [np.empty(L * B * dmax, dt) for _ in range(2 * P)]
+                if POISON:
+                    for buf in bufs:
+                        buf.fill(np.nan)
+            vs = [tr.grad[p].reshape(1, B, -1).contiguous().numpy() for p in range(P)]
+            for m in range(1, L):
+                # the initial layer on the whole chunk, as the trained one ran: the same input
+                # then gives the same bits (exact zeros where the two models agree)
+                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)
+                for p in range(P):
+                    v = vs[p]
+                    wG, cG, xG, projG = _coupled_arrays(
                         pb.program.layer(m), tr.saved[m], p, B, pb.x.dtype
                     )
-                    wS, cS, xS, projS = _coupled_vjp(init.layer(m), s_init, 0, B, pb.x.dtype)
+                    wS, cS, xS, projS = _coupled_arrays(init.layer(m), s_init, p, B, pb.x.dtype)
                     K, d = v.shape[0], v.shape[2]
                     sq = np.empty(K)
                     s = [np.empty((K, d)) for _ in range(4)]
                     k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s)
-                    r[m, :K] = sq
+                    res[d0 + p, m, :K] = sq
                     # without a batch-statistics norm, u is not projected: no means
                     proj = (projG, projG, projS, projS)
                     means = [
                         (a / B if on else np.zeros_like(a)).astype(dt) for a, on in zip(s, proj)
                     ]
-                    wcat = np.concatenate([wS, wG])
+                    wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
                     din = wcat.shape[1]
-                    flat = bufs[m % 2][: (K + 1) * B * din]
+                    flat = bufs[2 * p + m % 2][: (K + 1) * B * din]
                     with single_threaded_blas():
                         k.coupled_step_kernel(v, cG, xG, cS, xS, *means, wcat, TB, flat, nth, ws)
-                    nxt = flat.reshape(K + 1, B, din)
-                    v = nxt
-                r[L, :L] = np.einsum("kbd,kbd->k", v, v)
-            d0 += tr.grad.shape[0]
+                    vs[p] = flat.reshape(K + 1, B, din)
+            for p, v in enumerate(vs):
+                res[d0 + p, L, :L] = np.einsum("kbd,kbd->k", v, v)
+            d0 += P
         return torch.from_numpy(res)
 
 
-def _coupled_vjp(
+def _coupled_arrays(
     layer: Layer, saved: list, p: int, B: int, dtype: torch.dtype
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """``(W [d_out, d_in], c [B, d_out], x [B, d_out], proj)`` of ``layer`` (``Linear -> [BatchNorm1d]
-    -> [activation]``) at datapoint ``p`` of its saved forward state: its VJP is ``v * c``, then
-    the batch-norm projection with the standardized input ``x`` if ``proj`` (batch statistics;
-    ``x`` is zeros without), then ``@ W``. The activation derivative, the batch-norm weight and ``1/sigma``
-    fold into ``c``: ``1/sigma`` is one per feature, so it commutes with the projection."""
-    lin, norm, act = split_layer(layer)
-    if norm is not None and not isinstance(norm, BatchNormRule):  # NumbaBackend.takes keeps out
-        raise Unsupported(f"layer f_{layer.index}: {norm.kind} in the coupled recursion")
-    d = lin.weight.shape[0]
-    c = torch.ones((), dtype=lin.weight.dtype)
-    x: Tensor | None = None
-    for op, st in zip(layer.ops, saved):
-        if op is act and st is not None:
-            c = c * st[p, 0]  # [B, d]: the derivative (ForwardCtx.rows of a batch datapoint)
-        elif op is norm and isinstance(st, tuple):  # batch statistics: (standardized x, 1/sigma)
-            x, scale = st[0][p, 0], st[1][p, 0]
-            c = c * (scale if norm.weight is None else scale * norm.weight)
-        elif op is norm:  # fixed statistics: a diagonal scale
-            c = c * st[p, 0]
-    proj = x is not None
-    if x is None:
-        x = torch.zeros((), dtype=c.dtype)
+    """``lowering.coupled_vjp`` of ``layer`` as the kernels' arrays: ``(W, c [B, d], x [B, d],
+    proj)``, ``x`` zeros without batch statistics (``proj`` False: no projection)."""
+    w, c, x = coupled_vjp(layer, saved, p)
+    d = w.shape[0]
 
     def full(t: Tensor) -> np.ndarray:
         return t.expand(B, d).to(dtype).contiguous().numpy()
 
-    return lin.weight.to(dtype).contiguous().numpy(), full(c), full(x), proj
+    zero = torch.zeros((), dtype=dtype)
+    return w.to(dtype).contiguous().numpy(), full(c), full(zero if x is None else x), x is not None
 
 
 def warmup(dtypes=(torch.float32, torch.float64)) -> float:

@@ -393,6 +393,18 @@ def test_coupled_contributions_against_reference(act, mix, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["batch", "eval"])
+def test_coupled_contributions_of_the_initial_model_are_zero(mix, dtype):
+    """``model`` equal to ``init``: every ``lambda >= 1`` contribution is exactly 0 (the terms
+    with a factor ``R_m = G_m - S_m = 0``), as the torch engine gives it."""
+    pb = problem(_coupled_contrib_model("relu", mix), dtype, D=2, B=37, batchnorm="batch")
+    got = NumbaBackend().contributions(pb, pb.program)
+    assert torch.all(got[:, 2:, 1:].nan_to_num() == 0)
+    ref = get_backend("torch", "cpu").contributions(pb, pb.program)
+    assert_agree(got, ref, dtype, "contributions")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_coupled_contributions_layer_norm_falls_back(dtype):
     """A layer norm's projection over the features is not in the coupled kernels: the torch
     engine's numbers, bit for bit."""
