@@ -1829,6 +1829,92 @@ def coupled_sweep_kernel(
         sqg[l] = s
 
 
+# ------------------------------------------------------------------ coupled contributions
+# The residual-trick recursion of a batch datapoint (numba_backend._contributions_coupled): every
+# lambda-row of ``g_m`` is a ``[B, d]`` matrix. A layer's VJP is ``u = v * c`` (activation
+# derivative, batch-norm scale), the batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)``
+# (``x`` the standardized input; ``x = 0`` and no mean without one), then the GEMM. Two passes
+# over ``v`` replace torch's dozen: the column sums, then tiles of the projected rows of both
+# models, each one ``[TB, 2d]`` GEMM input so that one GEMM with ``[W_S; W_G - W_S]`` gives
+# ``v^(k) S + v^(k-1) (G - S)``, in cache (``coupled_step_kernel``).
+
+
+@njit(parallel=True, **OPTS)
+def coupled_colsums_kernel(V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S):
+    """Per lambda-row ``k`` of ``V [K, B, d]``: ``sq[k] = ||V[k]||^2`` and the column sums
+    ``s1X[k] = sum_b u``, ``s2X[k] = sum_b u * xX`` of ``u = V[k] * cX`` (float64 accumulators)."""
+    K, B, d = V.shape
+    for k in prange(K):
+        acc = 0.0
+        for j in range(d):
+            s1G[k, j] = 0.0
+            s2G[k, j] = 0.0
+            s1S[k, j] = 0.0
+            s2S[k, j] = 0.0
+        for b in range(B):
+            for j in range(d):
+                v = np.float64(V[k, b, j])
+                acc += v * v
+                u = v * cG[b, j]
+                s1G[k, j] += u
+                s2G[k, j] += u * xG[b, j]
+                u = v * cS[b, j]
+                s1S[k, j] += u
+                s2S[k, j] += u * xS[b, j]
+        sq[k] = acc
+
+
+@njit(**HELP)
+def _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws):
+    K, B, d = V.shape
+    din = Wcat.shape[1]
+    nb = (B + TB - 1) // TB
+    w = ws[th]
+    for it in range(th, (K + 1) * nb, nth):
+        k = it // nb
+        b0 = (it % nb) * TB
+        n = min(B, b0 + TB) - b0
+        U = w[: n * 2 * d].reshape((n, 2 * d))
+        for r in range(n):
+            b = b0 + r
+            for j in range(2 * d):
+                U[r, j] = 0.0
+            if k < K:
+                for j in range(d):
+                    U[r, j] = V[k, b, j] * cS[b, j] - m1S[k, j] - xS[b, j] * m2S[k, j]
+            if k >= 1:
+                for j in range(d):
+                    vp = V[k - 1, b, j]
+                    # u_G - u_S from the differences of its factors: exactly 0 where the two
+                    # models agree (fastmath's contraction of g - s into an FMA would leave the
+                    # rounding error of one product)
+                    U[r, j] += (
+                        vp * (cG[b, j] - cS[b, j])
+                        - (m1G[k - 1, j] - m1S[k - 1, j])
+                        - (xG[b, j] - xS[b, j]) * m2G[k - 1, j]
+                        - xS[b, j] * (m2G[k - 1, j] - m2S[k - 1, j])
+                    )
+                    U[r, d + j] = vp * cG[b, j] - m1G[k - 1, j] - xG[b, j] * m2G[k - 1, j]
+        o = (k * B + b0) * din
+        np.dot(U, Wcat, out[o : o + n * din].reshape((n, din)))
+
+
+@njit(parallel=True, **OPTS)
+def coupled_step_kernel(V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, nth, ws):
+    """One layer of the coupled recursion: ``out [(K+1) * B * d_in]`` (flat) holds, for each
+    ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat = [W_S;
+    W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) = V[k] * cX -
+    m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``), ``m1X``/``m2X`` the
+    column means ``s1X / B``, ``s2X / B``. Written with the differences, a model equal to its
+    initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of two products).
+    Each thread builds tiles of ``TB`` samples of one lambda-row in its ``ws`` row and GEMMs them
+    while they are in cache."""
+    for th in prange(nth):
+        _coupled_step_worker(
+            np.int64(th), nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws
+        )
+
+
 # ------------------------------------------------------------------ workspace sizes (elements)
 
 
@@ -1846,6 +1932,10 @@ def contrib_ws(T, rowsz, rowsz0, dmax, L):
 
 def coupled_ws(B, T, rowsz, dmax, nth):
     return B * rowsz + nth * T * dmax + 2 * B * dmax
+
+
+def coupled_step_ws(TB, dmax):
+    return TB * 2 * dmax
 
 
 # every kernel above: race-free data files in the shared cache (numba_cache.attach)

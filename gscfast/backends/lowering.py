@@ -10,6 +10,8 @@ place that says what they fuse.
 - ``lower``: a ``Program`` -> one ``LayerPlan`` per layer (the linear map, the norm with a fixed
   batch norm folded into a diagonal scale, the activation and its parameters). The numba backend
   packs the plans into its flat arrays, the GPU engine into its per-layer specs.
+- ``coupled_vjp`` and ``coupled_recursion_takes``: a layer's VJP with batch statistics (batch
+  datapoints) as a scale and a batch-norm projection, for numba's coupled contributions.
 - ``FusedBackend`` and ``fused_or_fallback``: the one dispatcher of a fused backend's methods:
   the fused kernels when they take the problem, else the ``"torch"`` engine's path.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from ..compiler import Layer, Program
@@ -220,6 +223,43 @@ def lower(
 ) -> list[LayerPlan]:
     """``program``'s layers in model order as plans (see ``lower_layer``)."""
     return [lower_layer(layer, frozen, coupled) for layer in program.layers]
+
+
+# ----------------------------------------------------------------------------- coupled recursion
+
+
+def coupled_recursion_takes(program: Program) -> bool:
+    """Whether the coupled contributions recursion (numba's ``_contributions_coupled``) takes
+    every layer of ``program``: ``Linear -> [BatchNorm1d] -> [activation]`` (a layer norm's
+    projection is over the features, which that recursion does not do)."""
+    try:
+        return all(not isinstance(split_layer(layer)[1], LayerNormRule) for layer in program.layers)
+    except Unsupported:
+        return False
+
+
+def coupled_vjp(layer: Layer, saved: list[Any], p: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(W [d_out, d_in], c, x)`` of ``layer`` at batch datapoint ``p`` of its saved forward
+    state (the rules' ``forward``): its VJP is ``u = v * c`` (``c`` broadcasts to ``[B, d_out]``),
+    then, with batch statistics, the batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)``
+    with ``x [B, d_out]`` the standardized input (None without), then ``@ W``. The activation
+    derivative, the batch-norm weight and ``1/sigma`` fold into ``c``: ``1/sigma`` is one number
+    per feature, so it commutes with the projection. ``Unsupported`` for a layer norm."""
+    lin, norm, act = split_layer(layer)
+    if norm is not None and not isinstance(norm, BatchNormRule):
+        raise Unsupported(f"layer f_{layer.index}: {norm.kind} in the coupled recursion")
+    c = torch.ones((), dtype=lin.weight.dtype, device=lin.weight.device)
+    x: Tensor | None = None
+    for op, st in zip(layer.ops, saved):
+        if op is act and st is not None:
+            c = c * st[p, 0]  # [B, d]: the derivative (ForwardCtx.rows of a batch datapoint)
+        elif op is norm and isinstance(st, tuple):  # batch statistics: (standardized x, 1/sigma)
+            assert isinstance(norm, BatchNormRule)
+            x, scale = st[0][p, 0], st[1][p, 0]
+            c = c * (scale if norm.weight is None else scale * norm.weight)
+        elif op is norm:  # fixed statistics: a diagonal scale
+            c = c * st[p, 0]
+    return lin.weight, c, x
 
 
 # ----------------------------------------------------------------------------- the dispatcher

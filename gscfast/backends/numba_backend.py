@@ -16,13 +16,16 @@ activations ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SELU, Softplus, GELU (both form
   * ``contributions``: the residual-trick recursion, all lambdas of a tile in one GEMM per model.
 
 - Batch datapoints (train-mode batch norm, ``batchnorm="batch"``): ``sweep`` (``gsc`` and
-  ``preactivation_stats``), with the reductions over the batch done as per-thread partial sums.
+  ``preactivation_stats``), with the reductions over the batch done as per-thread partial sums;
+  ``contributions`` (``effective_depth``) without layer norms: the torch engine's forward passes,
+  then per layer the batch-norm projection's column sums of every lambda-row in one pass and one
+  GEMM per tile of samples with both models' weights (``_contributions_coupled``).
 
 Everything else falls back to the ``"torch"`` engine's code path (this class subclasses it), so
-the numbers are the torch engine's: ``chain``/``jacobian``/``contributions`` of batch datapoints,
-``gscfast.nn.Residual`` blocks, layers of another shape (two Linears in a row, an activation or a
-norm without a Linear before it), other dtypes or devices, and a gradient asked for without an
-error layer.
+the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (and
+``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
+shape (two Linears in a row, an activation or a norm without a Linear before it), other dtypes or
+devices, and a gradient asked for without an error layer.
 
 Threads: ``numba.get_num_threads()`` workers; each runs whole tiles of samples with single-threaded
 BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
@@ -43,11 +46,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..compiler import Program
+from ..compiler import Layer, Program
 from ..frozen import FrozenStats, frozen_stats
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep
-from .lowering import FusedBackend, Norm, Unsupported, fused_or_fallback, lower
+from .chunks import iter_chunks
+from .lowering import (
+    FusedBackend,
+    Norm,
+    Unsupported,
+    coupled_recursion_takes,
+    coupled_vjp,
+    fused_or_fallback,
+    lower,
+)
+from .torch_engine import forward
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
 """Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
@@ -259,10 +272,13 @@ class NumbaBackend(FusedBackend):
 
     def takes(self, pb: Problem, method: str) -> bool:
         """CPU tensors of float32 or float64; batch datapoints (train-mode batch norm) for
-        ``"sweep"`` only."""
+        ``"sweep"``, and for ``"contributions"`` without a layer norm (its projection over the
+        features is not in the coupled recursion's kernels)."""
         if pb.x.device.type != "cpu" or pb.x.dtype not in _DTYPES:
             return False
-        return not pb.coupled or method == "sweep"
+        if not pb.coupled or method == "sweep":
+            return True
+        return method == "contributions" and coupled_recursion_takes(pb.program)
 
     def _nets(self, pb: Problem, init: Program | None = None):
         """Yield ``(row slice, net, init net)`` per group of rows sharing constants: every dataset
@@ -506,6 +522,8 @@ class NumbaBackend(FusedBackend):
 
     @fused_or_fallback
     def contributions(self, pb: Problem, init: Program) -> Tensor:
+        if pb.coupled:
+            return self._contributions_coupled(pb, init)
         import numba
 
         k = _k()
@@ -535,6 +553,83 @@ class NumbaBackend(FusedBackend):
                 )
         return torch.from_numpy(res)
 
+    def _contributions_coupled(self, pb: Problem, init: Program) -> Tensor:
+        """The residual-trick recursion of batch datapoints: the torch engine's forward passes
+        (trained model, and the initial one at the trained inputs), then per layer the two
+        kernels ``coupled_colsums_kernel`` (column sums) and ``coupled_step_kernel`` (one GEMM
+        with ``[W_S; W_G - W_S]`` per tile of samples)."""
+        import numba
+
+        k = _k()
+        L, dt = pb.L, _DTYPES[pb.x.dtype]
+        B = pb.B
+        dmax = max(pb.widths[1 : L + 1])  # g_1 .. g_L
+        res = np.full((pb.D, L + 1, L + 1), np.nan, dt)
+        res[:, 0, 0] = 1
+        nth = numba.get_num_threads()
+        TB = max(1, min(B, ROWS // 4))  # samples per GEMM tile: [TB, 2d] stays in cache
+        ws = workspace(nth, k.coupled_step_ws(TB, dmax), dt, pb.memory)
+        bufs: list[np.ndarray] = []
+        d0 = 0
+        for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
+            tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            ictx = ctx.for_init()
+            assert tr.grad is not None  # make_problem: an error layer (fused_or_fallback checks)
+            P = tr.grad.shape[0]
+            # ping-pong buffers of g_m's lambda-rows per datapoint, kept between chunks
+            # (fresh pages fault on first touch)
+            if len(bufs) < 2 * P:
+                bufs = [np.empty(L * B * dmax, dt) for _ in range(2 * P)]
+                if POISON:
+                    for buf in bufs:
+                        buf.fill(np.nan)
+            vs = [tr.grad[p].reshape(1, B, -1).contiguous().numpy() for p in range(P)]
+            for m in range(1, L):
+                # the initial layer on the whole chunk, as the trained one ran: the same input
+                # then gives the same bits (exact zeros where the two models agree)
+                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)
+                for p in range(P):
+                    v = vs[p]
+                    wG, cG, xG, projG = _coupled_arrays(
+                        pb.program.layer(m), tr.saved[m], p, B, pb.x.dtype
+                    )
+                    wS, cS, xS, projS = _coupled_arrays(init.layer(m), s_init, p, B, pb.x.dtype)
+                    K, d = v.shape[0], v.shape[2]
+                    sq = np.empty(K)
+                    s = [np.empty((K, d)) for _ in range(4)]
+                    k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s)
+                    res[d0 + p, m, :K] = sq
+                    # without a batch-statistics norm, u is not projected: no means
+                    proj = (projG, projG, projS, projS)
+                    means = [
+                        (a / B if on else np.zeros_like(a)).astype(dt) for a, on in zip(s, proj)
+                    ]
+                    wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
+                    din = wcat.shape[1]
+                    flat = bufs[2 * p + m % 2][: (K + 1) * B * din]
+                    with single_threaded_blas():
+                        k.coupled_step_kernel(v, cG, xG, cS, xS, *means, wcat, TB, flat, nth, ws)
+                    vs[p] = flat.reshape(K + 1, B, din)
+            for p, v in enumerate(vs):
+                res[d0 + p, L, :L] = np.einsum("kbd,kbd->k", v, v)
+            d0 += P
+        return torch.from_numpy(res)
+
+
+def _coupled_arrays(
+    layer: Layer, saved: list, p: int, B: int, dtype: torch.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``lowering.coupled_vjp`` of ``layer`` as the kernels' arrays: ``(W, c [B, d], x [B, d],
+    proj)``, ``x`` zeros without batch statistics (``proj`` False: no projection)."""
+    w, c, x = coupled_vjp(layer, saved, p)
+    d = w.shape[0]
+
+    def full(t: Tensor) -> np.ndarray:
+        return t.expand(B, d).to(dtype).contiguous().numpy()
+
+    zero = torch.zeros((), dtype=dtype)
+    return w.to(dtype).contiguous().numpy(), full(c), full(zero if x is None else x), x is not None
+
 
 # What compiles each kernel: kernel -> the calls whose first run compiles (or loads) it, on a
 # small network of the given dtype. Every kernel has one specialization per dtype for these calls.
@@ -546,6 +641,10 @@ def _warmup_calls(kernel: str, dtype: torch.dtype) -> None:
     if kernel == "coupled_sweep_kernel":  # train-mode batch norm: one batch datapoint
         bn = gscfast.mlp(2, 3, act="relu", norm="batch", seed=0, dtype=dtype)
         gscfast.gsc(bn, x, y, backend="numba")
+        return
+    if kernel == "coupled_step_kernel":  # with coupled_colsums_kernel: coupled effective depth
+        bn = gscfast.mlp(2, 3, act="tanh", norm="batch", seed=0, dtype=dtype)
+        gscfast.effective_depth(bn, bn, x, y, backend="numba")
         return
     model = gscfast.mlp(2, 3, act="tanh", seed=0, dtype=dtype)
     if kernel == "sweep_kernel":
@@ -568,6 +667,7 @@ KERNELS = (
     "jacobian_kernel",
     "contrib_kernel",
     "coupled_sweep_kernel",
+    "coupled_step_kernel",
 )
 
 

@@ -343,6 +343,81 @@ def test_coupled_sweep_against_reference(dtype):
     compare(pb, only_sweep=True, against="reference")
 
 
+def _coupled_contrib_model(act: str, mix: str) -> nn.Module:
+    """Train-mode affine batch norms (batch statistics); ``mix="eval"`` puts an eval-mode batch
+    norm (running statistics, a diagonal scale) and a layer without a norm between them."""
+    model = make_model(act, "bn_frozen", widths=(11, 37, 23, 37, 5), seed=6)
+    if mix == "eval":
+        model[4].eval()  # the second hidden layer's batch norm: running statistics
+        g = torch.Generator().manual_seed(8)
+        lin = nn.Linear(37, 37).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(37, 37, generator=g, dtype=torch.float64) / 6)
+        model = nn.Sequential(*model[:-1], lin, _act(act), model[-1])
+    return model
+
+
+def _contrib_agree(pb: Problem, init, against: str) -> None:
+    """The fused coupled contributions against ``against`` on the float64 problem."""
+    assert pb.coupled and NumbaBackend().fused(pb, method="contributions", init=init)
+    ref_pb = pb if pb.x.dtype == torch.float64 else as64(pb)
+    ref_init = gscfast.compile_model(copy.deepcopy(init.model).double())
+    got = NumbaBackend().contributions(pb, init)
+    ref = get_backend(against, "cpu").contributions(ref_pb, ref_init)
+    assert_agree(got, ref, pb.x.dtype, "contributions")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [1, 2, None])
+@pytest.mark.parametrize("mix", ["batch", "eval"])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_coupled_contributions_match_torch(act, mix, chunk, dtype):
+    """The fused coupled recursion (batch datapoints): batch-tanh and batch-ReLU, with an
+    eval-mode batch norm and a plain layer mixed in or not, several datasets in chunks of 1, 2
+    or all, tiles of samples that end mid-batch (B = 301 > the tile)."""
+    model = _coupled_contrib_model(act, mix)
+    pb = problem(model, dtype, D=3, B=301, error="kl", chunk=chunk, batchnorm="batch")
+    _contrib_agree(pb, gscfast.compile_model(perturbed(pb.program.model, seed=5)), "torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["batch", "eval"])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_coupled_contributions_against_reference(act, mix, dtype):
+    """Small sizes: the autograd ground truth, with the dot error too."""
+    pytest.importorskip("gscfast.backends.reference")
+    model = _coupled_contrib_model(act, mix)
+    for error in ("dot", "kl"):
+        pb = problem(model, dtype, D=2, B=6, error=error, chunk=1, batchnorm="batch")
+        _contrib_agree(pb, gscfast.compile_model(perturbed(pb.program.model, seed=5)), "reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["batch", "eval"])
+def test_coupled_contributions_of_the_initial_model_are_zero(mix, dtype):
+    """``model`` equal to ``init``: every ``lambda >= 1`` contribution is exactly 0 (the terms
+    with a factor ``R_m = G_m - S_m = 0``), as the torch engine gives it."""
+    pb = problem(_coupled_contrib_model("relu", mix), dtype, D=2, B=37, batchnorm="batch")
+    got = NumbaBackend().contributions(pb, pb.program)
+    assert torch.all(got[:, 2:, 1:].nan_to_num() == 0)
+    ref = get_backend("torch", "cpu").contributions(pb, pb.program)
+    assert_agree(got, ref, dtype, "contributions")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_coupled_contributions_layer_norm_falls_back(dtype):
+    """A layer norm's projection over the features is not in the coupled kernels: the torch
+    engine's numbers, bit for bit."""
+    model = _coupled_contrib_model("tanh", "batch")
+    model = nn.Sequential(*model[:-1], nn.Linear(37, 37), nn.LayerNorm(37), nn.Tanh(), model[-1])
+    pb = problem(model.double(), dtype, D=2, B=9, error="kl", batchnorm="batch")
+    init = gscfast.compile_model(perturbed(pb.program.model, seed=5))
+    assert pb.coupled and not NumbaBackend().fused(pb, method="contributions", init=init)
+    got = NumbaBackend().contributions(pb, init)
+    ref = get_backend("torch", "cpu").contributions(pb, init)
+    torch.testing.assert_close(got, ref, equal_nan=True, rtol=0, atol=0)
+
+
 def _residual_model():
     g = torch.Generator().manual_seed(0)
     m = nn.Sequential(
@@ -374,6 +449,8 @@ def test_fallbacks_give_torch_numbers(case, dtype):
         )
     assert not NumbaBackend().fused(pb)
     assert NumbaBackend().fused(pb, method="sweep") == (case == "coupled")  # fused coupled sweep
+    # and fused coupled contributions
+    assert NumbaBackend().fused(pb, method="contributions") == (case == "coupled")
     init = gscfast.compile_model(perturbed(pb.program.model, seed=1))
     got = run_all(NumbaBackend(), pb, init, probe_fn(pb, R=2))
     ref = run_all(get_backend("torch", "cpu"), pb, init, probe_fn(pb, R=2))
@@ -382,6 +459,8 @@ def test_fallbacks_give_torch_numbers(case, dtype):
             ("sq_", "mean", "var", "signs", "count")
         ):
             continue  # the sweep is fused: test_coupled_sweep_* compare it
+        if case == "coupled" and k == "contributions":
+            continue  # fused too: test_coupled_contributions_* compare it
         torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=0, atol=0, msg=k)
 
 
