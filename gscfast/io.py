@@ -1,4 +1,5 @@
-"""File output shared by the library and the studies: atomic writes and figures written atomically.
+"""File output shared by the library and the studies: atomic writes, figures written atomically, and
+the user cache folder where gscfast keeps what it builds (numba kernels, the CUDA host build, fatbins).
 
 A library module (not under ``experiments/``) so that library code such as ``GradientFlow`` writes
 files the same way the studies' runner does without importing the studies.
@@ -11,7 +12,21 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["atomic_write", "pyplot", "save_figure"]
+__all__ = ["CACHE_ENV", "atomic_write", "cache_dir", "pyplot", "save_figure"]
+
+CACHE_ENV = "GSCFAST_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where gscfast keeps what it builds (numba's compiled kernels, the host library of the CUDA
+    kernels, fatbins of an installation): ``$GSCFAST_CACHE``, else ``$XDG_CACHE_HOME/gscfast``,
+    else ``~/.cache/gscfast``; never inside the package, which may be a read-only
+    ``site-packages``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gscfast"
 
 
 def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:

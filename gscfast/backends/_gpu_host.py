@@ -4,7 +4,7 @@
 within a block, runs each phase for all threads in turn (see that header for exactly what this
 covers). This module compiles all kernel sources into one shared library with the system C++
 compiler (``CXX``, else ``g++``/``c++``/``clang++``), caches it by content hash (in
-``GSCFAST_HOST_BUILD``, else ``cuda_sources.cache_dir()/host``), and calls the
+``GSCFAST_HOST_BUILD``, else ``gscfast.io.cache_dir()/host``), and calls the
 ``extern "C"`` entry points through ``ctypes`` on CPU tensors, with the same arguments the
 ``"cupy"`` backend passes on the GPU. The tests use it to check the numbers the CUDA source
 computes without a GPU.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .cuda_sources import SIGNATURES, cache_dir, kernel_dir, kernel_sources, missing_reason
+from ..io import cache_dir
+from .cuda_sources import SIGNATURES, kernel_dir, kernel_sources, missing_reason
 
 FLAGS = (
     "-O2",

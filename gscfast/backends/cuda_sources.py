@@ -66,20 +66,6 @@ def codes_header() -> str:
     )
 
 
-CACHE_ENV = "GSCFAST_CACHE"
-
-
-def cache_dir() -> Path:
-    """Where gscfast keeps what it builds (the host library of the kernels; fatbins of an
-    installation): ``$GSCFAST_CACHE``, else ``$XDG_CACHE_HOME/gscfast``, else ``~/.cache/gscfast``;
-    never inside the package, which may be a read-only ``site-packages``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "gscfast"
-
-
 ENV = "GSCFAST_KERNELS_DIR"
 PACKAGED = Path(__file__).resolve().parents[1] / "_kernels"
 """The copy inside an installed package (wheel, ``pip install .``)."""

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..io import cache_dir
 from ._gpu_engine import FusedEngine, KernelCall, LayerSpec
 from .cuda_sources import (
     CHECKOUT,
     Flag,
-    cache_dir,
     find_kernel_dir,
     kernel_dir,
     kernel_sources,

@@ -4,7 +4,7 @@ rather than once per copy of the source.
 
 numba's own cache sits next to the source file (``__pycache__``): a new clone, a new virtual
 environment or a read-only ``site-packages`` compiles everything again. Here a kernel file
-registered with ``register`` is cached under ``cuda_sources.cache_dir() / "numba"`` (the root
+registered with ``register`` is cached under ``gscfast.io.cache_dir() / "numba"`` (the root
 of everything gscfast builds: ``$GSCFAST_CACHE``, ``$XDG_CACHE_HOME/gscfast`` or
 ``~/.cache/gscfast``) in a folder named by a hash of what decides the compiled code:
 
@@ -45,7 +45,7 @@ from llvmlite import binding as llvm
 from numba.core import caching, config
 from numba.core.dispatcher import Dispatcher
 
-from .cuda_sources import cache_dir
+from ..io import cache_dir
 
 # realpath of a registered kernel file -> its cache folder
 _FOLDERS: dict[str, Path] = {}

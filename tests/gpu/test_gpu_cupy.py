@@ -26,6 +26,7 @@ from gscfast.backends import cuda_sources as cs
 from gscfast.backends import cupy_backend as cb
 from gscfast.backends.cuda_sources import Flag, codes_header
 from gscfast.backends.lowering import Act, Norm
+from gscfast.io import cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "kernels"
@@ -250,11 +251,11 @@ def test_cache_dir_and_fatbin_dir(monkeypatch, tmp_path):
     for name in ("GSCFAST_CACHE", "XDG_CACHE_HOME", "GSCFAST_FATBIN_DIR", cs.ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cs.cache_dir() == tmp_path / "home" / ".cache" / "gscfast"
+    assert cache_dir() == tmp_path / "home" / ".cache" / "gscfast"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cs.cache_dir() == tmp_path / "xdg" / "gscfast"
+    assert cache_dir() == tmp_path / "xdg" / "gscfast"
     monkeypatch.setenv("GSCFAST_CACHE", str(tmp_path / "cache"))
-    assert cs.cache_dir() == tmp_path / "cache"
+    assert cache_dir() == tmp_path / "cache"
     assert cb.fatbin_dir() == ROOT / "build" / "kernels"  # this checkout's sources
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "layer_fwd.cu").write_text("")
