@@ -9,7 +9,8 @@ BatchNorm] -> [activation]``, described by three flat arrays built in ``numba_ba
 - ``fmeta [L, NFMETA]`` float64: norm ``eps``, activation parameters;
 - ``wflat``/``vflat``: all weights ``[d_out, d_in]`` and vectors (bias, gamma/scale, beta, mean).
 
-Rows are samples (``N = D * B`` of them). Every kernel is ``prange`` over worker threads; each
+Rows are samples (``N = D * B`` of them). Every kernel runs a nogil worker on each of ``nth``
+threads (``launch``, at the end of this file); each
 thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
 processes tiles of ``T`` samples one after the other, so intermediate Jacobians never leave the
 thread's cache. Per layer and tile there is one BLAS GEMM (``np.dot`` on a ``[T*R, d]`` row stack,
@@ -19,16 +20,23 @@ projection, squared norms, statistics) over the GEMM's output while it is in cac
 Activations save only their output where the derivative follows from it (``tanh'(z) = 1 - y^2``,
 ``relu'(z) = [y > 0]``, ...), so the saved state is also the next layer's GEMM input.
 float32 uses vectorizable approximations of ``tanh``/``exp`` (a few ulp); float64 uses ``math``.
+
+Compile time (a user's first call pays it): a helper compiled with ``HELP`` is compiled once per
+argument signature, and numba types a constant argument as a literal (``Literal[int](0)``), a
+signature of its own; calls therefore pass constants as ``np.int64(...)``/``np.bool_(...)``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import lowering, numba_cache
@@ -40,7 +48,6 @@ from .lowering import Act, Norm
 CACHE = numba_cache.register(__file__, lowering.__file__)
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
-OPTS: dict[str, Any] = dict(fastmath=FM, error_model="numpy", cache=CACHE, nogil=True)
 INL: dict[str, Any] = dict(
     fastmath=FM, error_model="numpy", inline="always"
 )  # small helpers: inlined in numba IR
@@ -538,7 +545,7 @@ def _dvec(dv, t, i, meta, fmeta, vflat, store, sto, T):
 
 
 @njit(**HELP)
-def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, do_ebwd, t0=0):
+def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, do_ebwd, t0):
     """For the rows ``U[k*d:(k+1)*d]``, ``k < rows`` (``R`` consecutive rows per sample), in one
     pass: ``sq[k] = ||row||^2`` if ``do_sq``, then, if ``do_ebwd``, layer ``i``'s elementwise VJP
     in place (activation derivative, norm) — everything of its VJP but the GEMM with ``W_i``.
@@ -609,7 +616,23 @@ def _chain_tile(
         _gemm_bwd(V, n * R, i, meta, wflat, U)
         d = meta[i, M_DIN]
         k = L - i + 1
-        _ebwd_rows(U, n * R, d, R, i - 1, meta, fmeta, vflat, store, sto, T, sq, True, i >= 2)
+        _ebwd_rows(
+            U,
+            n * R,
+            d,
+            R,
+            i - 1,
+            meta,
+            fmeta,
+            vflat,
+            store,
+            sto,
+            T,
+            sq,
+            np.bool_(True),
+            i >= 2,
+            np.int64(0),
+        )
         for t in range(n):
             acc = 0.0
             for r in range(R):
@@ -680,7 +703,23 @@ def _start_rows(
                 src = probes[poff[l] + r * d : poff[l] + (r + 1) * d]
                 for j in range(d):
                     row[j] = src[j]
-    _ebwd_rows(V, n * R, d, R, i0, meta, fmeta, vflat, store, sto, T, sq, True, apply)
+    _ebwd_rows(
+        V,
+        n * R,
+        d,
+        R,
+        i0,
+        meta,
+        fmeta,
+        vflat,
+        store,
+        sto,
+        T,
+        sq,
+        np.bool_(True),
+        apply,
+        np.int64(0),
+    )
     if res.shape[0] > 0:
         for t in range(n):
             acc = 0.0
@@ -762,15 +801,47 @@ def _sweep_worker(
         _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, G, sqo, r0)
         if not grads:
             continue
-        _ebwd_rows(G, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
+        _ebwd_rows(
+            G,
+            n,
+            d1,
+            np.int64(1),
+            L - 1,
+            meta,
+            fmeta,
+            vflat,
+            store,
+            sto,
+            T,
+            sq,
+            np.bool_(True),
+            L >= 2,
+            np.int64(0),
+        )
         for t in range(n):
             sqg[r0 + t, 1] = sq[t]
         _chain_tile(
-            G, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0, L, sq
+            G,
+            U,
+            n,
+            np.int64(1),
+            L - 1,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            T,
+            res,
+            r0,
+            np.int64(0),
+            1.0,
+            L,
+            sq,
         )
 
 
-@njit(parallel=True, **OPTS)
 def sweep_kernel(
     x,
     err,
@@ -801,36 +872,32 @@ def sweep_kernel(
     (``||d f_0 / d f_l||^2`` for ``l >= 1``) and, if ``stats``, per-thread pre-activation moments
     ``mean, m2, pos, neg [nth, L, dmax]`` with sample counts ``cnt [nth]``.
     """
-    nth = cnt.shape[0]
-    # np.int64(th): numba types prange's index as int64 in the kernel and as uint64 in the
-    # parallel loop it generates; one type compiles each worker once instead of twice.
-    for th in prange(nth):
-        _sweep_worker(
-            np.int64(th),
-            nth,
-            x,
-            err,
-            yv,
-            ylab,
-            meta,
-            fmeta,
-            wflat,
-            vflat,
-            sto,
-            rowsz,
-            T,
-            dmax,
-            grads,
-            stats,
-            sqo,
-            sqg,
-            mean,
-            m2,
-            pos,
-            neg,
-            cnt,
-            ws,
-        )
+    launch(
+        _sweep_worker,
+        cnt.shape[0],
+        x,
+        err,
+        yv,
+        ylab,
+        meta,
+        fmeta,
+        wflat,
+        vflat,
+        sto,
+        rowsz,
+        T,
+        dmax,
+        grads,
+        stats,
+        sqo,
+        sqg,
+        mean,
+        m2,
+        pos,
+        neg,
+        cnt,
+        ws,
+    )
 
 
 @njit(**HELP)
@@ -889,24 +956,68 @@ def _chain_worker(
             T,
             Z,
             sqo,
-            0,
-            True,
-            False,
+            np.int64(0),
+            np.bool_(True),
+            np.bool_(False),
             dummy,
             dummy,
             dummy,
             dummy,
-            0,
+            np.int64(0),
             tmp,
         )
         if err != E_NONE:
             d1 = meta[L - 1, M_DOUT]
-            _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, V, sqo, 0)
-            _ebwd_rows(V, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, True, L >= 2)
+            _error_rows(
+                err,
+                _mat(store, sto, T, L - 1, S_H, n, d1),
+                yv,
+                ylab,
+                r0,
+                n,
+                d1,
+                V,
+                sqo,
+                np.int64(0),
+            )
+            _ebwd_rows(
+                V,
+                n,
+                d1,
+                np.int64(1),
+                L - 1,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                T,
+                sq,
+                np.bool_(True),
+                L >= 2,
+                np.int64(0),
+            )
             for t in range(n):
                 res[r0 + t, 1, 0] = sq[t]
             _chain_tile(
-                V, U, n, 1, L - 1, meta, fmeta, wflat, vflat, store, sto, T, res, r0, 0, 1.0, L, sq
+                V,
+                U,
+                n,
+                np.int64(1),
+                L - 1,
+                meta,
+                fmeta,
+                wflat,
+                vflat,
+                store,
+                sto,
+                T,
+                res,
+                r0,
+                np.int64(0),
+                1.0,
+                L,
+                sq,
             )
         for l in range(1, L + 1):
             i0 = L - l
@@ -954,7 +1065,6 @@ def _chain_worker(
                 )
 
 
-@njit(parallel=True, **OPTS)
 def chain_kernel(
     x,
     err,
@@ -983,29 +1093,28 @@ def chain_kernel(
     ``nprobe == 0``, else the ``nprobe`` rows ``probes[poff[l]:]`` (``[nprobe, d_l]``), norms
     then divided by ``nprobe``.
     """
-    for th in prange(nth):
-        _chain_worker(
-            np.int64(th),
-            nth,
-            x,
-            err,
-            yv,
-            ylab,
-            meta,
-            fmeta,
-            wflat,
-            vflat,
-            sto,
-            rowsz,
-            T,
-            dmax,
-            rmax,
-            probes,
-            poff,
-            nprobe,
-            res,
-            ws,
-        )
+    launch(
+        _chain_worker,
+        nth,
+        x,
+        err,
+        yv,
+        ylab,
+        meta,
+        fmeta,
+        wflat,
+        vflat,
+        sto,
+        rowsz,
+        T,
+        dmax,
+        rmax,
+        probes,
+        poff,
+        nprobe,
+        res,
+        ws,
+    )
 
 
 @njit(**HELP)
@@ -1051,14 +1160,14 @@ def _jacobian_worker(
             T,
             Z,
             sqo,
-            0,
-            True,
-            False,
+            np.int64(0),
+            np.bool_(True),
+            np.bool_(False),
             dummy,
             dummy,
             dummy,
             dummy,
-            0,
+            np.int64(0),
             tmp,
         )
         _start_rows(
@@ -1067,8 +1176,8 @@ def _jacobian_worker(
             R,
             L - i_end,
             i_end,
-            True,
-            0,
+            np.bool_(True),
+            np.int64(0),
             noprobe,
             nooff,
             meta,
@@ -1103,36 +1212,35 @@ def _jacobian_worker(
                     sto,
                     T,
                     sq,
-                    False,
-                    True,
+                    np.bool_(False),
+                    np.bool_(True),
+                    np.int64(0),
                 )
                 V, U = U, V
 
 
-@njit(parallel=True, **OPTS)
 def jacobian_kernel(
     x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, nth, ws
 ):
     """``out [N, d_end, d_start]``: ``J = d f_end / d f_start`` per row, where ``i_end`` is the
     layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
-    for th in prange(nth):
-        _jacobian_worker(
-            np.int64(th),
-            nth,
-            x,
-            meta,
-            fmeta,
-            wflat,
-            vflat,
-            sto,
-            rowsz,
-            T,
-            dmax,
-            i_end,
-            i_start,
-            out,
-            ws,
-        )
+    launch(
+        _jacobian_worker,
+        nth,
+        x,
+        meta,
+        fmeta,
+        wflat,
+        vflat,
+        sto,
+        rowsz,
+        T,
+        dmax,
+        i_end,
+        i_start,
+        out,
+        ws,
+    )
 
 
 @njit(**HELP)
@@ -1199,14 +1307,14 @@ def _contrib_worker(
             T,
             Z,
             sqo,
-            0,
-            True,
-            False,
+            np.int64(0),
+            np.bool_(True),
+            np.bool_(False),
             dummy,
             dummy,
             dummy,
             dummy,
-            0,
+            np.int64(0),
             tmp,
         )
         for i in range(L):  # the initial layers at the trained layers' inputs
@@ -1215,10 +1323,26 @@ def _contrib_worker(
             else:
                 hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
             _layer_fwd(
-                i, hin, n, meta0, fmeta0, wflat0, vflat0, store0, sto0, T, Z, sqo, 0, L, True
+                i,
+                hin,
+                n,
+                meta0,
+                fmeta0,
+                wflat0,
+                vflat0,
+                store0,
+                sto0,
+                T,
+                Z,
+                sqo,
+                np.int64(0),
+                L,
+                np.bool_(True),
             )
         d1 = meta[L - 1, M_DOUT]
-        _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, A, sqo, 0)
+        _error_rows(
+            err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, A, sqo, np.int64(0)
+        )
         for t in range(n):
             res[r0 + t, 1, 0] = _sq(A[t * d1 : (t + 1) * d1])
         if L < 2:
@@ -1226,8 +1350,40 @@ def _contrib_worker(
         for k in range(n * d1):
             Vt[k] = A[k]
             Vi[k] = A[k]
-        _ebwd_rows(Vt, n, d1, 1, L - 1, meta, fmeta, vflat, store, sto, T, sq, False, True)
-        _ebwd_rows(Vi, n, d1, 1, L - 1, meta0, fmeta0, vflat0, store0, sto0, T, sq, False, True)
+        _ebwd_rows(
+            Vt,
+            n,
+            d1,
+            np.int64(1),
+            L - 1,
+            meta,
+            fmeta,
+            vflat,
+            store,
+            sto,
+            T,
+            sq,
+            np.bool_(False),
+            np.bool_(True),
+            np.int64(0),
+        )
+        _ebwd_rows(
+            Vi,
+            n,
+            d1,
+            np.int64(1),
+            L - 1,
+            meta0,
+            fmeta0,
+            vflat0,
+            store0,
+            sto0,
+            T,
+            sq,
+            np.bool_(False),
+            np.bool_(True),
+            np.int64(0),
+        )
         for m in range(1, L):
             i = L - m
             lam = m  # g_m has lambdas 0 .. m-1
@@ -1258,7 +1414,21 @@ def _contrib_worker(
                             vi[q] = nxt[q]
             if i >= 2:  # the next layer's elementwise VJPs, trained and initial, while in cache
                 _ebwd_rows(
-                    Vt, n * nl, d, nl, i - 1, meta, fmeta, vflat, store, sto, T, sq, False, True
+                    Vt,
+                    n * nl,
+                    d,
+                    nl,
+                    i - 1,
+                    meta,
+                    fmeta,
+                    vflat,
+                    store,
+                    sto,
+                    T,
+                    sq,
+                    np.bool_(False),
+                    np.bool_(True),
+                    np.int64(0),
                 )
                 _ebwd_rows(
                     Vi,
@@ -1273,12 +1443,12 @@ def _contrib_worker(
                     sto0,
                     T,
                     sq,
-                    False,
-                    True,
+                    np.bool_(False),
+                    np.bool_(True),
+                    np.int64(0),
                 )
 
 
-@njit(parallel=True, **OPTS)
 def contrib_kernel(
     x,
     err,
@@ -1305,38 +1475,39 @@ def contrib_kernel(
     """``res [N, L+1, L+1]`` (pre-filled with NaN): ``res[:, l, lam] = ||g_l^(lam)||^2`` by the
     residual-trick recursion, ``meta0 ...`` the initial model (its layers evaluated at the
     trained model's layer inputs)."""
-    for th in prange(nth):
-        _contrib_worker(
-            np.int64(th),
-            nth,
-            x,
-            err,
-            yv,
-            ylab,
-            meta,
-            fmeta,
-            wflat,
-            vflat,
-            sto,
-            rowsz,
-            meta0,
-            fmeta0,
-            wflat0,
-            vflat0,
-            sto0,
-            rowsz0,
-            T,
-            dmax,
-            res,
-            ws,
-        )
+    launch(
+        _contrib_worker,
+        nth,
+        x,
+        err,
+        yv,
+        ylab,
+        meta,
+        fmeta,
+        wflat,
+        vflat,
+        sto,
+        rowsz,
+        meta0,
+        fmeta0,
+        wflat0,
+        vflat0,
+        sto0,
+        rowsz0,
+        T,
+        dmax,
+        res,
+        ws,
+    )
 
 
 # ------------------------------------------------------------------ coupled batch norm (sweep)
 # One batch datapoint (B samples) per call. Each worker thread owns the tiles of rows
 # th, th + nth, ...; per layer there is one GEMM per tile and the reductions over samples that
 # batch statistics need (forward: mean, variance; backward: the projection's two means) are
-# per-thread partial sums combined between two parallel regions. ``store`` holds every layer's
+# per-thread partial sums combined after a barrier. The gradient rows of a tile start at
+# ``r0 * dmax`` whatever the layer's width, so that no thread's rows of one layer overlap another
+# thread's rows of the next (the threads meet only at batch-norm layers). ``store`` holds every layer's
 # saved state for all B rows (``T = B`` in the ``_row`` helpers).
 
 
@@ -1385,7 +1556,7 @@ def _cb_fwd1(
     din = meta[i, M_DIN]
     W = _weight(wflat, meta, i)
     ntiles = (B + T - 1) // T
-    cnt = 0
+    cnt = np.int64(0)
     batch = meta[i, M_NORM] == N_BATCH
     a = np.zeros(dout)
     b2 = np.zeros(dout)
@@ -1402,7 +1573,7 @@ def _cb_fwd1(
                 for t in range(n):
                     for j in range(dout):
                         Zm[t, j] += b[j]
-            _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, False)
+            _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, np.bool_(False))
         else:
             Zm = Z[: n * dout].reshape((n, dout))
             np.dot(hin, W.T, Zm)
@@ -1468,7 +1639,7 @@ def _cb_fwd2(
     """Second half of a batch-statistics layer: normalize, affine, activation, norms, moments."""
     dout = meta[i, M_DOUT]
     ntiles = (B + T - 1) // T
-    cnt = 0
+    cnt = np.int64(0)
     dsave = meta[i, M_DSAVE] == 1 and save
     go = meta[i, M_G]
     bo = meta[i, M_BETA]
@@ -1509,8 +1680,9 @@ def _cb_fwd2(
 
 
 @njit(**HELP)
-def _cb_bwd_diag(th, nth, i, U, B, T, d, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2):
-    """Diagonal part of layer ``i``'s VJP on this thread's rows of ``U [B*d]`` in place, and,
+def _cb_bwd_diag(th, nth, i, U, B, T, d, rs, meta, fmeta, vflat, store, sto, sqrow, ps1, ps2):
+    """Diagonal part of layer ``i``'s VJP on this thread's rows of ``U`` (row ``b`` of a tile
+    starting at sample ``r0`` at ``r0 * rs + (b - r0) * d``) in place, and,
     for batch statistics, the partial sums of ``u`` and ``u * xh`` over samples."""
     ntiles = (B + T - 1) // T
     batch = meta[i, M_NORM] == N_BATCH
@@ -1519,10 +1691,26 @@ def _cb_bwd_diag(th, nth, i, U, B, T, d, meta, fmeta, vflat, store, sto, sqrow, 
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        V = U[r0 * d : (r0 + n) * d]
-        _ebwd_rows(V, n, d, 1, i, meta, fmeta, vflat, store, sto, B, sqrow, False, True, r0)
+        V = U[r0 * rs : r0 * rs + n * d]
+        _ebwd_rows(
+            V,
+            n,
+            d,
+            np.int64(1),
+            i,
+            meta,
+            fmeta,
+            vflat,
+            store,
+            sto,
+            B,
+            sqrow,
+            np.bool_(False),
+            np.bool_(True),
+            r0,
+        )
         if batch:
-            _colsums(V, n, d, a, b, store, sto, B, i, r0, True)
+            _colsums(V, n, d, a, b, store, sto, B, i, r0, np.bool_(True))
     for j in range(d):
         ps1[th, j] += a[j]
         ps2[th, j] += b[j]
@@ -1537,6 +1725,7 @@ def _cb_bwd_gemm(
     Un,
     B,
     T,
+    rs,
     meta,
     fmeta,
     wflat,
@@ -1564,18 +1753,34 @@ def _cb_bwd_gemm(
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        V = U[r0 * dout : (r0 + n) * dout]
+        V = U[r0 * rs : r0 * rs + n * dout]
         if batch:
             for t in range(n):
                 xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
                 for j in range(dout):
                     V[t * dout + j] = (V[t * dout + j] - umean[j] - xh[j] * uc[j]) * cinv[j]
-        Vn = Un[r0 * din : (r0 + n) * din]
+        Vn = Un[r0 * rs : r0 * rs + n * din]
         np.dot(V.reshape((n, dout)), W, Vn.reshape((n, din)))
         if i >= 2:
-            _ebwd_rows(Vn, n, din, 1, i - 1, meta, fmeta, vflat, store, sto, B, sq, True, True, r0)
+            _ebwd_rows(
+                Vn,
+                n,
+                din,
+                np.int64(1),
+                i - 1,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                B,
+                sq,
+                np.bool_(True),
+                np.bool_(True),
+                r0,
+            )
             if meta[i - 1, M_NORM] == N_BATCH:
-                _colsums(Vn, n, din, a, b, store, sto, B, i - 1, r0, True)
+                _colsums(Vn, n, din, a, b, store, sto, B, i - 1, r0, np.bool_(True))
         else:
             for t in range(n):
                 sq[t] = _sq(Vn[t * din : (t + 1) * din])
@@ -1587,14 +1792,14 @@ def _cb_bwd_gemm(
 
 
 @njit(**HELP)
-def _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L):
+def _cb_error(th, nth, err, yv, ylab, B, T, d1, rs, meta, store, sto, G, pe, psq, L):
     """The error layer on this thread's rows: ``sum e_i`` into ``pe[th]``, gradients into ``G``."""
     ntiles = (B + T - 1) // T
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
         out = _mat(store, sto, B, L - 1, S_H, B, d1)[r0 : r0 + n]
-        Gt = G[r0 * d1 : (r0 + n) * d1]
+        Gt = G[r0 * rs : r0 * rs + n * d1]
         for t in range(n):
             o = out[t]
             if err == E_DOT:
@@ -1618,7 +1823,6 @@ def _cb_error(th, nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
             psq[th, 1] += _sq(Gt[t * d1 : (t + 1) * d1])
 
 
-@njit(parallel=True, **OPTS)
 def coupled_sweep_kernel(
     x,
     err,
@@ -1650,183 +1854,268 @@ def coupled_sweep_kernel(
     Writes ``sqo [L+1]`` (``||f_l||^2`` over the whole batch; ``[0] = (sum_i e_i)^2`` if ``err``),
     ``sqg [L+1]`` (``||d f_0 / d f_l||^2``, ``l >= 1``), per-thread moments as ``sweep_kernel``.
     """
+    L = meta.shape[0]
+    shared = (
+        np.zeros((2, nth, dmax)),  # partial column sums per phase parity (ps1, ps2) ...
+        np.zeros((2, nth, dmax)),
+        np.zeros((nth, L + 1)),  # partial ||f_l||^2
+        np.zeros((nth, L + 1)),  # partial ||d f_0 / d f_l||^2
+        np.zeros(nth),  # partial sum of the errors
+    )
+    launch(
+        _coupled_sweep_worker,
+        nth,
+        x,
+        err,
+        yv,
+        ylab,
+        meta,
+        fmeta,
+        wflat,
+        vflat,
+        sto,
+        rowsz,
+        T,
+        dmax,
+        grads,
+        stats,
+        sqo,
+        sqg,
+        mean,
+        m2,
+        pos,
+        neg,
+        cnt,
+        ws,
+        *shared,
+        sync=True,
+    )
+
+
+@njit(**HELP)
+def _batch_stats(ps1, ps2, nth, B, dout, eps, cmean, cinv):
+    """Mean and ``1/sqrt(var + eps)`` per neuron from the threads' partial sums (``ps1``,
+    ``ps2 [nth, d]``); an overflowed variance gives NaN (refused), not silent zeros."""
+    for j in range(dout):
+        s1 = 0.0
+        s2 = 0.0
+        for th in range(nth):
+            s1 += ps1[th, j]
+            s2 += ps2[th, j]
+        mu = s1 / B
+        var = max(s2 / B - mu * mu, 0.0)
+        cmean[j] = mu
+        cinv[j] = var  # in the data's dtype: a variance beyond its range is Inf
+        if cinv[j] < math.inf:
+            cinv[j] = 1.0 / math.sqrt(var + eps)
+        else:
+            cinv[j] = math.nan
+
+
+@njit(**HELP)
+def _coupled_sweep_worker(
+    th,
+    nth,
+    sync,
+    x,
+    err,
+    yv,
+    ylab,
+    meta,
+    fmeta,
+    wflat,
+    vflat,
+    sto,
+    rowsz,
+    T,
+    dmax,
+    grads,
+    stats,
+    sqo,
+    sqg,
+    mean,
+    m2,
+    pos,
+    neg,
+    cnt,
+    ws,
+    ps1,
+    ps2,
+    psq,
+    psqg,
+    pe,
+):
+    """Thread ``th``'s part of ``coupled_sweep_kernel``: it owns the tiles ``th, th + nth, ...``
+    of the batch in every phase, so the only data that crosses threads are the partial sums over
+    samples (batch statistics, the projection's means), read after a barrier. They alternate
+    between two buffers (``ps1[p]``, ``ps2[p]``, ``p`` the phase's parity), so a thread never
+    overwrites sums another is still reading, and one barrier per batch-norm layer suffices.
+    Every thread combines the sums itself (the same code on the same data: the same numbers)."""
     B = x.shape[0]
     L = meta.shape[0]
     dt = x.dtype
     w = ws[0]  # coupled_ws(...) elements
     store = w[: B * rowsz]
     o = B * rowsz
-    Zs = w[o : o + nth * T * dmax].reshape((nth, T * dmax))
+    Z = w[o + th * T * dmax : o + (th + 1) * T * dmax]
     o += nth * T * dmax
     G = w[o : o + B * dmax]
     Gn = w[o + B * dmax : o + 2 * B * dmax]
-    psq = np.zeros((nth, L + 1))
-    ps1 = np.zeros((nth, dmax))
-    ps2 = np.zeros((nth, dmax))
     cmean = np.zeros(dmax, dt)
     cinv = np.zeros((L, dmax), dt)
-    tmps = np.zeros((nth, 4, dmax))
+    tmp = np.zeros((4, dmax))
+    p = 0  # parity of the current phase's partial-sum buffer
     for i in range(L):
-        dout = meta[i, M_DOUT]
-        ps1[:] = 0.0
-        ps2[:] = 0.0
-        for th in prange(nth):
-            _cb_fwd1(
-                np.int64(th),
+        ps1[p, th, :] = 0.0
+        ps2[p, th, :] = 0.0
+        _cb_fwd1(
+            th,
+            nth,
+            i,
+            x,
+            B,
+            T,
+            meta,
+            fmeta,
+            wflat,
+            vflat,
+            store,
+            sto,
+            Z,
+            grads,
+            stats,
+            ps1[p],
+            ps2[p],
+            psq,
+            mean[th],
+            m2[th],
+            pos[th],
+            neg[th],
+            tmp,
+            L,
+        )
+        if meta[i, M_NORM] == N_BATCH:
+            if _barrier(sync, nth):
+                return
+            _batch_stats(ps1[p], ps2[p], nth, B, meta[i, M_DOUT], fmeta[i, F_EPS], cmean, cinv[i])
+            p = 1 - p
+            _cb_fwd2(
+                th,
                 nth,
                 i,
-                x,
                 B,
                 T,
                 meta,
                 fmeta,
-                wflat,
                 vflat,
                 store,
                 sto,
-                Zs[th],
+                Z,
                 grads,
                 stats,
-                ps1,
-                ps2,
+                cmean,
+                cinv[i],
                 psq,
                 mean[th],
                 m2[th],
                 pos[th],
                 neg[th],
-                tmps[th],
+                tmp,
                 L,
             )
-        if meta[i, M_NORM] == N_BATCH:
-            eps = fmeta[i, F_EPS]
-            for j in range(dout):
-                s1 = 0.0
-                s2 = 0.0
-                for th in range(nth):
-                    s1 += ps1[th, j]
-                    s2 += ps2[th, j]
-                mu = s1 / B
-                var = max(s2 / B - mu * mu, 0.0)
-                cmean[j] = mu
-                cinv[i, j] = var  # in the data's dtype: a variance beyond its range is Inf
-                if cinv[i, j] < math.inf:
-                    cinv[i, j] = 1.0 / math.sqrt(var + eps)
-                else:  # overflowed (or NaN): NaN outputs (refused), not silent zeros
-                    cinv[i, j] = math.nan
-            for th in prange(nth):
-                _cb_fwd2(
-                    np.int64(th),
+    if err != E_NONE:
+        d1 = meta[L - 1, M_DOUT]
+        _cb_error(th, nth, err, yv, ylab, B, T, d1, dmax, meta, store, sto, G, pe, psqg, L)
+        if grads:
+            umean = np.zeros(dmax)
+            uc = np.zeros(dmax)
+            ps1[p, th, :] = 0.0
+            ps2[p, th, :] = 0.0
+            if L >= 2:
+                sqrow = np.empty(1)
+                _cb_bwd_diag(
+                    th,
                     nth,
-                    i,
+                    L - 1,
+                    G,
                     B,
                     T,
+                    d1,
+                    dmax,
                     meta,
                     fmeta,
                     vflat,
                     store,
                     sto,
-                    Zs[th],
-                    grads,
-                    stats,
-                    cmean,
+                    sqrow,
+                    ps1[p],
+                    ps2[p],
+                )
+            for i in range(L - 1, 0, -1):
+                dout = meta[i, M_DOUT]
+                if meta[i, M_NORM] == N_BATCH:
+                    if _barrier(sync, nth):
+                        return
+                    for j in range(dout):
+                        s1 = 0.0
+                        s2 = 0.0
+                        for k in range(nth):
+                            s1 += ps1[p, k, j]
+                            s2 += ps2[p, k, j]
+                        umean[j] = s1 / B
+                        uc[j] = s2 / B
+                    p = 1 - p
+                ps1[p, th, :] = 0.0
+                ps2[p, th, :] = 0.0
+                _cb_bwd_gemm(
+                    th,
+                    nth,
+                    i,
+                    G,
+                    Gn,
+                    B,
+                    T,
+                    dmax,
+                    meta,
+                    fmeta,
+                    wflat,
+                    vflat,
+                    store,
+                    sto,
+                    umean,
+                    uc,
                     cinv[i],
-                    psq,
-                    mean[th],
-                    m2[th],
-                    pos[th],
-                    neg[th],
-                    tmps[th],
+                    psqg,
+                    ps1[p],
+                    ps2[p],
                     L,
                 )
-    for th in range(nth):
-        cnt[th] = 0
+                G, Gn = Gn, G
+    if _barrier(sync, nth) or th != 0:
+        return
+    # thread 0, after every thread's last phase: the totals
     ntiles = (B + T - 1) // T
-    for th in range(nth):
-        for tile in range(th, ntiles, nth):
-            cnt[th] += min(B, tile * T + T) - tile * T
+    for k in range(nth):
+        cnt[k] = 0
+        for tile in range(k, ntiles, nth):
+            cnt[k] += min(B, tile * T + T) - tile * T
     for l in range(1, L + 1):
         s = 0.0
-        for th in range(nth):
-            s += psq[th, l]
+        for k in range(nth):
+            s += psq[k, l]
         sqo[l] = s
     if err == E_NONE:
         return
-    d1 = meta[L - 1, M_DOUT]
-    pe = np.zeros(nth)
-    psq[:] = 0.0
-    for th in prange(nth):
-        _cb_error(np.int64(th), nth, err, yv, ylab, B, T, d1, meta, store, sto, G, pe, psq, L)
     f0 = 0.0
-    for th in range(nth):
-        f0 += pe[th]
+    for k in range(nth):
+        f0 += pe[k]
     sqo[0] = f0 * f0
-    if not grads:
-        return
-    umean = np.zeros(dmax)
-    uc = np.zeros(dmax)
-    if L >= 2:
-        ps1[:] = 0.0
-        ps2[:] = 0.0
-        sqrow = np.empty(1)
-        for th in prange(nth):
-            _cb_bwd_diag(
-                np.int64(th),
-                nth,
-                L - 1,
-                G,
-                B,
-                T,
-                d1,
-                meta,
-                fmeta,
-                vflat,
-                store,
-                sto,
-                sqrow,
-                ps1,
-                ps2,
-            )
-    for i in range(L - 1, 0, -1):
-        dout = meta[i, M_DOUT]
-        for j in range(dout):
-            s1 = 0.0
-            s2 = 0.0
-            for th in range(nth):
-                s1 += ps1[th, j]
-                s2 += ps2[th, j]
-            umean[j] = s1 / B
-            uc[j] = s2 / B
-        ps1[:] = 0.0
-        ps2[:] = 0.0
-        for th in prange(nth):
-            _cb_bwd_gemm(
-                np.int64(th),
-                nth,
-                i,
-                G,
-                Gn,
-                B,
-                T,
-                meta,
-                fmeta,
-                wflat,
-                vflat,
-                store,
-                sto,
-                umean,
-                uc,
-                cinv[i],
-                psq,
-                ps1,
-                ps2,
-                L,
-            )
-        G, Gn = Gn, G
-    for l in range(1, L + 1):
-        s = 0.0
-        for th in range(nth):
-            s += psq[th, l]
-        sqg[l] = s
+    if grads:
+        for l in range(1, L + 1):
+            s = 0.0
+            for k in range(nth):
+                s += psqg[k, l]
+            sqg[l] = s
 
 
 # ------------------------------------------------------------------ coupled contributions
@@ -1839,12 +2128,19 @@ def coupled_sweep_kernel(
 # ``v^(k) S + v^(k-1) (G - S)``, in cache (``coupled_step_kernel``).
 
 
-@njit(parallel=True, **OPTS)
 def coupled_colsums_kernel(V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S):
     """Per lambda-row ``k`` of ``V [K, B, d]``: ``sq[k] = ||V[k]||^2`` and the column sums
     ``s1X[k] = sum_b u``, ``s2X[k] = sum_b u * xX`` of ``u = V[k] * cX`` (float64 accumulators)."""
+    import numba
+
+    nth = max(1, min(numba.get_num_threads(), V.shape[0]))
+    launch(_coupled_colsums_worker, nth, V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S)
+
+
+@njit(**HELP)
+def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S):
     K, B, d = V.shape
-    for k in prange(K):
+    for k in range(th, K, nth):
         acc = 0.0
         for j in range(d):
             s1G[k, j] = 0.0
@@ -1899,7 +2195,6 @@ def _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, T
         np.dot(U, Wcat, out[o : o + n * din].reshape((n, din)))
 
 
-@njit(parallel=True, **OPTS)
 def coupled_step_kernel(V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, nth, ws):
     """One layer of the coupled recursion: ``out [(K+1) * B * d_in]`` (flat) holds, for each
     ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat = [W_S;
@@ -1909,10 +2204,116 @@ def coupled_step_kernel(V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, nt
     initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of two products).
     Each thread builds tiles of ``TB`` samples of one lambda-row in its ``ws`` row and GEMMs them
     while they are in cache."""
-    for th in prange(nth):
-        _coupled_step_worker(
-            np.int64(th), nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws
-        )
+    launch(_coupled_step_worker, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws)
+
+
+# ------------------------------------------------------------------ launching workers
+# Every kernel is a nogil worker ``_x_worker(th, nth, ...)`` that owns the tiles ``th, th + nth,
+# ...``, run on ``nth`` threads from Python (the calling thread is worker 0). Not numba's
+# ``prange``: each parallel region is a function numba compiles again with everything it calls,
+# which made the kernels' cold compile several times longer. One launch at a time (a lock): the
+# workers of a launch must all run at once (they meet at barriers), and each launch uses every
+# core anyway.
+
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its size
+_LAUNCH = threading.Lock()
+
+
+def launch(worker, nth: int, *args, sync: bool = False) -> None:
+    """``worker(th, nth, *args)`` for ``th < nth`` on ``nth`` threads; with ``sync``, every
+    worker gets a ``sync`` array for ``_barrier`` as its third argument. A worker that raises
+    releases the others from their barriers, and the first error is raised here."""
+    global _POOL
+    flag = np.zeros(3, np.int64)
+    a = (flag, *args) if sync else args
+
+    def run(th: int) -> None:
+        try:
+            worker(th, nth, *a)
+        except BaseException:
+            flag[2] = 1  # the others leave their barriers (_barrier returns True)
+            raise
+
+    with _LAUNCH:
+        if nth <= 1:
+            worker(0, 1, *a)
+            return
+        if _POOL is None or _POOL[1] < nth - 1:
+            _POOL = (ThreadPoolExecutor(nth - 1, thread_name_prefix="gscfast-numba"), nth - 1)
+        futures = [_POOL[0].submit(run, th) for th in range(1, nth)]
+        error: BaseException | None = None
+        try:
+            run(0)
+        except BaseException as e:
+            error = e
+        for f in futures:  # every worker has finished before the launch returns
+            other = f.exception()
+            if error is None and other is not None:
+                error = other
+        if error is not None:
+            raise error
+
+
+@intrinsic
+def _atomic_add(typingctx, ary, i, v):
+    """``ary[i] += v`` atomically (sequentially consistent); returns the old value."""
+    sig = types.int64(ary, types.intp, types.int64)
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        a = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, a, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, ary, i):
+    """``ary[i]``, loaded atomically (sequentially consistent)."""
+    sig = types.int64(ary, types.intp)
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        a = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, a, [args[1]])
+        return builder.load_atomic(ptr, "seq_cst", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """``sched_yield()``: a waiting worker gives its core to one that has not arrived yet (more
+    threads than cores)."""
+    sig = types.int32()
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "sched_yield")
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
+@njit(**INL)
+def _barrier(sync, nth):
+    """Wait until all ``nth`` workers of a launch got here (``sync``: arrivals, generation,
+    abort). Atomic operations order every worker's writes before the barrier before every
+    worker's reads after it. Returns True if a worker raised (the caller returns at once)."""
+    gen = _atomic_load(sync, 1)
+    if _atomic_add(sync, 0, 1) == nth - 1:
+        _atomic_add(sync, 0, -nth)
+        _atomic_add(sync, 1, 1)
+    else:
+        spins = 0
+        while _atomic_load(sync, 1) == gen:
+            if _atomic_load(sync, 2) != 0:
+                return True
+            spins += 1
+            if spins > 256:
+                _yield_cpu()
+    return _atomic_load(sync, 2) != 0
 
 
 # ------------------------------------------------------------------ workspace sizes (elements)

@@ -27,8 +27,8 @@ the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (
 shape (two Linears in a row, an activation or a norm without a Linear before it), other dtypes or
 devices, and a gradient asked for without an error layer.
 
-Threads: ``numba.get_num_threads()`` workers; each runs whole tiles of samples with single-threaded
-BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
+Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
+runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
 kernel, then restored). Working sets are reused between calls (``workspace``) up to the memory
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
 independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).

@@ -128,7 +128,8 @@ def test_the_kernels_use_the_shared_cache():
 
     if not k.CACHE:
         pytest.skip("the gscfast cache folder is not writable here")
-    for fn in (k.sweep_kernel, k.chain_kernel, k.jacobian_kernel, k.contrib_kernel, k._forward):
+    workers = (k._sweep_worker, k._chain_worker, k._jacobian_worker, k._contrib_worker)
+    for fn in (*workers, k._coupled_sweep_worker, k._coupled_step_worker, k._forward):
         assert isinstance(fn._cache._impl.locator, numba_cache.SharedLocator), fn
         assert isinstance(fn._cache._cache_file, numba_cache.KeyedDataFile), fn
         assert Path(fn._cache.cache_path).parent == numba_cache.cache_dir() / "numba"
