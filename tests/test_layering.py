@@ -359,7 +359,7 @@ def test_numba_cache_has_one_home():
     assert numba_cache_bypasses(PACKAGE) == []
     from gscfast.backends import _numba_kernels
 
-    assert _numba_kernels.OPTS["cache"] is _numba_kernels.CACHE  # the walker's subject exists
+    assert _numba_kernels.HELP["cache"] is _numba_kernels.CACHE  # the walker's subject exists
 
 
 @pytest.mark.parametrize(
