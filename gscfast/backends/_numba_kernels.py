@@ -10,8 +10,7 @@ BatchNorm] -> [activation]``, described by three flat arrays built in ``numba_ba
 - ``wflat``/``vflat``: all weights ``[d_out, d_in]`` and vectors (bias, gamma/scale, beta, mean).
 
 Rows are samples (``N = D * B`` of them). Every kernel runs a nogil worker on each of ``nth``
-threads (``launch``, at the end of this file); each
-thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
+threads (``launch``, at the end of this file); each thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
 processes tiles of ``T`` samples one after the other, so intermediate Jacobians never leave the
 thread's cache. Per layer and tile there is one BLAS GEMM (``np.dot`` on a ``[T*R, d]`` row stack,
 single-threaded inside the thread) and one fused elementwise pass (activation derivative, norm
@@ -1507,8 +1506,8 @@ def contrib_kernel(
 # batch statistics need (forward: mean, variance; backward: the projection's two means) are
 # per-thread partial sums combined after a barrier. The gradient rows of a tile start at
 # ``r0 * dmax`` whatever the layer's width, so that no thread's rows of one layer overlap another
-# thread's rows of the next (the threads meet only at batch-norm layers). ``store`` holds every layer's
-# saved state for all B rows (``T = B`` in the ``_row`` helpers).
+# thread's rows of the next (the threads meet only at batch-norm layers). ``store`` holds every
+# layer's saved state for all B rows (``T = B`` in the ``_row`` helpers).
 
 
 @njit(**INL)
@@ -2128,12 +2127,9 @@ def _coupled_sweep_worker(
 # ``v^(k) S + v^(k-1) (G - S)``, in cache (``coupled_step_kernel``).
 
 
-def coupled_colsums_kernel(V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S):
+def coupled_colsums_kernel(V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S, nth):
     """Per lambda-row ``k`` of ``V [K, B, d]``: ``sq[k] = ||V[k]||^2`` and the column sums
     ``s1X[k] = sum_b u``, ``s2X[k] = sum_b u * xX`` of ``u = V[k] * cX`` (float64 accumulators)."""
-    import numba
-
-    nth = max(1, min(numba.get_num_threads(), V.shape[0]))
     launch(_coupled_colsums_worker, nth, V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S)
 
 
@@ -2238,7 +2234,9 @@ def launch(worker, nth: int, *args, sync: bool = False) -> None:
         if nth <= 1:
             worker(0, 1, *a)
             return
-        if _POOL is None or _POOL[1] < nth - 1:
+        if _POOL is None or _POOL[1] < nth - 1:  # more threads than before: a bigger pool
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
             _POOL = (ThreadPoolExecutor(nth - 1, thread_name_prefix="gscfast-numba"), nth - 1)
         futures = [_POOL[0].submit(run, th) for th in range(1, nth)]
         error: BaseException | None = None

@@ -28,8 +28,8 @@ shape (two Linears in a row, an activation or a norm without a Linear before it)
 devices, and a gradient asked for without an error layer.
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
-runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls is switched to one thread for the duration of a
-kernel, then restored). Working sets are reused between calls (``workspace``) up to the memory
+runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
+is switched to one thread for the duration of a kernel, then restored). Working sets are reused between calls (``workspace``) up to the memory
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
 independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).
 """
@@ -597,7 +597,7 @@ class NumbaBackend(FusedBackend):
                     K, d = v.shape[0], v.shape[2]
                     sq = np.empty(K)
                     s = [np.empty((K, d)) for _ in range(4)]
-                    k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s)
+                    k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s, nth)
                     res[d0 + p, m, :K] = sq
                     # without a batch-statistics norm, u is not projected: no means
                     proj = (projG, projG, projS, projS)
