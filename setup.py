@@ -61,7 +61,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gscfast", "gscfast.*"]),
     package_data={"gscfast": ["py.typed"]},
-    install_requires=["numpy>=1.24", "torch>=2.3", "numba>=0.58", "scipy>=1.10"],
+    install_requires=[
+        "numpy>=1.24",
+        "torch>=2.3",
+        "numba>=0.58",
+        "scipy>=1.10",
+        "threadpoolctl>=3",
+    ],
     extras_require={
         "plot": ["matplotlib>=3.6", "pandas>=1.5", "tqdm>=4.60"],
         "triton": ["triton>=3.0"],

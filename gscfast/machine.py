@@ -1,18 +1,23 @@
 """What the machine can do, measured: the best GEMM rate it reaches, and the line naming it.
 
 One home for the yardstick that the Gaussian study's FLOP floor and the benchmarks' "x sgemm"
-ratios divide by: the best rate the machine reaches, whichever library reaches it (OpenBLAS through
-numpy is often faster than torch's GEMM at the studies' sizes on a CPU), not torch's alone.
+ratios divide by: the best rate the machine reaches, however it is reached (OpenBLAS through numpy
+is often faster than torch's GEMM at the studies' sizes on a CPU; and for thin products such as
+``[10000, 100] x [100, 100]`` one single-threaded GEMM per core on row tiles, which is what the
+numba kernels run, beats one multi-threaded library call), not torch's alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import threadpoolctl
 import torch
 
 __all__ = ["GemmRate", "describe", "gemm_rate"]
@@ -28,8 +33,10 @@ class GemmRate:
 
     Attributes:
         flops: the best rate, FLOP/s (``2 m k n`` per product over the fastest call's time).
-        library: the library that reached it (``"numpy"`` or ``"torch"``).
-        rates: every measured library's best rate, FLOP/s.
+        library: the formulation that reached it: ``"numpy"`` or ``"torch"`` (one library call,
+            the library's own threads), or ``"numpy per thread"`` (the rows split into tiles
+            over ``threads`` threads, each calling single-threaded OpenBLAS).
+        rates: every measured formulation's best rate, FLOP/s.
         device: where it was measured (``"cpu"``, ``"cuda:0"``, ...).
     """
 
@@ -48,18 +55,36 @@ def gemm_rate(
     dtype: torch.dtype = torch.float32,
     reps: int = 3,
     seconds: float = 0.0,
+    threads: int | None = None,
+    tile: int = 1024,
 ) -> GemmRate:
-    """The best rate of ``[m, k] @ [k, n]`` products on ``device``, over the libraries that can
-    run there: numpy (OpenBLAS) and torch on the CPU, torch on a GPU.
+    """The best rate of ``[m, k] @ [k, n]`` products on ``device``, over the formulations that
+    can run there. On the CPU: one numpy (OpenBLAS) call and one torch call, each with its
+    library's threads, and (with ``threads`` > 1) the rows split into ``tile``-row tiles dealt to
+    ``threads`` threads round-robin, each thread calling numpy with one OpenBLAS thread on a tile that
+    stays in its cache, as the numba kernels do. On a GPU: one torch call.
 
-    Each library runs one untimed call (warm-up), then single timed calls, at least ``reps`` and
-    until ``seconds`` have passed; its rate is that of its fastest call (the least disturbed by
-    other work on the machine).
+    Each formulation runs once untimed (warm-up), then timed, at least ``reps`` times and until
+    ``seconds`` have passed; its rate is that of its fastest run (the least disturbed by other
+    work on the machine).
+
+    Args:
+        threads: CPU threads for the per-thread formulation (default ``torch.get_num_threads()``).
+        tile: rows per tile of the per-thread formulation.
 
     Raises:
-        ValueError: a size or ``reps`` below 1, or ``seconds`` negative.
+        ValueError: a size, ``reps``, ``threads`` or ``tile`` below 1, or ``seconds`` negative.
     """
-    for name, v in (("m", m), ("k", k), ("n", n), ("reps", reps)):
+    if threads is None:
+        threads = torch.get_num_threads()
+    for name, v in (
+        ("m", m),
+        ("k", k),
+        ("n", n),
+        ("reps", reps),
+        ("threads", threads),
+        ("tile", tile),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"gemm_rate: {name} must be an integer >= 1, got {v!r}")
     if not seconds >= 0:
@@ -69,24 +94,51 @@ def gemm_rate(
     b = torch.randn(k, n, dtype=dtype, device=device)
     c = torch.empty(m, n, dtype=dtype, device=device)
     calls: dict[str, Callable[[], object]] = {}
+    limits: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
+    pool = None
     if device.type == "cpu":
         an, bn, cn = a.numpy(), b.numpy(), c.numpy()
         calls["numpy"] = lambda: np.matmul(an, bn, out=cn)
+        if threads > 1:
+            pool = ThreadPoolExecutor(threads - 1)
+
+            def rows(th: int) -> None:
+                # Every product of a thread reuses its first tile's rows: a tile of the kernels
+                # stays in its core's cache while it passes through the layers, and so does this.
+                t0 = th * tile
+                for r in range(t0, m, threads * tile):
+                    h = min(tile, m - r)
+                    np.matmul(an[t0 : t0 + h], bn, out=cn[t0 : t0 + h])
+
+            def per_thread() -> None:
+                # numpy's matmul releases the GIL, so the threads' GEMMs run in parallel.
+                futures = [pool.submit(rows, th) for th in range(1, threads)]
+                rows(0)
+                for f in futures:
+                    f.result()
+
+            calls["numpy per thread"] = per_thread
+            limits["numpy per thread"] = lambda: threadpoolctl.threadpool_limits(1, "blas")
     calls["torch"] = lambda: torch.mm(a, b, out=c)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rates = {}
-    for name, call in calls.items():
-        call()
-        sync()
-        best, done, start = float("inf"), 0, time.perf_counter()
-        while done < reps or time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            call()
-            sync()
-            best = min(best, time.perf_counter() - t0)
-            done += 1
-        rates[name] = 2.0 * m * k * n / best
-    if "numpy" in calls:
+    try:
+        for name, call in calls.items():
+            with limits.get(name, contextlib.nullcontext)():
+                call()
+                sync()
+                best, done, start = float("inf"), 0, time.perf_counter()
+                while done < reps or time.perf_counter() - start < seconds:
+                    t0 = time.perf_counter()
+                    call()
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
+                    done += 1
+            rates[name] = 2.0 * m * k * n / best
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if device.type == "cpu":
         time.sleep(_PARK_SECONDS)
     library = max(rates, key=rates.__getitem__)
     return GemmRate(rates[library], library, rates, str(device))
