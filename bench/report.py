@@ -110,6 +110,11 @@ def table(rs: list[dict]) -> str:
                 note.append(f"auto runs {r['auto_runs']}")
             if "timed_B" in r:
                 note.append(f"timed on B={r['timed_B']}, scaled")
+            if "epoch_s" in r:
+                note.append(
+                    f"{r['time_s'] / r['epoch_s']:.2f} training epochs' time "
+                    f"(an epoch: {r['epoch_s']:.1f} s)"
+                )
             lines.append(
                 f"| {r['impl']} | {_fmt_t(r['time_s'])} | {r.get('gflops', 0):.1f} | "
                 f"{r.get('sgemm_ratio', 0):.2f} | {sp} | {'; '.join(note)} |"

@@ -3,11 +3,17 @@
 
 The coupled case: batch-tanh (train-mode batch norm, ``batchnorm="batch"``: the whole set is one
 datapoint) on CIFAR-sized inputs (3072 -> 50 x 100 -> 10, KL error), B = 10,000 (the CIFAR study
-measures 50,000); the torch engine's path and numba's fused one."""
+measures 50,000); the torch engine's path and numba's fused one.
+
+The coupled case against training (issue 13, item 5): numba's fused whole-set effective depth of
+the same network at the CIFAR study's 50,000 images, next to one epoch of the study's training
+(``cifar.train_epoch``: minibatches of 100, SGD) on the same model and data, which the row records
+as ``epoch_s``; the report prints the effective depth's time in epochs."""
 
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -24,6 +30,7 @@ from benchlib import (
 )
 
 import gscfast
+from gscfast.experiments.cifar import train_epoch
 
 W = SIZES["w4"]
 IMPLS = ["torch"] + [b for b in BACKENDS if b != "torch"] + ["auto"]
@@ -112,4 +119,49 @@ def test_w4_effective_depth_coupled(benchmark, sgemm_session, expected, impl):
         B=C["B"],
         depth=C["depth"],
         width=C["width"],
+    )
+
+
+@pytest.mark.parametrize("impl", [b for b in COUPLED_IMPLS if b != "torch"])
+def test_w4_coupled_against_training(benchmark, sgemm_session, impl):
+    C = SIZES["cifar"]
+    arch = make_model(C["depth"], C["width"], "tanh", "batch", 0, C["n"], C["classes"])
+    trained, init = _models(arch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(C["B"], C["n"], generator=g)
+    y = torch.randint(0, C["classes"], (C["B"],), generator=g)
+    benchmark.group = "W4 effective_depth coupled, CIFAR-sized set"
+    model = copy.deepcopy(trained)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    assert train_epoch(model, opt, x, y, 100, 0)
+    epoch = time.perf_counter() - t0
+    del model, opt
+
+    def check(r):
+        # the torch engine takes minutes here: test_w4_effective_depth_coupled checks the fused
+        # path against it at B = 10,000; this checks the shape of the answer
+        depth, profile = r
+        L = C["depth"] + 1
+        assert profile.shape == (L + 1, L + 1) and 0 <= depth <= L
+        defined = torch.ones(L + 1, L + 1, dtype=torch.bool).tril(-1)  # lambda < m
+        defined[0, 0] = True
+        assert profile[defined].isfinite().all() and profile[~defined].isnan().all()
+
+    run_checked(
+        benchmark,
+        lambda: gscfast.effective_depth(
+            trained, init, x, y, error="kl", batchnorm="batch", backend=impl
+        ),
+        check=check,
+        flops=flops_w4(trained, C["B"]),
+        rounds=1,
+        sgemm=sgemm_session,
+        workload="W4",
+        arch="batch-tanh",
+        impl=impl,
+        B=C["B"],
+        depth=C["depth"],
+        width=C["width"],
+        epoch_s=epoch,
     )

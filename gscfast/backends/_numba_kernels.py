@@ -2119,88 +2119,174 @@ def _coupled_sweep_worker(
 
 # ------------------------------------------------------------------ coupled contributions
 # The residual-trick recursion of a batch datapoint (numba_backend._contributions_coupled): every
-# lambda-row of ``g_m`` is a ``[B, d]`` matrix. A layer's VJP is ``u = v * c`` (activation
-# derivative, batch-norm scale), the batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)``
-# (``x`` the standardized input; ``x = 0`` and no mean without one), then the GEMM. Two passes
-# over ``v`` replace torch's dozen: the column sums, then tiles of the projected rows of both
-# models, each one ``[TB, 2d]`` GEMM input so that one GEMM with ``[W_S; W_G - W_S]`` gives
-# ``v^(k) S + v^(k-1) (G - S)``, in cache (``coupled_step_kernel``).
-
-
-def coupled_colsums_kernel(V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S, nth):
-    """Per lambda-row ``k`` of ``V [K, B, d]``: ``sq[k] = ||V[k]||^2`` and the column sums
-    ``s1X[k] = sum_b u``, ``s2X[k] = sum_b u * xX`` of ``u = V[k] * cX`` (float64 accumulators)."""
-    launch(_coupled_colsums_worker, nth, V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S)
+# lambda-row of ``g_m`` is a ``[B, d]`` matrix, stored sample-major (``V [B, K, d]``: a sample's K
+# rows together). A layer's VJP is ``u = v * c`` (activation derivative, batch-norm scale), the
+# batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)`` (``x`` the standardized input;
+# ``x = 0`` and no mean without one), then the GEMM. One pass over ``v`` per layer: each thread
+# takes tiles of samples, builds all their lambda-rows of both models as one ``[rows, 2d]`` GEMM
+# input (so that one GEMM with ``[W_S; W_G - W_S]`` gives ``v^(k) S + v^(k-1) (G - S)``), and,
+# while the GEMM's output is in cache, adds its column sums for the next layer
+# (``coupled_step_kernel``). Tiles of samples, not of one lambda-row: a tile's ``c`` and ``x``
+# rows stay in cache across its lambda-rows.
 
 
 @njit(**HELP)
-def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, sq, s1G, s2G, s1S, s2S):
-    K, B, d = V.shape
-    for k in range(th, K, nth):
-        acc = 0.0
-        for j in range(d):
-            s1G[k, j] = 0.0
-            s2G[k, j] = 0.0
-            s1S[k, j] = 0.0
-            s2S[k, j] = 0.0
-        for b in range(B):
+def _colsums_rows(V, b0, n, cG, xG, cS, xS, acc):
+    """Adds samples ``b0 .. b0 + n`` of ``V [B, K, d]`` to ``acc [K, 4d + 1]`` (float64): per
+    lambda-row ``k``, the column sums ``sum_b u`` and ``sum_b u * xX`` of ``u = V[b, k] * cX``
+    for X = G, S in column blocks ``[s1G | s2G | s1S | s2S]``, and ``||V[:, k]||^2`` last.
+    Lambda-row outermost and one short loop per pair of sums: ``acc[k]`` stays in L1 and each
+    loop vectorizes (one loop doing all of it ran 1.6x slower)."""
+    K, d = V.shape[1], V.shape[2]
+    for k in range(K):
+        a = acc[k]
+        sq = 0.0
+        for b in range(b0, b0 + n):
             for j in range(d):
-                v = np.float64(V[k, b, j])
-                acc += v * v
-                u = v * cG[b, j]
-                s1G[k, j] += u
-                s2G[k, j] += u * xG[b, j]
-                u = v * cS[b, j]
-                s1S[k, j] += u
-                s2S[k, j] += u * xS[b, j]
-        sq[k] = acc
+                v = np.float64(V[b, k, j])
+                sq += v * v
+        a[4 * d] += sq
+        for b in range(b0, b0 + n):
+            for j in range(d):
+                u = np.float64(V[b, k, j] * cG[b, j])
+                a[j] += u
+                a[d + j] += u * xG[b, j]
+        for b in range(b0, b0 + n):
+            for j in range(d):
+                u = np.float64(V[b, k, j] * cS[b, j])
+                a[2 * d + j] += u
+                a[3 * d + j] += u * xS[b, j]
+
+
+def coupled_colsums_kernel(V, cG, xG, cS, xS, TB, part, nth):
+    """``part[th] [K, 4d + 1]`` (float64): thread ``th``'s share of ``_colsums_rows`` over all of
+    ``V [B, K, d]``, in tiles of ``TB`` samples; the caller sums ``part`` over threads (a fixed
+    order: the same bits for the same thread count)."""
+    launch(_coupled_colsums_worker, nth, V, cG, xG, cS, xS, TB, part)
 
 
 @njit(**HELP)
-def _coupled_step_worker(th, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws):
-    K, B, d = V.shape
+def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, TB, part):
+    B = V.shape[0]
+    acc = part[th]
+    acc[:] = 0.0
+    for b0 in range(th * TB, B, nth * TB):
+        _colsums_rows(V, b0, min(TB, B - b0), cG, xG, cS, xS, acc)
+
+
+@njit(**HELP)
+def _coupled_step_worker(
+    th,
+    nth,
+    V,
+    cG,
+    xG,
+    cS,
+    xS,
+    m1G,
+    m2G,
+    m1S,
+    m2S,
+    dm1,
+    dm2,
+    Wcat,
+    TB,
+    out,
+    nG,
+    nxG,
+    nS,
+    nxS,
+    part,
+    ws,
+):
+    B, K, d = V.shape
     din = Wcat.shape[1]
-    nb = (B + TB - 1) // TB
+    K1 = K + 1
     w = ws[th]
-    for it in range(th, (K + 1) * nb, nth):
-        k = it // nb
-        b0 = (it % nb) * TB
-        n = min(B, b0 + TB) - b0
-        U = w[: n * 2 * d].reshape((n, 2 * d))
+    O = out.reshape((B, K1, din))
+    acc = part[th]
+    acc[:] = 0.0
+    for b0 in range(th * TB, B, nth * TB):
+        n = min(TB, B - b0)
+        # the tile's c and x differences once, not once per lambda-row; each loop below reads
+        # few arrays, so that LLVM vectorizes it (with many, its alias checks give up)
+        dc = w[: n * d].reshape((n, d))
+        dx = w[n * d : 2 * n * d].reshape((n, d))
+        for r in range(n):
+            for j in range(d):
+                dc[r, j] = cG[b0 + r, j] - cS[b0 + r, j]
+                dx[r, j] = xG[b0 + r, j] - xS[b0 + r, j]
+        U = w[2 * n * d : 2 * n * d + n * K1 * 2 * d].reshape((n * K1, 2 * d))
         for r in range(n):
             b = b0 + r
-            for j in range(2 * d):
-                U[r, j] = 0.0
-            if k < K:
-                for j in range(d):
-                    U[r, j] = V[k, b, j] * cS[b, j] - m1S[k, j] - xS[b, j] * m2S[k, j]
-            if k >= 1:
-                for j in range(d):
-                    vp = V[k - 1, b, j]
+            for k in range(K1):
+                i = r * K1 + k
+                if k < K:
+                    for j in range(d):
+                        U[i, j] = V[b, k, j] * cS[b, j] - m1S[k, j] - xS[b, j] * m2S[k, j]
+                else:
+                    for j in range(d):
+                        U[i, j] = 0.0
+                if k >= 1:
                     # u_G - u_S from the differences of its factors: exactly 0 where the two
                     # models agree (fastmath's contraction of g - s into an FMA would leave the
                     # rounding error of one product)
-                    U[r, j] += (
-                        vp * (cG[b, j] - cS[b, j])
-                        - (m1G[k - 1, j] - m1S[k - 1, j])
-                        - (xG[b, j] - xS[b, j]) * m2G[k - 1, j]
-                        - xS[b, j] * (m2G[k - 1, j] - m2S[k - 1, j])
-                    )
-                    U[r, d + j] = vp * cG[b, j] - m1G[k - 1, j] - xG[b, j] * m2G[k - 1, j]
-        o = (k * B + b0) * din
-        np.dot(U, Wcat, out[o : o + n * din].reshape((n, din)))
+                    for j in range(d):
+                        U[i, j] += (
+                            V[b, k - 1, j] * dc[r, j]
+                            - dm1[k - 1, j]
+                            - dx[r, j] * m2G[k - 1, j]
+                            - xS[b, j] * dm2[k - 1, j]
+                        )
+                    for j in range(d):
+                        U[i, d + j] = (
+                            V[b, k - 1, j] * cG[b, j] - m1G[k - 1, j] - xG[b, j] * m2G[k - 1, j]
+                        )
+                else:
+                    for j in range(d):
+                        U[i, d + j] = 0.0
+        o = b0 * K1 * din
+        np.dot(U, Wcat, out[o : o + n * K1 * din].reshape((n * K1, din)))
+        _colsums_rows(O, b0, n, nG, nxG, nS, nxS, acc)
 
 
-def coupled_step_kernel(V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, nth, ws):
-    """One layer of the coupled recursion: ``out [(K+1) * B * d_in]`` (flat) holds, for each
-    ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat = [W_S;
-    W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) = V[k] * cX -
-    m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``), ``m1X``/``m2X`` the
-    column means ``s1X / B``, ``s2X / B``. Written with the differences, a model equal to its
-    initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of two products).
-    Each thread builds tiles of ``TB`` samples of one lambda-row in its ``ws`` row and GEMMs them
-    while they are in cache."""
-    launch(_coupled_step_worker, nth, V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, Wcat, TB, out, ws)
+def coupled_step_kernel(
+    V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, dm1, dm2, Wcat, TB, out, nG, nxG, nS, nxS, part, nth, ws
+):
+    """One layer of the coupled recursion: ``out [B * (K+1) * d_in]`` (flat, ``[B, K+1, d_in]``)
+    holds, for each ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with
+    ``Wcat = [W_S; W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k)
+    = V[:, k] * cX - m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``),
+    ``m1X``/``m2X`` the column means ``s1X / B``, ``s2X / B`` (``dm1 = m1G - m1S``, ``dm2 = m2G -
+    m2S``). Written with the differences, a
+    model equal to its initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of
+    two products). Each thread builds tiles of ``TB`` samples (all their lambda-rows) in its
+    ``ws`` row, GEMMs them while they are in cache, and adds the output's ``_colsums_rows`` with
+    the next layer's ``nG, nxG, nS, nxS`` to ``part[th]`` (``coupled_colsums_kernel``'s)."""
+    launch(
+        _coupled_step_worker,
+        nth,
+        V,
+        cG,
+        xG,
+        cS,
+        xS,
+        m1G,
+        m2G,
+        m1S,
+        m2S,
+        dm1,
+        dm2,
+        Wcat,
+        TB,
+        out,
+        nG,
+        nxG,
+        nS,
+        nxS,
+        part,
+        ws,
+    )
 
 
 # ------------------------------------------------------------------ launching workers
@@ -2333,8 +2419,9 @@ def coupled_ws(B, T, rowsz, dmax, nth):
     return B * rowsz + nth * T * dmax + 2 * B * dmax
 
 
-def coupled_step_ws(TB, dmax):
-    return TB * 2 * dmax
+def coupled_step_ws(TB, rows, dmax):
+    """``TB`` samples' c and x differences, and ``rows`` rows of the GEMM input."""
+    return 2 * TB * dmax + rows * 2 * dmax
 
 
 # every kernel above: race-free data files in the shared cache (numba_cache.attach)

@@ -555,9 +555,10 @@ class NumbaBackend(FusedBackend):
 
     def _contributions_coupled(self, pb: Problem, init: Program) -> Tensor:
         """The residual-trick recursion of batch datapoints: the torch engine's forward passes
-        (trained model, and the initial one at the trained inputs), then per layer the two
-        kernels ``coupled_colsums_kernel`` (column sums) and ``coupled_step_kernel`` (one GEMM
-        with ``[W_S; W_G - W_S]`` per tile of samples)."""
+        (trained model, and the initial one at the trained inputs), the column sums of the first
+        lambda-row (``coupled_colsums_kernel``), then per layer ``coupled_step_kernel``: one GEMM
+        with ``[W_S; W_G - W_S]`` per tile of samples, and the next layer's column sums of its
+        output while it is in cache."""
         import numba
 
         k = _k()
@@ -567,8 +568,8 @@ class NumbaBackend(FusedBackend):
         res = np.full((pb.D, L + 1, L + 1), np.nan, dt)
         res[:, 0, 0] = 1
         nth = numba.get_num_threads()
-        TB = max(1, min(B, ROWS // 4))  # samples per GEMM tile: [TB, 2d] stays in cache
-        ws = workspace(nth, k.coupled_step_ws(TB, dmax), dt, pb.memory)
+        R = max(1, ROWS // 4)  # GEMM rows per tile: [R, 2d] stays in cache
+        ws = workspace(nth, k.coupled_step_ws(R, max(R, L), dmax), dt, pb.memory)
         bufs: list[np.ndarray] = []
         d0 = 0
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
@@ -583,37 +584,83 @@ class NumbaBackend(FusedBackend):
                 if POISON:
                     for buf in bufs:
                         buf.fill(np.nan)
-            vs = [tr.grad[p].reshape(1, B, -1).contiguous().numpy() for p in range(P)]
+            vs = [tr.grad[p].reshape(B, 1, -1).contiguous().numpy() for p in range(P)]
+            parts = []
+            cur = _coupled_layer(pb, init, tr, ictx, 1, P)
+            for p in range(P):
+                (_, cG, xG, _), (_, cS, xS, _) = cur[p]
+                part = np.empty((nth, 1, 4 * cG.shape[1] + 1))
+                k.coupled_colsums_kernel(vs[p], cG, xG, cS, xS, np.int64(R), part, nth)
+                parts.append(part)
             for m in range(1, L):
-                # the initial layer on the whole chunk, as the trained one ran: the same input
-                # then gives the same bits (exact zeros where the two models agree)
-                _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)
+                nxt = _coupled_layer(pb, init, tr, ictx, m + 1, P) if m + 1 < L else None
                 for p in range(P):
                     v = vs[p]
-                    wG, cG, xG, projG = _coupled_arrays(
-                        pb.program.layer(m), tr.saved[m], p, B, pb.x.dtype
-                    )
-                    wS, cS, xS, projS = _coupled_arrays(init.layer(m), s_init, p, B, pb.x.dtype)
-                    K, d = v.shape[0], v.shape[2]
-                    sq = np.empty(K)
-                    s = [np.empty((K, d)) for _ in range(4)]
-                    k.coupled_colsums_kernel(v, cG, xG, cS, xS, sq, *s, nth)
-                    res[d0 + p, m, :K] = sq
+                    K, d = v.shape[1], v.shape[2]
+                    (wG, cG, xG, projG), (wS, cS, xS, projS) = cur[p]
+                    tot = parts[p].sum(0)  # in thread order: the same bits for the same nth
+                    res[d0 + p, m, :K] = tot[:, 4 * d]
                     # without a batch-statistics norm, u is not projected: no means
-                    proj = (projG, projG, projS, projS)
                     means = [
-                        (a / B if on else np.zeros_like(a)).astype(dt) for a, on in zip(s, proj)
+                        (tot[:, i * d : (i + 1) * d] / B if on else np.zeros((K, d))).astype(dt)
+                        for i, on in enumerate((projG, projG, projS, projS))
                     ]
+                    diffs = (means[0] - means[2], means[1] - means[3])
                     wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
                     din = wcat.shape[1]
                     flat = bufs[2 * p + m % 2][: (K + 1) * B * din]
+                    # the next layer's c and x (the last step needs only the squared norms)
+                    (_, nG, nxG, _), (_, nS, nxS, _) = (
+                        nxt[p] if nxt is not None else ((None, *_zeros(B, din, dt), None),) * 2
+                    )
+                    parts[p] = np.empty((nth, K + 1, 4 * din + 1))
                     with single_threaded_blas():
-                        k.coupled_step_kernel(v, cG, xG, cS, xS, *means, wcat, TB, flat, nth, ws)
-                    vs[p] = flat.reshape(K + 1, B, din)
-            for p, v in enumerate(vs):
-                res[d0 + p, L, :L] = np.einsum("kbd,kbd->k", v, v)
+                        k.coupled_step_kernel(
+                            v,
+                            cG,
+                            xG,
+                            cS,
+                            xS,
+                            *means,
+                            *diffs,
+                            wcat,
+                            np.int64(max(1, R // (K + 1))),
+                            flat,
+                            nG,
+                            nxG,
+                            nS,
+                            nxS,
+                            parts[p],
+                            nth,
+                            ws,
+                        )
+                    vs[p] = flat.reshape(B, K + 1, din)
+                cur = nxt
+            for p in range(P):
+                res[d0 + p, L, :L] = parts[p].sum(0)[:, -1]
             d0 += P
         return torch.from_numpy(res)
+
+
+def _coupled_layer(pb: Problem, init: Program, tr, ictx, m: int, P: int) -> list[tuple]:
+    """Layer m's (trained, initial) ``_coupled_arrays`` for each of the chunk's ``P``
+    datapoints. The initial layer runs on the whole chunk at the trained model's input, as the
+    trained one ran: the same input then gives the same bits (exact zeros where the two models
+    agree)."""
+    _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)
+    return [
+        (
+            _coupled_arrays(pb.program.layer(m), tr.saved[m], p, pb.B, pb.x.dtype),
+            _coupled_arrays(init.layer(m), s_init, p, pb.B, pb.x.dtype),
+        )
+        for p in range(P)
+    ]
+
+
+def _zeros(B: int, d: int, dt) -> tuple[np.ndarray, np.ndarray]:
+    """``c`` and ``x`` of no layer (the last step's column sums are not used)."""
+    z = np.zeros((B, d), dt)
+    return z, z
 
 
 def _coupled_arrays(

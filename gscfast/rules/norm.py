@@ -19,10 +19,11 @@ from .base import ForwardCtx, Rule, register
 
 def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     mean = x.mean(dim, keepdim=True)
-    var = (x - mean).square().mean(dim, keepdim=True)  # biased, as torch normalizes
+    xc = x - mean  # once: a pass over x less (the same bits as computing it twice)
+    var = xc.square().mean(dim, keepdim=True)  # biased, as torch normalizes
     var = poison_variance(var)  # an overflowed variance gives NaN, not silent zeros
     inv = torch.rsqrt(var + eps)
-    return (x - mean) * inv, inv, mean, var
+    return xc * inv, inv, mean, var
 
 
 def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
