@@ -23,7 +23,8 @@ def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tenso
     var = xc.square().mean(dim, keepdim=True)  # biased, as torch normalizes
     var = poison_variance(var)  # an overflowed variance gives NaN, not silent zeros
     inv = torch.rsqrt(var + eps)
-    return xc * inv, inv, mean, var
+    # in place where autograd allows: one fresh tensor fewer (the same bits)
+    return (xc * inv if xc.requires_grad else xc.mul_(inv)), inv, mean, var
 
 
 def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
