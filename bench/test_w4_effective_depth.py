@@ -54,6 +54,16 @@ def _models(init=None):
     return trained, init
 
 
+def _coupled_case(C: dict) -> tuple:
+    """Batch-tanh on CIFAR-sized inputs (sizes ``C``), its moved copy, inputs and labels."""
+    arch = make_model(C["depth"], C["width"], "tanh", "batch", 0, C["n"], C["classes"])
+    trained, init = _models(arch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(C["B"], C["n"], generator=g)
+    y = torch.randint(0, C["classes"], (C["B"],), generator=g)
+    return trained, init, x, y
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_w4_effective_depth(benchmark, sgemm_session, expected, impl):
     trained, init = _models()
@@ -85,11 +95,7 @@ def test_w4_effective_depth(benchmark, sgemm_session, expected, impl):
 @pytest.mark.parametrize("impl", COUPLED_IMPLS)
 def test_w4_effective_depth_coupled(benchmark, sgemm_session, expected, impl):
     C = COUPLED
-    arch = make_model(C["depth"], C["width"], "tanh", "batch", 0, C["n"], C["classes"])
-    trained, init = _models(arch)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(C["B"], C["n"], generator=g)
-    y = torch.randint(0, C["classes"], (C["B"],), generator=g)
+    trained, init, x, y = _coupled_case(C)
     benchmark.group = "W4 effective_depth coupled"
 
     def run(backend):
@@ -125,11 +131,7 @@ def test_w4_effective_depth_coupled(benchmark, sgemm_session, expected, impl):
 @pytest.mark.parametrize("impl", [b for b in COUPLED_IMPLS if b != "torch"])
 def test_w4_coupled_against_training(benchmark, sgemm_session, impl):
     C = SIZES["cifar"]
-    arch = make_model(C["depth"], C["width"], "tanh", "batch", 0, C["n"], C["classes"])
-    trained, init = _models(arch)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(C["B"], C["n"], generator=g)
-    y = torch.randint(0, C["classes"], (C["B"],), generator=g)
+    trained, init, x, y = _coupled_case(C)
     benchmark.group = "W4 effective_depth coupled, CIFAR-sized set"
     model = copy.deepcopy(trained)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
