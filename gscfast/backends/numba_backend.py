@@ -635,7 +635,8 @@ class NumbaBackend(FusedBackend):
                             ws,
                         )
                     vs[p] = flat.reshape(B, K + 1, din)
-                cur = nxt
+                if nxt is not None:  # the last step has no next layer
+                    cur = nxt
             for p in range(P):
                 res[d0 + p, L, :L] = parts[p].sum(0)[:, -1]
             d0 += P
