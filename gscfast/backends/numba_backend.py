@@ -609,10 +609,10 @@ class NumbaBackend(FusedBackend):
                     wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
                     din = wcat.shape[1]
                     flat = bufs[2 * p + m % 2][: (K + 1) * B * din]
-                    # the next layer's c and x (the last step needs only the squared norms)
-                    (_, nG, nxG, _), (_, nS, nxS, _) = (
-                        nxt[p] if nxt is not None else ((None, *_zeros(B, din, dt), None),) * 2
-                    )
+                    if nxt is not None:  # the next layer's c and x, for its column sums
+                        (_, nG, nxG, _), (_, nS, nxS, _) = nxt[p]
+                    else:  # the last step: only its squared norms are used
+                        nG = nxG = nS = nxS = np.zeros((B, din), dt)
                     parts[p] = np.empty((nth, K + 1, 4 * din + 1))
                     with single_threaded_blas():
                         k.coupled_step_kernel(
@@ -656,12 +656,6 @@ def _coupled_layer(pb: Problem, init: Program, tr, ictx, m: int, P: int) -> list
         )
         for p in range(P)
     ]
-
-
-def _zeros(B: int, d: int, dt) -> tuple[np.ndarray, np.ndarray]:
-    """``c`` and ``x`` of no layer (the last step's column sums are not used)."""
-    z = np.zeros((B, d), dt)
-    return z, z
 
 
 def _coupled_arrays(
