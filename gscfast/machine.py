@@ -73,7 +73,8 @@ def gemm_rate(
         tile: rows per tile of the per-thread formulation.
 
     Raises:
-        ValueError: a size, ``reps``, ``threads`` or ``tile`` below 1, or ``seconds`` negative.
+        ValueError: a size, ``reps``, ``threads`` or ``tile`` below 1, ``seconds`` negative, or a
+            device whose GEMMs cannot be timed (``meta``: no data).
     """
     if threads is None:
         threads = torch.get_num_threads()
@@ -90,6 +91,22 @@ def gemm_rate(
     if not seconds >= 0:
         raise ValueError(f"gemm_rate: seconds must be >= 0, got {seconds!r}")
     device = torch.device(device)
+    # a GEMM on an accelerator is timed up to its device's synchronize; meta tensors hold no data
+    synchronize = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if device.type != "cpu" and not callable(synchronize):
+        raise ValueError(
+            f"gemm_rate: cannot time a GEMM on {device} (no data or no synchronize); use a CPU "
+            "or an accelerator such as cuda"
+        )
+
+    def sync() -> None:
+        if synchronize is None or device.type == "cpu":
+            return
+        if device.type == "cuda":
+            synchronize(device)
+        else:  # torch.mps's synchronize takes no argument (one device)
+            synchronize()
+
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
     c = torch.empty(m, n, dtype=dtype, device=device)
@@ -120,7 +137,6 @@ def gemm_rate(
             calls["numpy per thread"] = per_thread
             limits["numpy per thread"] = lambda: threadpoolctl.threadpool_limits(1, "blas")
     calls["torch"] = lambda: torch.mm(a, b, out=c)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rates = {}
     try:
         for name, call in calls.items():

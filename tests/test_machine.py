@@ -31,6 +31,7 @@ def test_blas_threads_are_restored_after_the_per_thread_formulation():
         ({"tile": 0}, "tile must be"),
         ({"reps": True}, "reps must be"),
         ({"seconds": -1.0}, "seconds must be"),
+        ({"device": "meta"}, "cannot time a GEMM on meta"),
     ],
 )
 def test_bad_arguments_are_refused(kw, what):
