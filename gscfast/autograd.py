@@ -51,8 +51,14 @@ def jacobian(
     chain instead of ``B * m`` autograd calls, and does not require grad (as torch's does not).
     Per-sample models give a block-diagonal result (``J[i, :, i, :]`` is sample ``i``'s Jacobian,
     zeros elsewhere); a train-mode ``BatchNorm1d`` (batch statistics) couples the samples and
-    gives the full matrix. Unlike torch, which calls ``func``, the fast path never modifies the
-    module: a train-mode batch norm's running statistics are not updated.
+    gives the full matrix. The module is left as torch leaves it: torch calls ``func(x)`` once,
+    which updates a train-mode batch norm's running statistics, and so does the fast path (one
+    forward without a graph, after the Jacobian, which uses the batch statistics).
+
+    One deliberate difference: with ``strategy="forward-mode"``, ``vectorize=True`` and a 1-D
+    ``x`` under ``torch.no_grad()``, torch raises ("Trying to set a forward gradient that has a
+    different size...") for a bias-free ``Linear`` followed by another layer; the fast path
+    returns the Jacobian, which equals torch's reverse-mode result.
 
     Otherwise, including every argument combination torch rejects, it delegates to
     ``torch.autograd.functional.jacobian``, so the result and any error are torch's own.
@@ -82,6 +88,19 @@ def _plain_input(x: object) -> TypeGuard[Tensor]:
         return False
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return not (is_wrapped is not None and is_wrapped(x))
+
+
+def _update_running_stats(model: nn.Module, x: Tensor) -> None:
+    """Leave ``model`` as torch's ``jacobian`` leaves it. torch calls ``model(x)`` once, which
+    updates each train-mode batch norm's running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``); the analytic path does not run the model, so it runs that one
+    forward here, without a graph (the update is the same: it never depends on autograd)."""
+    if any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        for m in model.modules()
+    ):
+        with torch.no_grad():
+            model(x.detach())
 
 
 def _fast_jacobian(
@@ -144,6 +163,7 @@ def _fast_jacobian(
     if one_d:
         out = out.reshape(m, n)
     out = out.detach()
+    _update_running_stats(func, x)
     if not is_tuple:
         return out
     # torch nests by input: a tuple, except that its forward mode builds (and returns) a list.
