@@ -36,8 +36,9 @@ def jacobian(
 
     Fast path, taken when all of these hold:
 
-    - ``func`` is an ``nn.Module`` that ``gscfast.compile_model`` accepts, built from plain
-      supported modules (no hooks, no overridden ``forward``);
+    - ``func`` is an ``nn.Module`` that ``gscfast.compile_model`` compiles with analytic rules
+      only (no module taken by its generic rule: no hooks, no overridden ``forward``, no module
+      type without a rule of its own);
     - ``inputs`` is one float32/float64 tensor ``[B, n]`` (or ``[n]`` for a model without batch
       norm), or a 1-tuple of one, that passes gscfast's input checks (matching dtype, device and
       width, finite values, a batch of at least 2 for a train-mode batch norm);
@@ -127,9 +128,11 @@ def _fast_jacobian(
         return None
     try:
         program = compile_model(func)
-    except TypeError:  # unsupported, hooked or overridden modules: torch calls them as they are
+    except (TypeError, ValueError):  # what gscfast refuses: torch calls it as it is
         return None
-    if not _plain_module(func):
+    if program.generic or not _plain_module(func):
+        # modules taken by the generic rule (hooks, custom forwards, no analytic rule) are
+        # torch's to answer: the drop-in promises torch's result, errors and randomness included
         return None
     if (
         strategy == "forward-mode"

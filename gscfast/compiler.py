@@ -7,16 +7,19 @@ the first layer of the model outputs ``f_L``, the last ``f_1``; ``f_0`` is the e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from .nn import Residual
 from .rules import RULES, ForwardCtx, Rule
 from .rules.base import propagate_width
+from .rules.generic import NO_RULE, GenericRule
 from .rules.norm import BatchNormRule
 from .rules.residual import ResidualRule
 
@@ -46,11 +49,14 @@ def _rule_for(module: nn.Module) -> type[Rule] | None:
     return rule
 
 
-# Hooks torch runs when a module is called; gscfast's rules compute the module's own forward only,
-# so a model with any of them is refused (all backends alike) rather than silently mis-measured.
-_HOOKS = {
-    "_forward_pre_hooks": "a forward pre-hook (register_forward_pre_hook)",
-    "_forward_hooks": "a forward hook (register_forward_hook)",
+# Hooks torch runs when a module is called. Forward hooks and pre-hooks change what the module
+# computes: such a module is called as is, by the generic rule. Backward hooks change the
+# gradients autograd would give, and torch.func cannot run them: refused (all backends alike).
+_FORWARD_HOOKS = {
+    "_forward_pre_hooks": "a forward pre-hook",
+    "_forward_hooks": "a forward hook",
+}
+_BACKWARD_HOOKS = {
     "_backward_pre_hooks": "a backward pre-hook (register_full_backward_pre_hook)",
     "_backward_hooks": "a backward hook (register_full_backward_hook or register_backward_hook)",
 }
@@ -69,6 +75,11 @@ _HOW = (
     "Remove it (handle.remove()) before calling gscfast, or take the Jacobian with torch "
     "(torch.func.jacrev, or gscfast.autograd.jacobian, which delegates such models to torch)"
 )
+_HOW_BACKWARD = (
+    "gscfast's Jacobians are the model's own derivatives, which such a hook may change, and "
+    "torch.func cannot run it. Remove it (handle.remove()) before calling gscfast, or take the "
+    "Jacobian with torch (gscfast.autograd.jacobian delegates such models to torch)"
+)
 
 
 def check_global_hooks() -> None:
@@ -85,17 +96,21 @@ def _base_type(module: nn.Module) -> type[nn.Module] | None:
     return t if t in bases else next((b for b in bases if isinstance(module, b)), None)
 
 
-def check_plain(module: nn.Module, where: str) -> None:
-    """``TypeError`` naming ``module`` (at ``where``) unless calling it is exactly its supported
-    type's forward: no hooks, no ``forward`` or ``__call__`` overridden by a subclass or on the
-    instance. Unsupported types are left to the caller (they get their own error)."""
+def generic_reason(module: nn.Module, where: str) -> str | None:
+    """Why calling ``module`` is not its supported type's forward, so that the generic rule must
+    call it as is: a forward hook or pre-hook, or ``forward``/``__call__`` overridden by a
+    subclass or on the instance; None if it is plain (or of no supported type). ``TypeError``
+    (naming ``module`` at ``where``) for a backward hook."""
     name = type(module).__name__
-    for attr, kind in _HOOKS.items():
+    for attr, kind in _BACKWARD_HOOKS.items():
         if getattr(module, attr, None):
-            raise TypeError(f"{where} ({name}) has {kind}: {_HOW}.")
+            raise TypeError(f"{where} ({name}) has {kind}: {_HOW_BACKWARD}.")
+    for attr, kind in _FORWARD_HOOKS.items():
+        if getattr(module, attr, None):
+            return f"has {kind}"
     base = _base_type(module)
     if base is None:
-        return
+        return None
     overridden = (
         "forward" in vars(module)
         or type(module).forward is not base.forward
@@ -103,33 +118,58 @@ def check_plain(module: nn.Module, where: str) -> None:
         or type(module).__call__ is not nn.Module.__call__
         or type(module)._call_impl is not nn.Module._call_impl
     )
-    if overridden:
-        raise TypeError(
-            f"{where} ({name}) overrides forward() of {base.__name__}; gscfast "
-            f"computes {base.__name__}'s forward by its analytic rule, which would "
-            "not be what calling the model computes. Use the parent class, or take "
-            "the Jacobian with torch (torch.func.jacrev, or gscfast.autograd.jacobian, "
-            "which delegates such models to torch)."
-        )
+    return f"overrides forward() of {base.__name__}" if overridden else None
 
 
-def _flatten(module: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
-    check_plain(module, path)
-    if isinstance(module, nn.Sequential):
+def check_plain(module: nn.Module, where: str) -> None:
+    """``TypeError`` naming ``module`` (at ``where``) unless calling it is exactly its supported
+    type's forward: no hooks, no ``forward`` or ``__call__`` overridden by a subclass or on the
+    instance (where its function is composed from its children, as ``GradientFlow`` needs)."""
+    reason = generic_reason(module, where)
+    if reason is not None:
+        raise TypeError(f"{where} ({type(module).__name__}) {reason}: {_HOW}.")
+
+
+def _flatten(module: nn.Module, path: str) -> list[tuple[nn.Module, str, str | None]]:
+    """``(leaf, path, why generic or None)``: nested Sequentials are flattened, except one whose
+    call is not the composition of its children (a hook, an overridden forward)."""
+    reason = generic_reason(module, path)
+    if isinstance(module, nn.Sequential) and reason is None:
         return [leaf for i, m in enumerate(module) for leaf in _flatten(m, f"{path}[{i}]")]
-    return [(module, path)]
+    return [(module, path, reason)]
+
+
+def _check_no_hidden_boundary(module: nn.Module, where: str, why: str) -> None:
+    """``TypeError`` if ``module``, which the generic rule calls as one function, contains an
+    activation or a residual block: definitions.md puts layer boundaries after them, which gscfast
+    cannot see inside a module it calls as a whole."""
+    for name, sub in module.named_modules():
+        rule = _rule_for(sub) if name else None
+        if rule is not None and (rule.is_activation or rule is ResidualRule):
+            inner = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in name.split("."))
+            raise TypeError(
+                f"{where} ({type(module).__name__}, {why}) would be taken by gscfast's generic "
+                f"rule as one function, but it contains {where}{inner} "
+                f"({type(sub).__name__}), after which definitions.md ends a layer: the layers "
+                "inside it would go unmeasured. Build the model as an nn.Sequential of its "
+                "layers (without hooks or overridden forwards on the containers), or take the "
+                "Jacobian with torch (gscfast.autograd.jacobian delegates such models to torch)"
+            )
 
 
 def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
-    """The rules of ``module``'s leaves in order; ``TypeError`` for any unsupported module."""
-    ops = []
-    for leaf, where in _flatten(module, path):
+    """The rules of ``module``'s leaves in order: each leaf's analytic rule, or the generic rule
+    (``gscfast.rules.generic``) for a module without one or whose call is not its type's forward.
+    """
+    ops: list[Rule] = []
+    for leaf, where, reason in _flatten(module, path):
         rule = _rule_for(leaf)
-        if rule is None:
-            raise TypeError(
-                f"{where} ({type(leaf).__name__}) is not supported by gscfast. "
-                f"Supported: {supported()}."
-            )
+        if rule is None or reason is not None:
+            _check_no_hidden_boundary(leaf, where, reason or NO_RULE)
+            # a hooked activation still ends its layer (its output, hook and all, is f_l)
+            active = rule is not None and rule.is_activation
+            ops.append(GenericRule(leaf, where, reason or NO_RULE, activation=active))
+            continue
         op = rule(leaf, where)
         if isinstance(op, ResidualRule):  # the body is compiled like any module list
             assert isinstance(leaf, Residual)  # the one module type ResidualRule is for
@@ -181,6 +221,22 @@ def all_ops(ops: list[Rule]) -> Iterator[Rule]:
         yield from all_ops(getattr(op, "body", []))
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restores every buffer of ``model`` that changed inside the block: reading a parametrized
+    weight runs its parametrization, which may update buffers (spectral norm's power iteration in
+    train mode); gscfast reads the value one call of the model would use, and leaves the model as
+    it was."""
+    before = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in before:
+                if not torch.equal(b, old):
+                    b.copy_(old)
+
+
 class Program:
     """A compiled model: ``layers[i]`` is the ``i``-th layer in model order (it outputs
     ``f_{L-i}``); ``layer(m)`` looks a layer up by its paper index ``m`` in ``1..L``."""
@@ -190,9 +246,13 @@ class Program:
             raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         check_global_hooks()
         self.model = model
-        leaves = _flatten(model, name) if isinstance(model, nn.Sequential) else [(model, name)]
+        with _buffers_kept(model):  # rules read parametrized weights (a train-mode spectral
+            self._compile(model, name)  # norm's power iteration updates its buffers)
+
+    def _compile(self, model: nn.Module, name: str) -> None:
+        leaves = _flatten(model, name)
         groups: list[list[tuple[Rule, nn.Module]]] = [[]]
-        for leaf, where in leaves:
+        for leaf, where, _ in leaves:
             (op,) = compile_ops(leaf, where)
             groups[-1].append((op, leaf))
             if op.is_activation or isinstance(leaf, Residual):
@@ -218,6 +278,12 @@ class Program:
             yield from all_ops(layer.ops)
 
     @property
+    def generic(self) -> list[GenericRule]:
+        """The rules of the modules that take the generic rule (``torch.func``; exact, slower),
+        residual bodies included; each has ``path``, ``module`` and ``why``."""
+        return [op for op in self.ops() if isinstance(op, GenericRule)]
+
+    @property
     def couples_batch(self) -> bool:
         """Whether some batch norm uses batch statistics (so datapoints are whole batches)."""
         return any(isinstance(op, BatchNormRule) and op.uses_batch_stats for op in self.ops())
@@ -235,6 +301,9 @@ class Program:
         lines += [
             f"  f_{layer.index}: " + " -> ".join(op.kind for op in layer.ops)
             for layer in self.layers
+        ]
+        lines += [
+            f"  generic: {op.path} ({type(op.module).__name__}, {op.why})" for op in self.generic
         ]
         return "\n".join(lines)
 

@@ -33,8 +33,9 @@ class GradientFlow:
         steps: further steps to record (e.g. the last step of a training run).
         start: the index of the first step (a run resumed from a checkpoint continues counting).
         gsc_data: optional ``(x, y)``; on recorded steps the GSC ``GSC(l, 0)`` of the model is
-            computed on them with ``error`` when the whole model compiles; otherwise that of its
-            longest compilable tail of top-level children (e.g. the MLP classifier of a
+            computed on them with ``error`` when the whole model compiles with analytic rules
+            (no module taken by the generic rule); otherwise that of its longest such tail of
+            top-level children (e.g. the MLP classifier of a
             convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
             statistics are never touched). None where nothing compiles, or where the top module
             itself has a hook or an overridden forward (its children's tail is not its function).
@@ -130,7 +131,8 @@ class GradientFlow:
         for i in range(len(children)):
             tail = self.model if i == 0 else nn.Sequential(*children[i:])
             try:
-                compile_model(tail)
+                if compile_model(tail).generic:  # analytic rules only: the tail takes the
+                    continue  # GSC data's [B, n] features, which a generic module may not
             except TypeError:
                 continue
             return (nn.Sequential(*children[:i]) if i else None), tail

@@ -222,3 +222,20 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
         m.track_running_stats = True
         m.eval()
     return frozen
+
+
+def call_from_current_state(m: nn.Module) -> None:
+    """Make every call of ``m`` start from the buffers ``m`` has now (a forward pre-hook that
+    restores them first, by name, so deep copies of ``m`` restore their own). For the reference
+    backend's copies: a module that updates its own buffers when called (spectral norm's power
+    iteration in train mode, as a pre-hook or a parametrization) would otherwise change from one
+    datapoint or layer function to the next, while gscfast measures the caller's model as of one
+    call."""
+    snapshot = {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}
+
+    def restore(module: nn.Module, args: object) -> None:
+        with torch.no_grad():
+            for k, old in snapshot.items():
+                getattr(module, k).copy_(old)
+
+    m.register_forward_pre_hook(restore, prepend=True)  # before the module's own pre-hooks

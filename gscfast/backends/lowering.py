@@ -42,6 +42,7 @@ from ..rules.activation import (
     SoftplusRule,
     TanhRule,
 )
+from ..rules.generic import PassRule
 from ..rules.linear import LinearRule
 from ..rules.norm import BatchNormRule, LayerNormRule
 from ..validation import Problem
@@ -110,7 +111,7 @@ def activation(rule: Rule | None) -> tuple[Act, float, float]:
 def split_layer(layer: Layer) -> tuple[LinearRule, Rule | None, Rule | None]:
     """``(linear, norm | None, activation | None)`` of a layer of the fused kernels' shape
     ``Linear -> [LayerNorm | BatchNorm1d] -> [activation]``, or ``Unsupported``."""
-    ops = list(layer.ops)
+    ops = [op for op in layer.ops if not isinstance(op, PassRule)]  # identities (eval dropout)
     if not ops or type(ops[0]) is not LinearRule:
         raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
     lin, rest = ops[0], ops[1:]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compiler import Program
-from ..nn import freeze_batchnorm, uses_batch_stats
+from ..nn import call_from_current_state, freeze_batchnorm, uses_batch_stats
 from ..validation import Problem
 from .base import Backend, Moments, ProbeFn, Sweep
 
@@ -59,9 +59,11 @@ def _copy_layers(program: Program, like: Tensor) -> list[Mods]:
         for m in mods:
             m.to(device=like.device, dtype=like.dtype)
             m.requires_grad_(False)
-            for norm in m.modules():
-                if isinstance(norm, (nn.LayerNorm, _BatchNorm)):
-                    norm.register_forward_hook(_nan_if_variance_overflows)
+            for sub in m.modules():
+                if isinstance(sub, (nn.LayerNorm, _BatchNorm)):
+                    sub.register_forward_hook(_nan_if_variance_overflows)
+                elif list(sub.buffers(recurse=False)):
+                    call_from_current_state(sub)
     return layers
 
 

@@ -363,14 +363,15 @@ def make_model(
 
 # ----------------------------------------------------------------------------- gradients
 def gradient_method(model: nn.Module) -> str:
-    """``"gscfast"`` when gscfast compiles ``model``, else ``"torch.func"``."""
+    """``"gscfast"`` when gscfast compiles ``model`` with analytic rules only, else
+    ``"torch.func"`` (CReLU, which gscfast's generic rule would take through torch.func too)."""
     from ..compiler import compile_model
 
     try:
-        compile_model(model)
-    except TypeError:  # an unsupported module (CReLU)
+        generic = compile_model(model).generic
+    except TypeError:
         return "torch.func"
-    return "gscfast"
+    return "torch.func" if generic else "gscfast"
 
 
 def input_gradients(model: nn.Module, x: Tensor, *, method: str = "auto") -> Tensor:

@@ -68,7 +68,7 @@ class Rule:
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     kind: ClassVar[str] = "?"
-    is_activation: ClassVar[bool] = False
+    is_activation: bool = False  # ends a layer; per instance for the generic rule
     limits: ClassVar[str] = ""  # which of the module type's configurations it supports, if not all
 
     def __init__(self, module: nn.Module, path: str) -> None:

@@ -1,0 +1,192 @@
+"""Rules for modules without an analytic rule of their own.
+
+- ``PassRule``: modules that are the identity on the flat ``[batch, d]`` features gscfast measures
+  (``nn.Flatten`` over the feature dimension, dropout in eval mode); not a layer boundary.
+- ``GenericRule``: any other module, and a supported one whose call is not its type's forward (a
+  forward hook or pre-hook, an overridden ``forward``): the module is called as the caller's model
+  calls it, hooks included, and its vector-Jacobian products come from ``torch.func.vjp``,
+  batched over cotangent rows with ``torch.func.vmap``. Exact; slower than an analytic rule (one
+  ``vjp`` per chunk and layer, the rows through ``vmap``), and the fused backends run such a
+  program on the torch engine.
+
+What the generic rule needs of a module, checked on every forward (else a clear error naming it):
+it maps ``[batch, d_in]`` to ``[batch, d_out]`` tensors; it is deterministic (the same input gives
+the same output: no train-mode dropout); and, where samples are measured one at a time (no
+train-mode batch norm in the model), it does not couple the samples of a batch (the gradient of
+one sample's output reaches no other sample's input). A module that changes its buffers when
+called (running statistics, counters) is called on copies of them, so the caller's model is
+never modified. A generic module is never a layer boundary: layers end after the activations
+gscfast knows (``RULES``); register a rule (``gscfast.rules.register``) for a custom activation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import ForwardCtx, Rule, register
+
+
+class PassRule(Rule):
+    """The identity on flat features; the module is not called."""
+
+    kind = "pass"
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
+        return x, None
+
+    def vjp(self, v: Tensor, saved: None) -> Tensor:
+        return v
+
+
+@register
+class FlattenRule(PassRule):
+    module_types = (nn.Flatten,)
+    limits = "start_dim=1, end_dim=-1: the identity on [batch, d] features"
+
+    def __init__(self, module: nn.Flatten, path: str) -> None:
+        super().__init__(module, path)
+        if (module.start_dim, module.end_dim) != (1, -1):
+            raise TypeError(
+                f"{path} (Flatten(start_dim={module.start_dim}, end_dim={module.end_dim})) is not "
+                "supported: gscfast measures flat [batch, d] features, on which only "
+                "Flatten(start_dim=1, end_dim=-1) (the default) applies, as the identity"
+            )
+
+
+@register
+class DropoutRule(PassRule):
+    module_types = (nn.Dropout, nn.AlphaDropout)
+    limits = "eval mode: the identity"
+
+    def __init__(self, module: nn.Module, path: str) -> None:
+        super().__init__(module, path)
+        if module.training:
+            raise TypeError(
+                f"{path} ({type(module).__name__}) is in train mode: it draws a new random mask on "
+                "every call, so the model has no one Jacobian to measure. Call model.eval() (dropout "
+                "is then the identity), or remove the dropout"
+            )
+
+
+# Why a module takes the generic rule (shown by Program.generic and repr).
+NO_RULE = "no analytic rule"
+
+
+class GenericRule(Rule):
+    """Any module, called as is; its VJPs by ``torch.func`` (module docstring)."""
+
+    kind = "generic"
+
+    def __init__(
+        self, module: nn.Module, path: str, why: str = NO_RULE, activation: bool = False
+    ) -> None:
+        super().__init__(module, path)
+        self.why = why
+        self.is_activation = activation  # a hooked activation still ends its layer
+        self._widths: dict[int, int] = {}
+
+    def _call(self, h: Tensor) -> Any:
+        """The module on ``h``, hooks included, with copies of its buffers (so a module that
+        updates them when called leaves the caller's model unchanged)."""
+        state = {k: p.detach() for k, p in self.module.named_parameters()}
+        state |= {k: b.detach().clone() for k, b in self.module.named_buffers()}
+        return torch.func.functional_call(self.module, state, (h,))
+
+    def _name(self) -> str:
+        return f"{self.path} ({type(self.module).__name__}, {self.why}: gscfast's generic rule)"
+
+    def _checked(self, y: Any, n: int) -> Tensor:
+        if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise TypeError(
+                f"{self._name()} returned {got} for an input of shape [{n}, d]; the generic rule "
+                "takes modules mapping a [batch, d_in] tensor to a [batch, d_out] tensor"
+            )
+        return y
+
+    def out_features(self, d_in: int) -> int:
+        if d_in not in self._widths:  # found by calling the module on zeros, batches of 2 and 3
+            like = next((t for t in self.tensors().values()), None)
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            device = like.device if like is not None else torch.device("cpu")
+            widths = set()
+            for n in (2, 3):  # the leading dimension must be the batch (not, say, channels)
+                try:
+                    with torch.no_grad():
+                        y = self._call(torch.zeros(n, d_in, dtype=dtype, device=device))
+                except (RuntimeError, ValueError, IndexError) as e:
+                    raise ValueError(f"{self._name()} fails on [batch, {d_in}] inputs: {e}") from e
+                widths.add(self._checked(y, n).shape[1])
+            if len(widths) != 1:
+                raise TypeError(f"{self._name()} gives an output width that depends on the batch")
+            self._widths[d_in] = widths.pop()
+        return self._widths[d_in]
+
+    def tensors(self) -> dict[str, Tensor]:
+        named = [*self.module.named_parameters(), *self.module.named_buffers()]
+        return {k: t.detach() for k, t in named if t.is_floating_point()}
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
+        D, b, d = x.shape
+        if ctx.coupled:  # batch datapoints: the module sees each dataset's batch, as when run
+            ys, fns = zip(*(self._vjp(x[i]) for i in range(D)))
+            return torch.stack(ys), (list(fns) if ctx.save else None)
+        h = x.reshape(D * b, d)
+        y, fn = self._vjp(h)
+        if D * b > 1:
+            self._check_per_sample(fn, y)
+        return y.reshape(D, b, -1), ((fn, D * b) if ctx.save else None)
+
+    def _vjp(self, h: Tensor) -> tuple[Tensor, Any]:
+        """``(module(h), its vjp function)``, checked: the output's shape, determinism."""
+        out = torch.func.vjp(self._call, h)  # outer no_grad does not apply inside torch.func
+        y, fn = out[0], out[1]
+        self._checked(y, h.shape[0])
+        with torch.no_grad():
+            again = self._call(h)
+        if not torch.equal(y, again) and not torch.allclose(y, again, equal_nan=True):
+            raise ValueError(
+                f"{self._name()} gives different outputs for the same input (random, such as "
+                "dropout in train mode): there is no one Jacobian to measure. Make it "
+                "deterministic (model.eval() for dropout)"
+            )
+        return y, fn
+
+    def _check_per_sample(self, fn: Any, y: Tensor) -> None:
+        """``ValueError`` if the gradient of sample 0's output reaches another sample's input."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        u = torch.zeros_like(y)
+        u[0] = torch.randn(y.shape[1], generator=g, dtype=torch.float64).to(y)
+        (gx,) = fn(u)
+        if bool((gx[1:] != 0).any()):
+            raise ValueError(
+                f"{self._name()} couples the samples of a batch (the gradient of one sample's "
+                "output reaches other samples' inputs), so its per-sample Jacobians are not "
+                "defined. The generic rule measures per-sample modules, or any module in a model "
+                "whose datapoints are whole batches (with a train-mode batch norm)"
+            )
+
+    def vjp(self, v: Tensor, saved: Any) -> Tensor:
+        if isinstance(saved, list):  # batch datapoints: v [D, R, B, d_out]
+            return torch.stack(
+                [self._rows(fn, v[p if v.shape[0] > 1 else 0]) for p, fn in enumerate(saved)]
+            )
+        fn, n = saved  # per-sample: v [P or 1, R, 1, d_out], P = n
+        R, d_out = v.shape[1], v.shape[-1]
+        vt = v.expand(n, *v.shape[1:]).reshape(n, R, d_out).transpose(0, 1)
+        return self._rows(fn, vt).transpose(0, 1).unsqueeze(2)
+
+    @staticmethod
+    def _rows(fn: Any, vt: Tensor) -> Tensor:
+        """``fn`` (a vjp function) on each of the rows ``vt [R, n, d_out]`` -> ``[R, n, d_in]``:
+        batched by ``vmap``, or one at a time for a module ``vmap`` cannot batch."""
+        try:
+            return torch.func.vmap(fn)(vt)[0]
+        except RuntimeError:
+            return torch.stack([fn(vt[r])[0] for r in range(vt.shape[0])])
+
+
+__all__ = ["DropoutRule", "FlattenRule", "GenericRule", "PassRule"]
