@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .nn import Residual
+from .nn import Residual, uses_batch_stats
 from .rules import RULES, ForwardCtx, Rule
 from .rules.base import propagate_width
 from .rules.generic import NO_RULE, GenericRule
@@ -285,8 +286,21 @@ class Program:
 
     @property
     def couples_batch(self) -> bool:
-        """Whether some batch norm uses batch statistics (so datapoints are whole batches)."""
-        return any(isinstance(op, BatchNormRule) and op.uses_batch_stats for op in self.ops())
+        """Whether some batch norm uses batch statistics (so datapoints are whole batches), its
+        own rule's or inside a module the generic rule calls (a hooked batch norm, say)."""
+        return any(
+            isinstance(op, BatchNormRule) and op.uses_batch_stats for op in self.ops()
+        ) or bool(self.generic_batch_stats)
+
+    @property
+    def generic_batch_stats(self) -> list[GenericRule]:
+        """Generic modules that contain a batch norm using batch statistics: they couple the
+        samples, and gscfast cannot hold those statistics constant (``batchnorm="frozen"``)."""
+        return [
+            op
+            for op in self.generic
+            if any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in op.module.modules())
+        ]
 
     def widths(self, n_in: int) -> list[int]:
         """``[dim f_0 = 1, dim f_1, ..., dim f_L, n_in]`` for ``n_in`` input features; raises

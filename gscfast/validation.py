@@ -203,6 +203,13 @@ def make_problem(
     check_model_tensors(program, x3)
     check_finite(x, "x")
     couples = program.couples_batch
+    if batchnorm == "frozen" and program.generic_batch_stats:
+        op = program.generic_batch_stats[0]
+        raise ValueError(
+            f"batchnorm='frozen' holds batch statistics constant, but {op.path} "
+            f"({type(op.module).__name__}, {op.why}) computes them inside a module gscfast's "
+            "generic rule calls as is; use batchnorm='batch', or remove the hook"
+        )
     if couples and x3.shape[1] < 2:
         raise ValueError(
             "the model has a batch norm using batch statistics (train mode), which "

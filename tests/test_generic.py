@@ -13,6 +13,9 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import cases
 from torch import nn
 
 import gscfast
@@ -294,3 +297,57 @@ def test_a_coupling_module_is_exact_where_datapoints_are_batches():
     want = gscfast.gsc_matrix(model, x, y, backend="reference")
     got = gscfast.gsc_matrix(model, x, y, backend="torch")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def _genericize(model: nn.Module, picks: list[int]) -> nn.Module:
+    """A copy of ``model`` whose leaf modules number ``picks`` (mod their count) take the generic
+    rule: forward hooks on linear layers and norms, pre-hooks on activations, and a ``Swish``
+    after the first picked linear layer."""
+    model = copy.deepcopy(model)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    for k, i in enumerate(picks):
+        m = leaves[i % len(leaves)]
+        if isinstance(m, nn.Linear) and k == 0:
+            m.register_forward_hook(lambda mod, inp, out: Swish()(out))
+        elif isinstance(m, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
+            m.register_forward_hook(lambda mod, inp, out: 1.1 * out)
+        else:
+            m.register_forward_pre_hook(lambda mod, args: (0.9 * args[0],))
+    return model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=cases(max_depth=5, max_width=8, max_batch=4),
+    picks=st.lists(st.integers(0, 99), min_size=1, max_size=4),
+)
+def test_random_models_with_generic_modules_equal_the_reference(case, picks):
+    """Random MLPs (every activation, both norms in both modes, residual blocks) with random
+    modules moved onto the generic rule: the torch engine's GSC, GSC matrix and Jacobians equal
+    the reference's."""
+    model = _genericize(case.model, picks)
+    assert gscfast.compile_model(model).generic
+    x, y = case.x, case.y
+    for fn in (gscfast.gsc, gscfast.gsc_matrix):
+        _close(fn(model, x, y, backend="torch"), fn(model, x, y, backend="reference"), fn.__name__)
+    if not case.couples:
+        _close(
+            gscfast.jacobian(model, x, backend="torch"),
+            gscfast.jacobian(model, x, backend="reference"),
+            "jacobian",
+        )
+
+
+def test_a_hooked_batch_norm_couples_and_cannot_be_frozen():
+    """A train-mode batch norm behind a hook still couples the batch (measured exactly, as a
+    batch datapoint); its statistics, computed inside the module, cannot be frozen."""
+    model = nn.Sequential(nn.Linear(5, 6, dtype=F64), nn.BatchNorm1d(6, dtype=F64), nn.Tanh())
+    model.append(nn.Linear(6, 3, dtype=F64))
+    model[1].register_forward_hook(lambda mod, inp, out: 1.1 * out)
+    x, y = _data()
+    assert gscfast.compile_model(model).couples_batch
+    _close(
+        gscfast.gsc(model, x, y, backend="torch"), gscfast.gsc(model, x, y, backend="reference"), ""
+    )
+    with pytest.raises(ValueError, match=r"batchnorm='frozen' .* model\[1\] \(BatchNorm1d"):
+        gscfast.gsc(model, x, y, batchnorm="frozen")
