@@ -9,6 +9,7 @@ Per-layer results have length ``L + 1`` indexed in the paper's numbering (``0`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -64,12 +65,15 @@ def gsc(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Tensor:
     """Gradient scale coefficients ``GSC(l, 0)`` for ``l = 0..L``.
 
     Args:
-        model: an ``nn.Sequential`` of supported modules (never modified).
-        x: ``[B, n]`` or ``[D, B, n]`` inputs.
+        model: an ``nn.Sequential`` of supported modules (never modified); with ``layers``, any
+            module.
+        x: ``[B, n]`` or ``[D, B, n]`` inputs; with ``layers``, one batch ``[B, ...]`` of the
+            model's inputs.
         y: targets of the output's shape (``error="dot"``) or integer labels ``[B]``/``[D, B]``
             (``error="kl"``).
         error: the error layer, ``"dot"`` or ``"kl"``.
@@ -80,6 +84,11 @@ def gsc(
             ``"none"`` for per-datapoint GSCs, ``[B, L+1]``/``[D, B, L+1]`` (``[D, L+1]`` for
             batch datapoints).
         chunk_size: datapoints per chunk (default: sized by ``GSCFAST_MEMORY``).
+        layers: names of the modules (``model.named_modules()``) whose outputs are the layer
+            boundaries ``f_L, ..., f_2``, in forward order; ``f_1`` is the model's output. For
+            any model, not only a compiled Sequential: forward hooks capture the boundaries and
+            autograd gives ``d f_0 / d f_l`` (exact; ``backend`` must be ``"auto"``); every
+            boundary must cut the graph (``gscfast.boundaries``).
 
     Returns:
         ``[L+1]`` tensor (``GSC(0, 0) = 1``).
@@ -91,6 +100,16 @@ def gsc(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if layers is not None:
+        sq_out, sq_grad, n = _layers_sweep(
+            model, x, y, layers, error, batchnorm, backend, chunk_size
+        )
+        if reduction == "mean":
+            return GSCMoments.of(sq_out, sq_grad, n).gsc().to(device=x.device, dtype=x.dtype)
+        per = sq_grad / torch.tensor(n, dtype=torch.float64, device=x.device) * sq_out
+        per = per / sq_out[:, :1]
+        per[:, 0] = 1
+        return per.to(x.dtype)
     if reduction == "mean":
         return (
             gsc_moments(
@@ -115,6 +134,20 @@ def gsc(
     return _per_datapoint(per, pb, squeeze).to(x.dtype)
 
 
+def _layers_sweep(model, x, y, layers, error, batchnorm, backend, chunk_size):
+    """``gscfast.boundaries.sweep`` for ``layers=``, after the checks of the other arguments."""
+    from . import boundaries
+
+    check_error(error)
+    if backend != "auto":
+        raise ValueError(
+            f"layers= runs on autograd through hooks; backend must be 'auto', got {backend!r}"
+        )
+    return boundaries.sweep(
+        model, x, y, layers, error=error, batchnorm=batchnorm, chunk_size=chunk_size
+    )
+
+
 def gsc_moments(
     model: nn.Module,
     x: Tensor,
@@ -124,10 +157,16 @@ def gsc_moments(
     batchnorm: str = "batch",
     backend: str = "auto",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> GSCMoments:
     """The raw expectations behind ``gsc(...)`` (arguments as there): keep these, not GSCs, to
     combine several datasets or networks, ``gscfast.pool(moments).gsc()`` being the pooled expected
     GSC of definitions.md (and ``gscfast.bootstrap_gsc`` its interval)."""
+    if layers is not None:
+        sq_out, sq_grad, n = _layers_sweep(
+            model, x, y, layers, error, batchnorm, backend, chunk_size
+        )
+        return GSCMoments.of(sq_out, sq_grad, n)
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)

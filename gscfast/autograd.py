@@ -132,7 +132,9 @@ def _fast_jacobian(
         return None
     if program.generic or not _plain_module(func):
         # modules taken by the generic rule (hooks, custom forwards, no analytic rule) are
-        # torch's to answer: the drop-in promises torch's result, errors and randomness included
+        # torch's to answer: the drop-in promises torch's result, errors and randomness included,
+        # and torch calls them once (the generic rule calls them several times: a hook's side
+        # effects would differ)
         return None
     if (
         strategy == "forward-mode"

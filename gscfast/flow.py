@@ -39,6 +39,9 @@ class GradientFlow:
             convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
             statistics are never touched). None where nothing compiles, or where the top module
             itself has a hook or an overridden forward (its children's tail is not its function).
+        gsc_layers: module names (``model.named_modules()``) whose outputs are the layer
+            boundaries, in forward order: the GSC is then that of the whole model, whatever it
+            is (a CNN's blocks, say), by ``gscfast.gsc(..., layers=gsc_layers)``.
         error: the error layer for the GSC (``"kl"`` with class labels, or ``"dot"``).
         batchnorm: how a train-mode batch norm is measured: ``"frozen"`` (default: one datapoint
             per row of ``x``, the batch statistics of ``x`` held constant) or ``"batch"`` (the
@@ -63,6 +66,7 @@ class GradientFlow:
         steps: Collection[int] = (),
         start: int = 0,
         gsc_data: tuple[Tensor, Tensor] | None = None,
+        gsc_layers: Sequence[str] | None = None,
         error: str = "kl",
         batchnorm: str = "frozen",
         writers: list[Callable[[int, dict[str, Any]], None]] | None = None,
@@ -76,6 +80,11 @@ class GradientFlow:
         self.every = every
         self.steps = frozenset(int(s) for s in steps)
         self.gsc_data = gsc_data
+        if gsc_layers is not None:
+            from .boundaries import check_names
+
+            check_names(model, gsc_layers)
+        self.gsc_layers = None if gsc_layers is None else list(gsc_layers)
         self.error = error
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
@@ -96,7 +105,7 @@ class GradientFlow:
             if p.requires_grad and self.include(name, p):
                 self._names.append(name)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
-        if self.gsc_data is not None:
+        if self.gsc_data is not None and self.gsc_layers is None:
             self._head, self._tail = self._split()
         return self
 
@@ -158,6 +167,13 @@ class GradientFlow:
     __call__ = step
 
     def _gsc(self) -> list[float] | None:
+        if self.gsc_data is not None and self.gsc_layers is not None:  # the whole model
+            from .api import gsc as gsc_of
+
+            x, y = self.gsc_data
+            return gsc_of(
+                self.model, x, y, error=self.error, batchnorm=self.batchnorm, layers=self.gsc_layers
+            ).tolist()
         if self._tail is None:
             return None
         import copy

@@ -201,7 +201,8 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
                 "cannot hold; use a separate module per call"
             )
         h = inputs[0]
-        stats[mod] = (h.mean(0), h.var(0, correction=0))
+        dims = [0, *range(2, h.dim())]  # per channel: over the batch and any spatial dimensions
+        stats[mod] = (h.mean(dims), h.var(dims, correction=0))
 
     hooks = [m.register_forward_pre_hook(record) for m in bns]
     try:

@@ -378,3 +378,32 @@ def test_wandb_writer_refuses_a_step_wandb_would_ignore(offline_wandb_run):
         1: {**expected[1], "loss": losses[1]},
         2: {"loss": losses[2]},
     }
+
+
+def test_gsc_of_a_whole_cnn_at_named_boundaries():
+    """``gsc_layers``: the GSC of the whole model (convolutions, batch norm in train mode) at the
+    named boundaries, as ``gscfast.gsc(..., layers=...)`` gives it; the model is untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 5, (10,))
+    names = ["2", "4", "6"]
+    with GradientFlow(model, gsc_data=(x, y), gsc_layers=names) as flow:
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rec = flow.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    want = gscfast.gsc(model, x, y, error="kl", batchnorm="frozen", layers=names)
+    assert rec["gsc"] == pytest.approx(want.tolist(), rel=1e-6)
+    assert len(rec["gsc"]) == len(names) + 2
+    with pytest.raises(ValueError, match="'7x', which is not a submodule"):
+        GradientFlow(model, gsc_data=(x, y), gsc_layers=["7x"])

@@ -1,0 +1,258 @@
+"""Layer boundaries named on any model (``layers=``): ``GSC(l, 0)`` by autograd through hooks.
+
+For a model gscfast does not compile (not an ``nn.Sequential``, convolutions, any ``forward``),
+the caller names the modules whose outputs are the layer boundaries ``f_L, ..., f_2`` in forward
+order (as in ``model.named_modules()``); ``f_1`` is the model's output and ``f_0`` the error
+(definitions.md). Forward hooks on the caller's modules capture the boundaries (removed
+afterwards; the model runs on copies of its buffers, so it is never modified), and one backward
+pass per chunk of samples gives ``d f_0 / d f_l`` at every boundary at once: exact. A boundary
+counts every element of its output (a feature map included).
+
+Checked before any number is computed, else an error naming the module:
+
+- every boundary cuts the graph: with its output held constant, the model's output no longer
+  depends on the input (else a path, such as a skip connection, bypasses it);
+- each named module runs exactly once per forward, in the order given, and outputs a tensor;
+- the model is deterministic (no train-mode dropout);
+- datapoints: with a batch norm using batch statistics (train mode) and ``batchnorm="batch"`` a
+  datapoint is the whole batch (one forward and backward of all of ``x``); with
+  ``batchnorm="frozen"`` the statistics of ``x`` are held constant (``gscfast.nn.freeze_batchnorm``)
+  and a datapoint is one sample; then, and without batch norms, the samples must not be coupled
+  (checked: the gradient of one sample's error reaches no other sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .nn import freeze_batchnorm, uses_batch_stats
+from .rules import error_value
+
+# samples per chunk of the per-sample sweep (memory: one forward and backward of this many)
+CHUNK = 256
+
+
+def check_names(model: nn.Module, layers: Sequence[str]) -> list[nn.Module]:
+    """The modules named by ``layers``, checked (names of ``model.named_modules()``, once each)."""
+    if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+        raise TypeError("layers must be a list of module names (as in model.named_modules())")
+    if not layers:
+        raise ValueError("layers is empty: name at least one module whose output is a boundary")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers names a module twice: {list(layers)}")
+    named = dict(model.named_modules())
+    missing = [n for n in layers if n not in named or n == ""]
+    if missing:
+        raise ValueError(
+            f"layers names {missing[0]!r}, which is not a submodule of the model; the names of "
+            f"model.named_modules() are {[n for n in named if n][:12]}..."
+        )
+    return [named[n] for n in layers]
+
+
+class _Capture:
+    """Forward hooks that record each named module's output (optionally replaced by a constant
+    copy: ``cut``) and which modules see an input that depends on ``x`` after the cut."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], cut: str | None = None) -> None:
+        self.layers = list(layers)
+        self.outputs: dict[str, list[Tensor]] = {n: [] for n in layers}
+        self.order: list[str] = []
+        self.after_cut: list[str] = []  # modules run after the cut whose input depends on x
+        self.cut = cut
+        self._cut_done = False
+        self.handles = []
+        named = dict(model.named_modules())
+        for name in layers:
+            self.handles.append(named[name].register_forward_hook(self._hook(name)))
+        if cut is not None:
+            for name, m in named.items():
+                if name and not list(m.children()):
+                    self.handles.append(m.register_forward_pre_hook(self._watch(name)))
+
+    def _hook(self, name: str):
+        def hook(mod: nn.Module, args: Any, out: Any) -> Any:
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"layers names {name!r} ({type(mod).__name__}), whose output is a "
+                    f"{type(out).__name__}, not a tensor"
+                )
+            self.order.append(name)
+            self.outputs[name].append(out)
+            if name == self.cut:
+                self._cut_done = True
+                return out.detach()
+            return None
+
+        return hook
+
+    def _watch(self, name: str):
+        def pre(mod: nn.Module, args: Any) -> None:
+            if self._cut_done and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                self.after_cut.append(name)
+
+        return pre
+
+    def __enter__(self) -> _Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def check(self) -> None:
+        for name in self.layers:
+            if len(self.outputs[name]) != 1:
+                raise ValueError(
+                    f"layers names {name!r}, which runs {len(self.outputs[name])} times in one "
+                    "forward; a boundary is the output of a module that runs once"
+                )
+        if self.order != self.layers:
+            raise ValueError(
+                f"layers must list the boundaries in the order the forward computes them "
+                f"({self.order}), from the input side (f_L) to the output side (f_2)"
+            )
+
+
+def _run(model: nn.Module, x: Tensor) -> Any:
+    """``model(x)`` with constant parameters and copies of the buffers: nothing of the model
+    changes (a train-mode batch norm's running statistics included)."""
+    state = {k: p.detach() for k, p in model.named_parameters()}
+    state |= {k: b.detach().clone() for k, b in model.named_buffers()}
+    return torch.func.functional_call(model, state, (x,))
+
+
+def _check_cuts(model: nn.Module, x: Tensor, layers: Sequence[str]) -> None:
+    """``ValueError`` naming the first boundary that some path from input to output bypasses."""
+    probe = x[: min(2, x.shape[0])].detach().clone().requires_grad_(True)
+    for name in layers:
+        with _Capture(model, layers, cut=name) as cap:
+            out = _run(model, probe)
+        if isinstance(out, Tensor) and out.requires_grad:
+            via = (
+                f"through {cap.after_cut[0]!r}, which runs after {name!r} on values that do not "
+                "pass through it"
+                if cap.after_cut
+                else "outside the model's submodules (e.g. a skip connection in a forward())"
+            )
+            raise ValueError(
+                f"layers names {name!r}, but the model's output depends on its input by a path "
+                f"that bypasses it ({via}): a boundary must cut the graph. Name a module every "
+                "path passes through (e.g. the whole residual block, not its body)"
+            )
+
+
+def _refuse_random(model: nn.Module, x: Tensor) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"{name} ({type(m).__name__}) is in train mode: it draws a new random mask on "
+                "every call, so the model has no one Jacobian to measure; call model.eval()"
+            )
+    with torch.no_grad():
+        a, b = _run(model, x), _run(model, x)
+    if isinstance(a, Tensor) and not torch.equal(a, b):
+        raise ValueError(
+            "the model gives different outputs for the same input (a random module): there "
+            "is no one Jacobian to measure"
+        )
+
+
+def _targets(error: str, y: Tensor, out: Tensor) -> Tensor:
+    """``y`` as ``error_value`` takes it for the flattened outputs ``[b, m]``, checked."""
+    b, m = out.shape[0], out[0].numel()
+    if error == "dot":
+        if y.shape != out.shape:
+            raise ValueError(
+                f"y must have the model output's shape {tuple(out.shape)}, got {tuple(y.shape)}"
+            )
+        return y.reshape(b, m).to(out.dtype)
+    if y.dim() != 1 or y.dtype.is_floating_point or bool(((y < 0) | (y >= m)).any()):
+        raise ValueError(f"error='kl' needs integer class labels [B] in 0..{m - 1}")
+    return y.long()
+
+
+def _sq(t: Tensor | None, like: Tensor, coupled: bool) -> Tensor:
+    """Squared norms per datapoint of ``t [b, ...]`` (``like``'s rows; zeros for ``None``: the
+    error does not depend on that boundary)."""
+    rows = 1 if coupled else like.shape[0]
+    if t is None:
+        return torch.zeros(rows, dtype=torch.float64, device=like.device)
+    s = t.detach().to(torch.float64).reshape(t.shape[0], -1).square().sum(1)
+    return s.sum(0, keepdim=True) if coupled else s
+
+
+def sweep(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: Sequence[str],
+    *,
+    error: str,
+    batchnorm: str,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Per-datapoint ``||f_l||^2`` and ``||d f_0 / d f_l||^2`` ``[P, L+1]`` (``l = 0..L``, the
+    paper's numbering: ``f_L`` is ``layers[0]``'s output, ``f_1`` the model's) and the columns
+    ``n(l)`` (elements of ``f_l`` per datapoint; ``n(0) = 1``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError("with layers=, x must be a floating-point batch [B, ...] of model inputs")
+    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be a tensor with one row per sample of x ({x.shape[0]})")
+    check_names(model, layers)
+    coupled = any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in model.modules())
+    if coupled and batchnorm == "frozen":  # x's batch statistics as constants: per-sample again
+        model, coupled = freeze_batchnorm(model, x.detach()), False
+    if coupled and x.shape[0] < 2:
+        raise ValueError("a train-mode batch norm needs a batch of at least 2 samples")
+    _refuse_random(model, x[: min(4, x.shape[0])])
+    _check_cuts(model, x, layers)
+    B = x.shape[0]
+    step = B if coupled else (chunk_size or CHUNK)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    L = len(layers) + 1
+    sq_out, sq_grad, columns = [], [], None
+    for c0 in range(0, B, step):
+        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
+        with _Capture(model, layers) as cap:
+            xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
+            out = _run(model, xg)
+        cap.check()
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
+        if cap.outputs[layers[-1]][0] is out:
+            raise ValueError(
+                f"layers names {layers[-1]!r}, whose output is the model's output: that is f_1, "
+                "always a boundary; leave it out of layers"
+            )
+        fs = [cap.outputs[n][0] for n in reversed(layers)]  # f_2 .. f_L
+        fs = [out, *fs]  # f_1 .. f_L
+        e = error_value(error, out.reshape(out.shape[0], -1), _targets(error, yc, out))
+        if not coupled and c0 == 0 and xc.shape[0] > 1:  # one sample's error reaches no other
+            (g0,) = torch.autograd.grad(e[0], xg, retain_graph=True)
+            if bool((g0[1:] != 0).any()):
+                raise ValueError(
+                    "the model couples the samples of a batch (the gradient of one sample's "
+                    "error reaches other samples' inputs) without a batch norm using batch "
+                    "statistics, so per-sample GSCs are not defined"
+                )
+        grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
+        f0 = e.detach().to(torch.float64)
+        f0 = f0.sum(0, keepdim=True) if coupled else f0
+        so = torch.stack([f0.square(), *(_sq(f, f, coupled) for f in fs)], 1)
+        sg = torch.stack([torch.ones_like(f0), *(_sq(g, f, coupled) for g, f in zip(grads, fs))], 1)
+        sq_out.append(so)
+        sq_grad.append(sg)
+        if columns is None:
+            per = [f[0].numel() * (xc.shape[0] if coupled else 1) for f in fs]
+            columns = [1, *per]
+    assert columns is not None and len(columns) == L + 1
+    return torch.cat(sq_out), torch.cat(sq_grad), columns

@@ -1,0 +1,185 @@
+"""``layers=``: GSC(l, 0) of any model at named boundaries (issue 14, item 3, for ``gsc`` and
+``gsc_moments``). On MLPs it equals the compiled path; on a non-Sequential CNN with residual
+blocks it equals a hand-written autograd computation, one sample at a time; boundaries that do
+not cut the graph, and everything else that would make the number not the defined one, are
+refused naming the module."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gscfast
+
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    """A residual block: ``relu(x + conv(relu(bn(conv(x)))))``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, dtype=F64)
+        self.bn = nn.BatchNorm2d(c, dtype=F64)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, dtype=F64)
+        self.out = nn.Tanh()
+
+    def forward(self, x):
+        return self.out(x + self.conv2(self.act(self.bn(self.conv1(x)))))
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, dtype=F64)
+        self.stem_act = nn.ReLU()
+        self.block1 = Block(4)
+        self.block2 = Block(4)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(16, 5, dtype=F64)
+
+    def forward(self, x):
+        h = self.block2(self.block1(self.stem_act(self.stem(x))))
+        return self.head(self.pool(h).flatten(1))
+
+
+BOUNDARIES = ["stem_act", "block1", "block2", "pool"]
+
+
+def _resnet(train: bool) -> ResNet:
+    torch.manual_seed(0)
+    model = ResNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.train(train)
+
+
+def _data(B=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 5, 5, generator=g, dtype=F64), torch.randn(
+        B, 5, generator=g, dtype=F64
+    )
+
+
+def _by_hand(model, x, y, names, datapoints):
+    """definitions.md written out: per datapoint, autograd through forward hooks."""
+    o2, g2, n = [], [], None
+    for rows in datapoints:
+        seen = {}
+        m = copy.deepcopy(model)  # its running statistics may move; the caller's do not
+        mods = dict(m.named_modules())
+        for k in names:
+            mods[k].register_forward_hook(lambda mm, a, o, k=k, seen=seen: seen.__setitem__(k, o))
+        out = m(x[rows])
+        f0 = (out * y[rows]).sum()
+        fs = [out, *(seen[k] for k in reversed(names))]
+        gs = torch.autograd.grad(f0, fs)
+        o2.append([f0.item() ** 2, *(f.detach().square().sum().item() for f in fs)])
+        g2.append([1.0, *(g.square().sum().item() for g in gs)])
+        n = [1, *(f.numel() for f in fs)]
+    o2, g2 = torch.tensor(o2, dtype=F64).mean(0), torch.tensor(g2, dtype=F64).mean(0)
+    out = g2 / torch.tensor(n, dtype=F64) * o2 / o2[0]
+    out[0] = 1
+    return out
+
+
+def test_mlp_equals_the_compiled_path():
+    x, y = torch.randn(40, 8, dtype=F64), torch.randn(40, 8, dtype=F64)
+    for norm in (None, "layer", "batch"):
+        model = gscfast.mlp(5, 8, act="tanh", norm=norm, out_features=8, seed=0, dtype=F64)
+        names = [k for k, m in model.named_modules() if isinstance(m, nn.Tanh)]
+        got = gscfast.gsc(model, x, y, layers=names, chunk_size=7)
+        torch.testing.assert_close(got, gscfast.gsc(model, x, y), rtol=1e-10, atol=1e-13)
+        mo = gscfast.gsc_moments(model, x, y, layers=names)
+        torch.testing.assert_close(mo.gsc(), gscfast.gsc_moments(model, x, y).gsc())
+        per = gscfast.gsc(model, x, y, layers=names, reduction="none")
+        want = gscfast.gsc(model, x, y, reduction="none")
+        torch.testing.assert_close(per, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_resnet_equals_autograd_by_hand(train):
+    model, (x, y) = _resnet(train), _data()
+    before = copy.deepcopy(model.state_dict())
+    got = gscfast.gsc(model, x, y, layers=BOUNDARIES, chunk_size=4)
+    # eval mode: one sample per datapoint; train-mode BatchNorm2d: the batch is the datapoint
+    datapoints = [slice(0, len(x))] if train else [slice(i, i + 1) for i in range(len(x))]
+    torch.testing.assert_close(
+        got, _by_hand(model, x, y, BOUNDARIES, datapoints), rtol=1e-9, atol=0
+    )
+    for k, v in model.state_dict().items():  # running statistics untouched, hooks removed
+        assert torch.equal(v, before[k]), k
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "layers, kw, error, match",
+    [
+        (["block1.conv2"], {}, ValueError, r"'block1.conv2'.*bypasses it \(through 'block1.out'"),
+        (["block1.act"], {}, ValueError, r"'block1.act'.*bypasses it"),
+        (["nope"], {}, ValueError, r"'nope', which is not a submodule"),
+        (["block2", "block1"], {}, ValueError, r"in the order the forward computes them"),
+        (["head"], {}, ValueError, r"'head', whose output is the model's output"),
+        (["block1"], {"backend": "torch"}, ValueError, r"backend must be 'auto'"),
+        ("block1", {}, TypeError, r"list of module names"),
+    ],
+)
+def test_refusals(layers, kw, error, match):
+    model, (x, y) = _resnet(False), _data()
+    with pytest.raises(error, match=match):
+        gscfast.gsc(model, x, y, layers=layers, **kw)
+
+
+def test_refusals_of_the_model():
+    x, y = _data()
+    drop = _resnet(False)
+    drop.pool = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Dropout(0.2).train())
+    with pytest.raises(ValueError, match=r"pool.1 \(Dropout\) is in train mode"):
+        gscfast.gsc(drop, x, y, layers=BOUNDARIES)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 5, dtype=F64)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    with pytest.raises(ValueError, match=r"'lin', which runs 2 times"):
+        gscfast.gsc(
+            Twice(), torch.randn(4, 5, dtype=F64), torch.randn(4, 5, dtype=F64), layers=["lin"]
+        )
+
+    class Centered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 5, dtype=F64)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            h = self.act(self.lin(x))
+            return h - h.mean(0)
+
+    with pytest.raises(ValueError, match=r"couples the samples of a batch"):
+        gscfast.gsc(
+            Centered(), torch.randn(4, 5, dtype=F64), torch.randn(4, 5, dtype=F64), layers=["act"]
+        )
+
+
+def test_frozen_batch_statistics_per_sample():
+    """``batchnorm="frozen"``: the batch's statistics held constant (``freeze_batchnorm``, per
+    channel for ``BatchNorm2d``), one sample per datapoint."""
+    model, (x, y) = _resnet(True), _data()
+    frozen = gscfast.nn.freeze_batchnorm(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), copy.deepcopy(model)(x))  # the same function on x
+    got = gscfast.gsc(model, x, y, layers=BOUNDARIES, batchnorm="frozen")
+    want = _by_hand(frozen, x, y, BOUNDARIES, [slice(i, i + 1) for i in range(len(x))])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
