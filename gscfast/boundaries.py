@@ -73,7 +73,7 @@ class _Capture:
         if cut is not None:
             for name, m in named.items():
                 if name and not list(m.children()):
-                    self.handles.append(m.register_forward_pre_hook(self._watch(name)))
+                    self.handles.append(m.register_forward_hook(self._watch(name)))
 
     def _hook(self, name: str):
         def hook(mod: nn.Module, args: Any, out: Any) -> Any:
@@ -92,11 +92,12 @@ class _Capture:
         return hook
 
     def _watch(self, name: str):
-        def pre(mod: nn.Module, args: Any) -> None:
-            if self._cut_done and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        def watch(mod: nn.Module, args: Any, out: Any) -> None:
+            cut_before = self._cut_done and name != self.cut
+            if cut_before and any(isinstance(a, Tensor) and a.requires_grad for a in args):
                 self.after_cut.append(name)
 
-        return pre
+        return watch
 
     def __enter__(self) -> _Capture:
         return self
