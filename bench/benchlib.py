@@ -48,6 +48,7 @@ SIZES: dict[str, dict] = {
         "mem_w2": dict(Bs=(1_000, 10_000), depth=10, width=100),
         "cifar": dict(B=50_000, n=3072, depth=50, width=100, classes=10),
         "sgemm": dict(n=2048, reps=5),
+        "w6": dict(B=100, blocks=5, filters=32, size=32, rounds=3),
     },
     "smoke": {
         "w1": dict(B=64, depth=4, width=19, rounds=1),
@@ -64,6 +65,7 @@ SIZES: dict[str, dict] = {
         "mem_w2": dict(Bs=(8, 32), depth=3, width=11),
         "cifar": dict(B=256, n=3072, depth=3, width=11, classes=10),
         "sgemm": dict(n=256, reps=2),
+        "w6": dict(B=4, blocks=1, filters=4, size=8, rounds=1),
     },
 }[SCALE]
 

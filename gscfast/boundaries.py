@@ -10,8 +10,10 @@ counts every element of its output (a feature map included).
 
 Checked before any number is computed, else an error naming the module:
 
-- every boundary cuts the graph: with its output held constant, the model's output no longer
-  depends on the input (else a path, such as a skip connection, bypasses it);
+- every boundary cuts the graph: in the autograd graph of the first forward, every path from
+  the input to the output passes through it (else a path, such as a skip connection, bypasses
+  it; the error names a module on that path, found by running the model with the boundary's
+  output held constant);
 - each named module runs exactly once per forward, in the order given, and outputs a tensor;
 - the model is deterministic (no train-mode dropout);
 - datapoints: with a batch norm using batch statistics (train mode) and ``batchnorm="batch"`` a
@@ -148,6 +150,41 @@ def _check_cuts(model: nn.Module, x: Tensor, layers: Sequence[str]) -> None:
             )
 
 
+def _check_per_sample(model: nn.Module, x: Tensor) -> None:
+    """``ValueError`` if the gradient of one sample's output reaches another sample's input
+    (on a probe of three samples: the datapoints are single samples only if they do not)."""
+    probe = x[:3].detach().clone().requires_grad_(True)
+    out = _run(model, probe)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    u = torch.zeros_like(out)
+    u[0] = torch.randn(out[0].shape, generator=g, dtype=torch.float64).to(out)
+    (gx,) = torch.autograd.grad(out, probe, u, allow_unused=True)
+    if gx is not None and bool((gx[1:] != 0).any()):
+        raise ValueError(
+            "the model couples the samples of a batch (the gradient of one sample's output "
+            "reaches other samples' inputs) without a batch norm using batch statistics, so "
+            "per-sample GSCs are not defined"
+        )
+
+
+def _first_bypassed(out: Tensor, boundaries: list[tuple[str, Tensor]], x: Tensor) -> str | None:
+    """The first boundary that some path of ``out``'s autograd graph from ``x`` avoids (a walk
+    of the graph of the forward just run, stopping at the boundary's node), or None."""
+    for name, f in boundaries:
+        stop, seen, stack = f.grad_fn, set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node is stop or node in seen:
+                continue
+            seen.add(node)
+            if getattr(node, "variable", None) is x:
+                return name
+            stack.extend(n for n, _ in node.next_functions)
+    return None
+
+
 def _refuse_random(model: nn.Module, x: Tensor) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
@@ -214,7 +251,8 @@ def sweep(
     if coupled and x.shape[0] < 2:
         raise ValueError("a train-mode batch norm needs a batch of at least 2 samples")
     _refuse_random(model, x[: min(4, x.shape[0])])
-    _check_cuts(model, x, layers)
+    if not coupled and x.shape[0] > 1:
+        _check_per_sample(model, x)
     B = x.shape[0]
     step = B if coupled else (chunk_size or CHUNK)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -227,6 +265,13 @@ def sweep(
             xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
             out = _run(model, xg)
         cap.check()
+        if c0 == 0 and isinstance(out, Tensor):
+            cut = _first_bypassed(out, [(n, cap.outputs[n][0]) for n in layers], xg)
+            if cut is not None:
+                _check_cuts(model, x, [cut])  # raises, naming the module the path goes through
+                raise ValueError(
+                    f"layers names {cut!r}, but a path from input to output bypasses it"
+                )
         if not isinstance(out, Tensor):
             raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
         if cap.outputs[layers[-1]][0] is out:
@@ -237,14 +282,6 @@ def sweep(
         fs = [cap.outputs[n][0] for n in reversed(layers)]  # f_2 .. f_L
         fs = [out, *fs]  # f_1 .. f_L
         e = error_value(error, out.reshape(out.shape[0], -1), _targets(error, yc, out))
-        if not coupled and c0 == 0 and xc.shape[0] > 1:  # one sample's error reaches no other
-            (g0,) = torch.autograd.grad(e[0], xg, retain_graph=True)
-            if bool((g0[1:] != 0).any()):
-                raise ValueError(
-                    "the model couples the samples of a batch (the gradient of one sample's "
-                    "error reaches other samples' inputs) without a batch norm using batch "
-                    "statistics, so per-sample GSCs are not defined"
-                )
         grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
         f0 = e.detach().to(torch.float64)
         f0 = f0.sum(0, keepdim=True) if coupled else f0
