@@ -100,16 +100,6 @@ def gsc(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if layers is not None:
-        sq_out, sq_grad, n = _layers_sweep(
-            model, x, y, layers, error, batchnorm, backend, chunk_size
-        )
-        if reduction == "mean":
-            return GSCMoments.of(sq_out, sq_grad, n).gsc().to(device=x.device, dtype=x.dtype)
-        per = sq_grad / torch.tensor(n, dtype=torch.float64, device=x.device) * sq_out
-        per = per / sq_out[:, :1]
-        per[:, 0] = 1
-        return per.to(x.dtype)
     if reduction == "mean":
         return (
             gsc_moments(
@@ -120,18 +110,30 @@ def gsc(
                 batchnorm=batchnorm,
                 backend=backend,
                 chunk_size=chunk_size,
+                layers=layers,
             )
             .gsc()
             .to(device=x.device, dtype=x.dtype)
         )
+    if layers is not None:
+        sq_out, sq_grad, n = _layers_sweep(
+            model, x, y, layers, error, batchnorm, backend, chunk_size
+        )
+        return _gsc_per_datapoint(sq_out, sq_grad, torch.tensor(n, dtype=torch.float64)).to(x.dtype)
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     assert sw.sq_grad is not None  # grads=True asked for it
-    out = sw.sq_out.to(torch.float64)
-    per = sw.sq_grad.to(torch.float64) / _n(pb) * out / out[:, :1]
-    per[:, 0] = 1
+    per = _gsc_per_datapoint(sw.sq_out, sw.sq_grad, _n(pb))
     return _per_datapoint(per, pb, squeeze).to(x.dtype)
+
+
+def _gsc_per_datapoint(sq_out: Tensor, sq_grad: Tensor, n: Tensor) -> Tensor:
+    """``[P, L+1]`` float64 GSCs of each datapoint from its squared norms (``GSC(0, 0) = 1``)."""
+    out = sq_out.to(torch.float64)
+    per = sq_grad.to(torch.float64) / n.to(out.device) * out / out[:, :1]
+    per[:, 0] = 1
+    return per
 
 
 def _layers_sweep(model, x, y, layers, error, batchnorm, backend, chunk_size):

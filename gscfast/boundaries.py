@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .nn import freeze_batchnorm, uses_batch_stats
+from .nn import call_on_copies, couples_samples, freeze_batchnorm, uses_batch_stats
 from .rules import error_value
 
 # samples per chunk of the per-sample sweep (memory: one forward and backward of this many)
@@ -122,20 +122,12 @@ class _Capture:
             )
 
 
-def _run(model: nn.Module, x: Tensor) -> Any:
-    """``model(x)`` with constant parameters and copies of the buffers: nothing of the model
-    changes (a train-mode batch norm's running statistics included)."""
-    state = {k: p.detach() for k, p in model.named_parameters()}
-    state |= {k: b.detach().clone() for k, b in model.named_buffers()}
-    return torch.func.functional_call(model, state, (x,))
-
-
 def _check_cuts(model: nn.Module, x: Tensor, layers: Sequence[str]) -> None:
     """``ValueError`` naming the first boundary that some path from input to output bypasses."""
     probe = x[: min(2, x.shape[0])].detach().clone().requires_grad_(True)
     for name in layers:
         with _Capture(model, layers, cut=name) as cap:
-            out = _run(model, probe)
+            out = call_on_copies(model, probe)
         if isinstance(out, Tensor) and out.requires_grad:
             via = (
                 f"through {cap.after_cut[0]!r}, which runs after {name!r} on values that do not "
@@ -153,15 +145,11 @@ def _check_cuts(model: nn.Module, x: Tensor, layers: Sequence[str]) -> None:
 def _check_per_sample(model: nn.Module, x: Tensor) -> None:
     """``ValueError`` if the gradient of one sample's output reaches another sample's input
     (on a probe of three samples: the datapoints are single samples only if they do not)."""
-    probe = x[:3].detach().clone().requires_grad_(True)
-    out = _run(model, probe)
+    res = torch.func.vjp(lambda t: call_on_copies(model, t), x[:3].detach())
+    out, fn = res[0], res[1]
     if not isinstance(out, Tensor):
         raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
-    g = torch.Generator(device="cpu").manual_seed(0)
-    u = torch.zeros_like(out)
-    u[0] = torch.randn(out[0].shape, generator=g, dtype=torch.float64).to(out)
-    (gx,) = torch.autograd.grad(out, probe, u, allow_unused=True)
-    if gx is not None and bool((gx[1:] != 0).any()):
+    if couples_samples(fn, out):
         raise ValueError(
             "the model couples the samples of a batch (the gradient of one sample's output "
             "reaches other samples' inputs) without a batch norm using batch statistics, so "
@@ -193,7 +181,7 @@ def _refuse_random(model: nn.Module, x: Tensor) -> None:
                 "every call, so the model has no one Jacobian to measure; call model.eval()"
             )
     with torch.no_grad():
-        a, b = _run(model, x), _run(model, x)
+        a, b = call_on_copies(model, x), call_on_copies(model, x)
     if isinstance(a, Tensor) and not torch.equal(a, b):
         raise ValueError(
             "the model gives different outputs for the same input (a random module): there "
@@ -245,6 +233,8 @@ def sweep(
     if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must be a tensor with one row per sample of x ({x.shape[0]})")
     check_names(model, layers)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     coupled = any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in model.modules())
     if coupled and batchnorm == "frozen":  # x's batch statistics as constants: per-sample again
         model, coupled = freeze_batchnorm(model, x.detach()), False
@@ -255,25 +245,23 @@ def sweep(
         _check_per_sample(model, x)
     B = x.shape[0]
     step = B if coupled else (chunk_size or CHUNK)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     L = len(layers) + 1
     sq_out, sq_grad, columns = [], [], None
     for c0 in range(0, B, step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
         with _Capture(model, layers) as cap:
             xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
-            out = _run(model, xg)
+            out = call_on_copies(model, xg)
         cap.check()
-        if c0 == 0 and isinstance(out, Tensor):
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
+        if c0 == 0:
             cut = _first_bypassed(out, [(n, cap.outputs[n][0]) for n in layers], xg)
             if cut is not None:
                 _check_cuts(model, x, [cut])  # raises, naming the module the path goes through
                 raise ValueError(
                     f"layers names {cut!r}, but a path from input to output bypasses it"
                 )
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
         if cap.outputs[layers[-1]][0] is out:
             raise ValueError(
                 f"layers names {layers[-1]!r}, whose output is the model's output: that is f_1, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -240,3 +242,26 @@ def call_from_current_state(m: nn.Module) -> None:
                 getattr(module, k).copy_(old)
 
     m.register_forward_pre_hook(restore, prepend=True)  # before the module's own pre-hooks
+
+
+def call_on_copies(module: nn.Module, x: torch.Tensor) -> Any:
+    """``module(x)``, hooks included, with constant parameters and copies of its buffers: a
+    module that updates its buffers when called (running statistics, counters, spectral norm's
+    power iteration) leaves the caller's module unchanged. The generic rule and ``layers=``
+    call modules through it."""
+    state = {k: p.detach() for k, p in module.named_parameters()}
+    state |= {k: b.detach().clone() for k, b in module.named_buffers()}
+    return torch.func.functional_call(module, state, (x,))
+
+
+def couples_samples(
+    vjp_fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], y: torch.Tensor
+) -> bool:
+    """Whether the function whose ``vjp_fn`` (``torch.func.vjp``) gave outputs ``y [b, ...]``
+    couples the samples of its batch: a random cotangent on sample 0's output reaches another
+    sample's input (exact zeros otherwise)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    u = torch.zeros_like(y)
+    u[0] = torch.randn(y[0].shape, generator=g, dtype=torch.float64).to(y)
+    (gx,) = vjp_fn(u)
+    return bool((gx[1:] != 0).any())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn import call_on_copies, couples_samples
 from .base import ForwardCtx, Rule, register
 
 
@@ -89,11 +90,8 @@ class GenericRule(Rule):
         self._widths: dict[int, int] = {}
 
     def _call(self, h: Tensor) -> Any:
-        """The module on ``h``, hooks included, with copies of its buffers (so a module that
-        updates them when called leaves the caller's model unchanged)."""
-        state = {k: p.detach() for k, p in self.module.named_parameters()}
-        state |= {k: b.detach().clone() for k, b in self.module.named_buffers()}
-        return torch.func.functional_call(self.module, state, (h,))
+        """The module on ``h``, hooks included, on copies of its buffers (``call_on_copies``)."""
+        return call_on_copies(self.module, h)
 
     def _name(self) -> str:
         return f"{self.path} ({type(self.module).__name__}, {self.why}: gscfast's generic rule)"
@@ -157,11 +155,7 @@ class GenericRule(Rule):
 
     def _check_per_sample(self, fn: Any, y: Tensor) -> None:
         """``ValueError`` if the gradient of sample 0's output reaches another sample's input."""
-        g = torch.Generator(device="cpu").manual_seed(0)
-        u = torch.zeros_like(y)
-        u[0] = torch.randn(y.shape[1], generator=g, dtype=torch.float64).to(y)
-        (gx,) = fn(u)
-        if bool((gx[1:] != 0).any()):
+        if couples_samples(fn, y):
             raise ValueError(
                 f"{self._name()} couples the samples of a batch (the gradient of one sample's "
                 "output reaches other samples' inputs), so its per-sample Jacobians are not "
