@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backends.finite import message
 from .nn import call_on_copies, couples_samples, freeze_batchnorm, uses_batch_stats
 from .rules import error_value
+from .validation import BATCHNORM_MODES, check_finite
 
 # samples per chunk of the per-sample sweep (memory: one forward and backward of this many)
 CHUNK = 256
@@ -182,7 +184,8 @@ def _refuse_random(model: nn.Module, x: Tensor) -> None:
             )
     with torch.no_grad():
         a, b = call_on_copies(model, x), call_on_copies(model, x)
-    if isinstance(a, Tensor) and not torch.equal(a, b):
+    # exact equality, NaN equal to NaN: an overflow inside is reported as such, further on
+    if isinstance(a, Tensor) and not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True):
         raise ValueError(
             "the model gives different outputs for the same input (a random module): there "
             "is no one Jacobian to measure"
@@ -233,6 +236,12 @@ def sweep(
     if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must be a tensor with one row per sample of x ({x.shape[0]})")
     check_names(model, layers)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+    check_finite(x, "x")
+    check_finite(y, "y")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(t, name)  # as the compiled path checks every rule's tensors
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     coupled = any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in model.modules())
@@ -281,4 +290,15 @@ def sweep(
             per = [f[0].numel() * (xc.shape[0] if coupled else 1) for f in fs]
             columns = [1, *per]
     assert columns is not None and len(columns) == L + 1
-    return torch.cat(sq_out), torch.cat(sq_grad), columns
+    so, sg = torch.cat(sq_out), torch.cat(sq_grad)
+    # an overflow: where it first shows, the forward from the input side, then the backward
+    # pass from the output side
+    fwd = [l for l in range(L, -1, -1) if not bool(torch.isfinite(so[:, l]).all())]
+    bwd = [l for l in range(1, L + 1) if not bool(torch.isfinite(sg[:, l]).all())]
+    if fwd or bwd:
+        l = fwd[0] if fwd else bwd[0]
+        what = "the value" if fwd else "the gradient d f_0 / d f_l"
+        where = {0: "the error f_0", 1: "the model's output f_1"}.get(l)
+        where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
+        raise ValueError(message(x.dtype, f"{where} ({what})"))
+    return so, sg, columns

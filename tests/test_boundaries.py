@@ -183,3 +183,37 @@ def test_frozen_batch_statistics_per_sample():
     got = gscfast.gsc(model, x, y, layers=BOUNDARIES, batchnorm="frozen")
     want = _by_hand(frozen, x, y, BOUNDARIES, [slice(i, i + 1) for i in range(len(x))])
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_bad_values_and_options_are_refused():
+    """Non-finite inputs and targets, an unknown batchnorm mode, and an overflow inside the model
+    (float32): a clear error, never a NaN result (nor a misleading "random module")."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    names = ["1", "3"]
+    with pytest.raises(ValueError, match=r"x contains NaN at index \(2, 1\)"):
+        gscfast.gsc(
+            mlp,
+            x.index_put((torch.tensor(2), torch.tensor(1)), torch.tensor(float("nan"))),
+            y,
+            layers=names,
+        )
+    with pytest.raises(ValueError, match=r"y contains Inf"):
+        gscfast.gsc(mlp, x, y * 1e39, layers=names)
+    with pytest.raises(
+        ValueError, match=r"batchnorm must be one of \('batch', 'frozen'\), got 'nope'"
+    ):
+        gscfast.gsc(mlp, x, y, layers=names, batchnorm="nope")
+    with torch.no_grad():
+        mlp[2].weight.mul_(1e20)  # f_2 ~ 1e20 is finite, f_1 ~ 1e40 overflows float32
+        mlp[4].weight.mul_(1e20)
+    with pytest.raises(
+        ValueError, match=r"stop being finite .* torch.float32 at the model's output f_1"
+    ):
+        gscfast.gsc(mlp, x, y, layers=names)
+    assert torch.isfinite(gscfast.gsc(mlp.double(), x.double(), y.double(), layers=names)).all()
+    with torch.no_grad():
+        mlp[0].weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"0.weight contains Inf at index \(1, 2\)"):
+        gscfast.gsc(mlp, x.double(), y.double(), layers=names)

@@ -73,11 +73,11 @@ def check_results(pb, method: str, result, init=None) -> None:
             l = int((~torch.isfinite(t)).any(0).nonzero()[0]) + (1 if t.shape[1] == pb.L else 0)
             name = name.format(l=l)
         where = f"{name} (as the backend's {method} accumulates it; the values are finite)"
-    raise ValueError(message(pb, where))
+    raise ValueError(message(pb.x.dtype, where))
 
 
-def message(pb, where: str) -> str:
-    dtype = pb.x.dtype
+def message(dtype: torch.dtype, where: str) -> str:
+    """The refusal of a computation in ``dtype`` whose values stop being finite at ``where``."""
     fix = (
         (
             "compute in float64 (model.double(), x.double() and a float y for error='dot'), "
