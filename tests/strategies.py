@@ -148,6 +148,38 @@ def cases(
     return Case(model, x, y, labels, couples, " ".join(desc))
 
 
+def norm_condition(case: Case) -> float:
+    """How much a normalization's centring amplifies rounding: the largest ``max|x| / std(x)`` of
+    a statistic-computing norm's input over its normalized axis (train-mode batch norm: the batch;
+    layer norm: the features). ``x - mean`` loses ``log2`` of it in bits, and a norm of an input
+    that is constant along that axis (``inf``) has an output that is pure rounding noise."""
+    model = copy.deepcopy(case.model).double()  # a train-mode batch norm updates running stats
+    worst = [0.0]
+
+    def hook(mod, args):
+        (h,) = args
+        dim = 0 if isinstance(mod, nn.BatchNorm1d) else -1
+        std = h.std(dim, unbiased=False)
+        ratio = h.abs().amax(dim) / std
+        ratio[h.abs().amax(dim) == 0] = 0.0  # an all-zero input normalizes to exact zeros
+        worst[0] = max(worst[0], float(ratio.max()))
+
+    handles = [
+        m.register_forward_pre_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.BatchNorm1d) and m.training)
+    ]
+    try:
+        with torch.no_grad():
+            xs = case.x.double() if case.x.dim() == 3 else case.x.double()[None]
+            for xi in xs:
+                model(xi)
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]
+
+
 def to64(case: Case) -> Case:
     """The same case in float64 (the ground truth for float32 results)."""
     return Case(
