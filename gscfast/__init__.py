@@ -17,6 +17,7 @@ from .api import (
 )
 from .backends import available_backends
 from .compiler import compile_model
+from .errors import NumericalError
 from .estimators import BootstrapGSC, GSCMoments, bootstrap_gsc, pool
 from .flow import GradientFlow
 from .nn import Residual, mlp
@@ -28,6 +29,7 @@ __all__ = [
     "BootstrapGSC",
     "GSCMoments",
     "GradientFlow",
+    "NumericalError",
     "PreactStats",
     "Residual",
     "__version__",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .api import PreactStats, explosion_rate
 from .backends import get_backend
 from .estimators import GSCMoments
-from .validation import check_error, make_problem
+from .validation import check_error, in_dtype, make_problem
 
 if TYPE_CHECKING:  # optional dependencies, imported where used
     from matplotlib.figure import Figure
@@ -117,6 +117,6 @@ def analyze(
     # grads=True and stats=True asked for both
     assert sw.sq_grad is not None and sw.moments is not None
     moments = GSCMoments.of(sw.sq_out, sw.sq_grad, pb.columns)
-    g = moments.gsc().to(device=x.device, dtype=x.dtype)
+    g = in_dtype(moments.gsc(), x, "GSC(l, 0)")
     stats = PreactStats.from_moments(sw.moments, x)
     return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g), moments)

@@ -24,6 +24,7 @@ from .validation import (
     check_error,
     check_model_tensors,
     check_same_architecture,
+    in_dtype,
     make_problem,
 )
 
@@ -101,31 +102,29 @@ def gsc(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if reduction == "mean":
-        return (
-            gsc_moments(
-                model,
-                x,
-                y,
-                error=error,
-                batchnorm=batchnorm,
-                backend=backend,
-                chunk_size=chunk_size,
-                layers=layers,
-            )
-            .gsc()
-            .to(device=x.device, dtype=x.dtype)
+        moments = gsc_moments(
+            model,
+            x,
+            y,
+            error=error,
+            batchnorm=batchnorm,
+            backend=backend,
+            chunk_size=chunk_size,
+            layers=layers,
         )
+        return in_dtype(moments.gsc(), x, "GSC(l, 0)")
     if layers is not None:
         sq_out, sq_grad, n = _layers_sweep(
             model, x, y, layers, error, batchnorm, backend, chunk_size
         )
-        return _gsc_per_datapoint(sq_out, sq_grad, torch.tensor(n, dtype=torch.float64)).to(x.dtype)
+        per = _gsc_per_datapoint(sq_out, sq_grad, torch.tensor(n, dtype=torch.float64))
+        return in_dtype(per, x, "a datapoint's GSC(l, 0)")
     check_error(error)  # error=None would mean "no error layer" to make_problem
     pb, squeeze = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=False)
     assert sw.sq_grad is not None  # grads=True asked for it
     per = _gsc_per_datapoint(sw.sq_out, sw.sq_grad, _n(pb))
-    return _per_datapoint(per, pb, squeeze).to(x.dtype)
+    return in_dtype(_per_datapoint(per, pb, squeeze), x, "a datapoint's GSC(l, 0)")
 
 
 def _gsc_per_datapoint(sq_out: Tensor, sq_grad: Tensor, n: Tensor) -> Tensor:
@@ -220,7 +219,8 @@ def gsc_matrix(
     f = _mean(sq_out)
     res = _mean(sq) / n[:, None] * f[:, None] / f[None, :]
     res.diagonal().fill_(1)  # GSC(k, k) = 1 by definition, also where f_k = 0
-    return res.masked_fill(torch.ones_like(res, dtype=torch.bool).triu(1), float("nan")).to(x.dtype)
+    res = res.masked_fill(torch.ones_like(res, dtype=torch.bool).triu(1), float("nan"))
+    return in_dtype(res, x, "GSC(k, l)")
 
 
 class PreactStats(NamedTuple):
@@ -345,7 +345,7 @@ def effective_depth(
     last = profile[-1]
     ok = torch.nan_to_num(last, nan=-1.0) >= tau * torch.nansum(last)
     depth = int(ok.nonzero().max()) if ok.any() else 0
-    return depth, profile.to(x.dtype)
+    return depth, in_dtype(profile, x, "the contribution c(l, lambda)")
 
 
 def explosion_rate(gsc_values: Tensor) -> float:

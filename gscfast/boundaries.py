@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backends.finite import message
+from .backends.finite import message, underflow_message
+from .errors import NumericalError
 from .nn import call_on_copies, couples_samples, freeze_batchnorm, uses_batch_stats
 from .rules import error_value
 from .validation import BATCHNORM_MODES, check_finite
@@ -206,13 +207,19 @@ def _targets(error: str, y: Tensor, out: Tensor) -> Tensor:
     return y.long()
 
 
-def _sq(t: Tensor | None, like: Tensor, coupled: bool) -> Tensor:
+def _sq(t: Tensor | None, like: Tensor, coupled: bool, subnormal: bool = False) -> Tensor:
     """Squared norms per datapoint of ``t [b, ...]`` (``like``'s rows; zeros for ``None``: the
-    error does not depend on that boundary)."""
+    error does not depend on that boundary), in float64. With ``subnormal``, only the part of
+    them from entries below the smallest normal number of ``t``'s dtype (entries computed with
+    few significant bits: an underflow)."""
     rows = 1 if coupled else like.shape[0]
-    if t is None:
+    if t is None or (subnormal and t.dtype == torch.float64):
         return torch.zeros(rows, dtype=torch.float64, device=like.device)
-    s = t.detach().to(torch.float64).reshape(t.shape[0], -1).square().sum(1)
+    v = t.detach().reshape(t.shape[0], -1)
+    sq = v.to(torch.float64).square()
+    if subnormal:
+        sq = sq * (v.abs() < torch.finfo(t.dtype).tiny)
+    s = sq.sum(1)
     return s.sum(0, keepdim=True) if coupled else s
 
 
@@ -256,6 +263,7 @@ def sweep(
     step = B if coupled else (chunk_size or CHUNK)
     L = len(layers) + 1
     sq_out, sq_grad, columns = [], [], None
+    low_out, low_grad = [], []  # the subnormal entries' share of them
     for c0 in range(0, B, step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
         with _Capture(model, layers) as cap:
@@ -286,6 +294,11 @@ def sweep(
         sg = torch.stack([torch.ones_like(f0), *(_sq(g, f, coupled) for g, f in zip(grads, fs))], 1)
         sq_out.append(so)
         sq_grad.append(sg)
+        zero = torch.zeros_like(f0)
+        low_out.append(torch.stack([zero, *(_sq(f, f, coupled, True) for f in fs)], 1))
+        low_grad.append(
+            torch.stack([zero, *(_sq(g, f, coupled, True) for g, f in zip(grads, fs))], 1)
+        )
         if columns is None:
             per = [f[0].numel() * (xc.shape[0] if coupled else 1) for f in fs]
             columns = [1, *per]
@@ -300,5 +313,15 @@ def sweep(
         what = "the value" if fwd else "the gradient d f_0 / d f_l"
         where = {0: "the error f_0", 1: "the model's output f_1"}.get(l)
         where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
-        raise ValueError(message(x.dtype, f"{where} ({what})"))
+        raise NumericalError(message(x.dtype, f"{where} ({what})"))
+    # an underflow: subnormal entries, computed with few significant bits, that make up more than
+    # eps of a squared norm (below that they change it by at most eps)
+    eps = torch.finfo(x.dtype).eps
+    for what, s, low in (("the value", so, low_out), ("the gradient d f_0 / d f_l", sg, low_grad)):
+        bad = torch.cat(low) > eps * s
+        if bool(bad.any()):
+            l = int(bad.any(0).nonzero()[0])
+            where = {0: "the error f_0", 1: "the model's output f_1"}.get(l)
+            where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
+            raise NumericalError(underflow_message(x.dtype, f"{where} ({what})"))
     return so, sg, columns

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .compiler import Program, compile_model
+from .errors import NumericalError
 
 ERRORS = ("dot", "kl")
 BATCHNORM_MODES = ("batch", "frozen")
@@ -102,7 +103,7 @@ def check_not_meta(t: Tensor, what: str) -> None:
 
 
 def check_finite(t: Tensor, what: str) -> None:
-    """``ValueError`` naming the first NaN/Inf entry of ``t`` (or saying it is a meta tensor)."""
+    """``NumericalError`` naming the first NaN/Inf entry of ``t`` (or saying it is a meta tensor)."""
     check_not_meta(t, what)
     if t.is_floating_point() or t.is_complex():
         # A finite sum proves every entry finite (NaN and Inf propagate, overflow only makes
@@ -113,10 +114,35 @@ def check_finite(t: Tensor, what: str) -> None:
         if bad.any():
             idx = tuple(int(i) for i in bad.nonzero()[0])
             val = t[idx].item()
-            raise ValueError(
+            raise NumericalError(
                 f"{what} contains {'NaN' if val != val else 'Inf'} at index {idx} "
                 f"({int(bad.sum())} non-finite entries in all)"
             )
+
+
+def in_dtype(t: Tensor, like: Tensor, what: str) -> Tensor:
+    """Results ``t`` computed in float64, on ``like``'s device and in its dtype (the caller's).
+    ``NumericalError`` where a finite nonzero entry is outside that dtype's normal range: below
+    its smallest normal number it would come back with few significant bits or as 0 (a GSC of
+    1e-45 in float32, say), above its largest as Inf."""
+    out = t.to(device=like.device, dtype=like.dtype)
+    if like.dtype == t.dtype or not like.is_floating_point():
+        return out
+    fi = torch.finfo(like.dtype)
+    a = t.abs()
+    bad = torch.isfinite(t) & (a != 0) & ((a < fi.tiny) | (a > fi.max))
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        v = float(t[idx])
+        side = f"below the smallest normal {like.dtype} ({fi.tiny:.3g})"
+        if abs(v) > fi.max:
+            side = f"above the largest {like.dtype} ({fi.max:.3g})"
+        raise NumericalError(
+            f"{what} at index {idx} is {v:.4g}, {side}: returned in {like.dtype} (x's dtype) it "
+            f"would read {float(out[idx]):.4g}. Compute in float64 (model.double(), "
+            "x.double()); for GSC(l, 0), gscfast.gsc_moments(...).gsc() gives the float64 values"
+        )
+    return out
 
 
 def check_model_tensors(program: Program, x: Tensor) -> None:

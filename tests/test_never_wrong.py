@@ -9,6 +9,7 @@ they all refuse alike.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 
 import pytest
@@ -486,3 +487,76 @@ def test_autograd_jacobian_returns_torchs_result_where_values_overflow():
     want = torch.autograd.functional.jacobian(model, x[:4])
     assert not torch.isfinite(want).all()
     torch.testing.assert_close(ga.jacobian(model, x[:4]), want, equal_nan=True)
+
+
+def _tiny_mlp(scale: float) -> nn.Sequential:
+    """Bias-free ReLU layers scaled by ``scale``: the values shrink by it per layer."""
+    model = gscfast.mlp(3, 20, act="relu", seed=0)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(scale)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
+def test_float32_underflow_is_refused_by_every_backend():
+    """Values of 1e-36 are normal float32 numbers, but their squares (1e-72) flush to 0: every
+    backend returned GSC NaN (0 / 0) and a pre-activation std of 0.0 where float64 gives GSCs of
+    about 2, with no error."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 20, generator=g), torch.randn(16, 20, generator=g)
+    model = _tiny_mlp(1e-12)  # values 1e-12, 1e-24, 1e-36
+    for backend in CPU_BACKENDS:
+        for name in ("gsc", "gsc_moments", "analyze", "preactivation_stats"):
+            with pytest.raises(
+                gscfast.NumericalError,
+                match=r"underflow .* at the pre-activation of layer f_2: .*float64",
+            ):
+                _f32_calls(model, x, y, {}, backend)[name]()
+    want = gscfast.gsc(model.double(), x.double(), y.double(), backend="torch")
+    assert torch.isfinite(want).all() and (want[1:] > 1).all()
+    # a dead ReLU layer's exact zeros are not an underflow: no error
+    dead = _tiny_mlp(1.0)
+    with torch.no_grad():
+        dead[2].weight.fill_(-1.0)  # every pre-activation of layer 2 is negative: f = 0 exactly
+    want = gscfast.gsc(
+        copy.deepcopy(dead).double(), x.abs().double(), y.double(), backend="reference"
+    )
+    assert (want[1:].isnan() | (want[1:] == 0)).all()  # 0 / 0 where f_0 = 0: nothing to measure
+    for backend in CPU_BACKENDS:
+        got = gscfast.gsc(dead, x.abs(), y, backend=backend)
+        torch.testing.assert_close(got.double(), want, equal_nan=True)
+        std = gscfast.preactivation_stats(dead, x.abs(), backend=backend).std
+        assert (std[2:] > 0).all() and std[1] == 0  # fed by the dead layer's zeros: exactly 0
+
+
+def test_float32_result_below_float32_range_is_refused_and_float64_moments_give_it():
+    """Every value is a normal float32, but GSC(2, 0) ~ 1e-40 is not: returned in float32 it
+    would be 0 or subnormal. gsc refuses; gsc_moments gives it in float64 (what GradientFlow
+    records)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)  # f_2 ~ 1e-20, squares 1e-40 (summed in float64 here)
+    x, labels = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    kw = {"error": "kl", "layers": ["1"]}
+    with pytest.raises(gscfast.NumericalError, match=r"GSC\(l, 0\) at index \(2,\) is .*e-4\d"):
+        gscfast.gsc(model, x, labels, **kw)
+    got = gscfast.gsc_moments(model, x, labels, **kw).gsc()
+    want = gscfast.gsc(model.double(), x.double(), labels, **kw)
+    assert got.dtype == torch.float64 and 0 < got[2] < 1e-38
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_float32_subnormal_boundary_values_are_refused_under_layers():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-40)  # f_2 ~ 1e-40: subnormal float32 entries
+    x, labels = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    with pytest.raises(
+        gscfast.NumericalError, match=r"underflow .* at layer f_2, the output of '1'"
+    ):
+        gscfast.gsc_moments(model, x, labels, error="kl", layers=["1"])

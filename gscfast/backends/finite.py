@@ -15,11 +15,13 @@ torch rules, the same test in the numba kernels and the reference backend), so i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import NumericalError
 from ..rules import error_grad, error_value
 from .chunks import iter_chunks, sq_norms
 
@@ -43,8 +45,80 @@ def _defined(pb, method: str) -> Tensor:
 
 
 def check_results(pb, method: str, result, init=None) -> None:
-    """``ValueError`` naming where values stop being finite, if any defined entry of a backend's
-    ``result`` (of ``method``) is NaN or Inf."""
+    """``NumericalError`` naming where values stop being finite, if any defined entry of a
+    backend's ``result`` (of ``method``) is NaN or Inf; or where a sweep's squared norms
+    underflow (``check_underflow``)."""
+    _check_finite_results(pb, method, result, init)
+    if method == "sweep":
+        check_underflow(pb, result, init)
+
+
+def check_underflow(pb, result, init=None) -> None:
+    """``NumericalError`` where a sweep's squared norms or moments, summed in the computation's
+    dtype (float32 say), lost values to underflow: a value below the square root of the dtype's
+    smallest normal number (1.1e-19 in float32) has a square with few significant bits or none
+    (flushed to 0), so ``||f_l||^2`` of values of 1e-36 comes out as 0, and GSCs as 0 / 0 or
+    pre-activation stds as 0, with no NaN or Inf to show it.
+
+    Only a squared norm below ``n(l) * tiny / eps`` can have lost more than ``eps`` of itself so;
+    where one is (exact zeros included: a dead ReLU layer), ``locate_underflow`` runs the problem
+    again through the rules, summing squares in float64, and decides."""
+    dtype = result.sq_out.dtype
+    if dtype == torch.float64:  # its range (1e-308) is beyond any network's values
+        return
+    fi = torch.finfo(dtype)
+    bound = torch.tensor(pb.columns, dtype=torch.float64) * (fi.tiny / fi.eps)
+    bound = bound.to(result.sq_out.device)
+    first = 0 if pb.error is not None else 1  # ||f_0|| is NaN by definition without y
+    low = any(
+        bool((t[:, first:].to(torch.float64) < bound[first:]).any())
+        for t in (result.sq_out, result.sq_grad)
+        if t is not None
+    )
+    if low:
+        where = locate_underflow(pb, init)
+        if where is not None:
+            raise NumericalError(underflow_message(dtype, where))
+
+
+def locate_underflow(pb, init=None) -> str | None:
+    """Run ``pb`` through the rules (one pass of the torch engine) and name the first layer
+    value, pre-activation or gradient whose entries below ``sqrt(tiny)`` of the dtype make up more
+    than ``eps`` of its squared norm (squared in float64), or None."""
+    fi = torch.finfo(pb.x.dtype)
+    small = math.sqrt(fi.tiny)
+
+    def lost(t: Tensor, rows: int) -> bool:
+        v = t.reshape(rows, -1).to(torch.float64)
+        sq = v.square()
+        return bool(((sq * (v.abs() < small)).sum(1) > fi.eps * sq.sum(1)).any())
+
+    w = pb.widths
+    per = pb.x.element_size() * pb.S * 3 * sum(w[1:])
+    for ds, bs, ctx in iter_chunks(pb, per, init=init):
+        ctx.save = pb.error is not None
+        h = pb.x[ds, bs]
+        rows = h.shape[0] if pb.coupled else h.shape[0] * h.shape[1]
+        saved: dict[int, Any] = {}
+        for layer in pb.program.layers:
+            m = layer.index
+            h, saved[m], pre = layer.forward(h, ctx)
+            if pre is not None and lost(pre, rows):
+                return f"the pre-activation of layer f_{m}"
+            if lost(h, rows):
+                return f"layer f_{m}, the output of {_module(layer.ops[-1])}"
+        if pb.error is None:
+            continue
+        v = ctx.rows(error_grad(pb.error, h, pb.y[ds, bs]))
+        for m in range(0, pb.L):
+            if m > 0:
+                v = pb.program.layer(m).vjp(v, saved[m])
+            if lost(v, v.shape[0]):
+                return f"the gradient d f_0 / d f_{m + 1}"
+    return None
+
+
+def _check_finite_results(pb, method: str, result, init=None) -> None:
     named: list[tuple[str, Tensor | None]]
     if method == "sweep":
         first = 0 if pb.error is not None else 1  # ||f_0||^2 is NaN by definition without y
@@ -73,7 +147,17 @@ def check_results(pb, method: str, result, init=None) -> None:
             l = int((~torch.isfinite(t)).any(0).nonzero()[0]) + (1 if t.shape[1] == pb.L else 0)
             name = name.format(l=l)
         where = f"{name} (as the backend's {method} accumulates it; the values are finite)"
-    raise ValueError(message(pb.x.dtype, where))
+    raise NumericalError(message(pb.x.dtype, where))
+
+
+def underflow_message(dtype: torch.dtype, where: str) -> str:
+    """The refusal of a computation in ``dtype`` whose values underflow at ``where``."""
+    return (
+        f"values or their squares underflow below the smallest normal {dtype} "
+        f"({torch.finfo(dtype).tiny:.3g}) at {where}: such numbers keep few significant bits or "
+        "none (0 where flushed), and gscfast refuses to return the wrong numbers that follow. To proceed, compute in float64 (model.double(), "
+        "x.double()), or rescale the inputs, weights or targets."
+    )
 
 
 def message(dtype: torch.dtype, where: str) -> str:
