@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import NumericalError
 from .io import atomic_write, save_figure
 from .validation import BATCHNORM_MODES
 
@@ -39,6 +40,8 @@ class GradientFlow:
             convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
             statistics are never touched). None where nothing compiles, or where the top module
             itself has a hook or an overridden forward (its children's tail is not its function).
+            Where values are not finite (a diverging run), the record has ``"gsc": None`` and
+            the reason in ``"gsc_error"`` (``measure_gsc``).
         gsc_layers: module names (``model.named_modules()``) whose outputs are the layer
             boundaries, in forward order: the GSC is then that of the whole model, whatever it
             is (a CNN's blocks, say), by ``gscfast.gsc(..., layers=gsc_layers)``.
@@ -154,9 +157,7 @@ class GradientFlow:
         if self._current and self.recording():
             # Hooks fire in backward order (output first); store in the model's order instead.
             record = {"weights": {n: self._current[n] for n in self._names if n in self._current}}
-            gsc = self._gsc()
-            if gsc is not None:
-                record["gsc"] = gsc
+            record.update(self.measure_gsc())
             self.records[self.step_index] = record
             for write in self.writers:
                 write(self.step_index, record)
@@ -166,26 +167,40 @@ class GradientFlow:
 
     __call__ = step
 
-    def _gsc(self) -> list[float] | None:
-        if self.gsc_data is not None and self.gsc_layers is not None:  # the whole model
-            from .api import gsc as gsc_of
+    def measure_gsc(self) -> dict[str, Any]:
+        """The GSC entries of a record, measured on the model as it is now: ``{"gsc": [GSC(l, 0)
+        for l = 0..L]}``; ``{}`` without ``gsc_data`` or where nothing compiles (see the class);
+        ``{"gsc": None, "gsc_error": why}`` where values are not finite (a diverging run: its
+        parameters, or an overflow inside), refused as everywhere in gscfast but without
+        stopping the training being watched. Any other refusal (a boundary that does not cut
+        the graph, say) raises."""
+        try:
+            gsc = self._gsc()
+        except NumericalError as e:
+            return {"gsc": None, "gsc_error": str(e)}
+        return {} if gsc is None else {"gsc": gsc}
 
+    def _gsc(self) -> list[float] | None:
+        # float64 values from the moments: a float32 model's GSC can lie below float32's range
+        from .api import gsc_moments
+
+        if self.gsc_data is not None and self.gsc_layers is not None:  # the whole model
             x, y = self.gsc_data
-            return gsc_of(
+            moments = gsc_moments(
                 self.model, x, y, error=self.error, batchnorm=self.batchnorm, layers=self.gsc_layers
-            ).tolist()
+            )
+            return moments.gsc().tolist()
         if self._tail is None:
             return None
         import copy
-
-        from .api import gsc
 
         assert self.gsc_data is not None  # the model is split (_tail) only when it is given
         x, y = self.gsc_data
         if self._head is not None:
             with torch.no_grad():
                 x = copy.deepcopy(self._head)(x).flatten(1)
-        return gsc(self._tail, x, y, error=self.error, batchnorm=self.batchnorm).tolist()
+        moments = gsc_moments(self._tail, x, y, error=self.error, batchnorm=self.batchnorm)
+        return moments.gsc().tolist()
 
     # -- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -282,7 +297,7 @@ def tensorboard_writer(summary_writer) -> Callable[[int, dict[str, Any]], None]:
         for name, s in record["weights"].items():
             add(f"grad_mean_abs/{name}", s["mean_abs"], step)
             add(f"grad_norm/{name}", s["norm"], step)
-        for l, v in enumerate(record.get("gsc", [])):
+        for l, v in enumerate(record.get("gsc") or []):  # None: not finite (gsc_error)
             add(f"gsc/{l}", v, step)
 
     return write
@@ -311,7 +326,7 @@ def wandb_writer(run=None) -> Callable[[int, dict[str, Any]], None]:
             )
         flat = {f"grad_mean_abs/{n}": s["mean_abs"] for n, s in record["weights"].items()}
         flat |= {f"grad_norm/{n}": s["norm"] for n, s in record["weights"].items()}
-        flat |= {f"gsc/{l}": v for l, v in enumerate(record.get("gsc", []))}
+        flat |= {f"gsc/{l}": v for l, v in enumerate(record.get("gsc") or [])}
         (run.log if run is not None else wandb.log)(flat, step=step)
 
     return write

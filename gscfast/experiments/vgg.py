@@ -33,6 +33,15 @@ records each weight's mean |gradient| and gradient norm at step 0, every ``--flo
 at the last step; ``flow-<variant>.png`` is the classic gradient-flow bar plot at the first and the
 last step.
 
+GSC: at initialization and at every recorded step, ``GSC(l, 0)`` (definitions.md) at every block
+boundary (``block_boundaries``: the outputs of the input unit, of every processing and reduction
+block; ``f_1`` the logits, ``f_0`` the cross-entropy) on a fixed set of ``--gsc-size`` (100)
+training images (the first ones, not augmented), measured by ``GradientFlow(gsc_layers=...)``
+through ``gscfast.gsc(layers=...)``: exact, one backward pass per chunk. Batch norm in train mode
+is measured ``batchnorm="frozen"``: one datapoint per image, the set's batch statistics held
+constant, comparable across variants (definitions.md). A record of a diverged run has no GSC
+(``null``, with the reason).
+
 Long runs: each job writes a checkpoint (model, optimizer, schedule, RNG state, history, gradient
 flow records) atomically after every epoch to ``DIR/checkpoints/``; ``--resume`` continues from it
 and ends with the same numbers as an uninterrupted run (loaded with ``weights_only=True``).
@@ -54,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..estimators import explosion_rates
 from ..flow import GradientFlow, plot_flow
 from ..nn import Residual
 from .outputs import (
@@ -62,6 +72,7 @@ from .outputs import (
     check_command,
     check_integers,
     check_number,
+    check_numbers,
     config_from_args,
     config_section,
     figure_files,
@@ -94,6 +105,7 @@ __all__ = [
     "VARIANTS",
     "add_arguments",
     "aggregate",
+    "block_boundaries",
     "check_result",
     "evaluate",
     "load_checkpoint",
@@ -223,6 +235,14 @@ def make_model(variant: str, config: dict[str, Any]) -> nn.Sequential:
         residual=rc,
         seed=job_seed(config["seed"], "init"),
     )
+
+
+def block_boundaries(model: nn.Module) -> list[str]:
+    """The layer boundaries of a ``vgg`` network for ``gscfast.gsc(layers=...)``: the top-level
+    children before the global pooling (input unit, processing and reduction blocks), whose
+    outputs ``f_L, ..., f_2`` end in an activation or a residual sum; the logits are ``f_1``."""
+    names = [n for n, _ in model.named_children()]
+    return names[: names.index("pool")]
 
 
 def weight_layers(model: nn.Module) -> int:
@@ -365,15 +385,24 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
         spec.get("checkpoint"),
         stateful,
         epochs,
-        {"history": [], "flow": {}},
+        {"history": [], "flow": {}, "gsc_init": {}},
         desc=variant,
         progress="lines" if _PROGRESS else None,
         interrupt_after=_INTERRUPT_AFTER,
     )
     history: list[dict[str, Any]] = loop.values["history"]
     flow_records: dict[str, Any] = loop.values["flow"]
+    n_gsc = min(config["gsc_size"], len(x))  # the first images, fixed, not augmented
+    layers = block_boundaries(model)
     flow = GradientFlow(
-        model, every=config["flow_every"], steps={last_step}, start=loop.epoch * steps_per_epoch
+        model,
+        every=config["flow_every"],
+        steps={last_step},
+        start=loop.epoch * steps_per_epoch,
+        gsc_data=(x[:n_gsc], y[:n_gsc]) if n_gsc else None,
+        gsc_layers=layers if n_gsc else None,
+        error="kl",
+        batchnorm="frozen",
     )
 
     def train(e: int) -> tuple[bool, str]:
@@ -417,6 +446,8 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
         )
 
     with deterministic(device), flow:
+        if loop.epoch == 0:  # a resumed run has it in its checkpoint
+            loop.values["gsc_init"] = flow.measure_gsc()
         loop.run(train)
     t0 = time.perf_counter()
     test_loss, test_acc = (None, None) if loop.diverged else evaluate(model, xt, yt)
@@ -437,6 +468,13 @@ def train_variant(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any
             "n_test": len(xt),
             "steps_per_epoch": steps_per_epoch,
             "flow": {"every": config["flow_every"], "weights": names, "records": flow_records},
+            "gsc": {
+                "layers": layers if n_gsc else [],
+                "n_images": n_gsc,
+                "error": "kl",
+                "batchnorm": "frozen",
+                "init": loop.values["gsc_init"],
+            },
             "device": str(device),
         }
     )
@@ -481,6 +519,24 @@ def check_result(config: dict, spec: dict, result: dict) -> None:
         or not flow["records"]
     ):
         raise ValueError("missing gradient-flow records")
+    gsc = result.get("gsc")
+    if not isinstance(gsc, dict) or not isinstance(gsc.get("layers"), list):
+        raise ValueError("missing the GSC entry")
+    check_number(gsc.get("n_images"), "'gsc'['n_images']", integer=True)
+    measured = {"init": gsc.get("init")} | {
+        f"record {s}": r for s, r in flow["records"].items() if isinstance(r, dict)
+    }
+    for where, rec in measured.items():
+        if not isinstance(rec, dict):
+            raise ValueError(f"the GSC at {where} is not a record")
+        if not gsc["n_images"]:
+            if "gsc" in rec:
+                raise ValueError(f"a GSC at {where}, but no images to measure it on")
+        elif rec.get("gsc") is None:  # refused (a diverged run): the reason instead
+            if not isinstance(rec.get("gsc_error"), str):
+                raise ValueError(f"no GSC at {where}, and no reason")
+        else:  # GSC(l, 0) for l = 0..L: L - 1 named boundaries, the logits and the error
+            check_numbers(rec["gsc"], f"the GSC at {where}", len(gsc["layers"]) + 2, none=True)
     for step, rec in flow["records"].items():
         weights = rec.get("weights") if isinstance(rec, dict) else None
         if not isinstance(weights, dict):
@@ -508,6 +564,7 @@ def make_config(
     max_train: int | None = None,
     max_test: int | None = None,
     flow_every: int = 100,
+    gsc_size: int = 100,
     padding: int = 4,
     data_dir: str = "data",
     data_md5: str | None = None,
@@ -519,12 +576,15 @@ def make_config(
     archs = list(archs or VARIANTS)
     if any(a not in VARIANTS for a in archs) or len(set(archs)) != len(archs) or not archs:
         raise ValueError(f"--archs must be distinct names among {', '.join(VARIANTS)}, got {archs}")
+    if gsc_size == 1:  # a train-mode batch norm's statistics need two images
+        raise ValueError("gsc_size must be 0 (no GSC) or at least 2, got 1")
     check_integers(
         ("epochs", epochs, 1),
         ("batch_size", batch_size, 2),
         ("filters", filters, 1),
         ("val_size", val_size, 0),
         ("flow_every", flow_every, 1),
+        ("gsc_size", gsc_size, 0),
         ("padding", padding, 0),
         ("max_train", max_train, 2),
         ("max_test", max_test, 1),
@@ -551,6 +611,7 @@ def make_config(
         "max_train": max_train,
         "max_test": max_test,
         "flow_every": flow_every,
+        "gsc_size": gsc_size,
         "padding": padding,
         "data_dir": str(data_dir),
         "data_md5": data_md5,
@@ -642,9 +703,42 @@ def aggregate(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dic
                 "job_this_process": records[v]["seconds"],
             },
             "flow": flow_summary(r),
+            "gsc": gsc_summary(r),
             "history": hist,
         }
     return {"study": NAME, "config": config, "variants": variants}
+
+
+def _gsc_series(result: dict[str, Any]) -> list[tuple[int | None, dict[str, Any]]]:
+    """``(step, record)`` of every GSC measurement in order: initialization (``None``), then
+    every recorded step; empty where none was made (``--gsc-size 0``)."""
+    if not result["gsc"]["n_images"]:
+        return []
+    recs = result["flow"]["records"]
+    return [(None, result["gsc"]["init"])] + [
+        (s, recs[str(s)]) for s in sorted(int(k) for k in recs)
+    ]
+
+
+def gsc_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """At initialization and at the last recorded step: the curve ``GSC(l, 0)`` (``l = 0..L``;
+    null where refused, for a diverged run), ``GSC(L, 0)`` of the input unit's output, and the
+    explosion rate fitted to the curve (``gscfast.explosion_rate``)."""
+    g = result["gsc"]
+    L = len(g["layers"]) + 1
+    out: dict[str, Any] = {"L": L, "layers": g["layers"], "n_images": g["n_images"]}
+    series = _gsc_series(result)
+    for tag, (step, rec) in (("init", series[0]), ("last", series[-1])) if series else ():
+        curve = rec.get("gsc")
+        values = None if curve is None else [math.nan if v is None else v for v in curve]
+        out[tag] = {
+            "step": step,
+            "gsc": curve,
+            "input": None if values is None else values[L],
+            "rate": None if values is None else float(explosion_rates(torch.tensor(values))),
+            "error": rec.get("gsc_error"),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -705,6 +799,86 @@ def flow_csv(records: dict[str, dict[str, Any]], variants: list[str]) -> str:
                         ]
                     )
     return buf.getvalue()
+
+
+def _boundary(layers: list[str], l: int) -> str:
+    """The name of boundary ``f_l`` (paper numbering: ``f_0`` the error, ``f_1`` the logits)."""
+    return {0: "error", 1: "logits"}.get(l) or layers[len(layers) + 1 - l]
+
+
+def gsc_csv(records: dict[str, dict[str, Any]], variants: list[str]) -> str:
+    """Long table of every GSC measurement: one row per (variant, step, boundary ``l``); step
+    ``init`` (epoch 0) is before the first training step; an empty ``gsc`` is a refused
+    (diverged) or undefined value."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["variant", "step", "epoch", "l", "boundary", "gsc"])
+    for v in variants:
+        r = records[v]["result"]
+        layers, spe = r["gsc"]["layers"], r["steps_per_epoch"]
+        for step, rec in _gsc_series(r):
+            curve = rec.get("gsc") or [None] * (len(layers) + 2)
+            for l, value in enumerate(curve):
+                w.writerow(
+                    [
+                        v,
+                        "init" if step is None else step,
+                        0 if step is None else step // spe + 1,
+                        l,
+                        _boundary(layers, l),
+                        _num(value),
+                    ]
+                )
+    return buf.getvalue()
+
+
+def plot_gsc(records: dict[str, dict[str, Any]], variants: list[str], paths: list[Path]) -> None:
+    """GSC(l, 0) against ``l`` at initialization and at the last step, and GSC(L, 0) (the input
+    unit's output) over training, one color per variant, log scale."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = plt.get_cmap("tab10").colors
+
+    def nan(v: float | None) -> float:
+        return math.nan if v is None else v
+
+    for i, v in enumerate(variants):
+        r = records[v]["result"]
+        series = _gsc_series(r)
+        if not series:
+            continue
+        L = len(r["gsc"]["layers"]) + 1
+        for ax, (step, rec) in zip(axes[:2], (series[0], series[-1])):
+            curve = rec.get("gsc") or [None] * (L + 1)
+            ax.plot(
+                range(L + 1),
+                [nan(c) for c in curve],
+                "o-",
+                color=colors[i % 10],
+                markersize=3,
+                label=v if step is None else f"{v} (step {step})",
+            )
+        steps = [0 if s is None else s + 1 for s, _ in series]  # init at 0, step s after it
+        ys = [nan((rec.get("gsc") or [None] * (L + 1))[L]) for _, rec in series]
+        axes[2].plot(steps, ys, "o-", color=colors[i % 10], markersize=3, label=f"{v} (L = {L})")
+    for ax, t in zip(axes, ("at initialization", "at the last step", "GSC(L, 0) during training")):
+        ax.set_yscale("log")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_xlabel("l (block boundary, 0 = error, 1 = logits, L = input unit)")
+        ax.set_ylabel("GSC(l, 0)")
+    axes[2].set_xlabel("optimizer steps taken (0 = initialization)")
+    axes[2].set_ylabel("GSC(L, 0)")
+    cfg = next(iter(records.values()))["result"]["gsc"]
+    fig.suptitle(
+        f"gradient scale coefficient at the block boundaries, on {cfg['n_images']} training "
+        "images (cross-entropy, batch norm frozen)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    save_figure(fig, paths)
 
 
 def plot_curves(results: dict[str, Any], paths: list[Path]) -> None:
@@ -797,6 +971,74 @@ def plot_flow_comparison(
     save_figure(fig, paths)
 
 
+def _gsc_section(results: dict[str, Any]) -> list[str]:
+    """The summary's GSC table, and how it relates to the coursework's finding (computed)."""
+    vs = results["variants"]
+    n = next(iter(vs.values()))["gsc"]["n_images"]
+    lines = ["## Gradient scale coefficient", ""]
+    if not n:
+        return lines + ["Not measured (`--gsc-size 0`)."]
+    lines += [
+        f"`GSC(l, 0)` (definitions.md) at every block boundary on the first {n} training images "
+        "(not augmented), at initialization and at every recorded step (`gsc.png`, `gsc.csv`): "
+        "`f_L` is the input unit's output, `f_2` the last reduction block's, `f_1` the logits, "
+        "`f_0` the cross-entropy. `GSC(L, 0)` is the relative gradient at the input unit against "
+        "that at the error: below 1, relative gradients shrink toward the input; the rate is "
+        "the factor per boundary of a least-squares fit of `log GSC(l, 0)` against `l`.",
+        "",
+        "| variant | L | GSC(L, 0) at init | rate at init | last step | GSC(L, 0) there "
+        "| rate there |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for v, a in vs.items():
+        g = a["gsc"]
+        i, e = g["init"], g["last"]
+        lines.append(
+            f"| {v} | {g['L']} | {_sci(i['input'])} | {_fmt(i['rate'], 3)} | {e['step']} "
+            f"| {_sci(e['input'])} | {_fmt(e['rate'], 3)} |"
+        )
+    refused = [v for v, a in vs.items() if a["gsc"]["last"]["error"]]
+    if refused:
+        lines += ["", f"No GSC at the last step of {', '.join(refused)}: values not finite."]
+    lines += ["", "### Against the coursework's finding", ""]
+    base = vs.get("VGG38")
+    fixes = [v for v in ("VGG38-BN", "VGG38-RC", "VGG38-BN-RC") if v in vs]
+    if base is None or not fixes or base["gsc"]["init"]["input"] is None:
+        return lines + [
+            "VGG38 and a variant with batch norm or residual connections were not both "
+            "measured: no comparison."
+        ]
+    b = base["gsc"]["init"]["input"]
+    lines.append(
+        "The coursework found that VGG38's gradients vanish (its first layers' mean |gradient| "
+        "far below the output layer's) and that batch norm and residual connections fix it. At "
+        f"initialization, VGG38's `GSC(L, 0)` is {_sci(b)}; its mean |gradient| input / output "
+        f"is {_sci(base['flow']['first']['ratio'])} at the first step."
+    )
+    lines.append("")
+    above = []
+    for v in fixes:
+        o = vs[v]["gsc"]["init"]["input"]
+        if o is not None:
+            above.append(o > b)
+            lines.append(
+                f"- {v}: `GSC(L, 0)` {_sci(o)} ({_sci(o / b) if b else 'n/a'} x VGG38's); mean "
+                f"|gradient| input / output {_sci(vs[v]['flow']['first']['ratio'])}."
+            )
+    agree = b < 1 and above and all(above)
+    lines += [
+        "",
+        (
+            "The GSC agrees: VGG38's relative gradient shrinks toward the input, and every "
+            "variant with batch norm or residual connections measured here shrinks it less."
+            if agree
+            else "The GSC does not show the same ordering here: VGG38's `GSC(L, 0)` is not both "
+            "below 1 and below every variant with batch norm or residual connections measured."
+        ),
+    ]
+    return lines
+
+
 def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) -> str:
     cfg = results["config"]
     vs = results["variants"]
@@ -847,6 +1089,7 @@ def summary_md(results: dict[str, Any], info: dict[str, Any], files: list[str]) 
                 f"| {v} | {step} ({step // a['steps_per_epoch'] + 1}) | {_sci(fl[t]['input'])} "
                 f"| {_sci(fl[t]['median'])} | {_sci(fl[t]['output'])} | {_sci(fl[t]['ratio'])} |"
             )
+    lines += ["", *_gsc_section(results)]
     lines += [
         "",
         "## Timings",
@@ -904,6 +1147,10 @@ _FILE_NOTES = {
     "curves.png": "training and validation loss and accuracy per epoch (also `curves.pdf`)",
     "flow-comparison.png": "mean |gradient| per layer of every variant at the first and last step "
     "(also `.pdf`)",
+    "gsc.csv": "every GSC measurement: variant, step (`init`: before training), epoch, l, "
+    "boundary (module name), GSC(l, 0)",
+    "gsc.png": "GSC(l, 0) at the block boundaries at initialization and at the last step, and "
+    "GSC(L, 0) during training, every variant (also `.pdf`)",
     "summary.md": "this file",
 }
 
@@ -920,7 +1167,12 @@ def write_outputs(out: str | Path, config: dict[str, Any], result) -> dict[str, 
             lambda paths: plot_flow_comparison(result.records, config["archs"], paths),
         ),
     ]
-    notes = dict(_FILE_NOTES)
+    if config["gsc_size"]:
+        files += [
+            text_file("gsc.csv", gsc_csv(result.records, config["archs"])),
+            figure_files("gsc", lambda paths: plot_gsc(result.records, config["archs"], paths)),
+        ]
+    notes = {k: n for k, n in _FILE_NOTES.items() if config["gsc_size"] or "gsc" not in k}
     for v in config["archs"]:
         r = result.records[v]["result"]
         files += [
@@ -988,6 +1240,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=100,
         help="record the gradient flow every N steps (and at the first and last; default 100)",
     )
+    p.add_argument(
+        "--gsc-size",
+        type=int,
+        default=100,
+        help="measure GSC(l, 0) at every block boundary on the first N training images at "
+        "initialization and at every recorded step (0: not at all; default 100)",
+    )
     add_data_arguments(p, "cifar-100-python.tar.gz or cifar-100-binary.tar.gz")
     add_study_arguments(p, NAME, dtype=None, backend=None)
 
@@ -1002,13 +1261,14 @@ def main(args: argparse.Namespace) -> int:
             res = json.loads(paths["results.json"].read_text())
             print(
                 f"{'variant':<12} {'layers':>6} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
-                f"{'grad ratio in/out (first step)':>31}"
+                f"{'grad ratio in/out (first step)':>31} {'GSC(L, 0) at init':>17}"
             )
             for v, a in res["variants"].items():
                 print(
                     f"{v:<12} {a['weight_layers']:>6} {_fmt(a['final']['train_acc'], 4):>9} "
                     f"{_fmt(a['final']['val_acc'], 4):>8} {_fmt(a['test_acc'], 4):>8} "
-                    f"{_sci(a['flow']['first']['ratio']):>31}"
+                    f"{_sci(a['flow']['first']['ratio']):>31} "
+                    f"{_sci(a['gsc'].get('init', {}).get('input')):>17}"
                 )
         return paths
 

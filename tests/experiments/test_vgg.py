@@ -94,6 +94,7 @@ def numbers(d: Path) -> dict:
         },
         "epochs": [[r[i] for i in keep] for r in rows],
         "flow": (d / "flow.csv").read_text(),
+        "gsc": (d / "gsc.csv").read_text(),
         **{f"flow-{v}": (d / f"flow-{v}.json").read_text() for v in VARIANTS},
     }
 
@@ -106,12 +107,13 @@ def _strict(text: str):
 
 
 def test_every_output_file(full):
-    figures = ["curves", "flow-comparison", *(f"flow-{v}" for v in VARIANTS)]
+    figures = ["curves", "flow-comparison", "gsc", *(f"flow-{v}" for v in VARIANTS)]
     expected = {
         "results.json",
         "summary.md",
         "epochs.csv",
         "flow.csv",
+        "gsc.csv",
         "manifest.json",
         "jobs",
         "checkpoints",
@@ -178,10 +180,38 @@ def test_every_output_file(full):
         assert [r["weight"] for r in rows] == names and {r["epoch"] for r in rows} == {"2"}
         assert float(rows[0]["mean_abs"]) == f["records"]["7"]["weights"][names[0]]["mean_abs"]
 
+    # GSC(l, 0) at the block boundaries: at initialization as gscfast.gsc measures the fresh
+    # model on the first training images; at every recorded step; one CSV row per boundary
+    data = vgg.load_data(res["config"])
+    gsc_rows = list(csv.DictReader(io.StringIO((full / "gsc.csv").read_text())))
+    for v, L in zip(VARIANTS, (5, 20)):  # the input unit, the blocks and the logits
+        model = vgg.make_model(v, res["config"])
+        layers = vgg.block_boundaries(model)
+        assert layers[0] == "input" and layers[-1] == "stage2_reduce" and len(layers) == L - 1
+        x, y = (t[: N_TRAIN - N_VAL] for t in data["train"])  # --gsc-size 100 > the 40 images
+        want = gscfast.gsc_moments(model, x, y, error="kl", batchnorm="frozen", layers=layers)
+        g = res["variants"][v]["gsc"]
+        assert g["L"] == L and g["n_images"] == N_TRAIN - N_VAL and g["layers"] == layers
+        assert g["init"]["gsc"] == pytest.approx(want.gsc().tolist(), rel=1e-12, abs=0)
+        assert g["init"]["input"] == g["init"]["gsc"][L] and g["init"]["step"] is None
+        f = _strict((full / f"flow-{v}.json").read_text())
+        for rec in f["records"].values():
+            assert len(rec["gsc"]) == L + 1 and rec["gsc"][0] == 1
+            assert all(c > 0 for c in rec["gsc"])
+        assert g["last"]["gsc"] == f["records"][str(RECORDED[-1])]["gsc"]
+        rows = [r for r in gsc_rows if r["variant"] == v]
+        assert len(rows) == (1 + len(RECORDED)) * (L + 1)
+        assert [r["boundary"] for r in rows[: L + 1]] == ["error", "logits", *reversed(layers)]
+        assert {r["step"] for r in rows[: L + 1]} == {"init"}
+        assert [float(r["gsc"]) for r in rows[: L + 1]] == g["init"]["gsc"]  # exact text
+
     summary = (full / "summary.md").read_text()
     for part in (
         "## Results",
         "## Gradient flow",
+        "## Gradient scale coefficient",
+        "### Against the coursework's finding",
+        "gsc.png",
         "## Timings",
         "## How the numbers are made",
         "## Configuration",
@@ -302,6 +332,34 @@ def test_progress_lines(archive, monkeypatch, capfd, one_thread):
     assert "VGG08 epoch 1/1: train loss" in err and "val loss" in err
     assert r["epochs_done"] == 1 and sorted(map(int, r["flow"]["records"])) == [0, STEPS - 1]
     vgg.check_result(config, {}, r)
+    assert len(r["gsc"]["init"]["gsc"]) == 6 and all(
+        "gsc" in v for v in r["flow"]["records"].values()
+    )
+
+
+def test_no_gsc_with_gsc_size_0(archive, one_thread):
+    ix = archive.index
+    config = vgg.make_config(
+        archs=["VGG08"],
+        epochs=1,
+        filters=4,
+        val_size=N_VAL,
+        batch_size=BATCH,
+        gsc_size=0,
+        data_dir=archive[ix("--data-dir") + 1],
+        data_md5=archive[ix("--data-md5") + 1],
+        device="cpu",
+    )
+    r = vgg.train_variant(config, {"variant": "VGG08", "checkpoint": None})
+    assert r["gsc"]["n_images"] == 0 and r["gsc"]["init"] == {}
+    assert not any("gsc" in v for v in r["flow"]["records"].values())
+    vgg.check_result(config, {}, r)
+    res = vgg.aggregate(config, {"VGG08": {"result": r, "seconds": 1.0}})
+    info = {"version": gscfast.__version__, "engine": "local", "threads": 1, "machine": "test"}
+    assert "Not measured (`--gsc-size 0`)" in vgg.summary_md(res, info, [])
+    bad = dict(r, gsc=dict(r["gsc"], init={"gsc": [1.0]}))
+    with pytest.raises(ValueError, match="no images"):
+        vgg.check_result(config, {}, bad)
 
 
 def test_refusals(archive, tmp_path):
@@ -317,7 +375,7 @@ def test_refusals(archive, tmp_path):
     bad[bad.index("--data-md5") + 1] = "0" * 32
     assert cli(["--out", str(tmp_path / "c"), *bad]) == 2  # wrong checksum: refused before training
     assert not (tmp_path / "c").exists()
-    for k, v in (("flow_every", 0), ("epochs", 0), ("lr", 0.0), ("max_train", 1)):
+    for k, v in (("flow_every", 0), ("epochs", 0), ("lr", 0.0), ("max_train", 1), ("gsc_size", 1)):
         with pytest.raises(ValueError, match=k):
             vgg.make_config(**{k: v})
     with pytest.raises(ValueError, match="VGG19"):
@@ -341,6 +399,10 @@ def test_diverged_job_is_recorded_not_raised(archive, tmp_path, one_thread):
     r = vgg.train_variant(config, spec)
     assert r["diverged"] is True and r["epochs_done"] == 1 and r["test_acc"] is None
     assert r["history"][0]["train_loss"] is None  # non-finite, null in strict JSON
+    # the GSC of the diverged model is refused (not a NaN curve), with the reason; training went on
+    last = r["flow"]["records"][str(max(map(int, r["flow"]["records"])))]
+    assert last["gsc"] is None and "finite" in last["gsc_error"]
+    assert len(r["gsc"]["init"]["gsc"]) == 6  # the initial model is fine
     vgg.check_result(config, spec, r)
     assert vgg.load_checkpoint(tmp_path / "c.pt")["epoch"] == 1
     res = vgg.aggregate(config, {"VGG08": {"result": r, "seconds": 1.0}})
@@ -351,3 +413,4 @@ def test_diverged_job_is_recorded_not_raised(archive, tmp_path, one_thread):
         [],
     )
     assert "1 (diverged)" in text and "n/a" in text
+    assert "No GSC at the last step of VGG08" in text
