@@ -135,15 +135,19 @@ def _gsc_per_datapoint(sq_out: Tensor, sq_grad: Tensor, n: Tensor) -> Tensor:
     return per
 
 
+def _check_auto(backend: str) -> None:
+    if backend != "auto":
+        raise ValueError(
+            f"layers= runs on autograd through hooks; backend must be 'auto', got {backend!r}"
+        )
+
+
 def _layers_sweep(model, x, y, layers, error, batchnorm, backend, chunk_size):
     """``gscfast.boundaries.sweep`` for ``layers=``, after the checks of the other arguments."""
     from . import boundaries
 
     check_error(error)
-    if backend != "auto":
-        raise ValueError(
-            f"layers= runs on autograd through hooks; backend must be 'auto', got {backend!r}"
-        )
+    _check_auto(backend)
     return boundaries.sweep(
         model, x, y, layers, error=error, batchnorm=batchnorm, chunk_size=chunk_size
     )
@@ -187,6 +191,7 @@ def gsc_matrix(
     probes: int = 64,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Tensor:
     """All pairs: ``[L+1, L+1]``, entry ``[k, l]`` the expected ``GSC(k, l)`` for ``k >= l``,
     NaN above the diagonal.
@@ -195,27 +200,52 @@ def gsc_matrix(
     norm with ``probes`` Rademacher vectors (unbiased; ``generator`` seeds them), which is how
     batch-datapoint models get hidden-layer pairs at large B (the exact ``J`` there is
     ``(B d) x (B d)``). The same probes are used for every datapoint. Row ``l = 0`` is always exact.
+
+    ``layers``: named boundaries on any model, as for ``gsc`` (``gscfast.boundaries.matrix``):
+    by autograd, one backward pass per probe and boundary ``l`` gives ``v J_k^l`` for every
+    ``k > l`` (exact: one per element of a datapoint's ``f_l``, so ``"sketch"`` for feature maps).
+    On a model that also compiles, the same ``generator`` gives the same probes and numbers.
     """
     if method not in ("exact", "sketch"):
         raise ValueError(f"method must be 'exact' or 'sketch', got {method!r}")
     check_error(error)
     if method == "sketch" and (not isinstance(probes, int) or probes < 1):
         raise ValueError(f"probes must be a positive int, got {probes!r}")
-    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
-    be = get_backend(backend, x.device)
-    probe_fn = None
-    if method == "sketch":
-        base = int(torch.randint(2**62, (1,), generator=generator).item())
+    base = int(torch.randint(2**62, (1,), generator=generator).item()) if method == "sketch" else 0
 
-        def probe_fn(l: int) -> Tensor:
-            # Per-layer seeds: the probes do not depend on chunking or on the backend.
-            g = torch.Generator().manual_seed(base + l)
-            v = torch.randint(0, 2, (probes, pb.S, pb.widths[l]), generator=g) * 2 - 1
-            return v.to(dtype=x.dtype, device=x.device)
+    def rademacher(l: int, shape: Sequence[int]) -> Tensor:
+        # Per-layer seeds: the probes do not depend on chunking, on the backend or on layers=.
+        g = torch.Generator().manual_seed(base + l)
+        v = torch.randint(0, 2, (probes, *shape), generator=g) * 2 - 1
+        return v.to(dtype=x.dtype, device=x.device)
 
-    sq = be.chain(pb, probe_fn).to(torch.float64)
-    n = _n(pb)
-    sq_out = be.sweep(pb, grads=False, stats=False).sq_out
+    if layers is not None:
+        from . import boundaries
+
+        _check_auto(backend)
+        sq, sq_out, columns = boundaries.matrix(
+            model,
+            x,
+            y,
+            layers,
+            error=error,
+            batchnorm=batchnorm,
+            chunk_size=chunk_size,
+            probe_fn=rademacher if method == "sketch" else None,
+        )
+        n = torch.tensor(columns, dtype=torch.float64, device=x.device)
+    else:
+        pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+        be = get_backend(backend, x.device)
+        probe_fn = None
+        if method == "sketch":
+
+            def probe_fn(l: int) -> Tensor:
+                return rademacher(l, (pb.S, pb.widths[l]))
+
+        sq = be.chain(pb, probe_fn).to(torch.float64)
+        n = _n(pb)
+        sq_out = be.sweep(pb, grads=False, stats=False).sq_out
     f = _mean(sq_out)
     res = _mean(sq) / n[:, None] * f[:, None] / f[None, :]
     res.diagonal().fill_(1)  # GSC(k, k) = 1 by definition, also where f_k = 0

@@ -25,7 +25,8 @@ Checked before any number is computed, else an error naming the module:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -223,19 +224,17 @@ def _sq(t: Tensor | None, like: Tensor, coupled: bool, subnormal: bool = False) 
     return s.sum(0, keepdim=True) if coupled else s
 
 
-def sweep(
+def _prepare(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     layers: Sequence[str],
-    *,
-    error: str,
     batchnorm: str,
     chunk_size: int | None,
-) -> tuple[Tensor, Tensor, list[int]]:
-    """Per-datapoint ``||f_l||^2`` and ``||d f_0 / d f_l||^2`` ``[P, L+1]`` (``l = 0..L``, the
-    paper's numbering: ``f_L`` is ``layers[0]``'s output, ``f_1`` the model's) and the columns
-    ``n(l)`` (elements of ``f_l`` per datapoint; ``n(0) = 1``)."""
+) -> tuple[nn.Module, bool]:
+    """The checks before any number (see the module docstring); ``(model to run, coupled)``:
+    the model with ``x``'s batch statistics frozen where asked, and whether a datapoint is the
+    whole batch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 1:
@@ -259,6 +258,56 @@ def sweep(
     _refuse_random(model, x[: min(4, x.shape[0])])
     if not coupled and x.shape[0] > 1:
         _check_per_sample(model, x)
+    return model, coupled
+
+
+def _forward(
+    model: nn.Module,
+    x: Tensor,
+    xc: Tensor,
+    yc: Tensor,
+    layers: Sequence[str],
+    error: str,
+    first: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """One chunk forward with the boundaries captured: ``([f_1, ..., f_L], e)``, ``e`` the error
+    per sample, all in one autograd graph. On the ``first`` chunk, the cut check (``x``: the
+    whole batch, for naming the bypass)."""
+    with _Capture(model, layers) as cap:
+        xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
+        out = call_on_copies(model, xg)
+    cap.check()
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
+    if first:
+        cut = _first_bypassed(out, [(n, cap.outputs[n][0]) for n in layers], xg)
+        if cut is not None:
+            _check_cuts(model, x, [cut])  # raises, naming the module the path goes through
+            raise ValueError(f"layers names {cut!r}, but a path from input to output bypasses it")
+    if cap.outputs[layers[-1]][0] is out:
+        raise ValueError(
+            f"layers names {layers[-1]!r}, whose output is the model's output: that is f_1, "
+            "always a boundary; leave it out of layers"
+        )
+    fs = [out, *(cap.outputs[n][0] for n in reversed(layers))]  # f_1 .. f_L
+    e = error_value(error, out.reshape(out.shape[0], -1), _targets(error, yc, out))
+    return fs, e
+
+
+def sweep(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: Sequence[str],
+    *,
+    error: str,
+    batchnorm: str,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Per-datapoint ``||f_l||^2`` and ``||d f_0 / d f_l||^2`` ``[P, L+1]`` (``l = 0..L``, the
+    paper's numbering: ``f_L`` is ``layers[0]``'s output, ``f_1`` the model's) and the columns
+    ``n(l)`` (elements of ``f_l`` per datapoint; ``n(0) = 1``)."""
+    model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
     B = x.shape[0]
     step = B if coupled else (chunk_size or CHUNK)
     L = len(layers) + 1
@@ -266,27 +315,7 @@ def sweep(
     low_out, low_grad = [], []  # the subnormal entries' share of them
     for c0 in range(0, B, step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
-        with _Capture(model, layers) as cap:
-            xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
-            out = call_on_copies(model, xg)
-        cap.check()
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model returns a {type(out).__name__}, not a tensor")
-        if c0 == 0:
-            cut = _first_bypassed(out, [(n, cap.outputs[n][0]) for n in layers], xg)
-            if cut is not None:
-                _check_cuts(model, x, [cut])  # raises, naming the module the path goes through
-                raise ValueError(
-                    f"layers names {cut!r}, but a path from input to output bypasses it"
-                )
-        if cap.outputs[layers[-1]][0] is out:
-            raise ValueError(
-                f"layers names {layers[-1]!r}, whose output is the model's output: that is f_1, "
-                "always a boundary; leave it out of layers"
-            )
-        fs = [cap.outputs[n][0] for n in reversed(layers)]  # f_2 .. f_L
-        fs = [out, *fs]  # f_1 .. f_L
-        e = error_value(error, out.reshape(out.shape[0], -1), _targets(error, yc, out))
+        fs, e = _forward(model, x, xc, yc, layers, error, c0 == 0)
         grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
         f0 = e.detach().to(torch.float64)
         f0 = f0.sum(0, keepdim=True) if coupled else f0
@@ -325,3 +354,64 @@ def sweep(
             where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
             raise NumericalError(underflow_message(x.dtype, f"{where} ({what})"))
     return so, sg, columns
+
+
+def matrix(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: Sequence[str],
+    *,
+    error: str,
+    batchnorm: str,
+    chunk_size: int | None,
+    probe_fn: Callable[[int, tuple[int, ...]], Tensor] | None,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Per-datapoint squared Frobenius norms ``||J_k^l||_F^2`` ``[P, L+1, L+1]`` (``k >= l``, NaN
+    above the diagonal; column ``l = 0`` from one backward pass of the error, exact), with
+    ``||f_l||^2`` ``[P, L+1]`` and the columns ``n(l)``. For ``l >= 1``, ``v J_k^l`` for every
+    ``k > l`` at once from one backward pass of ``<v, f_l>`` per row ``v``: ``probe_fn(l, shape)``
+    gives the rows ``[R, *shape]`` (``shape``: a datapoint's ``f_l``; the same rows for every
+    datapoint), averaged (a sketch, unbiased for Rademacher rows); without it the identity's rows
+    (exact, ``n(l)`` backward passes). Checked as ``sweep`` checks, which gives column 0."""
+    so, sg, columns = sweep(
+        model, x, y, layers, error=error, batchnorm=batchnorm, chunk_size=chunk_size
+    )
+    model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
+    B = x.shape[0]
+    step = B if coupled else (chunk_size or CHUNK)
+    L = len(layers) + 1
+    out = []
+    for c0 in range(0, B, step):
+        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
+        fs, _ = _forward(model, x, xc, yc, layers, error, False)
+        P = 1 if coupled else xc.shape[0]
+        res = torch.full((P, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
+        for l in range(1, L + 1):
+            f = fs[l - 1]
+            shape = tuple(f.shape if coupled else f.shape[1:])
+            if probe_fn is None:
+                n = math.prod(shape)
+                rows = torch.eye(n, dtype=f.dtype, device=f.device).reshape(n, *shape)
+            else:
+                rows = probe_fn(l, shape).to(dtype=f.dtype, device=f.device)
+            acc = torch.zeros(P, L + 1, dtype=torch.float64, device=x.device)
+            for v in rows:
+                v = v.expand(f.shape)  # the same row for every datapoint
+                acc[:, l] += _sq(v, f, coupled)
+                if l < L:
+                    gs = torch.autograd.grad(
+                        f, fs[l:], grad_outputs=v, retain_graph=True, allow_unused=True
+                    )
+                    for k, g in enumerate(gs, l + 1):
+                        acc[:, k] += _sq(g, fs[k - 1], coupled)
+            res[:, l:, l] = acc[:, l:] / (1 if probe_fn is None else rows.shape[0])
+            if not bool(torch.isfinite(res[:, l:, l]).all()):  # the forward and d f_0 were fine
+                raise NumericalError(
+                    message(x.dtype, f"a product v J_k^{l} (the backward from f_{l})")
+                )
+        out.append(res)
+    sq = torch.cat(out)
+    sq[:, 0, 0] = 1
+    sq[:, 1:, 0] = sg[:, 1:]
+    return sq, so, columns
