@@ -273,7 +273,7 @@ class PreactStats(NamedTuple):
             div[l] = torch.where(
                 tot > 0, torch.minimum(m.pos, m.neg) / tot.clamp(min=1), 0.0
             ).mean()
-        return cls(std.to(like), div.to(like))
+        return cls(in_dtype(std, like, "a pre-activation std"), div.to(like))
 
 
 def preactivation_stats(
@@ -283,13 +283,27 @@ def preactivation_stats(
     batchnorm: str = "batch",
     backend: str = "auto",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> PreactStats:
     """Pre-activation standard deviation and sign diversity per layer, over all samples of ``x``.
 
     The std is the population std of each neuron's pre-activation across samples, reported as the
     quadratic mean over neurons; the sign diversity is ``min(P, N) / (P + N)`` per neuron, averaged.
     Layers that do not end in an activation (and ``l = 0``) get NaN.
+
+    ``layers``: named boundaries on any model, as for ``gsc``; the pre-activation of ``f_l`` is
+    the input of the last activation module that runs within the named module (the module itself
+    if it is one), every element of it a neuron (``gscfast.boundaries.preactivation_moments``);
+    ``l = 1`` (the model's output) is NaN.
     """
+    if layers is not None:
+        from . import boundaries
+
+        _check_auto(backend)
+        moments = boundaries.preactivation_moments(
+            model, x, layers, batchnorm=batchnorm, chunk_size=chunk_size
+        )
+        return PreactStats.from_moments(moments, x)
     pb, _ = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=False, stats=True)
     assert sw.moments is not None  # stats=True asked for them

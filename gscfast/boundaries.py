@@ -33,9 +33,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backends.base import Moments
 from .backends.finite import message, underflow_message
+from .compiler import rule_for
 from .errors import NumericalError
-from .nn import call_on_copies, couples_samples, freeze_batchnorm, uses_batch_stats
+from .nn import (
+    call_on_copies,
+    couples_samples,
+    freeze_batchnorm,
+    last_inputs,
+    uses_batch_stats,
+)
 from .rules import error_value
 from .validation import BATCHNORM_MODES, check_finite
 
@@ -227,7 +235,7 @@ def _sq(t: Tensor | None, like: Tensor, coupled: bool, subnormal: bool = False) 
 def _prepare(
     model: nn.Module,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     layers: Sequence[str],
     batchnorm: str,
     chunk_size: int | None,
@@ -239,13 +247,14 @@ def _prepare(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 1:
         raise ValueError("with layers=, x must be a floating-point batch [B, ...] of model inputs")
-    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+    if y is not None and (not isinstance(y, Tensor) or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must be a tensor with one row per sample of x ({x.shape[0]})")
     check_names(model, layers)
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     check_finite(x, "x")
-    check_finite(y, "y")
+    if y is not None:
+        check_finite(y, "y")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         check_finite(t, name)  # as the compiled path checks every rule's tensors
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -415,3 +424,38 @@ def matrix(
     sq[:, 0, 0] = 1
     sq[:, 1:, 0] = sg[:, 1:]
     return sq, so, columns
+
+
+def preactivation_moments(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    *,
+    batchnorm: str,
+    chunk_size: int | None,
+) -> list[Moments | None]:
+    """Per boundary ``l = 0..L``, the ``Moments`` over all samples of ``x`` of its layer's
+    pre-activation: the input of the last activation module (one with an activation rule) that
+    runs within the named module, the module itself included: an activation named as a boundary,
+    or a block's final activation. Each element of it (every position of a feature map) is a
+    neuron. None for ``l = 0, 1`` (the error, the model's output) and for a named module in which
+    no activation runs. With a batch norm using batch statistics the whole batch runs at once."""
+    model, coupled = _prepare(model, x, None, layers, batchnorm, chunk_size)
+    L = len(layers) + 1
+    named = dict(model.named_modules())
+    acts = {}
+    for name in layers:
+        rules = ((m, rule_for(m)) for m in named[name].modules())
+        acts[name] = [m for m, r in rules if r is not None and r.is_activation]
+    moments: list[Moments | None] = [None] * (L + 1)
+    step = x.shape[0] if coupled else (chunk_size or CHUNK)
+    for c0 in range(0, x.shape[0], step):
+        with last_inputs(acts) as found, torch.no_grad():
+            call_on_copies(model, x[c0 : c0 + step])
+        for i, name in enumerate(layers):  # layers[0] is f_L
+            z = found.get(name)
+            if z is not None:
+                chunk = Moments.of(z.reshape(z.shape[0], -1))
+                prev = moments[L - i]
+                moments[L - i] = chunk if prev is None else prev.merge(chunk)
+    return moments

@@ -43,7 +43,8 @@ def supported() -> str:
     return f"nn.Sequential (nested allowed) of {', '.join(items[:-1])}, and {items[-1]}"
 
 
-def _rule_for(module: nn.Module) -> type[Rule] | None:
+def rule_for(module: nn.Module) -> type[Rule] | None:
+    """The registered rule of ``module``'s type (or of a supported base type), or None."""
     rule = RULES.get(type(module))
     if rule is None:  # subclasses of a supported module type use its rule
         rule = next((r for t, r in RULES.items() if isinstance(module, t)), None)
@@ -145,7 +146,7 @@ def _check_no_hidden_boundary(module: nn.Module, where: str, why: str) -> None:
     activation or a residual block: definitions.md puts layer boundaries after them, which gscfast
     cannot see inside a module it calls as a whole."""
     for name, sub in module.named_modules():
-        rule = _rule_for(sub) if name else None
+        rule = rule_for(sub) if name else None
         if rule is not None and (rule.is_activation or rule is ResidualRule):
             inner = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in name.split("."))
             raise TypeError(
@@ -164,7 +165,7 @@ def compile_ops(module: nn.Module, path: str = "model") -> list[Rule]:
     """
     ops: list[Rule] = []
     for leaf, where, reason in _flatten(module, path):
-        rule = _rule_for(leaf)
+        rule = rule_for(leaf)
         if rule is None or reason is not None:
             _check_no_hidden_boundary(leaf, where, reason or NO_RULE)
             # a hooked activation still ends its layer (its output, hook and all, is f_l)

@@ -307,3 +307,43 @@ def test_gsc_matrix_refuses_as_gsc_does():
         gscfast.gsc_matrix(model, x, y, layers=BOUNDARIES, backend="torch")
     with pytest.raises(ValueError, match="probes must be a positive int"):
         gscfast.gsc_matrix(model, x, y, layers=BOUNDARIES, method="sketch", probes=0)
+
+
+# ----------------------------------------------------------------------------- pre-activations
+def test_preactivation_stats_of_an_mlp_equal_the_compiled_path():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 8, generator=g, dtype=F64)
+    for norm, bn in ((None, "batch"), ("batch", "batch"), ("batch", "frozen"), ("layer", "batch")):
+        model = gscfast.mlp(5, 8, act="tanh", norm=norm, out_features=8, seed=0, dtype=F64)
+        names = [k for k, m in model.named_modules() if isinstance(m, nn.Tanh)]
+        got = gscfast.preactivation_stats(model, x, batchnorm=bn, layers=names, chunk_size=7)
+        want = gscfast.preactivation_stats(model, x, batchnorm=bn)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, equal_nan=True)
+
+
+def test_preactivation_stats_of_a_resnet_by_hand():
+    """The input of the last activation run within each named module: stem_act's own input,
+    each block's final Tanh (after the residual sum); none within the pooling (NaN)."""
+    model, (x, _) = _resnet(False), _data(B=9)
+    got = gscfast.preactivation_stats(model, x, layers=BOUNDARIES, chunk_size=4)
+    seen = {}
+    hooks = [
+        model.stem_act.register_forward_pre_hook(lambda m, a: seen.__setitem__(5, a[0])),
+        model.block1.out.register_forward_pre_hook(lambda m, a: seen.__setitem__(4, a[0])),
+        model.block2.out.register_forward_pre_hook(lambda m, a: seen.__setitem__(3, a[0])),
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for l in range(6):
+        if l not in seen:
+            assert got.std[l].isnan() and got.sign_diversity[l].isnan(), l
+            continue
+        z = seen[l].reshape(len(x), -1)  # every element a neuron
+        std = z.var(0, correction=0).mean().sqrt()
+        pos, neg = (z > 0).sum(0).double(), (z < 0).sum(0).double()
+        div = (torch.minimum(pos, neg) / (pos + neg)).mean()
+        torch.testing.assert_close(got.std[l], std, rtol=1e-10, atol=0)
+        torch.testing.assert_close(got.sign_diversity[l], div, rtol=1e-12, atol=0)
