@@ -20,6 +20,7 @@ from .backends.base import Moments
 from .compiler import compile_model
 from .estimators import GSCMoments, explosion_rates
 from .validation import (
+    COUPLED_JACOBIAN,
     Problem,
     check_error,
     check_model_tensors,
@@ -319,6 +320,7 @@ def jacobian(
     batchnorm: str = "batch",
     backend: str = "auto",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Tensor:
     """Per-sample Jacobians ``d f_end / d f_start``: ``[B, d_end, d_start]`` (``[D, B, ...]`` for
     3-D ``x``).
@@ -328,22 +330,29 @@ def jacobian(
     ``torch.func.vmap(torch.func.jacrev(model))(x)``. Models whose batch norm uses batch statistics
     couple the samples, so per-sample Jacobians need ``batchnorm="frozen"`` (or use
     ``gscfast.autograd.jacobian`` for the full coupled Jacobian).
+
+    ``layers``: named boundaries on any model, as for ``gsc``; ``d_l`` is then every element of a
+    sample's ``f_l`` (a feature map flattened), ``x`` one batch ``[B, ...]``, and the rows come
+    from backward passes batched by ``vmap`` (``gscfast.boundaries.jacobian``).
     """
+    if layers is not None:
+        from . import boundaries
+
+        _check_auto(backend)
+        s, e = _span(len(layers) + 1, start, end)
+        J = boundaries.jacobian(
+            model, x, layers, start=s, end=e, batchnorm=batchnorm, chunk_size=chunk_size
+        )
+        return J.to(x.dtype)
     pb, squeeze = make_problem(model, x, None, batchnorm=batchnorm, chunk_size=chunk_size)
     if pb.coupled:
-        raise ValueError(
-            "the model has a train-mode batch norm, which couples the samples of a "
-            "batch, so per-sample Jacobians are not defined; pass batchnorm='frozen' "
-            "to treat its batch statistics as constants, or use "
-            "gscfast.autograd.jacobian for the full Jacobian"
-        )
-    s, e = _span(pb, start, end)
+        raise ValueError(COUPLED_JACOBIAN)
+    s, e = _span(pb.L, start, end)
     J = get_backend(backend, x.device).jacobian(pb, s, e)
     return (J if squeeze else J.reshape(pb.D, pb.B, *J.shape[1:])).to(x.dtype)
 
 
-def _span(pb: Problem, start: int | None, end: int | None) -> tuple[int, int]:
-    L = pb.L
+def _span(L: int, start: int | None, end: int | None) -> tuple[int, int]:
     s = L + 1 if start is None else start
     e = 1 if end is None else end
     for name, v, hi in (("start", s, L + 1), ("end", e, L)):

@@ -45,7 +45,7 @@ from .nn import (
     uses_batch_stats,
 )
 from .rules import error_value
-from .validation import BATCHNORM_MODES, check_finite
+from .validation import BATCHNORM_MODES, COUPLED_JACOBIAN, check_finite
 
 # samples per chunk of the per-sample sweep (memory: one forward and backward of this many)
 CHUNK = 256
@@ -274,14 +274,14 @@ def _forward(
     model: nn.Module,
     x: Tensor,
     xc: Tensor,
-    yc: Tensor,
+    yc: Tensor | None,
     layers: Sequence[str],
-    error: str,
+    error: str | None,
     first: bool,
-) -> tuple[list[Tensor], Tensor]:
-    """One chunk forward with the boundaries captured: ``([f_1, ..., f_L], e)``, ``e`` the error
-    per sample, all in one autograd graph. On the ``first`` chunk, the cut check (``x``: the
-    whole batch, for naming the bypass)."""
+) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    """One chunk forward with the boundaries captured: ``([f_1, ..., f_L], e, xg)``, ``e`` the
+    error per sample (None without ``error``), ``xg`` the chunk's input, all in one autograd
+    graph. On the ``first`` chunk, the cut check (``x``: the whole batch, for naming the bypass)."""
     with _Capture(model, layers) as cap:
         xg = xc.detach().clone().requires_grad_(True)  # the boundaries join x's graph
         out = call_on_copies(model, xg)
@@ -299,8 +299,10 @@ def _forward(
             "always a boundary; leave it out of layers"
         )
     fs = [out, *(cap.outputs[n][0] for n in reversed(layers))]  # f_1 .. f_L
+    if error is None or yc is None:
+        return fs, None, xg
     e = error_value(error, out.reshape(out.shape[0], -1), _targets(error, yc, out))
-    return fs, e
+    return fs, e, xg
 
 
 def sweep(
@@ -324,7 +326,8 @@ def sweep(
     low_out, low_grad = [], []  # the subnormal entries' share of them
     for c0 in range(0, B, step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
-        fs, e = _forward(model, x, xc, yc, layers, error, c0 == 0)
+        fs, e, _ = _forward(model, x, xc, yc, layers, error, c0 == 0)
+        assert e is not None  # error and y given
         grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
         f0 = e.detach().to(torch.float64)
         f0 = f0.sum(0, keepdim=True) if coupled else f0
@@ -393,7 +396,7 @@ def matrix(
     out = []
     for c0 in range(0, B, step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
-        fs, _ = _forward(model, x, xc, yc, layers, error, False)
+        fs, _, _ = _forward(model, x, xc, yc, layers, error, False)
         P = 1 if coupled else xc.shape[0]
         res = torch.full((P, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
         for l in range(1, L + 1):
@@ -459,3 +462,48 @@ def preactivation_moments(
                 prev = moments[L - i]
                 moments[L - i] = chunk if prev is None else prev.merge(chunk)
     return moments
+
+
+def jacobian(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    *,
+    start: int,
+    end: int,
+    batchnorm: str,
+    chunk_size: int | None,
+) -> Tensor:
+    """Per-sample ``d f_end / d f_start`` ``[B, numel f_end, numel f_start]`` (a sample's
+    boundaries flattened; ``start = L + 1``: the model's input) from backward passes of the
+    identity's rows of ``f_end``, batched by ``vmap`` (``is_grads_batched``) where every operation
+    of the model has a batching rule, one pass per row where not."""
+    model, coupled = _prepare(model, x, None, layers, batchnorm, chunk_size)
+    if coupled:
+        raise ValueError(COUPLED_JACOBIAN)
+    out = []
+    step = chunk_size or CHUNK
+    for c0 in range(0, x.shape[0], step):
+        fs, _, xg = _forward(model, x, x[c0 : c0 + step], None, layers, None, c0 == 0)
+        src = xg if start == len(fs) + 1 else fs[start - 1]
+        dst = fs[end - 1]
+        b, n = dst.shape[0], dst[0].numel()
+        eye = torch.eye(n, dtype=dst.dtype, device=dst.device).reshape(n, 1, *dst.shape[1:])
+        rows = eye.expand(n, *dst.shape)  # row j: e_j of every sample's f_end
+        if src is dst:
+            g: Tensor | None = rows
+        else:
+            try:
+                (g,) = torch.autograd.grad(
+                    dst, src, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            except RuntimeError:  # an operation without a batching rule: one pass per row
+                parts = [
+                    torch.autograd.grad(dst, src, r, retain_graph=True, allow_unused=True)[0]
+                    for r in rows
+                ]
+                g = None if parts[0] is None else torch.stack(parts)
+        if g is None:  # f_end does not depend on f_start (refused by the cut check before)
+            g = torch.zeros(n, *src.shape, dtype=src.dtype, device=src.device)
+        out.append(g.detach().reshape(n, b, -1).transpose(0, 1))
+    return torch.cat(out)

@@ -85,6 +85,13 @@ class Problem:
         return [self.n(l) for l in range(self.L + 1)]
 
 
+COUPLED_JACOBIAN = (
+    "the model has a train-mode batch norm, which couples the samples of a batch, so per-sample "
+    "Jacobians are not defined; pass batchnorm='frozen' to treat its batch statistics as "
+    "constants, or use gscfast.autograd.jacobian for the full Jacobian"
+)
+
+
 def check_error(error: object) -> None:
     """``ValueError`` unless ``error`` names an error layer (functions that need one)."""
     if error not in ERRORS:

@@ -347,3 +347,38 @@ def test_preactivation_stats_of_a_resnet_by_hand():
         div = (torch.minimum(pos, neg) / (pos + neg)).mean()
         torch.testing.assert_close(got.std[l], std, rtol=1e-10, atol=0)
         torch.testing.assert_close(got.sign_diversity[l], div, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- jacobian
+def test_jacobian_of_an_mlp_equals_the_compiled_path():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 8, generator=g, dtype=F64)
+    for norm, bn in ((None, "batch"), ("batch", "frozen"), ("layer", "batch")):
+        model = gscfast.mlp(4, 8, act="tanh", norm=norm, out_features=3, seed=0, dtype=F64)
+        names = [k for k, m in model.named_modules() if isinstance(m, nn.Tanh)]
+        for start, end in ((None, None), (5, 1), (4, 2), (3, 3), (None, 4)):
+            kw = {"start": start, "end": end, "batchnorm": bn}
+            got = gscfast.jacobian(model, x, layers=names, chunk_size=4, **kw)
+            torch.testing.assert_close(
+                got, gscfast.jacobian(model, x, **kw), rtol=1e-10, atol=1e-13
+            )
+
+
+def test_jacobian_of_a_resnet_equals_jacrev():
+    model, (x, _) = _resnet(False), _data(B=5)
+    got = gscfast.jacobian(model, x, layers=BOUNDARIES, chunk_size=3)  # input -> output
+    want = torch.func.vmap(torch.func.jacrev(model))(x[:, None]).reshape(5, 5, -1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    # f_4 (block1's output) -> f_2 (the pooling's): block2 then the pooling, one sample at a time
+    got = gscfast.jacobian(model, x, layers=BOUNDARIES, start=4, end=2)
+    with torch.no_grad():
+        f4 = model.block1(model.stem_act(model.stem(x)))
+    for i in range(len(x)):
+        J = torch.func.jacrev(lambda t: model.pool(model.block2(t)))(f4[i : i + 1])
+        torch.testing.assert_close(got[i], J.reshape(16, 100), rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="per-sample Jacobians are not defined"):
+        gscfast.jacobian(_resnet(True), x, layers=BOUNDARIES)  # batch statistics couple
+    frozen = gscfast.jacobian(_resnet(True), x, layers=BOUNDARIES, batchnorm="frozen")
+    assert frozen.shape == (5, 5, 75) and torch.isfinite(frozen).all()
+    with pytest.raises(ValueError, match="start .* must be an earlier layer than end"):
+        gscfast.jacobian(model, x, layers=BOUNDARIES, start=2, end=4)
