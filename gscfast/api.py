@@ -377,8 +377,15 @@ def effective_depth(
     batchnorm: str = "batch",
     backend: str = "auto",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> tuple[int, Tensor]:
     """Effective depth by the residual trick (definitions.md).
+
+    ``layers``: named boundaries on any model (and the same names on ``init_model``), as for
+    ``gsc``: ``G_m`` and ``S_m`` are the layers between consecutive boundaries, evaluated by
+    autograd, ``S_m`` by running ``init_model`` with its boundary ``f_{m+1}`` replaced by the
+    trained model's (``gscfast.boundaries.contributions``). Batch norms must use running
+    statistics (eval mode) there.
 
     Returns:
         ``(depth, profile)``: ``profile[l, lam]`` is the contribution ``c(l, lambda)`` (quadratic
@@ -389,11 +396,26 @@ def effective_depth(
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
     check_error(error)
-    pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
-    init = compile_model(init_model, "init_model")
-    check_same_architecture(pb.program, init)
-    check_model_tensors(init, pb.x)
-    sq = get_backend(backend, x.device).contributions(pb, init)
+    if layers is not None:
+        from . import boundaries
+
+        _check_auto(backend)
+        sq = boundaries.contributions(
+            model,
+            init_model,
+            x,
+            y,
+            layers,
+            error=error,
+            batchnorm=batchnorm,
+            chunk_size=chunk_size,
+        )
+    else:
+        pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
+        init = compile_model(init_model, "init_model")
+        check_same_architecture(pb.program, init)
+        check_model_tensors(init, pb.x)
+        sq = get_backend(backend, x.device).contributions(pb, init)
     profile = _mean(sq).sqrt()
     last = profile[-1]
     ok = torch.nan_to_num(last, nan=-1.0) >= tau * torch.nansum(last)

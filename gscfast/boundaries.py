@@ -507,3 +507,115 @@ def jacobian(
             g = torch.zeros(n, *src.shape, dtype=src.dtype, device=src.device)
         out.append(g.detach().reshape(n, b, -1).transpose(0, 1))
     return torch.cat(out)
+
+
+def _vjp_rows(out: Tensor, inp: Tensor, rows: Tensor) -> Tensor:
+    """``rows [R, *out.shape]`` times ``d out / d inp``: ``[R, *inp.shape]``, batched by ``vmap``
+    where the model allows it, one backward pass per row where not (zeros where ``out`` does not
+    depend on ``inp``)."""
+    try:
+        (g,) = torch.autograd.grad(
+            out, inp, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an operation without a batching rule
+        parts = [
+            torch.autograd.grad(out, inp, r, retain_graph=True, allow_unused=True)[0] for r in rows
+        ]
+        g = None if parts[0] is None else torch.stack(parts)
+    return (
+        torch.zeros(rows.shape[0], *inp.shape, dtype=inp.dtype, device=inp.device)
+        if g is None
+        else g
+    )
+
+
+def _init_layer(
+    init_model: nn.Module, xc: Tensor, layers: Sequence[str], m: int, t: Tensor
+) -> Tensor:
+    """``f_m`` of ``init_model`` run with its boundary ``f_{m+1}`` replaced by ``t``: the layer
+    that outputs ``f_m``, with the initial parameters, at the input ``t`` (the boundaries cut the
+    graph, so nothing else reaches it)."""
+    L = len(layers) + 1
+    named = dict(init_model.named_modules())
+    found: dict[str, Tensor] = {}
+
+    def replace(mod: nn.Module, args: Any, out: Any) -> Tensor:
+        if out.shape != t.shape:
+            raise ValueError(
+                f"init_model's {layers[L - m - 1]!r} outputs {tuple(out.shape)} where model's "
+                f"outputs {tuple(t.shape)}: they must share the architecture"
+            )
+        return t
+
+    def keep(mod: nn.Module, args: Any, out: Any) -> None:
+        found["f"] = out
+
+    handles = [named[layers[L - m - 1]].register_forward_hook(replace)]
+    if m >= 2:
+        handles.append(named[layers[L - m]].register_forward_hook(keep))
+    try:
+        out = call_on_copies(init_model, xc)
+    finally:
+        for h in handles:
+            h.remove()
+    return found["f"] if m >= 2 else out
+
+
+def contributions(
+    model: nn.Module,
+    init_model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: Sequence[str],
+    *,
+    error: str,
+    batchnorm: str,
+    chunk_size: int | None,
+) -> Tensor:
+    """Per-datapoint ``||g_l^(lambda)||^2`` ``[P, L+1, L+1]`` (``[l, lambda]``, NaN where
+    ``lambda > max(l - 1, 0)``) of the residual trick (definitions.md) between named boundaries.
+    ``v G_m`` is a backward pass through the trained model's layer between ``f_{m+1}`` and
+    ``f_m``; ``v S_m`` one through ``init_model`` run with its boundary ``f_{m+1}`` replaced by
+    the trained model's (``_init_layer``); every ``lambda`` at once (``vmap``)."""
+    names = dict(model.named_modules())
+    init_names = dict(init_model.named_modules()) if isinstance(init_model, nn.Module) else {}
+    if (
+        not isinstance(init_model, nn.Module)
+        or set(names) != set(init_names)
+        or any(type(names[k]) is not type(init_names[k]) for k in names)
+    ):
+        raise ValueError("init_model must be a module with model's architecture (its submodules)")
+    for name, model_ in (("model", model), ("init_model", init_model)):
+        if any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in model_.modules()):
+            raise ValueError(
+                f"{name} has a batch norm using batch statistics: the effective depth with "
+                "layers= measures per-sample layers; call model.eval() and init_model.eval() "
+                "(running statistics)"
+            )
+    model, _ = _prepare(model, x, y, layers, batchnorm, chunk_size)
+    _prepare(init_model, x, y, layers, batchnorm, chunk_size)  # its tensors, randomness, samples
+    L = len(layers) + 1
+    out = []
+    step = chunk_size or CHUNK
+    for c0 in range(0, x.shape[0], step):
+        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
+        fs, e, _ = _forward(model, x, xc, yc, layers, error, c0 == 0)
+        assert e is not None  # error and y given
+        b = xc.shape[0]
+        res = torch.full((b, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
+        res[:, 0, 0] = 1
+        v = _vjp_rows(e, fs[0], torch.ones(1, b, dtype=e.dtype, device=e.device))  # g_1^(0)
+        res[:, 1, 0] = _sq(v[0], fs[0], False)
+        for m in range(1, L):
+            a = _vjp_rows(fs[m - 1], fs[m], v)  # v G_m
+            t = fs[m].detach().requires_grad_(True)
+            s = _vjp_rows(_init_layer(init_model, xc, layers, m, t), t, v)  # v S_m
+            nxt = a.new_zeros(v.shape[0] + 1, *a.shape[1:])
+            nxt[:-1] = s
+            nxt[1:] += a - s  # v R_m = v G_m - v S_m raises lambda by one
+            v = nxt
+            res[:, m + 1, : m + 1] = (
+                v.detach().to(torch.float64).reshape(m + 1, b, -1).square().sum(2).T
+            )
+        out.append(res)
+    return torch.cat(out)

@@ -382,3 +382,69 @@ def test_jacobian_of_a_resnet_equals_jacrev():
     assert frozen.shape == (5, 5, 75) and torch.isfinite(frozen).all()
     with pytest.raises(ValueError, match="start .* must be an earlier layer than end"):
         gscfast.jacobian(model, x, layers=BOUNDARIES, start=2, end=4)
+
+
+# ----------------------------------------------------------------------------- effective depth
+def _trained(model: nn.Module, seed: int = 7) -> nn.Module:
+    """``model`` with its parameters moved as training would (a copy)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype) * p.abs().mean())
+    return out
+
+
+def test_effective_depth_of_an_mlp_equals_the_compiled_path():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(11, 8, generator=g, dtype=F64), torch.randn(11, 3, generator=g, dtype=F64)
+    for norm, residual in ((None, False), ("layer", False), (None, True)):
+        init = gscfast.mlp(
+            5, 8, act="tanh", norm=norm, residual=residual, out_features=3, seed=0, dtype=F64
+        )
+        model = _trained(init)
+        names = [k for k, m in model.named_modules() if isinstance(m, (nn.Tanh, gscfast.Residual))]
+        names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost
+        d, prof = gscfast.effective_depth(model, init, x, y, layers=names, chunk_size=4)
+        d_want, prof_want = gscfast.effective_depth(model, init, x, y)
+        assert d == d_want
+        torch.testing.assert_close(prof, prof_want, rtol=1e-10, atol=1e-13, equal_nan=True)
+        d0, _ = gscfast.effective_depth(init, init, x, y, layers=names)
+        assert d0 == 0
+
+
+def test_effective_depth_of_a_resnet_by_hand():
+    """The residual trick written out with torch.func.jacrev of each layer's code, trained and
+    initial parameters, one sample at a time."""
+    init, (x, y) = _resnet(False), _data(B=3)
+    model = _trained(init)
+    _, prof = gscfast.effective_depth(model, init, x, y, layers=BOUNDARIES)
+
+    def segments(m):  # the layers that output f_4, f_3, f_2, f_1
+        return [m.block1, m.block2, m.pool, lambda h: m.head(h.flatten(1))]
+
+    L = 5
+    sq = torch.zeros(L + 1, L + 1, dtype=F64)
+    for i in range(len(x)):
+        fs = {L: model.stem_act(model.stem(x[i : i + 1])).detach()}
+        for j, seg in enumerate(segments(model)):
+            fs[L - 1 - j] = seg(fs[L - j]).detach()
+        g = [y[i].reshape(1, -1)]  # g_1^(0) = d <y, f_1> / d f_1
+        sq[1, 0] += g[0].square().sum() / len(x)
+        for m in range(1, L):  # G_m = d f_m / d f_{m+1}; S_m with init's parameters
+            seg_t, seg_i = segments(model)[L - 1 - m], segments(init)[L - 1 - m]
+            G = torch.func.jacrev(seg_t)(fs[m + 1]).reshape(fs[m].numel(), -1)
+            S = torch.func.jacrev(seg_i)(fs[m + 1]).reshape(fs[m].numel(), -1)
+            nxt = [g[0] @ S] + [g[k] @ S + g[k - 1] @ (G - S) for k in range(1, len(g))]
+            g = [*nxt, g[-1] @ (G - S)]
+            for lam, v in enumerate(g):
+                sq[m + 1, lam] += v.square().sum() / len(x)
+    want = sq.sqrt()
+    want[0, 0] = 1
+    mask = torch.ones_like(want, dtype=torch.bool)
+    for l in range(L + 1):
+        mask[l, : max(l - 1, 0) + 1] = False
+    want[mask] = float("nan")
+    torch.testing.assert_close(prof, want, rtol=1e-9, atol=1e-14, equal_nan=True)
+    with pytest.raises(ValueError, match="batch statistics.*eval"):
+        gscfast.effective_depth(_resnet(True), init, x, y, layers=BOUNDARIES)
