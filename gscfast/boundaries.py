@@ -490,21 +490,7 @@ def jacobian(
         b, n = dst.shape[0], dst[0].numel()
         eye = torch.eye(n, dtype=dst.dtype, device=dst.device).reshape(n, 1, *dst.shape[1:])
         rows = eye.expand(n, *dst.shape)  # row j: e_j of every sample's f_end
-        if src is dst:
-            g: Tensor | None = rows
-        else:
-            try:
-                (g,) = torch.autograd.grad(
-                    dst, src, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
-                )
-            except RuntimeError:  # an operation without a batching rule: one pass per row
-                parts = [
-                    torch.autograd.grad(dst, src, r, retain_graph=True, allow_unused=True)[0]
-                    for r in rows
-                ]
-                g = None if parts[0] is None else torch.stack(parts)
-        if g is None:  # f_end does not depend on f_start (refused by the cut check before)
-            g = torch.zeros(n, *src.shape, dtype=src.dtype, device=src.device)
+        g = rows if src is dst else _vjp_rows(dst, src, rows)
         out.append(g.detach().reshape(n, b, -1).transpose(0, 1))
     return torch.cat(out)
 
