@@ -560,3 +560,17 @@ def test_float32_subnormal_boundary_values_are_refused_under_layers():
         gscfast.NumericalError, match=r"underflow .* at layer f_2, the output of '1'"
     ):
         gscfast.gsc_moments(model, x, labels, error="kl", layers=["1"])
+
+
+def test_float32_underflow_in_jacobian_products_is_refused_by_every_backend():
+    """||J_k^l||^2 of two layers scaled by 1e-12 is about 1e-46: float32 summed it to 0 (GSC(k,
+    l) = 0) and effective depth's contributions likewise, with no error."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 20, generator=g), torch.randn(8, 20, generator=g)
+    model = _tiny_mlp(1e-12)
+    for backend in CPU_BACKENDS:
+        for name in ("gsc_matrix", "effective_depth"):
+            with pytest.raises(gscfast.NumericalError, match=r"underflow .*in float64"):
+                _f32_calls(model, x, y, {}, backend)[name]()
+    want = gscfast.gsc_matrix(copy.deepcopy(model).double(), x.double(), y.double())
+    assert (want[torch.ones_like(want, dtype=torch.bool).tril()] > 0).all()  # float64 holds it

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..compiler import Program
 from ..validation import Problem
-from .finite import check_results
+from .finite import check_product_underflow, check_results
 
 ProbeFn = Callable[[int], Tensor]
 """``probes(l) -> [R, S, d_l]`` start rows for the chain from layer ``l >= 1`` (sketching)."""
@@ -141,6 +141,9 @@ def _checked(method: str, fn: Callable) -> Callable:
         result = fn(self, pb, *args, **kwargs)
         init = (args[0] if args else kwargs.get("init")) if method == "contributions" else None
         check_results(pb, method, result, init)
+        if method in ("chain", "contributions"):
+            arg = init if method == "contributions" else (args[0] if args else kwargs.get("probes"))
+            check_product_underflow(pb, method, result, arg, lambda pb64, a: fn(self, pb64, a))
         return result
 
     return run

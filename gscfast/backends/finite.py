@@ -81,6 +81,48 @@ def check_underflow(pb, result, init=None) -> None:
             raise NumericalError(underflow_message(dtype, where))
 
 
+def check_product_underflow(pb, method: str, result: Tensor, arg: Any, rerun: Any) -> None:
+    """``NumericalError`` where ``chain``'s ``||J_k^l||^2`` or ``contributions``'
+    ``||g_l^(lambda)||^2``, summed in float32 say, lost values to underflow (see
+    ``check_underflow``). Only an entry below ``terms * tiny / eps`` can have; where one is, the
+    backend runs the method again in float64 (``rerun(pb64, arg)``: a float64 copy of the
+    models; the same probes or initial model, ``arg``), and entries that differ from it by more
+    than 1e-3 are refused, naming the pair."""
+    dtype = result.dtype
+    if dtype == torch.float64:
+        return
+    fi = torch.finfo(dtype)
+    n = torch.tensor(pb.columns, dtype=torch.float64, device=result.device)
+    terms = n[:, None] * n[None, :] if method == "chain" else n[:, None].expand(-1, n.shape[0])
+    r = result.to(torch.float64)
+    keep = _defined(pb, method)
+    if not bool(((r < terms * (fi.tiny / fi.eps)) & keep).any()):
+        return
+    import copy
+    import dataclasses
+
+    from ..compiler import Program
+
+    y = pb.y.double() if pb.y is not None and pb.y.is_floating_point() else pb.y
+    pb64 = dataclasses.replace(
+        pb, program=Program(copy.deepcopy(pb.program.model).double()), x=pb.x.double(), y=y
+    )
+    if method == "contributions":
+        arg = Program(copy.deepcopy(arg.model).double(), "init_model")
+    r64 = rerun(pb64, arg).to(device=r.device, dtype=torch.float64)
+    lost = keep & ((r - r64).abs() > 1e-3 * r64.abs())
+    if bool(lost.any()):
+        p, a, b = (int(i) for i in lost.nonzero()[0])
+        what = f"||J_{a}^{b}||^2" if method == "chain" else f"||g_{a}^({b})||^2"
+        raise NumericalError(
+            underflow_message(
+                dtype,
+                f"{what} of datapoint {p} ({float(r[p, a, b]):.3g}; in float64 "
+                f"{float(r64[p, a, b]):.3g})",
+            )
+        )
+
+
 def locate_underflow(pb, init=None) -> str | None:
     """Run ``pb`` through the rules (one pass of the torch engine) and name the first layer
     value, pre-activation or gradient whose entries below ``sqrt(tiny)`` of the dtype make up more
