@@ -216,20 +216,30 @@ def _targets(error: str, y: Tensor, out: Tensor) -> Tensor:
     return y.long()
 
 
-def _sq(t: Tensor | None, like: Tensor, coupled: bool, subnormal: bool = False) -> Tensor:
+def _sq(t: Tensor | None, like: Tensor, coupled: bool) -> Tensor:
     """Squared norms per datapoint of ``t [b, ...]`` (``like``'s rows; zeros for ``None``: the
-    error does not depend on that boundary), in float64. With ``subnormal``, only the part of
-    them from entries below the smallest normal number of ``t``'s dtype (entries computed with
-    few significant bits: an underflow)."""
+    error does not depend on that boundary), in float64."""
+    return _sq_low(t, like, coupled)[0]
+
+
+def _sq_low(t: Tensor | None, like: Tensor, coupled: bool) -> tuple[Tensor, Tensor]:
+    """``_sq``, and the part of it from entries below the smallest normal number of ``t``'s
+    dtype (entries computed with few significant bits: an underflow), in one pass."""
     rows = 1 if coupled else like.shape[0]
-    if t is None or (subnormal and t.dtype == torch.float64):
-        return torch.zeros(rows, dtype=torch.float64, device=like.device)
-    v = t.detach().reshape(t.shape[0], -1)
-    sq = v.to(torch.float64).square()
-    if subnormal:
-        sq = sq * (v.abs() < torch.finfo(t.dtype).tiny)
+    if t is None:
+        zero = torch.zeros(rows, dtype=torch.float64, device=like.device)
+        return zero, zero
+    sq = t.detach().reshape(t.shape[0], -1).to(torch.float64).square()
     s = sq.sum(1)
-    return s.sum(0, keepdim=True) if coupled else s
+    low = torch.zeros_like(s)
+    if t.dtype != torch.float64:
+        tiny2 = torch.finfo(t.dtype).tiny ** 2  # |v| < tiny, for the float64 square of v
+        small = (sq < tiny2) & (sq > 0)
+        if bool(small.any()):  # rare: skip the masked sum otherwise
+            low = (sq * small).sum(1)
+    if coupled:
+        return s.sum(0, keepdim=True), low.sum(0, keepdim=True)
+    return s, low
 
 
 def _prepare(
@@ -331,15 +341,13 @@ def sweep(
         grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
         f0 = e.detach().to(torch.float64)
         f0 = f0.sum(0, keepdim=True) if coupled else f0
-        so = torch.stack([f0.square(), *(_sq(f, f, coupled) for f in fs)], 1)
-        sg = torch.stack([torch.ones_like(f0), *(_sq(g, f, coupled) for g, f in zip(grads, fs))], 1)
-        sq_out.append(so)
-        sq_grad.append(sg)
+        outs = [_sq_low(f, f, coupled) for f in fs]
+        gs = [_sq_low(g, f, coupled) for g, f in zip(grads, fs)]
         zero = torch.zeros_like(f0)
-        low_out.append(torch.stack([zero, *(_sq(f, f, coupled, True) for f in fs)], 1))
-        low_grad.append(
-            torch.stack([zero, *(_sq(g, f, coupled, True) for g, f in zip(grads, fs))], 1)
-        )
+        sq_out.append(torch.stack([f0.square(), *(s for s, _ in outs)], 1))
+        sq_grad.append(torch.stack([torch.ones_like(f0), *(s for s, _ in gs)], 1))
+        low_out.append(torch.stack([zero, *(low for _, low in outs)], 1))
+        low_grad.append(torch.stack([zero, *(low for _, low in gs)], 1))
         if columns is None:
             per = [f[0].numel() * (xc.shape[0] if coupled else 1) for f in fs]
             columns = [1, *per]
