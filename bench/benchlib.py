@@ -8,6 +8,7 @@ Sizes: ``GSCFAST_BENCH_SCALE=full`` (default, the issue's sizes) or ``smoke`` (t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -218,6 +219,28 @@ def peak_rss() -> int | None:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward of ``model``'s convolutions and linear layers on ``x`` (2 per
+    multiply-add), counted by forward hooks on one call."""
+    total = 0.0
+
+    def count(m, args, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2 * out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+        elif isinstance(m, nn.Linear):
+            total += 2 * out.numel() * m.in_features
+
+    hs = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return total
 
 
 def run_checked(

@@ -9,11 +9,9 @@ so that their GFLOP/s compare as their times do."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from benchlib import SIZES, run_checked
+from benchlib import SIZES, conv_linear_flops, run_checked
 from torch import nn
 
 import gscfast
@@ -24,21 +22,7 @@ VARIANTS = {"VGG38": (False, False), "VGG38-BN": (True, False), "VGG38-BN-RC": (
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> float:
-    total = 0.0
-
-    def count(m, args, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2 * out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
-        elif isinstance(m, nn.Linear):
-            total += 2 * out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(count) for m in model.modules()]
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-    return 3 * total
+    return 3 * conv_linear_flops(model, x)
 
 
 def _fwd_bwd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -12,11 +12,9 @@ so that their GFLOP/s compare as their times do."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from benchlib import SIZES, run_checked
+from benchlib import SIZES, conv_linear_flops, run_checked
 from torch import nn
 
 import gscfast
@@ -43,21 +41,7 @@ def _cnn() -> nn.Module:
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> float:
-    total = 0.0
-
-    def count(m, args, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += 2 * out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
-        elif isinstance(m, nn.Linear):
-            total += 2 * out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(count) for m in model.modules()]
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-    return total * (1 + 10)
+    return conv_linear_flops(model, x) * (1 + 10)
 
 
 def _vmap_jacrev(model: nn.Module, x: torch.Tensor, chunk: int | None) -> torch.Tensor:

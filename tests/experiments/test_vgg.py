@@ -314,9 +314,10 @@ def test_layer_counts_and_shared_initialization(one_thread):
     assert not torch.equal(vgg.vgg(0, filters=8, seed=1).input.conv0.weight, w)
 
 
-def test_progress_lines(archive, monkeypatch, capfd, one_thread):
+def _config(archive: list[str], **kw) -> dict:
+    """A one-variant (VGG08) configuration on the generated archive, with ``kw`` changed."""
     ix = archive.index
-    config = vgg.make_config(
+    base = dict(
         archs=["VGG08"],
         epochs=1,
         filters=4,
@@ -326,6 +327,11 @@ def test_progress_lines(archive, monkeypatch, capfd, one_thread):
         data_md5=archive[ix("--data-md5") + 1],
         device="cpu",
     )
+    return vgg.make_config(**{**base, **kw})
+
+
+def test_progress_lines(archive, monkeypatch, capfd, one_thread):
+    config = _config(archive)
     monkeypatch.setattr(vgg, "_PROGRESS", True)
     r = vgg.train_variant(config, {"variant": "VGG08", "checkpoint": None})
     err = capfd.readouterr().err
@@ -338,18 +344,7 @@ def test_progress_lines(archive, monkeypatch, capfd, one_thread):
 
 
 def test_no_gsc_with_gsc_size_0(archive, one_thread):
-    ix = archive.index
-    config = vgg.make_config(
-        archs=["VGG08"],
-        epochs=1,
-        filters=4,
-        val_size=N_VAL,
-        batch_size=BATCH,
-        gsc_size=0,
-        data_dir=archive[ix("--data-dir") + 1],
-        data_md5=archive[ix("--data-md5") + 1],
-        device="cpu",
-    )
+    config = _config(archive, gsc_size=0)
     r = vgg.train_variant(config, {"variant": "VGG08", "checkpoint": None})
     assert r["gsc"]["n_images"] == 0 and r["gsc"]["init"] == {}
     assert not any("gsc" in v for v in r["flow"]["records"].values())
@@ -383,18 +378,7 @@ def test_refusals(archive, tmp_path):
 
 
 def test_diverged_job_is_recorded_not_raised(archive, tmp_path, one_thread):
-    ix = archive.index
-    config = vgg.make_config(
-        archs=["VGG08"],
-        epochs=3,
-        filters=4,
-        val_size=N_VAL,
-        batch_size=BATCH,
-        lr=1e30,
-        data_dir=archive[ix("--data-dir") + 1],
-        data_md5=archive[ix("--data-md5") + 1],
-        device="cpu",
-    )
+    config = _config(archive, epochs=3, lr=1e30)
     spec = {"variant": "VGG08", "checkpoint": str(tmp_path / "c.pt")}
     r = vgg.train_variant(config, spec)
     assert r["diverged"] is True and r["epochs_done"] == 1 and r["test_acc"] is None
