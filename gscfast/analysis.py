@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .api import PreactStats, explosion_rate
+from .api import PreactStats, explosion_rate, gsc_moments, preactivation_stats
 from .backends import get_backend
 from .estimators import GSCMoments
 from .validation import check_error, in_dtype, make_problem
@@ -108,10 +109,28 @@ def analyze(
     batchnorm: str = "batch",
     backend: str = "auto",
     chunk_size: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Analysis:
     """GSC, pre-activation statistics and explosion rate in one forward/backward sweep
-    (arguments as in ``gscfast.gsc``)."""
+    (arguments as in ``gscfast.gsc``; with ``layers``, any model, by ``gsc_moments`` and
+    ``preactivation_stats`` with those boundaries: two passes)."""
     check_error(error)
+    if layers is not None:
+        moments = gsc_moments(
+            model,
+            x,
+            y,
+            error=error,
+            batchnorm=batchnorm,
+            backend=backend,
+            chunk_size=chunk_size,
+            layers=layers,
+        )
+        g = in_dtype(moments.gsc(), x, "GSC(l, 0)")
+        stats = preactivation_stats(
+            model, x, batchnorm=batchnorm, backend=backend, chunk_size=chunk_size, layers=layers
+        )
+        return Analysis(g, stats.std, stats.sign_diversity, explosion_rate(g), moments)
     pb, _ = make_problem(model, x, y, error=error, batchnorm=batchnorm, chunk_size=chunk_size)
     sw = get_backend(backend, x.device).sweep(pb, grads=True, stats=True)
     # grads=True and stats=True asked for both

@@ -448,3 +448,13 @@ def test_effective_depth_of_a_resnet_by_hand():
     torch.testing.assert_close(prof, want, rtol=1e-9, atol=1e-14, equal_nan=True)
     with pytest.raises(ValueError, match="batch statistics.*eval"):
         gscfast.effective_depth(_resnet(True), init, x, y, layers=BOUNDARIES)
+
+
+def test_analyze_with_layers_is_gsc_and_preactivation_stats():
+    model, (x, y) = _resnet(False), _data()
+    a = gscfast.analyze(model, x, y, layers=BOUNDARIES)
+    torch.testing.assert_close(a.gsc, gscfast.gsc(model, x, y, layers=BOUNDARIES))
+    stats = gscfast.preactivation_stats(model, x, layers=BOUNDARIES)
+    torch.testing.assert_close(a.preact_std, stats.std, equal_nan=True)
+    torch.testing.assert_close(a.sign_diversity, stats.sign_diversity, equal_nan=True)
+    assert a.rate == gscfast.explosion_rate(a.gsc)
