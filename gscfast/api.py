@@ -384,8 +384,9 @@ def effective_depth(
     ``layers``: named boundaries on any model (and the same names on ``init_model``), as for
     ``gsc``: ``G_m`` and ``S_m`` are the layers between consecutive boundaries, evaluated by
     autograd, ``S_m`` by running ``init_model`` with its boundary ``f_{m+1}`` replaced by the
-    trained model's (``gscfast.boundaries.contributions``). Batch norms must use running
-    statistics (eval mode) there.
+    trained model's (``gscfast.boundaries.contributions``); a train-mode batch norm of
+    ``init_model`` takes its batch statistics at the trained input too (``batchnorm="batch"``: the
+    batch is the datapoint; ``"frozen"``: gathered over all of ``x``, as the compiled path does).
 
     Returns:
         ``(depth, profile)``: ``profile[l, lam]`` is the contribution ``c(l, lambda)`` (quadratic

@@ -570,7 +570,10 @@ def contributions(
     ``lambda > max(l - 1, 0)``) of the residual trick (definitions.md) between named boundaries.
     ``v G_m`` is a backward pass through the trained model's layer between ``f_{m+1}`` and
     ``f_m``; ``v S_m`` one through ``init_model`` run with its boundary ``f_{m+1}`` replaced by
-    the trained model's (``_init_layer``); every ``lambda`` at once (``vmap``)."""
+    the trained model's (``_init_layer``); every ``lambda`` at once (``vmap``). A train-mode batch
+    norm of ``init_model`` computes its statistics from that replaced input: within the batch
+    datapoint (``"batch"``), or frozen over all of ``x`` (``"frozen"``, by
+    ``freeze_batchnorm(..., replace=...)``), as the compiled path does."""
     names = dict(model.named_modules())
     init_names = dict(init_model.named_modules()) if isinstance(init_model, nn.Module) else {}
     if (
@@ -579,37 +582,38 @@ def contributions(
         or any(type(names[k]) is not type(init_names[k]) for k in names)
     ):
         raise ValueError("init_model must be a module with model's architecture (its submodules)")
-    for name, model_ in (("model", model), ("init_model", init_model)):
-        if any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in model_.modules()):
-            raise ValueError(
-                f"{name} has a batch norm using batch statistics: the effective depth with "
-                "layers= measures per-sample layers; call model.eval() and init_model.eval() "
-                "(running statistics)"
-            )
-    model, _ = _prepare(model, x, y, layers, batchnorm, chunk_size)
+    model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
     _prepare(init_model, x, y, layers, batchnorm, chunk_size)  # its tensors, randomness, samples
     L = len(layers) + 1
+    inits = dict.fromkeys(range(1, L), init_model)
+    if batchnorm == "frozen" and any(
+        isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in init_model.modules()
+    ):  # layer m's batch statistics at the trained input, over all of x (as gscfast.frozen)
+        with torch.no_grad():
+            full = _forward(model, x, x, None, layers, None, False)[0]
+        for m in inits:
+            inits[m] = freeze_batchnorm(init_model, x, replace={layers[L - m - 1]: full[m]})
     out = []
-    step = chunk_size or CHUNK
+    step = x.shape[0] if coupled else (chunk_size or CHUNK)
     for c0 in range(0, x.shape[0], step):
         xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
         fs, e, _ = _forward(model, x, xc, yc, layers, error, c0 == 0)
         assert e is not None  # error and y given
         b = xc.shape[0]
-        res = torch.full((b, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
+        P = 1 if coupled else b  # a batch datapoint: the norms sum over its samples
+        res = torch.full((P, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
         res[:, 0, 0] = 1
         v = _vjp_rows(e, fs[0], torch.ones(1, b, dtype=e.dtype, device=e.device))  # g_1^(0)
-        res[:, 1, 0] = _sq(v[0], fs[0], False)
+        res[:, 1, 0] = _sq(v[0], fs[0], coupled)
         for m in range(1, L):
             a = _vjp_rows(fs[m - 1], fs[m], v)  # v G_m
             t = fs[m].detach().requires_grad_(True)
-            s = _vjp_rows(_init_layer(init_model, xc, layers, m, t), t, v)  # v S_m
+            s = _vjp_rows(_init_layer(inits[m], xc, layers, m, t), t, v)  # v S_m
             nxt = a.new_zeros(v.shape[0] + 1, *a.shape[1:])
             nxt[:-1] = s
             nxt[1:] += a - s  # v R_m = v G_m - v S_m raises lambda by one
             v = nxt
-            res[:, m + 1, : m + 1] = (
-                v.detach().to(torch.float64).reshape(m + 1, b, -1).square().sum(2).T
-            )
+            sq = v.detach().to(torch.float64).reshape(m + 1, b, -1).square().sum(2)
+            res[:, m + 1, : m + 1] = (sq.sum(1, keepdim=True) if coupled else sq).T
         out.append(res)
     return torch.cat(out)

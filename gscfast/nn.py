@@ -179,7 +179,9 @@ def uses_batch_stats(bn: _BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def freeze_batchnorm(
+    model: nn.Module, x: torch.Tensor, replace: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
     """A copy of ``model`` whose batch norms that use batch statistics are switched to eval mode
     with the statistics of the batch ``x`` (mean, biased variance) as running statistics: the
     function whose per-sample derivative ``gscfast.jacobian(..., batchnorm="frozen")`` computes.
@@ -188,7 +190,10 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     This is the module-level home of frozen batch norm (the reference backend and the studies;
     ``gscfast.frozen`` says why the engines have their own). A variance that overflowed becomes
     NaN (outputs NaN, not silent zeros). ``ValueError`` if such a batch norm is not called by
-    ``model(x)`` or is called more than once (its statistics would not be one batch's)."""
+    ``model(x)`` or is called more than once (its statistics would not be one batch's).
+
+    ``replace``: module names whose outputs are replaced by the given tensors while the statistics
+    are gathered (effective depth: the initial model's layer run on the trained model's input)."""
     frozen = copy.deepcopy(model)
     bns = [m for m in frozen.modules() if isinstance(m, _BatchNorm) and uses_batch_stats(m)]
     if not bns:
@@ -208,6 +213,9 @@ def freeze_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
         stats[mod] = (h.mean(dims), h.var(dims, correction=0))
 
     hooks = [m.register_forward_pre_hook(record) for m in bns]
+    named = dict(frozen.named_modules())
+    for name, t in (replace or {}).items():
+        hooks.append(named[name].register_forward_hook(lambda mod, a, out, t=t: t))
     try:
         with torch.no_grad():
             frozen(x)  # train mode: each batch norm sees exactly its input in the frozen model

@@ -398,18 +398,21 @@ def _trained(model: nn.Module, seed: int = 7) -> nn.Module:
 def test_effective_depth_of_an_mlp_equals_the_compiled_path():
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(11, 8, generator=g, dtype=F64), torch.randn(11, 3, generator=g, dtype=F64)
-    for norm, residual in ((None, False), ("layer", False), (None, True)):
+    cases = [(None, False, "batch"), ("layer", False, "batch"), (None, True, "batch")]
+    cases += [("batch", False, "batch"), ("batch", False, "frozen"), ("batch", True, "frozen")]
+    for norm, residual, bn in cases:
         init = gscfast.mlp(
             5, 8, act="tanh", norm=norm, residual=residual, out_features=3, seed=0, dtype=F64
         )
         model = _trained(init)
         names = [k for k, m in model.named_modules() if isinstance(m, (nn.Tanh, gscfast.Residual))]
         names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost
-        d, prof = gscfast.effective_depth(model, init, x, y, layers=names, chunk_size=4)
-        d_want, prof_want = gscfast.effective_depth(model, init, x, y)
-        assert d == d_want
+        kw = {"batchnorm": bn}
+        d, prof = gscfast.effective_depth(model, init, x, y, layers=names, chunk_size=4, **kw)
+        d_want, prof_want = gscfast.effective_depth(model, init, x, y, **kw)
+        assert d == d_want, (norm, residual, bn)
         torch.testing.assert_close(prof, prof_want, rtol=1e-10, atol=1e-13, equal_nan=True)
-        d0, _ = gscfast.effective_depth(init, init, x, y, layers=names)
+        d0, _ = gscfast.effective_depth(init, init, x, y, layers=names, **kw)
         assert d0 == 0
 
 
@@ -446,8 +449,6 @@ def test_effective_depth_of_a_resnet_by_hand():
         mask[l, : max(l - 1, 0) + 1] = False
     want[mask] = float("nan")
     torch.testing.assert_close(prof, want, rtol=1e-9, atol=1e-14, equal_nan=True)
-    with pytest.raises(ValueError, match="batch statistics.*eval"):
-        gscfast.effective_depth(_resnet(True), init, x, y, layers=BOUNDARIES)
 
 
 def test_analyze_with_layers_is_gsc_and_preactivation_stats():
