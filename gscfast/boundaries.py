@@ -42,6 +42,7 @@ from .nn import (
     couples_samples,
     freeze_batchnorm,
     last_inputs,
+    same_values,
     uses_batch_stats,
 )
 from .rules import error_value
@@ -194,8 +195,7 @@ def _refuse_random(model: nn.Module, x: Tensor) -> None:
             )
     with torch.no_grad():
         a, b = call_on_copies(model, x), call_on_copies(model, x)
-    # exact equality, NaN equal to NaN: an overflow inside is reported as such, further on
-    if isinstance(a, Tensor) and not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True):
+    if isinstance(a, Tensor) and not same_values(a, b):
         raise ValueError(
             "the model gives different outputs for the same input (a random module): there "
             "is no one Jacobian to measure"

@@ -274,6 +274,13 @@ def last_inputs(groups: Mapping[str, Sequence[nn.Module]]) -> Iterator[dict[str,
             h.remove()
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two outputs of the same call are equal to the last bit, NaN equal to NaN (an
+    overflow is not randomness; it is reported as such further on). The determinism check of the
+    generic rule and of ``layers=``: a module with noise of 1e-7 is random, not close enough."""
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+
+
 def call_on_copies(module: nn.Module, x: torch.Tensor) -> Any:
     """``module(x)``, hooks included, with constant parameters and copies of its buffers: a
     module that updates its buffers when called (running statistics, counters, spectral norm's

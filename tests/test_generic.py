@@ -351,3 +351,20 @@ def test_a_hooked_batch_norm_couples_and_cannot_be_frozen():
     )
     with pytest.raises(ValueError, match=r"batchnorm='frozen' .* model\[1\] \(BatchNorm1d"):
         gscfast.gsc(model, x, y, batchnorm="frozen")
+
+
+class _Jitter(nn.Module):
+    """Noise of 1e-7 relative: close to deterministic, but random."""
+
+    def forward(self, x):
+        return x * (1 + 1e-7 * torch.randn_like(x))
+
+
+def test_slight_randomness_is_refused_not_rounded_away():
+    """The determinism check compares to the last bit: allclose (rtol 1e-5) let this through."""
+    model = nn.Sequential(nn.Linear(4, 6, dtype=torch.float64), _Jitter(), nn.Tanh())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="different outputs for the same input"):
+        gscfast.gsc(model, x, torch.randn(5, 6, dtype=torch.float64), backend="torch")
+    with pytest.raises(ValueError, match="different outputs for the same input"):
+        gscfast.gsc(model, x, torch.randn(5, 6, dtype=torch.float64), layers=["0"])

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn import call_on_copies, couples_samples
+from ..nn import call_on_copies, couples_samples, same_values
 from .base import ForwardCtx, Rule, register
 
 
@@ -145,7 +145,7 @@ class GenericRule(Rule):
         self._checked(y, h.shape[0])
         with torch.no_grad():
             again = self._call(h)
-        if not torch.equal(y, again) and not torch.allclose(y, again, equal_nan=True):
+        if not same_values(y, again):
             raise ValueError(
                 f"{self._name()} gives different outputs for the same input (random, such as "
                 "dropout in train mode): there is no one Jacobian to measure. Make it "
