@@ -261,7 +261,7 @@ def test_refusals_name_the_module():
         ),
         (
             nn.Sequential(nn.Linear(5, 3, **kw), nn.Dropout(0.1)),
-            TypeError,
+            ValueError,
             r"model\[1\] \(Dropout\) is in train mode",
         ),
         (

@@ -366,10 +366,10 @@ def test_init_model_problems_name_init_model(backend):
     ):
         gscfast.effective_depth(model, _seeded(1).float(), x, y, backend=backend)
     with pytest.raises(
-        TypeError, match=r"^init_model\[3\]\.body\[2\] \(Dropout\) is in train mode"
+        ValueError, match=r"^init_model\[3\]\.body\[2\] \(Dropout\) is in train mode"
     ):
         bad = _seeded(1)
-        bad[3].body.append(nn.Dropout(0.0))
+        bad[3].body.append(nn.Dropout(0.1))
         gscfast.effective_depth(model, bad, x, y, backend=backend)
 
 

@@ -98,9 +98,11 @@ def test_unsupported_module_is_named_with_its_position(xy):
         nn.Linear(6, 6), nn.Sequential(nn.Tanh(), nn.Dropout(0.1)), nn.Linear(6, 4)
     )
     with pytest.raises(
-        TypeError, match=r"model\[1\]\[1\] \(Dropout\) is in train mode.*model.eval\(\)"
+        ValueError, match=r"model\[1\]\[1\] \(Dropout\) is in train mode.*model.eval\(\)"
     ):
         gscfast.gsc(model, *xy)
+    model[1][1].p = 0.0  # keeps every unit: the identity, measured
+    assert torch.isfinite(gscfast.gsc(model, *xy)).all()
     with pytest.raises(TypeError, match=r"LayerNorm over \(3, 2\)"):
         gscfast.compile_model(nn.Sequential(nn.LayerNorm((3, 2))))
 

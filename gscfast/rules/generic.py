@@ -64,8 +64,9 @@ class DropoutRule(PassRule):
 
     def __init__(self, module: nn.Module, path: str) -> None:
         super().__init__(module, path)
-        if module.training:
-            raise TypeError(
+        if module.training and module.p > 0:  # p = 0 keeps every unit: the identity
+            # ValueError, as layers= says it: the module is supported, its mode is not
+            raise ValueError(
                 f"{path} ({type(module).__name__}) is in train mode: it draws a new random mask on "
                 "every call, so the model has no one Jacobian to measure. Call model.eval() (dropout "
                 "is then the identity), or remove the dropout"
