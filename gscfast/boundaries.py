@@ -46,7 +46,7 @@ from .nn import (
     uses_batch_stats,
 )
 from .rules import error_value
-from .validation import BATCHNORM_MODES, COUPLED_JACOBIAN, check_finite
+from .validation import BATCHNORM_MODES, COUPLED_JACOBIAN, check_finite, check_targets
 
 # samples per chunk of the per-sample sweep (memory: one forward and backward of this many)
 CHUNK = 256
@@ -203,17 +203,10 @@ def _refuse_random(model: nn.Module, x: Tensor) -> None:
 
 
 def _targets(error: str, y: Tensor, out: Tensor) -> Tensor:
-    """``y`` as ``error_value`` takes it for the flattened outputs ``[b, m]``, checked."""
-    b, m = out.shape[0], out[0].numel()
-    if error == "dot":
-        if y.shape != out.shape:
-            raise ValueError(
-                f"y must have the model output's shape {tuple(out.shape)}, got {tuple(y.shape)}"
-            )
-        return y.reshape(b, m).to(out.dtype)
-    if y.dim() != 1 or y.dtype.is_floating_point or bool(((y < 0) | (y >= m)).any()):
-        raise ValueError(f"error='kl' needs integer class labels [B] in 0..{m - 1}")
-    return y.long()
+    """``y`` as ``error_value`` takes it for the flattened outputs ``[b, m]``, checked as the
+    compiled path checks it (``validation.check_targets``)."""
+    check_targets(error, y, tuple(out.shape), 1, out)
+    return y.reshape(out.shape[0], -1) if error == "dot" else y.long()
 
 
 def _sq(t: Tensor | None, like: Tensor, coupled: bool) -> Tensor:

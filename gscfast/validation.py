@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -172,33 +173,43 @@ def check_model_tensors(program: Program, x: Tensor) -> None:
             check_finite(t, where)
 
 
-def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> Tensor:
-    lead = tuple(x3.shape[1:2]) if squeeze else tuple(x3.shape[:2])
+def check_targets(error: str, y: Tensor, out: tuple[int, ...], lead: int, like: Tensor) -> None:
+    """``ValueError`` unless ``y`` fits ``error`` for model outputs of shape ``out`` whose first
+    ``lead`` dimensions index samples (the rest: one sample's output): ``"dot"``, a tensor of
+    ``out``'s shape in ``like``'s dtype and device, finite; ``"kl"``, integer class labels of
+    shape ``out[:lead]`` in ``[0, m)``, ``m`` the elements of one sample's output."""
     check_not_meta(y, "y")
-    if y.device != x3.device:
-        raise ValueError(f"y is on {y.device} but x is on {x3.device}")
+    if y.device != like.device:
+        raise ValueError(f"y is on {y.device} but x is on {like.device}")
     if error == "dot":
-        want = lead + (out_dim,)
-        if tuple(y.shape) != want:
+        if tuple(y.shape) != out:
             raise ValueError(
-                f"error='dot' needs y of the output's shape {want}, got {tuple(y.shape)}"
+                f"error='dot' needs y of the output's shape {out}, got {tuple(y.shape)}"
             )
-        if y.dtype != x3.dtype:
-            raise ValueError(f"y has dtype {y.dtype} but x has dtype {x3.dtype}")
+        if y.dtype != like.dtype:
+            raise ValueError(f"y has dtype {y.dtype} but x has dtype {like.dtype}")
         check_finite(y, "y")
-        return y.reshape(x3.shape[:2] + (out_dim,))
-    if tuple(y.shape) != lead:
+        return
+    m = math.prod(out[lead:])
+    if tuple(y.shape) != out[:lead]:
         raise ValueError(
-            f"error='kl' needs integer class labels y of shape {lead}, got {tuple(y.shape)}"
+            f"error='kl' needs integer class labels y of shape {out[:lead]}, got {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"error='kl' needs integer class labels, got y of dtype {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_dim):
-        bad = ((y < 0) | (y >= out_dim)).nonzero()[0]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= m):
+        bad = ((y < 0) | (y >= m)).nonzero()[0]
         raise ValueError(
             f"y has label {int(y[tuple(bad)])} at index {tuple(bad.tolist())}; "
-            f"labels must lie in [0, {out_dim}) for a model with {out_dim} outputs"
+            f"labels must lie in [0, {m}) for a model with {m} outputs"
         )
+
+
+def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> Tensor:
+    lead = tuple(x3.shape[1:2]) if squeeze else tuple(x3.shape[:2])
+    check_targets(error, y, (*lead, out_dim), len(lead), x3)
+    if error == "dot":
+        return y.reshape(x3.shape[:2] + (out_dim,))
     return y.reshape(x3.shape[:2]).long()
 
 

@@ -64,7 +64,8 @@ class DropoutRule(PassRule):
 
     def __init__(self, module: nn.Module, path: str) -> None:
         super().__init__(module, path)
-        if module.training and module.p > 0:  # p = 0 keeps every unit: the identity
+        p: float = module.p  # type: ignore[assignment]  # Dropout's float attribute
+        if module.training and p > 0:  # p = 0 keeps every unit: the identity
             # ValueError, as layers= says it: the module is supported, its mode is not
             raise ValueError(
                 f"{path} ({type(module).__name__}) is in train mode: it draws a new random mask on "
