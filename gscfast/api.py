@@ -293,9 +293,9 @@ def preactivation_stats(
     Layers that do not end in an activation (and ``l = 0``) get NaN.
 
     ``layers``: named boundaries on any model, as for ``gsc``; the pre-activation of ``f_l`` is
-    the input of the last activation module that runs within the named module (the module itself
-    if it is one), every element of it a neuron (``gscfast.boundaries.preactivation_moments``);
-    ``l = 1`` (the model's output) is NaN.
+    the input of the activation module whose output is the named module's (the module itself if
+    it is one), every element of it a neuron; NaN where that output is not an activation's and
+    at ``l = 1`` (``gscfast.boundaries.preactivation_moments``).
     """
     if layers is not None:
         from . import boundaries

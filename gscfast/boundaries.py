@@ -41,7 +41,6 @@ from .nn import (
     call_on_copies,
     couples_samples,
     freeze_batchnorm,
-    last_inputs,
     same_values,
     uses_batch_stats,
 )
@@ -439,26 +438,44 @@ def preactivation_moments(
     chunk_size: int | None,
 ) -> list[Moments | None]:
     """Per boundary ``l = 0..L``, the ``Moments`` over all samples of ``x`` of its layer's
-    pre-activation: the input of the last activation module (one with an activation rule) that
-    runs within the named module, the module itself included: an activation named as a boundary,
-    or a block's final activation. Each element of it (every position of a feature map) is a
-    neuron. None for ``l = 0, 1`` (the error, the model's output) and for a named module in which
-    no activation runs. With a batch norm using batch statistics the whole batch runs at once."""
+    pre-activation (definitions.md: the input of the activation module that ends the layer):
+    defined where the named module's output is the output of an activation module (one with an
+    activation rule) run within it, the module itself included: an activation named as a
+    boundary, or a block that ends in one; its input is the pre-activation, each element of it
+    (every position of a feature map) a neuron. None for ``l = 0, 1`` (the error, the model's
+    output) and where the output is not an activation's (a residual sum, a pooling), as on the
+    compiled path. With a batch norm using batch statistics the whole batch runs at once."""
     model, coupled = _prepare(model, x, None, layers, batchnorm, chunk_size)
     L = len(layers) + 1
     named = dict(model.named_modules())
-    acts = {}
-    for name in layers:
-        rules = ((m, rule_for(m)) for m in named[name].modules())
-        acts[name] = [m for m, r in rules if r is not None and r.is_activation]
     moments: list[Moments | None] = [None] * (L + 1)
     step = x.shape[0] if coupled else (chunk_size or CHUNK)
     for c0 in range(0, x.shape[0], step):
-        with last_inputs(acts) as found, torch.no_grad():
-            call_on_copies(model, x[c0 : c0 + step])
+        last: dict[str, tuple[Tensor, Tensor]] = {}  # the latest activation's (input, output)
+        outs: dict[str, Tensor] = {}
+
+        def record(name: str, table: dict, pair: bool):
+            def hook(mod: nn.Module, args: Any, out: Any) -> None:
+                table[name] = (args[0], out) if pair else out
+
+            return hook
+
+        hooks = []
+        for name in layers:
+            for m in named[name].modules():
+                rule = rule_for(m)
+                if rule is not None and rule.is_activation:
+                    hooks.append(m.register_forward_hook(record(name, last, True)))
+            hooks.append(named[name].register_forward_hook(record(name, outs, False)))
+        try:
+            with torch.no_grad():
+                call_on_copies(model, x[c0 : c0 + step])
+        finally:
+            for h in hooks:
+                h.remove()
         for i, name in enumerate(layers):  # layers[0] is f_L
-            z = found.get(name)
-            if z is not None:
+            z, a = last.get(name, (None, None))
+            if z is not None and a is outs.get(name):
                 chunk = Moments.of(z.reshape(z.shape[0], -1))
                 prev = moments[L - i]
                 moments[L - i] = chunk if prev is None else prev.merge(chunk)

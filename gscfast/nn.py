@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -251,27 +250,6 @@ def call_from_current_state(m: nn.Module) -> None:
                 getattr(module, k).copy_(old)
 
     m.register_forward_pre_hook(restore, prepend=True)  # before the module's own pre-hooks
-
-
-@contextmanager
-def last_inputs(groups: Mapping[str, Sequence[nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ``found[name]`` is the first input of the latest call of any module of
-    ``groups[name]`` (forward pre-hooks, removed on exit; the modules are otherwise unchanged)."""
-    found: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def record(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                found[name] = args[0]
-
-        return record
-
-    handles = [m.register_forward_pre_hook(recorder(n)) for n, ms in groups.items() for m in ms]
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

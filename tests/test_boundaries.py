@@ -7,9 +7,13 @@ refused naming the module."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from strategies import cases
 from torch import nn
 
 import gscfast
@@ -459,3 +463,51 @@ def test_analyze_with_layers_is_gsc_and_preactivation_stats():
     torch.testing.assert_close(a.preact_std, stats.std, equal_nan=True)
     torch.testing.assert_close(a.sign_diversity, stats.sign_diversity, equal_nan=True)
     assert a.rate == gscfast.explosion_rate(a.gsc)
+
+
+# ----------------------------------------------------------------------------- random models
+def _boundary_names(model: nn.Module) -> list[str]:
+    """The compiled layer boundaries of a Sequential as ``named_modules()`` names: the module
+    that ends each layer but the last (its output is f_1)."""
+    program = gscfast.compile_model(model)
+    paths = [layer.ops[-1].path for layer in program.layers[:-1]]
+    return [re.sub(r"\[(\d+)\]", r".\1", p).removeprefix("model.") for p in paths]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), bn=st.sampled_from(["batch", "frozen"]))
+def test_random_mlps_equal_the_compiled_path_in_every_function(data, bn):
+    """Every function with layers= at the compiled boundaries equals the compiled path on
+    random models (norms, residual blocks, nested Sequentials, batch norm in both modes)."""
+    case = data.draw(cases(max_depth=6, max_width=10, datasets=False))
+    model, x, y = case.model, case.x, case.y
+    names = _boundary_names(model)
+    assume(names)  # one layer: no boundary to name
+    kw = {"batchnorm": bn}
+    close = {"rtol": 1e-9, "atol": 1e-12, "equal_nan": True}
+    torch.testing.assert_close(
+        gscfast.gsc(model, x, y, layers=names, **kw), gscfast.gsc(model, x, y, **kw), **close
+    )
+    torch.testing.assert_close(
+        gscfast.gsc_matrix(model, x, y, layers=names, **kw),
+        gscfast.gsc_matrix(model, x, y, **kw),
+        **close,
+    )
+    got, want = (
+        gscfast.preactivation_stats(model, x, layers=names, **kw),
+        gscfast.preactivation_stats(model, x, **kw),
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a[2:], b[2:], **close)  # f_1 is NaN with layers=
+    init = _trained(model, seed=3)
+    torch.testing.assert_close(
+        gscfast.effective_depth(model, init, x, y, layers=names, **kw)[1],
+        gscfast.effective_depth(model, init, x, y, **kw)[1],
+        **close,
+    )
+    if bn == "frozen" or not case.couples:
+        torch.testing.assert_close(
+            gscfast.jacobian(model, x, layers=names, batchnorm="frozen"),
+            gscfast.jacobian(model, x, batchnorm="frozen"),
+            **close,
+        )
