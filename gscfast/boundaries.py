@@ -26,7 +26,7 @@ Checked before any number is computed, else an error naming the module:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -321,14 +321,38 @@ def sweep(
     paper's numbering: ``f_L`` is ``layers[0]``'s output, ``f_1`` the model's) and the columns
     ``n(l)`` (elements of ``f_l`` per datapoint; ``n(0) = 1``)."""
     model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
-    B = x.shape[0]
-    step = B if coupled else (chunk_size or CHUNK)
+    return _sweep(model, coupled, x, y, layers, error, chunk_size)
+
+
+def _chunks(n: int, coupled: bool, chunk_size: int | None) -> Iterator[slice]:
+    """The samples of each chunk: the whole batch where it is one datapoint."""
+    step = n if coupled else (chunk_size or CHUNK)
+    return (slice(c0, c0 + step) for c0 in range(0, n, step))
+
+
+def _where(layers: Sequence[str], l: int) -> str:
+    """Boundary ``f_l`` in words, for errors."""
+    if l <= 1:
+        return "the error f_0" if l == 0 else "the model's output f_1"
+    return f"layer f_{l}, the output of {layers[len(layers) + 1 - l]!r}"
+
+
+def _sweep(
+    model: nn.Module,
+    coupled: bool,
+    x: Tensor,
+    y: Tensor,
+    layers: Sequence[str],
+    error: str,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """``sweep`` of a model ``_prepare`` returned, with its overflow and underflow checks."""
     L = len(layers) + 1
     sq_out, sq_grad, columns = [], [], None
     low_out, low_grad = [], []  # the subnormal entries' share of them
-    for c0 in range(0, B, step):
-        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
-        fs, e, _ = _forward(model, x, xc, yc, layers, error, c0 == 0)
+    for c in _chunks(x.shape[0], coupled, chunk_size):
+        xc, yc = x[c], y[c]
+        fs, e, _ = _forward(model, x, xc, yc, layers, error, c.start == 0)
         assert e is not None  # error and y given
         grads = torch.autograd.grad(e.sum(), fs, allow_unused=True)
         f0 = e.detach().to(torch.float64)
@@ -352,9 +376,7 @@ def sweep(
     if fwd or bwd:
         l = fwd[0] if fwd else bwd[0]
         what = "the value" if fwd else "the gradient d f_0 / d f_l"
-        where = {0: "the error f_0", 1: "the model's output f_1"}.get(l)
-        where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
-        raise NumericalError(message(x.dtype, f"{where} ({what})"))
+        raise NumericalError(message(x.dtype, f"{_where(layers, l)} ({what})"))
     # an underflow: subnormal entries, computed with few significant bits, that make up more than
     # eps of a squared norm (below that they change it by at most eps)
     eps = torch.finfo(x.dtype).eps
@@ -362,9 +384,7 @@ def sweep(
         bad = torch.cat(low) > eps * s
         if bool(bad.any()):
             l = int(bad.any(0).nonzero()[0])
-            where = {0: "the error f_0", 1: "the model's output f_1"}.get(l)
-            where = where or f"layer f_{l}, the output of {layers[L - l]!r}"
-            raise NumericalError(underflow_message(x.dtype, f"{where} ({what})"))
+            raise NumericalError(underflow_message(x.dtype, f"{_where(layers, l)} ({what})"))
     return so, sg, columns
 
 
@@ -386,16 +406,12 @@ def matrix(
     gives the rows ``[R, *shape]`` (``shape``: a datapoint's ``f_l``; the same rows for every
     datapoint), averaged (a sketch, unbiased for Rademacher rows); without it the identity's rows
     (exact, ``n(l)`` backward passes). Checked as ``sweep`` checks, which gives column 0."""
-    so, sg, columns = sweep(
-        model, x, y, layers, error=error, batchnorm=batchnorm, chunk_size=chunk_size
-    )
     model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
-    B = x.shape[0]
-    step = B if coupled else (chunk_size or CHUNK)
+    so, sg, columns = _sweep(model, coupled, x, y, layers, error, chunk_size)
     L = len(layers) + 1
     out = []
-    for c0 in range(0, B, step):
-        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
+    for c in _chunks(x.shape[0], coupled, chunk_size):
+        xc, yc = x[c], y[c]
         fs, _, _ = _forward(model, x, xc, yc, layers, error, False)
         P = 1 if coupled else xc.shape[0]
         res = torch.full((P, L + 1, L + 1), float("nan"), dtype=torch.float64, device=x.device)
@@ -449,8 +465,7 @@ def preactivation_moments(
     L = len(layers) + 1
     named = dict(model.named_modules())
     moments: list[Moments | None] = [None] * (L + 1)
-    step = x.shape[0] if coupled else (chunk_size or CHUNK)
-    for c0 in range(0, x.shape[0], step):
+    for c in _chunks(x.shape[0], coupled, chunk_size):
         last: dict[str, tuple[Tensor, Tensor]] = {}  # the latest activation's (input, output)
         outs: dict[str, Tensor] = {}
 
@@ -469,7 +484,7 @@ def preactivation_moments(
             hooks.append(named[name].register_forward_hook(record(name, outs, False)))
         try:
             with torch.no_grad():
-                call_on_copies(model, x[c0 : c0 + step])
+                call_on_copies(model, x[c])
         finally:
             for h in hooks:
                 h.remove()
@@ -500,9 +515,8 @@ def jacobian(
     if coupled:
         raise ValueError(COUPLED_JACOBIAN)
     out = []
-    step = chunk_size or CHUNK
-    for c0 in range(0, x.shape[0], step):
-        fs, _, xg = _forward(model, x, x[c0 : c0 + step], None, layers, None, c0 == 0)
+    for c in _chunks(x.shape[0], False, chunk_size):
+        fs, _, xg = _forward(model, x, x[c], None, layers, None, c.start == 0)
         src = xg if start == len(fs) + 1 else fs[start - 1]
         dst = fs[end - 1]
         b, n = dst.shape[0], dst[0].numel()
@@ -604,10 +618,9 @@ def contributions(
         for m in inits:
             inits[m] = freeze_batchnorm(init_model, x, replace={layers[L - m - 1]: full[m]})
     out = []
-    step = x.shape[0] if coupled else (chunk_size or CHUNK)
-    for c0 in range(0, x.shape[0], step):
-        xc, yc = x[c0 : c0 + step], y[c0 : c0 + step]
-        fs, e, _ = _forward(model, x, xc, yc, layers, error, c0 == 0)
+    for c in _chunks(x.shape[0], coupled, chunk_size):
+        xc, yc = x[c], y[c]
+        fs, e, _ = _forward(model, x, xc, yc, layers, error, c.start == 0)
         assert e is not None  # error and y given
         b = xc.shape[0]
         P = 1 if coupled else b  # a batch datapoint: the norms sum over its samples
