@@ -608,6 +608,8 @@ def contributions(
         raise ValueError("init_model must be a module with model's architecture (its submodules)")
     model, coupled = _prepare(model, x, y, layers, batchnorm, chunk_size)
     _prepare(init_model, x, y, layers, batchnorm, chunk_size)  # its tensors, randomness, samples
+    # the trained model's values and gradients: overflow and underflow refused, as gsc does
+    _sweep(model, coupled, x, y, layers, error, chunk_size)
     L = len(layers) + 1
     inits = dict.fromkeys(range(1, L), init_model)
     if batchnorm == "frozen" and any(
@@ -638,5 +640,9 @@ def contributions(
             v = nxt
             sq = v.detach().to(torch.float64).reshape(m + 1, b, -1).square().sum(2)
             res[:, m + 1, : m + 1] = (sq.sum(1, keepdim=True) if coupled else sq).T
+            if not bool(torch.isfinite(res[:, m + 1, : m + 1]).all()):  # v S_m, v R_m
+                raise NumericalError(
+                    message(x.dtype, f"g_{m + 1}^(lambda), the products through layer f_{m}")
+                )
         out.append(res)
     return torch.cat(out)

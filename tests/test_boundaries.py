@@ -511,3 +511,19 @@ def test_random_mlps_equal_the_compiled_path_in_every_function(data, bn):
             gscfast.jacobian(model, x, batchnorm="frozen"),
             **close,
         )
+
+
+def test_effective_depth_with_layers_refuses_what_gsc_refuses():
+    """Values that overflow or underflow float32 inside: refused, not a profile. Before,
+    weights scaled by 1e13 (the output overflows) gave c(3, 0) = 2.2e26 where float64 gives
+    3.2e26, with no error."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    for scale, match in ((1e13, "stop being finite"), (1e-14, "underflow")):
+        model = gscfast.mlp(3, 6, act="relu", seed=0)
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(scale)
+        with pytest.raises(gscfast.NumericalError, match=match):
+            gscfast.effective_depth(model, copy.deepcopy(model), x, y, layers=["1", "3"])
