@@ -491,6 +491,9 @@ def preactivation_moments(
         for i, name in enumerate(layers):  # layers[0] is f_L
             z, a = last.get(name, (None, None))
             if z is not None and a is outs.get(name):
+                if not bool(torch.isfinite(z).all()):
+                    where = f"the pre-activation of {_where(layers, L - i)}"
+                    raise NumericalError(message(x.dtype, where))
                 chunk = Moments.of(z.reshape(z.shape[0], -1))
                 prev = moments[L - i]
                 moments[L - i] = chunk if prev is None else prev.merge(chunk)
@@ -523,6 +526,8 @@ def jacobian(
         eye = torch.eye(n, dtype=dst.dtype, device=dst.device).reshape(n, 1, *dst.shape[1:])
         rows = eye.expand(n, *dst.shape)  # row j: e_j of every sample's f_end
         g = rows if src is dst else _vjp_rows(dst, src, rows)
+        if not bool(torch.isfinite(g).all()):
+            raise NumericalError(message(x.dtype, f"d f_{end} / d f_{start}"))
         out.append(g.detach().reshape(n, b, -1).transpose(0, 1))
     return torch.cat(out)
 

@@ -527,3 +527,10 @@ def test_effective_depth_with_layers_refuses_what_gsc_refuses():
                     m.weight.mul_(scale)
         with pytest.raises(gscfast.NumericalError, match=match):
             gscfast.effective_depth(model, copy.deepcopy(model), x, y, layers=["1", "3"])
+        if scale > 1:  # no squared norms there: only the overflow shows
+            with pytest.raises(
+                gscfast.NumericalError, match="pre-activation of layer f_2, the output of '3'"
+            ):
+                gscfast.preactivation_stats(model, x * 1e13, layers=["1", "3"])
+            with pytest.raises(gscfast.NumericalError, match="stop being finite"):
+                gscfast.jacobian(model, x * 1e13, layers=["1", "3"])
