@@ -1,8 +1,12 @@
 """Public functions. Every quantity is defined in definitions.md; backends compute raw
 per-datapoint squared norms and this module turns them into expectations and ratios.
 
-Shapes: ``x`` is ``[B, n]`` (one dataset) or ``[D, B, n]`` (D independent datasets). A datapoint
-is one row of ``x``, or with a train-mode batch norm (``batchnorm="batch"``) one whole dataset.
+Shapes: ``x`` is ``[B, n]`` (one dataset) or ``[D, B, n]`` (D independent datasets); for a model
+over feature maps, ``[B, C, H, W]`` or ``[D, B, C, H, W]`` (``[B, C, L]`` for ``Conv1d``): the
+model's first module that fixes a sample's dimensions says which (``validation.sample_layout``).
+A datapoint is one sample of ``x``, or with a train-mode batch norm (``batchnorm="batch"``) one
+whole dataset. Per-sample widths ``d_l`` count every element of a sample's ``f_l`` (Jacobians
+are flat, in ``torch.flatten``'s order).
 Per-layer results have length ``L + 1`` indexed in the paper's numbering (``0`` = error layer,
 ``L`` = first layer's output). Results are on ``x``'s device with ``x``'s dtype.
 """
@@ -74,7 +78,8 @@ def gsc(
     Args:
         model: an ``nn.Sequential`` of supported modules (never modified); with ``layers``, any
             module.
-        x: ``[B, n]`` or ``[D, B, n]`` inputs; with ``layers``, one batch ``[B, ...]`` of the
+        x: ``[B, n]`` or ``[D, B, n]`` inputs (feature maps: ``[B, C, H, W]`` or ``[D, B, C, H,
+            W]``, see the module docstring); with ``layers``, one batch ``[B, ...]`` of the
             model's inputs.
         y: targets of the output's shape (``error="dot"``) or integer labels ``[B]``/``[D, B]``
             (``error="kl"``).

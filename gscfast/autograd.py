@@ -40,7 +40,8 @@ def jacobian(
       only (no module taken by its generic rule: no hooks, no overridden ``forward``, no module
       type without a rule of its own);
     - ``inputs`` is one float32/float64 tensor ``[B, n]`` (or ``[n]`` for a model without batch
-      norm), or a 1-tuple of one, that passes gscfast's input checks (matching dtype, device and
+      norm), or a batch of feature maps ``[B, C, L]`` / ``[B, C, H, W]`` for a model that starts
+      with a ``Conv1d`` / ``Conv2d`` (or a pooling or a norm over channels), or a 1-tuple of one, that passes gscfast's input checks (matching dtype, device and
       width, finite values, a batch of at least 2 for a train-mode batch norm);
     - ``create_graph=False``, and ``strategy="reverse-mode"`` (not with both ``strict`` and
       ``vectorize``) or ``strategy="forward-mode"`` with ``vectorize=True`` and ``strict=False``.
@@ -51,15 +52,19 @@ def jacobian(
     The Jacobian is then built from gscfast's analytic per-layer rules in one batched backward
     chain instead of ``B * m`` autograd calls, and does not require grad (as torch's does not).
     Per-sample models give a block-diagonal result (``J[i, :, i, :]`` is sample ``i``'s Jacobian,
-    zeros elsewhere); a train-mode ``BatchNorm1d`` (batch statistics) couples the samples and
+    zeros elsewhere); a train-mode batch norm (batch statistics) couples the samples and
     gives the full matrix. The module is left as torch leaves it: torch calls ``func(x)`` once,
     which updates a train-mode batch norm's running statistics, and so does the fast path (one
     forward without a graph, after the Jacobian, which uses the batch statistics).
 
-    One deliberate difference: with ``strategy="forward-mode"``, ``vectorize=True`` and a 1-D
-    ``x`` under ``torch.no_grad()``, torch raises ("Trying to set a forward gradient that has a
-    different size...") for a bias-free ``Linear`` followed by another layer; the fast path
-    returns the Jacobian, which equals torch's reverse-mode result.
+    Two deliberate differences, both where torch's vectorized forward mode
+    (``strategy="forward-mode"``, ``vectorize=True``) fails and the fast path returns the
+    Jacobian, which equals torch's reverse-mode result:
+
+    - a 1-D ``x`` under ``torch.no_grad()`` through a bias-free ``Linear`` followed by another
+      layer: torch raises "Trying to set a forward gradient that has a different size...";
+    - an ``nn.Flatten`` of feature maps: torch raises "Batching rule not implemented for
+      aten::flatten.using_ints...".
 
     Otherwise, including every argument combination torch rejects, it delegates to
     ``torch.autograd.functional.jacobian``, so the result and any error are torch's own.
@@ -85,7 +90,7 @@ def _plain_input(x: object) -> TypeGuard[Tensor]:
         return False
     if x.layout != torch.strided:
         return False
-    if x.dtype not in _FAST_DTYPES or x.dim() not in (1, 2) or x.is_inference():
+    if x.dtype not in _FAST_DTYPES or x.dim() < 1 or x.is_inference():
         return False
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return not (is_wrapped is not None and is_wrapped(x))
@@ -142,6 +147,11 @@ def _fast_jacobian(
         and (x.requires_grad or any(t.requires_grad for t in (*func.parameters(), *func.buffers())))
     ):
         return None  # torch's forward-mode result carries a graph to these tensors
+    nd = program.sample_ndim() or 1
+    if nd == 1 and x.dim() not in (1, 2):
+        return None  # vectors: [B, n] or [n] ([D, B, n] means datasets to gscfast, not to torch)
+    if nd > 1 and x.dim() != nd + 1:
+        return None  # feature maps: batched only (torch's unbatched forms differ by module)
     one_d = x.dim() == 1
     if one_d and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in func.modules()):
         return None  # batch norm rejects 1-D input: torch's error
@@ -153,8 +163,9 @@ def _fast_jacobian(
         backend = get_backend("auto", x.device)
     except (ValueError, RuntimeError):
         return None  # torch reproduces its own behaviour (or error) for such input
-    B, n = x2.shape
-    m = pb.widths[1]
+    assert pb.sample_shape is not None  # set by make_problem
+    B, n, m = x2.shape[0], pb.widths[-1], pb.widths[1]
+    in_shape, out_shape = pb.sample_shape, pb.program.bind(pb.sample_shape)[1]
     with torch.no_grad():
         try:
             Jb = backend.jacobian(pb, pb.L + 1, 1)
@@ -165,8 +176,7 @@ def _fast_jacobian(
         else:  # [B, m, n] per-sample blocks on the diagonal
             out = torch.zeros((B, m, B, n), dtype=x.dtype, device=x.device)
             out.diagonal(dim1=0, dim2=2).copy_(Jb.permute(1, 2, 0))
-    if one_d:
-        out = out.reshape(m, n)
+    out = out.reshape(m, n) if one_d else out.reshape(B, *out_shape, B, *in_shape)
     out = out.detach()
     _update_running_stats(func, x)
     if not is_tuple:

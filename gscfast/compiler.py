@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn import Residual, uses_batch_stats
 from .rules import RULES, ForwardCtx, Rule
-from .rules.base import propagate_width
+from .rules.base import Shape, bind_shapes
 from .rules.generic import NO_RULE, GenericRule
 from .rules.norm import BatchNormRule
 from .rules.residual import ResidualRule
@@ -193,6 +193,8 @@ class Layer:
     index: int
     ops: list[Rule]
     modules: list[nn.Module]
+    shape_in: Shape | None = None  # one sample's input and output shapes (Program.bind)
+    shape_out: Shape | None = None
 
     @property
     def has_preactivation(self) -> bool:
@@ -201,6 +203,8 @@ class Layer:
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, list[Any], Tensor | None]:
         """``x [D, b, d_in]`` -> ``(y, saved, pre-activation or None)``."""
+        if self.shape_in is None:
+            raise RuntimeError(f"layer f_{self.index} has no input shape: call Program.bind first")
         saved, pre = [], None
         for op in self.ops:
             if op.is_activation and op is self.ops[-1]:
@@ -248,6 +252,7 @@ class Program:
             raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         check_global_hooks()
         self.model = model
+        self._bound: tuple[Shape, list[Shape]] | None = None
         with _buffers_kept(model):  # rules read parametrized weights (a train-mode spectral
             self._compile(model, name)  # norm's power iteration updates its buffers)
 
@@ -303,13 +308,43 @@ class Program:
             if any(isinstance(m, _BatchNorm) and uses_batch_stats(m) for m in op.module.modules())
         ]
 
-    def widths(self, n_in: int) -> list[int]:
-        """``[dim f_0 = 1, dim f_1, ..., dim f_L, n_in]`` for ``n_in`` input features; raises
-        ``ValueError`` naming the module whose expected width does not match."""
-        dims = [n_in]
-        for layer in self.layers:
-            dims.append(propagate_width(layer.ops, dims[-1]))
-        return [1] + dims[1:][::-1] + [n_in]
+    def sample_ndim(self) -> int | None:
+        """How many dimensions one input sample has, where the model says: the first rule that
+        fixes it (``Linear``: 1, ``Conv2d``: 3), looking past rules that keep the shape
+        (activations, norms); None where none does before a rule that may change the shape
+        (``Flatten``, a generic module)."""
+        for op in self.ops():
+            nd = op.sample_ndim()
+            if nd is not None:
+                return nd
+            if not op.keeps_shape:
+                return None
+        return None
+
+    def bind(self, shape: Shape | int) -> list[Shape]:
+        """Set every rule's and layer's shapes for input samples of ``shape`` (``n`` for
+        vectors); return the shapes ``[f_0 (a scalar), f_1, ..., f_L, x]``. ``ValueError`` names
+        the first module that does not take the shape it receives."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if self._bound is None or self._bound[0] != shape:
+            self._bound = None  # until every rule has taken its shape
+            shapes = [shape]
+            for layer in self.layers:
+                layer.shape_in = shapes[-1]
+                layer.shape_out = bind_shapes(layer.ops, shapes[-1])
+                shapes.append(layer.shape_out)
+            self._bound = (shape, [(), *shapes[1:][::-1], shape])
+        return self._bound[1]
+
+    @property
+    def sample_shape(self) -> Shape | None:
+        """The input sample shape the program is bound to (``bind``), or None."""
+        return None if self._bound is None else self._bound[0]
+
+    def widths(self, shape: Shape | int) -> list[int]:
+        """``[dim f_0 = 1, dim f_1, ..., dim f_L, dim x]`` (elements of one sample) for input
+        samples of ``shape``; binds the program to it (``bind``)."""
+        return [int(torch.Size(s).numel()) for s in self.bind(shape)]
 
     def __repr__(self) -> str:
         lines = [f"Program(L={self.L})"]

@@ -198,7 +198,7 @@ class GradientFlow:
         x, y = self.gsc_data
         if self._head is not None:
             with torch.no_grad():
-                x = copy.deepcopy(self._head)(x).flatten(1)
+                x = copy.deepcopy(self._head)(x)  # what the tail receives in the model
         moments = gsc_moments(self._tail, x, y, error=self.error, batchnorm=self.batchnorm)
         return moments.gsc().tolist()
 

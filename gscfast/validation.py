@@ -32,14 +32,15 @@ class Problem:
     """A validated request: the compiled model, inputs in ``[D, B, n]`` layout, and options.
 
     Attributes:
-        program: the compiled model.
-        x: ``[D, B, n]``.
+        program: the compiled model, bound to ``sample_shape`` (``Program.bind``).
+        x: ``[D, B, n]``: each sample flattened (C order), ``n`` its elements.
         y: ``[D, B, m]`` targets (``error="dot"``), ``[D, B]`` int64 labels (``"kl"``) or None.
         error: ``"dot"``, ``"kl"`` or None (no error layer needed).
         coupled: batch datapoints (train-mode batch norm with batch statistics).
         frozen: train-mode batch norm whose batch statistics are treated as constants.
         chunk_size: datapoints per chunk, or None to size chunks by ``memory``.
         memory: the working-set budget in bytes.
+        sample_shape: one input sample's shape (``(n,)`` for vectors, ``(C, H, W)`` for images).
     """
 
     program: Program
@@ -50,6 +51,12 @@ class Problem:
     frozen: bool
     chunk_size: int | None = None
     memory: int = 512 * 2**20
+    sample_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_shape is None:
+            self.sample_shape = (self.x.shape[-1],)
+        self.program.bind(self.sample_shape)  # a replaced program (dataclasses.replace) too
 
     @property
     def D(self) -> int:
@@ -74,7 +81,8 @@ class Problem:
     @property
     def widths(self) -> list[int]:
         """``[1, d_1, ..., d_L, n]``: per-sample dims of ``f_0 .. f_L`` and of the input."""
-        return self.program.widths(self.x.shape[-1])
+        assert self.sample_shape is not None  # set by __post_init__
+        return self.program.widths(self.sample_shape)
 
     def n(self, l: int) -> int:
         """Columns of ``J_k^l`` for ``k = l``: ``dim f_l`` of one datapoint."""
@@ -205,12 +213,53 @@ def check_targets(error: str, y: Tensor, out: tuple[int, ...], lead: int, like: 
         )
 
 
-def _check_y(error: str, y: Tensor, x3: Tensor, out_dim: int, squeeze: bool) -> Tensor:
+def _check_y(error: str, y: Tensor, x3: Tensor, out: tuple[int, ...], squeeze: bool) -> Tensor:
     lead = tuple(x3.shape[1:2]) if squeeze else tuple(x3.shape[:2])
-    check_targets(error, y, (*lead, out_dim), len(lead), x3)
+    if error == "kl" and len(out) != 1:
+        raise ValueError(
+            f"error='kl' needs logits (one vector per sample), but the model outputs samples of "
+            f"shape {list(out)}; use error='dot', or end the model in the logits"
+        )
+    check_targets(error, y, (*lead, *out), len(lead), x3)
     if error == "dot":
-        return y.reshape(x3.shape[:2] + (out_dim,))
+        return y.reshape(*x3.shape[:2], -1)
     return y.reshape(x3.shape[:2]).long()
+
+
+def sample_layout(program: Program, x: Tensor) -> tuple[bool, tuple[int, ...]]:
+    """How ``x`` holds samples for ``program``: ``(one dataset, the shape of one sample)``, and
+    binds ``program`` to that shape. ``x`` is ``[B, *sample]`` or ``[D, B, *sample]``. The model
+    fixes a sample's number of dimensions where its first rule that cares says it
+    (``Program.sample_ndim``: 1 for an MLP, 3 for a ``Conv2d`` network). Where none says (the
+    model starts with ``Flatten``, say), the reading of ``x`` the model takes: ``[B, n]`` for 2-d
+    ``x``; ``[D, B, n]`` first, then ``[B, C, L]``, for 3-d ``x``; ``[B, ...]`` first, then ``[D,
+    B, ...]``, for more dimensions."""
+    nd = program.sample_ndim()
+    if nd is None:
+        k = x.dim()
+        tries = [1] if k == 2 else [1, 2] if k == 3 else [k - 1, k - 2]
+        for i, n in enumerate(tries):
+            sample = tuple(x.shape[k - n :])
+            try:
+                program.bind(sample)
+            except ValueError:
+                if i == len(tries) - 1:
+                    raise
+                continue
+            return k == n + 1, sample
+        raise AssertionError("unreachable: the last reading raised")
+    if x.dim() not in (nd + 1, nd + 2):
+        names = {1: "n", 2: "C, L", 3: "C, H, W"}
+        dims = names.get(nd, ", ".join(f"s{i}" for i in range(nd)))
+        first = next(op for op in program.ops() if op.sample_ndim() is not None)
+        raise ValueError(
+            f"x must be [B, {dims}] or [D, B, {dims}] (D datasets) for this model "
+            f"({first.path}, {type(first.module).__name__}, takes samples of {nd} "
+            f"dimension{'s' if nd > 1 else ''}), got shape {tuple(x.shape)}"
+        )
+    sample = tuple(x.shape[x.dim() - nd :])
+    program.bind(sample)
+    return x.dim() == nd + 1, sample
 
 
 def make_problem(
@@ -229,21 +278,23 @@ def make_problem(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (2, 3):
+    if x.dim() < 2:
         raise ValueError(f"x must be [B, n] or [D, B, n] (D datasets), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     check_not_meta(x, "x")
-    if x.shape[-2] == 0 or x.shape[0] == 0 or x.shape[-1] == 0:
+    if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); gscfast needs at least one sample")
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     program = program or compile_model(model)
-    squeeze = x.dim() == 2
-    x3 = x.unsqueeze(0) if squeeze else x
-    widths = program.widths(x3.shape[-1])
+    squeeze, sample = sample_layout(program, x)
+    x3 = (x.unsqueeze(0) if squeeze else x).reshape(
+        -1, x.shape[-len(sample) - 1], math.prod(sample)
+    )
+    shapes = program.bind(sample)  # bound already: the shapes of f_0 .. f_L
     check_model_tensors(program, x3)
     check_finite(x, "x")
     couples = program.couples_batch
@@ -269,7 +320,7 @@ def make_problem(
             )
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        y3 = _check_y(error, y, x3, widths[1], squeeze)
+        y3 = _check_y(error, y, x3, shapes[1], squeeze)
     pb = Problem(
         program=program,
         x=x3.detach(),
@@ -279,6 +330,7 @@ def make_problem(
         frozen=couples and batchnorm == "frozen",
         chunk_size=chunk_size,
         memory=memory_budget(),
+        sample_shape=sample,
     )
     return pb, squeeze
 

@@ -61,6 +61,13 @@ class Center(nn.Module):
         return x - x.mean(0)
 
 
+class Total(nn.Module):
+    """Not per sample: one number for the whole batch."""
+
+    def forward(self, x):
+        return x.sum()
+
+
 class Noisy(nn.Module):
     def forward(self, x):
         return x * (1 + 0.1 * torch.rand_like(x))
@@ -270,14 +277,15 @@ def test_refusals_name_the_module():
             r"model\[0\] \(Block, no analytic rule\) would be taken .* contains model\[0\]\.act",
         ),
         (
-            nn.Sequential(nn.Conv1d(2, 3, 2, **kw)),
+            nn.Sequential(nn.Linear(5, 3, **kw), Total()),
             TypeError,
-            r"model\[0\] \(Conv1d.* the generic rule takes modules mapping a \[batch, d_in\]",
+            r"model\[1\] \(Total.* the generic rule takes modules mapping a \[batch, \.\.\.\]",
         ),
         (
             nn.Sequential(nn.Flatten(0), nn.Linear(5, 3, **kw)),
-            TypeError,
-            r"model\[0\] \(Flatten\(start_dim=0, end_dim=-1\)\) is not supported",
+            ValueError,
+            r"model\[0\] \(Flatten\(start_dim=0, end_dim=-1\)\) has start_dim=0, which on a "
+            r"batch of samples of shape \[5\] is the batch dimension",
         ),
         (
             nn.Sequential(nn.Linear(5, 4, **kw), Swish(), nn.Linear(5, 3, **kw)),

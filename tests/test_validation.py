@@ -103,8 +103,10 @@ def test_unsupported_module_is_named_with_its_position(xy):
         gscfast.gsc(model, *xy)
     model[1][1].p = 0.0  # keeps every unit: the identity, measured
     assert torch.isfinite(gscfast.gsc(model, *xy)).all()
-    with pytest.raises(TypeError, match=r"LayerNorm over \(3, 2\)"):
-        gscfast.compile_model(nn.Sequential(nn.LayerNorm((3, 2))))
+    with pytest.raises(
+        ValueError, match=r"model\[0\] \(LayerNorm\) expects \[3, 2\] in its last dimensions"
+    ):
+        gscfast.gsc(nn.Sequential(nn.LayerNorm((3, 2))), torch.randn(4, 6), torch.randn(4, 6))
 
 
 def test_bad_options(model, xy):

@@ -16,7 +16,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -135,15 +135,28 @@ class Backend(ABC):
         """
 
 
+def _bound(pb: Problem, init: Any) -> Any:
+    """``init`` (the initial model's program of ``contributions``) bound to ``pb``'s sample
+    shape, as ``pb.program`` is: its rules need the shapes."""
+    if isinstance(init, Program):
+        assert pb.sample_shape is not None  # set by Problem
+        init.bind(pb.sample_shape)
+    return init
+
+
 def _checked(method: str, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(self, pb: Problem, *args, **kwargs):
+        if method == "contributions":
+            _bound(pb, args[0] if args else kwargs.get("init"))
         result = fn(self, pb, *args, **kwargs)
         init = (args[0] if args else kwargs.get("init")) if method == "contributions" else None
         check_results(pb, method, result, init)
         if method in ("chain", "contributions"):
             arg = init if method == "contributions" else (args[0] if args else kwargs.get("probes"))
-            check_product_underflow(pb, method, result, arg, lambda pb64, a: fn(self, pb64, a))
+            check_product_underflow(
+                pb, method, result, arg, lambda pb64, a: fn(self, pb64, _bound(pb64, a))
+            )
         return result
 
     return run

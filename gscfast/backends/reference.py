@@ -84,13 +84,16 @@ def _nan_if_variance_overflows(m: nn.Module, args: tuple[Tensor], out: Tensor) -
     )
 
 
-def _run(mods: Mods, h: Tensor, pre: list[Tensor] | None = None) -> Tensor:
-    """Run one layer's modules on ``h [N, d_in]``; append the last module's input to ``pre``."""
+def _run(mods: Mods, shape: tuple[int, ...], h: Tensor, pre: list[Tensor] | None = None) -> Tensor:
+    """Run one layer's modules on ``h [N, d_in]`` (flat samples of ``shape``, unflattened for the
+    modules) -> ``[N, d_out]``; append the last module's input (flat) to ``pre``."""
+    N = h.shape[0]
+    h = h.reshape(N, *shape)
     for i, m in enumerate(mods):
         if pre is not None and i == len(mods) - 1:
-            pre.append(h)
+            pre.append(h.reshape(N, -1))
         h = m(h)
-    return h
+    return h.reshape(N, -1)
 
 
 def _freeze(layers: list[Mods], x: Tensor) -> list[Mods]:
@@ -128,11 +131,17 @@ class _Data:
                 "datapoints (coupled) or frozen statistics"
             )
 
+    def shape(self, m: int) -> tuple[int, ...]:
+        """One sample's input shape of layer ``m`` (paper index)."""
+        shape = self.pb.program.layer(m).shape_in  # the trained program's (init: the same)
+        assert shape is not None  # the Problem binds its program
+        return shape
+
     def layers(self, d: int) -> list[Mods]:
         """Model-order layer modules for dataset ``d`` (frozen statistics of that dataset)."""
         if not self.pb.frozen:
             return self.base
-        return _freeze(self.base, self.pb.x[d])
+        return _freeze(self.base, self.pb.x[d].reshape(self.pb.B, *self.shape(self.L)))
 
     def datapoints(self, d: int):
         """``(p, rows)`` for the datapoints of dataset ``d``: rows is a slice of samples."""
@@ -166,7 +175,10 @@ class _Data:
             m = self.L - i
             want = pre is not None and self.program.layer(m).has_preactivation
             fs[m] = _run(
-                mods, fs[m + 1], pre.setdefault(m, []) if pre is not None and want else None
+                mods,
+                self.shape(m),
+                fs[m + 1],
+                pre.setdefault(m, []) if pre is not None and want else None,
             )
         return fs
 
@@ -175,7 +187,7 @@ class _Data:
 
         def fn(h: Tensor) -> Tensor:
             for m in range(start - 1, end - 1, -1):
-                h = _run(layers[self.L - m], h)
+                h = _run(layers[self.L - m], self.shape(m), h)
             return h
 
         return fn
@@ -245,7 +257,7 @@ class ReferenceBackend(Backend):
                 def fn(h: Tensor, k=k, ends=ends, d=d, rows=rows, layers=layers):
                     res, cur = [], h
                     for m in range(k - 1, 0, -1):
-                        cur = _run(layers[L - m], cur)
+                        cur = _run(layers[L - m], data.shape(m), cur)
                         res.append(cur)
                     if data.has_error():
                         res.append(data.f0(cur, d, rows))
@@ -300,7 +312,10 @@ class ReferenceBackend(Backend):
             if pb.frozen:  # init layer m: batch statistics of its own input, the trained f_{m+1}
                 with torch.no_grad():
                     hs = data.forward(layers, x[d])
-                ilayers = [_freeze([mods], hs[L - i + 1])[0] for i, mods in enumerate(idata.base)]
+                ilayers = [
+                    _freeze([mods], hs[L - i + 1].reshape(pb.B, *data.shape(L - i)))[0]
+                    for i, mods in enumerate(idata.base)
+                ]
             for p, rows in data.datapoints(d):
                 xin = x[d, rows].detach().clone().requires_grad_(True)
                 fs = data.forward(layers, xin)
@@ -312,8 +327,12 @@ class ReferenceBackend(Backend):
                 for l in range(1, L):  # v_{l+1}^(lam) = v_l^(lam) S_l + v_l^(lam-1) R_l
                     h = fs[l + 1].detach()
                     shape = (fs[l].numel(), h.numel())
-                    G = _jac(functools.partial(_run, layers[L - l]), h).reshape(shape)
-                    Sm = _jac(functools.partial(_run, ilayers[L - l]), h).reshape(shape)
+                    G = _jac(functools.partial(_run, layers[L - l], data.shape(l)), h).reshape(
+                        shape
+                    )
+                    Sm = _jac(functools.partial(_run, ilayers[L - l], data.shape(l)), h).reshape(
+                        shape
+                    )
                     R = G - Sm
                     new = {}
                     for lam in range(l + 1):

@@ -1,6 +1,6 @@
 """Per-module analytic Jacobian rules and their registry (``RULES``: module type -> rule class)."""
 
-from . import activation, generic, linear, norm, residual  # noqa: F401  (registration side effects)
+from . import activation, conv, generic, linear, norm, residual  # noqa: F401  (registration side effects)
 from .base import RULES, ForwardCtx, Rule, register
 from .error import error_grad, error_value
 

@@ -3,6 +3,11 @@
 Layouts (index letters used throughout gscfast):
     D datasets, B samples per dataset, P datapoints, R stacked cotangent rows, S samples per datapoint.
 - ``forward`` sees activations as ``[D, b, d]`` (a chunk of ``b`` samples of each dataset).
+- Every activation is flat: one sample's ``d`` features are its tensor of shape ``shape_in`` (a
+  feature map ``[C, H, W]``, say) flattened in C order, as ``torch.flatten`` orders them, so norms
+  count every element and only the rules that need the shape (convolutions, pooling, norms over
+  channels) unflatten it. ``bind_shapes`` sets each rule's ``shape_in`` and ``shape_out`` for one
+  input shape.
 - ``vjp`` sees cotangent stacks as ``[P, R, S, d_out]`` and returns ``[P, R, S, d_in]``.
   Per-sample datapoints have ``P = D * b, S = 1``; batch datapoints (train-mode batch norm) have
   ``P = D, S = B``, so a batch-norm VJP reduces over axis ``-2`` and every other rule ignores it.
@@ -18,6 +23,8 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..frozen import FrozenStats
+
+Shape = tuple[int, ...]  # one sample's shape (without the batch)
 
 
 @dataclass
@@ -70,10 +77,16 @@ class Rule:
     kind: ClassVar[str] = "?"
     is_activation: bool = False  # ends a layer; per instance for the generic rule
     limits: ClassVar[str] = ""  # which of the module type's configurations it supports, if not all
+    # Whether the output has the input's shape (elementwise maps, norms): the search for the
+    # sample's number of dimensions (``Program.sample_ndim``) looks past such a rule.
+    keeps_shape: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module, path: str) -> None:
         self.module = module
         self.path = path
+        # one sample's input and output shapes (``bind_shapes``); None until bound
+        self.shape_in: Shape | None = None
+        self.shape_out: Shape | None = None
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
         """``x [D, b, d_in]`` -> ``(y [D, b, d_out], saved)``."""
@@ -83,13 +96,28 @@ class Rule:
         """``v [P, R, S, d_out]`` -> ``v @ J  [P, R, S, d_in]``."""
         raise NotImplementedError
 
-    def in_features(self) -> int | None:
-        """The input width this rule expects, or None if it takes any."""
+    def sample_ndim(self) -> int | None:
+        """The number of dimensions of one sample's input this rule fixes (``Conv2d``: 3, ``[C, H,
+        W]``), or None where it takes several (``BatchNorm1d``: ``[C]`` or ``[C, L]``)."""
         return None
 
-    def out_features(self, d_in: int) -> int:
-        """The output width for ``d_in`` input features."""
-        return d_in
+    def out_shape(self, shape: Shape) -> Shape:
+        """One sample's output shape for input ``shape``; ``ValueError`` naming the module if it
+        does not take that shape."""
+        return shape
+
+    def unflat(self, t: Tensor, shape: Shape | None = None) -> Tensor:
+        """Flat ``[..., d]`` -> ``[N, *shape]`` (``shape``: ``shape_in`` by default)."""
+        shape = self.shape_in if shape is None else shape
+        if shape is None:
+            raise RuntimeError(f"{self.path}: the rule has no input shape (Program.bind)")
+        return t.reshape(-1, *shape)
+
+    def _refuse_shape(self, shape: Shape, want: str) -> ValueError:
+        return ValueError(
+            f"{self.path} ({type(self.module).__name__}) expects {want} per sample but receives "
+            f"{list(shape)}"
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         """Parameters and buffers this rule reads (checked for dtype, device and finiteness)."""
@@ -99,17 +127,15 @@ class Rule:
         return f"{type(self).__name__}({self.path})"
 
 
-def propagate_width(ops: list[Rule], d: int) -> int:
-    """The width after ``ops`` of ``d`` input features; ``ValueError`` naming the first rule that
-    expects another width than it receives."""
+def bind_shapes(ops: list[Rule], shape: Shape) -> Shape:
+    """Set each rule's ``shape_in`` and ``shape_out`` for a sample of ``shape`` entering ``ops``;
+    return the shape after them. ``ValueError`` names the first rule that does not take the shape
+    it receives."""
     for op in ops:
-        want = op.in_features()
-        if want is not None and want != d:
-            raise ValueError(
-                f"{op.path} ({type(op.module).__name__}) expects {want} features but receives {d}"
-            )
-        d = op.out_features(d)
-    return d
+        out = tuple(op.out_shape(shape))
+        op.shape_in, op.shape_out = shape, out
+        shape = out
+    return shape
 
 
 # module type -> rule class; filled by `register`.

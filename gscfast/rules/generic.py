@@ -1,7 +1,8 @@
 """Rules for modules without an analytic rule of their own.
 
-- ``PassRule``: modules that are the identity on the flat ``[batch, d]`` features gscfast measures
-  (``nn.Flatten`` over the feature dimension, dropout in eval mode); not a layer boundary.
+- ``PassRule``: modules that are the identity on the flat features gscfast measures (``nn.Flatten``
+  and ``nn.Unflatten``, which only change a sample's shape; dropout in eval mode); not a layer
+  boundary.
 - ``GenericRule``: any other module, and a supported one whose call is not its type's forward (a
   forward hook or pre-hook, an overridden ``forward``): the module is called as the caller's model
   calls it, hooks included, and its vector-Jacobian products come from ``torch.func.vjp``,
@@ -10,7 +11,8 @@
   program on the torch engine.
 
 What the generic rule needs of a module, checked on every forward (else a clear error naming it):
-it maps ``[batch, d_in]`` to ``[batch, d_out]`` tensors; it is deterministic (the same input gives
+it maps a tensor ``[batch, *shape_in]`` to one ``[batch, *shape_out]`` (vectors, feature maps,
+token sequences); it is deterministic (the same input gives
 the same output: no train-mode dropout); and, where samples are measured one at a time (no
 train-mode batch norm in the model), it does not couple the samples of a batch (the gradient of
 one sample's output reaches no other sample's input). A module that changes its buffers when
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import call_on_copies, couples_samples, same_values
-from .base import ForwardCtx, Rule, register
+from .base import ForwardCtx, Rule, Shape, register
 
 
 class PassRule(Rule):
@@ -42,24 +44,68 @@ class PassRule(Rule):
         return v
 
 
+def _sample_dim(module: nn.Module, path: str, dim: int, shape: Shape, what: str) -> int:
+    """The dimension of one sample that dimension ``dim`` of a batch ``[N, *shape]`` is (from 0);
+    ``ValueError`` where it is the batch's, which would mix samples."""
+    full = dim + len(shape) + 1 if dim < 0 else dim
+    if not 1 <= full <= len(shape):
+        raise ValueError(
+            f"{path} ({module}) has {what}={dim}, which on a batch of samples of shape "
+            f"{list(shape)} is {'the batch dimension' if full == 0 else 'out of range'}; gscfast "
+            "measures per-sample functions, which keep dimension 0 as the batch"
+        )
+    return full - 1
+
+
 @register
 class FlattenRule(PassRule):
-    module_types = (nn.Flatten,)
-    limits = "start_dim=1, end_dim=-1: the identity on [batch, d] features"
+    """``nn.Flatten``: a sample's dimensions ``start_dim .. end_dim`` merged; flat features are
+    unchanged (they are already C-ordered)."""
 
-    def __init__(self, module: nn.Flatten, path: str) -> None:
-        super().__init__(module, path)
-        if (module.start_dim, module.end_dim) != (1, -1):
-            raise TypeError(
-                f"{path} (Flatten(start_dim={module.start_dim}, end_dim={module.end_dim})) is not "
-                "supported: gscfast measures flat [batch, d] features, on which only "
-                "Flatten(start_dim=1, end_dim=-1) (the default) applies, as the identity"
-            )
+    module_types = (nn.Flatten,)
+    limits = "start_dim >= 1: dimension 0 is the batch"
+    keeps_shape = False
+
+    def out_shape(self, shape: Shape) -> Shape:
+        m = self.module
+        assert isinstance(m, nn.Flatten)  # the one module type of this rule
+        a = _sample_dim(m, self.path, m.start_dim, shape, "start_dim")
+        b = _sample_dim(m, self.path, m.end_dim, shape, "end_dim")
+        if b < a:
+            raise ValueError(f"{self.path} ({m}) has end_dim before start_dim")
+        return (*shape[:a], int(torch.Size(shape[a : b + 1]).numel()), *shape[b + 1 :])
+
+
+@register
+class UnflattenRule(PassRule):
+    """``nn.Unflatten``: one dimension of a sample split in several; flat features unchanged."""
+
+    module_types = (nn.Unflatten,)
+    keeps_shape = False
+
+    def out_shape(self, shape: Shape) -> Shape:
+        m = self.module
+        assert isinstance(m, nn.Unflatten)  # the one module type of this rule
+        if not isinstance(m.dim, int):
+            raise TypeError(f"{self.path} ({m}): named dimensions are not supported")
+        a = _sample_dim(m, self.path, m.dim, shape, "dim")
+        try:
+            sizes = torch.empty(0).new_empty(shape[a]).unflatten(0, tuple(m.unflattened_size)).shape
+        except RuntimeError as e:
+            raise ValueError(f"{self.path} ({m}) cannot split {shape[a]} entries: {e}") from e
+        return (*shape[:a], *sizes, *shape[a + 1 :])
 
 
 @register
 class DropoutRule(PassRule):
-    module_types = (nn.Dropout, nn.AlphaDropout)
+    module_types = (
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.FeatureAlphaDropout,
+    )
     limits = "eval mode: the identity"
 
     def __init__(self, module: nn.Module, path: str) -> None:
@@ -82,6 +128,7 @@ class GenericRule(Rule):
     """Any module, called as is; its VJPs by ``torch.func`` (module docstring)."""
 
     kind = "generic"
+    keeps_shape = False  # not known without calling it
 
     def __init__(
         self, module: nn.Module, path: str, why: str = NO_RULE, activation: bool = False
@@ -89,7 +136,7 @@ class GenericRule(Rule):
         super().__init__(module, path)
         self.why = why
         self.is_activation = activation  # a hooked activation still ends its layer
-        self._widths: dict[int, int] = {}
+        self._shapes: dict[Shape, Shape] = {}
 
     def _call(self, h: Tensor) -> Any:
         """The module on ``h``, hooks included, on copies of its buffers (``call_on_copies``)."""
@@ -99,43 +146,44 @@ class GenericRule(Rule):
         return f"{self.path} ({type(self.module).__name__}, {self.why}: gscfast's generic rule)"
 
     def _checked(self, y: Any, n: int) -> Tensor:
-        if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        if not isinstance(y, Tensor) or y.dim() < 2 or y.shape[0] != n:
+            got = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise TypeError(
-                f"{self._name()} returned {got} for an input of shape [{n}, d]; the generic rule "
-                "takes modules mapping a [batch, d_in] tensor to a [batch, d_out] tensor"
+                f"{self._name()} returned {got} for a batch of {n} samples; the generic rule "
+                "takes modules mapping a [batch, ...] tensor to a [batch, ...] tensor"
             )
         return y
 
-    def out_features(self, d_in: int) -> int:
-        if d_in not in self._widths:  # found by calling the module on zeros, batches of 2 and 3
+    def out_shape(self, shape: Shape) -> Shape:
+        if shape not in self._shapes:  # found by calling the module on zeros, batches of 2 and 3
             like = next((t for t in self.tensors().values()), None)
             dtype = like.dtype if like is not None else torch.get_default_dtype()
             device = like.device if like is not None else torch.device("cpu")
-            widths = set()
+            shapes = set()
             for n in (2, 3):  # the leading dimension must be the batch (not, say, channels)
                 try:
                     with torch.no_grad():
-                        y = self._call(torch.zeros(n, d_in, dtype=dtype, device=device))
+                        y = self._call(torch.zeros(n, *shape, dtype=dtype, device=device))
                 except (RuntimeError, ValueError, IndexError) as e:
-                    raise ValueError(f"{self._name()} fails on [batch, {d_in}] inputs: {e}") from e
-                widths.add(self._checked(y, n).shape[1])
-            if len(widths) != 1:
-                raise TypeError(f"{self._name()} gives an output width that depends on the batch")
-            self._widths[d_in] = widths.pop()
-        return self._widths[d_in]
+                    raise ValueError(
+                        f"{self._name()} fails on inputs of shape [batch, {', '.join(map(str, shape))}]: {e}"
+                    ) from e
+                shapes.add(tuple(self._checked(y, n).shape[1:]))
+            if len(shapes) != 1:
+                raise TypeError(f"{self._name()} gives an output shape that depends on the batch")
+            self._shapes[shape] = shapes.pop()
+        return self._shapes[shape]
 
     def tensors(self) -> dict[str, Tensor]:
         named = [*self.module.named_parameters(), *self.module.named_buffers()]
         return {k: t.detach() for k, t in named if t.is_floating_point()}
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
-        D, b, d = x.shape
+        D, b, _ = x.shape
         if ctx.coupled:  # batch datapoints: the module sees each dataset's batch, as when run
-            ys, fns = zip(*(self._vjp(x[i]) for i in range(D)))
-            return torch.stack(ys), (list(fns) if ctx.save else None)
-        h = x.reshape(D * b, d)
-        y, fn = self._vjp(h)
+            ys, fns = zip(*(self._vjp(self.unflat(x[i])) for i in range(D)))
+            return torch.stack(ys).reshape(D, b, -1), (list(fns) if ctx.save else None)
+        y, fn = self._vjp(self.unflat(x))
         if D * b > 1:
             self._check_per_sample(fn, y)
         return y.reshape(D, b, -1), ((fn, D * b) if ctx.save else None)
@@ -145,6 +193,12 @@ class GenericRule(Rule):
         out = torch.func.vjp(self._call, h)  # outer no_grad does not apply inside torch.func
         y, fn = out[0], out[1]
         self._checked(y, h.shape[0])
+        if self.shape_out is not None and tuple(y.shape[1:]) != self.shape_out:
+            raise TypeError(
+                f"{self._name()} returned samples of shape {list(y.shape[1:])}, where the same "
+                f"input shape gave {list(self.shape_out)} before: its output shape must depend "
+                "on its input's shape only"
+            )
         with torch.no_grad():
             again = self._call(h)
         if not same_values(y, again):
@@ -175,14 +229,17 @@ class GenericRule(Rule):
         vt = v.expand(n, *v.shape[1:]).reshape(n, R, d_out).transpose(0, 1)
         return self._rows(fn, vt).transpose(0, 1).unsqueeze(2)
 
-    @staticmethod
-    def _rows(fn: Any, vt: Tensor) -> Tensor:
-        """``fn`` (a vjp function) on each of the rows ``vt [R, n, d_out]`` -> ``[R, n, d_in]``:
-        batched by ``vmap``, or one at a time for a module ``vmap`` cannot batch."""
+    def _rows(self, fn: Any, vt: Tensor) -> Tensor:
+        """``fn`` (a vjp function) on each of the flat rows ``vt [R, n, d_out]`` -> ``[R, n,
+        d_in]``: batched by ``vmap``, or one at a time for a module ``vmap`` cannot batch."""
+        assert self.shape_out is not None  # bound before use (Program.bind)
+        R, n = vt.shape[:2]
+        vt = vt.reshape(R, n, *self.shape_out)
         try:
-            return torch.func.vmap(fn)(vt)[0]
+            out = torch.func.vmap(fn)(vt)[0]
         except RuntimeError:
-            return torch.stack([fn(vt[r])[0] for r in range(vt.shape[0])])
+            out = torch.stack([fn(vt[r])[0] for r in range(R)])
+        return out.reshape(R, n, -1)
 
 
-__all__ = ["DropoutRule", "FlattenRule", "GenericRule", "PassRule"]
+__all__ = ["DropoutRule", "FlattenRule", "GenericRule", "PassRule", "UnflattenRule"]

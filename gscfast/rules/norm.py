@@ -1,20 +1,24 @@
-"""Layer norm (over features) and batch norm (over the samples of a batch).
+"""Layer norm and group norm (over features of a sample) and batch norm (over the samples of a
+batch, and the positions of a feature map).
 
-Both standardize ``x`` along one axis; their Jacobian is the same projection
-``(u - mean(u) - xh * mean(u * xh)) / sigma`` with ``u = v * gamma``, taken over features for
-layer norm and over the samples of a batch datapoint (axis -2 of ``[P, R, S, d]``) for batch norm.
-Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a diagonal scale.
+All standardize ``x`` over a set of entries; their Jacobian is the same projection
+``(u - mean(u) - xh * mean(u * xh)) / sigma`` with ``u = v * gamma``, taken over the normalized
+features for layer norm, over a group of channels and their positions for group norm, and over
+the samples of a batch datapoint (axis -2 of ``[P, R, S, d]``) and each channel's positions for
+batch norm. Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a diagonal
+scale. Flat features are C-ordered, so ``[..., C * s]`` views as ``[..., C, s]`` (channel, then
+position) and ``[..., G, C / G * s]`` (group, then its entries).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..nn import poison_variance, uses_batch_stats
-from .base import ForwardCtx, Rule, register
+from .base import ForwardCtx, Rule, Shape, register
 
 
 def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -27,42 +31,110 @@ def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tenso
     return (xc * inv if xc.requires_grad else xc.mul_(inv)), inv, mean, var
 
 
-def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int) -> Tensor:
+def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     return (u - u.mean(dim, keepdim=True) - xh * (u * xh).mean(dim, keepdim=True)) * inv
+
+
+def _numel(shape: Shape) -> int:
+    return int(torch.Size(shape).numel())
 
 
 @register
 class LayerNormRule(Rule):
+    """``nn.LayerNorm`` over the last ``k`` dimensions of a sample (``normalized_shape``): the
+    sample is ``M`` groups of ``N`` features (``M = 1`` over the whole sample), each standardized
+    with its own statistics, then scaled and shifted elementwise."""
+
     module_types = (nn.LayerNorm,)
     kind = "layer_norm"
-    limits = "last dimension"
 
     def __init__(self, module: nn.LayerNorm, path: str) -> None:
         super().__init__(module, path)
-        if len(module.normalized_shape) != 1:
-            raise TypeError(
-                f"{path}: LayerNorm over {tuple(module.normalized_shape)} is not "
-                "supported; gscfast supports LayerNorm over the last dimension only"
-            )
         self.eps = module.eps
-        self.features = module.normalized_shape[0]
-        self.weight = None if module.weight is None else module.weight.detach()
-        self.bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+        self.normalized = tuple(module.normalized_shape)
+        self.features = _numel(self.normalized)
+        self.weight = None if module.weight is None else module.weight.detach().reshape(-1)
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else bias.detach().reshape(-1)
 
-    def in_features(self) -> int:
-        return self.features
+    def out_shape(self, shape: Shape) -> Shape:
+        k = len(self.normalized)
+        if tuple(shape[len(shape) - k :]) != self.normalized or len(shape) < k:
+            raise self._refuse_shape(shape, f"{list(self.normalized)} in its last dimensions")
+        return shape
+
+    @property
+    def groups(self) -> int:
+        """``M``: the positions each standardized separately (1 over the whole sample)."""
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        return _numel(self.shape_in) // self.features
 
     def forward(self, x: Tensor, ctx: ForwardCtx):
-        xh, inv, _, _ = _standardize(x, -1, self.eps)
+        D, b, d = x.shape
+        M = self.groups
+        xg = x if M == 1 else x.reshape(D, b, M, -1)
+        xh, inv, _, _ = _standardize(xg, -1, self.eps)
         y = xh if self.weight is None else xh * self.weight
         if self.bias is not None:
             y = y + self.bias
-        return y, (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
+        if not ctx.save:
+            return y.reshape(D, b, d), None
+        return y.reshape(D, b, d), (ctx.rows(xh.reshape(D, b, d)), ctx.rows(inv.reshape(D, b, M)))
 
     def vjp(self, v: Tensor, saved) -> Tensor:
         xh, inv = saved
+        M = self.groups
+        if M > 1:  # [..., M * N] -> [..., M, N]: each group its own projection
+            v, xh, inv = v.unflatten(-1, (M, -1)), xh.unflatten(-1, (M, -1)), inv[..., None]
         u = v if self.weight is None else v * self.weight
-        return _projection_vjp(u, xh, inv, -1)
+        out = _projection_vjp(u, xh, inv, -1)
+        return out if M == 1 else out.flatten(-2)
+
+    def tensors(self):
+        return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
+
+
+@register
+class GroupNormRule(Rule):
+    """``nn.GroupNorm``: a sample ``[C, *positions]`` in ``G`` groups of ``C / G`` channels, each
+    group standardized over its channels and positions; then a per-channel scale and shift."""
+
+    module_types = (nn.GroupNorm,)
+    kind = "group_norm"
+
+    def __init__(self, module: nn.GroupNorm, path: str) -> None:
+        super().__init__(module, path)
+        self.eps = module.eps
+        self.G, self.C = module.num_groups, module.num_channels
+        self.weight = None if module.weight is None else module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+
+    def out_shape(self, shape: Shape) -> Shape:
+        if not shape or shape[0] != self.C:
+            raise self._refuse_shape(shape, f"{self.C} channels (its first dimension)")
+        return shape
+
+    def _per_channel(self, t: Tensor, w: Tensor) -> Tensor:
+        """``t [..., C * s] * w[C]`` per channel."""
+        return (t.reshape(*t.shape[:-1], self.C, -1) * w[:, None]).reshape(t.shape)
+
+    def forward(self, x: Tensor, ctx: ForwardCtx):
+        D, b, d = x.shape
+        xh, inv, _, _ = _standardize(x.reshape(D, b, self.G, -1), -1, self.eps)
+        xh = xh.reshape(D, b, d)
+        y = xh if self.weight is None else self._per_channel(xh, self.weight)
+        if self.bias is not None:
+            y = (y.reshape(D, b, self.C, -1) + self.bias[:, None]).reshape(D, b, d)
+        return y, (ctx.rows(xh), ctx.rows(inv.reshape(D, b, self.G))) if ctx.save else None
+
+    def vjp(self, v: Tensor, saved) -> Tensor:
+        xh, inv = saved
+        u = v if self.weight is None else self._per_channel(v, self.weight)
+        lead = u.shape[:-1]
+        out = _projection_vjp(
+            u.reshape(*lead, self.G, -1), xh.reshape(*xh.shape[:-1], self.G, -1), inv[..., None], -1
+        )
+        return out.reshape(*lead, -1)
 
     def tensors(self):
         return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
@@ -70,20 +142,28 @@ class LayerNormRule(Rule):
 
 @register
 class BatchNormRule(Rule):
-    """``nn.BatchNorm1d`` on ``[N, C]`` inputs.
+    """``nn.BatchNorm1d`` on ``[C]`` or ``[C, L]`` samples, ``BatchNorm2d`` on ``[C, H, W]``,
+    ``BatchNorm3d`` on ``[C, T, H, W]``: each channel standardized over the batch and its ``s``
+    positions.
 
     Statistics: running ones in eval mode; batch ones in train mode (or without running stats),
     either coupling the samples of a batch datapoint or, with ``batchnorm="frozen"``, treated as
     constants per dataset. The module's running statistics are never updated.
     """
 
-    module_types = (nn.BatchNorm1d,)
+    module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     kind = "batch_norm"
+    _NDIM: ClassVar[dict[type[nn.Module], tuple[int, ...]]] = {
+        nn.BatchNorm1d: (1, 2),
+        nn.BatchNorm2d: (3,),
+        nn.BatchNorm3d: (4,),
+    }
 
-    def __init__(self, module: nn.BatchNorm1d, path: str) -> None:
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, path: str) -> None:
         super().__init__(module, path)
         self.eps = module.eps
         self.features = module.num_features
+        self.ndims = next(n for t, n in self._NDIM.items() if isinstance(module, t))
         self.weight = None if module.weight is None else module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
         self.uses_batch_stats = uses_batch_stats(module)
@@ -92,11 +172,26 @@ class BatchNormRule(Rule):
             mean, var = module.running_mean, module.running_var
             assert mean is not None  # uses_batch_stats is False only with running statistics
             if var is None:
-                raise ValueError(f"{path}: BatchNorm1d has a running_mean but no running_var")
+                raise ValueError(
+                    f"{path}: {type(module).__name__} has a running_mean but no running_var"
+                )
             self.running = (mean.detach(), var.detach())
 
-    def in_features(self) -> int:
-        return self.features
+    def sample_ndim(self) -> int | None:
+        return self.ndims[0] if len(self.ndims) == 1 else None
+
+    def out_shape(self, shape: Shape) -> Shape:
+        if len(shape) not in self.ndims or shape[0] != self.features:
+            named = {1: "", 2: ", L", 3: ", H, W", 4: ", T, H, W"}
+            dims = " or ".join(f"[{self.features}{named[n]}]" for n in self.ndims)
+            raise self._refuse_shape(shape, dims)
+        return shape
+
+    @property
+    def positions(self) -> int:
+        """``s``: the positions of each channel in a sample (1 on ``[C]`` samples)."""
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        return _numel(self.shape_in[1:])
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
@@ -104,6 +199,16 @@ class BatchNormRule(Rule):
         return y + self.bias if self.bias is not None else y
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
+        s = self.positions
+        if s > 1:  # [D, b, C * s] -> [D, b, s, C]: channels last, the positions beside the batch
+            D, b, d = x.shape
+            xs = x.reshape(D, b, self.features, s).transpose(2, 3).reshape(D, b * s, self.features)
+            y, saved = self._forward(xs, ctx, s)
+            return y.reshape(D, b, s, self.features).transpose(2, 3).reshape(D, b, d), saved
+        return self._forward(x, ctx, 1)
+
+    def _forward(self, x: Tensor, ctx: ForwardCtx, s: int) -> tuple[Tensor, Any]:
+        """``x [D, b * s, C]``, each row one position of one sample (rows of a sample together)."""
         if self.running is not None:
             mean, var = self.running
         elif ctx.frozen is not None:
@@ -114,10 +219,23 @@ class BatchNormRule(Rule):
             xh, inv, mean, var = _standardize(x, -2, self.eps)
             if ctx.record is not None:
                 ctx.record.record(self, mean, var)
-            return self._affine(xh), (ctx.rows(xh), ctx.rows(inv)) if ctx.save else None
+            if not ctx.save:
+                return self._affine(xh), None
+            xh_flat = xh
+            if s > 1:  # back to the flat (channel, position) order of the VJP's rows
+                D, C = x.shape[0], self.features
+                xh_flat = xh.reshape(D, -1, s, C).transpose(2, 3).reshape(D, -1, C * s)
+            return self._affine(xh), (ctx.rows(xh_flat), ctx.rows(self._spread(inv, s)))
         inv, scale = self.fixed_scale(var)
         y = self._affine((x - mean) * inv)
-        return y, ctx.rows(scale.expand(x.shape[0], 1, x.shape[-1])) if ctx.save else None
+        if not ctx.save:
+            return y, None
+        return y, ctx.rows(self._spread(scale.expand(x.shape[0], 1, self.features), s))
+
+    @staticmethod
+    def _spread(t: Tensor, s: int) -> Tensor:
+        """Per-channel ``[..., C]`` -> ``[..., C * s]`` in the flat (channel, position) order."""
+        return t if s == 1 else t.repeat_interleave(s, -1)
 
     def fixed_scale(self, var: Tensor) -> tuple[Tensor, Tensor]:
         """``(inv, scale)`` for fixed statistics of variance ``var``: ``inv = 1 / sqrt(var + eps)``
@@ -129,8 +247,13 @@ class BatchNormRule(Rule):
     def vjp(self, v: Tensor, saved) -> Tensor:
         if isinstance(saved, tuple):
             xh, inv = saved
-            u = v if self.weight is None else v * self.weight
-            return _projection_vjp(u, xh, inv, -2)
+            s = self.positions
+            u = v if self.weight is None else v * self._spread(self.weight, s)
+            if s == 1:
+                return _projection_vjp(u, xh, inv, -2)
+            # [P, R, S, C * s] -> [P, R, S, C, s]: the mean over the batch and the positions
+            u, xh, inv = (t.unflatten(-1, (self.features, s)) for t in (u, xh, inv))
+            return _projection_vjp(u, xh, inv, (-3, -1)).flatten(-2)
         return v * saved
 
     @property

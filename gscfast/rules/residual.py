@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..nn import Residual
-from .base import ForwardCtx, Rule, propagate_width, register
+from .base import ForwardCtx, Rule, Shape, bind_shapes, register
 
 
 @register
@@ -27,7 +27,7 @@ class ResidualRule(Rule):
         if h.shape != x.shape:
             raise ValueError(
                 f"{self.path}: body maps {tuple(x.shape[-1:])} features to "
-                f"{tuple(h.shape[-1:])}; a residual body must keep the width"
+                f"{tuple(h.shape[-1:])}; a residual body must keep the shape"
             )
         return x + self.scale * h, saved
 
@@ -37,14 +37,14 @@ class ResidualRule(Rule):
             u = op.vjp(u, s)
         return v + self.scale * u
 
-    def out_features(self, d_in: int) -> int:
-        out = propagate_width(self.body, d_in)
-        if out != d_in:
+    def out_shape(self, shape: Shape) -> Shape:
+        out = bind_shapes(self.body, shape)
+        if out != shape:
             raise ValueError(
-                f"{self.path} (Residual): its body maps {d_in} features to {out}; "
-                "a residual body must keep the width"
+                f"{self.path} (Residual): its body maps samples of shape {list(shape)} to "
+                f"{list(out)}; a residual body must keep the shape"
             )
-        return d_in
+        return shape
 
     def tensors(self):
         return {
