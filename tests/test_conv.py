@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from strategies import make_act
 from torch import nn
 
 import gscfast
@@ -54,9 +55,22 @@ def _check_rule(module, shape, B, seed, coupled, ties=False):
     R, d_out = 3, y.shape[-1]
     v = torch.randn(B, R, d_out, generator=g, dtype=F64)
     got = layer.vjp(v.transpose(0, 1)[None] if coupled else v.reshape(B, R, 1, d_out), saved)
-    for r in range(R):
+    _rows_equal_autograd(module, x, v, got, coupled)
+    if not coupled:  # one row stack for every datapoint ([1, R, 1, d]), as the chain starts
+        shared = v[:1].expand(B, R, d_out)
+        got = layer.vjp(shared[:1].reshape(1, R, 1, d_out), saved)
+        assert got.shape[0] in (1, B), got.shape  # 1: the same for every datapoint (linear)
+        got = got.expand(B, *got.shape[1:])
+        _rows_equal_autograd(module, x, shared, got, coupled)
+
+
+def _rows_equal_autograd(module, x, v, got, coupled):
+    """``got`` (a rule's VJP of the rows ``v [B, R, d_out]``) equals autograd's, row by row."""
+    B = x.shape[0]
+    want_shape = module(x).shape
+    for r in range(v.shape[1]):
         xr = x.clone().requires_grad_(True)
-        (gx,) = torch.autograd.grad(module(xr), xr, v[:, r].reshape(want.shape))
+        (gx,) = torch.autograd.grad(module(xr), xr, v[:, r].reshape(want_shape))
         row = got[0, r] if coupled else got[:, r, 0]
         torch.testing.assert_close(row, gx.reshape(B, -1), rtol=1e-11, atol=1e-12)
 
@@ -450,3 +464,103 @@ def test_refusals_name_the_module():
         gscfast.gsc(fmap, x, torch.zeros(3, 75, dtype=F64))
     # dot targets in the output's shape: fine
     gscfast.gsc(fmap, x, torch.zeros(3, 3, 5, 5, dtype=F64) + 1)
+
+
+# ---------------------------------------------------------------- random convolutional models
+
+
+@st.composite
+def cnns(draw):
+    """A random ``nn.Sequential`` CNN in float64 (convolutions with random options, every norm
+    over channels in each mode, pooling, residual blocks, a generic module), its input shape and
+    the ``batchnorm`` mode: ``(model, shape, mode, description)``."""
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    nd = draw(st.sampled_from([1, 2]))
+    C = draw(st.integers(1, 3))
+    shape = (C, *(draw(st.integers(3, 6)) for _ in range(nd)))
+    conv = nn.Conv1d if nd == 1 else nn.Conv2d
+    mods: list[nn.Module] = []
+    desc: list[str] = []
+    h = torch.zeros(2, *shape, dtype=F64)
+
+    def add(m: nn.Module, name: str) -> bool:
+        nonlocal h
+        m = m.to(F64)
+        try:
+            with torch.no_grad():
+                out = m.eval()(h) if isinstance(m, nn.modules.batchnorm._BatchNorm) else m(h)
+        except RuntimeError:
+            return False  # too small for it
+        if out.numel() == 0:
+            return False
+        m.train()
+        mods.append(m)
+        desc.append(name)
+        h = out
+        return True
+
+    for _ in range(draw(st.integers(1, 3))):
+        c_in = h.shape[1]
+        kind = draw(st.sampled_from(["conv", "conv", "residual", "pool"]))
+        if kind == "conv":
+            c_out = draw(st.integers(1, 4))
+            groups = draw(st.sampled_from([d for d in (1, 2) if c_in % d == 0 and c_out % d == 0]))
+            k, s = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+            pad = draw(st.sampled_from([0, 1, "same"])) if s == 1 else draw(st.integers(0, 1))
+            mode = draw(st.sampled_from(["zeros", "reflect", "circular", "replicate"]))
+            add(
+                conv(c_in, c_out, k, s, pad, groups=groups, padding_mode=mode),
+                f"conv{k}/{s}/{pad}/{mode}",
+            )
+        elif kind == "residual":
+            body = nn.Sequential(conv(c_in, c_in, 3, padding=1), make_act("tanh"))
+            add(gscfast.Residual(body, 0.5), "residual")
+        else:
+            pool = draw(st.sampled_from(["max", "avg"]))
+            cls = {("max", 1): nn.MaxPool1d, ("max", 2): nn.MaxPool2d}.get((pool, nd))
+            m = cls(2, ceil_mode=True) if cls else (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(2, 1)
+            add(m, f"{pool}pool")
+        c = h.shape[1]
+        norm = draw(st.sampled_from([None, "bn", "bn_eval", "gn", "ln"]))
+        if norm in ("bn", "bn_eval"):
+            bn = (nn.BatchNorm1d if nd == 1 else nn.BatchNorm2d)(c)
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            add(bn, norm)
+            if norm == "bn_eval":
+                mods[-1].eval()
+        elif norm == "gn" and h[0].numel() > 2:  # torch refuses one value per group on N = 1
+            add(nn.GroupNorm(1 if c % 2 else 2, c), "gn")
+        elif norm == "ln":
+            add(nn.LayerNorm(list(h.shape[1:])), "ln")
+        if draw(st.booleans()):
+            add(Gate(c) if nd == 2 else nn.Identity(), "gate")
+        act = draw(st.sampled_from(["relu", "tanh", "elu", "softplus", "gelu"]))
+        add(make_act(act), act)
+    add(nn.Flatten(), "flatten")
+    add(nn.Linear(h.shape[1], 3), "linear")
+    model = nn.Sequential(*mods)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.7)
+    train_bn = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
+    mode = draw(st.sampled_from(["batch", "frozen"])) if train_bn else "batch"
+    return model, shape, mode, " ".join(desc)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cnns())
+def test_random_cnns_equal_the_reference(case):
+    """Random CNNs: every function on the torch engine equals the reference backend (the modules
+    under autograd), float64."""
+    model, shape, mode, desc = case
+    init = _seed(copy.deepcopy(model), 9)
+    kw = {"batchnorm": mode}
+    want = _results(model, init, shape, "reference", **kw)
+    got = _results(model, init, shape, "torch", **kw)
+    for key in want:
+        _close(got[key], want[key], f"{desc} ({mode}) {key}")

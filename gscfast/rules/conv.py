@@ -145,11 +145,14 @@ class ConvRule(SpatialRule):
         assert self.shape_in is not None and self.shape_out is not None  # bound (Program.bind)
         lead = v.shape[:-1]
         g = self.as_2d(v, self.shape_out)
-        x_like, pads = self.like_input(g), [a for a, _ in self.pads]
+        N, C, H, W = self.like_input(g).shape
+        pads = [a for a, _ in self.pads]
         if not self.inner:  # the gradient on the padded map, then the pad's VJP
-            N, C, H, W = x_like.shape
             (t, b), (l, r) = self.pads
-            x_like, pads = g.new_empty(1).expand(N, C, H + t + b, W + l + r), [0, 0]
+            H, W, pads = H + t + b, W + l + r, [0, 0]
+        # read for its shape only; contiguous, not an expanded scalar: with a stride-0 input
+        # torch takes a slower kernel (2x here)
+        x_like = g.new_empty(N, C, H, W)
         gx = torch.ops.aten.convolution_backward(
             g,
             x_like,

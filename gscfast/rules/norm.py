@@ -130,11 +130,13 @@ class GroupNormRule(Rule):
     def vjp(self, v: Tensor, saved) -> Tensor:
         xh, inv = saved
         u = v if self.weight is None else self._per_channel(v, self.weight)
-        lead = u.shape[:-1]
+        # v may be one row stack for all datapoints ([1, R, S, d]), xh one per datapoint: the
+        # result takes the broadcast shape, so the groups are merged back with flatten, not with
+        # v's leading shape
         out = _projection_vjp(
-            u.reshape(*lead, self.G, -1), xh.reshape(*xh.shape[:-1], self.G, -1), inv[..., None], -1
+            u.unflatten(-1, (self.G, -1)), xh.unflatten(-1, (self.G, -1)), inv[..., None], -1
         )
-        return out.reshape(*lead, -1)
+        return out.flatten(-2)
 
     def tensors(self):
         return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
