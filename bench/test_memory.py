@@ -1,5 +1,5 @@
-"""Peak memory (each case in a fresh process): W1 and W2 at growing B stay under a bound set
-by the chunking, and ``gsc`` over 50,000 CIFAR-sized inputs (3072 features, 51 layers of width
+"""Peak memory (each case in a fresh process): W1, W2 and a CNN's ``gsc`` at growing B stay
+under a bound set by the chunking, and ``gsc`` over 50,000 CIFAR-sized inputs (3072 features, 51 layers of width
 100, kl error) runs in under 2 GB for the whole process, inputs included."""
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ def _run(benchmark, info: dict, *args) -> dict:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind", ["w1", "w2"])
+@pytest.mark.parametrize("kind", ["w1", "w2", "cnn"])
 @pytest.mark.parametrize("i", [0, 1])
 def test_memory_vs_B(benchmark, kind, i, impl):
     s = SIZES["mem_" + kind]
     B = s["Bs"][i]
+    if kind == "cnn" and impl != "torch":
+        pytest.skip("CNNs run on the torch engine whatever the backend")
     benchmark.group = f"memory {kind.upper()} vs B"
     _run(
         benchmark,
