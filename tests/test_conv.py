@@ -276,6 +276,20 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], dict]]:
         nn.Linear(12, 3, **kw),
     )
     mnist = nn.Sequential(nn.Flatten(), nn.Linear(12, 6, **kw), nn.Tanh(), nn.Linear(6, 3, **kw))
+
+    def unflattened(norm: nn.Module) -> nn.Sequential:
+        """An MLP's layer shape (Linear, norm, activation) whose norm sees [2, 3] samples: per
+        position (the fused kernels, which normalize vectors, must hand it to the torch engine;
+        numba once gave wrong GSCs here)."""
+        return nn.Sequential(
+            nn.Linear(6, 6, **kw),
+            nn.Unflatten(1, (2, 3)),
+            norm,
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(6, 3, **kw),
+        )
+
     return {
         "cnn": (cnn, (2, 7, 6), {}),
         "cnn1d": (cnn1d, (3, 11), {}),
@@ -283,6 +297,13 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], dict]]:
         "resnet-frozen": (copy.deepcopy(resnet), (2, 5, 5), {"batchnorm": "frozen"}),
         "tokens": (tokens, (12,), {}),
         "mnist": (mnist, (1, 3, 4), {}),
+        "unflatten-ln": (unflattened(nn.LayerNorm(3, **kw)), (6,), {}),
+        "unflatten-bn-batch": (unflattened(nn.BatchNorm1d(2, **kw)), (6,), {"batchnorm": "batch"}),
+        "unflatten-bn-frozen": (
+            unflattened(nn.BatchNorm1d(2, **kw)),
+            (6,),
+            {"batchnorm": "frozen"},
+        ),
     }
 
 

@@ -116,8 +116,10 @@ def split_layer(layer: Layer) -> tuple[LinearRule, Rule | None, Rule | None]:
         raise Unsupported(f"layer f_{layer.index} does not start with nn.Linear")
     lin, rest = ops[0], ops[1:]
     assert isinstance(lin, LinearRule)
-    if lin.shape_in is not None and len(lin.shape_in) != 1:  # the kernels' samples are vectors
-        raise Unsupported(f"layer f_{layer.index}: nn.Linear on samples of shape {lin.shape_in}")
+    for op in layer.ops:  # the kernels' samples are vectors: a norm after Unflatten is not
+        for shape in (op.shape_in, op.shape_out):  # theirs (it normalizes per position)
+            if shape is not None and len(shape) != 1:
+                raise Unsupported(f"layer f_{layer.index}: {op.path} on samples of shape {shape}")
     norm = act = None
     if rest and type(rest[0]) in (LayerNormRule, BatchNormRule):
         norm, rest = rest[0], rest[1:]
