@@ -35,9 +35,9 @@ class GradientFlow:
         start: the index of the first step (a run resumed from a checkpoint continues counting).
         gsc_data: optional ``(x, y)``; on recorded steps the GSC ``GSC(l, 0)`` of the model is
             computed on them with ``error`` when the whole model compiles with analytic rules
-            (no module taken by the generic rule); otherwise that of its longest such tail of
-            top-level children (e.g. the MLP classifier of a
-            convolutional net), fed by a copy of the rest run on ``x`` (the model's own running
+            (no module taken by the generic rule: an ``nn.Sequential`` CNN does); otherwise that
+            of its longest such tail of top-level children (e.g. the classifier after a custom
+            module), fed by a copy of the rest run on ``x`` (the model's own running
             statistics are never touched). None where nothing compiles, or where the top module
             itself has a hook or an overridden forward (its children's tail is not its function).
             Where values are not finite (a diverging run), the record has ``"gsc": None`` and
@@ -143,8 +143,8 @@ class GradientFlow:
         for i in range(len(children)):
             tail = self.model if i == 0 else nn.Sequential(*children[i:])
             try:
-                if compile_model(tail).generic:  # analytic rules only: the tail takes the
-                    continue  # GSC data's [B, n] features, which a generic module may not
+                if compile_model(tail).generic:  # analytic rules only (as documented): the
+                    continue  # generic rule's checks call modules, with side effects
             except TypeError:
                 continue
             return (nn.Sequential(*children[:i]) if i else None), tail
