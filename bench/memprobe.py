@@ -41,13 +41,19 @@ def main(argv: list[str]) -> None:
         y = torch.randint(0, classes, (B,), generator=g)
     else:
         y = torch.randn(B, out_dim, generator=g)
+    if kind == "w2":
+        measure(lambda: gscfast.gsc_matrix(model, x, y, backend=backend), x, y)
+    else:
+        error = "kl" if kind == "cifar" else "dot"
+        measure(lambda: gscfast.gsc(model, x, y, error=error, backend=backend), x, y)
+
+
+def measure(call, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Run ``call`` once; print its peak RSS, the RSS before it and the inputs' size (JSON)."""
     inputs = x.numel() * x.element_size() + y.numel() * y.element_size()
     base = reset_peak()
     t0 = time.perf_counter()
-    if kind == "w2":
-        gscfast.gsc_matrix(model, x, y, backend=backend)
-    else:
-        gscfast.gsc(model, x, y, error="kl" if kind == "cifar" else "dot", backend=backend)
+    call()
     dt = time.perf_counter() - t0
     peak = peak_rss()
     print(
@@ -78,23 +84,7 @@ def cnn(backend: str, B: int, depth: int, width: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 3, 16, 16, generator=g)
     y = torch.randint(0, 10, (B,), generator=g)
-    inputs = x.numel() * x.element_size() + y.numel() * y.element_size()
-    base = reset_peak()
-    t0 = time.perf_counter()
-    gscfast.gsc(model, x, y, error="kl", backend=backend)
-    dt = time.perf_counter() - t0
-    peak = peak_rss()
-    print(
-        json.dumps(
-            {
-                "peak_rss_mb": peak / 2**20,
-                "base_rss_mb": base / 2**20,
-                "extra_mb": (peak - base) / 2**20,
-                "inputs_mb": inputs / 2**20,
-                "call_s": dt,
-            }
-        )
-    )
+    measure(lambda: gscfast.gsc(model, x, y, error="kl", backend=backend), x, y)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ class SpatialRule(Rule):
         """The operation on a batch ``[N, C, H, W]``."""
         raise NotImplementedError
 
+    def backward(self, g: Tensor) -> Tensor:
+        """``v J`` for a linear operation: ``g [N, C', H', W']`` -> ``[N, C, H, W]``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        D, b, _ = x.shape
+        return self.run(self.as_2d(x, self.shape_in)).reshape(D, b, -1), None
+
+    def vjp(self, v: Tensor, saved: Any) -> Tensor:
+        assert self.shape_out is not None  # bound before use (Program.bind)
+        return self.backward(self.as_2d(v, self.shape_out)).reshape(*v.shape[:-1], -1)
+
     def out_shape(self, shape: Shape) -> Shape:
         C = self.channels()
         if len(shape) != self.nd + 1 or (C is not None and shape[0] != C):
@@ -136,15 +149,7 @@ class ConvRule(SpatialRule):
         x = F.pad(x, self.f_pad, mode=self.mode)
         return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
 
-    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        D, b, _ = x.shape
-        return self.run(self.as_2d(x, self.shape_in)).reshape(D, b, -1), None
-
-    def vjp(self, v: Tensor, saved: None) -> Tensor:
-        assert self.shape_in is not None and self.shape_out is not None  # bound (Program.bind)
-        lead = v.shape[:-1]
-        g = self.as_2d(v, self.shape_out)
+    def backward(self, g: Tensor) -> Tensor:
         N, C, H, W = self.like_input(g).shape
         pads = [a for a, _ in self.pads]
         if not self.inner:  # the gradient on the padded map, then the pad's VJP
@@ -166,9 +171,7 @@ class ConvRule(SpatialRule):
             self.groups,
             (True, False, False),
         )[0]
-        if not self.inner:
-            gx = self._pad_vjp(gx)
-        return gx.reshape(*lead, -1)
+        return gx if self.inner else self._pad_vjp(gx)
 
     def _pad_vjp(self, g: Tensor) -> Tensor:
         """``g`` on the padded map -> on the map: the VJP of ``F.pad`` (a linear map)."""
@@ -211,18 +214,10 @@ class AvgPoolRule(SpatialRule):
     def run(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, self.k, self.s, self.p, self.ceil, self.count_pad, self.divisor)
 
-    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        D, b, _ = x.shape
-        return self.run(self.as_2d(x, self.shape_in)).reshape(D, b, -1), None
-
-    def vjp(self, v: Tensor, saved: None) -> Tensor:
-        assert self.shape_in is not None and self.shape_out is not None  # bound (Program.bind)
-        g = self.as_2d(v, self.shape_out)
-        gx = torch.ops.aten.avg_pool2d_backward(
+    def backward(self, g: Tensor) -> Tensor:
+        return torch.ops.aten.avg_pool2d_backward(
             g, self.like_input(g), self.k, self.s, self.p, self.ceil, self.count_pad, self.divisor
         )
-        return gx.reshape(*v.shape[:-1], -1)
 
 
 @register
@@ -246,16 +241,8 @@ class AdaptiveAvgPoolRule(SpatialRule):
     def run(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(x, self.size)  # type: ignore[arg-type]  # (h, w), None kept
 
-    def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        D, b, _ = x.shape
-        return self.run(self.as_2d(x, self.shape_in)).reshape(D, b, -1), None
-
-    def vjp(self, v: Tensor, saved: None) -> Tensor:
-        assert self.shape_in is not None and self.shape_out is not None  # bound (Program.bind)
-        g = self.as_2d(v, self.shape_out)
-        gx = torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), self.like_input(g))
-        return gx.reshape(*v.shape[:-1], -1)
+    def backward(self, g: Tensor) -> Tensor:
+        return torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), self.like_input(g))
 
 
 @register
