@@ -336,11 +336,6 @@ class Program:
             self._bound = (shape, [(), *shapes[1:][::-1], shape])
         return self._bound[1]
 
-    @property
-    def sample_shape(self) -> Shape | None:
-        """The input sample shape the program is bound to (``bind``), or None."""
-        return None if self._bound is None else self._bound[0]
-
     def widths(self, shape: Shape | int) -> list[int]:
         """``[dim f_0 = 1, dim f_1, ..., dim f_L, dim x]`` (elements of one sample) for input
         samples of ``shape``; binds the program to it (``bind``)."""

@@ -68,11 +68,8 @@ def frozen_stats(
 ) -> tuple[FrozenStats, FrozenStats | None]:
     """The frozen statistics of ``program``'s batch norms on the datasets ``x [G, B, n]``, from one
     forward pass with batch statistics; with ``init`` (the same architecture), also those of
-    ``init``'s batch norms, each layer of ``init`` run on ``program``'s input to that layer.
-    Programs not bound to a sample shape (``Program.bind``) are bound to vectors of ``n``."""
-    for p in (program, init):
-        if p is not None and p.sample_shape is None:
-            p.bind(x.shape[-1])
+    ``init``'s batch norms, each layer of ``init`` run on ``program``'s input to that layer. Both
+    programs must be bound to the sample shape (``Program.bind``; a ``Problem`` binds its own)."""
     stats = FrozenStats()
     stats0 = None if init is None else FrozenStats()
     ctx = ForwardCtx(coupled=True, record=stats, save=False, samples=x.shape[1])

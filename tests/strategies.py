@@ -190,3 +190,24 @@ def to64(case: Case) -> Case:
         case.couples,
         case.desc,
     )
+
+
+def assert_results_close(got, want, where: str) -> None:
+    """Float64 results of two backends agree (tuples item by item, ints exactly)."""
+    if isinstance(want, tuple):
+        for g, w in zip(got, want):
+            assert_results_close(g, w, where)
+        return
+    if isinstance(want, int):
+        assert got == want, where
+        return
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True, msg=where)
+
+
+def seed_parameters(model: nn.Module, seed: int, scale: float) -> nn.Module:
+    """``model`` with every parameter redrawn ``N(0, scale^2)`` from ``seed`` (in place)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return model

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from strategies import make_act
+from strategies import assert_results_close, make_act, seed_parameters
 from torch import nn
 
 import gscfast
@@ -211,11 +211,7 @@ class Gate(nn.Module):
 
 
 def _seed(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
-    return model
+    return seed_parameters(model, seed, 0.5)
 
 
 def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], dict]]:
@@ -331,14 +327,6 @@ def _results(model, init, shape, backend, **kw):
     return out
 
 
-def _close(got, want, where):
-    if isinstance(want, tuple):
-        for g, w in zip(got, want):
-            _close(g, w, where)
-        return
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True, msg=where)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(_models()))
 def test_every_function_equals_the_reference(name, backend):
@@ -348,7 +336,7 @@ def test_every_function_equals_the_reference(name, backend):
     want = _results(model, init, shape, "reference", **kw)
     got = _results(model, init, shape, backend, **kw)
     for key in want:
-        _close(got[key], want[key], f"{name} {backend} {key}")
+        assert_results_close(got[key], want[key], f"{name} {backend} {key}")
 
 
 def test_the_reference_equals_torch_func():
@@ -586,4 +574,4 @@ def test_random_cnns_equal_the_reference(case):
     want = _results(model, init, shape, "reference", **kw)
     got = _results(model, init, shape, "torch", **kw)
     for key in want:
-        _close(got[key], want[key], f"{desc} ({mode}) {key}")
+        assert_results_close(got[key], want[key], f"{desc} ({mode}) {key}")

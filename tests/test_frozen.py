@@ -42,6 +42,7 @@ def _batch_norm_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def test_frozen_stats_are_each_batch_norms_batch_statistics():
     model, x = _model(0), torch.randn(2, 7, 4, dtype=torch.float64)
     program = compile_model(model)
+    program.bind(4)  # samples of 4 features (a Problem binds its program so)
     stats, none = frozen_stats(program, x)
     assert none is None
     rules = [op for op in program.ops() if isinstance(op, BatchNormRule)]
@@ -56,7 +57,9 @@ def test_frozen_stats_are_each_batch_norms_batch_statistics():
 
 def test_frozen_stats_are_keyed_by_position_not_identity():
     model, x = _model(0), torch.randn(1, 6, 4, dtype=torch.float64)
-    stats, _ = frozen_stats(compile_model(model), x)
+    program = compile_model(model)
+    program.bind(4)
+    stats, _ = frozen_stats(program, x)
     again = [op for op in compile_model(model).ops() if isinstance(op, BatchNormRule)]
     assert all(rule in stats for rule in again)  # other rule objects, same positions
     other = compile_model(model, "elsewhere")
@@ -68,7 +71,10 @@ def test_frozen_stats_are_keyed_by_position_not_identity():
 
 def test_init_statistics_are_taken_at_the_trained_layer_inputs():
     model, init, x = _model(0), _model(1), torch.randn(1, 6, 4, dtype=torch.float64)
-    stats, stats0 = frozen_stats(compile_model(model), x, compile_model(init, "init_model"))
+    program, init_program = compile_model(model), compile_model(init, "init_model")
+    program.bind(4)
+    init_program.bind(4)
+    stats, stats0 = frozen_stats(program, x, init_program)
     assert stats0 is not None
     # the initial model's first batch norm sees the trained first layer's input, x itself
     (rule,) = (op for op in compile_model(init, "init_model").ops() if op.path == "init_model[1]")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import cases
+from strategies import assert_results_close, cases, seed_parameters
 from torch import nn
 
 import gscfast
@@ -89,11 +89,7 @@ class Block(nn.Module):
 
 
 def _seed(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.6)
-    return model
+    return seed_parameters(model, seed, 0.6)
 
 
 def _models() -> dict[str, nn.Module]:
@@ -181,17 +177,6 @@ def _results(model: nn.Module, init: nn.Module, backend: str, **kw) -> dict[str,
     return out
 
 
-def _close(got, want, where):
-    if isinstance(want, tuple):
-        for g, w in zip(got, want):
-            _close(g, w, where)
-        return
-    if isinstance(want, int):
-        assert got == want, where
-        return
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True, msg=where)
-
-
 def _init(model: nn.Module) -> nn.Module:
     init = copy.deepcopy(model)
     _seed(init, 7)
@@ -207,7 +192,7 @@ def test_every_function_equals_the_reference(name, backend):
     want = _results(model, init, "reference", **kw)
     got = _results(model, init, backend, **kw)
     for k in want:
-        _close(got[k], want[k], f"{name} {k}")
+        assert_results_close(got[k], want[k], f"{name} {k}")
 
 
 def test_fused_backend_runs_generic_programs_on_the_torch_engine():
@@ -337,9 +322,11 @@ def test_random_models_with_generic_modules_equal_the_reference(case, picks):
     assert gscfast.compile_model(model).generic
     x, y = case.x, case.y
     for fn in (gscfast.gsc, gscfast.gsc_matrix):
-        _close(fn(model, x, y, backend="torch"), fn(model, x, y, backend="reference"), fn.__name__)
+        assert_results_close(
+            fn(model, x, y, backend="torch"), fn(model, x, y, backend="reference"), fn.__name__
+        )
     if not case.couples:
-        _close(
+        assert_results_close(
             gscfast.jacobian(model, x, backend="torch"),
             gscfast.jacobian(model, x, backend="reference"),
             "jacobian",
@@ -354,7 +341,7 @@ def test_a_hooked_batch_norm_couples_and_cannot_be_frozen():
     model[1].register_forward_hook(lambda mod, inp, out: 1.1 * out)
     x, y = _data()
     assert gscfast.compile_model(model).couples_batch
-    _close(
+    assert_results_close(
         gscfast.gsc(model, x, y, backend="torch"), gscfast.gsc(model, x, y, backend="reference"), ""
     )
     with pytest.raises(ValueError, match=r"batchnorm='frozen' .* model\[1\] \(BatchNorm1d"):

@@ -106,12 +106,11 @@ class Rule:
         does not take that shape."""
         return shape
 
-    def unflat(self, t: Tensor, shape: Shape | None = None) -> Tensor:
-        """Flat ``[..., d]`` -> ``[N, *shape]`` (``shape``: ``shape_in`` by default)."""
-        shape = self.shape_in if shape is None else shape
-        if shape is None:
+    def unflat(self, t: Tensor) -> Tensor:
+        """Flat ``[..., d]`` -> ``[N, *shape_in]``."""
+        if self.shape_in is None:
             raise RuntimeError(f"{self.path}: the rule has no input shape (Program.bind)")
-        return t.reshape(-1, *shape)
+        return t.reshape(-1, *self.shape_in)
 
     def _refuse_shape(self, shape: Shape, want: str) -> ValueError:
         return ValueError(

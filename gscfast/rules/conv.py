@@ -45,11 +45,15 @@ class SpatialRule(Rule):
         """Flat ``[..., C * prod(spatial)]`` -> ``[N, C, H, W]``."""
         return t.reshape(-1, *self.shape_2d(shape))
 
+    def input_2d(self, g: Tensor) -> tuple[int, int, int, int]:
+        """The input's 2-d shape ``(N, C, H, W)`` for the batch of ``g``."""
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        return (g.shape[0], *self.shape_2d(self.shape_in))
+
     def like_input(self, g: Tensor) -> Tensor:
         """A tensor of the input's 2-d shape for the batch of ``g``, for backward ops that read
         only its shape (no memory: an expanded scalar)."""
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        return g.new_empty(1).expand(g.shape[0], *self.shape_2d(self.shape_in))
+        return g.new_empty(1).expand(self.input_2d(g))
 
     def pair(self, v: Any, fill: int) -> tuple[int, int]:
         """A 1-d or 2-d module's ``int``/tuple option as its 2-d form (``fill`` on the extra H)."""
@@ -150,7 +154,7 @@ class ConvRule(SpatialRule):
         return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
 
     def backward(self, g: Tensor) -> Tensor:
-        N, C, H, W = self.like_input(g).shape
+        N, C, H, W = self.input_2d(g)
         pads = [a for a, _ in self.pads]
         if not self.inner:  # the gradient on the padded map, then the pad's VJP
             (t, b), (l, r) = self.pads
@@ -215,7 +219,7 @@ class AvgPoolRule(SpatialRule):
         return F.avg_pool2d(x, self.k, self.s, self.p, self.ceil, self.count_pad, self.divisor)
 
     def backward(self, g: Tensor) -> Tensor:
-        N, C, H, W = self.like_input(g).shape
+        N, C, H, W = self.input_2d(g)
         (kh, kw), (Ho, Wo) = self.k, g.shape[2:]
         if self.s == self.k and self.p == (0, 0) and (H, W) == (Ho * kh, Wo * kw):
             # windows that tile the map: each entry gets its window's value / count, a broadcast

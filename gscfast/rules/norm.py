@@ -39,6 +39,11 @@ def _numel(shape: Shape) -> int:
     return int(torch.Size(shape).numel())
 
 
+def _spread(t: Tensor, s: int) -> Tensor:
+    """Per-channel ``[..., C]`` -> ``[..., C * s]`` in the flat (channel, position) order."""
+    return t if s == 1 else t.repeat_interleave(s, -1)
+
+
 @register
 class LayerNormRule(Rule):
     """``nn.LayerNorm`` over the last ``k`` dimensions of a sample (``normalized_shape``): the
@@ -114,22 +119,24 @@ class GroupNormRule(Rule):
             raise self._refuse_shape(shape, f"{self.C} channels (its first dimension)")
         return shape
 
-    def _per_channel(self, t: Tensor, w: Tensor) -> Tensor:
-        """``t [..., C * s] * w[C]`` per channel."""
-        return (t.reshape(*t.shape[:-1], self.C, -1) * w[:, None]).reshape(t.shape)
+    @property
+    def positions(self) -> int:
+        """``s``: the positions of each channel in a sample."""
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        return _numel(self.shape_in[1:])
 
     def forward(self, x: Tensor, ctx: ForwardCtx):
         D, b, d = x.shape
         xh, inv, _, _ = _standardize(x.reshape(D, b, self.G, -1), -1, self.eps)
         xh = xh.reshape(D, b, d)
-        y = xh if self.weight is None else self._per_channel(xh, self.weight)
+        y = xh if self.weight is None else xh * _spread(self.weight, self.positions)
         if self.bias is not None:
-            y = (y.reshape(D, b, self.C, -1) + self.bias[:, None]).reshape(D, b, d)
+            y = y + _spread(self.bias, self.positions)
         return y, (ctx.rows(xh), ctx.rows(inv.reshape(D, b, self.G))) if ctx.save else None
 
     def vjp(self, v: Tensor, saved) -> Tensor:
         xh, inv = saved
-        u = v if self.weight is None else self._per_channel(v, self.weight)
+        u = v if self.weight is None else v * _spread(self.weight, self.positions)
         # v may be one row stack for all datapoints ([1, R, S, d]), xh one per datapoint: the
         # result takes the broadcast shape, so the groups are merged back with flatten, not with
         # v's leading shape
@@ -227,17 +234,12 @@ class BatchNormRule(Rule):
             if s > 1:  # back to the flat (channel, position) order of the VJP's rows
                 D, C = x.shape[0], self.features
                 xh_flat = xh.reshape(D, -1, s, C).transpose(2, 3).reshape(D, -1, C * s)
-            return self._affine(xh), (ctx.rows(xh_flat), ctx.rows(self._spread(inv, s)))
+            return self._affine(xh), (ctx.rows(xh_flat), ctx.rows(_spread(inv, s)))
         inv, scale = self.fixed_scale(var)
         y = self._affine((x - mean) * inv)
         if not ctx.save:
             return y, None
-        return y, ctx.rows(self._spread(scale.expand(x.shape[0], 1, self.features), s))
-
-    @staticmethod
-    def _spread(t: Tensor, s: int) -> Tensor:
-        """Per-channel ``[..., C]`` -> ``[..., C * s]`` in the flat (channel, position) order."""
-        return t if s == 1 else t.repeat_interleave(s, -1)
+        return y, ctx.rows(_spread(scale.expand(x.shape[0], 1, self.features), s))
 
     def fixed_scale(self, var: Tensor) -> tuple[Tensor, Tensor]:
         """``(inv, scale)`` for fixed statistics of variance ``var``: ``inv = 1 / sqrt(var + eps)``
@@ -250,7 +252,7 @@ class BatchNormRule(Rule):
         if isinstance(saved, tuple):
             xh, inv = saved
             s = self.positions
-            u = v if self.weight is None else v * self._spread(self.weight, s)
+            u = v if self.weight is None else v * _spread(self.weight, s)
             if s == 1:
                 return _projection_vjp(u, xh, inv, -2)
             # [P, R, S, C * s] -> [P, R, S, C, s]: the mean over the batch and the positions
