@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn import Residual, uses_batch_stats
 from .rules import RULES, ForwardCtx, Rule
-from .rules.base import Shape, bind_shapes
+from .rules.base import Shape, bind_shapes, op_forward, op_vjp, relayout
 from .rules.generic import NO_RULE, GenericRule
 from .rules.norm import BatchNormRule
 from .rules.residual import ResidualRule
@@ -195,6 +195,7 @@ class Layer:
     modules: list[nn.Module]
     shape_in: Shape | None = None  # one sample's input and output shapes (Program.bind)
     shape_out: Shape | None = None
+    cl_out: bool = False  # whether its output is channels-last (rules.base; Program.bind)
 
     @property
     def has_preactivation(self) -> bool:
@@ -202,21 +203,22 @@ class Layer:
         return self.ops[-1].is_activation
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, list[Any], Tensor | None]:
-        """``x [D, b, d_in]`` -> ``(y, saved, pre-activation or None)``."""
+        """``x [D, b, d_in]`` -> ``(y, saved, pre-activation or None)``; the pre-activation in
+        the order of the activation's input (``ops[-1].cl_in``)."""
         if self.shape_in is None:
             raise RuntimeError(f"layer f_{self.index} has no input shape: call Program.bind first")
         saved, pre = [], None
         for op in self.ops:
             if op.is_activation and op is self.ops[-1]:
                 pre = x
-            x, s = op.forward(x, ctx)
+            x, s = op_forward(op, x, ctx)
             saved.append(s)
         return x, saved, pre
 
     def vjp(self, v: Tensor, saved: list[Any]) -> Tensor:
         """``v [P, R, S, d_out]`` -> ``v @ (d f_index / d f_{index+1})``."""
         for op, s in zip(reversed(self.ops), reversed(saved)):
-            v = op.vjp(v, s)
+            v = op_vjp(op, v, s)
         return v
 
 
@@ -328,13 +330,28 @@ class Program:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         if self._bound is None or self._bound[0] != shape:
             self._bound = None  # until every rule has taken its shape
-            shapes = [shape]
+            shapes, cl = [shape], False  # x is in C order, and so is the model's output f_1
             for layer in self.layers:
                 layer.shape_in = shapes[-1]
-                layer.shape_out = bind_shapes(layer.ops, shapes[-1])
+                end = False if layer is self.layers[-1] else None
+                layer.shape_out, cl = bind_shapes(layer.ops, shapes[-1], cl, end)
+                layer.cl_out = cl
                 shapes.append(layer.shape_out)
             self._bound = (shape, [(), *shapes[1:][::-1], shape])
         return self._bound[1]
+
+    def channels_last(self, m: int) -> bool:
+        """Whether the engines hold ``f_m`` channels-last (``x``, ``f_{L+1}``, and ``f_1`` never)."""
+        return 1 <= m <= self.L and self.layer(m).cl_out
+
+    def to_order(self, t: Tensor, m: int, cl: bool) -> Tensor:
+        """Flat rows ``[..., d_m]`` at ``f_m`` from C order to the engines' order of ``f_m``
+        (``cl``), or back; unchanged where that order is C order."""
+        if not self.channels_last(m):
+            return t
+        shape = self.layer(m).shape_out
+        assert shape is not None  # channels_last(m) holds only for a bound program
+        return relayout(t, shape, cl)
 
     def widths(self, shape: Shape | int) -> list[int]:
         """``[dim f_0 = 1, dim f_1, ..., dim f_L, dim x]`` (elements of one sample) for input

@@ -13,6 +13,7 @@ the reference's float32 result has another NaN or sign pattern than its float64 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -81,6 +82,23 @@ def both(case, dtype):
     return case, c64
 
 
+def discard_float32_underflow(test):
+    """Discards a float32 case that gscfast refuses because its values underflow float32 (right
+    or refused: a random deep model can have gradients below 1e-19; the refusal itself is tested
+    in test_never_wrong.py)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except gscfast.NumericalError as e:
+            if kwargs.get("dtype") != torch.float32 or "underflow" not in str(e):
+                raise
+            assume(False)
+
+    return run
+
+
 def targets(case, error):
     return case.y if error == "dot" else case.labels
 
@@ -105,6 +123,7 @@ def assert_unchanged(model, before):
 @given(
     data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
 )
+@discard_float32_underflow
 def test_gsc_and_analyze(backend, dtype, data, error, bn):
     case = data.draw(cases(dtype=dtype))
     case, c64 = both(case, dtype)
@@ -161,6 +180,7 @@ def test_gsc_and_analyze(backend, dtype, data, error, bn):
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
 @given(data=st.data(), bn=st.sampled_from(["batch", "frozen"]))
+@discard_float32_underflow
 def test_preactivation_stats(backend, dtype, data, bn):
     case, c64 = both(data.draw(cases(dtype=dtype)), dtype)
     before = state(case.model)
@@ -188,6 +208,7 @@ def test_preactivation_stats(backend, dtype, data, bn):
 @given(
     data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
 )
+@discard_float32_underflow
 def test_gsc_matrix_exact(backend, dtype, data, error, bn):
     case, c64 = both(data.draw(cases(dtype=dtype, max_depth=6, max_width=12, max_batch=3)), dtype)
     ref = gscfast.gsc_matrix(
@@ -247,6 +268,7 @@ def test_gsc_matrix_sketch_same_probes(backend, data, bn):
 @pytest.mark.parametrize("backend", FAST)
 @SETTINGS
 @given(data=st.data())
+@discard_float32_underflow
 def test_jacobian(backend, dtype, data):
     case, c64 = both(data.draw(cases(dtype=dtype, max_batch=4)), dtype)
     L = gscfast.compile_model(case.model).L
@@ -282,6 +304,7 @@ def test_jacobian(backend, dtype, data):
 @given(
     data=st.data(), error=st.sampled_from(["dot", "kl"]), bn=st.sampled_from(["batch", "frozen"])
 )
+@discard_float32_underflow
 def test_effective_depth(backend, dtype, data, error, bn):
     case, c64 = both(data.draw(cases(dtype=dtype, max_depth=8, max_width=16)), dtype)
     init = copy.deepcopy(case.model)

@@ -318,6 +318,17 @@ def _results(model, init, shape, backend, **kw):
         "gsc_dot": gscfast.gsc(model, x, y, backend=backend, **kw),
         "gsc_kl": gscfast.gsc(model, x, labels, error="kl", backend=backend, **kw),
         "gsc_matrix": gscfast.gsc_matrix(model, x[0], y[0], backend=backend, **kw),
+        # the same probes in C order: the engines hold feature maps channels-last
+        "gsc_matrix_sketch": gscfast.gsc_matrix(
+            model,
+            x[0],
+            y[0],
+            backend=backend,
+            method="sketch",
+            probes=3,
+            generator=torch.Generator().manual_seed(5),
+            **kw,
+        ),
         "preact_std": pre.std,
         "effective_depth": gscfast.effective_depth(model, init, x[0], y[0], backend=backend, **kw),
     }
@@ -337,6 +348,43 @@ def test_every_function_equals_the_reference(name, backend):
     got = _results(model, init, shape, backend, **kw)
     for key in want:
         assert_results_close(got[key], want[key], f"{name} {backend} {key}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_map_outputs_equal_the_reference(backend):
+    """A model whose output ``f_1`` is a feature map (and whose layers hold them channels-last in
+    the engines): ``dot`` targets, Jacobians at the output and inner boundaries (in C order, as
+    the reference gives them), pre-activation statistics."""
+    kw = dict(dtype=F64)
+    model = _seed(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, **kw),
+            nn.BatchNorm2d(3, **kw).eval(),
+            nn.ReLU(),
+            nn.Conv2d(3, 4, 2, **kw),
+            nn.Tanh(),
+            nn.AvgPool2d(2, 1),
+            nn.Conv2d(4, 2, 1, **kw),
+        ),
+        4,
+    )
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 2, 5, 6, generator=g, dtype=F64)
+    y = torch.randn(2, 4, 2, 3, 4, generator=g, dtype=F64)
+
+    def results(b):
+        return {
+            "gsc": gscfast.gsc(model, x, y, backend=b),
+            "gsc_matrix": gscfast.gsc_matrix(model, x[0], y[0], backend=b),
+            "jacobian": gscfast.jacobian(model, x[0], backend=b),
+            "jacobian_inner": gscfast.jacobian(model, x[1], start=3, end=2, backend=b),
+            "jacobian_out": gscfast.jacobian(model, x[1], start=2, end=1, backend=b),
+            "preact_std": gscfast.preactivation_stats(model, x, backend=b).std,
+        }
+
+    want, got = results("reference"), results(backend)
+    for key in want:
+        assert_results_close(got[key], want[key], f"{backend} {key}")
 
 
 def test_the_reference_equals_torch_func():

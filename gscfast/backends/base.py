@@ -31,7 +31,10 @@ ProbeFn = Callable[[int], Tensor]
 
 @dataclass
 class Moments:
-    """Per-neuron pre-activation moments over samples, mergeable across chunks (Chan et al.)."""
+    """Per-neuron pre-activation moments over samples, mergeable across chunks (Chan et al.).
+    The neurons are in the engine's order (channels-last for feature maps, ``rules.base``):
+    gscfast reports only means over a layer's neurons (``PreactStats``), which do not depend on
+    it."""
 
     count: int
     mean: Tensor  # [d] float64

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import NumericalError
 from ..rules import error_grad, error_value
+from ..rules.base import op_forward, op_vjp
 from .chunks import iter_chunks, sq_norms
 
 
@@ -239,7 +240,7 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
         for layer in pb.program.layers:
             saved[layer.index] = []
             for op in layer.ops:
-                h, s = op.forward(h, ctx)
+                h, s = op_forward(op, h, ctx)
                 saved[layer.index].append(s)
                 if _bad(h):
                     why = (
@@ -264,7 +265,7 @@ def locate(pb, init=None, norms: bool = True) -> str | None:
             if m > 0:
                 layer = pb.program.layer(m)
                 for op, s in zip(reversed(layer.ops), reversed(saved[m])):
-                    v = op.vjp(v, s)
+                    v = op_vjp(op, v, s)
                     if _bad(v):
                         return (
                             f"the gradient d f_0 / d f_{m + 1} in the backward pass through "

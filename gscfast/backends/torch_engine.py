@@ -126,7 +126,9 @@ class TorchBackend(Backend):
     def _start(self, pb: Problem, l: int, probes: ProbeFn | None, v_like: Tensor) -> Tensor:
         """Start rows for the chain from layer ``l``: ``[1, R, S, d_l]`` (broadcast over P)."""
         if probes is not None:
-            return probes(l).to(v_like)[None]
+            return pb.program.to_order(probes(l).to(v_like)[None], l, True)
+        # rows of the identity in C order; in the engine's order they are the same rows permuted,
+        # which changes no sum of squared norms (jacobian reorders them, as it returns them)
         n = pb.n(l)
         return torch.eye(n, dtype=v_like.dtype, device=v_like.device).reshape(1, n, pb.S, -1)
 
@@ -136,9 +138,10 @@ class TorchBackend(Backend):
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
             tr = forward(pb, pb.program, ds, bs, ctx)
             P = tr.sq_out.shape[0]
-            v = self._start(pb, end, None, tr.sq_out)
+            v = pb.program.to_order(self._start(pb, end, None, tr.sq_out), end, True)
             for k in range(end, start):
                 v = pb.program.layer(k).vjp(v, tr.saved[k])
+            v = pb.program.to_order(v, start, False)  # the rows at f_start in C order
             out.append(v.expand(P, *v.shape[1:]).reshape(P, rows, -1))
         return torch.cat(out)
 

@@ -17,6 +17,7 @@ class ActivationRule(Rule):
     """``y = s(z)`` elementwise; ``v J = v * s'(z)``. Subclasses implement ``derivative``."""
 
     is_activation = True
+    layout = "keep"  # elementwise
 
     def derivative(self, z: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError

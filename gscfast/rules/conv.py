@@ -4,7 +4,10 @@ backward runs (``convolution_backward``, ``avg_pool2d_backward``, the max-pool i
 the chain engine pushes stacks of cotangent rows through them as batches of feature maps.
 
 The 1-d modules run as their 2-d forms on ``[N, C, 1, L]`` (a kernel ``1 x k``), which is how
-torch computes them too; one code path serves both. Output shapes are found by running the
+torch computes them too; one code path serves both. The rules take and give flat feature maps
+channels-last (``rules.base``): their 2-d views are ``channels_last`` tensors, on which oneDNN's
+convolution and pooling kernels run without reordering (the input-gradient convolutions of W7,
+``bench/``, 2-3x faster than on C-ordered maps). Output shapes are found by running the
 operation on a meta tensor, so every option (``ceil_mode``, ``padding="same"``, ...) gives
 torch's shape and torch's error.
 """
@@ -32,6 +35,7 @@ class SpatialRule(Rule):
     """A rule over feature maps of ``nd`` spatial dimensions (1 or 2), computed in 2-d."""
 
     keeps_shape = False
+    layout = "cl"
     nd: int = 2
 
     def sample_ndim(self) -> int:
@@ -42,18 +46,32 @@ class SpatialRule(Rule):
         return (shape[0], shape[1], shape[2]) if self.nd == 2 else (shape[0], 1, shape[1])
 
     def as_2d(self, t: Tensor, shape: Shape) -> Tensor:
-        """Flat ``[..., C * prod(spatial)]`` -> ``[N, C, H, W]``."""
-        return t.reshape(-1, *self.shape_2d(shape))
+        """Flat channels-last ``[..., prod(spatial) * C]`` -> ``[N, C, H, W]`` (a
+        ``channels_last`` view)."""
+        C, H, W = self.shape_2d(shape)
+        return t.reshape(-1, H, W, C).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def flat(t: Tensor, *lead: int) -> Tensor:
+        """``[N, C, H, W]`` -> flat channels-last ``[*lead, H * W * C]`` (a view of a
+        ``channels_last`` tensor)."""
+        return t.permute(0, 2, 3, 1).reshape(*lead, -1)
 
     def input_2d(self, g: Tensor) -> tuple[int, int, int, int]:
         """The input's 2-d shape ``(N, C, H, W)`` for the batch of ``g``."""
         assert self.shape_in is not None  # bound before use (Program.bind)
         return (g.shape[0], *self.shape_2d(self.shape_in))
 
-    def like_input(self, g: Tensor) -> Tensor:
-        """A tensor of the input's 2-d shape for the batch of ``g``, for backward ops that read
-        only its shape (no memory: an expanded scalar)."""
-        return g.new_empty(1).expand(self.input_2d(g))
+    def like_input(self, g: Tensor, shape: tuple[int, int, int, int] | None = None) -> Tensor:
+        """An uninitialized ``channels_last`` tensor of the input's 2-d shape (or ``shape``) for
+        the batch of ``g``, for backward ops that read only its shape and memory format (the
+        format of their result; its pages are never touched)."""
+        return torch.empty(
+            shape or self.input_2d(g),
+            dtype=g.dtype,
+            device=g.device,
+            memory_format=torch.channels_last,
+        )
 
     def pair(self, v: Any, fill: int) -> tuple[int, int]:
         """A 1-d or 2-d module's ``int``/tuple option as its 2-d form (``fill`` on the extra H)."""
@@ -71,11 +89,11 @@ class SpatialRule(Rule):
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
         assert self.shape_in is not None  # bound before use (Program.bind)
         D, b, _ = x.shape
-        return self.run(self.as_2d(x, self.shape_in)).reshape(D, b, -1), None
+        return self.flat(self.run(self.as_2d(x, self.shape_in)), D, b), None
 
     def vjp(self, v: Tensor, saved: Any) -> Tensor:
         assert self.shape_out is not None  # bound before use (Program.bind)
-        return self.backward(self.as_2d(v, self.shape_out)).reshape(*v.shape[:-1], -1)
+        return self.flat(self.backward(self.as_2d(v, self.shape_out)), *v.shape[:-1])
 
     def out_shape(self, shape: Shape) -> Shape:
         C = self.channels()
@@ -159,12 +177,11 @@ class ConvRule(SpatialRule):
         if not self.inner:  # the gradient on the padded map, then the pad's VJP
             (t, b), (l, r) = self.pads
             H, W, pads = H + t + b, W + l + r, [0, 0]
-        # read for its shape only; contiguous, not an expanded scalar: with a stride-0 input
+        # read for its shape and format only; not an expanded scalar: with a stride-0 input
         # torch takes a slower kernel (2x here)
-        x_like = g.new_empty(N, C, H, W)
         gx = torch.ops.aten.convolution_backward(
             g,
-            x_like,
+            self.like_input(g, (N, C, H, W)),
             self.weight,
             None,
             self.stride,
@@ -223,9 +240,10 @@ class AvgPoolRule(SpatialRule):
         (kh, kw), (Ho, Wo) = self.k, g.shape[2:]
         if self.s == self.k and self.p == (0, 0) and (H, W) == (Ho * kh, Wo * kw):
             # windows that tile the map: each entry gets its window's value / count, a broadcast
-            # (about 1.7x faster than avg_pool2d_backward on W7's maps)
-            g = g * (1 / (self.divisor or kh * kw))
-            return g[:, :, :, None, :, None].expand(N, C, Ho, kh, Wo, kw).reshape(N, C, H, W)
+            # (about 1.7x faster than avg_pool2d_backward on W7's maps); channels-last throughout
+            g = g.permute(0, 2, 3, 1) * (1 / (self.divisor or kh * kw))  # [N, Ho, Wo, C]
+            g = g[:, :, None, :, None].expand(N, Ho, kh, Wo, kw, C).reshape(N, H, W, C)
+            return g.permute(0, 3, 1, 2)
         return torch.ops.aten.avg_pool2d_backward(
             g, self.like_input(g), self.k, self.s, self.p, self.ceil, self.count_pad, self.divisor
         )
@@ -253,7 +271,9 @@ class AdaptiveAvgPoolRule(SpatialRule):
         return F.adaptive_avg_pool2d(x, self.size)  # type: ignore[arg-type]  # (h, w), None kept
 
     def backward(self, g: Tensor) -> Tensor:
-        return torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), self.like_input(g))
+        return torch.ops.aten._adaptive_avg_pool2d_backward(
+            g.contiguous(memory_format=torch.channels_last), self.like_input(g)
+        )
 
 
 @register
@@ -295,9 +315,10 @@ class MaxPoolRule(SpatialRule):
                 "-inf; use less padding or a larger input"
             )
         if not ctx.save:
-            return y.reshape(D, b, -1), None
-        idx = idx + torch.arange(C, device=idx.device).reshape(1, C, 1, 1) * HW
-        return y.reshape(D, b, -1), ctx.rows(idx.reshape(D, b, -1))
+            return self.flat(y, D, b), None
+        # each output's input entry in the flat channels-last order: position * C + channel
+        idx = idx * C + torch.arange(C, device=idx.device).reshape(1, C, 1, 1)
+        return self.flat(y, D, b), ctx.rows(self.flat(idx, D, b))
 
     def vjp(self, v: Tensor, saved: Tensor) -> Tensor:
         assert self.shape_in is not None  # bound before use (Program.bind)

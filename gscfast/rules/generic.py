@@ -107,6 +107,7 @@ class DropoutRule(PassRule):
         nn.FeatureAlphaDropout,
     )
     limits = "eval mode: the identity"
+    layout = "keep"
 
     def __init__(self, module: nn.Module, path: str) -> None:
         super().__init__(module, path)

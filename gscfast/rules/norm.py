@@ -6,8 +6,9 @@ All standardize ``x`` over a set of entries; their Jacobian is the same projecti
 features for layer norm, over a group of channels and their positions for group norm, and over
 the samples of a batch datapoint (axis -2 of ``[P, R, S, d]``) and each channel's positions for
 batch norm. Batch norm with fixed statistics (eval mode, or ``batchnorm="frozen"``) is a diagonal
-scale. Flat features are C-ordered, so ``[..., C * s]`` views as ``[..., C, s]`` (channel, then
-position) and ``[..., G, C / G * s]`` (group, then its entries).
+scale. Layer norm takes flat features in C order; batch norm and group norm take feature maps
+channels-last (``rules.base``), so ``[..., s * C]`` views as ``[..., s, C]`` (position, then
+channel) and ``[..., s, G, C / G]``, and a channel's statistics reduce over axis -2 (and the batch).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from ..nn import poison_variance, uses_batch_stats
 from .base import ForwardCtx, Rule, Shape, register
 
 
-def _standardize(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _standardize(
+    x: Tensor, dim: int | tuple[int, ...], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     mean = x.mean(dim, keepdim=True)
     xc = x - mean  # once: a pass over x less (the same bits as computing it twice)
     var = xc.square().mean(dim, keepdim=True)  # biased, as torch normalizes
@@ -40,8 +43,8 @@ def _numel(shape: Shape) -> int:
 
 
 def _spread(t: Tensor, s: int) -> Tensor:
-    """Per-channel ``[..., C]`` -> ``[..., C * s]`` in the flat (channel, position) order."""
-    return t if s == 1 else t.repeat_interleave(s, -1)
+    """Per-channel ``[..., C]`` -> ``[..., s * C]`` in the flat channels-last order."""
+    return t if s == 1 else t.repeat(*([1] * (t.dim() - 1)), s)
 
 
 @register
@@ -106,6 +109,7 @@ class GroupNormRule(Rule):
 
     module_types = (nn.GroupNorm,)
     kind = "group_norm"
+    layout = "cl"
 
     def __init__(self, module: nn.GroupNorm, path: str) -> None:
         super().__init__(module, path)
@@ -125,9 +129,13 @@ class GroupNormRule(Rule):
         assert self.shape_in is not None  # bound before use (Program.bind)
         return _numel(self.shape_in[1:])
 
+    def _groups(self, t: Tensor) -> Tensor:
+        """Flat channels-last ``[..., s * C]`` -> ``[..., s, G, C / G]``."""
+        return t.unflatten(-1, (self.positions, self.G, -1))
+
     def forward(self, x: Tensor, ctx: ForwardCtx):
         D, b, d = x.shape
-        xh, inv, _, _ = _standardize(x.reshape(D, b, self.G, -1), -1, self.eps)
+        xh, inv, _, _ = _standardize(self._groups(x), (-3, -1), self.eps)
         xh = xh.reshape(D, b, d)
         y = xh if self.weight is None else xh * _spread(self.weight, self.positions)
         if self.bias is not None:
@@ -140,10 +148,8 @@ class GroupNormRule(Rule):
         # v may be one row stack for all datapoints ([1, R, S, d]), xh one per datapoint: the
         # result takes the broadcast shape, so the groups are merged back with flatten, not with
         # v's leading shape
-        out = _projection_vjp(
-            u.unflatten(-1, (self.G, -1)), xh.unflatten(-1, (self.G, -1)), inv[..., None], -1
-        )
-        return out.flatten(-2)
+        out = _projection_vjp(self._groups(u), self._groups(xh), inv[..., None, :, None], (-3, -1))
+        return out.flatten(-3)
 
     def tensors(self):
         return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
@@ -162,6 +168,7 @@ class BatchNormRule(Rule):
 
     module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     kind = "batch_norm"
+    layout = "cl"
     _NDIM: ClassVar[dict[type[nn.Module], tuple[int, ...]]] = {
         nn.BatchNorm1d: (1, 2),
         nn.BatchNorm2d: (3,),
@@ -209,11 +216,10 @@ class BatchNormRule(Rule):
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, Any]:
         s = self.positions
-        if s > 1:  # [D, b, C * s] -> [D, b, s, C]: channels last, the positions beside the batch
+        if s > 1:  # channels-last [D, b, s * C] -> [D, b * s, C]: the positions beside the batch
             D, b, d = x.shape
-            xs = x.reshape(D, b, self.features, s).transpose(2, 3).reshape(D, b * s, self.features)
-            y, saved = self._forward(xs, ctx, s)
-            return y.reshape(D, b, s, self.features).transpose(2, 3).reshape(D, b, d), saved
+            y, saved = self._forward(x.reshape(D, b * s, self.features), ctx, s)
+            return y.reshape(D, b, d), saved
         return self._forward(x, ctx, 1)
 
     def _forward(self, x: Tensor, ctx: ForwardCtx, s: int) -> tuple[Tensor, Any]:
@@ -230,10 +236,7 @@ class BatchNormRule(Rule):
                 ctx.record.record(self, mean, var)
             if not ctx.save:
                 return self._affine(xh), None
-            xh_flat = xh
-            if s > 1:  # back to the flat (channel, position) order of the VJP's rows
-                D, C = x.shape[0], self.features
-                xh_flat = xh.reshape(D, -1, s, C).transpose(2, 3).reshape(D, -1, C * s)
+            xh_flat = xh.reshape(x.shape[0], -1, s * self.features)  # the VJP's rows [.., s * C]
             return self._affine(xh), (ctx.rows(xh_flat), ctx.rows(_spread(inv, s)))
         inv, scale = self.fixed_scale(var)
         y = self._affine((x - mean) * inv)
@@ -255,9 +258,9 @@ class BatchNormRule(Rule):
             u = v if self.weight is None else v * _spread(self.weight, s)
             if s == 1:
                 return _projection_vjp(u, xh, inv, -2)
-            # [P, R, S, C * s] -> [P, R, S, C, s]: the mean over the batch and the positions
-            u, xh, inv = (t.unflatten(-1, (self.features, s)) for t in (u, xh, inv))
-            return _projection_vjp(u, xh, inv, (-3, -1)).flatten(-2)
+            # [P, R, S, s * C] -> [P, R, S, s, C]: the mean over the batch and the positions
+            u, xh, inv = (t.unflatten(-1, (s, self.features)) for t in (u, xh, inv))
+            return _projection_vjp(u, xh, inv, (-3, -2)).flatten(-2)
         return v * saved
 
     @property

@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..nn import Residual
-from .base import ForwardCtx, Rule, Shape, bind_shapes, register
+from .base import ForwardCtx, Rule, Shape, bind_shapes, op_forward, op_vjp, register
 
 
 @register
@@ -12,6 +12,7 @@ class ResidualRule(Rule):
 
     module_types = (Residual,)
     kind = "residual"
+    layout = "keep"  # its body is bound to return the order it takes (x + body(x))
 
     def __init__(self, module: Residual, path: str) -> None:
         super().__init__(module, path)
@@ -22,7 +23,7 @@ class ResidualRule(Rule):
     def forward(self, x: Tensor, ctx: ForwardCtx):
         h, saved = x, []
         for op in self.body:
-            h, s = op.forward(h, ctx)
+            h, s = op_forward(op, h, ctx)
             saved.append(s)
         if h.shape != x.shape:
             raise ValueError(
@@ -34,11 +35,11 @@ class ResidualRule(Rule):
     def vjp(self, v: Tensor, saved) -> Tensor:
         u = v
         for op, s in zip(reversed(self.body), reversed(saved)):
-            u = op.vjp(u, s)
+            u = op_vjp(op, u, s)
         return v + self.scale * u
 
     def out_shape(self, shape: Shape) -> Shape:
-        out = bind_shapes(self.body, shape)
+        out, _ = bind_shapes(self.body, shape, self.cl_in, end=self.cl_in)
         if out != shape:
             raise ValueError(
                 f"{self.path} (Residual): its body maps samples of shape {list(shape)} to "
