@@ -7,10 +7,13 @@ from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils.parametrize import is_parametrized
 
 from .backends import get_backend
-from .compiler import compile_model
-from .validation import make_problem
+from .compiler import Program, compile_model
+from .rules.generic import NO_RULE, GenericRule
+from .validation import Problem, make_problem
 
 __all__ = ["jacobian"]
 
@@ -36,11 +39,19 @@ def jacobian(
 
     Fast path, taken when all of these hold:
 
-    - ``func`` is an ``nn.Module`` that ``gscfast.compile_model`` compiles with analytic rules
-      only (no module taken by its generic rule: no hooks, no overridden ``forward``, no module
-      type without a rule of its own);
+    - ``func`` is an ``nn.Module`` that ``gscfast.compile_model`` compiles: with analytic rules,
+      and with the generic rule (``torch.func``) for torch's own module types without a rule of
+      their own (``nn.Softmax``, ``nn.Upsample``, ``nn.InstanceNorm2d``, ``nn.SiLU``,
+      ``nn.TransformerEncoderLayer``, ...) where neither they nor any module inside them has a
+      hook or a parametrization. The generic rule calls such a module several times (to find
+      its output shape, for ``vjp``, to check that it is deterministic), which only torch's own
+      modules are known to allow without a visible difference: modules with hooks, overridden
+      ``forward`` methods and types defined outside ``torch.nn`` may have side effects (a hook
+      that records, a counter) that torch's one call of ``func`` would show once, so they go to
+      torch. A generic module that turns out random (train-mode dropout inside it) or to mix
+      the samples of a batch is handed to torch too;
     - ``inputs`` is one float32/float64 tensor ``[B, n]`` (or ``[n]`` for a model without batch
-      norm), or a batch of feature maps ``[B, C, L]`` / ``[B, C, H, W]`` for a model that starts
+      norm or generic modules), or a batch of feature maps ``[B, C, L]`` / ``[B, C, H, W]`` for a model that starts
       with a ``Conv1d`` / ``Conv2d`` (or a pooling or a norm over channels), or a 1-tuple of one, that passes gscfast's input checks (matching dtype, device and
       width, finite values, a batch of at least 2 for a train-mode batch norm);
     - ``create_graph=False``, and ``strategy="reverse-mode"`` (not with both ``strict`` and
@@ -96,17 +107,56 @@ def _plain_input(x: object) -> TypeGuard[Tensor]:
     return not (is_wrapped is not None and is_wrapped(x))
 
 
+# Where a module keeps forward hooks and backward hooks (``generic_torch_module``).
+_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _generic_torch_module(op: GenericRule) -> bool:
+    """Whether the fast path may serve a module the generic rule takes (see ``jacobian``): one of
+    torch's own types without a rule (not a hooked or overridden one), with only torch's own
+    types inside it, and no hook or parametrization anywhere in it."""
+    if op.why != NO_RULE:
+        return False
+    return all(
+        type(m).__module__.startswith("torch.nn.")
+        and not is_parametrized(m)
+        and not any(getattr(m, a, None) for a in _HOOK_ATTRS)
+        for m in op.module.modules()
+    )
+
+
 def _update_running_stats(model: nn.Module, x: Tensor) -> None:
     """Leave ``model`` as torch's ``jacobian`` leaves it. torch calls ``model(x)`` once, which
-    updates each train-mode batch norm's running statistics (``running_mean``, ``running_var``,
-    ``num_batches_tracked``); the analytic path does not run the model, so it runs that one
+    updates the running statistics of each train-mode batch norm or instance norm that tracks
+    them (``running_mean``, ``running_var``, ``num_batches_tracked``); the fast path does not run
+    the model (its generic rule calls modules on copies of their buffers), so it runs that one
     forward here, without a graph (the update is the same: it never depends on autograd)."""
     if any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-        for m in model.modules()
+        isinstance(m, _NormBase) and m.training and m.track_running_stats for m in model.modules()
     ):
         with torch.no_grad():
             model(x.detach())
+
+
+def _engine_jacobian(func: nn.Module, x: Tensor, program: Program) -> tuple[Problem, Tensor] | None:
+    """``(problem, jacobian from the input to the output)`` by gscfast's engine, or None where
+    torch must answer."""
+    try:
+        pb, _ = make_problem(func, x, None, batchnorm="batch", program=program)
+        if 0 in pb.widths:
+            return None
+        backend = get_backend("auto", x.device)
+    except (TypeError, ValueError, RuntimeError):
+        # torch reproduces its own behaviour (or error) for such input, and for a generic
+        # module that does not take it (or returns what the generic rule does not take)
+        return None
+    with torch.no_grad():
+        try:
+            return pb, backend.jacobian(pb, pb.L + 1, 1)
+        except (TypeError, ValueError):
+            # values that overflow inside (torch returns its own Inf/NaN result), or a generic
+            # module that is random or mixes the samples (torch's own result, or error)
+            return None
 
 
 def _fast_jacobian(
@@ -135,11 +185,10 @@ def _fast_jacobian(
         program = compile_model(func)
     except (TypeError, ValueError):  # what gscfast refuses: torch calls it as it is
         return None
-    if program.generic or not _plain_module(func):
-        # modules taken by the generic rule (hooks, custom forwards, no analytic rule) are
-        # torch's to answer: the drop-in promises torch's result, errors and randomness included,
-        # and torch calls them once (the generic rule calls them several times: a hook's side
-        # effects would differ)
+    if not all(_generic_torch_module(op) for op in program.generic) or not _plain_module(func):
+        # hooked, overridden or foreign modules are torch's to answer: the drop-in promises
+        # torch's result, errors and side effects, and torch calls them once (the generic rule
+        # calls them several times)
         return None
     if (
         strategy == "forward-mode"
@@ -155,22 +204,21 @@ def _fast_jacobian(
     one_d = x.dim() == 1
     if one_d and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in func.modules()):
         return None  # batch norm rejects 1-D input: torch's error
+    if one_d and program.generic:
+        return None  # a module's unbatched form may differ from its batched one (nn.Softmax(1))
     x2 = x.detach().unsqueeze(0) if one_d else x.detach()
-    try:
-        pb, _ = make_problem(func, x2, None, batchnorm="batch", program=program)
-        if 0 in pb.widths:
-            return None
-        backend = get_backend("auto", x.device)
-    except (ValueError, RuntimeError):
-        return None  # torch reproduces its own behaviour (or error) for such input
+    # gscfast calls a generic module before it may hand the call to torch (a module that turns
+    # out random): on a fork of the random generators, so that torch's call draws what it would
+    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=bool(program.generic)):
+        found = _engine_jacobian(func, x2, program)
+    if found is None:
+        return None
+    pb, Jb = found
     assert pb.sample_shape is not None  # set by make_problem
     B, n, m = x2.shape[0], pb.widths[-1], pb.widths[1]
     in_shape, out_shape = pb.sample_shape, pb.program.bind(pb.sample_shape)[1]
     with torch.no_grad():
-        try:
-            Jb = backend.jacobian(pb, pb.L + 1, 1)
-        except ValueError:  # values that overflow inside: torch returns its own Inf/NaN result
-            return None
         if pb.coupled:  # [1, B*m, B*n], rows and columns ordered (sample, feature)
             out = Jb.reshape(B, m, B, n).to(dtype=x.dtype, device=x.device).contiguous()
         else:  # [B, m, n] per-sample blocks on the diagonal

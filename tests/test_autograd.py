@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from strategies import cases
 from torch import nn
 
+import gscfast
 from gscfast import autograd as ga
 from gscfast.nn import Residual
 
@@ -523,3 +524,135 @@ def test_conformance_feature_maps(name):
             for grad_mode in _GRAD_MODES:
                 for as_tuple in (False, True):
                     _check_against_torch(base, x, opts, grad_mode, as_tuple)
+
+
+# --- generic modules: torch's own module types without a rule --------------------------------
+
+
+def _generic_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Models with torch's own modules that take the generic rule (issue 14: the fast path
+    serves them too): name -> (model, one sample's shape)."""
+    kw = dict(dtype=F64)
+    softmax = nn.Sequential(nn.Linear(N, W, **kw), nn.Tanh(), nn.Linear(W, M, **kw), nn.Softmax(1))
+    upsample = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, **kw),
+        nn.SiLU(),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(3, 2, 3, **kw),
+        nn.Flatten(),
+        nn.Linear(2 * 6 * 6, M, **kw),
+    )
+    instance_norm = nn.Sequential(  # train mode, tracked: torch's call updates running stats
+        nn.Conv1d(2, 3, 3, **kw),
+        nn.InstanceNorm1d(3, affine=True, track_running_stats=True, **kw),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 5, M, **kw),
+    )
+    shuffle = nn.Sequential(
+        nn.Conv2d(2, 8, 1, **kw),
+        nn.PixelShuffle(2),
+        nn.ZeroPad2d(1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, M, **kw),
+    )
+    transformer = nn.Sequential(  # its fused inference path differs in the last bits: not random
+        nn.Unflatten(1, (3, 4)),
+        nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True, **kw).eval(),
+        nn.Flatten(),
+        nn.Tanh(),
+        nn.Linear(12, M, **kw),
+    )
+    return {
+        "softmax": (_seed_model(softmax, 31), (N,)),
+        "upsample_silu": (_seed_model(upsample, 32), (2, 4, 4)),
+        "instance_norm_train": (_seed_model(instance_norm, 33), (2, 7)),
+        "pixel_shuffle_pad": (_seed_model(shuffle, 34), (2, 2, 2)),
+        "transformer_layer": (_seed_model(transformer, 35), (12,)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+@pytest.mark.parametrize("name", list(_generic_models()))
+def test_generic_torch_modules_fast_and_like_torch(name, monkeypatch):
+    """torch's own modules without a rule take the fast path (torch is never called), give
+    torch's Jacobian, and leave the module as torch leaves it (an instance norm's running
+    statistics get the one update of torch's call)."""
+    base, shape = _generic_models()[name]
+    assert gscfast.compile_model(base).generic  # the generic rule is what is tested here
+    x = _x(shape=(3, *shape))
+    ref, mine = copy.deepcopy(base), copy.deepcopy(base)
+    want = TORCH_JAC(ref, x)
+    with monkeypatch.context() as m:
+        m.setattr(torch.autograd.functional, "jacobian", _boom)
+        got = ga.jacobian(mine, x)
+    _assert_same(got, want)
+    assert got.shape == want.shape
+    _assert_same_state(mine, ref)
+    if name == "instance_norm_train":
+        assert not torch.equal(mine[1].running_mean, base[1].running_mean)  # updated, as torch
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", ["softmax", "instance_norm_train"])
+def test_conformance_generic_modules(name):
+    """Every argument combination and grad mode, batched and unbatched input (unbatched goes to
+    torch: a module's unbatched form may differ, nn.Softmax(1) fails on it), tensor or 1-tuple:
+    torch's result or error, and its module state."""
+    base, shape = _generic_models()[name]
+    for x in (_x(shape=(2, *shape)), _x(shape=shape)):
+        for opts in _ARGS:
+            for grad_mode in _GRAD_MODES:
+                for as_tuple in (False, True):
+                    _check_against_torch(base, x, opts, grad_mode, as_tuple)
+
+
+class _Gate(nn.Module):
+    """A module of the caller's own (not torch's): its forward may have side effects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * torch.sigmoid(x)
+
+
+@pytest.mark.parametrize("kind", ["own_module", "hook_inside", "parametrized", "random"])
+def test_generic_modules_torch_must_answer(kind, spy):
+    """Where the generic rule's several calls could differ from torch's one call (an own module,
+    a hook or a parametrization inside a torch module), or the module is random (train-mode
+    dropout inside): torch answers, with the result, side effects and random draws of its own
+    call alone."""
+    kw = dict(dtype=F64)
+    x = _x(shape=(3, 12))
+    inner = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True, **kw).eval()
+    recorded = []
+    if kind == "own_module":
+        model = nn.Sequential(nn.Linear(12, W, **kw), _Gate(), nn.Linear(W, M, **kw))
+    elif kind == "hook_inside":
+        inner.linear1.register_forward_hook(lambda mod, inp, out: recorded.append(out.shape))
+    elif kind == "parametrized":  # train mode: each read of the weight updates its buffers
+        inner = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True, **kw)
+        nn.utils.parametrizations.spectral_norm(inner.linear1)
+    else:
+        inner = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.5, batch_first=True, **kw)
+    if kind != "own_module":
+        model = nn.Sequential(nn.Unflatten(1, (3, 4)), inner, nn.Flatten(), nn.Linear(12, M, **kw))
+    model = _seed_model(model, 36)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want = TORCH_JAC(ref, x)
+    n_recorded = len(recorded)
+    spy.clear()
+    torch.manual_seed(0)  # the same draws for torch's call and for the one it is handed
+    got = ga.jacobian(model, x)
+    assert spy
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(recorded) == 2 * n_recorded  # torch's one call, once more: nothing of gscfast's
+    _assert_same_state(model, ref)  # spectral norm's power iteration: torch's one call's
+    if kind == "own_module":
+        assert model[1].calls == ref[1].calls == 1
