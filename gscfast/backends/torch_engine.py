@@ -39,8 +39,10 @@ def forward(
     *,
     moments: list[Moments | None] | None = None,
     keep_inputs: bool = False,
+    norms: bool = True,
 ) -> Trace:
-    """Run one chunk forward; accumulate pre-activation ``moments`` in place if given."""
+    """Run one chunk forward; accumulate pre-activation ``moments`` in place if given; without
+    ``norms``, ``sq_out`` stays NaN (``jacobian`` needs no norms)."""
     h = pb.x[ds, bs]
     Dc, b = h.shape[:2]
     P = Dc if pb.coupled else Dc * b
@@ -50,7 +52,8 @@ def forward(
         if keep_inputs:
             tr.inputs[m] = h
         h, tr.saved[m], pre = layer.forward(h, ctx)
-        tr.sq_out[:, m] = sq_norms(h if pb.coupled else h.reshape(P, -1))
+        if norms:
+            tr.sq_out[:, m] = sq_norms(h if pb.coupled else h.reshape(P, -1))
         if moments is not None and pre is not None:
             chunk = Moments.of(pre.reshape(-1, pre.shape[-1]))
             prev = moments[m]
@@ -136,14 +139,14 @@ class TorchBackend(Backend):
         out = []
         rows = pb.S * pb.widths[end]
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
-            tr = forward(pb, pb.program, ds, bs, ctx)
+            tr = forward(pb, pb.program, ds, bs, ctx, norms=False)
             P = tr.sq_out.shape[0]
             v = pb.program.to_order(self._start(pb, end, None, tr.sq_out), end, True)
             for k in range(end, start):
                 v = pb.program.layer(k).vjp(v, tr.saved[k])
             v = pb.program.to_order(v, start, False)  # the rows at f_start in C order
             out.append(v.expand(P, *v.shape[1:]).reshape(P, rows, -1))
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def contributions(self, pb: Problem, init: Program) -> Tensor:
         if pb.error is None:
