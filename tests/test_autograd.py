@@ -499,7 +499,12 @@ def test_feature_maps_fast_and_like_torch(name, monkeypatch):
     """Batched feature maps take the fast path (torch is never called) and give torch's
     ``[B, *out, B, *in]`` Jacobian; the module is left as torch leaves it."""
     base, shape = _map_models()[name]
-    x = _x(shape=(3, *shape))
+    _fast_and_like_torch(base, _x(shape=(3, *shape)), monkeypatch)
+
+
+def _fast_and_like_torch(base: nn.Module, x: torch.Tensor, monkeypatch) -> nn.Module:
+    """The fast path answers for a copy of ``base`` (torch is never called) with torch's
+    Jacobian and leaves it as torch leaves its own copy; returns gscfast's copy."""
     ref, mine = copy.deepcopy(base), copy.deepcopy(base)
     want = TORCH_JAC(ref, x)
     with monkeypatch.context() as m:
@@ -508,6 +513,7 @@ def test_feature_maps_fast_and_like_torch(name, monkeypatch):
     _assert_same(got, want)
     assert got.shape == want.shape
     _assert_same_state(mine, ref)
+    return mine
 
 
 def _boom(*a, **k):
@@ -519,6 +525,12 @@ def test_conformance_feature_maps(name):
     """Every argument combination and grad mode, batched and unbatched feature maps (the
     unbatched ones go to torch), as a tensor or a 1-tuple: torch's result or error and state."""
     base, shape = _map_models()[name]
+    _check_every_call(base, shape)
+
+
+def _check_every_call(base: nn.Module, shape: tuple[int, ...]) -> None:
+    """``_check_against_torch`` for every argument combination, grad mode and input form
+    (batched and unbatched samples of ``shape``, a tensor or a 1-tuple)."""
     for x in (_x(shape=(2, *shape)), _x(shape=shape)):
         for opts in _ARGS:
             for grad_mode in _GRAD_MODES:
@@ -582,15 +594,7 @@ def test_generic_torch_modules_fast_and_like_torch(name, monkeypatch):
     statistics get the one update of torch's call)."""
     base, shape = _generic_models()[name]
     assert gscfast.compile_model(base).generic  # the generic rule is what is tested here
-    x = _x(shape=(3, *shape))
-    ref, mine = copy.deepcopy(base), copy.deepcopy(base)
-    want = TORCH_JAC(ref, x)
-    with monkeypatch.context() as m:
-        m.setattr(torch.autograd.functional, "jacobian", _boom)
-        got = ga.jacobian(mine, x)
-    _assert_same(got, want)
-    assert got.shape == want.shape
-    _assert_same_state(mine, ref)
+    mine = _fast_and_like_torch(base, _x(shape=(3, *shape)), monkeypatch)
     if name == "instance_norm_train":
         assert not torch.equal(mine[1].running_mean, base[1].running_mean)  # updated, as torch
 
@@ -601,12 +605,7 @@ def test_conformance_generic_modules(name):
     """Every argument combination and grad mode, batched and unbatched input (unbatched goes to
     torch: a module's unbatched form may differ, nn.Softmax(1) fails on it), tensor or 1-tuple:
     torch's result or error, and its module state."""
-    base, shape = _generic_models()[name]
-    for x in (_x(shape=(2, *shape)), _x(shape=shape)):
-        for opts in _ARGS:
-            for grad_mode in _GRAD_MODES:
-                for as_tuple in (False, True):
-                    _check_against_torch(base, x, opts, grad_mode, as_tuple)
+    _check_every_call(*_generic_models()[name])
 
 
 class _Gate(nn.Module):
