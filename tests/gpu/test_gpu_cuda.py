@@ -84,3 +84,69 @@ def test_tf32_is_close():
 def test_auto_is_triton_on_cuda():
     _backend("triton")
     assert backends.get_backend("auto", "cuda").name == "triton"
+
+
+def _cnn() -> torch.nn.Module:
+    """A CNN with every kind of feature-map rule the torch engine holds channels-last."""
+    from torch import nn
+
+    kw = dict(dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, **kw),
+        nn.BatchNorm2d(4, **kw),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect", **kw),
+        nn.GroupNorm(2, 4, **kw),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3, **kw),
+    ).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_cnn_on_cuda_equals_the_reference(name):
+    """Convolutional models on CUDA (the fused backends hand them to the torch engine, which holds
+    feature maps channels-last): every function equals the CPU reference in float64."""
+    _backend(name)
+    model = _cnn()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 5), generator=g)
+    mc = _cnn().cuda()
+
+    def results(m, dev, backend):
+        xd, yd, ld = x.to(dev), y.to(dev), labels.to(dev)
+        return {
+            "gsc": gscfast.gsc(m, xd, yd, backend=backend),
+            "gsc_kl": gscfast.gsc(m, xd, ld, error="kl", backend=backend),
+            "gsc_matrix": gscfast.gsc_matrix(m, xd[0], yd[0], backend=backend),
+            "jacobian": gscfast.jacobian(m, xd[0], backend=backend),
+            "jacobian_inner": gscfast.jacobian(m, xd[1], start=3, end=2, backend=backend),
+            "preact_std": gscfast.preactivation_stats(m, xd, backend=backend).std,
+        }
+
+    want, got = results(model, "cpu", "reference"), results(mc, "cuda", name)
+    for key in want:
+        assert got[key].device.type == "cuda", key
+        torch.testing.assert_close(
+            got[key].cpu(), want[key], rtol=1e-9, atol=1e-12, equal_nan=True, msg=key
+        )
+
+
+def test_autograd_jacobian_of_a_cnn_on_cuda_is_torchs():
+    from gscfast import autograd as ga
+
+    model = _cnn().cuda()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, device="cuda")
+    want = torch.autograd.functional.jacobian(model, x)
+    got = ga.jacobian(model, x)
+    assert got.device.type == "cuda" and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
