@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn import Residual, uses_batch_stats
 from .rules import RULES, ForwardCtx, Rule
-from .rules.base import Shape, bind_shapes, op_forward, op_vjp, relayout
+from .rules.base import Shape, bind_shapes, numel, op_forward, op_vjp, relayout
 from .rules.generic import NO_RULE, GenericRule
 from .rules.norm import BatchNormRule
 from .rules.residual import ResidualRule
@@ -356,7 +356,7 @@ class Program:
     def widths(self, shape: Shape | int) -> list[int]:
         """``[dim f_0 = 1, dim f_1, ..., dim f_L, dim x]`` (elements of one sample) for input
         samples of ``shape``; binds the program to it (``bind``)."""
-        return [int(torch.Size(s).numel()) for s in self.bind(shape)]
+        return [numel(s) for s in self.bind(shape)]
 
     def __repr__(self) -> str:
         lines = [f"Program(L={self.L})"]

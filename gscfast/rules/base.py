@@ -140,6 +140,7 @@ class Rule:
 
 
 def numel(shape: Shape) -> int:
+    """The elements of one sample of ``shape`` (1 for a scalar ``()``)."""
     return int(torch.Size(shape).numel())
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NumericalError
-from .base import ForwardCtx, Rule, Shape, register
+from .base import ForwardCtx, Rule, Shape, numel, register
 
 _PAD_MODES = {
     "zeros": "constant",
@@ -323,7 +323,7 @@ class MaxPoolRule(SpatialRule):
     def vjp(self, v: Tensor, saved: Tensor) -> Tensor:
         assert self.shape_in is not None  # bound before use (Program.bind)
         shape = torch.broadcast_shapes(v.shape, saved.shape)
-        d_in = int(torch.Size(self.shape_in).numel())
+        d_in = numel(self.shape_in)
         out = v.new_zeros(*shape[:-1], d_in)
         return out.scatter_add_(-1, saved.expand(shape), v.expand(shape))
 

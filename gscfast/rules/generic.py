@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import call_on_copies, couples_samples, same_values
-from .base import ForwardCtx, Rule, Shape, register
+from .base import ForwardCtx, Rule, Shape, numel, register
 
 
 class PassRule(Rule):
@@ -73,7 +73,7 @@ class FlattenRule(PassRule):
         b = _sample_dim(m, self.path, m.end_dim, shape, "end_dim")
         if b < a:
             raise ValueError(f"{self.path} ({m}) has end_dim before start_dim")
-        return (*shape[:a], int(torch.Size(shape[a : b + 1]).numel()), *shape[b + 1 :])
+        return (*shape[:a], numel(shape[a : b + 1]), *shape[b + 1 :])
 
 
 @register

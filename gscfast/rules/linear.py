@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ForwardCtx, Rule, Shape, register
+from .base import ForwardCtx, Rule, Shape, numel, register
 
 
 @register
@@ -37,7 +37,7 @@ class LinearRule(Rule):
     def positions(self) -> int:
         """Positions the map applies at: 1 on vectors, ``T`` on ``[T, in]`` samples."""
         assert self.shape_in is not None  # bound before use (Program.bind)
-        return 1 if len(self.shape_in) == 1 else int(torch.Size(self.shape_in[:-1]).numel())
+        return 1 if len(self.shape_in) == 1 else numel(self.shape_in[:-1])
 
     def forward(self, x: Tensor, ctx: ForwardCtx) -> tuple[Tensor, None]:
         if self.positions == 1:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import poison_variance, uses_batch_stats
-from .base import ForwardCtx, Rule, Shape, register
+from .base import ForwardCtx, Rule, Shape, numel, register
 
 
 def _standardize(
@@ -36,10 +36,6 @@ def _standardize(
 
 def _projection_vjp(u: Tensor, xh: Tensor, inv: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     return (u - u.mean(dim, keepdim=True) - xh * (u * xh).mean(dim, keepdim=True)) * inv
-
-
-def _numel(shape: Shape) -> int:
-    return int(torch.Size(shape).numel())
 
 
 def _spread(t: Tensor, s: int) -> Tensor:
@@ -60,7 +56,7 @@ class LayerNormRule(Rule):
         super().__init__(module, path)
         self.eps = module.eps
         self.normalized = tuple(module.normalized_shape)
-        self.features = _numel(self.normalized)
+        self.features = numel(self.normalized)
         self.weight = None if module.weight is None else module.weight.detach().reshape(-1)
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else bias.detach().reshape(-1)
@@ -75,7 +71,7 @@ class LayerNormRule(Rule):
     def groups(self) -> int:
         """``M``: the positions each standardized separately (1 over the whole sample)."""
         assert self.shape_in is not None  # bound before use (Program.bind)
-        return _numel(self.shape_in) // self.features
+        return numel(self.shape_in) // self.features
 
     def forward(self, x: Tensor, ctx: ForwardCtx):
         D, b, d = x.shape
@@ -102,14 +98,26 @@ class LayerNormRule(Rule):
         return {k: t for k, t in (("weight", self.weight), ("bias", self.bias)) if t is not None}
 
 
+class ChannelNormRule(Rule):
+    """A norm over the channels of ``[C, *positions]`` samples (group norm, batch norm): it takes
+    them channels-last, ``[..., s * C]``."""
+
+    layout = "cl"
+
+    @property
+    def positions(self) -> int:
+        """``s``: the positions of each channel in a sample (1 on ``[C]`` samples)."""
+        assert self.shape_in is not None  # bound before use (Program.bind)
+        return numel(self.shape_in[1:])
+
+
 @register
-class GroupNormRule(Rule):
+class GroupNormRule(ChannelNormRule):
     """``nn.GroupNorm``: a sample ``[C, *positions]`` in ``G`` groups of ``C / G`` channels, each
     group standardized over its channels and positions; then a per-channel scale and shift."""
 
     module_types = (nn.GroupNorm,)
     kind = "group_norm"
-    layout = "cl"
 
     def __init__(self, module: nn.GroupNorm, path: str) -> None:
         super().__init__(module, path)
@@ -122,12 +130,6 @@ class GroupNormRule(Rule):
         if not shape or shape[0] != self.C:
             raise self._refuse_shape(shape, f"{self.C} channels (its first dimension)")
         return shape
-
-    @property
-    def positions(self) -> int:
-        """``s``: the positions of each channel in a sample."""
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        return _numel(self.shape_in[1:])
 
     def _groups(self, t: Tensor) -> Tensor:
         """Flat channels-last ``[..., s * C]`` -> ``[..., s, G, C / G]``."""
@@ -156,7 +158,7 @@ class GroupNormRule(Rule):
 
 
 @register
-class BatchNormRule(Rule):
+class BatchNormRule(ChannelNormRule):
     """``nn.BatchNorm1d`` on ``[C]`` or ``[C, L]`` samples, ``BatchNorm2d`` on ``[C, H, W]``,
     ``BatchNorm3d`` on ``[C, T, H, W]``: each channel standardized over the batch and its ``s``
     positions.
@@ -168,7 +170,6 @@ class BatchNormRule(Rule):
 
     module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     kind = "batch_norm"
-    layout = "cl"
     _NDIM: ClassVar[dict[type[nn.Module], tuple[int, ...]]] = {
         nn.BatchNorm1d: (1, 2),
         nn.BatchNorm2d: (3,),
@@ -202,12 +203,6 @@ class BatchNormRule(Rule):
             dims = " or ".join(f"[{self.features}{named[n]}]" for n in self.ndims)
             raise self._refuse_shape(shape, dims)
         return shape
-
-    @property
-    def positions(self) -> int:
-        """``s``: the positions of each channel in a sample (1 on ``[C]`` samples)."""
-        assert self.shape_in is not None  # bound before use (Program.bind)
-        return _numel(self.shape_in[1:])
 
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
