@@ -52,6 +52,7 @@ SIZES: dict[str, dict] = {
         "sgemm": dict(n=2048, reps=5),
         "w6": dict(B=100, blocks=5, filters=32, size=32, rounds=3),
         "w7": dict(B=128, filters=16, size=16, chunks=(1, 2, 5), rounds=5),
+        "w8": dict(B=10_000, depth=50, width=100, rounds=3),
     },
     "smoke": {
         "w1": dict(B=64, depth=4, width=19, rounds=1),
@@ -71,6 +72,7 @@ SIZES: dict[str, dict] = {
         "sgemm": dict(n=256, reps=2),
         "w6": dict(B=4, blocks=1, filters=4, size=8, rounds=1),
         "w7": dict(B=3, filters=4, size=8, chunks=(2,), rounds=1),
+        "w8": dict(B=64, depth=4, width=19, rounds=1),
     },
 }[SCALE]
 

@@ -91,7 +91,8 @@ class Problem:
     @property
     def columns(self) -> list[int]:
         """``[n(0), ..., n(L)]``."""
-        return [self.n(l) for l in range(self.L + 1)]
+        w = self.widths  # once: each call binds the program
+        return [1] + [self.S * w[l] for l in range(1, self.L + 1)]
 
 
 COUPLED_JACOBIAN = (

@@ -10,7 +10,9 @@ Softplus, GELU (both forms), Identity), float32 or float64, with per-sample data
 norm, eval-mode batch norm, or train-mode batch norm with ``batchnorm="frozen"`` (per-dataset
 constants). Everything else (train-mode batch norm coupling a batch, ``Residual`` blocks, other
 layer shapes, other dtypes, a gradient asked for without an error layer) takes the ``"torch"``
-engine's path on the same device: slower, never a different number.
+engine's path on the same device: slower, never a different number. In a ``sweep`` of a model
+the kernels take in part, its runs of layers they take run on them (``span_forward``,
+``span_backward``: ``lowering.FusedBackend``).
 
 The three kernels (index letters as in ``backends/base.py``; ``N`` samples of a chunk, ``R`` rows
 stacked per sample, a layer maps ``d_in -> d_out``):
@@ -35,13 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..compiler import Program
+from ..compiler import Layer, Program
 from ..frozen import FrozenStats
 from ..rules import error_grad, error_value
 from ..validation import Problem
 from .base import Moments, ProbeFn, Sweep
 from .chunks import iter_chunks
 from .lowering import FusedBackend, LayerPlan, Norm, fused_or_fallback, lower
+from .torch_engine import SpanForward
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -73,7 +76,9 @@ class Saved:
     inv: Tensor | None
 
 
-def build_specs(program: Program, like: Tensor, frozen: FrozenStats | None) -> list[LayerSpec]:
+def build_specs(
+    program: Program | list[Layer], like: Tensor, frozen: FrozenStats | None
+) -> list[LayerSpec]:
     """``program``'s plans (``lowering.lower``) in model order on ``like``'s device and dtype.
     ``frozen`` holds its batch norms' frozen batch statistics ``(mean, var)`` of shape ``[G, 1, d]``
     (``iter_chunks``' ``ctx.frozen``)."""
@@ -308,11 +313,35 @@ class FusedEngine(FusedBackend):
         N, L = Dc * b, pb.L
         specs = build_specs(pb.program, x, ctx.frozen)
         specs0 = build_specs(init, x, ctx.frozen_init) if init is not None else None
-        group_rows = b if pb.frozen else N
-        h = x.reshape(N, n).contiguous()
         sq_t = x.new_full((L + 1, N), float("nan"))  # kernels write rows of it; sq_out is its view
-        sq_out = sq_t.t()
-        fw = Pass(N, sq_out, {}, {}, {}, {}, None)
+        fw = Pass(N, sq_t.t(), {}, {}, {}, {}, None)
+        group_rows = b if pb.frozen else N
+        h = x.reshape(N, n)
+        h = self._layers_fwd(specs, h.contiguous(), group_rows, fw, sq_t, save, moments, specs0)
+        if pb.error is not None:
+            assert pb.y is not None  # validation: an error layer comes with targets
+            out = h.reshape(Dc, b, -1)
+            yt = pb.y[ds, bs]
+            e = error_value(pb.error, out, yt).reshape(N)
+            fw.sq_out[:, 0] = e.square()
+            fw.grad = error_grad(pb.error, out, yt).reshape(N, -1).contiguous()
+        return fw
+
+    def _layers_fwd(
+        self,
+        specs: list[LayerSpec],
+        h: Tensor,
+        group_rows: int,
+        fw: Pass,
+        sq_t: Tensor,
+        save: bool,
+        moments: list | None = None,
+        specs0: list[LayerSpec] | None = None,
+    ) -> Tensor:
+        """The layers of ``specs`` (paper indices ``spec.index``) on ``h [N, d_in]``: their saved
+        state into ``fw``, ``||f_m||^2`` into ``sq_t[m]``, moments into ``moments[m]``, ``init``'s
+        layers (``specs0``) at the same inputs; returns the last output."""
+        x, N = h, fw.N
         for i, spec in enumerate(specs):
             m = spec.index
             fw.specs[m] = spec
@@ -335,14 +364,7 @@ class FusedEngine(FusedBackend):
                 self._layer_fwd(h, spec0, group_rows, empty((N, spec0.dout), x), sv0, None, None)
                 fw.saved0[m] = sv0
             h = y
-        if pb.error is not None:
-            assert pb.y is not None  # validation: an error layer comes with targets
-            out = h.reshape(Dc, b, -1)
-            yt = pb.y[ds, bs]
-            e = error_value(pb.error, out, yt).reshape(N)
-            sq_out[:, 0] = e.square()
-            fw.grad = error_grad(pb.error, out, yt).reshape(N, -1).contiguous()
-        return fw
+        return h
 
     @staticmethod
     def _alloc_saved(spec: LayerSpec, N: int, like: Tensor, save: bool) -> Saved:
@@ -386,6 +408,30 @@ class FusedEngine(FusedBackend):
         s = sq.view(k1 - k0, N, R).sum(2) if R > 1 else sq
         dest[:, k0 + 1 : k1 + 1] = (s / scale if scale != 1 else s).T
         return v
+
+    fuses_spans = True
+
+    def span_forward(
+        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool
+    ) -> SpanForward:
+        N, L = h.shape[0], pb.L
+        end, first = span[-1].index, span[0].index  # the span maps f_{first+1} -> f_end
+        sq_t = h.new_full((L + 1, N), float("nan"))
+        fw = Pass(N, sq_t.t(), {}, {}, {}, {}, None)
+        moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
+        specs = build_specs(span, h, None)
+        out = self._layers_fwd(specs, h.contiguous(), N, fw, sq_t, save, moments)
+        mom = None if moments is None else [None, *moments[end : first + 1]]
+        return SpanForward(fw.sq_out[:, end - 1 : first + 1], mom, out, fw if save else None)
+
+    def span_backward(
+        self, pb: Problem, span: list[Layer], state: Pass, grad: Tensor, grad_in: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        end, first = span[-1].index, span[0].index
+        dest = grad.new_full((state.N, pb.L + 2), float("nan"))
+        dest[:, end] = grad.square().sum(1)
+        v = self._steps(state, grad.contiguous(), 1, False, end, first + int(grad_in), dest, 1.0)
+        return dest[:, end - 1 : first + 1], (v if grad_in else None)
 
     # ---------------------------------------------------------------- the four methods
 

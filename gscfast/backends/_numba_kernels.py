@@ -747,6 +747,10 @@ def _sweep_worker(
     stats,
     sqo,
     sqg,
+    hout,
+    gin,
+    keep,
+    fwd,
     mean,
     m2,
     pos,
@@ -769,34 +773,39 @@ def _sweep_worker(
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
-        _forward(
-            x,
-            r0,
-            n,
-            L,
-            meta,
-            fmeta,
-            wflat,
-            vflat,
-            store,
-            sto,
-            T,
-            Z,
-            sqo,
-            r0,
-            grads,
-            stats,
-            mean[th],
-            m2[th],
-            pos[th],
-            neg[th],
-            cnt[th],
-            tmp,
-        )
-        cnt[th] += n
+        if keep.shape[0] > 0:  # a span's state, kept from its forward call to its backward call
+            store = keep[r0 * rowsz : (r0 + T) * rowsz]
+        if fwd:
+            _forward(
+                x,
+                r0,
+                n,
+                L,
+                meta,
+                fmeta,
+                wflat,
+                vflat,
+                store,
+                sto,
+                T,
+                Z,
+                sqo,
+                r0,
+                grads,
+                stats,
+                mean[th],
+                m2[th],
+                pos[th],
+                neg[th],
+                cnt[th],
+                tmp,
+            )
+            cnt[th] += n
+        d1 = meta[L - 1, M_DOUT]
+        if fwd and hout.shape[0] > 0:
+            hout[r0 : r0 + n] = _mat(store, sto, T, L - 1, S_H, n, d1)
         if err == E_NONE:
             continue
-        d1 = meta[L - 1, M_DOUT]
         _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, G, sqo, r0)
         if not grads:
             continue
@@ -819,7 +828,7 @@ def _sweep_worker(
         )
         for t in range(n):
             sqg[r0 + t, 1] = sq[t]
-        _chain_tile(
+        V = _chain_tile(
             G,
             U,
             n,
@@ -839,6 +848,26 @@ def _sweep_worker(
             L,
             sq,
         )
+        if gin.shape[0] > 0:  # the gradient at the input: layer 0's whole VJP
+            d = meta[0, M_DOUT]
+            _ebwd_rows(
+                V,
+                n,
+                d,
+                np.int64(1),
+                np.int64(0),
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                T,
+                sq,
+                np.bool_(False),
+                np.bool_(True),
+                np.int64(0),
+            )
+            np.dot(V[: n * d].reshape((n, d)), _weight(wflat, meta, 0), gin[r0 : r0 + n])
 
 
 def sweep_kernel(
@@ -858,6 +887,10 @@ def sweep_kernel(
     stats,
     sqo,
     sqg,
+    hout,
+    gin,
+    keep,
+    fwd,
     mean,
     m2,
     pos,
@@ -870,6 +903,13 @@ def sweep_kernel(
     Writes ``sqo [N, L+1]`` (``||f_l||^2``; column 0 the squared error if ``err``), ``sqg [N, L+1]``
     (``||d f_0 / d f_l||^2`` for ``l >= 1``) and, if ``stats``, per-thread pre-activation moments
     ``mean, m2, pos, neg [nth, L, dmax]`` with sample counts ``cnt [nth]``.
+
+    A span of a mixed model runs in two calls (unused outputs have no rows). The forward call
+    (``fwd``, ``grads`` to save the VJP state, ``err = E_NONE``) writes ``sqo``, the moments,
+    the output ``hout [N, d_1]`` and the state of every tile of ``T`` samples into ``keep
+    [N_tiles * T * rowsz]``; the backward call (not ``fwd``, same ``T`` and ``keep``) takes the
+    gradient at the output as the dot error's targets ``yv`` (its ``f_0^2`` means nothing) and
+    writes ``sqg`` and ``gin [N, n]``, the gradient at the input.
     """
     launch(
         _sweep_worker,
@@ -890,6 +930,10 @@ def sweep_kernel(
         stats,
         sqo,
         sqg,
+        hout,
+        gin,
+        keep,
+        fwd,
         mean,
         m2,
         pos,

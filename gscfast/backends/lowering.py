@@ -13,17 +13,18 @@ place that says what they fuse.
 - ``coupled_vjp`` and ``coupled_recursion_takes``: a layer's VJP with batch statistics (batch
   datapoints) as a scale and a batch-norm projection, for numba's coupled contributions.
 - ``FusedBackend`` and ``fused_or_fallback``: the one dispatcher of a fused backend's methods:
-  the fused kernels when they take the problem, else the ``"torch"`` engine's path.
+  the fused kernels when they take the problem, else the ``"torch"`` engine's path, whose
+  ``sweep`` hands the runs of layers the kernels take (``fused_spans``) back to them.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +138,25 @@ def check_program(program: Program) -> None:
         split_layer(layer)
 
 
+def fused_spans(program: Program) -> list[list[Layer]]:
+    """The maximal runs of consecutive layers of ``program`` that lower to the fused kernels
+    (``lower_layer`` without frozen statistics), in model order."""
+    spans: list[list[Layer]] = []
+    run: list[Layer] = []
+    for layer in program.layers:
+        try:
+            lower_layer(layer, None)
+        except Unsupported:
+            if run:
+                spans.append(run)
+            run = []
+            continue
+        run.append(layer)
+    if run:
+        spans.append(run)
+    return spans
+
+
 def programs_fused(*programs: Program | None) -> bool:
     """Whether every layer of every given program (None is skipped) has a fused kernel."""
     try:
@@ -224,10 +244,14 @@ def lower_layer(layer: Layer, frozen: FrozenStats | None, coupled: bool = False)
 
 
 def lower(
-    program: Program, frozen: FrozenStats | None = None, *, coupled: bool = False
+    program: Program | Sequence[Layer],
+    frozen: FrozenStats | None = None,
+    *,
+    coupled: bool = False,
 ) -> list[LayerPlan]:
-    """``program``'s layers in model order as plans (see ``lower_layer``)."""
-    return [lower_layer(layer, frozen, coupled) for layer in program.layers]
+    """``program``'s layers (or a span of them) in model order as plans (see ``lower_layer``)."""
+    layers = program.layers if isinstance(program, Program) else program
+    return [lower_layer(layer, frozen, coupled) for layer in layers]
 
 
 # ----------------------------------------------------------------------------- coupled recursion
@@ -278,10 +302,24 @@ class FusedBackend(TorchBackend):
 
     Subclasses implement ``takes``: whether their kernels run ``pb``'s device, dtype and kind of
     datapoint for ``method``; ``fused`` adds what every fused backend needs of the program.
+
+    A model the kernels take only in part (a generic module, a convolution, a residual block
+    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep`` runs on the torch
+    engine's path with each run of layers the kernels take (``spans``) on the subclass's
+    ``span_forward`` and ``span_backward``, where it sets ``fuses_spans``; per-sample datapoints
+    without frozen batch statistics (those are gathered over a whole model). The other methods
+    take the torch engine's path for such a model.
     """
+
+    fuses_spans: ClassVar[bool] = False
 
     def takes(self, pb: Problem, method: str) -> bool:
         raise NotImplementedError
+
+    def spans(self, pb: Problem) -> list[list[Layer]]:
+        if not self.fuses_spans or pb.coupled or pb.frozen or not self.takes(pb, "sweep"):
+            return []
+        return fused_spans(pb.program)
 
     def fused(self, pb: Problem, method: str = "chain", init: Program | None = None) -> bool:
         """Whether ``method`` (``"sweep"``, ``"chain"``, ``"jacobian"``, ``"contributions"``)

@@ -24,8 +24,10 @@ activations ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SELU, Softplus, GELU (both form
 Everything else falls back to the ``"torch"`` engine's code path (this class subclasses it), so
 the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (and
 ``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
-shape (two Linears in a row, an activation or a norm without a Linear before it), other dtypes or
-devices, and a gradient asked for without an error layer.
+shape (two Linears in a row, an activation or a norm without a Linear before it, convolutions,
+generic modules), other dtypes or devices, and a gradient asked for without an error layer.
+In a ``sweep`` of such a model with per-sample datapoints, every run of layers the kernels take
+runs on ``sweep_kernel`` (``span_forward``, ``span_backward``: ``lowering.FusedBackend``).
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
 runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
@@ -60,12 +62,16 @@ from .lowering import (
     fused_or_fallback,
     lower,
 )
-from .torch_engine import forward
+from .torch_engine import SpanForward, forward
 
 ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
 """Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# the kernels' optional arrays where not asked for (no rows)
+_NONE = {np.dtype(t): np.zeros((0, 1), t) for t in _DTYPES.values()}
+_NONE1 = {np.dtype(t): np.zeros(0, t) for t in _DTYPES.values()}
+_NO_LABELS = np.zeros(1, np.int64)
 
 
 def _k():
@@ -153,6 +159,14 @@ def workspace(rows: int, cols: int, dtype, keep_bytes: int) -> np.ndarray:
     return buf[:need].reshape(rows, cols)
 
 
+def output(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized kernel output (NaN under ``POISON``)."""
+    out = np.empty(shape, dtype)
+    if POISON:
+        out.fill(np.nan)
+    return out
+
+
 def release_workspace() -> None:
     """Free this thread's cached kernel workspaces."""
     _WS.arrays = {}
@@ -182,12 +196,16 @@ def _np(t: Tensor, dtype) -> np.ndarray:
 
 
 def build_net(
-    program: Program, dtype, n_in: int, frozen: FrozenStats | None, coupled: bool = False
+    program: Program | list[Layer],
+    dtype,
+    n_in: int,
+    frozen: FrozenStats | None,
+    coupled: bool = False,
 ) -> Net:
     """Pack ``program``'s plans (``lowering.lower``, which ``frozen`` and ``coupled`` are passed
-    to) into the kernels' flat arrays."""
+    to; a span of layers as if it were the model) into the kernels' flat arrays."""
     k = _k()
-    L = program.L
+    L = program.L if isinstance(program, Program) else len(program)
     meta = np.full((L, k.NMETA), -1, np.int64)
     fmeta = np.zeros((L, k.NFMETA), np.float64)
     sto = np.full((L, 4), -1, np.int64)
@@ -253,6 +271,7 @@ def build_net(
 class NumbaBackend(FusedBackend):
     __doc__ = __doc__
     name = "numba"
+    fuses_spans = True
     priority = 20  # CPU only; ahead of "torch" (see bench/README.md for the measured ratios)
 
     @classmethod
@@ -337,48 +356,147 @@ class NumbaBackend(FusedBackend):
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
         if pb.coupled:
             return self._sweep_coupled(pb, grads, stats)
-        import numba
-
-        k = _k()
-        nth = numba.get_num_threads()
         x, err, yv, ylab = self._rows(pb)
         N, L, dt = x.shape[0], pb.L, x.dtype
         sqo = np.full((N, L + 1), np.nan, dt)
         sqg = np.full((N, L + 1), np.nan, dt) if grads else np.zeros((1, L + 1), dt)
         moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
         for rows, net, _ in self._nets(pb):
-            n = rows.stop - rows.start
-            T = self._tile(pb, n, 1, dt.itemsize * (net.rowsz + 3 * net.dmax))
-            shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
-            mean, m2, pos, neg = (np.zeros(shape) for _ in range(4))
-            cnt = np.zeros(nth, np.int64)
-            ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax), dt, pb.memory)
-            with single_threaded_blas():
-                k.sweep_kernel(
-                    x[rows],
-                    err,
-                    yv[rows] if err == k.E_DOT else yv,
-                    ylab[rows] if err == k.E_KL else ylab,
-                    *net.args(),
-                    T,
-                    net.dmax,
-                    grads,
-                    stats,
-                    sqo[rows],
-                    sqg[rows] if grads else sqg,
-                    mean,
-                    m2,
-                    pos,
-                    neg,
-                    cnt,
-                    ws,
-                )
-            if moments is not None:
-                self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
+            self._sweep_rows(pb, net, x, rows, err, yv, ylab, grads, stats, sqo, sqg, moments)
         if grads:
             sqg[:, 0] = 1
         out = torch.from_numpy(sqo)
         return Sweep(out, torch.from_numpy(sqg) if grads else None, moments)
+
+    def span_forward(
+        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool
+    ) -> SpanForward:
+        """``sweep_kernel``'s forward call on a span as if it were the model; with ``save``, the
+        state of every tile is kept for ``span_backward``."""
+        k = _k()
+        x = h.contiguous().numpy()
+        N, Ls, dt = x.shape[0], len(span), x.dtype
+        net = build_net(span, dt, x.shape[1], None)
+        T = self._sweep_tile(pb, net, N, dt)
+        keep = output((-(-N // T) * T * net.rowsz,), dt) if save else None
+        sqo = np.full((N, Ls + 1), np.nan, dt)
+        out = output((N, int(net.meta[-1, k.M_DOUT])), dt)
+        moments: list[Moments | None] | None = [None] * (Ls + 1) if stats else None
+        self._sweep_rows(
+            pb,
+            net,
+            x,
+            slice(0, N),
+            k.E_NONE,
+            _NONE[dt],
+            _NO_LABELS,
+            save,
+            stats,
+            sqo,
+            _NONE[dt],
+            moments,
+            T=T,
+            hout=out,
+            keep=keep,
+        )
+        state = (net, x, T, keep) if save else None
+        return SpanForward(torch.from_numpy(sqo), moments, torch.from_numpy(out), state)
+
+    def span_backward(
+        self, pb: Problem, span: list[Layer], state: tuple, grad: Tensor, grad_in: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``sweep_kernel``'s backward call: the gradient at the span's output enters as the dot
+        error's targets."""
+        k = _k()
+        net, x, T, keep = state
+        N, dt = x.shape[0], x.dtype
+        sqg = np.full((N, len(span) + 1), np.nan, dt)
+        gin = output((N, x.shape[1]), dt) if grad_in else None
+        self._sweep_rows(
+            pb,
+            net,
+            x,
+            slice(0, N),
+            k.E_DOT,
+            grad.contiguous().numpy(),
+            _NO_LABELS,
+            True,
+            False,
+            np.empty_like(sqg),
+            sqg,
+            None,
+            T=T,
+            gin=gin,
+            keep=keep,
+            fwd=False,
+        )
+        return torch.from_numpy(sqg), None if gin is None else torch.from_numpy(gin)
+
+    def _sweep_tile(self, pb: Problem, net: Net, n: int, dt) -> int:
+        return self._tile(pb, n, 1, dt.itemsize * (net.rowsz + 3 * net.dmax))
+
+    def _sweep_rows(
+        self,
+        pb: Problem,
+        net: Net,
+        x: np.ndarray,
+        rows: slice,
+        err: int,
+        yv: np.ndarray,
+        ylab: np.ndarray,
+        grads: bool,
+        stats: bool,
+        sqo: np.ndarray,
+        sqg: np.ndarray,
+        moments: list[Moments | None] | None,
+        *,
+        T: int | None = None,
+        hout: np.ndarray | None = None,
+        gin: np.ndarray | None = None,
+        keep: np.ndarray | None = None,
+        fwd: bool = True,
+    ) -> None:
+        """``sweep_kernel`` on ``rows`` of ``x`` with ``net`` (``T`` samples a tile, by default
+        ``_sweep_tile``'s); merges the moments into ``moments``. ``hout``, ``gin``, ``keep`` and
+        ``fwd``: a span's two calls (``sweep_kernel``)."""
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        dt = x.dtype
+        L = net.meta.shape[0]
+        n = rows.stop - rows.start
+        T = self._sweep_tile(pb, net, n, dt) if T is None else T
+        shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
+        mean, m2, pos, neg = (np.zeros(shape) for _ in range(4))
+        cnt = np.zeros(nth, np.int64)
+        ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax), dt, pb.memory)
+        with single_threaded_blas():
+            k.sweep_kernel(
+                x[rows],
+                err,
+                yv[rows] if err == k.E_DOT else yv,
+                ylab[rows] if err == k.E_KL else ylab,
+                *net.args(),
+                T,
+                net.dmax,
+                grads,
+                stats,
+                sqo[rows],
+                sqg[rows] if grads else sqg,
+                _NONE[dt] if hout is None else hout[rows],
+                _NONE[dt] if gin is None else gin[rows],
+                _NONE1[dt] if keep is None else keep,
+                fwd,
+                mean,
+                m2,
+                pos,
+                neg,
+                cnt,
+                ws,
+            )
+        if moments is not None:
+            self._merge_moments(net, moments, mean, m2, pos, neg, cnt)
 
     def _sweep_coupled(self, pb: Problem, grads: bool, stats: bool) -> Sweep:
         """One batch datapoint per dataset: ``coupled_sweep_kernel`` on each."""
@@ -503,9 +621,7 @@ class NumbaBackend(FusedBackend):
         x, _, _, _ = self._rows(pb)
         N, L, dt = x.shape[0], pb.L, x.dtype
         w = pb.widths
-        out = np.empty((N, w[end], w[start]), dt)
-        if POISON:
-            out.fill(np.nan)
+        out = output((N, w[end], w[start]), dt)
         if start == end:
             out[:] = np.eye(w[end], dtype=dt)
             return torch.from_numpy(out)

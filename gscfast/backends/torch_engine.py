@@ -3,17 +3,22 @@
 Each chunk of datapoints is run forward once, saving what the layer VJPs need; then stacks of
 cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only their squared norms
 are kept, so no ``[B, L, d, d]`` tensor ever exists.
+
+A fused backend (``lowering.FusedBackend``, a subclass) runs a model that its kernels take only
+in part through this engine's ``sweep``, with the runs of layers its kernels take (``spans``)
+handed to its ``span_forward`` and ``span_backward`` (from the gradient at the span's end).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..compiler import Program
+from ..compiler import Layer, Program
 from ..rules import ForwardCtx, error_grad, error_value
 from ..validation import Problem
 from .base import Backend, Moments, ProbeFn, Sweep
@@ -28,6 +33,30 @@ class Trace:
     saved: dict[int, list[Any]] = field(default_factory=dict)
     inputs: dict[int, Tensor] = field(default_factory=dict)
     grad: Tensor | None = None  # [P, 1, S, d_1], d f_0 / d f_1
+    spans: dict[int, Any] = field(default_factory=dict)  # span_forward's states by first layer
+
+
+@dataclass
+class SpanForward:
+    """A fused backend's ``span_forward`` of a span of ``Ls`` layers on ``N`` samples. Columns
+    are the span's own paper indices: column ``c = 1..Ls`` is the output of its ``c``-th layer
+    from the end (column 0 is unused).
+
+    Attributes:
+        sq_out: ``[N, Ls+1]`` squared norms of the layer outputs.
+        moments: ``Ls+1`` pre-activation moments (None where none), or None if not asked for.
+        out: ``[N, d_out]`` the span's output.
+        state: what ``span_backward`` needs (the backend's own; None if not saved).
+    """
+
+    sq_out: Tensor
+    moments: list[Moments | None] | None
+    out: Tensor
+    state: Any
+
+
+Span = list[Layer]
+"""Consecutive layers of a program (model order) that a fused backend runs as one."""
 
 
 def forward(
@@ -40,15 +69,39 @@ def forward(
     moments: list[Moments | None] | None = None,
     keep_inputs: bool = False,
     norms: bool = True,
+    spans: Sequence[Span] = (),
+    span_forward: Any = None,
 ) -> Trace:
     """Run one chunk forward; accumulate pre-activation ``moments`` in place if given; without
-    ``norms``, ``sq_out`` stays NaN (``jacobian`` needs no norms)."""
+    ``norms``, ``sq_out`` stays NaN (``jacobian`` needs no norms). The layers of ``spans`` run on
+    ``span_forward`` (a fused backend's; per-sample datapoints), their states kept in
+    ``Trace.spans`` if ``ctx.save``."""
     h = pb.x[ds, bs]
     Dc, b = h.shape[:2]
     P = Dc if pb.coupled else Dc * b
     tr = Trace(sq_out=h.new_full((P, pb.L + 1), float("nan")))
+    starts = {span[0].index: span for span in spans}
+    skip = 0
     for layer in program.layers:
         m = layer.index
+        if skip:
+            skip -= 1
+            continue
+        span = starts.get(m)
+        if span is not None:
+            save = ctx.save and span[-1].index < pb.L  # the first layer's VJP is never needed
+            r = span_forward(pb, span, h.reshape(P, -1), moments is not None, save)
+            tr.spans[m] = r.state
+            end = span[-1].index
+            tr.sq_out[:, end : m + 1] = r.sq_out[:, 1:]
+            if moments is not None:
+                for c, mo in enumerate(r.moments[1:], start=end):
+                    prev = moments[c]
+                    if mo is not None:
+                        moments[c] = mo if prev is None else prev.merge(mo)
+            h = r.out.reshape(Dc, b, -1)
+            skip = len(span) - 1
+            continue
         if keep_inputs:
             tr.inputs[m] = h
         h, tr.saved[m], pre = layer.forward(h, ctx)
@@ -78,15 +131,47 @@ class TorchBackend(Backend):
         item = pb.x.element_size()
         return item * pb.S * (3 * sum(w[1:]) + 4 * rows * max(w[1:]))
 
+    def spans(self, pb: Problem) -> list[Span]:
+        """The runs of layers that ``span_sweep`` takes in ``sweep`` (none here: see
+        ``lowering.FusedBackend``)."""
+        return []
+
+    def span_forward(
+        self, pb: Problem, span: Span, h: Tensor, stats: bool, save: bool
+    ) -> SpanForward:
+        """``span`` on its input ``h [N, d_in]``, keeping what its VJP needs if ``save``.
+        Implemented by the fused backends that have ``spans``."""
+        raise NotImplementedError
+
+    def span_backward(
+        self, pb: Problem, span: Span, state: Any, grad: Tensor, grad_in: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """From ``grad [N, d_out]``, the gradient at ``span``'s output, and the ``state`` of its
+        ``span_forward``: ``[N, Ls+1]`` the squared norms of the gradient at its layers' outputs
+        (columns as ``SpanForward``'s), and the gradient at its input ``[N, d_in]`` if
+        ``grad_in`` (else None)."""
+        raise NotImplementedError
+
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
         if grads and pb.error is None:
             raise ValueError("the gradients of a sweep need the error layer (error and y)")
         moments: list[Moments | None] | None = [None] * (pb.L + 1) if stats else None
         sq_out: list[Tensor] = []
         sq_grad: list[Tensor] = []
+        spans = self.spans(pb)
+        ends = {span[-1].index: span for span in spans}
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, 1)):
             ctx.save = grads
-            tr = forward(pb, pb.program, ds, bs, ctx, moments=moments)
+            tr = forward(
+                pb,
+                pb.program,
+                ds,
+                bs,
+                ctx,
+                moments=moments,
+                spans=spans,
+                span_forward=self.span_forward,
+            )
             sq_out.append(tr.sq_out)
             if grads:
                 g = tr.sq_out.new_empty(tr.sq_out.shape)
@@ -94,9 +179,24 @@ class TorchBackend(Backend):
                 v = tr.grad
                 assert v is not None  # forward sets it with the error layer, checked above
                 g[:, 1] = sq_norms(v)
-                for m in range(1, pb.L):
-                    v = pb.program.layer(m).vjp(v, tr.saved[m])
-                    g[:, m + 1] = sq_norms(v)
+                m = 1
+                while m < pb.L:
+                    span = ends.get(m)
+                    if span is None:
+                        v = pb.program.layer(m).vjp(v, tr.saved[m])
+                        g[:, m + 1] = sq_norms(v)
+                        m += 1
+                        continue
+                    first = span[0].index  # the span maps f_{first+1} -> f_m
+                    P = v.shape[0]
+                    sq, gin = self.span_backward(
+                        pb, span, tr.spans[first], v.reshape(P, -1), first < pb.L
+                    )
+                    g[:, m + 1 : first + 1] = sq[:, 2:]
+                    if gin is not None:
+                        v = gin.reshape(P, 1, 1, -1)
+                        g[:, first + 1] = sq_norms(v)
+                    m = first + 1
                 sq_grad.append(g)
         return Sweep(torch.cat(sq_out), torch.cat(sq_grad) if grads else None, moments)
 

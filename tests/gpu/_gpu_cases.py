@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import nn
@@ -193,6 +194,55 @@ def fallback_cases() -> list[GpuCase]:
     x, y = _data(61, 1, 3, 4, 3, "dot")
     out.append(GpuCase("residual", m, x, y, "dot"))
     return out
+
+
+class Swish(nn.Module):
+    """A module of the user's own (the generic rule takes it)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x) + 0.1 * x
+
+
+def mixed_cases() -> list[GpuCase]:
+    """Models the fused kernels take in part: ``sweep`` runs their runs of layers (spans) on the
+    kernels, the rest on the torch engine's path."""
+    L = nn.Linear
+    out = []
+    m = _seeded(
+        nn.Sequential(
+            *(L(5, 17), nn.LayerNorm(17), nn.Tanh(), L(17, 7), nn.GELU()),
+            *(L(7, 7), Swish(), L(7, 17), nn.ReLU()),
+            *(L(17, 5), nn.SELU(), L(5, 3)),
+        ),
+        70,
+    )
+    x, y = _data(71, 2, 20, 5, 3, "dot")
+    out.append(GpuCase("generic-middle", m, x, y, "dot"))
+    m = _seeded(
+        nn.Sequential(
+            L(4, 5), nn.ReLU(), gscfast.nn.Residual(nn.Sequential(L(5, 5), nn.Tanh()), 0.5), L(5, 3)
+        ),
+        60,
+    )
+    x, y = _data(61, 1, 3, 4, 3, "kl")
+    out.append(GpuCase("residual-kl", m, x, y, "kl"))
+    return out
+
+
+def check_spans(be, case: GpuCase, dtype: torch.dtype, device="cpu") -> None:
+    """``check_backend``'s sweep of a mixed case, and that every span ran on ``be``'s kernels."""
+    cls, ran = type(be), set()
+    orig = cls.span_forward
+
+    def spy(self, pb, span, *a, **k):
+        ran.add((span[0].index, span[-1].index))
+        return orig(self, pb, span, *a, **k)
+
+    spans = {(s[0].index, s[-1].index) for s in be.spans(case.to(dtype, device).problem())}
+    assert spans, f"{case.id}: the kernels take some of its layers"
+    with mock.patch.object(cls, "span_forward", spy):
+        check_backend(be, case, dtype, device, methods=("sweep",))
+    assert ran == spans
 
 
 def perturbed(case: GpuCase, seed: int = 7) -> GpuCase:

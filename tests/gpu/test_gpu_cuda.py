@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gpu_cases import cases, check_backend, fallback_cases
+from _gpu_cases import cases, check_backend, check_spans, fallback_cases, mixed_cases
 
 import gscfast
 from gscfast import backends
@@ -48,6 +48,13 @@ def test_fallback(name, case):
     be = _backend(name)
     assert not be.fused(case.to(torch.float64, "cuda").problem())
     check_backend(be, case, torch.float64, device="cuda", methods=("sweep", "chain"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", mixed_cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("name", ["triton", "cupy"])
+def test_spans_run_on_the_kernels(name, case, dtype):
+    check_spans(_backend(name), case, dtype, device="cuda")
 
 
 @pytest.mark.parametrize("name", ["triton", "cupy"])

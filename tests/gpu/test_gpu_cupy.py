@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
+from _gpu_cases import (
+    cases,
+    check_backend,
+    check_overflow_refused,
+    check_spans,
+    fallback_cases,
+    mixed_cases,
+)
 
 from gscfast.backends import _gpu_host
 from gscfast.backends import cuda_sources as cs
@@ -73,6 +80,12 @@ def test_cuda_source_matches_reference(host, case, dtype):
 def test_fallback_is_the_torch_path(host, case):
     assert not host.fused(case.problem())
     check_backend(host, case, torch.float64, methods=("sweep", "chain"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", mixed_cases(), ids=lambda c: c.id)
+def test_spans_run_on_the_kernels(host, case, dtype):
+    check_spans(host, case, dtype)
 
 
 def test_cpu_needs_the_switch():

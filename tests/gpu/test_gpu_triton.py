@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gpu_cases import cases, check_backend, check_overflow_refused, fallback_cases
+from _gpu_cases import (
+    cases,
+    check_backend,
+    check_overflow_refused,
+    check_spans,
+    fallback_cases,
+    mixed_cases,
+)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install 'triton>=3.0')", allow_module_level=True)
@@ -77,6 +84,12 @@ def test_small_tiles(interp, case, dtype, monkeypatch):
 def test_fallback_is_the_torch_path(interp, case):
     assert not interp.fused(case.problem())
     check_backend(interp, case, torch.float64, methods=("sweep", "chain"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", mixed_cases(), ids=lambda c: c.id)
+def test_spans_run_on_the_kernels(interp, case, dtype):
+    check_spans(interp, case, dtype)
 
 
 def test_cpu_needs_the_switch():

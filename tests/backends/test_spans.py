@@ -1,0 +1,213 @@
+"""Models the fused kernels take only in part: ``sweep`` (``gsc``, ``gsc_moments``,
+``preactivation_stats``, ``analyze``) runs the torch engine's path with every run of
+``Linear -> [norm] -> [activation]`` layers on numba's kernels (``lowering.fused_spans``,
+``span_forward``/``span_backward``), and must give the reference backend's numbers.
+
+The spans sit first, last and between layers the kernels do not take (a module of the user's own,
+a generic torch module, a residual block, a convolution), so both the span's output (forward) and
+the gradient at its input (backward) feed the rest of the model. A spy checks that the kernels
+ran. Widths are odd, ``chunk_size`` splits datasets, and every kernel buffer starts as NaN.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gscfast
+from gscfast.backends.lowering import fused_spans
+from gscfast.validation import make_problem
+
+pytest.importorskip("numba")
+from gscfast.backends import numba_backend
+from gscfast.backends.numba_backend import NumbaBackend
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(numba_backend, "POISON", True)
+    numba_backend.release_workspace()
+
+
+class Swish(nn.Module):
+    """A module of the user's own: the generic rule takes it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x) + 0.1 * x
+
+
+def _mlp(widths: list[int], act=nn.Tanh) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        out += [nn.Linear(a, b), act()]
+    return out
+
+
+def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], list[tuple[int, int]]]]:
+    """name -> (model, sample shape, the spans as (first, last) paper indices)."""
+    L = nn.Linear
+    m: dict[str, tuple[nn.Module, tuple[int, ...], list[tuple[int, int]]]] = {}
+    m["generic-middle"] = (
+        nn.Sequential(*_mlp([9, 13, 11, 13]), L(13, 13), Swish(), *_mlp([13, 7, 13]), L(13, 5)),
+        (9,),
+        [(6, 4), (2, 1)],
+    )
+    m["generic-first"] = (
+        nn.Sequential(
+            *(L(9, 11), nn.SiLU(), L(11, 11), nn.Tanh()),
+            *(L(11, 13), nn.LayerNorm(13), nn.GELU(), L(13, 7), nn.Sigmoid(), L(7, 5)),
+        ),
+        (9,),
+        [(3, 1)],
+    )
+    m["generic-last"] = (
+        nn.Sequential(*_mlp([9, 13, 11], nn.ReLU), L(11, 7), Swish()),
+        (9,),
+        [(3, 2)],
+    )
+    bn = nn.BatchNorm1d(13).eval()
+    m["residual-middle"] = (
+        nn.Sequential(
+            L(9, 13),
+            bn,
+            nn.ELU(),
+            gscfast.nn.Residual(nn.Sequential(L(13, 13), nn.Tanh()), 0.5),
+            L(13, 11),
+            nn.Softplus(),
+            L(11, 4),
+        ),
+        (9,),
+        [(4, 4), (2, 1)],
+    )
+    m["cnn-head"] = (
+        nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            L(21, 13),
+            nn.Tanh(),
+            L(13, 11),
+            nn.SELU(),
+            L(11, 6),
+        ),
+        (2, 7),
+        [(2, 1)],
+    )
+    for model, _, _ in m.values():
+        g = torch.Generator().manual_seed(len(model))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(1.5 / max(p.shape[-1], 2)))
+            bn.running_mean.copy_(0.3 * torch.randn(13, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(13, generator=g))
+    return m
+
+
+MODELS = _models()
+
+
+def _data(name: str, dtype: torch.dtype, error: str):
+    model, shape, _ = MODELS[name]
+    model = copy.deepcopy(model).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, *shape, generator=g, dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        d1 = model(x[0]).shape[-1]
+    if error == "kl":
+        y = torch.randint(0, d1, (2, 11), generator=g)
+    else:
+        y = torch.randn(2, 11, d1, generator=g, dtype=torch.float64).to(dtype)
+    return model, x, y
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The spans ``span_forward``/``span_backward`` ran, as ``(first, last)`` paper indices."""
+    ran: dict[str, list[tuple[int, int]]] = {"forward": [], "backward": []}
+    fwd, bwd = NumbaBackend.span_forward, NumbaBackend.span_backward
+
+    def forward(self, pb, span, *a, **k):
+        ran["forward"].append((span[0].index, span[-1].index))
+        return fwd(self, pb, span, *a, **k)
+
+    def backward(self, pb, span, *a, **k):
+        ran["backward"].append((span[0].index, span[-1].index))
+        return bwd(self, pb, span, *a, **k)
+
+    monkeypatch.setattr(NumbaBackend, "span_forward", forward)
+    monkeypatch.setattr(NumbaBackend, "span_backward", backward)
+    return ran
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_spans(name):
+    model, shape, spans = MODELS[name]
+    pb, _ = make_problem(model.double(), torch.zeros(1, 3, *shape, dtype=torch.float64))
+    assert [(s[0].index, s[-1].index) for s in fused_spans(pb.program)] == spans
+    assert not NumbaBackend().fused(pb), "a mixed model is not fused as a whole"
+    assert [(s[0].index, s[-1].index) for s in NumbaBackend().spans(pb)] == spans
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    a, b = a.double(), b.double()
+    assert torch.equal(a.isnan(), b.isnan()), f"{what}: NaN patterns differ"
+    tol = dict(rtol=1e-9, atol=1e-300) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-30)
+    assert torch.allclose(a.nan_to_num(), b.nan_to_num(), **tol), f"{what}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("error", ["dot", "kl"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_span_sweep_matches_reference(spy, name, error, dtype):
+    model, x, y = _data(name, dtype, error)
+    model64, x64, y64 = _data(name, torch.float64, error)
+    spans = MODELS[name][2]
+    kw = dict(error=error, chunk_size=7)  # chunks end inside the datasets
+    for fn in (gscfast.gsc, gscfast.gsc_moments):
+        got = fn(model, x, y, backend="numba", **kw)
+        want = fn(model64, x64, y64, backend="reference", **kw)
+        for field in got._fields if hasattr(got, "_fields") else [None]:
+            a = got if field is None else getattr(got, field)
+            b = want if field is None else getattr(want, field)
+            if isinstance(a, torch.Tensor):
+                _close(a, b, dtype, f"{fn.__name__} {field}")
+        assert sorted(set(spy["forward"])) == sorted(spans)
+        L = len(gscfast.compile_model(model).layers)  # no VJP of the first layer is needed
+        assert sorted(set(spy["backward"])) == sorted(s for s in spans if s[1] < L)
+        spy["forward"].clear()
+        spy["backward"].clear()
+    got_a = gscfast.analyze(model, x, y, backend="numba", **kw)
+    want_a = gscfast.analyze(model64, x64, y64, backend="reference", **kw)
+    for field in ("gsc", "preact_std", "sign_diversity"):
+        _close(getattr(got_a, field), getattr(want_a, field), dtype, f"analyze {field}")
+    spy["forward"].clear()
+    spy["backward"].clear()
+    got_p = gscfast.preactivation_stats(model, x, backend="numba", chunk_size=7)
+    want_p = gscfast.preactivation_stats(model64, x64, backend="reference", chunk_size=7)
+    _close(got_p.std, want_p.std, dtype, "preactivation std")
+    _close(got_p.sign_diversity, want_p.sign_diversity, dtype, "sign diversity")
+    assert sorted(set(spy["forward"])) == sorted(spans) and not spy["backward"]
+
+
+def test_no_spans_for_whole_model_statistics(spy):
+    """Frozen batch statistics are gathered over the whole model and train-mode batch norm couples
+    the batch: both keep the torch engine's path (and its numbers)."""
+    L = nn.Linear
+    model = nn.Sequential(
+        L(5, 7), nn.BatchNorm1d(7), nn.Tanh(), L(7, 7), Swish(), L(7, 7), nn.ReLU(), L(7, 3)
+    ).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 9, 3, generator=g, dtype=torch.float64)
+    for batchnorm in ("frozen", "batch"):
+        pb, _ = make_problem(model, x, y, error="dot", batchnorm=batchnorm)
+        assert NumbaBackend().spans(pb) == []
+        got = gscfast.gsc(model, x, y, batchnorm=batchnorm, backend="numba")
+        want = gscfast.gsc(model, x, y, batchnorm=batchnorm, backend="reference")
+        _close(got, want, torch.float64, f"gsc {batchnorm}")
+    assert spy["forward"] == [] and spy["backward"] == []
