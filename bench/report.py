@@ -42,6 +42,8 @@ TARGETS: dict[
     ("W7", "best_chunk"): 1.0,  # issue 14: faster than vmap(jacrev) at its best chunk_size
     ("W8", "torch"): 1.0,  # issue 14: the kernels' spans beat the torch engine's path they replace
     ("W8", "autograd"): 1.0,
+    ("W8J", "torch"): 1.0,
+    ("W8J", "best_chunk"): 1.0,
 }
 PICKED = {"best_chunk", "best_peer"}  # targets against the best of several rows: name it
 
@@ -180,14 +182,14 @@ def targets(rs: list[dict]) -> str:
     by = defaultdict(dict)
     for r in rs:
         w = r.get("workload")
-        if w in ("W1", "W2", "W3", "W6", "W7", "W8"):
+        if w in ("W1", "W2", "W3", "W6", "W7", "W8", "W8J"):
             by[(w, r.get("arch"))][r["impl"]] = r
     lines = ["| workload | target | measured | met |", "|---|---|---|---|"]
     for (w, arch), impls in sorted(by.items()):
         g = impls.get("auto")
         if g is None:
             continue
-        if w in ("W3", "W7"):
+        if w in ("W3", "W7", "W8J"):
             chunks = [r for k, r in impls.items() if k.startswith("vmap_jacrev")]
             if chunks:
                 impls["best_chunk"] = min(chunks, key=lambda r: r["time_s"])

@@ -1,18 +1,35 @@
 """W8: ``gscfast.gsc`` of a model the fused kernels take only in part (issue 14, item 6): W1's
-tanh network (B = 10,000, 50 layers x 100) with the activation of its 25th layer replaced by a
+networks without batch norm (B = 10,000, 50 layers x 100; batch norm in train mode couples the
+batch, which keeps the torch engine's path) with the activation of their 25th layer replaced by a
 module of the user's own (``Swish``, taken by the generic rule). ``auto`` (numba on a CPU) runs
 the two runs of 24 fused layers on either side on its kernels (``lowering.fused_spans``) and the
 rest on the torch engine's path; ``torch`` is that path for every layer (what ``auto`` ran for
 such a model before); ``autograd`` is what a user would otherwise write. ``auto_mlp`` is the same
 network with its tanh back, which the kernels take whole: the cost of the break.
 
-FLOPs: W1's count (one forward and one backward GEMM per Linear), the same for every row."""
+And ``gscfast.jacobian`` (input to output) of the tanh model with W3's sizes (B = 1,000), where
+the Jacobian's 100 rows per sample cross the generic layer: ``vmap(jacrev)`` at its best
+``chunk_size`` is the peer.
+
+FLOPs: W1's count (one forward and one backward GEMM per Linear) and W3's, the same for every
+row of a table."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from benchlib import SIZES, assert_log_close, autograd_gsc, flops_w1, gaussian, run_checked
+from benchlib import (
+    ARCHS,
+    SIZES,
+    assert_log_close,
+    assert_rel_close,
+    autograd_gsc,
+    flops_w1,
+    flops_w3,
+    gaussian,
+    run_checked,
+    vmap_jacrev_jacobian,
+)
 from torch import nn
 
 import gscfast
@@ -26,21 +43,24 @@ class Swish(nn.Module):
         return x * torch.sigmoid(x)
 
 
-def mixed_model(depth: int, width: int) -> tuple[nn.Sequential, nn.Sequential]:
-    """(the model with ``Swish`` at the middle layer's activation, the plain tanh MLP)."""
-    base = gscfast.mlp(depth, width, act="tanh", seed=0)
+def mixed_model(
+    depth: int, width: int, act: str, norm: str | None
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """(the model with ``Swish`` at the middle layer's activation, the plain MLP)."""
+    base = gscfast.mlp(depth, width, act=act, norm=norm, seed=0)
     mods = list(base)
-    acts = [i for i, m in enumerate(mods) if isinstance(m, nn.Tanh)]
+    acts = [i for i, m in enumerate(mods) if isinstance(m, (nn.Tanh, nn.ReLU, nn.SELU))]
     mods[acts[len(acts) // 2 - 1]] = Swish()
     return nn.Sequential(*mods), base
 
 
 @pytest.mark.parametrize("impl", ["auto", "torch", "autograd", "auto_mlp"])
-def test_w8_mixed_gsc(benchmark, sgemm_session, expected, impl):
-    model, base = mixed_model(W["depth"], W["width"])
+@pytest.mark.parametrize("arch", [a for a, (_, norm) in ARCHS.items() if norm != "batch"])
+def test_w8_mixed_gsc(benchmark, sgemm_session, expected, arch, impl):
+    model, base = mixed_model(W["depth"], W["width"], *ARCHS[arch])
     x, y = gaussian(W["B"], W["width"], W["width"])
-    benchmark.group = "W8 gsc of a model fused in part"
-    key = ("w8", impl == "auto_mlp")
+    benchmark.group = f"W8 gsc of a model fused in part {arch}"
+    key = ("w8", arch, impl == "auto_mlp")
     if key not in expected:
         expected[key] = gscfast.gsc(base if impl == "auto_mlp" else model, x, y, backend="torch")
     if impl == "autograd":
@@ -57,9 +77,44 @@ def test_w8_mixed_gsc(benchmark, sgemm_session, expected, impl):
         rounds=W["rounds"],
         sgemm=sgemm_session,
         workload="W8",
-        arch="tanh+swish",
+        arch=arch,
         impl=impl,
         B=W["B"],
         depth=W["depth"],
         width=W["width"],
+    )
+
+
+@pytest.mark.parametrize(
+    "impl",
+    ["auto", "torch", "auto_mlp"] + [f"vmap_jacrev_chunk{c}" for c in SIZES["w3"]["chunks"]],
+)
+def test_w8_mixed_jacobian(benchmark, sgemm_session, expected, impl):
+    W3 = SIZES["w3"]
+    model, base = mixed_model(W3["depth"], W3["width"], "tanh", None)
+    x, _ = gaussian(W3["B"], W3["width"], W3["width"])
+    benchmark.group = "W8 jacobian of a model fused in part"
+    key = ("w8 jacobian", impl == "auto_mlp")
+    if key not in expected:
+        expected[key] = gscfast.jacobian(base if impl == "auto_mlp" else model, x, backend="torch")
+    if impl == "auto_mlp":
+        fn = lambda: gscfast.jacobian(base, x)  # noqa: E731
+    elif impl.startswith("vmap_jacrev_chunk"):
+        c = int(impl.removeprefix("vmap_jacrev_chunk"))
+        fn = lambda: vmap_jacrev_jacobian(model, x, chunk_size=c)  # noqa: E731
+    else:
+        fn = lambda: gscfast.jacobian(model, x, backend=impl)  # noqa: E731
+    run_checked(
+        benchmark,
+        fn,
+        check=lambda r: assert_rel_close(r, expected[key], 1e-3, f"W8 jacobian {impl}"),
+        flops=flops_w3(model, W3["B"]),
+        rounds=W3["rounds"],
+        sgemm=sgemm_session,
+        workload="W8J",
+        arch="tanh",
+        impl=impl,
+        B=W3["B"],
+        depth=W3["depth"],
+        width=W3["width"],
     )

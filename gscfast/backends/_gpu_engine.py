@@ -10,9 +10,9 @@ Softplus, GELU (both forms), Identity), float32 or float64, with per-sample data
 norm, eval-mode batch norm, or train-mode batch norm with ``batchnorm="frozen"`` (per-dataset
 constants). Everything else (train-mode batch norm coupling a batch, ``Residual`` blocks, other
 layer shapes, other dtypes, a gradient asked for without an error layer) takes the ``"torch"``
-engine's path on the same device: slower, never a different number. In a ``sweep`` of a model
-the kernels take in part, its runs of layers they take run on them (``span_forward``,
-``span_backward``: ``lowering.FusedBackend``).
+engine's path on the same device: slower, never a different number. In a ``sweep`` or
+``jacobian`` of a model the kernels take in part, its runs of layers they take run on them
+(``span_forward``, ``span_backward``: ``lowering.FusedBackend``).
 
 The three kernels (index letters as in ``backends/base.py``; ``N`` samples of a chunk, ``R`` rows
 stacked per sample, a layer maps ``d_in -> d_out``):
@@ -412,7 +412,7 @@ class FusedEngine(FusedBackend):
     fuses_spans = True
 
     def span_forward(
-        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool
+        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool, rows: int = 1
     ) -> SpanForward:
         N, L = h.shape[0], pb.L
         end, first = span[-1].index, span[0].index  # the span maps f_{first+1} -> f_end
@@ -428,9 +428,11 @@ class FusedEngine(FusedBackend):
         self, pb: Problem, span: list[Layer], state: Pass, grad: Tensor, grad_in: bool
     ) -> tuple[Tensor, Tensor | None]:
         end, first = span[-1].index, span[0].index
-        dest = grad.new_full((state.N, pb.L + 2), float("nan"))
-        dest[:, end] = grad.square().sum(1)
-        v = self._steps(state, grad.contiguous(), 1, False, end, first + int(grad_in), dest, 1.0)
+        N = state.N
+        R = grad.shape[0] // N
+        dest = grad.new_full((N, pb.L + 2), float("nan"))
+        dest[:, end] = grad.reshape(N, -1).square().sum(1)
+        v = self._steps(state, grad.contiguous(), R, False, end, first + int(grad_in), dest, 1.0)
         return dest[:, end - 1 : first + 1], (v if grad_in else None)
 
     # ---------------------------------------------------------------- the four methods

@@ -751,6 +751,7 @@ def _sweep_worker(
     gin,
     keep,
     fwd,
+    R,
     mean,
     m2,
     pos,
@@ -766,10 +767,10 @@ def _sweep_worker(
     store = w[: T * rowsz]
     o = T * rowsz
     Z = w[o : o + T * dmax]
-    G = w[o + T * dmax : o + 2 * T * dmax]
-    U = w[o + 2 * T * dmax : o + 3 * T * dmax]
+    G = w[o + T * dmax : o + (1 + R) * T * dmax]
+    U = w[o + (1 + R) * T * dmax : o + (1 + 2 * R) * T * dmax]
     tmp = np.zeros((4, dmax))
-    sq = np.empty(T)
+    sq = np.empty(T * R)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
@@ -806,14 +807,21 @@ def _sweep_worker(
             hout[r0 : r0 + n] = _mat(store, sto, T, L - 1, S_H, n, d1)
         if err == E_NONE:
             continue
-        _error_rows(err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, G, sqo, r0)
+        if fwd:
+            out = _mat(store, sto, T, L - 1, S_H, n, d1)
+            _error_rows(err, out, yv, ylab, r0, n, d1, G, sqo, r0)
+        else:  # a span's backward call: R rows per sample of the gradient at its output
+            for k in range(n * R):
+                src = yv[r0 * R + k]
+                for j in range(d1):
+                    G[k * d1 + j] = src[j]
         if not grads:
             continue
         _ebwd_rows(
             G,
-            n,
+            n * R,
             d1,
-            np.int64(1),
+            R,
             L - 1,
             meta,
             fmeta,
@@ -827,12 +835,15 @@ def _sweep_worker(
             np.int64(0),
         )
         for t in range(n):
-            sqg[r0 + t, 1] = sq[t]
+            acc = 0.0
+            for r in range(R):
+                acc += sq[t * R + r]
+            sqg[r0 + t, 1] = acc
         V = _chain_tile(
             G,
             U,
             n,
-            np.int64(1),
+            R,
             L - 1,
             meta,
             fmeta,
@@ -852,9 +863,9 @@ def _sweep_worker(
             d = meta[0, M_DOUT]
             _ebwd_rows(
                 V,
-                n,
+                n * R,
                 d,
-                np.int64(1),
+                R,
                 np.int64(0),
                 meta,
                 fmeta,
@@ -867,7 +878,12 @@ def _sweep_worker(
                 np.bool_(True),
                 np.int64(0),
             )
-            np.dot(V[: n * d].reshape((n, d)), _weight(wflat, meta, 0), gin[r0 : r0 + n])
+            rows = n * R
+            np.dot(
+                V[: rows * d].reshape((rows, d)),
+                _weight(wflat, meta, 0),
+                gin[r0 * R : r0 * R + rows],
+            )
 
 
 def sweep_kernel(
@@ -891,6 +907,7 @@ def sweep_kernel(
     gin,
     keep,
     fwd,
+    R,
     mean,
     m2,
     pos,
@@ -907,9 +924,10 @@ def sweep_kernel(
     A span of a mixed model runs in two calls (unused outputs have no rows). The forward call
     (``fwd``, ``grads`` to save the VJP state, ``err = E_NONE``) writes ``sqo``, the moments,
     the output ``hout [N, d_1]`` and the state of every tile of ``T`` samples into ``keep
-    [N_tiles * T * rowsz]``; the backward call (not ``fwd``, same ``T`` and ``keep``) takes the
-    gradient at the output as the dot error's targets ``yv`` (its ``f_0^2`` means nothing) and
-    writes ``sqg`` and ``gin [N, n]``, the gradient at the input.
+    [N_tiles * T * rowsz]``; the backward call (not ``fwd``, same ``T`` and ``keep``, ``err =
+    E_DOT``) takes ``R`` rows per sample at the output, ``yv [N * R, d_1]`` (a gradient, or the
+    rows of a Jacobian), and writes ``sqg`` (each sample's sum over its rows) and ``gin [N * R,
+    n]``, the rows at the input. Other calls have ``R = 1``.
     """
     launch(
         _sweep_worker,
@@ -934,6 +952,7 @@ def sweep_kernel(
         gin,
         keep,
         fwd,
+        R,
         mean,
         m2,
         pos,
@@ -2447,8 +2466,8 @@ def _barrier(sync, nth):
 # ------------------------------------------------------------------ workspace sizes (elements)
 
 
-def sweep_ws(T, rowsz, dmax):
-    return T * (rowsz + 3 * dmax)
+def sweep_ws(T, rowsz, dmax, R=1):
+    return T * (rowsz + (1 + 2 * R) * dmax)
 
 
 def chain_ws(T, rowsz, dmax, rmax, L):

@@ -138,12 +138,16 @@ def check_program(program: Program) -> None:
         split_layer(layer)
 
 
-def fused_spans(program: Program) -> list[list[Layer]]:
+def fused_spans(program: Program, cuts: Sequence[int] = ()) -> list[list[Layer]]:
     """The maximal runs of consecutive layers of ``program`` that lower to the fused kernels
-    (``lower_layer`` without frozen statistics), in model order."""
+    (``lower_layer`` without frozen statistics), in model order, none of them across the layer
+    boundaries ``f_c`` for ``c`` in ``cuts``."""
     spans: list[list[Layer]] = []
     run: list[Layer] = []
     for layer in program.layers:
+        if run and layer.index + 1 in cuts:
+            spans.append(run)
+            run = []
         try:
             lower_layer(layer, None)
         except Unsupported:
@@ -304,11 +308,11 @@ class FusedBackend(TorchBackend):
     datapoint for ``method``; ``fused`` adds what every fused backend needs of the program.
 
     A model the kernels take only in part (a generic module, a convolution, a residual block
-    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep`` runs on the torch
-    engine's path with each run of layers the kernels take (``spans``) on the subclass's
-    ``span_forward`` and ``span_backward``, where it sets ``fuses_spans``; per-sample datapoints
-    without frozen batch statistics (those are gathered over a whole model). The other methods
-    take the torch engine's path for such a model.
+    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep`` and ``jacobian`` run
+    on the torch engine's path with each run of layers the kernels take (``spans``) on the
+    subclass's ``span_forward`` and ``span_backward``, where it sets ``fuses_spans``; per-sample
+    datapoints without frozen batch statistics (those are gathered over a whole model).
+    ``chain`` and ``contributions`` take the torch engine's path for such a model.
     """
 
     fuses_spans: ClassVar[bool] = False
@@ -316,10 +320,10 @@ class FusedBackend(TorchBackend):
     def takes(self, pb: Problem, method: str) -> bool:
         raise NotImplementedError
 
-    def spans(self, pb: Problem) -> list[list[Layer]]:
+    def spans(self, pb: Problem, cuts: Sequence[int] = ()) -> list[list[Layer]]:
         if not self.fuses_spans or pb.coupled or pb.frozen or not self.takes(pb, "sweep"):
             return []
-        return fused_spans(pb.program)
+        return fused_spans(pb.program, cuts)
 
     def fused(self, pb: Problem, method: str = "chain", init: Program | None = None) -> bool:
         """Whether ``method`` (``"sweep"``, ``"chain"``, ``"jacobian"``, ``"contributions"``)

@@ -26,8 +26,9 @@ the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (
 ``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
 shape (two Linears in a row, an activation or a norm without a Linear before it, convolutions,
 generic modules), other dtypes or devices, and a gradient asked for without an error layer.
-In a ``sweep`` of such a model with per-sample datapoints, every run of layers the kernels take
-runs on ``sweep_kernel`` (``span_forward``, ``span_backward``: ``lowering.FusedBackend``).
+In a ``sweep`` or ``jacobian`` of such a model with per-sample datapoints, every run of layers
+the kernels take runs on ``sweep_kernel`` (``span_forward``, ``span_backward``, ``span_tail``:
+``lowering.FusedBackend``).
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
 runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
@@ -139,21 +140,22 @@ POISON = os.environ.get("GSCFAST_POISON", "") == "1"
 kernel wrote shows as NaN instead of passing or failing by chance on stale values)."""
 
 
-def workspace(rows: int, cols: int, dtype, keep_bytes: int) -> np.ndarray:
+def workspace(rows: int, cols: int, dtype, keep_bytes: int, slot: object = None) -> np.ndarray:
     """A ``[rows, cols]`` scratch array for the kernels' working sets, reused between calls (per
-    Python thread) when it is at most ``keep_bytes`` (the memory budget): fresh pages cost a
-    page fault each, which on some machines is as slow as the kernels."""
+    Python thread and ``slot``) when it is at most ``keep_bytes`` (the memory budget): fresh
+    pages cost a page fault each, which on some machines is as slow as the kernels."""
     need = rows * cols
     cache = getattr(_WS, "arrays", None)
     if cache is None:
         cache = _WS.arrays = {}
-    buf = cache.get(np.dtype(dtype))
+    key = (slot, np.dtype(dtype))
+    buf = cache.get(key)
     if buf is None or buf.size < need:
         buf = np.empty(need, dtype)
         if need * buf.itemsize <= keep_bytes:
-            cache[np.dtype(dtype)] = buf
+            cache[key] = buf
         else:
-            cache.pop(np.dtype(dtype), None)
+            cache.pop(key, None)
     if POISON:
         buf[:need] = np.nan
     return buf[:need].reshape(rows, cols)
@@ -170,6 +172,23 @@ def output(shape: tuple[int, ...], dtype) -> np.ndarray:
 def release_workspace() -> None:
     """Free this thread's cached kernel workspaces."""
     _WS.arrays = {}
+
+
+def _targets(
+    error: str | None, y: Tensor | None, dtype: torch.dtype
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The kernels' error code, targets ``y [N, m]`` (``"dot"``; else a dummy) and labels ``[N]``
+    (``"kl"``; else a dummy), sharing memory with ``y`` where possible."""
+    k = _k()
+    yv = np.zeros((1, 1), _DTYPES[dtype])
+    ylab = np.zeros(1, np.int64)
+    if error == "dot":
+        assert y is not None
+        return k.E_DOT, y.to(dtype).contiguous().numpy(), ylab
+    if error == "kl":
+        assert y is not None
+        return k.E_KL, yv, y.to(torch.int64).contiguous().numpy()
+    return k.E_NONE, yv, ylab
 
 
 # ----------------------------------------------------------------------------- the compiled net
@@ -319,23 +338,13 @@ class NumbaBackend(FusedBackend):
     def _rows(pb: Problem) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """``x [N, n]``, the error code, ``y [N, m]`` (or a dummy) and labels ``[N]`` (or a
         dummy), as numpy arrays sharing memory with the tensors where possible."""
-        k = _k()
-        dt = _DTYPES[pb.x.dtype]
         N = pb.D * pb.B
         x = pb.x.reshape(N, -1).contiguous().numpy()
-        yv = np.zeros((1, 1), dt)
-        ylab = np.zeros(1, np.int64)
-        err = k.E_NONE
-        y = pb.y
-        if pb.error == "dot":
-            assert y is not None  # validation: an error layer comes with targets
-            err = k.E_DOT
-            yv = y.reshape(N, -1).to(pb.x.dtype).contiguous().numpy()
-        elif pb.error == "kl":
-            assert y is not None
-            err = k.E_KL
-            ylab = y.reshape(N).to(torch.int64).contiguous().numpy()
-        return x, err, yv, ylab
+        if pb.error is None:
+            return (x, *_targets(None, None, pb.x.dtype))
+        assert pb.y is not None  # validation: an error layer comes with targets
+        y = pb.y.reshape(N) if pb.error == "kl" else pb.y.reshape(N, -1)
+        return (x, *_targets(pb.error, y, pb.x.dtype))
 
     @staticmethod
     def _tile(pb: Problem, n_rows: int, rows_per_sample: int, bytes_per_sample: int) -> int:
@@ -369,16 +378,20 @@ class NumbaBackend(FusedBackend):
         return Sweep(out, torch.from_numpy(sqg) if grads else None, moments)
 
     def span_forward(
-        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool
+        self, pb: Problem, span: list[Layer], h: Tensor, stats: bool, save: bool, rows: int = 1
     ) -> SpanForward:
         """``sweep_kernel``'s forward call on a span as if it were the model; with ``save``, the
-        state of every tile is kept for ``span_backward``."""
+        state of every tile is kept for ``span_backward`` (tiles sized for ``rows`` rows per
+        sample there)."""
         k = _k()
         x = h.contiguous().numpy()
         N, Ls, dt = x.shape[0], len(span), x.dtype
         net = build_net(span, dt, x.shape[1], None)
-        T = self._sweep_tile(pb, net, N, dt)
-        keep = output((-(-N // T) * T * net.rowsz,), dt) if save else None
+        T = self._sweep_tile(pb, net, N, dt, rows)
+        keep = None
+        if save:  # one slot per span: the spans of a sweep are all alive until its backward
+            size = -(-N // T) * T * net.rowsz
+            keep = workspace(1, size, dt, pb.memory, ("span", span[0].index)).reshape(-1)
         sqo = np.full((N, Ls + 1), np.nan, dt)
         out = output((N, int(net.meta[-1, k.M_DOUT])), dt)
         moments: list[Moments | None] | None = [None] * (Ls + 1) if stats else None
@@ -405,13 +418,14 @@ class NumbaBackend(FusedBackend):
     def span_backward(
         self, pb: Problem, span: list[Layer], state: tuple, grad: Tensor, grad_in: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """``sweep_kernel``'s backward call: the gradient at the span's output enters as the dot
+        """``sweep_kernel``'s backward call: the rows at the span's output enter as the dot
         error's targets."""
         k = _k()
         net, x, T, keep = state
         N, dt = x.shape[0], x.dtype
+        R = grad.shape[0] // N
         sqg = np.full((N, len(span) + 1), np.nan, dt)
-        gin = output((N, x.shape[1]), dt) if grad_in else None
+        gin = output((N * R, x.shape[1]), dt) if grad_in else None
         self._sweep_rows(
             pb,
             net,
@@ -432,8 +446,27 @@ class NumbaBackend(FusedBackend):
         )
         return torch.from_numpy(sqg), None if gin is None else torch.from_numpy(gin)
 
-    def _sweep_tile(self, pb: Problem, net: Net, n: int, dt) -> int:
-        return self._tile(pb, n, 1, dt.itemsize * (net.rowsz + 3 * net.dmax))
+    def span_tail(
+        self, pb: Problem, span: list[Layer], h: Tensor, y: Tensor, stats: bool, grad_in: bool
+    ) -> tuple[SpanForward, Tensor, Tensor | None]:
+        """``sweep_kernel`` on the span that ends the model, with the error, in one call: no
+        state leaves the tiles."""
+        x = h.contiguous().numpy()
+        N, Ls, dt = x.shape[0], len(span), x.dtype
+        net = build_net(span, dt, x.shape[1], None)
+        err, yv, ylab = _targets(pb.error, y, h.dtype)
+        sqo = np.full((N, Ls + 1), np.nan, dt)
+        sqg = np.full((N, Ls + 1), np.nan, dt)
+        gin = output((N, x.shape[1]), dt) if grad_in else None
+        moments: list[Moments | None] | None = [None] * (Ls + 1) if stats else None
+        self._sweep_rows(
+            pb, net, x, slice(0, N), err, yv, ylab, True, stats, sqo, sqg, moments, gin=gin
+        )
+        fw = SpanForward(torch.from_numpy(sqo), moments, None, None)
+        return fw, torch.from_numpy(sqg), None if gin is None else torch.from_numpy(gin)
+
+    def _sweep_tile(self, pb: Problem, net: Net, n: int, dt, R: int = 1) -> int:
+        return self._tile(pb, n, R, dt.itemsize * (net.rowsz + (1 + 2 * R) * net.dmax))
 
     def _sweep_rows(
         self,
@@ -470,12 +503,14 @@ class NumbaBackend(FusedBackend):
         shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
         mean, m2, pos, neg = (np.zeros(shape) for _ in range(4))
         cnt = np.zeros(nth, np.int64)
-        ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax), dt, pb.memory)
+        R = 1 if fwd else yv.shape[0] // n  # rows per sample at a span's output
+        rrows = slice(rows.start * R, rows.stop * R)
+        ws = workspace(nth, k.sweep_ws(T, net.rowsz, net.dmax, R), dt, pb.memory)
         with single_threaded_blas():
             k.sweep_kernel(
                 x[rows],
                 err,
-                yv[rows] if err == k.E_DOT else yv,
+                yv[rrows] if err == k.E_DOT else yv,
                 ylab[rows] if err == k.E_KL else ylab,
                 *net.args(),
                 T,
@@ -485,9 +520,10 @@ class NumbaBackend(FusedBackend):
                 sqo[rows],
                 sqg[rows] if grads else sqg,
                 _NONE[dt] if hout is None else hout[rows],
-                _NONE[dt] if gin is None else gin[rows],
+                _NONE[dt] if gin is None else gin[rrows],
                 _NONE1[dt] if keep is None else keep,
                 fwd,
+                np.int64(R),
                 mean,
                 m2,
                 pos,

@@ -5,8 +5,9 @@ cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only the
 are kept, so no ``[B, L, d, d]`` tensor ever exists.
 
 A fused backend (``lowering.FusedBackend``, a subclass) runs a model that its kernels take only
-in part through this engine's ``sweep``, with the runs of layers its kernels take (``spans``)
-handed to its ``span_forward`` and ``span_backward`` (from the gradient at the span's end).
+in part through this engine's ``sweep`` and ``jacobian``, with the runs of layers its kernels
+take (``spans``) handed to its ``span_forward`` and ``span_backward`` (from the rows at the
+span's end: a gradient, or a Jacobian's rows).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Trace:
     inputs: dict[int, Tensor] = field(default_factory=dict)
     grad: Tensor | None = None  # [P, 1, S, d_1], d f_0 / d f_1
     spans: dict[int, Any] = field(default_factory=dict)  # span_forward's states by first layer
+    tail: tuple[int, Tensor, Tensor | None] | None = None  # span_tail's (first, sq_grad, grad_in)
 
 
 @dataclass
@@ -45,13 +47,13 @@ class SpanForward:
     Attributes:
         sq_out: ``[N, Ls+1]`` squared norms of the layer outputs.
         moments: ``Ls+1`` pre-activation moments (None where none), or None if not asked for.
-        out: ``[N, d_out]`` the span's output.
+        out: ``[N, d_out]`` the span's output (None from ``span_tail``).
         state: what ``span_backward`` needs (the backend's own; None if not saved).
     """
 
     sq_out: Tensor
     moments: list[Moments | None] | None
-    out: Tensor
+    out: Tensor | None
     state: Any
 
 
@@ -71,11 +73,14 @@ def forward(
     norms: bool = True,
     spans: Sequence[Span] = (),
     span_forward: Any = None,
+    span_tail: Any = None,
 ) -> Trace:
     """Run one chunk forward; accumulate pre-activation ``moments`` in place if given; without
     ``norms``, ``sq_out`` stays NaN (``jacobian`` needs no norms). The layers of ``spans`` run on
     ``span_forward`` (a fused backend's; per-sample datapoints), their states kept in
-    ``Trace.spans`` if ``ctx.save``."""
+    ``Trace.spans`` if ``ctx.save``; a span that ends the model runs on ``span_tail``, if
+    given, when the error's gradient is wanted: forward, error and backward at once
+    (``Trace.tail``)."""
     h = pb.x[ds, bs]
     Dc, b = h.shape[:2]
     P = Dc if pb.coupled else Dc * b
@@ -89,16 +94,27 @@ def forward(
             continue
         span = starts.get(m)
         if span is not None:
-            save = ctx.save and span[-1].index < pb.L  # the first layer's VJP is never needed
-            r = span_forward(pb, span, h.reshape(P, -1), moments is not None, save)
-            tr.spans[m] = r.state
             end = span[-1].index
+            stats = moments is not None
+            if end == 1 and span_tail is not None and ctx.save and pb.error is not None:
+                assert pb.y is not None  # make_problem requires y with an error layer
+                y = pb.y[ds, bs]
+                y = y.reshape(P) if pb.error == "kl" else y.reshape(P, -1)
+                r, sq, gin = span_tail(pb, span, h.reshape(P, -1), y, stats, m < pb.L)
+                tr.tail = (m, sq, gin)
+                tr.sq_out[:, 0] = r.sq_out[:, 0]
+            else:
+                save = ctx.save and end < pb.L  # the first layer's VJP is never needed
+                r = span_forward(pb, span, h.reshape(P, -1), stats, save)
+                tr.spans[m] = r.state
             tr.sq_out[:, end : m + 1] = r.sq_out[:, 1:]
             if moments is not None:
                 for c, mo in enumerate(r.moments[1:], start=end):
                     prev = moments[c]
                     if mo is not None:
                         moments[c] = mo if prev is None else prev.merge(mo)
+            if r.out is None:  # span_tail: the error is done
+                return tr
             h = r.out.reshape(Dc, b, -1)
             skip = len(span) - 1
             continue
@@ -131,26 +147,34 @@ class TorchBackend(Backend):
         item = pb.x.element_size()
         return item * pb.S * (3 * sum(w[1:]) + 4 * rows * max(w[1:]))
 
-    def spans(self, pb: Problem) -> list[Span]:
-        """The runs of layers that ``span_sweep`` takes in ``sweep`` (none here: see
+    def spans(self, pb: Problem, cuts: Sequence[int] = ()) -> list[Span]:
+        """The runs of layers that ``span_forward`` and ``span_backward`` take in ``sweep`` and
+        ``jacobian``, none across the boundaries ``f_c``, ``c`` in ``cuts`` (none here: see
         ``lowering.FusedBackend``)."""
         return []
 
     def span_forward(
-        self, pb: Problem, span: Span, h: Tensor, stats: bool, save: bool
+        self, pb: Problem, span: Span, h: Tensor, stats: bool, save: bool, rows: int = 1
     ) -> SpanForward:
-        """``span`` on its input ``h [N, d_in]``, keeping what its VJP needs if ``save``.
-        Implemented by the fused backends that have ``spans``."""
+        """``span`` on its input ``h [N, d_in]``, keeping what its VJP needs if ``save`` (for
+        ``rows`` rows per sample). Implemented by the fused backends that have ``spans``."""
         raise NotImplementedError
 
     def span_backward(
         self, pb: Problem, span: Span, state: Any, grad: Tensor, grad_in: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """From ``grad [N, d_out]``, the gradient at ``span``'s output, and the ``state`` of its
-        ``span_forward``: ``[N, Ls+1]`` the squared norms of the gradient at its layers' outputs
-        (columns as ``SpanForward``'s), and the gradient at its input ``[N, d_in]`` if
-        ``grad_in`` (else None)."""
+        """From ``grad [N * R, d_out]``, ``R`` rows per sample at ``span``'s output (a gradient,
+        or a Jacobian's rows), and the ``state`` of its ``span_forward``: ``[N, Ls+1]`` the
+        squared norms of each sample's rows at its layers' outputs (columns as
+        ``SpanForward``'s), and the rows at its input ``[N * R, d_in]`` if ``grad_in`` (else
+        None)."""
         raise NotImplementedError
+
+    span_tail: Any = None
+    """A fused backend's ``(pb, span, h, y, stats, grad_in) -> (SpanForward, sq_grad, grad_in)``:
+    a span that ends the model, forward, error (``y`` its targets ``[N, m]`` or labels ``[N]``;
+    ``SpanForward.sq_out`` column 0 is ``f_0^2``) and backward in one pass; None: ``span_forward``
+    and ``span_backward``."""
 
     def sweep(self, pb: Problem, *, grads: bool, stats: bool) -> Sweep:
         if grads and pb.error is None:
@@ -171,15 +195,23 @@ class TorchBackend(Backend):
                 moments=moments,
                 spans=spans,
                 span_forward=self.span_forward,
+                span_tail=self.span_tail,
             )
             sq_out.append(tr.sq_out)
             if grads:
                 g = tr.sq_out.new_empty(tr.sq_out.shape)
                 g[:, 0] = 1
-                v = tr.grad
-                assert v is not None  # forward sets it with the error layer, checked above
-                g[:, 1] = sq_norms(v)
-                m = 1
+                if tr.tail is not None:  # the last span's backward is done
+                    m, sq, gin = tr.tail
+                    g[:, 1 : m + 1] = sq[:, 1:]
+                    if gin is not None:
+                        v = gin.reshape(gin.shape[0], 1, 1, -1)
+                        g[:, m + 1] = sq_norms(v)
+                    m += 1
+                else:
+                    assert tr.grad is not None  # forward sets it with the error layer
+                    v, m = tr.grad, 1
+                    g[:, 1] = sq_norms(v)
                 while m < pb.L:
                     span = ends.get(m)
                     if span is None:
@@ -238,12 +270,32 @@ class TorchBackend(Backend):
     def jacobian(self, pb: Problem, start: int, end: int) -> Tensor:
         out = []
         rows = pb.S * pb.widths[end]
+        spans = self.spans(pb, cuts=(start, end))  # each span wholly inside [end, start) or out
+        inside = {span[-1].index: span for span in spans if end <= span[-1].index < start}
+
+        def span_forward(pb: Problem, span: Span, h: Tensor, stats: bool, save: bool):
+            save = span[-1].index in inside
+            return self.span_forward(pb, span, h, stats, save, rows)
+
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
-            tr = forward(pb, pb.program, ds, bs, ctx, norms=False)
+            tr = forward(
+                pb, pb.program, ds, bs, ctx, norms=False, spans=spans, span_forward=span_forward
+            )
             P = tr.sq_out.shape[0]
             v = pb.program.to_order(self._start(pb, end, None, tr.sq_out), end, True)
-            for k in range(end, start):
-                v = pb.program.layer(k).vjp(v, tr.saved[k])
+            k = end
+            while k < start:
+                span = inside.get(k)
+                if span is None:
+                    v = pb.program.layer(k).vjp(v, tr.saved[k])
+                    k += 1
+                    continue
+                first = span[0].index  # the span maps f_{first+1} -> f_k, first < start
+                v = v.expand(P, *v.shape[1:]).reshape(P * rows, -1)  # per-sample vectors
+                _, gin = self.span_backward(pb, span, tr.spans[first], v, True)
+                assert gin is not None
+                v = gin.reshape(P, rows, 1, -1)
+                k = first + 1
             v = pb.program.to_order(v, start, False)  # the rows at f_start in C order
             out.append(v.expand(P, *v.shape[1:]).reshape(P, rows, -1))
         return out[0] if len(out) == 1 else torch.cat(out)

@@ -462,9 +462,11 @@ def test_fallbacks_give_torch_numbers(case, dtype):
             continue  # the sweep is fused: test_coupled_sweep_* compare it
         if case == "coupled" and k == "contributions":
             continue  # fused too: test_coupled_contributions_* compare it
-        if swept:  # the kernels run the layers they take (spans: tests/backends/test_spans.py)
-            tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-5, atol=0)
-            torch.testing.assert_close(got[k], ref[k], equal_nan=True, **tol, msg=k)
+        if swept or k.startswith("jacobian"):  # the kernels run the layers they take (spans:
+            # tests/backends/test_spans.py compares them with the reference)
+            rtol = 1e-12 if dtype == torch.float64 else 1e-4
+            atol = rtol * 1e-3 * float(ref[k].nan_to_num().abs().max())
+            torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=rtol, atol=atol, msg=k)
             continue
         torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=0, atol=0, msg=k)
 

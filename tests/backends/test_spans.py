@@ -127,9 +127,15 @@ def _data(name: str, dtype: torch.dtype, error: str):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """The spans ``span_forward``/``span_backward`` ran, as ``(first, last)`` paper indices."""
+    """The spans the kernels ran forward and backward, as ``(first, last)`` paper indices
+    (``span_tail``, which takes the span that ends the model with the error, runs both)."""
     ran: dict[str, list[tuple[int, int]]] = {"forward": [], "backward": []}
-    fwd, bwd = NumbaBackend.span_forward, NumbaBackend.span_backward
+    fwd, bwd, tail = NumbaBackend.span_forward, NumbaBackend.span_backward, NumbaBackend.span_tail
+
+    def both(self, pb, span, *a, **k):
+        ran["forward"].append((span[0].index, span[-1].index))
+        ran["backward"].append((span[0].index, span[-1].index))
+        return tail(self, pb, span, *a, **k)
 
     def forward(self, pb, span, *a, **k):
         ran["forward"].append((span[0].index, span[-1].index))
@@ -141,6 +147,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(NumbaBackend, "span_forward", forward)
     monkeypatch.setattr(NumbaBackend, "span_backward", backward)
+    monkeypatch.setattr(NumbaBackend, "span_tail", both)
     return ran
 
 
@@ -178,7 +185,7 @@ def test_span_sweep_matches_reference(spy, name, error, dtype):
                 _close(a, b, dtype, f"{fn.__name__} {field}")
         assert sorted(set(spy["forward"])) == sorted(spans)
         L = len(gscfast.compile_model(model).layers)  # no VJP of the first layer is needed
-        assert sorted(set(spy["backward"])) == sorted(s for s in spans if s[1] < L)
+        assert sorted(set(spy["backward"])) == sorted(s for s in spans if s[1] < L or s[1] == 1)
         spy["forward"].clear()
         spy["backward"].clear()
     got_a = gscfast.analyze(model, x, y, backend="numba", **kw)
@@ -211,3 +218,37 @@ def test_no_spans_for_whole_model_statistics(spy):
         want = gscfast.gsc(model, x, y, batchnorm=batchnorm, backend="reference")
         _close(got, want, torch.float64, f"gsc {batchnorm}")
     assert spy["forward"] == [] and spy["backward"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_span_jacobian_matches_reference(spy, name, dtype):
+    """Every ``(start, end)`` pair: the spans are cut at both boundaries, and the ones between
+    them take the Jacobian's rows (one per output) on the kernels."""
+    model, x, _ = _data(name, dtype, "dot")
+    model64, x64, _ = _data(name, torch.float64, "dot")
+    L = gscfast.compile_model(model).L
+    inside = 0
+    for start in range(1, L + 2):
+        for end in range(1, min(start, L) + 1):
+            spy["backward"].clear()
+            got = gscfast.jacobian(model, x[0], start=start, end=end, backend="numba", chunk_size=4)
+            want = gscfast.jacobian(model64, x64[0], start=start, end=end, backend="reference")
+            scale = want.abs().amax((1, 2), keepdim=True).clamp(min=1e-300)
+            err = ((got.double() - want).abs() / scale).max().item()
+            assert err <= (1e-12 if dtype == torch.float64 else 1e-4), (start, end, err)
+            # a span overlapping the layers between the boundaries ran on the kernels
+            spans = [s for s in MODELS[name][2] if s[1] < start and s[0] >= end and end < start]
+            assert bool(spy["backward"]) == bool(spans), (start, end)
+            inside += bool(spans)
+    assert inside > 0
+
+
+def test_drop_in_jacobian_of_a_mixed_model_is_torchs(spy):
+    """``gscfast.autograd.jacobian`` on torch's own modules takes the engine, spans included."""
+    model, x, _ = _data("generic-first", torch.float64, "dot")
+    got = gscfast.autograd.jacobian(model, x[0])
+    want = torch.autograd.functional.jacobian(model, x[0])
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert spy["backward"], "the drop-in's fast path ran the spans on numba's kernels"
