@@ -220,11 +220,13 @@ def mixed_cases() -> list[GpuCase]:
     out.append(GpuCase("generic-middle", m, x, y, "dot"))
     m = _seeded(
         nn.Sequential(
-            L(4, 5), nn.ReLU(), gscfast.nn.Residual(nn.Sequential(L(5, 5), nn.Tanh()), 0.5), L(5, 3)
+            *(L(4, 5), nn.Tanh(), L(5, 37), nn.LayerNorm(37), nn.ELU()),
+            gscfast.nn.Residual(nn.Sequential(L(37, 37), nn.Softplus()), 0.5),
+            *(L(37, 7), nn.Sigmoid(), L(7, 3)),
         ),
-        60,
+        80,
     )
-    x, y = _data(61, 1, 3, 4, 3, "kl")
+    x, y = _data(81, 2, 20, 4, 3, "kl")
     out.append(GpuCase("residual-kl", m, x, y, "kl"))
     return out
 
