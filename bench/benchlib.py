@@ -323,15 +323,19 @@ def assert_rel_close(got, ref: torch.Tensor, tol: float, what: str) -> None:
 
 def auto_choice(model: nn.Module, x: torch.Tensor, y=None, method: str = "chain", **kw) -> str:
     """What ``backend="auto"`` runs for this problem: the backend, and for "numba" whether its
-    fused kernels or the torch engine's path take ``method`` (a backend method name: ``gsc`` is
-    ``"sweep"``, ``gsc_matrix`` ``"chain"``)."""
+    fused kernels, the torch engine's path with spans on the kernels, or the torch engine's path
+    alone take ``method`` (a backend method name: ``gsc`` is ``"sweep"``, ``gsc_matrix``
+    ``"chain"``)."""
     from gscfast.validation import make_problem
 
     be = get_backend("auto", x.device)
     if be.name != "numba":
         return be.name
     pb, _ = make_problem(model, x, y, error="dot" if y is not None else None, **kw)
-    return "numba (fused)" if be.fused(pb, method=method) else "numba (torch path)"
+    if be.fused(pb, method=method):
+        return "numba (fused)"
+    spans = be.spans(pb) if method != "contributions" else []
+    return f"numba (torch path, {len(spans)} fused spans)" if spans else "numba (torch path)"
 
 
 # ----------------------------------------------------------------------------- models, data

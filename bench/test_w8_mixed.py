@@ -9,10 +9,10 @@ network with its tanh back, which the kernels take whole: the cost of the break.
 
 And ``gscfast.jacobian`` (input to output) of the tanh model with W3's sizes (B = 1,000), where
 the Jacobian's 100 rows per sample cross the generic layer: ``vmap(jacrev)`` at its best
-``chunk_size`` is the peer.
+``chunk_size`` is the peer; and ``gscfast.gsc_matrix`` (exact) of the same model on B = 200
+samples, whose chains start at every layer, inside the spans too.
 
-FLOPs: W1's count (one forward and one backward GEMM per Linear) and W3's, the same for every
-row of a table."""
+FLOPs: W1's, W3's and W2's counts, the same for every row of a table."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ from benchlib import (
     SIZES,
     assert_log_close,
     assert_rel_close,
+    auto_choice,
     autograd_gsc,
     flops_w1,
+    flops_w2,
     flops_w3,
     gaussian,
     run_checked,
@@ -69,6 +71,7 @@ def test_w8_mixed_gsc(benchmark, sgemm_session, expected, arch, impl):
         fn = lambda: gscfast.gsc(base, x, y)  # noqa: E731
     else:
         fn = lambda: gscfast.gsc(model, x, y, backend=impl)  # noqa: E731
+    extra = {"auto_runs": auto_choice(model, x, y, method="sweep")} if impl == "auto" else {}
     run_checked(
         benchmark,
         fn,
@@ -78,6 +81,7 @@ def test_w8_mixed_gsc(benchmark, sgemm_session, expected, arch, impl):
         sgemm=sgemm_session,
         workload="W8",
         arch=arch,
+        **extra,
         impl=impl,
         B=W["B"],
         depth=W["depth"],
@@ -104,6 +108,7 @@ def test_w8_mixed_jacobian(benchmark, sgemm_session, expected, impl):
         fn = lambda: vmap_jacrev_jacobian(model, x, chunk_size=c)  # noqa: E731
     else:
         fn = lambda: gscfast.jacobian(model, x, backend=impl)  # noqa: E731
+    extra = {"auto_runs": auto_choice(model, x, method="jacobian")} if impl == "auto" else {}
     run_checked(
         benchmark,
         fn,
@@ -113,8 +118,39 @@ def test_w8_mixed_jacobian(benchmark, sgemm_session, expected, impl):
         sgemm=sgemm_session,
         workload="W8J",
         arch="tanh",
+        **extra,
         impl=impl,
         B=W3["B"],
         depth=W3["depth"],
         width=W3["width"],
+    )
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "auto_mlp"])
+def test_w8_mixed_gsc_matrix(benchmark, sgemm_session, expected, impl):
+    W2 = SIZES["w2"]
+    B = max(2, W2["B"] // 5)
+    model, base = mixed_model(W2["depth"], W2["width"], "tanh", None)
+    x, y = gaussian(B, W2["width"], W2["width"])
+    benchmark.group = "W8 gsc_matrix of a model fused in part"
+    key = ("w8 gsc_matrix", impl == "auto_mlp")
+    net = base if impl == "auto_mlp" else model
+    if key not in expected:
+        expected[key] = gscfast.gsc_matrix(net, x, y, backend="torch")
+    backend = "torch" if impl == "torch" else "auto"
+    extra = {"auto_runs": auto_choice(model, x, y, method="chain")} if impl == "auto" else {}
+    run_checked(
+        benchmark,
+        lambda: gscfast.gsc_matrix(net, x, y, backend=backend),
+        check=lambda r: assert_log_close(r, expected[key], TOL, f"W8 gsc_matrix {impl}"),
+        flops=flops_w2(model, B),
+        rounds=1,
+        sgemm=sgemm_session,
+        workload="W8C",
+        arch="tanh",
+        **extra,
+        impl=impl,
+        B=B,
+        depth=W2["depth"],
+        width=W2["width"],
     )

@@ -10,8 +10,8 @@ Softplus, GELU (both forms), Identity), float32 or float64, with per-sample data
 norm, eval-mode batch norm, or train-mode batch norm with ``batchnorm="frozen"`` (per-dataset
 constants). Everything else (train-mode batch norm coupling a batch, ``Residual`` blocks, other
 layer shapes, other dtypes, a gradient asked for without an error layer) takes the ``"torch"``
-engine's path on the same device: slower, never a different number. In a ``sweep`` or
-``jacobian`` of a model the kernels take in part, its runs of layers they take run on them
+engine's path on the same device: slower, never a different number. In a ``sweep``, ``chain``
+or ``jacobian`` of a model the kernels take in part, its runs of layers they take run on them
 (``span_forward``, ``span_backward``: ``lowering.FusedBackend``).
 
 The three kernels (index letters as in ``backends/base.py``; ``N`` samples of a chunk, ``R`` rows
@@ -425,14 +425,21 @@ class FusedEngine(FusedBackend):
         return SpanForward(fw.sq_out[:, end - 1 : first + 1], mom, out, fw if save else None)
 
     def span_backward(
-        self, pb: Problem, span: list[Layer], state: Pass, grad: Tensor, grad_in: bool
+        self,
+        pb: Problem,
+        span: list[Layer],
+        state: Pass,
+        grad: Tensor,
+        grad_in: bool,
+        at: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         end, first = span[-1].index, span[0].index
+        k = end if at is None else at  # the rows are at f_k
         N = state.N
         R = grad.shape[0] // N
         dest = grad.new_full((N, pb.L + 2), float("nan"))
-        dest[:, end] = grad.reshape(N, -1).square().sum(1)
-        v = self._steps(state, grad.contiguous(), R, False, end, first + int(grad_in), dest, 1.0)
+        dest[:, k] = grad.reshape(N, -1).square().sum(1)
+        v = self._steps(state, grad.contiguous(), R, False, k, first + int(grad_in), dest, 1.0)
         return dest[:, end - 1 : first + 1], (v if grad_in else None)
 
     # ---------------------------------------------------------------- the four methods

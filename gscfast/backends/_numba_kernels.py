@@ -752,6 +752,7 @@ def _sweep_worker(
     keep,
     fwd,
     R,
+    i0,
     mean,
     m2,
     pos,
@@ -810,7 +811,8 @@ def _sweep_worker(
         if fwd:
             out = _mat(store, sto, T, L - 1, S_H, n, d1)
             _error_rows(err, out, yv, ylab, r0, n, d1, G, sqo, r0)
-        else:  # a span's backward call: R rows per sample of the gradient at its output
+        else:  # a span's backward call: R rows per sample at the output of its layer i0
+            d1 = meta[i0, M_DOUT]
             for k in range(n * R):
                 src = yv[r0 * R + k]
                 for j in range(d1):
@@ -822,7 +824,7 @@ def _sweep_worker(
             n * R,
             d1,
             R,
-            L - 1,
+            i0,
             meta,
             fmeta,
             vflat,
@@ -831,20 +833,20 @@ def _sweep_worker(
             T,
             sq,
             np.bool_(True),
-            L >= 2,
+            i0 >= 1,
             np.int64(0),
         )
         for t in range(n):
             acc = 0.0
             for r in range(R):
                 acc += sq[t * R + r]
-            sqg[r0 + t, 1] = acc
+            sqg[r0 + t, L - i0] = acc
         V = _chain_tile(
             G,
             U,
             n,
             R,
-            L - 1,
+            i0,
             meta,
             fmeta,
             wflat,
@@ -908,6 +910,7 @@ def sweep_kernel(
     keep,
     fwd,
     R,
+    i0,
     mean,
     m2,
     pos,
@@ -925,9 +928,10 @@ def sweep_kernel(
     (``fwd``, ``grads`` to save the VJP state, ``err = E_NONE``) writes ``sqo``, the moments,
     the output ``hout [N, d_1]`` and the state of every tile of ``T`` samples into ``keep
     [N_tiles * T * rowsz]``; the backward call (not ``fwd``, same ``T`` and ``keep``, ``err =
-    E_DOT``) takes ``R`` rows per sample at the output, ``yv [N * R, d_1]`` (a gradient, or the
-    rows of a Jacobian), and writes ``sqg`` (each sample's sum over its rows) and ``gin [N * R,
-    n]``, the rows at the input. Other calls have ``R = 1``.
+    E_DOT``) takes ``R`` rows per sample at the output of its layer ``i0`` (model order; the
+    span's output for ``i0 = L - 1``), ``yv [N * R, d]`` (a gradient, or the rows of a Jacobian),
+    and writes ``sqg`` from column ``L - i0`` on (each sample's sum over its rows) and ``gin
+    [N * R, n]``, the rows at the input. Other calls have ``R = 1`` and ``i0 = L - 1``.
     """
     launch(
         _sweep_worker,
@@ -953,6 +957,7 @@ def sweep_kernel(
         keep,
         fwd,
         R,
+        i0,
         mean,
         m2,
         pos,

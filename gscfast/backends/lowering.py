@@ -308,11 +308,12 @@ class FusedBackend(TorchBackend):
     datapoint for ``method``; ``fused`` adds what every fused backend needs of the program.
 
     A model the kernels take only in part (a generic module, a convolution, a residual block
-    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep`` and ``jacobian`` run
-    on the torch engine's path with each run of layers the kernels take (``spans``) on the
-    subclass's ``span_forward`` and ``span_backward``, where it sets ``fuses_spans``; per-sample
-    datapoints without frozen batch statistics (those are gathered over a whole model).
-    ``chain`` and ``contributions`` take the torch engine's path for such a model.
+    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep``, ``chain`` and
+    ``jacobian`` run on the torch engine's path with each run of layers the kernels take
+    (``spans``) on the subclass's ``span_forward`` and ``span_backward``, where it sets
+    ``fuses_spans``; per-sample datapoints without frozen batch statistics (those are gathered
+    over a whole model). ``contributions`` takes the torch engine's path for such a model: its
+    recursion mixes the trained and the initial model's VJPs at every layer.
     """
 
     fuses_spans: ClassVar[bool] = False

@@ -26,9 +26,9 @@ the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (
 ``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
 shape (two Linears in a row, an activation or a norm without a Linear before it, convolutions,
 generic modules), other dtypes or devices, and a gradient asked for without an error layer.
-In a ``sweep`` or ``jacobian`` of such a model with per-sample datapoints, every run of layers
-the kernels take runs on ``sweep_kernel`` (``span_forward``, ``span_backward``, ``span_tail``:
-``lowering.FusedBackend``).
+In a ``sweep``, ``chain`` or ``jacobian`` of such a model with per-sample datapoints, every run
+of layers the kernels take runs on ``sweep_kernel`` (``span_forward``, ``span_backward``,
+``span_tail``: ``lowering.FusedBackend``).
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
 runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
@@ -416,10 +416,16 @@ class NumbaBackend(FusedBackend):
         return SpanForward(torch.from_numpy(sqo), moments, torch.from_numpy(out), state)
 
     def span_backward(
-        self, pb: Problem, span: list[Layer], state: tuple, grad: Tensor, grad_in: bool
+        self,
+        pb: Problem,
+        span: list[Layer],
+        state: tuple,
+        grad: Tensor,
+        grad_in: bool,
+        at: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``sweep_kernel``'s backward call: the rows at the span's output enter as the dot
-        error's targets."""
+        """``sweep_kernel``'s backward call: the rows at the span's output (or at ``f_at``)
+        enter as the dot error's targets."""
         k = _k()
         net, x, T, keep = state
         N, dt = x.shape[0], x.dtype
@@ -443,6 +449,7 @@ class NumbaBackend(FusedBackend):
             gin=gin,
             keep=keep,
             fwd=False,
+            i0=span[0].index - (span[-1].index if at is None else at),  # model order
         )
         return torch.from_numpy(sqg), None if gin is None else torch.from_numpy(gin)
 
@@ -488,6 +495,7 @@ class NumbaBackend(FusedBackend):
         gin: np.ndarray | None = None,
         keep: np.ndarray | None = None,
         fwd: bool = True,
+        i0: int | None = None,
     ) -> None:
         """``sweep_kernel`` on ``rows`` of ``x`` with ``net`` (``T`` samples a tile, by default
         ``_sweep_tile``'s); merges the moments into ``moments``. ``hout``, ``gin``, ``keep`` and
@@ -524,6 +532,7 @@ class NumbaBackend(FusedBackend):
                 _NONE1[dt] if keep is None else keep,
                 fwd,
                 np.int64(R),
+                np.int64(L - 1 if i0 is None else i0),
                 mean,
                 m2,
                 pos,

@@ -5,9 +5,9 @@ cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only the
 are kept, so no ``[B, L, d, d]`` tensor ever exists.
 
 A fused backend (``lowering.FusedBackend``, a subclass) runs a model that its kernels take only
-in part through this engine's ``sweep`` and ``jacobian``, with the runs of layers its kernels
-take (``spans``) handed to its ``span_forward`` and ``span_backward`` (from the rows at the
-span's end: a gradient, or a Jacobian's rows).
+in part through this engine's ``sweep``, ``chain`` and ``jacobian``, with the runs of layers its
+kernels take (``spans``) handed to its ``span_forward`` and ``span_backward`` (rows entering at
+the span's end or at one of its layers: a gradient, a chain's or a Jacobian's rows).
 """
 
 from __future__ import annotations
@@ -161,13 +161,19 @@ class TorchBackend(Backend):
         raise NotImplementedError
 
     def span_backward(
-        self, pb: Problem, span: Span, state: Any, grad: Tensor, grad_in: bool
+        self,
+        pb: Problem,
+        span: Span,
+        state: Any,
+        grad: Tensor,
+        grad_in: bool,
+        at: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """From ``grad [N * R, d_out]``, ``R`` rows per sample at ``span``'s output (a gradient,
-        or a Jacobian's rows), and the ``state`` of its ``span_forward``: ``[N, Ls+1]`` the
-        squared norms of each sample's rows at its layers' outputs (columns as
-        ``SpanForward``'s), and the rows at its input ``[N * R, d_in]`` if ``grad_in`` (else
-        None)."""
+        """From ``grad [N * R, d]``, ``R`` rows per sample at ``span``'s output (or at ``f_at``,
+        the output of its layer ``at``: a gradient, a Jacobian's or a chain's rows), and the
+        ``state`` of its ``span_forward``: ``[N, Ls+1]`` the squared norms of each sample's rows
+        at its layers' outputs from there on (columns as ``SpanForward``'s; NaN before), and the
+        rows at its input ``[N * R, d_in]`` if ``grad_in`` (else None)."""
         raise NotImplementedError
 
     span_tail: Any = None
@@ -183,7 +189,6 @@ class TorchBackend(Backend):
         sq_out: list[Tensor] = []
         sq_grad: list[Tensor] = []
         spans = self.spans(pb)
-        ends = {span[-1].index: span for span in spans}
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, 1)):
             ctx.save = grads
             tr = forward(
@@ -212,23 +217,8 @@ class TorchBackend(Backend):
                     assert tr.grad is not None  # forward sets it with the error layer
                     v, m = tr.grad, 1
                     g[:, 1] = sq_norms(v)
-                while m < pb.L:
-                    span = ends.get(m)
-                    if span is None:
-                        v = pb.program.layer(m).vjp(v, tr.saved[m])
-                        g[:, m + 1] = sq_norms(v)
-                        m += 1
-                        continue
-                    first = span[0].index  # the span maps f_{first+1} -> f_m
-                    P = v.shape[0]
-                    sq, gin = self.span_backward(
-                        pb, span, tr.spans[first], v.reshape(P, -1), first < pb.L
-                    )
-                    g[:, m + 1 : first + 1] = sq[:, 2:]
-                    if gin is not None:
-                        v = gin.reshape(P, 1, 1, -1)
-                        g[:, first + 1] = sq_norms(v)
-                    m = first + 1
+                if m < pb.L:
+                    self._vjps(pb, tr, spans, v, m, pb.L, g)
                 sq_grad.append(g)
         return Sweep(torch.cat(sq_out), torch.cat(sq_grad) if grads else None, moments)
 
@@ -236,8 +226,13 @@ class TorchBackend(Backend):
         w, L = pb.widths, pb.L
         rows = max(w[1:-1]) * pb.S if probes is None else probes(1).shape[0]
         out = []
+        spans = self.spans(pb)
+
+        def span_forward(pb: Problem, span: Span, h: Tensor, stats: bool, save: bool):
+            return self.span_forward(pb, span, h, stats, True, rows)  # chains start anywhere
+
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
-            tr = forward(pb, pb.program, ds, bs, ctx)
+            tr = forward(pb, pb.program, ds, bs, ctx, spans=spans, span_forward=span_forward)
             P = tr.sq_out.shape[0]
             res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
             for l in range(L + 1):
@@ -252,11 +247,49 @@ class TorchBackend(Backend):
                 r = v.shape[1] if (probes is not None and l > 0) else 1  # sketch: mean over probes
                 if l > 0:
                     res[:, l, l] = sq_norms(v) / r
-                for k in range(k0, L):
-                    v = pb.program.layer(k).vjp(v, tr.saved[k])  # J_{k+1}^l = J_k^l G_k
-                    res[:, k + 1, l] = sq_norms(v) / r
+                self._vjps(pb, tr, spans, v, k0, L, res[:, :, l], r)  # J_{k+1}^l = J_k^l G_k
             out.append(res)
         return torch.cat(out)
+
+    def _vjps(
+        self,
+        pb: Problem,
+        tr: Trace,
+        spans: list[Span],
+        v: Tensor,
+        k0: int,
+        k1: int,
+        norms: Tensor | None,
+        scale: float = 1.0,
+    ) -> Tensor:
+        """Push the rows ``v [P|1, R, S, d]`` at ``f_k0`` through layers ``k0 .. k1-1`` (the
+        layers of ``spans`` on ``span_backward``; none may cross ``f_k1``); with ``norms [P,
+        >= k1+1]``, ``norms[:, k+1]`` = each datapoint's squared norm after layer ``k`` over
+        ``scale``. Returns the rows at ``f_k1`` (unchanged if the last span holds layer ``L``,
+        whose VJP no caller needs then)."""
+        of = {layer.index: span for span in spans for layer in span}
+        P = tr.sq_out.shape[0]
+        k = k0
+        while k < k1:
+            span = of.get(k)
+            if span is None:
+                v = pb.program.layer(k).vjp(v, tr.saved[k])
+                if norms is not None:
+                    norms[:, k + 1] = sq_norms(v) / scale
+                k += 1
+                continue
+            first, last = span[0].index, span[-1].index  # the span maps f_{first+1} -> f_last
+            R = v.shape[1]
+            rows = v.expand(P, *v.shape[1:]).reshape(P * R, -1)  # per-sample vectors
+            sq, gin = self.span_backward(pb, span, tr.spans[first], rows, first < k1, k)
+            if norms is not None:  # the span's column c is f_{last + c - 1}
+                norms[:, k + 1 : first + 1] = sq[:, k + 2 - last : first + 2 - last] / scale
+            if gin is not None:
+                v = gin.reshape(P, R, 1, -1)
+                if norms is not None and first < pb.L:
+                    norms[:, first + 1] = sq_norms(v) / scale
+            k = first + 1
+        return v
 
     def _start(self, pb: Problem, l: int, probes: ProbeFn | None, v_like: Tensor) -> Tensor:
         """Start rows for the chain from layer ``l``: ``[1, R, S, d_l]`` (broadcast over P)."""
@@ -271,10 +304,9 @@ class TorchBackend(Backend):
         out = []
         rows = pb.S * pb.widths[end]
         spans = self.spans(pb, cuts=(start, end))  # each span wholly inside [end, start) or out
-        inside = {span[-1].index: span for span in spans if end <= span[-1].index < start}
 
         def span_forward(pb: Problem, span: Span, h: Tensor, stats: bool, save: bool):
-            save = span[-1].index in inside
+            save = end <= span[-1].index < start  # the spans the rows go through
             return self.span_forward(pb, span, h, stats, save, rows)
 
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, rows)):
@@ -283,19 +315,7 @@ class TorchBackend(Backend):
             )
             P = tr.sq_out.shape[0]
             v = pb.program.to_order(self._start(pb, end, None, tr.sq_out), end, True)
-            k = end
-            while k < start:
-                span = inside.get(k)
-                if span is None:
-                    v = pb.program.layer(k).vjp(v, tr.saved[k])
-                    k += 1
-                    continue
-                first = span[0].index  # the span maps f_{first+1} -> f_k, first < start
-                v = v.expand(P, *v.shape[1:]).reshape(P * rows, -1)  # per-sample vectors
-                _, gin = self.span_backward(pb, span, tr.spans[first], v, True)
-                assert gin is not None
-                v = gin.reshape(P, rows, 1, -1)
-                k = first + 1
+            v = self._vjps(pb, tr, spans, v, end, start, None)
             v = pb.program.to_order(v, start, False)  # the rows at f_start in C order
             out.append(v.expand(P, *v.shape[1:]).reshape(P, rows, -1))
         return out[0] if len(out) == 1 else torch.cat(out)

@@ -1,7 +1,8 @@
 """Models the fused kernels take only in part: ``sweep`` (``gsc``, ``gsc_moments``,
-``preactivation_stats``, ``analyze``) runs the torch engine's path with every run of
-``Linear -> [norm] -> [activation]`` layers on numba's kernels (``lowering.fused_spans``,
-``span_forward``/``span_backward``), and must give the reference backend's numbers.
+``preactivation_stats``, ``analyze``), ``jacobian`` and ``chain`` (``gsc_matrix``) run the torch
+engine's path with every run of ``Linear -> [norm] -> [activation]`` layers on numba's kernels
+(``lowering.fused_spans``, ``span_forward``/``span_backward``/``span_tail``), and must give the
+reference backend's numbers.
 
 The spans sit first, last and between layers the kernels do not take (a module of the user's own,
 a generic torch module, a residual block, a convolution), so both the span's output (forward) and
@@ -199,6 +200,25 @@ def test_span_sweep_matches_reference(spy, name, error, dtype):
     _close(got_p.std, want_p.std, dtype, "preactivation std")
     _close(got_p.sign_diversity, want_p.sign_diversity, dtype, "sign diversity")
     assert sorted(set(spy["forward"])) == sorted(spans) and not spy["backward"]
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_span_gsc_matrix_matches_reference(spy, name, dtype, method):
+    """``gsc_matrix``: chains start at every layer, inside spans too (``span_backward(at=k)``)."""
+    model, x, y = _data(name, dtype, "kl")
+    model64, x64, y64 = _data(name, torch.float64, "kl")
+    kw = dict(error="kl", method=method, probes=3, chunk_size=7)
+    got = gscfast.gsc_matrix(
+        model, x, y, backend="numba", generator=torch.Generator().manual_seed(1), **kw
+    )
+    want = gscfast.gsc_matrix(
+        model64, x64, y64, backend="reference", generator=torch.Generator().manual_seed(1), **kw
+    )
+    _close(got, want, dtype, f"gsc_matrix {method}")
+    L = gscfast.compile_model(model).L  # chains never need the first layer's VJP
+    assert set(spy["backward"]) == {s for s in MODELS[name][2] if s[1] < L}
 
 
 def test_no_spans_for_whole_model_statistics(spy):
