@@ -334,7 +334,7 @@ def auto_choice(model: nn.Module, x: torch.Tensor, y=None, method: str = "chain"
     pb, _ = make_problem(model, x, y, error="dot" if y is not None else None, **kw)
     if be.fused(pb, method=method):
         return "numba (fused)"
-    spans = be.spans(pb) if method != "contributions" else []
+    spans = be.spans(pb)
     return f"numba (torch path, {len(spans)} fused spans)" if spans else "numba (torch path)"
 
 

@@ -9,12 +9,15 @@ network with its tanh back, which the kernels take whole: the cost of the break.
 
 And ``gscfast.jacobian`` (input to output) of the tanh model with W3's sizes (B = 1,000), where
 the Jacobian's 100 rows per sample cross the generic layer: ``vmap(jacrev)`` at its best
-``chunk_size`` is the peer; and ``gscfast.gsc_matrix`` (exact) of the same model on B = 200
-samples, whose chains start at every layer, inside the spans too.
+``chunk_size`` is the peer; ``gscfast.gsc_matrix`` (exact) of the same model on B = 200
+samples, whose chains start at every layer, inside the spans too; and ``effective_depth`` of it
+(moved weights as the trained model) on B = 2,000.
 
-FLOPs: W1's, W3's and W2's counts, the same for every row of a table."""
+FLOPs: W1's, W3's, W2's and W4's counts, the same for every row of a table."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ from benchlib import (
     flops_w1,
     flops_w2,
     flops_w3,
+    flops_w4,
     gaussian,
     run_checked,
     vmap_jacrev_jacobian,
@@ -153,4 +157,52 @@ def test_w8_mixed_gsc_matrix(benchmark, sgemm_session, expected, impl):
         B=B,
         depth=W2["depth"],
         width=W2["width"],
+    )
+
+
+def _moved(model: nn.Module) -> nn.Module:
+    """A 'trained' copy of ``model``: every parameter moved (W4's recipe)."""
+    trained = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    return trained
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "auto_mlp"])
+def test_w8_mixed_effective_depth(benchmark, sgemm_session, expected, impl):
+    W4 = SIZES["w4"]
+    B = max(2, W4["B"] // 5)
+    model, base = mixed_model(W4["depth"], W4["width"], "tanh", None)
+    init = base if impl == "auto_mlp" else model
+    trained = _moved(init)
+    x, y = gaussian(B, W4["width"], W4["width"])
+    benchmark.group = "W8 effective_depth of a model fused in part"
+    key = ("w8 effective_depth", impl == "auto_mlp")
+    if key not in expected:
+        expected[key] = gscfast.effective_depth(trained, init, x, y, backend="torch")
+
+    def check(r):
+        assert r[0] == expected[key][0]
+        assert_log_close(r[1], expected[key][1], 1e-3, f"W8 effective_depth {impl}")
+
+    backend = "torch" if impl == "torch" else "auto"
+    extra = (
+        {"auto_runs": auto_choice(trained, x, y, method="contributions")} if impl == "auto" else {}
+    )
+    run_checked(
+        benchmark,
+        lambda: gscfast.effective_depth(trained, init, x, y, backend=backend),
+        check=check,
+        flops=flops_w4(trained, B),
+        rounds=1,
+        sgemm=sgemm_session,
+        workload="W8E",
+        arch="tanh",
+        impl=impl,
+        B=B,
+        depth=W4["depth"],
+        width=W4["width"],
+        **extra,
     )

@@ -10,9 +10,9 @@ Softplus, GELU (both forms), Identity), float32 or float64, with per-sample data
 norm, eval-mode batch norm, or train-mode batch norm with ``batchnorm="frozen"`` (per-dataset
 constants). Everything else (train-mode batch norm coupling a batch, ``Residual`` blocks, other
 layer shapes, other dtypes, a gradient asked for without an error layer) takes the ``"torch"``
-engine's path on the same device: slower, never a different number. In a ``sweep``, ``chain``
-or ``jacobian`` of a model the kernels take in part, its runs of layers they take run on them
-(``span_forward``, ``span_backward``: ``lowering.FusedBackend``).
+engine's path on the same device: slower, never a different number. In a model the kernels
+take in part, its runs of layers they take run on them (``span_forward``, ``span_backward``,
+``span_contributions``: ``lowering.FusedBackend``).
 
 The three kernels (index letters as in ``backends/base.py``; ``N`` samples of a chunk, ``R`` rows
 stacked per sample, a layer maps ``d_in -> d_out``):
@@ -441,6 +441,34 @@ class FusedEngine(FusedBackend):
         dest[:, k] = grad.reshape(N, -1).square().sum(1)
         v = self._steps(state, grad.contiguous(), R, False, k, first + int(grad_in), dest, 1.0)
         return dest[:, end - 1 : first + 1], (v if grad_in else None)
+
+    def span_contributions(
+        self,
+        pb: Problem,
+        span: list[Layer],
+        init_span: list[Layer],
+        h: Tensor,
+        rows: Tensor,
+        grad_in: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        N, Ls = h.shape[0], len(span)
+        last, first = span[-1].index, span[0].index
+        sq_t = h.new_full((pb.L + 1, N), float("nan"))
+        fw = Pass(N, sq_t.t(), {}, {}, {}, {}, None)
+        specs, specs0 = build_specs(span, h, None), build_specs(init_span, h, None)
+        self._layers_fwd(specs, h.contiguous(), N, fw, sq_t, True, None, specs0)
+        lam0 = rows.shape[0] // N
+        res = h.new_full((N, Ls + 1, lam0 + Ls), float("nan"))
+        v = rows.contiguous()
+        for m in range(last, first + int(grad_in)):  # the layers whose VJPs are needed
+            lam, spec = lam0 + m - last, fw.specs[m]
+            nxt = empty((N * (lam + 1), spec.din), v)
+            sqr = empty((N * (lam + 1),), v)
+            self._contrib_step(v, N, lam, spec, fw.saved[m], fw.specs0[m], fw.saved0[m], nxt, sqr)
+            if m < first:  # f_{m+1} is the span's row m - last + 2
+                res[:, m - last + 2, : lam + 1] = sqr.view(N, lam + 1)
+            v = nxt
+        return res, (v if grad_in else None)
 
     # ---------------------------------------------------------------- the four methods
 

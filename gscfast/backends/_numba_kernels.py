@@ -1333,6 +1333,9 @@ def _contrib_worker(
     T,
     dmax,
     res,
+    vin,
+    lam0,
+    gin,
     ws,
 ):
     N = x.shape[0]
@@ -1346,7 +1349,7 @@ def _contrib_worker(
     o += T * rowsz0
     Z = w[o : o + T * dmax]
     o += T * dmax
-    big = T * L * dmax
+    big = T * (lam0 + L - 1) * dmax  # at most lam0 + L - 1 rows per sample in the buffers
     Vt = w[o : o + big]
     Vi = w[o + big : o + 2 * big]
     A = w[o + 2 * big : o + 3 * big]
@@ -1407,21 +1410,28 @@ def _contrib_worker(
                 np.bool_(True),
             )
         d1 = meta[L - 1, M_DOUT]
-        _error_rows(
-            err, _mat(store, sto, T, L - 1, S_H, n, d1), yv, ylab, r0, n, d1, A, sqo, np.int64(0)
-        )
+        if vin.shape[0] == 0:
+            out = _mat(store, sto, T, L - 1, S_H, n, d1)
+            _error_rows(err, out, yv, ylab, r0, n, d1, A, sqo, np.int64(0))
+        else:  # a span: lam0 rows per sample at its output (g^(0) .. g^(lam0-1))
+            for k in range(n * lam0):
+                src = vin[r0 * lam0 + k]
+                for j in range(d1):
+                    A[k * d1 + j] = src[j]
         for t in range(n):
-            res[r0 + t, 1, 0] = _sq(A[t * d1 : (t + 1) * d1])
-        if L < 2:
+            for j in range(lam0):
+                res[r0 + t, 1, j] = _sq(A[(t * lam0 + j) * d1 : (t * lam0 + j + 1) * d1])
+        last = 1 if gin.shape[0] > 0 else 2  # the lowest layer whose VJP is taken: 0 for gin
+        if L < last:
             continue
-        for k in range(n * d1):
+        for k in range(n * lam0 * d1):
             Vt[k] = A[k]
             Vi[k] = A[k]
         _ebwd_rows(
             Vt,
-            n,
+            n * lam0,
             d1,
-            np.int64(1),
+            lam0,
             L - 1,
             meta,
             fmeta,
@@ -1436,9 +1446,9 @@ def _contrib_worker(
         )
         _ebwd_rows(
             Vi,
-            n,
+            n * lam0,
             d1,
-            np.int64(1),
+            lam0,
             L - 1,
             meta0,
             fmeta0,
@@ -1451,13 +1461,29 @@ def _contrib_worker(
             np.bool_(True),
             np.int64(0),
         )
-        for m in range(1, L):
+        for m in range(1, L + 2 - last):
             i = L - m
-            lam = m  # g_m has lambdas 0 .. m-1
+            lam = lam0 + m - 1  # g_m has lambdas 0 .. lam-1
             _gemm_bwd(Vt, n * lam, i, meta, wflat, A)  # v G_m
             _gemm_bwd(Vi, n * lam, i, meta0, wflat0, S)  # v S_m
             d = meta[i, M_DIN]
             nl = lam + 1
+            if i == 0:  # a span's rows at its input
+                for t in range(n):
+                    for j in range(nl):
+                        g = gin[(r0 + t) * nl + j]
+                        for q in range(d):
+                            g[q] = 0
+                        if j < lam:
+                            s = S[(t * lam + j) * d : (t * lam + j + 1) * d]
+                            for q in range(d):
+                                g[q] += s[q]
+                        if j >= 1:
+                            a = A[(t * lam + j - 1) * d : (t * lam + j) * d]
+                            s = S[(t * lam + j - 1) * d : (t * lam + j) * d]
+                            for q in range(d):
+                                g[q] += a[q] - s[q]
+                continue
             for t in range(n):
                 for j in range(nl):
                     # g_{m+1}^(j) = g_m^(j) S_m + g_m^(j-1) R_m,  R_m = G_m - S_m
@@ -1473,13 +1499,13 @@ def _contrib_worker(
                         for q in range(d):
                             nxt[q] += a[q] - s[q]
                     res[r0 + t, m + 1, j] = _sq(nxt[:d])
-                    if i >= 2:
+                    if i >= last:
                         vt = Vt[(t * nl + j) * d : (t * nl + j + 1) * d]
                         vi = Vi[(t * nl + j) * d : (t * nl + j + 1) * d]
                         for q in range(d):
                             vt[q] = nxt[q]
                             vi[q] = nxt[q]
-            if i >= 2:  # the next layer's elementwise VJPs, trained and initial, while in cache
+            if i >= last:  # the next layer's elementwise VJPs, trained and initial, while in cache
                 _ebwd_rows(
                     Vt,
                     n * nl,
@@ -1536,12 +1562,19 @@ def contrib_kernel(
     T,
     dmax,
     res,
+    vin,
+    lam0,
+    gin,
     nth,
     ws,
 ):
     """``res [N, L+1, L+1]`` (pre-filled with NaN): ``res[:, l, lam] = ||g_l^(lam)||^2`` by the
     residual-trick recursion, ``meta0 ...`` the initial model (its layers evaluated at the
-    trained model's layer inputs)."""
+    trained model's layer inputs), from the error (``vin`` without rows, ``lam0 = 1``).
+
+    A span of a mixed model: ``vin [N * lam0, d_1]`` are the rows ``g^(0) .. g^(lam0-1)`` at its
+    output, ``res [N, L+1, lam0+L]``, and ``gin [N * (lam0+L), n]`` (unless it has no rows) gets
+    the rows at its input (the last layer's VJPs and mixing too)."""
     launch(
         _contrib_worker,
         nth,
@@ -1564,6 +1597,9 @@ def contrib_kernel(
         T,
         dmax,
         res,
+        vin,
+        lam0,
+        gin,
         ws,
     )
 
@@ -2479,8 +2515,8 @@ def chain_ws(T, rowsz, dmax, rmax, L):
     return T * (rowsz + dmax + 2 * rmax * dmax + L + 1)
 
 
-def contrib_ws(T, rowsz, rowsz0, dmax, L):
-    return T * (rowsz + rowsz0 + dmax + 4 * L * dmax + L + 1)
+def contrib_ws(T, rowsz, rowsz0, dmax, L, lam0=1):
+    return T * (rowsz + rowsz0 + dmax + 4 * (lam0 + L - 1) * dmax + L + 1)
 
 
 def coupled_ws(B, T, rowsz, dmax, nth):

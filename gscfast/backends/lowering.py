@@ -13,8 +13,8 @@ place that says what they fuse.
 - ``coupled_vjp`` and ``coupled_recursion_takes``: a layer's VJP with batch statistics (batch
   datapoints) as a scale and a batch-norm projection, for numba's coupled contributions.
 - ``FusedBackend`` and ``fused_or_fallback``: the one dispatcher of a fused backend's methods:
-  the fused kernels when they take the problem, else the ``"torch"`` engine's path, whose
-  ``sweep`` hands the runs of layers the kernels take (``fused_spans``) back to them.
+  the fused kernels when they take the problem, else the ``"torch"`` engine's path, which hands
+  the runs of layers the kernels take (``fused_spans``) back to them.
 """
 
 from __future__ import annotations
@@ -308,12 +308,11 @@ class FusedBackend(TorchBackend):
     datapoint for ``method``; ``fused`` adds what every fused backend needs of the program.
 
     A model the kernels take only in part (a generic module, a convolution, a residual block
-    between runs of ``Linear -> [norm] -> [activation]`` layers): ``sweep``, ``chain`` and
-    ``jacobian`` run on the torch engine's path with each run of layers the kernels take
-    (``spans``) on the subclass's ``span_forward`` and ``span_backward``, where it sets
+    between runs of ``Linear -> [norm] -> [activation]`` layers): all four methods run on the
+    torch engine's path with each run of layers the kernels take (``spans``) on the subclass's
+    ``span_forward``, ``span_backward`` and ``span_contributions``, where it sets
     ``fuses_spans``; per-sample datapoints without frozen batch statistics (those are gathered
-    over a whole model). ``contributions`` takes the torch engine's path for such a model: its
-    recursion mixes the trained and the initial model's VJPs at every layer.
+    over a whole model).
     """
 
     fuses_spans: ClassVar[bool] = False

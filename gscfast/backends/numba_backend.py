@@ -26,9 +26,9 @@ the numbers are the torch engine's: ``chain``/``jacobian`` of batch datapoints (
 ``contributions`` of those with a layer norm), ``gscfast.nn.Residual`` blocks, layers of another
 shape (two Linears in a row, an activation or a norm without a Linear before it, convolutions,
 generic modules), other dtypes or devices, and a gradient asked for without an error layer.
-In a ``sweep``, ``chain`` or ``jacobian`` of such a model with per-sample datapoints, every run
-of layers the kernels take runs on ``sweep_kernel`` (``span_forward``, ``span_backward``,
-``span_tail``: ``lowering.FusedBackend``).
+For such a model with per-sample datapoints, every run of layers the kernels take runs on
+``sweep_kernel`` (``span_forward``, ``span_backward``, ``span_tail``) and ``contrib_kernel``
+(``span_contributions``): ``lowering.FusedBackend``.
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
 runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
@@ -472,6 +472,51 @@ class NumbaBackend(FusedBackend):
         fw = SpanForward(torch.from_numpy(sqo), moments, None, None)
         return fw, torch.from_numpy(sqg), None if gin is None else torch.from_numpy(gin)
 
+    def span_contributions(
+        self,
+        pb: Problem,
+        span: list[Layer],
+        init_span: list[Layer],
+        h: Tensor,
+        rows: Tensor,
+        grad_in: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``contrib_kernel`` on a span, from the lambda-rows at its output (both models' forward
+        passes at the span's input ``h`` are redone in its tiles)."""
+        import numba
+
+        k = _k()
+        nth = numba.get_num_threads()
+        x = h.contiguous().numpy()
+        N, Ls, dt = x.shape[0], len(span), x.dtype
+        lam0 = rows.shape[0] // N
+        net = build_net(span, dt, x.shape[1], None)
+        net0 = build_net(init_span, dt, x.shape[1], None)
+        dmax = max(net.dmax, net0.dmax, x.shape[1])
+        nl = lam0 + Ls
+        T = self._tile(pb, N, nl, dt.itemsize * (net.rowsz + net0.rowsz + 4 * nl * dmax))
+        ws = workspace(nth, k.contrib_ws(T, net.rowsz, net0.rowsz, dmax, Ls, lam0), dt, pb.memory)
+        res = np.full((N, Ls + 1, nl), np.nan, dt)
+        gin = output((N * nl, x.shape[1]), dt) if grad_in else None
+        with single_threaded_blas():
+            k.contrib_kernel(
+                x,
+                k.E_DOT,
+                _NONE[dt],
+                _NO_LABELS,
+                *net.args(),
+                *net0.args(),
+                T,
+                dmax,
+                res,
+                rows.contiguous().numpy(),
+                np.int64(lam0),
+                _NONE[dt] if gin is None else gin,
+                nth,
+                ws,
+            )
+        return torch.from_numpy(res), None if gin is None else torch.from_numpy(gin)
+
     def _sweep_tile(self, pb: Problem, net: Net, n: int, dt, R: int = 1) -> int:
         return self._tile(pb, n, R, dt.itemsize * (net.rowsz + (1 + 2 * R) * net.dmax))
 
@@ -709,6 +754,9 @@ class NumbaBackend(FusedBackend):
                     T,
                     dmax,
                     res[rows],
+                    _NONE[dt],
+                    np.int64(1),
+                    _NONE[dt],
                     nth,
                     ws,
                 )

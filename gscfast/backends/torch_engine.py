@@ -5,9 +5,10 @@ cotangent rows ``[P, R, S, d]`` are pushed through the layer rules, and only the
 are kept, so no ``[B, L, d, d]`` tensor ever exists.
 
 A fused backend (``lowering.FusedBackend``, a subclass) runs a model that its kernels take only
-in part through this engine's ``sweep``, ``chain`` and ``jacobian``, with the runs of layers its
-kernels take (``spans``) handed to its ``span_forward`` and ``span_backward`` (rows entering at
-the span's end or at one of its layers: a gradient, a chain's or a Jacobian's rows).
+in part through this engine's methods, with the runs of layers its kernels take (``spans``)
+handed to its ``span_forward`` and ``span_backward`` (rows entering at the span's end or at one
+of its layers: a gradient, a chain's or a Jacobian's rows) and ``span_contributions`` (the
+effective depth's lambda-rows).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def forward(
         if span is not None:
             end = span[-1].index
             stats = moments is not None
+            if keep_inputs:
+                tr.inputs[m] = h.reshape(P, -1)
             if end == 1 and span_tail is not None and ctx.save and pb.error is not None:
                 assert pb.y is not None  # make_problem requires y with an error layer
                 y = pb.y[ds, bs]
@@ -174,6 +177,23 @@ class TorchBackend(Backend):
         ``state`` of its ``span_forward``: ``[N, Ls+1]`` the squared norms of each sample's rows
         at its layers' outputs from there on (columns as ``SpanForward``'s; NaN before), and the
         rows at its input ``[N * R, d_in]`` if ``grad_in`` (else None)."""
+        raise NotImplementedError
+
+    def span_contributions(
+        self,
+        pb: Problem,
+        span: Span,
+        init_span: Span,
+        h: Tensor,
+        rows: Tensor,
+        grad_in: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The residual-trick recursion through ``span`` (trained) and ``init_span`` (the same
+        layers at their initial weights, evaluated at the trained inputs) from the span's input
+        ``h [N, d_in]`` and ``rows [N * lam0, d_out]``, the lambda-rows ``g^(0) .. g^(lam0-1)``
+        at its output: ``[N, Ls+1, lam0+Ls]`` the squared norms ``||g^(lam)||^2`` at its layers'
+        outputs (rows as ``SpanForward``'s columns), and the rows at its input ``[N * (lam0 +
+        Ls), d_in]`` if ``grad_in`` (else None)."""
         raise NotImplementedError
 
     span_tail: Any = None
@@ -324,8 +344,23 @@ class TorchBackend(Backend):
         if pb.error is None:
             raise ValueError("contributions need the error layer (error and y)")
         L, out = pb.L, []
+        spans = self.spans(pb)
+        of = {layer.index: span for span in spans for layer in span}
+
+        def span_forward(pb: Problem, span: Span, h: Tensor, stats: bool, save: bool):
+            return self.span_forward(pb, span, h, stats, False)  # the recursion redoes it
+
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
-            tr = forward(pb, pb.program, ds, bs, ctx, keep_inputs=True)
+            tr = forward(
+                pb,
+                pb.program,
+                ds,
+                bs,
+                ctx,
+                keep_inputs=True,
+                spans=spans,
+                span_forward=span_forward,
+            )
             ictx = ctx.for_init()  # init's batch norms: their own frozen statistics
             P = tr.sq_out.shape[0]
             res = tr.sq_out.new_full((P, L + 1, L + 1), float("nan"))
@@ -333,7 +368,22 @@ class TorchBackend(Backend):
             v = tr.grad  # [P, lam, S, d]: g_1^(0) = G_0
             assert v is not None  # forward sets it with the error layer, checked above
             res[:, 1, 0] = sq_norms(v)
-            for m in range(1, L):
+            m = 1
+            while m < L:
+                span = of.get(m)
+                if span is not None:  # entered at its last layer, m
+                    first, lam0 = span[0].index, v.shape[1]
+                    init_span = [init.layer(layer.index) for layer in span]
+                    rows = v.reshape(P * lam0, -1)
+                    r, gin = self.span_contributions(
+                        pb, span, init_span, tr.inputs[first], rows, first < L
+                    )
+                    res[:, m + 1 : first + 1, : r.shape[2]] = r[:, 2:]
+                    if gin is not None:
+                        v = gin.reshape(P, r.shape[2], 1, -1)
+                        res[:, first + 1, : r.shape[2]] = v.square().sum((2, 3))
+                    m = first + 1
+                    continue
                 _, s_init, _ = init.layer(m).forward(tr.inputs[m], ictx)  # S_m at the trained input
                 a = pb.program.layer(m).vjp(v, tr.saved[m])  # v G_m
                 s = init.layer(m).vjp(v, s_init)  # v S_m
@@ -342,5 +392,6 @@ class TorchBackend(Backend):
                 nxt[:, 1:] += a - s  # v R_m = v G_m - v S_m raises lambda by one
                 v = nxt
                 res[:, m + 1, : m + 1] = v.square().sum((2, 3))
+                m += 1
             out.append(res)
         return torch.cat(out)

@@ -462,8 +462,8 @@ def test_fallbacks_give_torch_numbers(case, dtype):
             continue  # the sweep is fused: test_coupled_sweep_* compare it
         if case == "coupled" and k == "contributions":
             continue  # fused too: test_coupled_contributions_* compare it
-        if case != "coupled" and k != "contributions":  # the kernels run the layers they take
-            # (spans: tests/backends/test_spans.py compares them with the reference)
+        if case != "coupled":  # the kernels run the layers they take (spans:
+            # tests/backends/test_spans.py compares them with the reference)
             rtol = 1e-12 if dtype == torch.float64 else 1e-4
             atol = rtol * 1e-3 * float(ref[k].nan_to_num().abs().max())
             torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=rtol, atol=atol, msg=k)

@@ -1,8 +1,9 @@
 """Models the fused kernels take only in part: ``sweep`` (``gsc``, ``gsc_moments``,
-``preactivation_stats``, ``analyze``), ``jacobian`` and ``chain`` (``gsc_matrix``) run the torch
-engine's path with every run of ``Linear -> [norm] -> [activation]`` layers on numba's kernels
-(``lowering.fused_spans``, ``span_forward``/``span_backward``/``span_tail``), and must give the
-reference backend's numbers.
+``preactivation_stats``, ``analyze``), ``jacobian``, ``chain`` (``gsc_matrix``) and
+``contributions`` (``effective_depth``) run the torch engine's path with every run of ``Linear ->
+[norm] -> [activation]`` layers on numba's kernels (``lowering.fused_spans``; ``span_forward``,
+``span_backward``, ``span_tail``, ``span_contributions``), and must give the reference backend's
+numbers.
 
 The spans sit first, last and between layers the kernels do not take (a module of the user's own,
 a generic torch module, a residual block, a convolution), so both the span's output (forward) and
@@ -219,6 +220,55 @@ def test_span_gsc_matrix_matches_reference(spy, name, dtype, method):
     _close(got, want, dtype, f"gsc_matrix {method}")
     L = gscfast.compile_model(model).L  # chains never need the first layer's VJP
     assert set(spy["backward"]) == {s for s in MODELS[name][2] if s[1] < L}
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """A 'trained' copy: every parameter moved."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_span_contributions_match_reference(spy_contrib, name, dtype):
+    """``effective_depth``'s residual-trick recursion (``contributions``) through the spans of
+    both models, and the exact zeros of a model against itself."""
+    from gscfast.backends import get_backend
+    from gscfast.backends.reference import ReferenceBackend
+
+    model, x, y = _data(name, dtype, "kl")
+    model64, x64, y64 = _data(name, torch.float64, "kl")
+    trained, trained64 = _perturbed(model, 1), _perturbed(model64, 1)
+    pb, _ = make_problem(trained, x, y, error="kl", chunk_size=7)
+    pb64, _ = make_problem(trained64, x64, y64, error="kl")
+    got = get_backend("numba", "cpu").contributions(pb, gscfast.compile_model(model))
+    want = ReferenceBackend().contributions(pb64, gscfast.compile_model(model64))
+    scale = want.nan_to_num().abs().amax((1, 2), keepdim=True)
+    assert torch.equal(got.isnan(), want.isnan())
+    err = ((got.double() - want).nan_to_num().abs() / scale).max().item()
+    assert err <= (1e-12 if dtype == torch.float64 else 1e-4), err
+    L = pb.L
+    assert set(spy_contrib) == {s for s in MODELS[name][2] if s[1] < L}
+    pb_same, _ = make_problem(model, x, y, error="kl")
+    same = get_backend("numba", "cpu").contributions(pb_same, gscfast.compile_model(model))
+    assert torch.all(same[:, 2:, 1:].nan_to_num() == 0), "model == init: every lambda >= 1 is 0"
+
+
+@pytest.fixture
+def spy_contrib(monkeypatch):
+    ran: set[tuple[int, int]] = set()
+    orig = NumbaBackend.span_contributions
+
+    def spy(self, pb, span, *a, **k):
+        ran.add((span[0].index, span[-1].index))
+        return orig(self, pb, span, *a, **k)
+
+    monkeypatch.setattr(NumbaBackend, "span_contributions", spy)
+    return ran
 
 
 def test_no_spans_for_whole_model_statistics(spy):
