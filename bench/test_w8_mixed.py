@@ -11,7 +11,8 @@ And ``gscfast.jacobian`` (input to output) of the tanh model with W3's sizes (B 
 the Jacobian's 100 rows per sample cross the generic layer: ``vmap(jacrev)`` at its best
 ``chunk_size`` is the peer; ``gscfast.gsc_matrix`` (exact) of the same model on B = 200
 samples, whose chains start at every layer, inside the spans too; and ``effective_depth`` of it
-(moved weights as the trained model) on B = 2,000.
+(moved weights as the trained model) on B = 2,000 in float64 (in float32 its high-order
+contributions, about 1e-43 here, underflow, and gscfast refuses them).
 
 FLOPs: W1's, W3's, W2's and W4's counts, the same for every row of a table."""
 
@@ -175,9 +176,9 @@ def test_w8_mixed_effective_depth(benchmark, sgemm_session, expected, impl):
     W4 = SIZES["w4"]
     B = max(2, W4["B"] // 5)
     model, base = mixed_model(W4["depth"], W4["width"], "tanh", None)
-    init = base if impl == "auto_mlp" else model
+    init = (base if impl == "auto_mlp" else model).double()
     trained = _moved(init)
-    x, y = gaussian(B, W4["width"], W4["width"])
+    x, y = (t.double() for t in gaussian(B, W4["width"], W4["width"]))
     benchmark.group = "W8 effective_depth of a model fused in part"
     key = ("w8 effective_depth", impl == "auto_mlp")
     if key not in expected:
