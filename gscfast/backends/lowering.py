@@ -138,10 +138,13 @@ def check_program(program: Program) -> None:
         split_layer(layer)
 
 
-def fused_spans(program: Program, cuts: Sequence[int] = ()) -> list[list[Layer]]:
+def fused_spans(
+    program: Program, cuts: Sequence[int] = (), init: Program | None = None
+) -> list[list[Layer]]:
     """The maximal runs of consecutive layers of ``program`` that lower to the fused kernels
-    (``lower_layer`` without frozen statistics), in model order, none of them across the layer
-    boundaries ``f_c`` for ``c`` in ``cuts``."""
+    (``lower_layer`` without frozen statistics; with ``init``, its layer of the same index too:
+    a hook can make one model's layer generic and not the other's), in model order, none of them
+    across the layer boundaries ``f_c`` for ``c`` in ``cuts``."""
     spans: list[list[Layer]] = []
     run: list[Layer] = []
     for layer in program.layers:
@@ -150,6 +153,8 @@ def fused_spans(program: Program, cuts: Sequence[int] = ()) -> list[list[Layer]]
             run = []
         try:
             lower_layer(layer, None)
+            if init is not None:
+                lower_layer(init.layer(layer.index), None)
         except Unsupported:
             if run:
                 spans.append(run)
@@ -320,10 +325,12 @@ class FusedBackend(TorchBackend):
     def takes(self, pb: Problem, method: str) -> bool:
         raise NotImplementedError
 
-    def spans(self, pb: Problem, cuts: Sequence[int] = ()) -> list[list[Layer]]:
+    def spans(
+        self, pb: Problem, cuts: Sequence[int] = (), init: Program | None = None
+    ) -> list[list[Layer]]:
         if not self.fuses_spans or pb.coupled or pb.frozen or not self.takes(pb, "sweep"):
             return []
-        return fused_spans(pb.program, cuts)
+        return fused_spans(pb.program, cuts, init)
 
     def fused(self, pb: Problem, method: str = "chain", init: Program | None = None) -> bool:
         """Whether ``method`` (``"sweep"``, ``"chain"``, ``"jacobian"``, ``"contributions"``)

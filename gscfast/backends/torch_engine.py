@@ -150,10 +150,12 @@ class TorchBackend(Backend):
         item = pb.x.element_size()
         return item * pb.S * (3 * sum(w[1:]) + 4 * rows * max(w[1:]))
 
-    def spans(self, pb: Problem, cuts: Sequence[int] = ()) -> list[Span]:
-        """The runs of layers that ``span_forward`` and ``span_backward`` take in ``sweep`` and
-        ``jacobian``, none across the boundaries ``f_c``, ``c`` in ``cuts`` (none here: see
-        ``lowering.FusedBackend``)."""
+    def spans(
+        self, pb: Problem, cuts: Sequence[int] = (), init: Program | None = None
+    ) -> list[Span]:
+        """The runs of layers that the ``span_*`` methods take, none across the boundaries
+        ``f_c``, ``c`` in ``cuts``, and (``contributions``) whose ``init`` layers the kernels
+        take too (none here: see ``lowering.FusedBackend``)."""
         return []
 
     def span_forward(
@@ -344,7 +346,7 @@ class TorchBackend(Backend):
         if pb.error is None:
             raise ValueError("contributions need the error layer (error and y)")
         L, out = pb.L, []
-        spans = self.spans(pb)
+        spans = self.spans(pb, init=init)
         of = {layer.index: span for span in spans for layer in span}
 
         def span_forward(pb: Problem, span: Span, h: Tensor, stats: bool, save: bool):
