@@ -574,3 +574,58 @@ def test_float32_underflow_in_jacobian_products_is_refused_by_every_backend():
                 _f32_calls(model, x, y, {}, backend)[name]()
     want = gscfast.gsc_matrix(copy.deepcopy(model).double(), x.double(), y.double())
     assert (want[torch.ones_like(want, dtype=torch.bool).tril()] > 0).all()  # float64 holds it
+
+
+def _moved_batch_tanh(depth: int, move: float) -> tuple[nn.Module, nn.Module]:
+    """A float32 batch-tanh MLP (train-mode batch norm) and a copy whose weights moved by
+    ``move`` (relative): its order-lambda contributions fall off like ``move ** (2 lambda)``."""
+    init = gscfast.mlp(depth, 12, act="tanh", norm="batch", seed=3)
+    trained = copy.deepcopy(init)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in trained:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(1 + move * torch.randn(m.weight.shape, generator=g))
+    return trained, init
+
+
+def test_float32_coupled_contributions_screen_with_float64_squares(monkeypatch):
+    """The coupled effective depth sums its squares in float64 and returns them so, so a
+    contribution of 1e-31 (its values about 1e-17: normal float32 numbers) is exact enough and is
+    not computed again in float64; where the values do underflow float32 (order-24 values of
+    about 1e-45, 30 layers moved by 1e-2) the call is still refused. Before, any contribution
+    below ``n * tiny / eps`` ran the whole recursion again in float64, which doubled the CIFAR
+    study's coupled effective depth."""
+    pytest.importorskip("numba")
+    from gscfast.backends.numba_backend import NumbaBackend
+
+    dtypes = []
+    run = NumbaBackend._contributions_coupled
+
+    def spy(self, pb, init):
+        dtypes.append(pb.x.dtype)
+        return run(self, pb, init)
+
+    monkeypatch.setattr(NumbaBackend, "_contributions_coupled", spy)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 12, generator=g), torch.randint(0, 12, (64,), generator=g)
+    kw = dict(error="kl", batchnorm="batch", backend="numba")
+    trained, init = _moved_batch_tanh(10, 1e-2)
+    _, got = gscfast.effective_depth(trained, init, x, y, **kw)
+    assert dtypes == [torch.float32]  # no float64 rerun
+    _, want = gscfast.effective_depth(
+        copy.deepcopy(trained).double(), copy.deepcopy(init).double(), x.double(), y, **kw
+    )
+    fi = torch.finfo(torch.float32)
+    defined = ~want.isnan()
+    # one datapoint: the profile is the root of the contributions; under the old screen's bound
+    # (n = 64 * 12 values), this case used to run twice
+    assert want[defined].square().min() < 64 * 12 * fi.tiny / fi.eps
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[defined].double(), want[defined], rtol=1e-4, atol=0)
+
+    dtypes.clear()
+    trained, init = _moved_batch_tanh(30, 1e-2)
+    with pytest.raises(gscfast.NumericalError, match=r"underflow .*in float64"):
+        gscfast.effective_depth(trained, init, x, y, **kw)
+    assert dtypes == [torch.float32, torch.float64]

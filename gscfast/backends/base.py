@@ -135,6 +135,10 @@ class Backend(ABC):
     def contributions(self, pb: Problem, init: Program) -> Tensor:
         """``[P, L+1, L+1]``: entry ``[l, lam] = ||g_l^(lam)||^2`` (definitions.md, effective depth)
         with ``init`` the same architecture at its initial weights; NaN for ``lam > max(l-1, 0)``.
+
+        ``chain`` and ``contributions`` return the problem's dtype, or float64 where they sum the
+        squared norms in float64 (``finite.check_product_underflow`` then screens for underflow
+        with the tighter bound that allows).
         """
 
 

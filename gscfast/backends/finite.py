@@ -88,16 +88,31 @@ def check_product_underflow(pb, method: str, result: Tensor, arg: Any, rerun: An
     ``check_underflow``). Only an entry below ``terms * tiny / eps`` can have; where one is, the
     backend runs the method again in float64 (``rerun(pb64, arg)``: a float64 copy of the
     models; the same probes or initial model, ``arg``), and entries that differ from it by more
-    than 1e-3 are refused, naming the pair."""
-    dtype = result.dtype
+    than 1e-3 are refused, naming the pair.
+
+    A backend that sums the squares in float64 returns ``result`` in float64 (the API's
+    expectations are in float64 anyway). Its squares cannot underflow; only the values
+    themselves can, each computed by at most ``c = 8 * max width`` float32 operations (a GEMM of
+    inner dimension up to twice a width and the elementwise steps around it), each of which
+    loses at most ``tiny`` to underflow. A squared norm of ``terms`` values at or above
+    ``terms * (c * tiny / eps)^2`` has a root mean square value of at least ``c * tiny / eps``,
+    so underflow costs it less than ``eps`` relative, as rounding does: only entries below that
+    are run again. (The coupled effective depth's high-order contributions, 1e-34 at 10,000
+    CIFAR-sized images, are normal numbers whose float32 squares would still be exact, but fell
+    below the first bound, and every call ran twice.)"""
+    dtype = pb.x.dtype
     if dtype == torch.float64:
         return
     fi = torch.finfo(dtype)
     n = torch.tensor(pb.columns, dtype=torch.float64, device=result.device)
     terms = n[:, None] * n[None, :] if method == "chain" else n[:, None].expand(-1, n.shape[0])
+    if result.dtype == torch.float64:  # squares summed in float64
+        floor = (8 * max(pb.widths) * fi.tiny / fi.eps) ** 2
+    else:
+        floor = fi.tiny / fi.eps
     r = result.to(torch.float64)
     keep = _defined(pb, method)
-    if not bool(((r < terms * (fi.tiny / fi.eps)) & keep).any()):
+    if not bool(((r < terms * floor) & keep).any()):
         return
     import copy
     import dataclasses

@@ -774,7 +774,8 @@ class NumbaBackend(FusedBackend):
         L, dt = pb.L, _DTYPES[pb.x.dtype]
         B = pb.B
         dmax = max(pb.widths[1 : L + 1])  # g_1 .. g_L
-        res = np.full((pb.D, L + 1, L + 1), np.nan, dt)
+        # float64: the kernels sum the squares so (Backend.contributions)
+        res = np.full((pb.D, L + 1, L + 1), np.nan)
         res[:, 0, 0] = 1
         nth = numba.get_num_threads()
         R = max(1, ROWS // 4)  # GEMM rows per tile: [R, 2d] stays in cache

@@ -364,8 +364,9 @@ def _contrib_agree(pb: Problem, init, against: str) -> None:
     ref_pb = pb if pb.x.dtype == torch.float64 else as64(pb)
     ref_init = gscfast.compile_model(copy.deepcopy(init.model).double())
     got = NumbaBackend().contributions(pb, init)
+    assert got.dtype == torch.float64  # its squares are summed so (Backend.contributions)
     ref = get_backend(against, "cpu").contributions(ref_pb, ref_init)
-    assert_agree(got, ref, pb.x.dtype, "contributions")
+    assert_agree(got.to(pb.x.dtype), ref, pb.x.dtype, "contributions")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -402,7 +403,7 @@ def test_coupled_contributions_of_the_initial_model_are_zero(mix, dtype):
     got = NumbaBackend().contributions(pb, pb.program)
     assert torch.all(got[:, 2:, 1:].nan_to_num() == 0)
     ref = get_backend("torch", "cpu").contributions(pb, pb.program)
-    assert_agree(got, ref, dtype, "contributions")
+    assert_agree(got.to(dtype), ref, dtype, "contributions")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
