@@ -13,8 +13,9 @@ layer (cross-entropy). Two phases, each a study of ``gscfast.experiments.runner`
    classification error), the expected GSC(l, 0) for every l (so GSC(L, 0) too), the
    pre-activation statistics, the operator (spectral) norm of ``W_t - W_0`` per layer, and the
    effective depth with its contribution profile: exactly on a fixed seeded subset
-   (``--ed-samples``) every epoch, over the whole set every ``--ed-every`` epochs. After training,
-   the compositional-depth-reduction (Taylor) curve of definitions.md.
+   (``--ed-samples``) every epoch, over the whole set every ``--ed-every`` epochs, in float64 (the
+   networks train in float32; ``_effective_depth``). After training, the
+   compositional-depth-reduction (Taylor) curve of definitions.md.
 
 Choices the paper leaves open (all options): plain SGD (no momentum, no weight decay) with
 minibatches of 100 (``--batch-size``), reshuffled every epoch by a seeded generator, the last
@@ -273,7 +274,7 @@ def _measure(
     epoch: int,
     epochs: int,
 ) -> dict[str, Any]:
-    from .. import analyze, effective_depth
+    from .. import analyze
     from ..taylor import weight_change_norms
 
     # Every gscfast measurement takes the same datapoint form (module docstring); it changes
@@ -302,16 +303,7 @@ def _measure(
     }
     if config["ed_samples"] > 0:
         t0 = time.perf_counter()
-        d, prof = effective_depth(
-            model,
-            init,
-            x[sub],
-            y[sub],
-            error="kl",
-            tau=config["tau"],
-            batchnorm=bn,
-            backend=config["backend"],
-        )
+        d, prof = _effective_depth(config, model, init, x[sub], y[sub])
         t["ed_subset"] = time.perf_counter() - t0
         m["ed_subset"], m["profile_subset"] = d, prof[-1].tolist()
         if epoch == epochs:  # the whole [L+1, L+1] profile once, at the end
@@ -319,20 +311,32 @@ def _measure(
     every = config["ed_every"]
     if every > 0 and (epoch % every == 0 or epoch == epochs):
         t0 = time.perf_counter()
-        d, prof = effective_depth(
-            model,
-            init,
-            x,
-            y,
-            error="kl",
-            tau=config["tau"],
-            batchnorm=bn,
-            backend=config["backend"],
-        )
+        d, prof = _effective_depth(config, model, init, x, y)
         t["ed_full"] = time.perf_counter() - t0
         m["ed_full"], m["profile_full"] = d, prof[-1].tolist()
     m["seconds"] = t
     return m
+
+
+def _effective_depth(
+    config: dict, model: nn.Module, init: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[int, torch.Tensor]:
+    """``gscfast.effective_depth`` of float64 copies of the models on ``x`` in float64. The order-
+    lambda contributions fall like the weights' relative change to the power ``2 lambda``: after
+    an epoch the high orders of a 50-layer network are below 1e-40, which float32 cannot hold, and
+    gscfast refuses such float32 results (``NumericalError``), so the study stopped there."""
+    from .. import effective_depth
+
+    return effective_depth(
+        copy.deepcopy(model).double(),
+        copy.deepcopy(init).double(),
+        x.double(),
+        y,
+        error="kl",
+        tau=config["tau"],
+        batchnorm=config["bn_datapoint"],
+        backend=config["backend"],
+    )
 
 
 def _taylor_model(config: dict, model: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -399,3 +399,37 @@ def test_ray_engine_gives_the_local_numbers(full, archive, tmp_path):
     }
     assert engines == {"ray"}
     assert numbers(out) == numbers(full)
+
+
+@pytest.mark.parametrize("bn", ["frozen", "batch"])
+def test_effective_depth_of_a_trained_network_is_measured_in_float64(bn):
+    """After training, the order-lambda contributions of a deep network fall far below float32's
+    range (weights moved by 1e-2 over 30 layers: order 24 near 1e-86), and gscfast refuses such
+    float32 results: the study stopped at its first measured epoch of a 50-layer network. It
+    measures effective depth on float64 copies; the profile is the float64 call's."""
+    config = cifar.make_config(
+        dataset="digits", depth=30, width=12, ed_samples=0, ed_every=1, bn_datapoint=bn
+    )
+    model = cifar.make_model("batch-tanh", config, 64)
+    init = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-2 * torch.randn(p.shape, generator=g))
+    x = torch.randn(64, 64, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    with pytest.raises(gscfast.NumericalError, match="underflow"):
+        gscfast.effective_depth(model, init, x, y, error="kl", batchnorm=bn)
+    m = cifar._measure(config, model, init, x, y, None, 1, 1)
+    d, prof = gscfast.effective_depth(
+        copy.deepcopy(model).double(),
+        copy.deepcopy(init).double(),
+        x.double(),
+        y,
+        error="kl",
+        batchnorm=bn,
+    )
+    assert m["ed_full"] == d
+    got = torch.tensor(m["profile_full"], dtype=torch.float64)
+    torch.testing.assert_close(got, prof[-1], rtol=0, atol=0, equal_nan=True)
+    assert min(v for v in m["profile_full"] if v == v) < 1e-40  # float32 would not hold it
