@@ -118,6 +118,8 @@ def table(rs: list[dict]) -> str:
                 note.append(f"auto runs {r['auto_runs']}")
             if "timed_B" in r:
                 note.append(f"timed on B={r['timed_B']}, scaled")
+            if "dtype" in r:
+                note.append(r["dtype"])
             if "epoch_s" in r:
                 note.append(
                     f"{r['time_s'] / r['epoch_s']:.2f} training epochs' time "
