@@ -81,7 +81,12 @@ def rows(data: dict) -> list[dict]:
 
 def best_peer(items: list[dict]) -> dict | None:
     """The fastest row that is not gscfast's (``extra_info["gscfast"]`` False), or None."""
-    peers = [r for r in items if r.get("gscfast") is False]
+    # auto_mlp, compiled, layers: gscfast's rows, recorded as peers before 2026-12-03
+    peers = [
+        r
+        for r in items
+        if r.get("gscfast") is False and r.get("impl") not in ("auto_mlp", "compiled", "layers")
+    ]
     return min(peers, key=lambda r: r["time_s"]) if peers else None
 
 
