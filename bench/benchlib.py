@@ -19,6 +19,7 @@ import pytest
 import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, the one numba's ``@`` calls)
 import threadpoolctl
 import torch
+from report import GSCFAST_ROWS
 from torch import nn
 
 import gscfast
@@ -245,11 +246,6 @@ def conv_linear_flops(model: nn.Module, x: torch.Tensor) -> float:
         for h in hs:
             h.remove()
     return total
-
-
-# Rows that are gscfast by another route: W8's unbroken network, W6's compiled rules, W7's
-# ``layers=`` (report.best_peer skips them in results recorded before they were listed here).
-GSCFAST_ROWS = ("auto", "auto_mlp", "compiled", "layers")
 
 
 def run_checked(

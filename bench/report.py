@@ -79,14 +79,15 @@ def rows(data: dict) -> list[dict]:
     return out
 
 
+# Rows that are gscfast besides its backends' names: "auto", W8's unbroken network, W6's compiled
+# rules, W7's ``layers=`` (``benchlib.run_checked`` marks them ``gscfast``; results recorded before
+# 2026-12-03 marked the last three as peers, so ``best_peer`` skips them by name too).
+GSCFAST_ROWS = ("auto", "auto_mlp", "compiled", "layers")
+
+
 def best_peer(items: list[dict]) -> dict | None:
     """The fastest row that is not gscfast's (``extra_info["gscfast"]`` False), or None."""
-    # auto_mlp, compiled, layers: gscfast's rows, recorded as peers before 2026-12-03
-    peers = [
-        r
-        for r in items
-        if r.get("gscfast") is False and r.get("impl") not in ("auto_mlp", "compiled", "layers")
-    ]
+    peers = [r for r in items if r.get("gscfast") is False and r.get("impl") not in GSCFAST_ROWS]
     return min(peers, key=lambda r: r["time_s"]) if peers else None
 
 
