@@ -140,6 +140,25 @@ def test_seeds_are_stable():
     assert job_seed(0, "data", 0) == 7493556065592169722
 
 
+def test_datasets_are_drawn_once_and_handed_out_as_copies():
+    """The jobs run dataset-major and the last draw is kept: every architecture of a dataset
+    gets the same data, and a caller that changes its tensors changes no later job's data."""
+    study = gaussian.make_study(gaussian.make_config(datasets=2, samples=50, depth=3, width=8))
+    datasets = [job.spec["dataset"] for job in study.jobs]
+    assert datasets == sorted(datasets)  # dataset-major
+    x, y = gaussian.make_dataset(7, 50, 8)
+    fresh = torch.Generator().manual_seed(7)
+    x0 = torch.randn(50, 8, generator=fresh, dtype=torch.float64) / 10
+    assert torch.equal(x, (x0 * (10 / x0.norm(dim=1, keepdim=True))).float())
+    x.mul_(0.0), y.add_(1.0)
+    x2, y2 = gaussian.make_dataset(7, 50, 8)
+    assert torch.equal(x2, (x0 * (10 / x0.norm(dim=1, keepdim=True))).float())
+    assert not torch.equal(y2, y)
+    x64, _ = gaussian.make_dataset(7, 50, 8, dtype=torch.float64)
+    x64.zero_()
+    assert torch.equal(gaussian.make_dataset(7, 50, 8)[0], x2)
+
+
 def test_resume_after_max_jobs_is_bit_for_bit(full, tmp_path):
     out = tmp_path / "run"
     assert study(out, "--max-jobs", "2") == 0
