@@ -72,8 +72,8 @@ N_LAYER = int(Norm.LAYER)
 N_DIAG = int(Norm.DIAG)
 N_BATCH = int(Norm.BATCH)  # batch statistics, coupled
 # meta columns
-M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE = range(11)
-NMETA = 11
+M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE, M_WT = range(12)
+NMETA = 12
 F_EPS, F_P0, F_P1 = range(3)
 NFMETA = 3
 # storage columns (per-row offsets into a thread's ``store``; -1 = absent)
@@ -99,6 +99,28 @@ def _c(like, value):
 def _c_impl(like, value):
     t = like.dtype if isinstance(like, types.Array) else like
     return lambda like, value: t(value)
+
+
+@intrinsic
+def _unowned(typingctx, arr):
+    """``arr`` as a borrowed view: the same data, shape and strides, without numba's reference
+    count (its meminfo set to null). numba increments and decrements that count, with an atomic
+    instruction each, for every view it makes (``Z[t]``, ``store[o : o + d]``, ...) and every
+    array an inlined helper receives; the kernels do that several times per row and layer, and
+    those atomics took about 30% of a sweep's time. Views of a borrowed array carry no count
+    either. The caller must keep ``arr`` alive while the view is used: the workers borrow their
+    arguments, which their Python caller holds for the length of the call, and never return or
+    keep such a view."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, value=args[0])
+        a.meminfo = cgutils.get_null_value(a.meminfo.type)
+        a.parent = cgutils.get_null_value(a.parent.type)
+        return a._getvalue()
+
+    return arr(arr), codegen
 
 
 @intrinsic
@@ -210,6 +232,16 @@ def _weight(wflat, meta, i):
     o = meta[i, M_W]
     return wflat[o : o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape(
         (meta[i, M_DOUT], meta[i, M_DIN])
+    )
+
+
+@njit(**INL)
+def _weight_t(wflat, meta, i):
+    """``W_i^T [d_in, d_out]``, a contiguous copy: the forward GEMM ``h @ W^T`` is then a
+    plain (NN) product, which OpenBLAS's small-matrix kernels run without packing."""
+    o = meta[i, M_WT]
+    return wflat[o : o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape(
+        (meta[i, M_DIN], meta[i, M_DOUT])
     )
 
 
@@ -427,7 +459,7 @@ def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, 
     pre-activation in ``Z [n, d_out]`` (returned) and the output in ``store`` item ``S_H``."""
     dout = meta[i, M_DOUT]
     Zm = Z[: n * dout].reshape((n, dout))
-    np.dot(hin, _weight(wflat, meta, i).T, Zm)
+    np.dot(hin, _weight_t(wflat, meta, i), Zm)
     code = meta[i, M_ACT]
     dsave = meta[i, M_DSAVE] == 1 and save
     p0 = fmeta[i, F_P0]
@@ -760,6 +792,12 @@ def _sweep_worker(
     cnt,
     ws,
 ):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    x, yv, ylab, meta = _unowned(x), _unowned(yv), _unowned(ylab), _unowned(meta)
+    fmeta, wflat, vflat, sto = _unowned(fmeta), _unowned(wflat), _unowned(vflat), _unowned(sto)
+    sqo, sqg, hout, gin = _unowned(sqo), _unowned(sqg), _unowned(hout), _unowned(gin)
+    keep, mean, m2, pos = _unowned(keep), _unowned(mean), _unowned(m2), _unowned(pos)
+    neg, cnt, ws = _unowned(neg), _unowned(cnt), _unowned(ws)
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
@@ -990,6 +1028,10 @@ def _chain_worker(
     res,
     ws,
 ):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    x, yv, ylab, meta = _unowned(x), _unowned(yv), _unowned(ylab), _unowned(meta)
+    fmeta, wflat, vflat, sto = _unowned(fmeta), _unowned(wflat), _unowned(vflat), _unowned(sto)
+    probes, poff, res, ws = _unowned(probes), _unowned(poff), _unowned(res), _unowned(ws)
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
@@ -1188,6 +1230,9 @@ def chain_kernel(
 def _jacobian_worker(
     th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
 ):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    x, meta, fmeta, wflat = _unowned(x), _unowned(meta), _unowned(fmeta), _unowned(wflat)
+    vflat, sto, out, ws = _unowned(vflat), _unowned(sto), _unowned(out), _unowned(ws)
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
@@ -1338,6 +1383,12 @@ def _contrib_worker(
     gin,
     ws,
 ):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    x, yv, ylab, meta = _unowned(x), _unowned(yv), _unowned(ylab), _unowned(meta)
+    fmeta, wflat, vflat, sto = _unowned(fmeta), _unowned(wflat), _unowned(vflat), _unowned(sto)
+    meta0, fmeta0, wflat0 = _unowned(meta0), _unowned(fmeta0), _unowned(wflat0)
+    vflat0, sto0, res, vin = _unowned(vflat0), _unowned(sto0), _unowned(res), _unowned(vin)
+    gin, ws = _unowned(gin), _unowned(ws)
     N = x.shape[0]
     L = meta.shape[0]
     ntiles = (N + T - 1) // T
@@ -1657,7 +1708,7 @@ def _cb_fwd1(
     the bias and partial column sums, the normalization waiting for them, or the whole layer."""
     dout = meta[i, M_DOUT]
     din = meta[i, M_DIN]
-    W = _weight(wflat, meta, i)
+    WT = _weight_t(wflat, meta, i)
     ntiles = (B + T - 1) // T
     cnt = np.int64(0)
     batch = meta[i, M_NORM] == N_BATCH
@@ -1669,7 +1720,7 @@ def _cb_fwd1(
         hin = x[r0 : r0 + n] if i == 0 else _mat(store, sto, B, i - 1, S_H, B, din)[r0 : r0 + n]
         if batch:  # pre-normalization values go to the xh slot until the statistics are known
             Zm = _mat(store, sto, B, i, S_XH, B, dout)[r0 : r0 + n]
-            np.dot(hin, W.T, Zm)
+            np.dot(hin, WT, Zm)
             bo = meta[i, M_B]
             if bo >= 0:
                 b = _vec(vflat, bo, dout)
@@ -1679,7 +1730,7 @@ def _cb_fwd1(
             _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, np.bool_(False))
         else:
             Zm = Z[: n * dout].reshape((n, dout))
-            np.dot(hin, W.T, Zm)
+            np.dot(hin, WT, Zm)
             dsave = meta[i, M_DSAVE] == 1 and save
             for t in range(n):
                 z = Zm[t]
@@ -2054,6 +2105,13 @@ def _coupled_sweep_worker(
     between two buffers (``ps1[p]``, ``ps2[p]``, ``p`` the phase's parity), so a thread never
     overwrites sums another is still reading, and one barrier per batch-norm layer suffices.
     Every thread combines the sums itself (the same code on the same data: the same numbers)."""
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    sync, x, yv, ylab = _unowned(sync), _unowned(x), _unowned(yv), _unowned(ylab)
+    meta, fmeta, wflat, vflat = _unowned(meta), _unowned(fmeta), _unowned(wflat), _unowned(vflat)
+    sto, sqo, sqg, mean = _unowned(sto), _unowned(sqo), _unowned(sqg), _unowned(mean)
+    m2, pos, neg, cnt, ws = _unowned(m2), _unowned(pos), _unowned(neg), _unowned(cnt), _unowned(ws)
+    ps1, ps2, psq, psqg = _unowned(ps1), _unowned(ps2), _unowned(psq), _unowned(psqg)
+    pe = _unowned(pe)
     B = x.shape[0]
     L = meta.shape[0]
     dt = x.dtype
@@ -2271,6 +2329,9 @@ def coupled_colsums_kernel(V, cG, xG, cS, xS, TB, part, nth):
 
 @njit(**HELP)
 def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, TB, part):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    V, cG, xG, cS, xS = _unowned(V), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
+    part = _unowned(part)
     B = V.shape[0]
     acc = part[th]
     acc[:] = 0.0
@@ -2303,6 +2364,11 @@ def _coupled_step_worker(
     part,
     ws,
 ):
+    # borrowed views of the arguments (_unowned): no atomic reference counting per view
+    V, cG, xG, cS, xS = _unowned(V), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
+    m1G, m2G, m1S, m2S = _unowned(m1G), _unowned(m2G), _unowned(m1S), _unowned(m2S)
+    dm1, dm2, Wcat, out = _unowned(dm1), _unowned(dm2), _unowned(Wcat), _unowned(out)
+    part, ws = _unowned(part), _unowned(ws)
     B, K, d = V.shape
     din = Wcat.shape[1]
     K1 = K + 1
@@ -2391,6 +2457,28 @@ def coupled_step_kernel(
         part,
         ws,
     )
+
+
+# ------------------------------------------------------------------ the GEMM floor
+
+
+@njit(**HELP)
+def _gemm_rows_worker(th, nth, a, b, c, tile):
+    """``c = a @ b`` on ``tile``-row tiles dealt round-robin, every product of a thread on its
+    first tile's rows (as a kernel's tile stays in cache through the layers): the rate of the
+    kernels' GEMMs alone (``machine.gemm_rate``)."""
+    m = a.shape[0]
+    t0 = th * tile
+    h = min(tile, m - t0)
+    if h <= 0:
+        return
+    for _ in range(t0, m, nth * tile):
+        np.dot(a[t0 : t0 + h], b, c[t0 : t0 + h])
+
+
+def gemm_rows(a, b, c, tile, nth):
+    """``_gemm_rows_worker`` on ``nth`` threads (one BLAS thread each: the caller's business)."""
+    launch(_gemm_rows_worker, nth, a, b, c, np.int64(tile))
 
 
 # ------------------------------------------------------------------ launching workers

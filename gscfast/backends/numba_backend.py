@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -65,8 +66,17 @@ from .lowering import (
 )
 from .torch_engine import SpanForward, forward
 
-ROWS = int(os.environ.get("GSCFAST_NUMBA_ROWS", "1024"))
-"""Target GEMM rows per tile (samples x stacked rows); measured best on this project's 2-core CPU (AVX2 BLAS kernels)."""
+_ROWS_SET = os.environ.get("GSCFAST_NUMBA_ROWS")
+ROWS = int(_ROWS_SET or "1024")
+"""Target GEMM rows per tile (samples x stacked rows) where OpenBLAS packs its operands; measured
+best on this project's 2-core CPUs. ``GSCFAST_NUMBA_ROWS`` sets it, for every product."""
+SMALL_GEMM = 100**3
+"""OpenBLAS's SkylakeX-family cores (those of AVX-512 CPUs) run a product ``[M, K] x [K, N]`` with
+``M N K`` up to this in their small-matrix kernels, which skip packing the operands: 1.25-1.4x the
+packed rate for ``[100, 100] x [100, 100]`` (float32 and float64; bench/README.md). So where the
+layers are small enough, tiles are cut to that many GEMM rows (``tile_rows``)."""
+_SMALL_ROWS_MIN = 32  # fewer rows than this per product: per-tile overheads outweigh the gain
+_SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # the kernels' optional arrays where not asked for (no rows)
@@ -88,7 +98,7 @@ _BLAS_SETTERS: list[tuple] | None = None
 
 
 def _find_blas() -> list[tuple]:
-    """(set, get) thread-count functions of the OpenBLAS that numba's ``np.dot`` calls (scipy's;
+    """(set, get, corename) functions of the OpenBLAS that numba's ``np.dot`` calls (scipy's;
     numpy's 64-bit-integer build exports other names and is left alone)."""
     import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba uses)
 
@@ -103,32 +113,63 @@ def _find_blas() -> list[tuple]:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for set_name, get_name in (
-            ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-            ("openblas_set_num_threads", "openblas_get_num_threads"),
-        ):
+        for prefix in ("scipy_openblas_", "openblas_"):
+            set_name, get_name = prefix + "set_num_threads", prefix + "get_num_threads"
             if hasattr(lib, set_name) and hasattr(lib, get_name):
                 setter, getter = getattr(lib, set_name), getattr(lib, get_name)
                 setter.argtypes, setter.restype = [ctypes.c_int], None
                 getter.argtypes, getter.restype = [], ctypes.c_int
-                found.append((setter, getter))
+                core = getattr(lib, prefix + "get_corename", None)
+                if core is not None:
+                    core.argtypes, core.restype = [], ctypes.c_char_p
+                found.append((setter, getter, core))
                 break
     return found
+
+
+def _blas() -> list[tuple]:
+    global _BLAS_SETTERS
+    if _BLAS_SETTERS is None:
+        _BLAS_SETTERS = _find_blas()
+    return _BLAS_SETTERS
+
+
+@functools.lru_cache(maxsize=1)
+def small_gemm_kernels() -> bool:
+    """Whether the OpenBLAS that numba calls runs small products unpacked (``SMALL_GEMM``): its
+    core, chosen when it loads (by the CPU, or ``OPENBLAS_CORETYPE``), is of the SkylakeX family."""
+    libs = _blas()
+    if not libs:
+        return False
+    for _, _, core in libs:
+        name = core().decode(errors="replace").lower() if core is not None else ""
+        if name not in _SMALL_GEMM_CORES:
+            return False
+    return True
+
+
+def tile_rows(gemm: int) -> int:
+    """Target GEMM rows per tile for products ``[rows, k] x [k, n]`` whose largest ``k n`` is
+    ``gemm``: as many as OpenBLAS's small-matrix kernels take (``SMALL_GEMM``) where it has them
+    and that is at least ``_SMALL_ROWS_MIN``, else ``ROWS``."""
+    if _ROWS_SET is None and gemm > 0 and small_gemm_kernels():
+        rows = SMALL_GEMM // gemm
+        if rows >= _SMALL_ROWS_MIN:
+            return rows
+    return ROWS
 
 
 @contextlib.contextmanager
 def single_threaded_blas():
     """Run numba kernels whose threads each call BLAS: one BLAS thread per call, restored after."""
-    global _BLAS_SETTERS
-    if _BLAS_SETTERS is None:
-        _BLAS_SETTERS = _find_blas()
-    old = [get() for _, get in _BLAS_SETTERS]
-    for set_, _ in _BLAS_SETTERS:
+    libs = _blas()
+    old = [get() for _, get, _ in libs]
+    for set_, _, _ in libs:
         set_(1)
     try:
         yield
     finally:
-        for (set_, _), n in zip(_BLAS_SETTERS, old):
+        for (set_, _, _), n in zip(libs, old):
             set_(n)
 
 
@@ -209,6 +250,12 @@ class Net:
     def args(self) -> tuple:
         return self.meta, self.fmeta, self.wflat, self.vflat, self.sto, self.rowsz
 
+    @property
+    def gemm(self) -> int:
+        """The largest layer's ``d_in * d_out`` (``tile_rows``)."""
+        k = _k()
+        return int((self.meta[:, k.M_DIN] * self.meta[:, k.M_DOUT]).max(initial=0))
+
 
 def _np(t: Tensor, dtype) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False).reshape(-1)
@@ -249,6 +296,9 @@ def build_net(
         m[k.M_DIN], m[k.M_DOUT] = din, dout
         weights.append(_np(plan.weight, dtype))
         m[k.M_W] = woff
+        woff += plan.weight.numel()
+        weights.append(_np(plan.weight.T, dtype))  # W^T for the forward GEMM (_weight_t)
+        m[k.M_WT] = woff
         woff += plan.weight.numel()
         if plan.bias is not None:
             m[k.M_B] = vec(plan.bias)
@@ -347,13 +397,20 @@ class NumbaBackend(FusedBackend):
         return (x, *_targets(pb.error, y, pb.x.dtype))
 
     @staticmethod
-    def _tile(pb: Problem, n_rows: int, rows_per_sample: int, bytes_per_sample: int) -> int:
-        """Samples per tile: about ``ROWS`` GEMM rows, within the memory budget per thread and
-        ``chunk_size``, and small enough that every thread gets work."""
+    def _tile(
+        pb: Problem, n_rows: int, rows_per_sample: int, bytes_per_sample: int, gemm: int
+    ) -> int:
+        """Samples per tile: about ``tile_rows(gemm)`` GEMM rows (``ROWS`` where one sample's
+        rows alone are more than the small-matrix kernels take), within the memory budget per
+        thread and ``chunk_size``, and small enough that every thread gets work."""
         import numba
 
         nth = numba.get_num_threads()
-        T = max(1, ROWS // max(1, rows_per_sample))
+        rows_per_sample = max(1, rows_per_sample)
+        rows = tile_rows(gemm)
+        if rows_per_sample > rows:
+            rows = ROWS
+        T = max(1, rows // rows_per_sample)
         T = min(T, max(1, pb.memory // (nth * max(1, bytes_per_sample))))
         if pb.chunk_size is not None:
             T = min(T, pb.chunk_size)
@@ -494,7 +551,13 @@ class NumbaBackend(FusedBackend):
         net0 = build_net(init_span, dt, x.shape[1], None)
         dmax = max(net.dmax, net0.dmax, x.shape[1])
         nl = lam0 + Ls
-        T = self._tile(pb, N, nl, dt.itemsize * (net.rowsz + net0.rowsz + 4 * nl * dmax))
+        T = self._tile(
+            pb,
+            N,
+            nl,
+            dt.itemsize * (net.rowsz + net0.rowsz + 4 * nl * dmax),
+            max(net.gemm, net0.gemm),
+        )
         ws = workspace(nth, k.contrib_ws(T, net.rowsz, net0.rowsz, dmax, Ls, lam0), dt, pb.memory)
         res = np.full((N, Ls + 1, nl), np.nan, dt)
         gin = output((N * nl, x.shape[1]), dt) if grad_in else None
@@ -518,7 +581,7 @@ class NumbaBackend(FusedBackend):
         return torch.from_numpy(res), None if gin is None else torch.from_numpy(gin)
 
     def _sweep_tile(self, pb: Problem, net: Net, n: int, dt, R: int = 1) -> int:
-        return self._tile(pb, n, R, dt.itemsize * (net.rowsz + (1 + 2 * R) * net.dmax))
+        return self._tile(pb, n, R, dt.itemsize * (net.rowsz + (1 + 2 * R) * net.dmax), net.gemm)
 
     def _sweep_rows(
         self,
@@ -600,7 +663,7 @@ class NumbaBackend(FusedBackend):
         sqo = np.full((pb.D, L + 1), np.nan, dt)
         sqg = np.full((pb.D, L + 1), np.nan, dt)
         moments: list[Moments | None] | None = [None] * (L + 1) if stats else None
-        T = max(1, min(ROWS, -(-B // nth)))
+        T = max(1, min(tile_rows(net.gemm), -(-B // nth)))
         for d in range(pb.D):
             rows = slice(d * B, (d + 1) * B)
             shape = (nth, L, net.dmax) if stats else (nth, 1, 1)
@@ -681,7 +744,13 @@ class NumbaBackend(FusedBackend):
             pflat = torch.cat([p.reshape(-1) for p in parts]).contiguous().numpy()
         for rows, net, _ in self._nets(pb):
             n = rows.stop - rows.start
-            T = self._tile(pb, n, rmax, dt.itemsize * (net.rowsz + net.dmax + 2 * rmax * net.dmax))
+            T = self._tile(
+                pb,
+                n,
+                rmax,
+                dt.itemsize * (net.rowsz + net.dmax + 2 * rmax * net.dmax),
+                net.gemm,
+            )
             ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, rmax, L), dt, pb.memory)
             with single_threaded_blas():
                 k.chain_kernel(
@@ -718,7 +787,9 @@ class NumbaBackend(FusedBackend):
         for rows, net, _ in self._nets(pb):
             n = rows.stop - rows.start
             R = w[end]
-            T = self._tile(pb, n, R, dt.itemsize * (net.rowsz + net.dmax + 2 * R * net.dmax))
+            T = self._tile(
+                pb, n, R, dt.itemsize * (net.rowsz + net.dmax + 2 * R * net.dmax), net.gemm
+            )
             ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, R, L), dt, pb.memory)
             with single_threaded_blas():
                 k.jacobian_kernel(
@@ -741,7 +812,13 @@ class NumbaBackend(FusedBackend):
         for rows, net, net0 in self._nets(pb, init):
             n = rows.stop - rows.start
             dmax = max(net.dmax, net0.dmax)
-            T = self._tile(pb, n, L, dt.itemsize * (net.rowsz + net0.rowsz + 4 * L * dmax))
+            T = self._tile(
+                pb,
+                n,
+                L,
+                dt.itemsize * (net.rowsz + net0.rowsz + 4 * L * dmax),
+                max(net.gemm, net0.gemm),
+            )
             ws = workspace(nth, k.contrib_ws(T, net.rowsz, net0.rowsz, dmax, L), dt, pb.memory)
             with single_threaded_blas():
                 k.contrib_kernel(

@@ -529,12 +529,62 @@ def test_blas_threads_restored():
     from gscfast.backends import numba_backend as nb
 
     with nb.single_threaded_blas():
-        inside = [get() for _, get in nb._BLAS_SETTERS]
-    after = [get() for _, get in nb._BLAS_SETTERS]
+        inside = [get() for _, get, _ in nb._blas()]
+    after = [get() for _, get, _ in nb._blas()]
     assert all(n == 1 for n in inside)
     with nb.single_threaded_blas():
         pass
-    assert [get() for _, get in nb._BLAS_SETTERS] == after
+    assert [get() for _, get, _ in nb._blas()] == after
+
+
+def test_tiles_follow_the_small_matrix_kernels(monkeypatch):
+    """Where OpenBLAS runs products of up to 100^3 multiply-adds unpacked, tiles are cut to
+    that many GEMM rows (the widest layer decides); else, or when one sample's rows alone are
+    more, or the rows would be too few, tiles keep ROWS rows."""
+    nb = numba_backend
+    monkeypatch.setattr(nb, "_ROWS_SET", None)
+    monkeypatch.setattr(nb, "small_gemm_kernels", lambda: True)
+    assert nb.tile_rows(100 * 100) == 100
+    assert nb.tile_rows(63 * 37) == 10**6 // (63 * 37)
+    assert nb.tile_rows(200 * 200) == nb.ROWS  # 25 rows: per-tile overheads win
+    pb = problem(
+        make_model("tanh", None, widths=(100, 100, 100)), torch.float32, D=1, B=5000, chunk=None
+    )
+    tile = NumbaBackend._tile
+    assert tile(pb, 5000, 1, 4, 100 * 100) == 100
+    assert tile(pb, 5000, 7, 4, 100 * 100) == 100 // 7
+    assert tile(pb, 5000, 150, 4, 100 * 100) == max(1, nb.ROWS // 150)
+    monkeypatch.setattr(nb, "small_gemm_kernels", lambda: False)
+    assert nb.tile_rows(100 * 100) == nb.ROWS
+    assert tile(pb, 5000, 1, 4, 100 * 100) == nb.ROWS
+
+
+def test_small_gemm_kernels_reads_the_blas_core():
+    libs = numba_backend._blas()
+    names = {core().decode().lower() for _, _, core in libs if core is not None}
+    assert numba_backend.small_gemm_kernels() == (
+        bool(libs) and bool(names) and names <= set(numba_backend._SMALL_GEMM_CORES)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_tiles_match_torch(monkeypatch, dtype):
+    """Tiles cut for the small-matrix kernels (forced here at 33 GEMM rows, whatever this
+    machine's BLAS) give the torch backend's numbers: many tiles per thread, tile edges inside
+    every dataset."""
+    monkeypatch.setattr(numba_backend, "_ROWS_SET", None)
+    monkeypatch.setattr(numba_backend, "small_gemm_kernels", lambda: True)
+    monkeypatch.setattr(numba_backend, "SMALL_GEMM", 63 * 37 * 33)
+    model = make_model("tanh", "layer_affine", seed=11)
+    pb = problem(model, dtype, D=2, B=150, chunk=None)
+    assert NumbaBackend._tile(pb, 150, 1, 4, 63 * 37) == 33
+    L = pb.L
+    compare(
+        pb,
+        init=gscfast.compile_model(perturbed(pb.program.model, seed=5)),
+        probes=probe_fn(pb, R=3),
+        spans=((None, None), (L, 2)),
+    )
 
 
 def test_numba_codes_are_the_lowering_codes():
