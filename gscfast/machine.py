@@ -62,7 +62,8 @@ def gemm_rate(
     can run there. On the CPU: one numpy (OpenBLAS) call and one torch call, each with its
     library's threads, and (with ``threads`` > 1) the rows split into ``tile``-row tiles dealt to
     ``threads`` threads round-robin, each thread calling numpy with one OpenBLAS thread on a tile that
-    stays in its cache, as the numba kernels do. On a GPU: one torch call.
+    stays in its cache, as the numba kernels do (also in the kernels' smaller tiles where OpenBLAS
+    runs such products unpacked: ``numba_backend.tile_rows``). On a GPU: one torch call.
 
     Each formulation runs once untimed (warm-up), then timed, at least ``reps`` times and until
     ``seconds`` have passed; its rate is that of its fastest run (the least disturbed by other
@@ -119,7 +120,7 @@ def gemm_rate(
         if threads > 1:
             pool = ThreadPoolExecutor(threads - 1)
 
-            def rows(th: int) -> None:
+            def rows(th: int, tile: int) -> None:
                 # Every product of a thread reuses its first tile's rows: a tile of the kernels
                 # stays in its core's cache while it passes through the layers, and so does this.
                 t0 = th * tile
@@ -127,15 +128,30 @@ def gemm_rate(
                     h = min(tile, m - r)
                     np.matmul(an[t0 : t0 + h], bn, out=cn[t0 : t0 + h])
 
-            def per_thread() -> None:
-                # numpy's matmul releases the GIL, so the threads' GEMMs run in parallel.
-                futures = [pool.submit(rows, th) for th in range(1, threads)]
-                rows(0)
-                for f in futures:
-                    f.result()
+            def per_thread(tile: int) -> Callable[[], None]:
+                def run() -> None:
+                    # numpy's matmul releases the GIL, so the threads' GEMMs run in parallel.
+                    futures = [pool.submit(rows, th, tile) for th in range(1, threads)]
+                    rows(0, tile)
+                    for f in futures:
+                        f.result()
 
-            calls["numpy per thread"] = per_thread
+                return run
+
+            calls["numpy per thread"] = per_thread(tile)
             limits["numpy per thread"] = lambda: threadpoolctl.threadpool_limits(1, "blas")
+            small = _small_tile(k, n)
+            if small is not None and small != tile:
+                # The tiles the numba kernels cut where OpenBLAS runs such products unpacked,
+                # called from compiled code as the kernels do: from Python, each product of
+                # about 10 us would wait for the GIL and the interpreter.
+                from .backends import _numba_kernels, numba_backend
+
+                def numba_tiles() -> None:
+                    _numba_kernels.gemm_rows(an, bn, cn, small, threads)
+
+                calls["numba per thread, small tiles"] = numba_tiles
+                limits["numba per thread, small tiles"] = numba_backend.single_threaded_blas
     calls["torch"] = lambda: torch.mm(a, b, out=c)
     rates = {}
     try:
@@ -158,6 +174,17 @@ def gemm_rate(
         time.sleep(_PARK_SECONDS)
     library = max(rates, key=rates.__getitem__)
     return GemmRate(rates[library], library, rates, str(device))
+
+
+def _small_tile(k: int, n: int) -> int | None:
+    """The rows per tile the numba kernels use for ``[rows, k] x [k, n]`` products where
+    OpenBLAS's small-matrix kernels apply (``numba_backend.tile_rows``), else None."""
+    try:
+        from .backends import numba_backend
+    except ImportError:  # pragma: no cover - numba or scipy missing
+        return None
+    rows = numba_backend.tile_rows(k * n)
+    return rows if rows < numba_backend.ROWS else None
 
 
 def describe() -> str:

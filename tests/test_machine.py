@@ -13,6 +13,32 @@ def test_the_rate_is_the_best_formulation_and_names_it():
     assert all(v > 0 for v in r.rates.values()) and r.device == "cpu"
 
 
+def test_small_tiles_are_timed_where_the_kernels_use_them(monkeypatch):
+    """Where the numba kernels cut small tiles (OpenBLAS's unpacked small-matrix kernels), the
+    rate includes their GEMMs run from compiled code on such tiles."""
+    from gscfast import machine
+
+    monkeypatch.setattr(machine, "_small_tile", lambda k, n: 16)
+    r = gemm_rate(300, 20, 30, threads=2, tile=64, reps=2)
+    assert set(r.rates) == {"numpy", "numpy per thread", "numba per thread, small tiles", "torch"}
+    assert r.flops == max(r.rates.values())
+    monkeypatch.setattr(machine, "_small_tile", lambda k, n: None)
+    assert "numba per thread, small tiles" not in gemm_rate(300, 20, 30, threads=2, tile=64).rates
+
+
+def test_gemm_rows_computes_each_threads_first_tile():
+    import numpy as np
+
+    from gscfast.backends import _numba_kernels
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((100, 20)), rng.standard_normal((20, 30))
+    c = np.full((100, 30), np.nan)
+    _numba_kernels.gemm_rows(a, b, c, 16, 2)
+    np.testing.assert_allclose(c[:32], a[:32] @ b, rtol=1e-12)  # tiles 0 (thread 0), 1 (thread 1)
+    assert np.isnan(c[32:]).all()  # later tiles are never written: every product reuses the first
+
+
 def test_one_thread_has_no_per_thread_formulation():
     assert set(gemm_rate(64, 8, 8, threads=1).rates) == {"numpy", "torch"}
 

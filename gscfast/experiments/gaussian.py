@@ -723,8 +723,8 @@ def summary_md(results: dict[str, Any], run_info: dict[str, Any]) -> str:
         f"4 B L d^2); at the best GEMM rate measured here for [{cfg['samples']}, {cfg['width']}] x "
         f"[{cfg['width']}, {cfg['width']}] on {t['sgemm_device']} ({t['sgemm_gflops']:.3g} GFLOP/s "
         f"with {t['sgemm_library']}; the best of one numpy (OpenBLAS) call, one torch call and, "
-        "on a CPU, single-threaded numpy GEMMs on cache-resident row tiles, one per thread, as "
-        "the numba kernels run them) "
+        "on a CPU, single-threaded GEMMs on cache-resident row tiles, one per thread, as "
+        "the numba kernels run them, in their tile sizes) "
         f"that is {t['floor_seconds'] * 1e3:.3g} ms per job, {t['floor_seconds'] * t['jobs']:.3g} s "
         "for the study.",
         "- A job's time includes drawing its data and network. The jobs run dataset-major and a "
