@@ -718,10 +718,11 @@ def _forward(
 
 @njit(**HELP)
 def _start_rows(
-    V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat, store, sto, T, res, r0, sq
+    V, n, R, l, i0, apply, nprobe, probes, poff, meta, fmeta, vflat, store, sto, T, res, r0, sq, t0
 ):
-    """Start rows at ``f_l`` (identity or probes), through layer ``i0``'s elementwise VJP if ``apply``;
-    ``res[r0 + t, l, l] = ||V||^2 / R`` (probes) or ``d_l`` (identity)."""
+    """Start rows at ``f_l`` (identity or probes) for the ``n`` samples from ``t0`` of ``store``,
+    through layer ``i0``'s elementwise VJP if ``apply``; ``res[r0 + t, l, l] = ||V||^2 / R``
+    (probes) or ``d_l`` (identity)."""
     d = meta[i0, M_DOUT]
     for t in range(n):
         for r in range(R):
@@ -749,7 +750,7 @@ def _start_rows(
         sq,
         np.bool_(True),
         apply,
-        np.int64(0),
+        t0,
     )
     if res.shape[0] > 0:
         for t in range(n):
@@ -1150,6 +1151,7 @@ def _chain_worker(
                 res,
                 r0,
                 sq,
+                np.int64(0),
             )
             if i0 >= 1:
                 _chain_tile(
@@ -1228,8 +1230,11 @@ def chain_kernel(
 
 @njit(**HELP)
 def _jacobian_worker(
-    th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, ws
+    th, nth, x, meta, fmeta, wflat, vflat, sto, rowsz, T, S, dmax, i_end, i_start, out, ws
 ):
+    """The forward of ``T`` samples a tile, then their Jacobians ``S`` samples at a time: a
+    sample's ``R`` rows are what the small-matrix GEMMs take, while the forward's ``[T, d]``
+    products amortize their calls over many samples."""
     # borrowed views of the arguments (_unowned): no atomic reference counting per view
     x, meta, fmeta, wflat = _unowned(x), _unowned(meta), _unowned(fmeta), _unowned(wflat)
     vflat, sto, out, ws = _unowned(vflat), _unowned(sto), _unowned(out), _unowned(ws)
@@ -1242,19 +1247,19 @@ def _jacobian_worker(
     noprobe = np.zeros(1, dt)
     nooff = np.zeros(L + 1, np.int64)
     nores = np.zeros((0, 1, 1), dt)
-    w = ws[th]  # chain_ws(..., rmax=R) elements
+    w = ws[th]  # jacobian_ws(...) elements
     store = w[: T * rowsz]
     o = T * rowsz
     Z = w[o : o + T * dmax]
     o += T * dmax
-    V = w[o : o + T * R * dmax]
-    o += T * R * dmax
-    U = w[o : o + T * R * dmax]
-    o += T * R * dmax
+    V = w[o : o + S * R * dmax]
+    o += S * R * dmax
+    U = w[o : o + S * R * dmax]
+    o += S * R * dmax
     sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
     tmp = np.zeros((4, dmax))
     dummy = np.zeros((1, 1))
-    sq = np.empty(T * R)
+    sq = np.empty(S * R)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(N, r0 + T) - r0
@@ -1282,60 +1287,65 @@ def _jacobian_worker(
             np.int64(0),
             tmp,
         )
-        _start_rows(
-            V,
-            n,
-            R,
-            L - i_end,
-            i_end,
-            np.bool_(True),
-            np.int64(0),
-            noprobe,
-            nooff,
-            meta,
-            fmeta,
-            vflat,
-            store,
-            sto,
-            T,
-            nores,
-            r0,
-            sq,
-        )
-        for i in range(i_end, i_start - 1, -1):
-            if i == i_start:  # the last GEMM writes the result
-                np.dot(
-                    V[: n * R * meta[i, M_DOUT]].reshape((n * R, meta[i, M_DOUT])),
-                    _weight(wflat, meta, i),
-                    out[r0 : r0 + n].reshape((n * R, dst)),
-                )
-            else:
-                _gemm_bwd(V, n * R, i, meta, wflat, U)
-                _ebwd_rows(
-                    U,
-                    n * R,
-                    meta[i, M_DIN],
-                    R,
-                    i - 1,
-                    meta,
-                    fmeta,
-                    vflat,
-                    store,
-                    sto,
-                    T,
-                    sq,
-                    np.bool_(False),
-                    np.bool_(True),
-                    np.int64(0),
-                )
-                V, U = U, V
+        for s0 in range(0, n, S):
+            m = min(S, n - s0)
+            Vb, Ub = V, U
+            _start_rows(
+                Vb,
+                m,
+                R,
+                L - i_end,
+                i_end,
+                np.bool_(True),
+                np.int64(0),
+                noprobe,
+                nooff,
+                meta,
+                fmeta,
+                vflat,
+                store,
+                sto,
+                T,
+                nores,
+                r0 + s0,
+                sq,
+                np.int64(s0),
+            )
+            for i in range(i_end, i_start - 1, -1):
+                if i == i_start:  # the last GEMM writes the result
+                    np.dot(
+                        Vb[: m * R * meta[i, M_DOUT]].reshape((m * R, meta[i, M_DOUT])),
+                        _weight(wflat, meta, i),
+                        out[r0 + s0 : r0 + s0 + m].reshape((m * R, dst)),
+                    )
+                else:
+                    _gemm_bwd(Vb, m * R, i, meta, wflat, Ub)
+                    _ebwd_rows(
+                        Ub,
+                        m * R,
+                        meta[i, M_DIN],
+                        R,
+                        i - 1,
+                        meta,
+                        fmeta,
+                        vflat,
+                        store,
+                        sto,
+                        T,
+                        sq,
+                        np.bool_(False),
+                        np.bool_(True),
+                        np.int64(s0),
+                    )
+                    Vb, Ub = Ub, Vb
 
 
 def jacobian_kernel(
-    x, meta, fmeta, wflat, vflat, sto, rowsz, T, dmax, i_end, i_start, out, nth, ws
+    x, meta, fmeta, wflat, vflat, sto, rowsz, T, S, dmax, i_end, i_start, out, nth, ws
 ):
     """``out [N, d_end, d_start]``: ``J = d f_end / d f_start`` per row, where ``i_end`` is the
-    layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``."""
+    layer that outputs ``f_end`` and ``i_start <= i_end`` the layer whose input is ``f_start``
+    (the forward ``T`` rows a tile, the Jacobians ``S <= T`` rows at a time)."""
     launch(
         _jacobian_worker,
         nth,
@@ -1347,6 +1357,7 @@ def jacobian_kernel(
         sto,
         rowsz,
         T,
+        S,
         dmax,
         i_end,
         i_start,
@@ -2601,6 +2612,10 @@ def sweep_ws(T, rowsz, dmax, R=1):
 
 def chain_ws(T, rowsz, dmax, rmax, L):
     return T * (rowsz + dmax + 2 * rmax * dmax + L + 1)
+
+
+def jacobian_ws(T, S, rowsz, dmax, R, L):
+    return T * (rowsz + dmax + L + 1) + 2 * S * R * dmax
 
 
 def contrib_ws(T, rowsz, rowsz0, dmax, L, lam0=1):

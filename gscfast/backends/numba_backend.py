@@ -787,13 +787,25 @@ class NumbaBackend(FusedBackend):
         for rows, net, _ in self._nets(pb):
             n = rows.stop - rows.start
             R = w[end]
-            T = self._tile(
+            # S samples (R rows each) per backward block, as a tile of R-row products would be
+            # cut; the forward in tiles of T >= S samples (one row each)
+            S = self._tile(
                 pb, n, R, dt.itemsize * (net.rowsz + net.dmax + 2 * R * net.dmax), net.gemm
             )
-            ws = workspace(nth, k.chain_ws(T, net.rowsz, net.dmax, R, L), dt, pb.memory)
+            T = max(S, self._tile(pb, n, 1, dt.itemsize * (net.rowsz + net.dmax + L + 1), net.gemm))
+            ws = workspace(nth, k.jacobian_ws(T, S, net.rowsz, net.dmax, R, L), dt, pb.memory)
             with single_threaded_blas():
                 k.jacobian_kernel(
-                    x[rows], *net.args(), T, net.dmax, L - end, L + 1 - start, out[rows], nth, ws
+                    x[rows],
+                    *net.args(),
+                    T,
+                    S,
+                    net.dmax,
+                    L - end,
+                    L + 1 - start,
+                    out[rows],
+                    nth,
+                    ws,
                 )
         return torch.from_numpy(out)
 
