@@ -348,5 +348,17 @@ def check_same_architecture(trained: Program, init: Program) -> None:
         same_shapes = {k: tuple(t.shape) for k, t in p.tensors().items()} == {
             k: tuple(t.shape) for k, t in q.tensors().items()
         }
+        why_p, why_q = (getattr(r, "why", None) for r in (p, q))  # GenericRule: why generic
+        if type(p.module) is type(q.module) and why_p != why_q:
+            # the same module, but torch calls it differently (a hook, an overridden forward):
+            # the two models need not compute the same function
+            def how(why: str | None) -> str:
+                return why or "has no hook or overridden forward"
+
+            raise ValueError(
+                f"{p.path} ({type(p.module).__name__}): in model it {how(why_p)}, in init_model "
+                f"it {how(why_q)}; model and init_model must be one architecture at two sets of "
+                "weights: give both the same hooks and forwards"
+            )
         if type(p.module) is not type(q.module) or not same_shapes:
             raise ValueError(f"{p.path}: model has {p.module} but init_model has {q.module}")

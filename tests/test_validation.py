@@ -135,6 +135,20 @@ def test_init_model_must_match(model, xy):
         gscfast.effective_depth(model, other, *xy)
 
 
+def test_a_hook_on_one_model_only_is_named(model, xy):
+    """Both models are the same module types and shapes, but torch calls one of them through a
+    forward hook: the refusal says which module and what differs, not two identical reprs."""
+    import copy
+
+    hooked = copy.deepcopy(model)
+    hooked[1].register_forward_hook(lambda mod, i, o: o * 1.0)
+    what = r"model\[1\] \(BatchNorm1d\): in model it has a forward hook, in init_model it has no"
+    with pytest.raises(ValueError, match=what):
+        gscfast.effective_depth(hooked, model, *xy)
+    with pytest.raises(ValueError, match="in model it has no hook or overridden forward, in init"):
+        gscfast.effective_depth(model, hooked, *xy)
+
+
 def test_model_is_never_modified(model, xy):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
