@@ -32,7 +32,12 @@ For such a model with per-sample datapoints, every run of layers the kernels tak
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
 runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
-is switched to one thread for the duration of a kernel, then restored). Working sets are reused between calls (``workspace``) up to the memory
+is switched to one thread for the duration of a kernel, then restored). A tile is about
+``ROWS`` GEMM rows, or, where that OpenBLAS has small-matrix kernels and the layers are small
+enough, as many rows as those take (``tile_rows``: 100 at width 100), and the forward GEMM reads a
+transposed copy of each weight so that both directions are plain products. The workers borrow
+their arrays without numba's reference counts (``_numba_kernels._unowned``). Working sets are
+reused between calls (``workspace``) up to the memory
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
 independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).
 """
