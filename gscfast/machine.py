@@ -178,10 +178,11 @@ def gemm_rate(
 
 def _small_tile(k: int, n: int) -> int | None:
     """The rows per tile the numba kernels use for ``[rows, k] x [k, n]`` products where
-    OpenBLAS's small-matrix kernels apply (``numba_backend.tile_rows``), else None."""
-    try:
-        from .backends import numba_backend
-    except ImportError:  # pragma: no cover - numba or scipy missing
+    OpenBLAS's small-matrix kernels apply (``numba_backend.tile_rows``), else None (also where
+    the numba backend cannot run: numba or scipy missing)."""
+    from .backends import numba_backend
+
+    if numba_backend.NumbaBackend.unavailable_reason() is not None:
         return None
     rows = numba_backend.tile_rows(k * n)
     return rows if rows < numba_backend.ROWS else None

@@ -26,6 +26,19 @@ def test_small_tiles_are_timed_where_the_kernels_use_them(monkeypatch):
     assert "numba per thread, small tiles" not in gemm_rate(300, 20, 30, threads=2, tile=64).rates
 
 
+def test_no_small_tiles_without_numba(monkeypatch):
+    from gscfast import machine
+    from gscfast.backends import numba_backend
+
+    monkeypatch.setattr(numba_backend, "small_gemm_kernels", lambda: True)
+    monkeypatch.setattr(numba_backend, "_ROWS_SET", None)
+    assert machine._small_tile(100, 100) == 100
+    monkeypatch.setattr(
+        numba_backend.NumbaBackend, "unavailable_reason", classmethod(lambda cls: "no numba")
+    )
+    assert machine._small_tile(100, 100) is None
+
+
 def test_gemm_rows_computes_each_threads_first_tile():
     import numpy as np
 
