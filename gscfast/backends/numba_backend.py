@@ -99,8 +99,6 @@ def _k():
 
 # ----------------------------------------------------------------------------- BLAS threads
 
-_BLAS_SETTERS: list[tuple] | None = None
-
 
 def _find_blas() -> list[tuple]:
     """(set, get, corename) functions of the OpenBLAS that numba's ``np.dot`` calls (scipy's;
@@ -132,11 +130,10 @@ def _find_blas() -> list[tuple]:
     return found
 
 
+@functools.lru_cache(maxsize=1)
 def _blas() -> list[tuple]:
-    global _BLAS_SETTERS
-    if _BLAS_SETTERS is None:
-        _BLAS_SETTERS = _find_blas()
-    return _BLAS_SETTERS
+    """``_find_blas``, once per process (the libraries stay loaded)."""
+    return _find_blas()
 
 
 @functools.lru_cache(maxsize=1)
