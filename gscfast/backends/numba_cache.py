@@ -175,3 +175,21 @@ def attach(namespace: dict[str, Any]) -> None:
             filename_base=cache._impl.filename_base,
             source_stamp=old._source_stamp,
         )
+
+
+def caches(dispatcher: Dispatcher) -> bool:
+    """Whether ``dispatcher`` saves its machine code to a cache (``cache=True`` and a writable
+    folder)."""
+    return isinstance(getattr(dispatcher, "_cache", None), caching.Cache)
+
+
+def cached_signatures(dispatcher: Dispatcher) -> list[tuple]:
+    """The argument types of every signature whose machine code ``dispatcher``'s cache holds (read
+    from its index file; empty where it has no cache or the index cannot be read)."""
+    cache = getattr(dispatcher, "_cache", None)
+    if not isinstance(cache, caching.Cache):
+        return []
+    try:
+        return [key[0] for key in cache._cache_file._load_index()]
+    except Exception:  # a missing, partial or foreign index is a miss, as numba treats it
+        return []

@@ -116,6 +116,9 @@ class Study:
             result, used when records are read back.
         gpu: whether a job uses a GPU when its machine has one (the Ray engine then gives each
             task one GPU).
+        prepare: optional ``prepare(config, specs)``, called by the local engine once before it
+            runs the jobs ``specs`` (e.g. to compile their kernels side by side,
+            ``numba_backend.compile_ahead``); it must not change any number.
     """
 
     name: str
@@ -124,6 +127,7 @@ class Study:
     fn: Callable[[dict, dict], dict]
     check: Callable[[dict, dict, dict], None] | None = None
     gpu: bool = False
+    prepare: Callable[[dict, list[dict]], None] | None = None
 
     def __post_init__(self) -> None:
         keys = [j.key for j in self.jobs]
@@ -387,6 +391,8 @@ def _execute(
 def _local(
     study: Study, todo: list[Job], threads: int, **_: Any
 ) -> Iterator[tuple[Job, tuple[dict, float]]]:
+    if study.prepare is not None and todo:
+        study.prepare(study.config, [job.spec for job in todo])
     for job in todo:
         yield job, _execute(study.fn, study.config, job.spec, threads)
 

@@ -171,3 +171,44 @@ def test_unreadable_entry_is_a_miss(tmp_path):
     missing = numba_cache.KeyedDataFile(str(tmp_path / "gone"), "fn-1.py311", "stamp")
     missing.save(("int64",), b"code")  # the folder vanished: nothing saved, no error
     assert missing.load(("int64",)) is None
+
+
+AHEAD = """
+import json, torch
+import gscfast
+from gscfast.backends import numba_backend as nb
+f32 = torch.float32
+kernels = ["sweep_kernel", "jacobian_kernel", "sweep_kernel"]
+before = nb.is_cached("jacobian_kernel", f32)
+started = nb.compile_ahead(kernels, f32)
+under_way = nb.compile_ahead(kernels, f32)
+gscfast.jacobian(gscfast.mlp(2, 3, act="tanh", seed=0), torch.randn(4, 3), backend="numba")
+w = nb._k()._jacobian_worker
+print(json.dumps(dict(
+    before=before, started=started, under_way=under_way, after=nb.is_cached("jacobian_kernel", f32),
+    float64=nb.is_cached("jacobian_kernel", torch.float64), again=nb.compile_ahead(kernels, f32),
+    hits=sum(w.stats.cache_hits.values()), misses=sum(w.stats.cache_misses.values()))))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="compile_ahead needs a spare CPU")
+def test_compile_ahead_fills_the_cache_for_the_first_call(tmp_path):
+    """On an empty cache ``compile_ahead`` leaves the first kernel to this process and compiles
+    the next in another, once; the first call of the latter waits for it and loads its machine
+    code from the cache (a hit, no compile of its own); a cached kernel is not started again."""
+    env = dict(os.environ, GSCFAST_CACHE=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", AHEAD], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r == dict(
+        before=False,
+        started=["jacobian_kernel"],
+        under_way=[],
+        after=True,
+        float64=False,
+        again=[],
+        hits=1,
+        misses=0,
+    )

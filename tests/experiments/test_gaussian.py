@@ -159,6 +159,27 @@ def test_datasets_are_drawn_once_and_handed_out_as_copies():
     assert torch.equal(gaussian.make_dataset(7, 50, 8)[0], x2)
 
 
+def test_kernels_are_compiled_ahead_in_the_order_the_jobs_use_them(tmp_path, monkeypatch):
+    """Before its first job the local engine asks ``numba_backend.compile_ahead`` for the sweep
+    kernels of the jobs still to run, in their order (the compiler says which architectures
+    couple the batch); not where the jobs run on another backend, nor when nothing is left."""
+    from gscfast.backends import numba_backend
+
+    asked: list[tuple] = []
+    monkeypatch.setattr(numba_backend, "compile_ahead", lambda k, dt: asked.append((k, dt)))
+    args = [*BASE, "--archs", "ReLU", "batch-tanh", "tanh"]
+    numba = [a if a != "torch" else "numba" for a in args]
+    assert study(tmp_path / "torch", args=args) == 0
+    assert asked == []
+    assert study(tmp_path / "numba", "--max-jobs", "2", args=numba) == 0
+    assert asked == [(["sweep_kernel", "coupled_sweep_kernel"], torch.float32)]  # 2 jobs
+    assert study(tmp_path / "numba", "--resume", args=numba) == 0  # from tanh.00000 on
+    assert asked[1] == (["sweep_kernel", "sweep_kernel", "coupled_sweep_kernel"], torch.float32)
+    asked.clear()
+    assert study(tmp_path / "numba", "--resume", args=numba) == 0  # complete: no job to run
+    assert asked == []
+
+
 def test_resume_after_max_jobs_is_bit_for_bit(full, tmp_path):
     out = tmp_path / "run"
     assert study(out, "--max-jobs", "2") == 0
