@@ -78,3 +78,25 @@ def test_report_marks_best_peer_roof_and_kernels(tmp_path, capsys, env_set):
     assert "BLAS: numpy openblas 0.3.30 SkylakeX pthreads x2" in out
     assert ("WARNING: OPENBLAS_CORETYPE=Haswell was set" in out) == env_set
     assert ("OPENBLAS_CORETYPE unset" in out) == (not env_set)
+
+
+@pytest.mark.parametrize("compile_s", [11.8, 15.5])
+def test_report_cold_start_target(tmp_path, capsys, compile_s):
+    """The tiny Gaussian run's compile part (``test_compile.py``) is checked against 15 s."""
+    cold = {"workload": "GAUSSIAN-FIRST", "impl": "numba", "cache": "cold"}
+    cold.update(seconds=compile_s + 5.1, warm_seconds=5.1, compile=compile_s)
+    data = {
+        "machine_info": {"cpu": {"brand_raw": "CPU", "count": 2}, "python_version": "3"},
+        "datetime": "now",
+        "benchmarks": [
+            {"name": "test_gaussian_first_result[cold]", "group": "gaussian first",
+             "stats": {"min": compile_s + 5.1, "median": compile_s + 5.1}, "extra_info": cold},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    report.main(str(path))
+    out = capsys.readouterr().out
+    met = "yes" if compile_s <= 15 else "NO"
+    assert f"result | {compile_s:.1f} s | {met} |" in out
+    assert f"cold cache: {compile_s + 5.1:.1f} s, of which compiling {compile_s:.1f} s" in out
