@@ -269,8 +269,9 @@ class Net:
         return int((self.meta[:, k.M_DIN] * self.meta[:, k.M_DOUT]).max(initial=0))
 
 
-def _np(t: Tensor, dtype) -> np.ndarray:
-    return t.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False).reshape(-1)
+def _np(t: Tensor) -> np.ndarray:
+    """``t``'s values as a flat numpy array in its own dtype (a view where it can be one)."""
+    return t.detach().to("cpu").numpy().ravel()
 
 
 def build_net(
@@ -294,7 +295,7 @@ def build_net(
 
     def vec(t: Tensor) -> int:
         nonlocal voff
-        a = _np(t, dtype)
+        a = _np(t)
         vecs.append(a)
         voff += a.size
         return voff - a.size
@@ -306,10 +307,11 @@ def build_net(
             raise Unsupported("width mismatch")
         m = meta[i]
         m[k.M_DIN], m[k.M_DOUT] = din, dout
-        weights.append(_np(plan.weight, dtype))
+        w = plan.weight.detach().to("cpu").numpy()
+        weights.append(w.ravel())
         m[k.M_W] = woff
         woff += plan.weight.numel()
-        weights.append(_np(plan.weight.T, dtype))  # W^T for the forward GEMM (_weight_t)
+        weights.append(w.T.ravel())  # W^T for the forward GEMM (_weight_t)
         m[k.M_WT] = woff
         woff += plan.weight.numel()
         if plan.bias is not None:
@@ -341,7 +343,10 @@ def build_net(
         d = dout
 
     def cat(parts: list) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(1, dtype)
+        # one pass that also casts to the kernels' dtype (float64 weights of a float32 problem)
+        if not parts:
+            return np.zeros(1, dtype)
+        return np.concatenate(parts, dtype=dtype, casting="same_kind")
 
     return Net(meta, fmeta, cat(weights), cat(vecs), sto, rowsz, dmax)
 
