@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..estimators import GSCMoments, pooled_summary
+from ..io import cache_dir
 from ..machine import gemm_rate
 from ..theory import R_S
 from .outputs import (
@@ -383,27 +384,35 @@ def make_study(config: dict[str, Any]) -> Study:
     )
 
 
-def compile_kernels(config: dict[str, Any], specs: list[dict[str, Any]]) -> None:
+def compile_kernels(config: dict[str, Any], specs: list[dict[str, Any]]) -> str | None:
     """Before the first job: where the jobs run on the numba backend, compile the kernels they
     use side by side (``numba_backend.compile_ahead``; on a cold kernel cache the per-sample
-    sweep and the batch-norm sweep take about 10 s each on this project's CPUs)."""
+    sweep and the batch-norm sweep take about 10 s each on this project's CPUs). Returns a
+    line saying so when some kernel is not cached yet."""
     from .. import compile_model
     from ..backends import get_backend
 
     device = _device(config["device"])
     if device.type != "cpu":
-        return
+        return None
     try:
         if get_backend(config["backend"], device).name != "numba":
-            return
+            return None
     except (RuntimeError, ValueError):  # the first job says what is wrong with the backend
-        return
-    from ..backends.numba_backend import compile_ahead
+        return None
+    from ..backends.numba_backend import compile_ahead, is_cached
 
     archs = dict.fromkeys(s["arch"] for s in specs if not is_pairs(s))  # in the jobs' order
     coupled = [compile_model(make_model(a, 1, 2, 0)).couples_batch for a in archs]
-    compile_ahead(
-        ["coupled_sweep_kernel" if c else "sweep_kernel" for c in coupled], _dtype(config["dtype"])
+    kernels = ["coupled_sweep_kernel" if c else "sweep_kernel" for c in coupled]
+    dtype = _dtype(config["dtype"])
+    cold = [k for k in dict.fromkeys(kernels) if not is_cached(k, dtype)]
+    ahead = compile_ahead(kernels, dtype)
+    if not cold:
+        return None
+    return (
+        f"numba compiles {' and '.join(cold)} for this machine first (once; about 10 s each on "
+        f"2 cores{', side by side' if ahead else ''}; cached in {cache_dir() / 'numba'})"
     )
 
 

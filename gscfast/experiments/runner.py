@@ -116,9 +116,10 @@ class Study:
             result, used when records are read back.
         gpu: whether a job uses a GPU when its machine has one (the Ray engine then gives each
             task one GPU).
-        prepare: optional ``prepare(config, specs)``, called by the local engine once before it
-            runs the jobs ``specs`` (e.g. to compile their kernels side by side,
-            ``numba_backend.compile_ahead``); it must not change any number.
+        prepare: optional ``prepare(config, specs) -> str | None``, called once before the
+            local engine runs the jobs ``specs`` (e.g. to compile their kernels side by side,
+            ``numba_backend.compile_ahead``); it must not change any number. A line it returns
+            is shown above the progress bar (not with ``quiet``).
     """
 
     name: str
@@ -127,7 +128,7 @@ class Study:
     fn: Callable[[dict, dict], dict]
     check: Callable[[dict, dict, dict], None] | None = None
     gpu: bool = False
-    prepare: Callable[[dict, list[dict]], None] | None = None
+    prepare: Callable[[dict, list[dict]], str | None] | None = None
 
     def __post_init__(self) -> None:
         keys = [j.key for j in self.jobs]
@@ -391,8 +392,6 @@ def _execute(
 def _local(
     study: Study, todo: list[Job], threads: int, **_: Any
 ) -> Iterator[tuple[Job, tuple[dict, float]]]:
-    if study.prepare is not None and todo:
-        study.prepare(study.config, [job.spec for job in todo])
     for job in todo:
         yield job, _execute(study.fn, study.config, job.spec, threads)
 
@@ -635,6 +634,10 @@ def _run_jobs(
         todo = todo[: max(0, max_jobs)]
     computed = 0
     bar = _progress(len(study.jobs), len(records), study.name, quiet)
+    if engine == "local" and study.prepare is not None and todo:
+        note = study.prepare(study.config, [job.spec for job in todo])
+        if note and not quiet:
+            (bar.write if bar is not None else print)(note, file=sys.stderr)
     try:
         for job, (result, seconds) in _ENGINES[engine](
             study, todo, threads, address=address, num_cpus=num_cpus

@@ -180,6 +180,26 @@ def test_kernels_are_compiled_ahead_in_the_order_the_jobs_use_them(tmp_path, mon
     assert asked == []
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_cold_kernel_cache_is_announced(tmp_path, monkeypatch, capsys, cached):
+    """Where a kernel the jobs need is not cached, a line above the progress bar says that numba
+    compiles it first (the first job would otherwise seem to hang); not with --quiet."""
+    from gscfast.backends import numba_backend
+
+    monkeypatch.setattr(numba_backend, "compile_ahead", lambda k, dt: k[1:2])
+    monkeypatch.setattr(numba_backend, "is_cached", lambda k, dt: cached)
+    args = [a if a != "torch" else "numba" for a in BASE if a != "--quiet"]
+    assert study(tmp_path / "run", "--datasets", "1", args=[*args, "--archs", *ARCHS]) == 0
+    err = capsys.readouterr().err
+    note = "numba compiles coupled_sweep_kernel and sweep_kernel for this machine first"
+    assert (note in err and "side by side" in err) == (not cached)
+    assert (
+        study(tmp_path / "quiet", "--datasets", "1", "--quiet", args=[*args, "--archs", *ARCHS])
+        == 0
+    )
+    assert "numba compiles" not in capsys.readouterr().err
+
+
 def test_resume_after_max_jobs_is_bit_for_bit(full, tmp_path):
     out = tmp_path / "run"
     assert study(out, "--max-jobs", "2") == 0
