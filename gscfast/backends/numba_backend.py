@@ -1101,7 +1101,7 @@ def compile_ahead(kernels: list[str], dtype: torch.dtype) -> list[str]:
     2 cores). Best effort: where caching is off, or a process fails, the first call compiles
     as it would have. Returns the kernels started.
     """
-    order = [k for i, k in enumerate(kernels) if k not in kernels[:i]]
+    order = list(dict.fromkeys(kernels))
     for k in order:
         if k not in _WORKERS:
             raise ValueError(f"unknown numba kernel {k!r}: use one of {', '.join(KERNELS)}")

@@ -402,17 +402,26 @@ def compile_kernels(config: dict[str, Any], specs: list[dict[str, Any]]) -> str 
         return None
     from ..backends.numba_backend import compile_ahead, is_cached
 
-    archs = dict.fromkeys(s["arch"] for s in specs if not is_pairs(s))  # in the jobs' order
-    coupled = [compile_model(make_model(a, 1, 2, 0)).couples_batch for a in archs]
-    kernels = ["coupled_sweep_kernel" if c else "sweep_kernel" for c in coupled]
+    # which architectures couple the batch (their sweeps are whole-batch), asked of the compiler
+    coupled = {
+        a: compile_model(make_model(a, 1, 2, 0)).couples_batch
+        for a in dict.fromkeys(s["arch"] for s in specs)
+    }
+    kernels = []  # in the order the jobs first call them
+    for s in specs:
+        if not is_pairs(s):
+            kernels.append("coupled_sweep_kernel" if coupled[s["arch"]] else "sweep_kernel")
+        elif not coupled[s["arch"]]:  # gsc_matrix of batch datapoints runs on the torch engine
+            kernels.append("chain_kernel")
+    kernels = list(dict.fromkeys(kernels))
     dtype = _dtype(config["dtype"])
-    cold = [k for k in dict.fromkeys(kernels) if not is_cached(k, dtype)]
+    cold = [k for k in kernels if not is_cached(k, dtype)]
     ahead = compile_ahead(kernels, dtype)
     if not cold:
         return None
     return (
-        f"numba compiles {' and '.join(cold)} for this machine first (once; about 10 s each on "
-        f"2 cores{', side by side' if ahead else ''}; cached in {cache_dir() / 'numba'})"
+        f"numba compiles {', '.join(cold)} for this machine first (once: 10-20 s on 2 cores"
+        f"{', side by side' if ahead else ''}; cached in {cache_dir() / 'numba'})"
     )
 
 

@@ -174,10 +174,16 @@ def test_kernels_are_compiled_ahead_in_the_order_the_jobs_use_them(tmp_path, mon
     assert study(tmp_path / "numba", "--max-jobs", "2", args=numba) == 0
     assert asked == [(["sweep_kernel", "coupled_sweep_kernel"], torch.float32)]  # 2 jobs
     assert study(tmp_path / "numba", "--resume", args=numba) == 0  # from tanh.00000 on
-    assert asked[1] == (["sweep_kernel", "sweep_kernel", "coupled_sweep_kernel"], torch.float32)
+    assert asked[1] == (["sweep_kernel", "coupled_sweep_kernel"], torch.float32)
     asked.clear()
     assert study(tmp_path / "numba", "--resume", args=numba) == 0  # complete: no job to run
     assert asked == []
+    pairs = [*numba, "--datasets", "1", "--pairs", "--pairs-samples", "4"]
+    assert study(tmp_path / "pairs", "--max-jobs", "4", args=pairs) == 0  # 3 + ReLU.pairs
+    assert study(tmp_path / "pairs", "--resume", args=pairs) == 0  # batch-tanh, tanh pairs
+    # the per-sample networks' GSC(k, l) runs on chain_kernel; batch-tanh's on the torch engine
+    three = ["sweep_kernel", "coupled_sweep_kernel", "chain_kernel"]
+    assert asked == [(three, torch.float32), (["chain_kernel"], torch.float32)]
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -191,7 +197,7 @@ def test_a_cold_kernel_cache_is_announced(tmp_path, monkeypatch, capsys, cached)
     args = [a if a != "torch" else "numba" for a in BASE if a != "--quiet"]
     assert study(tmp_path / "run", "--datasets", "1", args=[*args, "--archs", *ARCHS]) == 0
     err = capsys.readouterr().err
-    note = "numba compiles coupled_sweep_kernel and sweep_kernel for this machine first"
+    note = "numba compiles coupled_sweep_kernel, sweep_kernel for this machine first"
     assert (note in err and "side by side" in err) == (not cached)
     assert (
         study(tmp_path / "quiet", "--datasets", "1", "--quiet", args=[*args, "--archs", *ARCHS])
