@@ -52,6 +52,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +97,35 @@ _NO_LABELS = np.zeros(1, np.int64)
 
 def _k(kernel: str | None = None, dtype: torch.dtype | np.dtype | None = None):
     """The kernels module (imported lazily: importing it imports numba). With ``kernel`` and
-    ``dtype``: first waits for a compile of that kernel started by ``compile_ahead``, so that its
-    first call here loads the machine code from the cache instead of compiling it again."""
+    ``dtype`` (once per process and pair): makes sure the kernel's machine code comes from the
+    kernel cache, as in every later process on this machine.
+
+    Why: the kernels sum with fast-math reassociation, and LLVM picks the order of such a sum
+    differently when it compiles a kernel in the running process than in the code the cache holds
+    (measured: the layer-norm networks' GSC and pre-activation statistics differ in the last bits
+    between a process that compiled the sweep kernel and one that loaded it). So a kernel the
+    cache lacks is compiled into it by a process of its own (``compile_ahead``, or one started
+    here), and this process waits for it, then loads the cached code: a run on a cold cache gives
+    the same bits as every run after it. Where caching is off, or that process fails (a warning
+    says so), the kernel compiles here, as numba would."""
     from . import _numba_kernels
 
-    if kernel is not None and _AHEAD:
-        proc = _AHEAD.pop((kernel, _dtype_name(dtype)), None)
-        if proc is not None:
-            proc.wait()  # a failed compile leaves it to this call: best effort, never an error
+    if kernel is not None:
+        key = (kernel, _dtype_name(dtype))
+        if key not in _READY:
+            proc = _AHEAD.pop(key, None)
+            if proc is None and _compiles_elsewhere(kernel, dtype):
+                proc = _spawn(kernel, key[1])
+            if proc is not None and proc.wait() != 0:
+                warnings.warn(
+                    f"gscfast: compiling the numba kernel {kernel} ({key[1]}) into the kernel "
+                    f"cache in a separate process failed (exit status {proc.returncode}); it is "
+                    "compiled in this process instead. Its numbers are right, but may differ in "
+                    "the last bits from those of a process that loads the cached kernel.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            _READY.add(key)
     return _numba_kernels
 
 
@@ -1064,7 +1086,7 @@ def _dtype_name(dtype: torch.dtype | np.dtype | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def is_cached(kernel: str, dtype: torch.dtype) -> bool:
+def is_cached(kernel: str, dtype: torch.dtype | np.dtype) -> bool:
     """Whether the kernel cache (``numba_cache``) holds ``kernel``'s machine code for ``dtype``:
     every worker of it has a cached signature whose first floating-point array is of ``dtype``
     (each worker's data arrays come before its float64 accumulators)."""
@@ -1072,7 +1094,7 @@ def is_cached(kernel: str, dtype: torch.dtype) -> bool:
 
     from .numba_cache import cached_signatures
 
-    want = types.float32 if dtype == torch.float32 else types.float64
+    want = types.float32 if _dtype_name(dtype) == "float32" else types.float64
 
     def data_dtype(sig: tuple):
         floats = (a.dtype for a in sig if isinstance(a, types.Array))
@@ -1084,22 +1106,55 @@ def is_cached(kernel: str, dtype: torch.dtype) -> bool:
     )
 
 
-# (kernel, dtype name) -> the process compiling it into the cache (compile_ahead)
+# (kernel, dtype name) -> the process compiling it into the cache (compile_ahead, _k)
 _AHEAD: dict[tuple[str, str], subprocess.Popen] = {}
+# (kernel, dtype name) pairs whose machine code this process has made sure of (_k)
+_READY: set[tuple[str, str]] = set()
+# set in the processes that compile kernels into the cache: they compile in themselves
+_COMPILER = "GSCFAST_NUMBA_CACHE_COMPILER"
+
+
+def _compiles_elsewhere(kernel: str, dtype: torch.dtype | np.dtype | None) -> bool:
+    """Whether ``kernel`` should be compiled into the cache by a process of its own: it is not
+    cached, caching works here, and this is not such a process."""
+    from .numba_cache import caches
+
+    if os.environ.get(_COMPILER) or not caches(getattr(_k(), _WORKERS[kernel][0])):
+        return False
+    return not is_cached(kernel, dtype if dtype is not None else torch.float64)
+
+
+def _spawn(kernel: str, dtype_name: str) -> subprocess.Popen:
+    """A process that compiles ``kernel`` for ``dtype_name`` into the cache (``_warmup_calls``)."""
+    import gscfast
+
+    env = dict(os.environ, **{_COMPILER: "1"})
+    root = str(Path(gscfast.__file__).resolve().parents[1])  # this gscfast, not another
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = (
+        "import sys, torch; from gscfast.backends.numba_backend import _warmup_calls; "
+        "_warmup_calls(sys.argv[1], getattr(torch, sys.argv[2]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, kernel, dtype_name],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def compile_ahead(kernels: list[str], dtype: torch.dtype) -> list[str]:
     """Compile the numba kernels a run will need side by side rather than one after another.
 
-    ``kernels`` are named in the order the run first calls them. Each one after the first that
-    the cache does not hold for ``dtype`` (``is_cached``) is compiled into the cache by
-    ``_warmup_calls`` in a process of its own, at most one per CPU after this process's own;
-    the first is left to this process, whose first call compiles it anyway. This process's
-    first call of a kernel started here waits for that process and loads the machine code from
-    the cache (``_k``). The run then waits about as long as its slowest kernel takes to
-    compile, not the sum (cold cache, the Gaussian study's two kernels: about 20 s -> 12 s on
-    2 cores). Best effort: where caching is off, or a process fails, the first call compiles
-    as it would have. Returns the kernels started.
+    ``kernels`` are named in the order the run first calls them. Each one that the cache does not
+    hold for ``dtype`` (``is_cached``) is compiled into the cache by ``_warmup_calls`` in a
+    process of its own, at most one per CPU (the earliest first); a kernel left out is compiled
+    the same way at its first call (``_k``). This process's first call of a kernel started here
+    waits for that process and loads the machine code from the cache. The run then waits about
+    as long as its slowest kernel takes to compile, not the sum (cold cache, the Gaussian study's
+    two kernels: about 20 s -> 12 s on 2 cores). Where caching is off, nothing is started and
+    the kernels compile in this process. Returns the kernels started.
     """
     order = list(dict.fromkeys(kernels))
     for k in order:
@@ -1107,33 +1162,15 @@ def compile_ahead(kernels: list[str], dtype: torch.dtype) -> list[str]:
             raise ValueError(f"unknown numba kernel {k!r}: use one of {', '.join(KERNELS)}")
     if dtype not in _DTYPES:
         raise ValueError(f"numba kernels are float32 or float64, not {dtype}")
-    from .numba_cache import caches
-
-    spare = len(os.sched_getaffinity(0)) - 1
+    cpus = len(os.sched_getaffinity(0))
     started: list[str] = []
-    for kernel in order[1:]:
+    for kernel in order:
         key = (kernel, _dtype_name(dtype))
-        if len(started) >= spare or key in _AHEAD or is_cached(kernel, dtype):
+        if len(started) >= cpus or key in _AHEAD or key in _READY:
             continue
-        if not caches(getattr(_k(), _WORKERS[kernel][0])):
-            break  # numba caching is off here: a process of its own would compile in vain
-        import gscfast
-
-        env = dict(os.environ)
-        root = str(Path(gscfast.__file__).resolve().parents[1])  # this gscfast, not another
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        code = (
-            "import sys, torch; from gscfast.backends.numba_backend import _warmup_calls; "
-            "_warmup_calls(sys.argv[1], getattr(torch, sys.argv[2]))"
-        )
-        _AHEAD[key] = subprocess.Popen(
-            [sys.executable, "-c", code, *key],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        started.append(kernel)
+        if _compiles_elsewhere(kernel, dtype):
+            _AHEAD[key] = _spawn(kernel, key[1])
+            started.append(kernel)
     return started
 
 
