@@ -40,6 +40,10 @@ their arrays without numba's reference counts (``_numba_kernels._unowned``). Wor
 reused between calls (``workspace``) up to the memory
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
 independent of B; batch datapoints need the whole batch's saved state (as the torch engine does).
+
+Compilation: a kernel runs the machine code of the per-machine kernel cache (``numba_cache``); one
+the cache lacks is compiled into it by a process of its own before its first call here (``_k``,
+``compile_ahead``), so that a run on a cold cache gives the same bits as every later run.
 """
 
 from __future__ import annotations
