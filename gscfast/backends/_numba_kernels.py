@@ -268,157 +268,247 @@ def _mat(store, sto, T, i, col, n, d):
 
 
 @njit(**INL)
-def _act_row(code, p0, p1, z, y, der, dsave):
-    """``y = s(z)`` for one row (``der = s'(z)`` if ``dsave``); returns ``||y||^2``.
+def _act_rows(code, p0, p1, Z, Y, DER, dsave, sq):
+    """``Y = s(Z)`` on the rows ``Z [n, d]`` (``DER = s'(Z)`` if ``dsave``); ``sq[t] = ||Y[t]||^2``.
 
-    ``der`` may alias ``z`` when ``dsave`` is false (nothing is saved then): ``z`` must survive,
+    One branch on the activation per tile, its row loops inside: dispatching per row of 100
+    values cost a third of a forward pass (bench/README, "Tile-level elementwise passes").
+    ``DER`` may alias ``Z`` when ``dsave`` is false (nothing is saved then): ``Z`` must survive,
     since it is the pre-activation the statistics read."""
-    d = z.shape[0]
-    s = _c(z, 0.0)
+    n, d = Z.shape
     if code == A_NONE or code == A_IDENTITY:
-        for j in range(d):
-            v = z[j]
-            y[j] = v
-            s += v * v
-    elif code == A_RELU:
-        for j in range(d):
-            v = z[j]
-            v = v if v > 0 else _c(z, 0.0)
-            y[j] = v
-            s += v * v
-    elif code == A_LEAKY:
-        a = _c(z, p0)
-        for j in range(d):
-            v = z[j]
-            v = v if v > 0 else v * a
-            y[j] = v
-            s += v * v
-        if dsave:
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
             for j in range(d):
-                der[j] = _c(z, 1.0) if z[j] > 0 else a
-    elif code == A_TANH:
-        for j in range(d):
-            v = _tanh(z[j])
-            y[j] = v
-            s += v * v
-    elif code == A_SIGMOID:
-        for j in range(d):
-            v = _c(z, 1.0) / (_c(z, 1.0) + _exp(-z[j]))
-            y[j] = v
-            s += v * v
-    elif code == A_ELU:
-        a = _c(z, p0)
-        for j in range(d):
-            v = z[j]
-            v = v if v > 0 else a * _expm1(v)
-            y[j] = v
-            s += v * v
-        if dsave:
-            for j in range(d):
-                der[j] = _c(z, 1.0) if z[j] > 0 else a * _exp(z[j])
-    elif code == A_SELU:
-        sc = _c(z, SELU_SCALE)
-        sa = _c(z, SELU_ALPHA)
-        for j in range(d):
-            v = z[j]
-            v = sc * (v if v > 0 else sa * _expm1(v))
-            y[j] = v
-            s += v * v
-    elif code == A_SOFTPLUS:
-        b = _c(z, p0)
-        th = _c(z, p1)
-        one = _c(z, 1.0)
-        for j in range(d):
-            bz = b * z[j]
-            if bz > th:
                 v = z[j]
-                g = one
-            else:
-                e = _exp(bz)
-                v = math.log1p(e) / b
-                g = e / (one + e)
-            y[j] = v
+                y[j] = v
+                s += v * v
+            sq[t] = s
+    elif code == A_RELU:
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = z[j]
+                v = v if v > 0 else _c(Z, 0.0)
+                y[j] = v
+                s += v * v
+            sq[t] = s
+    elif code == A_LEAKY:
+        a = _c(Z, p0)
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = z[j]
+                v = v if v > 0 else v * a
+                y[j] = v
+                s += v * v
+            sq[t] = s
             if dsave:
-                der[j] = g
-            s += v * v
+                der = DER[t]
+                for j in range(d):
+                    der[j] = _c(Z, 1.0) if z[j] > 0 else a
+    elif code == A_TANH:
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = _tanh(z[j])
+                y[j] = v
+                s += v * v
+            sq[t] = s
+    elif code == A_SIGMOID:
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = _c(Z, 1.0) / (_c(Z, 1.0) + _exp(-z[j]))
+                y[j] = v
+                s += v * v
+            sq[t] = s
+    elif code == A_ELU:
+        a = _c(Z, p0)
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = z[j]
+                v = v if v > 0 else a * _expm1(v)
+                y[j] = v
+                s += v * v
+            sq[t] = s
+            if dsave:
+                der = DER[t]
+                for j in range(d):
+                    der[j] = _c(Z, 1.0) if z[j] > 0 else a * _exp(z[j])
+    elif code == A_SELU:
+        sc = _c(Z, SELU_SCALE)
+        sa = _c(Z, SELU_ALPHA)
+        for t in range(n):
+            z, y = Z[t], Y[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                v = z[j]
+                v = sc * (v if v > 0 else sa * _expm1(v))
+                y[j] = v
+                s += v * v
+            sq[t] = s
+    elif code == A_SOFTPLUS:
+        b = _c(Z, p0)
+        th = _c(Z, p1)
+        one = _c(Z, 1.0)
+        for t in range(n):
+            z, y, der = Z[t], Y[t], DER[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                bz = b * z[j]
+                if bz > th:
+                    v = z[j]
+                    g = one
+                else:
+                    e = _exp(bz)
+                    v = math.log1p(e) / b
+                    g = e / (one + e)
+                y[j] = v
+                if dsave:
+                    der[j] = g
+                s += v * v
+            sq[t] = s
     elif code == A_GELU:
-        half = _c(z, 0.5)
-        for j in range(d):
-            x = z[j]
-            cdf = half * (_c(z, 1.0) + math.erf(x * _c(z, INV_SQRT_2)))
-            pdf = _exp(-half * x * x) * _c(z, INV_SQRT_2PI)
-            v = x * cdf
-            y[j] = v
-            if dsave:
-                der[j] = cdf + x * pdf
-            s += v * v
+        half = _c(Z, 0.5)
+        for t in range(n):
+            z, y, der = Z[t], Y[t], DER[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                x = z[j]
+                cdf = half * (_c(Z, 1.0) + math.erf(x * _c(Z, INV_SQRT_2)))
+                pdf = _exp(-half * x * x) * _c(Z, INV_SQRT_2PI)
+                v = x * cdf
+                y[j] = v
+                if dsave:
+                    der[j] = cdf + x * pdf
+                s += v * v
+            sq[t] = s
     else:  # A_GELU_TANH
-        half = _c(z, 0.5)
-        k = _c(z, SQRT_2_PI)
-        c3 = _c(z, 0.044715)
-        one = _c(z, 1.0)
-        for j in range(d):
-            x = z[j]
-            t = _tanh(k * (x + c3 * x * x * x))
-            v = half * x * (one + t)
-            y[j] = v
-            if dsave:
-                der[j] = half * (one + t) + half * x * (one - t * t) * k * (one + 3 * c3 * x * x)
-            s += v * v
-    return s
+        half = _c(Z, 0.5)
+        k = _c(Z, SQRT_2_PI)
+        c3 = _c(Z, 0.044715)
+        one = _c(Z, 1.0)
+        for t in range(n):
+            z, y, der = Z[t], Y[t], DER[t]
+            s = _c(Z, 0.0)
+            for j in range(d):
+                x = z[j]
+                tt = _tanh(k * (x + c3 * x * x * x))
+                v = half * x * (one + tt)
+                y[j] = v
+                if dsave:
+                    der[j] = half * (one + tt) + half * x * (one - tt * tt) * k * (
+                        one + 3 * c3 * x * x
+                    )
+                s += v * v
+            sq[t] = s
 
 
 @njit(**INL)
-def _norm_row(meta, fmeta, vflat, i, z, xh_out, save):
-    """Bias and norm of layer ``i`` in place on one row ``z``; LayerNorm saves ``xh`` and
-    returns ``1/sigma`` (else 0)."""
-    d = z.shape[0]
+def _norm_rows(meta, fmeta, vflat, i, Z, XH, INV, save):
+    """Bias and norm of layer ``i`` in place on the rows ``Z [n, d]``; with ``save``, LayerNorm
+    saves ``XH [n, d]`` and ``INV[t] = 1/sigma``."""
+    n, d = Z.shape
     bo = meta[i, M_B]
-    if bo >= 0:
-        b = _vec(vflat, bo, d)
-        for j in range(d):
-            z[j] += b[j]
     norm = meta[i, M_NORM]
-    inv = _c(z, 0.0)
     if norm == N_LAYER:
-        m = _c(z, 0.0)
-        for j in range(d):
-            m += z[j]
-        m = m / d
-        var = _c(z, 0.0)
-        for j in range(d):
-            t = z[j] - m
-            var += t * t
-        var = var / d
-        if not _c(z, var) < math.inf:  # beyond the data dtype's range (var may be wider):
-            var = math.nan  # NaN outputs (refused, as by every backend), not silent zeros
-        inv = _c(z, 1.0) / math.sqrt(var + _c(z, fmeta[i, F_EPS]))
-        for j in range(d):
-            z[j] = (z[j] - m) * inv
-        if save:
-            for j in range(d):
-                xh_out[j] = z[j]
         go = meta[i, M_G]
-        if go >= 0:
-            g = _vec(vflat, go, d)
+        beo = meta[i, M_BETA]
+        eps = _c(Z, fmeta[i, F_EPS])
+        for t in range(n):
+            z = Z[t]
+            if bo >= 0:
+                b = _vec(vflat, bo, d)
+                for j in range(d):
+                    z[j] += b[j]
+            m = _c(Z, 0.0)
             for j in range(d):
-                z[j] *= g[j]
-        bo = meta[i, M_BETA]
-        if bo >= 0:
-            be = _vec(vflat, bo, d)
+                m += z[j]
+            m = m / d
+            var = _c(Z, 0.0)
             for j in range(d):
-                z[j] += be[j]
+                tt = z[j] - m
+                var += tt * tt
+            var = var / d
+            if not _c(Z, var) < math.inf:  # beyond the data dtype's range (var may be wider):
+                var = math.nan  # NaN outputs (refused, as by every backend), not silent zeros
+            inv = _c(Z, 1.0) / math.sqrt(var + eps)
+            for j in range(d):
+                z[j] = (z[j] - m) * inv
+            if save:
+                xh = XH[t]
+                for j in range(d):
+                    xh[j] = z[j]
+                INV[t] = inv
+            if go >= 0:
+                g = _vec(vflat, go, d)
+                for j in range(d):
+                    z[j] *= g[j]
+            if beo >= 0:
+                be = _vec(vflat, beo, d)
+                for j in range(d):
+                    z[j] += be[j]
     elif norm == N_DIAG:
         mean = _vec(vflat, meta[i, M_MEAN], d)
         sc = _vec(vflat, meta[i, M_G], d)
-        for j in range(d):
-            z[j] = (z[j] - mean[j]) * sc[j]
-        bo = meta[i, M_BETA]
-        if bo >= 0:
-            be = _vec(vflat, bo, d)
+        beo = meta[i, M_BETA]
+        for t in range(n):
+            z = Z[t]
+            if bo >= 0:
+                b = _vec(vflat, bo, d)
+                for j in range(d):
+                    z[j] += b[j]
             for j in range(d):
-                z[j] += be[j]
-    return inv
+                z[j] = (z[j] - mean[j]) * sc[j]
+            if beo >= 0:
+                be = _vec(vflat, beo, d)
+                for j in range(d):
+                    z[j] += be[j]
+    elif bo >= 0:
+        b = _vec(vflat, bo, d)
+        for t in range(n):
+            z = Z[t]
+            for j in range(d):
+                z[j] += b[j]
+
+
+@njit(**INL)
+def _rows_at(store, sto, T, i, col, r0, n, d):
+    """Rows ``r0 .. r0+n`` (``[n, d]``) of layer ``i``'s saved item ``col``."""
+    o = sto[i, col] * T + r0 * d
+    return store[o : o + n * d].reshape((n, d))
+
+
+@njit(**INL)
+def _layer_rows(i, Zm, r0, meta, fmeta, vflat, store, sto, T, save, sq):
+    """Everything of layer ``i`` after its GEMM on the rows ``Zm [n, d_out]`` (rows ``r0..`` of
+    the ``store``, ``T`` rows per item): bias, norm, activation in place, the output and (if
+    ``save``) the VJP state into the ``store``, ``sq[t] = ||f[t]||^2``."""
+    n, dout = Zm.shape
+    ln = save and meta[i, M_NORM] == N_LAYER
+    dsave = save and meta[i, M_DSAVE] == 1
+    XH = _rows_at(store, sto, T, i, S_XH, r0, n, dout) if ln else Zm
+    INV = store[sto[i, S_INV] * T + r0 : sto[i, S_INV] * T + r0 + n] if ln else sq
+    _norm_rows(meta, fmeta, vflat, i, Zm, XH, INV, ln)
+    DER = _rows_at(store, sto, T, i, S_DER, r0, n, dout) if dsave else Zm
+    _act_rows(
+        meta[i, M_ACT],
+        fmeta[i, F_P0],
+        fmeta[i, F_P1],
+        Zm,
+        _rows_at(store, sto, T, i, S_H, r0, n, dout),
+        DER,
+        dsave,
+        sq,
+    )
 
 
 @njit(**HELP)
@@ -454,34 +544,13 @@ def _moments_tile(Z, n, d, mi, mean, m2, pos, neg, cnt, tmp_s, tmp_m2, tmp_p, tm
 
 @njit(**HELP)
 def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save):
-    """Layer ``i`` on ``hin [n, d_in]``: GEMM into ``Z``, then one fused pass per row (bias, norm,
-    activation, ``||f||^2`` into ``sqo[so + t, L - i]``, saved state). Leaves the
+    """Layer ``i`` on ``hin [n, d_in]``: GEMM into ``Z``, then bias, norm, activation,
+    ``||f||^2`` into ``sqo[so + t, L - i]`` and the saved state (``_layer_rows``). Leaves the
     pre-activation in ``Z [n, d_out]`` (returned) and the output in ``store`` item ``S_H``."""
     dout = meta[i, M_DOUT]
     Zm = Z[: n * dout].reshape((n, dout))
     np.dot(hin, _weight_t(wflat, meta, i), Zm)
-    code = meta[i, M_ACT]
-    dsave = meta[i, M_DSAVE] == 1 and save
-    p0 = fmeta[i, F_P0]
-    p1 = fmeta[i, F_P1]
-    col = L - i
-    for t in range(n):
-        z = Zm[t]
-        inv = _norm_row(
-            meta,
-            fmeta,
-            vflat,
-            i,
-            z,
-            _row(store, sto, T, i, S_XH, t, dout),
-            save and meta[i, M_NORM] == N_LAYER,
-        )
-        if save and meta[i, M_NORM] == N_LAYER:
-            store[sto[i, S_INV] * T + t] = inv
-        der = _row(store, sto, T, i, S_DER, t, dout) if dsave else z
-        sqo[so + t, col] = _act_row(
-            code, p0, p1, z, _row(store, sto, T, i, S_H, t, dout), der, dsave
-        )
+    _layer_rows(i, Zm, 0, meta, fmeta, vflat, store, sto, T, save, sqo[so : so + n, L - i])
     return Zm
 
 
@@ -517,7 +586,7 @@ def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
 
 
 def saves_derivative(act: int, p0: float) -> bool:
-    """Whether a layer stores its activation derivative (``M_DSAVE``): ``_dvec`` computes it from
+    """Whether a layer stores its activation derivative (``M_DSAVE``): ``_dvec_rows`` computes it from
     the saved output ``y`` where the sign of ``y`` tells the branch (tanh, sigmoid, relu, selu,
     leaky relu of a slope >= 0, elu of an alpha > 0), which saves a row per sample."""
     if act == A_LEAKY:
@@ -528,51 +597,55 @@ def saves_derivative(act: int, p0: float) -> bool:
 
 
 @njit(**INL)
-def _dvec(dv, t, i, meta, fmeta, vflat, store, sto, T):
-    """``dv [d_out]``: the diagonal part of layer ``i``'s elementwise VJP for sample ``t``: the
-    activation derivative times the batch-norm scale or the layer-norm gamma."""
-    d = dv.shape[0]
+def _dvec_rows(DV, t0, i, meta, fmeta, vflat, store, sto, T):
+    """``DV [n, d_out]``: the diagonal part of layer ``i``'s elementwise VJP for the samples
+    ``t0 .. t0+n`` of ``store``: the activation derivative times the batch-norm scale or the
+    layer-norm gamma. One branch per tile, as in ``_act_rows``."""
+    n, d = DV.shape
     code = meta[i, M_ACT]
     if meta[i, M_DSAVE] == 1:
-        der = _row(store, sto, T, i, S_DER, t, d)
-        for j in range(d):
-            dv[j] = der[j]
-    elif code == A_RELU:
-        h = _row(store, sto, T, i, S_H, t, d)
-        for j in range(d):
-            dv[j] = _c(dv, 1.0) if h[j] > 0 else _c(dv, 0.0)
-    elif code == A_LEAKY:
-        h = _row(store, sto, T, i, S_H, t, d)
-        a = _c(dv, fmeta[i, F_P0])
-        for j in range(d):
-            dv[j] = _c(dv, 1.0) if h[j] > 0 else a
+        DER = _rows_at(store, sto, T, i, S_DER, t0, n, d)
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = DER[t, j]
+    elif code == A_RELU or code == A_LEAKY or code == A_ELU:
+        H = _rows_at(store, sto, T, i, S_H, t0, n, d)
+        a = _c(DV, 0.0) if code == A_RELU else _c(DV, fmeta[i, F_P0])
+        if code == A_ELU:  # the negative branch's derivative is y + alpha
+            for t in range(n):
+                for j in range(d):
+                    DV[t, j] = _c(DV, 1.0) if H[t, j] > 0 else H[t, j] + a
+        else:
+            for t in range(n):
+                for j in range(d):
+                    DV[t, j] = _c(DV, 1.0) if H[t, j] > 0 else a
     elif code == A_TANH:
-        h = _row(store, sto, T, i, S_H, t, d)
-        for j in range(d):
-            dv[j] = _c(dv, 1.0) - h[j] * h[j]
+        H = _rows_at(store, sto, T, i, S_H, t0, n, d)
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = _c(DV, 1.0) - H[t, j] * H[t, j]
     elif code == A_SIGMOID:
-        h = _row(store, sto, T, i, S_H, t, d)
-        for j in range(d):
-            dv[j] = h[j] * (_c(dv, 1.0) - h[j])
-    elif code == A_ELU:
-        h = _row(store, sto, T, i, S_H, t, d)
-        a = _c(dv, fmeta[i, F_P0])
-        for j in range(d):
-            dv[j] = _c(dv, 1.0) if h[j] > 0 else h[j] + a
+        H = _rows_at(store, sto, T, i, S_H, t0, n, d)
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = H[t, j] * (_c(DV, 1.0) - H[t, j])
     elif code == A_SELU:
-        h = _row(store, sto, T, i, S_H, t, d)
-        sc = _c(dv, SELU_SCALE)
-        sa = _c(dv, SELU_SCALE * SELU_ALPHA)
-        for j in range(d):
-            dv[j] = sc if h[j] > 0 else h[j] + sa
+        H = _rows_at(store, sto, T, i, S_H, t0, n, d)
+        sc = _c(DV, SELU_SCALE)
+        sa = _c(DV, SELU_SCALE * SELU_ALPHA)
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = sc if H[t, j] > 0 else H[t, j] + sa
     else:  # A_NONE, A_IDENTITY
-        for j in range(d):
-            dv[j] = 1
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = 1
     norm = meta[i, M_NORM]
     if norm != N_NONE and meta[i, M_G] >= 0:  # layer-norm gamma or batch-norm scale
         g = _vec(vflat, meta[i, M_G], d)
-        for j in range(d):
-            dv[j] *= g[j]
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] *= g[j]
 
 
 @njit(**HELP)
@@ -586,13 +659,14 @@ def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, d
         for k in range(rows):
             sq[k] = _sq(U[k * d : (k + 1) * d])
         return
-    dv = np.empty(d, U.dtype)
+    ns = rows // R
+    DV = np.empty((ns, d), U.dtype)
+    _dvec_rows(DV, t0, i, meta, fmeta, vflat, store, sto, T)
     layer = meta[i, M_NORM] == N_LAYER
-    for t in range(rows // R):
-        _dvec(dv, t0 + t, i, meta, fmeta, vflat, store, sto, T)
-        if layer:
-            xh = _row(store, sto, T, i, S_XH, t0 + t, d)
-            inv = store[sto[i, S_INV] * T + t0 + t]
+    XH = _rows_at(store, sto, T, i, S_XH, t0, ns, d) if layer else DV
+    io = sto[i, S_INV] * T + t0 if layer else 0
+    for t in range(ns):
+        dv = DV[t]
         for r in range(R):
             k = t * R + r
             row = U[k * d : (k + 1) * d]
@@ -604,6 +678,8 @@ def _ebwd_rows(U, rows, d, R, i, meta, fmeta, vflat, store, sto, T, sq, do_sq, d
             if do_sq:
                 sq[k] = s
             if layer:
+                xh = XH[t]
+                inv = store[io + t]
                 mu = _c(row, 0.0)
                 c = _c(row, 0.0)
                 for j in range(d):
@@ -1725,6 +1801,7 @@ def _cb_fwd1(
     batch = meta[i, M_NORM] == N_BATCH
     a = np.zeros(dout)
     b2 = np.zeros(dout)
+    sq = np.empty(T, store.dtype)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
@@ -1742,30 +1819,9 @@ def _cb_fwd1(
         else:
             Zm = Z[: n * dout].reshape((n, dout))
             np.dot(hin, WT, Zm)
-            dsave = meta[i, M_DSAVE] == 1 and save
+            _layer_rows(i, Zm, r0, meta, fmeta, vflat, store, sto, B, save, sq)
             for t in range(n):
-                z = Zm[t]
-                inv = _norm_row(
-                    meta,
-                    fmeta,
-                    vflat,
-                    i,
-                    z,
-                    _row(store, sto, B, i, S_XH, r0 + t, dout),
-                    save and meta[i, M_NORM] == N_LAYER,
-                )
-                if save and meta[i, M_NORM] == N_LAYER:
-                    store[sto[i, S_INV] * B + r0 + t] = inv
-                der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
-                psq[th, L - i] += _act_row(
-                    meta[i, M_ACT],
-                    fmeta[i, F_P0],
-                    fmeta[i, F_P1],
-                    z,
-                    _row(store, sto, B, i, S_H, r0 + t, dout),
-                    der,
-                    dsave,
-                )
+                psq[th, L - i] += sq[t]
             if stats and meta[i, M_PRE] == 1:
                 _moments_tile(
                     Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3]
@@ -1808,6 +1864,7 @@ def _cb_fwd2(
     dsave = meta[i, M_DSAVE] == 1 and save
     go = meta[i, M_G]
     bo = meta[i, M_BETA]
+    sq = np.empty(T, store.dtype)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
@@ -1830,18 +1887,18 @@ def _cb_fwd2(
         if stats and meta[i, M_PRE] == 1:
             _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3])
             cnt += n
+        _act_rows(
+            meta[i, M_ACT],
+            fmeta[i, F_P0],
+            fmeta[i, F_P1],
+            Zm,
+            _rows_at(store, sto, B, i, S_H, r0, n, dout),
+            _rows_at(store, sto, B, i, S_DER, r0, n, dout) if dsave else Zm,
+            dsave,
+            sq,
+        )
         for t in range(n):
-            z = Zm[t]
-            der = _row(store, sto, B, i, S_DER, r0 + t, dout) if dsave else z
-            psq[th, L - i] += _act_row(
-                meta[i, M_ACT],
-                fmeta[i, F_P0],
-                fmeta[i, F_P1],
-                z,
-                _row(store, sto, B, i, S_H, r0 + t, dout),
-                der,
-                dsave,
-            )
+            psq[th, L - i] += sq[t]
 
 
 @njit(**HELP)
