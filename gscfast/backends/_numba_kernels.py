@@ -1756,8 +1756,9 @@ def contrib_kernel(
 def _colsums(V, n, d, a, b, xh_store, sto, B, i, r0, with_xh):
     """``a[j] += sum_t V[t, j]``, ``b[j] += sum_t V[t, j] * w[t, j]`` (``w = V`` or the saved
     ``xh`` rows), in float64, for the ``n`` rows ``V [n*d]`` (flat)."""
+    W = _rows_at(xh_store, sto, B, i, S_XH, r0, n, d) if with_xh else V[: n * d].reshape((n, d))
     for t in range(n):
-        w = _row(xh_store, sto, B, i, S_XH, r0 + t, d) if with_xh else V[t * d : (t + 1) * d]
+        w = W[t]
         for j in range(d):
             v = float(V[t * d + j])
             a[j] += v
@@ -1869,21 +1870,24 @@ def _cb_fwd2(
         r0 = tile * T
         n = min(B, r0 + T) - r0
         Zm = Z[: n * dout].reshape((n, dout))
+        XH = _rows_at(store, sto, B, i, S_XH, r0, n, dout)
         for t in range(n):
-            xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
+            xh = XH[t]
             z = Zm[t]
             for j in range(dout):
                 v = (xh[j] - cmean[j]) * cinv[j]
                 xh[j] = v
                 z[j] = v
-            if go >= 0:
-                g = _vec(vflat, go, dout)
+        if go >= 0:
+            g = _vec(vflat, go, dout)
+            for t in range(n):
                 for j in range(dout):
-                    z[j] *= g[j]
-            if bo >= 0:
-                b = _vec(vflat, bo, dout)
+                    Zm[t, j] *= g[j]
+        if bo >= 0:
+            b = _vec(vflat, bo, dout)
+            for t in range(n):
                 for j in range(dout):
-                    z[j] += b[j]
+                    Zm[t, j] += b[j]
         if stats and meta[i, M_PRE] == 1:
             _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3])
             cnt += n
@@ -1977,8 +1981,9 @@ def _cb_bwd_gemm(
         n = min(B, r0 + T) - r0
         V = U[r0 * rs : r0 * rs + n * dout]
         if batch:
+            XH = _rows_at(store, sto, B, i, S_XH, r0, n, dout)
             for t in range(n):
-                xh = _row(store, sto, B, i, S_XH, r0 + t, dout)
+                xh = XH[t]
                 for j in range(dout):
                     V[t * dout + j] = (V[t * dout + j] - umean[j] - xh[j] * uc[j]) * cinv[j]
         Vn = Un[r0 * rs : r0 * rs + n * din]
