@@ -512,34 +512,54 @@ def _layer_rows(i, Zm, r0, meta, fmeta, vflat, store, sto, T, save, sq):
 
 
 @njit(**HELP)
-def _moments_tile(Z, n, d, mi, mean, m2, pos, neg, cnt, tmp_s, tmp_m2, tmp_p, tmp_n):
-    """Merge the per-neuron moments of ``Z [n, d]`` into row ``mi`` of the accumulators
-    (Chan et al.), the tile's own in two passes."""
+def _moments_tile(Z, n, d, mi, mean, m2, pos, neg, cnt, tmp):
+    """Merge the per-neuron moments of ``Z [n, d]`` into row ``mi`` of the accumulators (Chan et
+    al.). The tile's own in one pass over it, four rows at a time (the float64 accumulators are
+    loaded and stored once per four rows: the two-pass form stored them twice per row, which
+    bound it), shifted by the tile's first row (the shifted-data algorithm: no cancellation
+    where a neuron's mean is far from zero). ``tmp [5, >= d]`` is scratch."""
+    K, s1, s2, p, ng = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
     for j in range(d):
-        tmp_s[j] = 0.0
-        tmp_m2[j] = 0.0
-        tmp_p[j] = 0.0
-        tmp_n[j] = 0.0
-    for t in range(n):
+        K[j] = Z[0, j]
+        s1[j] = 0.0
+        s2[j] = 0.0
+        p[j] = 0.0
+        ng[j] = 0.0
+    t = 0
+    while t + 4 <= n:
+        z0, z1, z2, z3 = Z[t], Z[t + 1], Z[t + 2], Z[t + 3]
         for j in range(d):
-            tmp_s[j] += Z[t, j]
-    for j in range(d):
-        tmp_s[j] = tmp_s[j] / n
-    for t in range(n):
+            k = K[j]
+            a0 = z0[j] - k
+            a1 = z1[j] - k
+            a2 = z2[j] - k
+            a3 = z3[j] - k
+            s1[j] += (a0 + a1) + (a2 + a3)
+            s2[j] += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+            p[j] += ((1.0 if z0[j] > 0 else 0.0) + (1.0 if z1[j] > 0 else 0.0)) + (
+                (1.0 if z2[j] > 0 else 0.0) + (1.0 if z3[j] > 0 else 0.0)
+            )
+            ng[j] += ((1.0 if z0[j] < 0 else 0.0) + (1.0 if z1[j] < 0 else 0.0)) + (
+                (1.0 if z2[j] < 0 else 0.0) + (1.0 if z3[j] < 0 else 0.0)
+            )
+        t += 4
+    for t in range(t, n):
+        z = Z[t]
         for j in range(d):
-            v = Z[t, j]
-            dv = v - tmp_s[j]
-            tmp_m2[j] += dv * dv
-            tmp_p[j] += 1.0 if v > 0 else 0.0
-            tmp_n[j] += 1.0 if v < 0 else 0.0
+            a = z[j] - K[j]
+            s1[j] += a
+            s2[j] += a * a
+            p[j] += 1.0 if z[j] > 0 else 0.0
+            ng[j] += 1.0 if z[j] < 0 else 0.0
     na = cnt
     tot = na + n
     for j in range(d):
-        delta = tmp_s[j] - mean[mi, j]
+        tm = K[j] + s1[j] / n
+        delta = tm - mean[mi, j]
         mean[mi, j] += delta * (n / tot)
-        m2[mi, j] += tmp_m2[j] + delta * delta * (na * n / tot)
-        pos[mi, j] += tmp_p[j]
-        neg[mi, j] += tmp_n[j]
+        m2[mi, j] += (s2[j] - s1[j] * s1[j] / n) + delta * delta * (na * n / tot)
+        pos[mi, j] += p[j]
+        neg[mi, j] += ng[j]
 
 
 @njit(**HELP)
@@ -788,7 +808,7 @@ def _forward(
         Zm = _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save)
         if stats and meta[i, M_PRE] == 1:
             _moments_tile(
-                Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3]
+                Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp
             )
 
 
@@ -885,7 +905,7 @@ def _sweep_worker(
     Z = w[o : o + T * dmax]
     G = w[o + T * dmax : o + (1 + R) * T * dmax]
     U = w[o + (1 + R) * T * dmax : o + (1 + 2 * R) * T * dmax]
-    tmp = np.zeros((4, dmax))
+    tmp = np.zeros((5, dmax))
     sq = np.empty(T * R)
     for tile in range(th, ntiles, nth):
         r0 = tile * T
@@ -1122,7 +1142,7 @@ def _chain_worker(
     U = w[o : o + T * rmax * dmax]
     o += T * rmax * dmax
     sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
-    tmp = np.zeros((4, dmax))
+    tmp = np.zeros((5, dmax))
     dummy = np.zeros((1, 1))
     sq = np.empty(T * rmax)
     for tile in range(th, ntiles, nth):
@@ -1333,7 +1353,7 @@ def _jacobian_worker(
     U = w[o : o + S * R * dmax]
     o += S * R * dmax
     sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
-    tmp = np.zeros((4, dmax))
+    tmp = np.zeros((5, dmax))
     dummy = np.zeros((1, 1))
     sq = np.empty(S * R)
     for tile in range(th, ntiles, nth):
@@ -1496,7 +1516,7 @@ def _contrib_worker(
     sqo = w[o : o + T * (L + 1)].reshape((T, L + 1))
     nxt = np.empty(dmax, dt)
     sq = np.empty(T)
-    tmp = np.zeros((4, dmax))
+    tmp = np.zeros((5, dmax))
     dummy = np.zeros((1, 1))
     for tile in range(th, ntiles, nth):
         r0 = tile * T
@@ -1825,7 +1845,7 @@ def _cb_fwd1(
                 psq[th, L - i] += sq[t]
             if stats and meta[i, M_PRE] == 1:
                 _moments_tile(
-                    Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3]
+                    Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp
                 )
                 cnt += n
     for j in range(dout):
@@ -1889,7 +1909,7 @@ def _cb_fwd2(
                 for j in range(dout):
                     Zm[t, j] += b[j]
         if stats and meta[i, M_PRE] == 1:
-            _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp[0], tmp[1], tmp[2], tmp[3])
+            _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp)
             cnt += n
         _act_rows(
             meta[i, M_ACT],
@@ -2197,7 +2217,7 @@ def _coupled_sweep_worker(
     Gn = w[o + B * dmax : o + 2 * B * dmax]
     cmean = np.zeros(dmax, dt)
     cinv = np.zeros((L, dmax), dt)
-    tmp = np.zeros((4, dmax))
+    tmp = np.zeros((5, dmax))
     p = 0  # parity of the current phase's partial-sum buffer
     for i in range(L):
         ps1[p, th, :] = 0.0
