@@ -85,11 +85,17 @@ def rows(data: dict) -> list[dict]:
 # rules, W7's ``layers=`` (``benchlib.run_checked`` marks them ``gscfast``; results recorded before
 # 2026-12-03 marked the last three as peers, so ``best_peer`` skips them by name too).
 GSCFAST_ROWS = ("auto", "auto_mlp", "compiled", "layers")
+# Rows that are neither gscfast nor a peer: a kernel's GEMMs alone (``gemmbound.py``), a bound.
+BOUND_ROWS = ("gemm_bound",)
 
 
 def best_peer(items: list[dict]) -> dict | None:
     """The fastest row that is not gscfast's (``extra_info["gscfast"]`` False), or None."""
-    peers = [r for r in items if r.get("gscfast") is False and r.get("impl") not in GSCFAST_ROWS]
+    peers = [
+        r
+        for r in items
+        if r.get("gscfast") is False and r.get("impl") not in (*GSCFAST_ROWS, *BOUND_ROWS)
+    ]
     return min(peers, key=lambda r: r["time_s"]) if peers else None
 
 
@@ -111,6 +117,8 @@ def table(rs: list[dict]) -> str:
         for r in sorted(items, key=lambda r: r["time_s"]):
             sp = "" if ref is None else f"{r['time_s'] / ref['time_s']:.2f}x"
             note = []
+            if r.get("impl") in BOUND_ROWS:
+                note.append("a bound, not a peer: the fused kernel's GEMMs alone")
             if r is peer:
                 note.append(
                     "**best peer**"
@@ -253,6 +261,27 @@ def targets(rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bounds(rs: list[dict]) -> str:
+    """W1's gscfast rows against the sweep's GEMMs alone (``gemmbound.py``): the share of
+    gscfast's time its GEMMs would take, and the roof ratio those GEMMs reach."""
+    bound = next((r for r in rs if r.get("workload") == "W1-BOUND"), None)
+    if bound is None:
+        return ""
+    lines = [
+        f"W1's GEMMs alone: {bound['time_s'] * 1e3:.1f} ms, {bound['sgemm_ratio']:.2f} of the "
+        f"roof (tiles of {bound.get('tile', '?')} samples).\n",
+        "| architecture | gscfast (s) | x roof | GEMMs alone / gscfast |",
+        "|---|---|---|---|",
+    ]
+    for r in rs:
+        if r.get("workload") == "W1" and r.get("impl") == "auto":
+            lines.append(
+                f"| {r.get('arch')} | {_fmt_t(r['time_s'])} | {r.get('sgemm_ratio', 0):.2f} | "
+                f"{bound['time_s'] / r['time_s']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def machine(data: dict, rs: list[dict]) -> str:
     mi = data.get("machine_info", {})
     cpu = mi.get("cpu", {})
@@ -316,6 +345,10 @@ def main(path: str) -> None:
         print(warn)
     print("### Targets\n")
     print(targets(rs))
+    b = bounds(rs)
+    if b:
+        print("\n### W1 against its GEMMs alone\n")
+        print(b)
     print("\n### Workloads\n")
     print(table(rs))
     print("\n### Scaling (W5)\n")

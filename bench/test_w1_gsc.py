@@ -65,3 +65,28 @@ def test_w1_gsc(benchmark, sgemm_session, expected, arch, impl):
         sgemm=sgemm_session,
         **info,
     )
+
+
+def test_w1_gemm_bound(benchmark, sgemm_session):
+    """The W1 sweep's GEMMs alone (``gemmbound.py``): what gscfast's W1 rows would take with no
+    elementwise work, no bookkeeping and no Python around them."""
+    from gemmbound import SweepGemms
+
+    model = make_model(W["depth"], W["width"], "tanh", None)
+    x, _ = gaussian(W["B"], W["width"], W["width"])
+    benchmark.group = "W1 GEMM bound"
+    bound = SweepGemms(model, x)
+    run_checked(
+        benchmark,
+        bound.run,
+        check=None,
+        flops=flops_w1(model, W["B"]),
+        rounds=W["rounds"],
+        sgemm=sgemm_session,
+        workload="W1-BOUND",
+        impl="gemm_bound",
+        B=W["B"],
+        depth=W["depth"],
+        width=W["width"],
+        tile=bound.T,
+    )

@@ -100,3 +100,20 @@ def test_report_cold_start_target(tmp_path, capsys, compile_s):
     met = "yes" if compile_s <= 15 else "NO"
     assert f"result | {compile_s:.1f} s | {met} |" in out
     assert f"cold cache: {compile_s + 5.1:.1f} s, of which compiling {compile_s:.1f} s" in out
+
+
+def test_the_gemm_bound_is_reported_apart_and_never_a_peer(tmp_path):
+    """The W1 sweep's GEMMs alone (``bench/gemmbound.py``) get their own table, gscfast's time
+    against theirs, and never stand as a peer even where they are the fastest row."""
+    path = write(tmp_path, {})
+    data = json.loads(Path(path).read_text())
+    b = bench("gemm_bound", 0.05, False, {})
+    b["group"] = "W1 GEMM bound"
+    b["extra_info"].update(workload="W1-BOUND", arch=None, tile=100)
+    data["benchmarks"].append(b)
+    rs = report.rows(data)
+    text = report.bounds(rs)
+    assert "50.0 ms" in text and "tiles of 100 samples" in text
+    assert "| tanh | 0.1 | 1.00 | 0.50 |" in text, text  # 10 GFLOP/s against a roof of 10
+    assert report.best_peer([r for r in rs if r["impl"] in ("auto", "gemm_bound")]) is None
+    assert report.best_peer(rs)["impl"] == "jax_vjp"

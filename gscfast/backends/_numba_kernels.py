@@ -543,8 +543,8 @@ def _moments_tile(Z, n, d, mi, mean, m2, pos, neg, cnt, tmp):
                 (1.0 if z2[j] < 0 else 0.0) + (1.0 if z3[j] < 0 else 0.0)
             )
         t += 4
-    for t in range(t, n):
-        z = Z[t]
+    for r in range(t, n):
+        z = Z[r]
         for j in range(d):
             a = z[j] - K[j]
             s1[j] += a
@@ -807,9 +807,7 @@ def _forward(
             hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
         Zm = _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save)
         if stats and meta[i, M_PRE] == 1:
-            _moments_tile(
-                Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp
-            )
+            _moments_tile(Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp)
 
 
 @njit(**HELP)
@@ -1844,9 +1842,7 @@ def _cb_fwd1(
             for t in range(n):
                 psq[th, L - i] += sq[t]
             if stats and meta[i, M_PRE] == 1:
-                _moments_tile(
-                    Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp
-                )
+                _moments_tile(Zm, n, dout, i, mean, m2, pos, neg, cnt, tmp)
                 cnt += n
     for j in range(dout):
         ps1[th, j] += a[j]
