@@ -267,12 +267,14 @@ def _mat(store, sto, T, i, col, n, d):
 # ------------------------------------------------------------------ forward
 
 
-@njit(**INL)
+@njit(**HELP)
 def _act_rows(code, p0, p1, Z, Y, DER, dsave, sq):
     """``Y = s(Z)`` on the rows ``Z [n, d]`` (``DER = s'(Z)`` if ``dsave``); ``sq[t] = ||Y[t]||^2``.
 
     One branch on the activation per tile, its row loops inside: dispatching per row of 100
-    values cost a third of a forward pass (bench/README, "Tile-level elementwise passes").
+    values cost a sixth of W1's forward (bench/README, "Elementwise passes per tile"). Compiled
+    once and called, like ``_norm_rows`` and ``_dvec_rows``: inlined in numba's IR at every call
+    site, these loops made the cold compile of the sweeps a quarter to a third longer.
     ``DER`` may alias ``Z`` when ``dsave`` is false (nothing is saved then): ``Z`` must survive,
     since it is the pre-activation the statistics read."""
     n, d = Z.shape
@@ -412,7 +414,7 @@ def _act_rows(code, p0, p1, Z, Y, DER, dsave, sq):
             sq[t] = s
 
 
-@njit(**INL)
+@njit(**HELP)
 def _norm_rows(meta, fmeta, vflat, i, Z, XH, INV, save):
     """Bias and norm of layer ``i`` in place on the rows ``Z [n, d]``; with ``save``, LayerNorm
     saves ``XH [n, d]`` and ``INV[t] = 1/sigma``."""
@@ -616,7 +618,7 @@ def saves_derivative(act: int, p0: float) -> bool:
     return act in (A_SOFTPLUS, A_GELU, A_GELU_TANH)
 
 
-@njit(**INL)
+@njit(**HELP)
 def _dvec_rows(DV, t0, i, meta, fmeta, vflat, store, sto, T):
     """``DV [n, d_out]``: the diagonal part of layer ``i``'s elementwise VJP for the samples
     ``t0 .. t0+n`` of ``store``: the activation derivative times the batch-norm scale or the
