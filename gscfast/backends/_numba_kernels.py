@@ -195,12 +195,13 @@ def _exp_impl(x):
     return lambda x: math.exp(x)
 
 
-def _expm1(x):
-    """``exp(x) - 1`` in ``x``'s precision, accurate near 0."""
+def _expm1_exp(x):
+    """``(exp(x) - 1, exp(x))`` in ``x``'s precision, the first accurate near 0: in float32 from
+    one ``exp`` (ELU's and SELU's output and derivative at the cost of one)."""
 
 
-@overload(_expm1)
-def _expm1_impl(x):
+@overload(_expm1_exp)
+def _expm1_exp_impl(x):
     if x == types.float32:
 
         def impl(x):
@@ -216,11 +217,22 @@ def _expm1_impl(x):
                     )
                 )
             )
-            big = _exp32(x) - np.float32(1.0)
-            return small if abs(x) < np.float32(0.03) else big
+            e = _exp32(x)
+            return (small if abs(x) < np.float32(0.03) else e - np.float32(1.0)), e
 
         return impl
-    return lambda x: math.expm1(x)
+    return lambda x: (math.expm1(x), math.exp(x))
+
+
+@njit(**INL)
+def _elu(z, a):
+    """``(alpha (exp(z) - 1), alpha exp(z))`` for ``z <= 0``, else ``(z, 1)``: ELU's output and
+    derivative (SELU's up to its scale); the derivative from ``z``, never as ``y + alpha``
+    (``saves_derivative``)."""
+    if z > 0:
+        return z, _c(z, 1.0)
+    em, e = _expm1_exp(z)
+    return a * em, a * e
 
 
 # ------------------------------------------------------------------ views
@@ -330,32 +342,24 @@ def _act_rows(code, p0, p1, Z, Y, DER, dsave, sq):
                 y[j] = v
                 s += v * v
             sq[t] = s
-    elif code == A_ELU:
-        a = _c(Z, p0)
+    elif code == A_ELU or code == A_SELU:
+        a = _c(Z, p0 if code == A_ELU else SELU_ALPHA)
+        sc = _c(Z, 1.0 if code == A_ELU else SELU_SCALE)
         for t in range(n):
-            z, y = Z[t], Y[t]
+            z, y, der = Z[t], Y[t], DER[t]
             s = _c(Z, 0.0)
-            for j in range(d):
-                v = z[j]
-                v = v if v > 0 else a * _expm1(v)
-                y[j] = v
-                s += v * v
-            sq[t] = s
             if dsave:
-                der = DER[t]
                 for j in range(d):
-                    der[j] = _c(Z, 1.0) if z[j] > 0 else a * _exp(z[j])
-    elif code == A_SELU:
-        sc = _c(Z, SELU_SCALE)
-        sa = _c(Z, SELU_ALPHA)
-        for t in range(n):
-            z, y = Z[t], Y[t]
-            s = _c(Z, 0.0)
-            for j in range(d):
-                v = z[j]
-                v = sc * (v if v > 0 else sa * _expm1(v))
-                y[j] = v
-                s += v * v
+                    v, g = _elu(z[j], a)
+                    v = sc * v
+                    y[j] = v
+                    der[j] = sc * g
+                    s += v * v
+            else:
+                for j in range(d):
+                    v = sc * _elu(z[j], a)[0]
+                    y[j] = v
+                    s += v * v
             sq[t] = s
     elif code == A_SOFTPLUS:
         b = _c(Z, p0)
@@ -608,14 +612,17 @@ def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
 
 
 def saves_derivative(act: int, p0: float) -> bool:
-    """Whether a layer stores its activation derivative (``M_DSAVE``): ``_dvec_rows`` computes it from
-    the saved output ``y`` where the sign of ``y`` tells the branch (tanh, sigmoid, relu, selu,
-    leaky relu of a slope >= 0, elu of an alpha > 0), which saves a row per sample."""
+    """Whether a layer stores its activation derivative (``M_DSAVE``). ``_dvec_rows`` computes it
+    from the saved output ``y`` where that is exact: the sign of ``y`` tells the branch and the
+    derivative is a function of ``y`` without cancellation (tanh ``1 - y^2``, sigmoid, relu,
+    leaky relu of a slope >= 0), which saves a row per sample. Not ELU and SELU: their negative
+    branch's derivative ``alpha exp(z)`` is ``y + alpha`` in exact arithmetic, but from a rounded
+    ``y`` it cancels where ``z`` is very negative (float32 at ``z = -8``: a relative error of
+    about 2e-4 in the derivative, found as a float32 Jacobian 1000x further from float64 than
+    float32 rounding explains); they save ``alpha exp(z)`` computed from ``z``."""
     if act == A_LEAKY:
         return p0 < 0
-    if act == A_ELU:
-        return p0 <= 0
-    return act in (A_SOFTPLUS, A_GELU, A_GELU_TANH)
+    return act in (A_ELU, A_SELU, A_SOFTPLUS, A_GELU, A_GELU_TANH)
 
 
 @njit(**HELP)
@@ -630,17 +637,12 @@ def _dvec_rows(DV, t0, i, meta, fmeta, vflat, store, sto, T):
         for t in range(n):
             for j in range(d):
                 DV[t, j] = DER[t, j]
-    elif code == A_RELU or code == A_LEAKY or code == A_ELU:
+    elif code == A_RELU or code == A_LEAKY:
         H = _rows_at(store, sto, T, i, S_H, t0, n, d)
         a = _c(DV, 0.0) if code == A_RELU else _c(DV, fmeta[i, F_P0])
-        if code == A_ELU:  # the negative branch's derivative is y + alpha
-            for t in range(n):
-                for j in range(d):
-                    DV[t, j] = _c(DV, 1.0) if H[t, j] > 0 else H[t, j] + a
-        else:
-            for t in range(n):
-                for j in range(d):
-                    DV[t, j] = _c(DV, 1.0) if H[t, j] > 0 else a
+        for t in range(n):
+            for j in range(d):
+                DV[t, j] = _c(DV, 1.0) if H[t, j] > 0 else a
     elif code == A_TANH:
         H = _rows_at(store, sto, T, i, S_H, t0, n, d)
         for t in range(n):
@@ -651,14 +653,7 @@ def _dvec_rows(DV, t0, i, meta, fmeta, vflat, store, sto, T):
         for t in range(n):
             for j in range(d):
                 DV[t, j] = H[t, j] * (_c(DV, 1.0) - H[t, j])
-    elif code == A_SELU:
-        H = _rows_at(store, sto, T, i, S_H, t0, n, d)
-        sc = _c(DV, SELU_SCALE)
-        sa = _c(DV, SELU_SCALE * SELU_ALPHA)
-        for t in range(n):
-            for j in range(d):
-                DV[t, j] = sc if H[t, j] > 0 else H[t, j] + sa
-    else:  # A_NONE, A_IDENTITY
+    else:  # A_NONE, A_IDENTITY (every other activation saves its derivative)
         for t in range(n):
             for j in range(d):
                 DV[t, j] = 1
