@@ -613,13 +613,14 @@ def _error_rows(err, out, yv, ylab, r0, n, d, G, sqo, so):
 
 def saves_derivative(act: int, p0: float) -> bool:
     """Whether a layer stores its activation derivative (``M_DSAVE``). ``_dvec_rows`` computes it
-    from the saved output ``y`` where that is exact: the sign of ``y`` tells the branch and the
-    derivative is a function of ``y`` without cancellation (tanh ``1 - y^2``, sigmoid, relu,
-    leaky relu of a slope >= 0), which saves a row per sample. Not ELU and SELU: their negative
-    branch's derivative ``alpha exp(z)`` is ``y + alpha`` in exact arithmetic, but from a rounded
-    ``y`` it cancels where ``z`` is very negative (float32 at ``z = -8``: a relative error of
-    about 2e-4 in the derivative, found as a float32 Jacobian 1000x further from float64 than
-    float32 rounding explains); they save ``alpha exp(z)`` computed from ``z``."""
+    from the saved output ``y``, which saves a row per sample, where torch's autograd does too:
+    relu and leaky relu of a slope >= 0 (exact: the sign of ``y`` tells the branch), tanh ``1 -
+    y^2`` and sigmoid ``y (1 - y)`` (near saturation both lose relative precision in the tiny
+    derivative, exactly as torch's backward does: float32 tanh at ``z = 5``, 2e-4). Not ELU and
+    SELU, whose derivative torch takes from ``z``: their negative branch's ``alpha exp(z)`` is
+    ``y + alpha`` in exact arithmetic, but from a rounded ``y`` it cancels where ``z`` is very
+    negative (1.4-2.2% at ``z = -14`` in float32, found as a float32 Jacobian 1000x further from
+    float64 than torch's); they save ``alpha exp(z)`` computed from ``z``."""
     if act == A_LEAKY:
         return p0 < 0
     return act in (A_ELU, A_SELU, A_SOFTPLUS, A_GELU, A_GELU_TANH)
