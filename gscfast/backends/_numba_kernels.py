@@ -155,10 +155,16 @@ def _exp32(x):
 
 @njit(**INL)
 def _tanh32(x):
-    """float32 ``tanh`` (Eigen's rational approximation, max error a few ulp); vectorizes."""
+    """float32 ``tanh``; vectorizes. Below ``|x| = 0.625`` Eigen's rational approximation (a few
+    ulp, where ``1 - tanh^2`` is large); above, ``1 - 2 / (exp(2|x|) + 1)``, whose error is a few
+    ulp of ``1 - |tanh|``, not of ``tanh``: near saturation the derivative ``1 - y^2`` that the
+    backward takes from ``y`` (as torch's does) is then as precise as from torch's own tanh (with
+    the rational form alone, a tanh layer at ``z = 3.5`` put 1e-4 into float32 GSCs, ten times
+    torch's error). NaN takes the rational branch and stays NaN."""
+    ax = abs(x)
     c = np.float32(7.90531110763549805)
-    x = min(max(x, -c), c)
-    x2 = x * x
+    xr = min(max(x, -c), c)
+    x2 = xr * xr
     p = np.float32(-2.76076847742355e-16)
     p = p * x2 + np.float32(2.00018790482477e-13)
     p = p * x2 + np.float32(-8.60467152213735e-11)
@@ -170,7 +176,10 @@ def _tanh32(x):
     q = q * x2 + np.float32(1.18534705686654e-04)
     q = q * x2 + np.float32(2.26843463243900e-03)
     q = q * x2 + np.float32(4.89352518554385e-03)
-    return x * p / q
+    # both branches, then a select: the loops that call this stay vectorized (~11% of W1 tanh)
+    big = math.copysign(np.float32(1.0) - np.float32(2.0) / (_exp32(ax + ax) + np.float32(1.0)), x)
+    small = xr * p / q
+    return big if ax >= np.float32(0.625) else small
 
 
 def _tanh(x):

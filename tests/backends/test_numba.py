@@ -653,3 +653,29 @@ def test_saturated_exponential_derivatives_keep_float32_precision(act):
     ref = gscfast.jacobian(m64, x.double(), backend="reference").diagonal(dim1=-2, dim2=-1)
     rel = ((got.double() - ref) / ref).abs().max()
     assert rel < 1e-6, (rel, got, ref)
+
+
+def test_saturated_tanh_derivative_is_as_precise_as_torchs():
+    """tanh's derivative comes from the saved output as ``1 - y^2`` (as torch's backward takes
+    it), which amplifies the output's error by ``1 / (1 - y^2)`` near saturation: the kernels'
+    float32 tanh must be as close to correctly rounded there as torch's, or a saturated unit's
+    derivative is ten times further from float64 than torch's (the rational approximation alone:
+    1e-4 at z = 3.5)."""
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 6, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(6))
+        model[2].weight.copy_(torch.eye(6))
+    # where the rational approximation's derivative was off most (1.1e-2 at z = 5.856-5.992,
+    # torch's float32 tanh 1e-4 to 3e-3 there), and milder places
+    x = torch.tensor(
+        [[5.856, 5.992, -5.946, 5.898, 3.55, -2.5], [5.973, -5.942, 4.2, -3.1, 0.7, 6.5]]
+    )
+    m64 = copy.deepcopy(model).double()
+    ref = gscfast.jacobian(m64, x.double(), backend="reference").diagonal(dim1=-2, dim2=-1)
+
+    def rel(backend):
+        got = gscfast.jacobian(model, x, backend=backend).diagonal(dim1=-2, dim2=-1)
+        return ((got.double() - ref) / ref).abs().max()
+
+    torch_err = rel("reference")  # torch's own float32 tanh and backward
+    assert rel("numba") <= 2 * torch_err + 1e-6, (rel("numba"), torch_err)
