@@ -272,16 +272,10 @@ def _vec(vflat, off, d):
 
 
 @njit(**INL)
-def _row(store, sto, T, i, col, t, d):
-    """Row ``t`` (``[d]``) of layer ``i``'s saved item ``col`` in a thread's ``store``."""
-    o = sto[i, col] * T + t * d
-    return store[o : o + d]
-
-
-@njit(**INL)
-def _mat(store, sto, T, i, col, n, d):
-    """The first ``n`` rows (``[n, d]``) of layer ``i``'s saved item ``col``."""
-    o = sto[i, col] * T
+def _rows_at(store, sto, T, i, col, r0, n, d):
+    """Rows ``r0 .. r0+n`` (``[n, d]``) of layer ``i``'s saved item ``col`` in a ``store`` of
+    ``T`` rows per item."""
+    o = sto[i, col] * T + r0 * d
     return store[o : o + n * d].reshape((n, d))
 
 
@@ -493,13 +487,6 @@ def _norm_rows(meta, fmeta, vflat, i, Z, XH, INV, save):
             z = Z[t]
             for j in range(d):
                 z[j] += b[j]
-
-
-@njit(**INL)
-def _rows_at(store, sto, T, i, col, r0, n, d):
-    """Rows ``r0 .. r0+n`` (``[n, d]``) of layer ``i``'s saved item ``col``."""
-    o = sto[i, col] * T + r0 * d
-    return store[o : o + n * d].reshape((n, d))
 
 
 @njit(**INL)
@@ -811,7 +798,7 @@ def _forward(
         if i == 0:
             hin = x[r0 : r0 + n]
         else:
-            hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
+            hin = _rows_at(store, sto, T, i - 1, S_H, 0, n, meta[i, M_DIN])
         Zm = _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, L, save)
         if stats and meta[i, M_PRE] == 1:
             _moments_tile(Zm, n, meta[i, M_DOUT], i, mean, m2, pos, neg, cnt, tmp)
@@ -945,11 +932,11 @@ def _sweep_worker(
             cnt[th] += n
         d1 = meta[L - 1, M_DOUT]
         if fwd and hout.shape[0] > 0:
-            hout[r0 : r0 + n] = _mat(store, sto, T, L - 1, S_H, n, d1)
+            hout[r0 : r0 + n] = _rows_at(store, sto, T, L - 1, S_H, 0, n, d1)
         if err == E_NONE:
             continue
         if fwd:
-            out = _mat(store, sto, T, L - 1, S_H, n, d1)
+            out = _rows_at(store, sto, T, L - 1, S_H, 0, n, d1)
             _error_rows(err, out, yv, ylab, r0, n, d1, G, sqo, r0)
         else:  # a span's backward call: R rows per sample at the output of its layer i0
             d1 = meta[i0, M_DOUT]
@@ -1181,7 +1168,7 @@ def _chain_worker(
             d1 = meta[L - 1, M_DOUT]
             _error_rows(
                 err,
-                _mat(store, sto, T, L - 1, S_H, n, d1),
+                _rows_at(store, sto, T, L - 1, S_H, 0, n, d1),
                 yv,
                 ylab,
                 r0,
@@ -1554,7 +1541,7 @@ def _contrib_worker(
             if i == 0:
                 hin = x[r0 : r0 + n]
             else:
-                hin = _mat(store, sto, T, i - 1, S_H, n, meta[i, M_DIN])
+                hin = _rows_at(store, sto, T, i - 1, S_H, 0, n, meta[i, M_DIN])
             _layer_fwd(
                 i,
                 hin,
@@ -1574,7 +1561,7 @@ def _contrib_worker(
             )
         d1 = meta[L - 1, M_DOUT]
         if vin.shape[0] == 0:
-            out = _mat(store, sto, T, L - 1, S_H, n, d1)
+            out = _rows_at(store, sto, T, L - 1, S_H, 0, n, d1)
             _error_rows(err, out, yv, ylab, r0, n, d1, A, sqo, np.int64(0))
         else:  # a span: lam0 rows per sample at its output (g^(0) .. g^(lam0-1))
             for k in range(n * lam0):
@@ -1831,9 +1818,9 @@ def _cb_fwd1(
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        hin = x[r0 : r0 + n] if i == 0 else _mat(store, sto, B, i - 1, S_H, B, din)[r0 : r0 + n]
+        hin = x[r0 : r0 + n] if i == 0 else _rows_at(store, sto, B, i - 1, S_H, r0, n, din)
         if batch:  # pre-normalization values go to the xh slot until the statistics are known
-            Zm = _mat(store, sto, B, i, S_XH, B, dout)[r0 : r0 + n]
+            Zm = _rows_at(store, sto, B, i, S_XH, r0, n, dout)
             np.dot(hin, WT, Zm)
             bo = meta[i, M_B]
             if bo >= 0:
@@ -2048,7 +2035,7 @@ def _cb_error(th, nth, err, yv, ylab, B, T, d1, rs, meta, store, sto, G, pe, psq
     for tile in range(th, ntiles, nth):
         r0 = tile * T
         n = min(B, r0 + T) - r0
-        out = _mat(store, sto, B, L - 1, S_H, B, d1)[r0 : r0 + n]
+        out = _rows_at(store, sto, B, L - 1, S_H, r0, n, d1)
         Gt = G[r0 * rs : r0 * rs + n * d1]
         for t in range(n):
             o = out[t]
