@@ -2376,31 +2376,43 @@ def _coupled_sweep_worker(
 
 
 @njit(**HELP)
-def _colsums_rows(V, b0, n, cG, xG, cS, xS, acc):
+def _colsums_rows(V, b0, n, cG, xG, cS, xS, acc, t):
     """Adds samples ``b0 .. b0 + n`` of ``V [B, K, d]`` to ``acc [K, 4d + 1]`` (float64): per
     lambda-row ``k``, the column sums ``sum_b u`` and ``sum_b u * xX`` of ``u = V[b, k] * cX``
     for X = G, S in column blocks ``[s1G | s2G | s1S | s2S]``, and ``||V[:, k]||^2`` last.
-    Lambda-row outermost and one short loop per pair of sums: ``acc[k]`` stays in L1 and each
-    loop vectorizes (one loop doing all of it ran 1.6x slower)."""
+    The column sums gather the tile's ``n`` samples in ``t [4d]`` (``V``'s dtype), then add to
+    ``acc``: in float32 that is half the vector work of float64 and no conversions (a tile's sum
+    of at most a few hundred rows errs far below the rounding of ``u`` itself); the squares stay
+    float64, where a float32 square of the high orders (about 1e-20) would underflow.
+    Lambda-row outermost, one short loop per pair of sums and rows taken as views: each loop
+    vectorizes (one loop doing all of it ran 1.6x slower; indexing ``t[j]`` and ``t[d + j]`` of
+    one array 2.8x slower, measured alone)."""
     K, d = V.shape[1], V.shape[2]
+    s1G, s2G, s1S, s2S = t[:d], t[d : 2 * d], t[2 * d : 3 * d], t[3 * d : 4 * d]
     for k in range(K):
         a = acc[k]
         sq = 0.0
         for b in range(b0, b0 + n):
+            r = V[b, k]
             for j in range(d):
-                v = np.float64(V[b, k, j])
+                v = np.float64(r[j])
                 sq += v * v
         a[4 * d] += sq
+        t[:] = 0
         for b in range(b0, b0 + n):
+            r, c, x = V[b, k], cG[b], xG[b]
             for j in range(d):
-                u = np.float64(V[b, k, j] * cG[b, j])
-                a[j] += u
-                a[d + j] += u * xG[b, j]
+                u = r[j] * c[j]
+                s1G[j] += u
+                s2G[j] += u * x[j]
         for b in range(b0, b0 + n):
+            r, c, x = V[b, k], cS[b], xS[b]
             for j in range(d):
-                u = np.float64(V[b, k, j] * cS[b, j])
-                a[2 * d + j] += u
-                a[3 * d + j] += u * xS[b, j]
+                u = r[j] * c[j]
+                s1S[j] += u
+                s2S[j] += u * x[j]
+        for j in range(4 * d):
+            a[j] += np.float64(t[j])
 
 
 def coupled_colsums_kernel(V, cG, xG, cS, xS, TB, part, nth):
@@ -2418,8 +2430,9 @@ def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, TB, part):
     B = V.shape[0]
     acc = part[th]
     acc[:] = 0.0
+    t = np.empty(4 * V.shape[2], V.dtype)
     for b0 in range(th * TB, B, nth * TB):
-        _colsums_rows(V, b0, min(TB, B - b0), cG, xG, cS, xS, acc)
+        _colsums_rows(V, b0, min(TB, B - b0), cG, xG, cS, xS, acc, t)
 
 
 @njit(**HELP)
@@ -2459,6 +2472,7 @@ def _coupled_step_worker(
     O = out.reshape((B, K1, din))
     acc = part[th]
     acc[:] = 0.0
+    t = w[-4 * din :]  # _colsums_rows' tile sums
     for b0 in range(th * TB, B, nth * TB):
         n = min(TB, B - b0)
         # the tile's c and x differences once, not once per lambda-row; each loop below reads
@@ -2472,35 +2486,30 @@ def _coupled_step_worker(
         U = w[2 * n * d : 2 * n * d + n * K1 * 2 * d].reshape((n * K1, 2 * d))
         for r in range(n):
             b = b0 + r
+            cs, xs, cg, xg, dcr, dxr = cS[b], xS[b], cG[b], xG[b], dc[r], dx[r]
             for k in range(K1):
-                i = r * K1 + k
+                ua, ub = U[r * K1 + k, :d], U[r * K1 + k, d:]
                 if k < K:
+                    v, m1, m2 = V[b, k], m1S[k], m2S[k]
                     for j in range(d):
-                        U[i, j] = V[b, k, j] * cS[b, j] - m1S[k, j] - xS[b, j] * m2S[k, j]
+                        ua[j] = v[j] * cs[j] - m1[j] - xs[j] * m2[j]
                 else:
-                    for j in range(d):
-                        U[i, j] = 0.0
+                    ua[:] = 0.0
                 if k >= 1:
                     # u_G - u_S from the differences of its factors: exactly 0 where the two
                     # models agree (fastmath's contraction of g - s into an FMA would leave the
                     # rounding error of one product)
+                    v, e1, m2, e2 = V[b, k - 1], dm1[k - 1], m2G[k - 1], dm2[k - 1]
                     for j in range(d):
-                        U[i, j] += (
-                            V[b, k - 1, j] * dc[r, j]
-                            - dm1[k - 1, j]
-                            - dx[r, j] * m2G[k - 1, j]
-                            - xS[b, j] * dm2[k - 1, j]
-                        )
+                        ua[j] += v[j] * dcr[j] - e1[j] - dxr[j] * m2[j] - xs[j] * e2[j]
+                    m1 = m1G[k - 1]
                     for j in range(d):
-                        U[i, d + j] = (
-                            V[b, k - 1, j] * cG[b, j] - m1G[k - 1, j] - xG[b, j] * m2G[k - 1, j]
-                        )
+                        ub[j] = v[j] * cg[j] - m1[j] - xg[j] * m2[j]
                 else:
-                    for j in range(d):
-                        U[i, d + j] = 0.0
+                    ub[:] = 0.0
         o = b0 * K1 * din
         np.dot(U, Wcat, out[o : o + n * K1 * din].reshape((n * K1, din)))
-        _colsums_rows(O, b0, n, nG, nxG, nS, nxS, acc)
+        _colsums_rows(O, b0, n, nG, nxG, nS, nxS, acc, t)
 
 
 def coupled_step_kernel(
@@ -2699,8 +2708,9 @@ def coupled_ws(B, T, rowsz, dmax, nth):
 
 
 def coupled_step_ws(TB, rows, dmax):
-    """``TB`` samples' c and x differences, and ``rows`` rows of the GEMM input."""
-    return 2 * TB * dmax + rows * 2 * dmax
+    """``TB`` samples' c and x differences, ``rows`` rows of the GEMM input and the column sums
+    of a tile (``_colsums_rows``)."""
+    return 2 * TB * dmax + rows * 2 * dmax + 4 * dmax
 
 
 # every kernel above: race-free data files in the shared cache (numba_cache.attach)
