@@ -910,7 +910,9 @@ class NumbaBackend(FusedBackend):
         res = np.full((pb.D, L + 1, L + 1), np.nan)
         res[:, 0, 0] = 1
         nth = numba.get_num_threads()
-        R = max(1, ROWS // 4)  # GEMM rows per tile: [R, 2d] stays in cache
+        # GEMM rows per tile: [R, 2d] (400 KB at d = 100) and its output stay in L2 (measured: 512
+        # rows 4% faster than 256 in float32, 256 rows 7% faster than 512 in float64)
+        R = max(1, ROWS * 2 // np.dtype(dt).itemsize)
         ws = workspace(nth, k.coupled_step_ws(R, max(R, L), dmax), dt, pb.memory)
         bufs: list[np.ndarray] = []
         d0 = 0
