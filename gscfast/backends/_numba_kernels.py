@@ -2364,48 +2364,51 @@ def _coupled_sweep_worker(
 
 # ------------------------------------------------------------------ coupled contributions
 # The residual-trick recursion of a batch datapoint (numba_backend._contributions_coupled): every
-# lambda-row of ``g_m`` is a ``[B, d]`` matrix, stored sample-major (``V [B, K, d]``: a sample's K
-# rows together). A layer's VJP is ``u = v * c`` (activation derivative, batch-norm scale), the
-# batch-norm projection ``u - mean_B(u) - x * mean_B(u * x)`` (``x`` the standardized input;
-# ``x = 0`` and no mean without one), then the GEMM. One pass over ``v`` per layer: each thread
-# takes tiles of samples, builds all their lambda-rows of both models as one ``[rows, 2d]`` GEMM
-# input (so that one GEMM with ``[W_S; W_G - W_S]`` gives ``v^(k) S + v^(k-1) (G - S)``), and,
-# while the GEMM's output is in cache, adds its column sums for the next layer
-# (``coupled_step_kernel``). Tiles of samples, not of one lambda-row: a tile's ``c`` and ``x``
-# rows stay in cache across its lambda-rows.
+# lambda-row of ``g_m`` is a ``[B, d]`` matrix, stored sample-major in one flat buffer: sample
+# ``b``'s ``K`` rows together at ``buf[b * S : b * S + K * d]`` (``S``: room for the last layer's
+# rows). A layer's VJP is ``u = v * c`` (activation derivative, batch-norm scale), the batch-norm
+# projection ``u - mean_B(u) - x * mean_B(u * x)`` (``x`` the standardized input; ``x = 0`` and no
+# mean without one), then the GEMM. One pass over ``v`` per layer: each thread takes tiles of
+# samples, builds all their lambda-rows of both models as one ``[rows, 2d]`` GEMM input (so that
+# one GEMM with ``[W_S; W_G - W_S]`` gives ``v^(k) S + v^(k-1) (G - S)``), GEMMs it into a tile
+# in cache, adds the tile's column sums for the next layer and writes it back over the tile's
+# samples in ``buf`` (``coupled_step_kernel``): the tile's input is all in the GEMM input by
+# then, and no other tile reads these samples, so one buffer serves every layer (half the memory
+# of reading one buffer and writing another). Tiles of samples, not of one lambda-row: a tile's
+# ``c`` and ``x`` rows stay in cache across its lambda-rows.
 
 
 @njit(**HELP)
-def _colsums_rows(V, b0, n, cG, xG, cS, xS, acc, t):
-    """Adds samples ``b0 .. b0 + n`` of ``V [B, K, d]`` to ``acc [K, 4d + 1]`` (float64): per
-    lambda-row ``k``, the column sums ``sum_b u`` and ``sum_b u * xX`` of ``u = V[b, k] * cX``
-    for X = G, S in column blocks ``[s1G | s2G | s1S | s2S]``, and ``||V[:, k]||^2`` last.
-    The column sums gather the tile's ``n`` samples in ``t [4d]`` (``V``'s dtype), then add to
-    ``acc``: in float32 that is half the vector work of float64 and no conversions (a tile's sum
-    of at most a few hundred rows errs far below the rounding of ``u`` itself); the squares stay
-    float64, where a float32 square of the high orders (about 1e-20) would underflow.
-    Lambda-row outermost, one short loop per pair of sums and rows taken as views: each loop
-    vectorizes (one loop doing all of it ran 1.6x slower; indexing ``t[j]`` and ``t[d + j]`` of
-    one array 2.8x slower, measured alone)."""
-    K, d = V.shape[1], V.shape[2]
+def _colsums_rows(V, cG, xG, cS, xS, acc, t):
+    """Adds a tile of samples, ``V [n, K, d]`` with its ``cX``, ``xX [n, d]``, to ``acc [K, 4d +
+    1]`` (float64): per lambda-row ``k``, the column sums ``sum_b u`` and ``sum_b u * xX`` of
+    ``u = V[b, k] * cX`` for X = G, S in column blocks ``[s1G | s2G | s1S | s2S]``, and
+    ``||V[:, k]||^2`` last. The column sums gather the tile in ``t [4d]`` (``V``'s dtype), then
+    add to ``acc``: in float32 that is half the vector work of float64 and no conversions (a
+    tile's sum of at most a few hundred rows errs far below the rounding of ``u`` itself); the
+    squares stay float64, where a float32 square of the high orders (about 1e-20) would
+    underflow. Lambda-row outermost, one short loop per pair of sums and rows taken as views:
+    each loop vectorizes (one loop doing all of it ran 1.6x slower; indexing ``t[j]`` and
+    ``t[d + j]`` of one array 2.8x slower, measured alone)."""
+    n, K, d = V.shape
     s1G, s2G, s1S, s2S = t[:d], t[d : 2 * d], t[2 * d : 3 * d], t[3 * d : 4 * d]
     for k in range(K):
         a = acc[k]
         sq = 0.0
-        for b in range(b0, b0 + n):
+        for b in range(n):
             r = V[b, k]
             for j in range(d):
                 v = np.float64(r[j])
                 sq += v * v
         a[4 * d] += sq
         t[:] = 0
-        for b in range(b0, b0 + n):
+        for b in range(n):
             r, c, x = V[b, k], cG[b], xG[b]
             for j in range(d):
                 u = r[j] * c[j]
                 s1G[j] += u
                 s2G[j] += u * x[j]
-        for b in range(b0, b0 + n):
+        for b in range(n):
             r, c, x = V[b, k], cS[b], xS[b]
             for j in range(d):
                 u = r[j] * c[j]
@@ -2432,14 +2435,17 @@ def _coupled_colsums_worker(th, nth, V, cG, xG, cS, xS, TB, part):
     acc[:] = 0.0
     t = np.empty(4 * V.shape[2], V.dtype)
     for b0 in range(th * TB, B, nth * TB):
-        _colsums_rows(V, b0, min(TB, B - b0), cG, xG, cS, xS, acc, t)
+        b1 = min(b0 + TB, B)
+        _colsums_rows(V[b0:b1], cG[b0:b1], xG[b0:b1], cS[b0:b1], xS[b0:b1], acc, t)
 
 
 @njit(**HELP)
 def _coupled_step_worker(
     th,
     nth,
-    V,
+    buf,
+    S,
+    K,
     cG,
     xG,
     cS,
@@ -2452,7 +2458,6 @@ def _coupled_step_worker(
     dm2,
     Wcat,
     TB,
-    out,
     nG,
     nxG,
     nS,
@@ -2461,20 +2466,21 @@ def _coupled_step_worker(
     ws,
 ):
     # borrowed views of the arguments (_unowned): no atomic reference counting per view
-    V, cG, xG, cS, xS = _unowned(V), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
+    buf, cG, xG, cS, xS = _unowned(buf), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
     m1G, m2G, m1S, m2S = _unowned(m1G), _unowned(m2G), _unowned(m1S), _unowned(m2S)
-    dm1, dm2, Wcat, out = _unowned(dm1), _unowned(dm2), _unowned(Wcat), _unowned(out)
+    dm1, dm2, Wcat = _unowned(dm1), _unowned(dm2), _unowned(Wcat)
+    nG, nxG, nS, nxS = _unowned(nG), _unowned(nxG), _unowned(nS), _unowned(nxS)
     part, ws = _unowned(part), _unowned(ws)
-    B, K, d = V.shape
+    B, d = cG.shape
     din = Wcat.shape[1]
     K1 = K + 1
     w = ws[th]
-    O = out.reshape((B, K1, din))
     acc = part[th]
     acc[:] = 0.0
     t = w[-4 * din :]  # _colsums_rows' tile sums
     for b0 in range(th * TB, B, nth * TB):
         n = min(TB, B - b0)
+        b1 = b0 + n
         # the tile's c and x differences once, not once per lambda-row; each loop below reads
         # few arrays, so that LLVM vectorizes it (with many, its alias checks give up)
         dc = w[: n * d].reshape((n, d))
@@ -2483,14 +2489,16 @@ def _coupled_step_worker(
             for j in range(d):
                 dc[r, j] = cG[b0 + r, j] - cS[b0 + r, j]
                 dx[r, j] = xG[b0 + r, j] - xS[b0 + r, j]
-        U = w[2 * n * d : 2 * n * d + n * K1 * 2 * d].reshape((n * K1, 2 * d))
+        e = 2 * n * d + n * K1 * 2 * d
+        U = w[2 * n * d : e].reshape((n * K1, 2 * d))
         for r in range(n):
             b = b0 + r
+            V = buf[b * S : b * S + K * d].reshape((K, d))
             cs, xs, cg, xg, dcr, dxr = cS[b], xS[b], cG[b], xG[b], dc[r], dx[r]
             for k in range(K1):
                 ua, ub = U[r * K1 + k, :d], U[r * K1 + k, d:]
                 if k < K:
-                    v, m1, m2 = V[b, k], m1S[k], m2S[k]
+                    v, m1, m2 = V[k], m1S[k], m2S[k]
                     for j in range(d):
                         ua[j] = v[j] * cs[j] - m1[j] - xs[j] * m2[j]
                 else:
@@ -2499,7 +2507,7 @@ def _coupled_step_worker(
                     # u_G - u_S from the differences of its factors: exactly 0 where the two
                     # models agree (fastmath's contraction of g - s into an FMA would leave the
                     # rounding error of one product)
-                    v, e1, m2, e2 = V[b, k - 1], dm1[k - 1], m2G[k - 1], dm2[k - 1]
+                    v, e1, m2, e2 = V[k - 1], dm1[k - 1], m2G[k - 1], dm2[k - 1]
                     for j in range(d):
                         ua[j] += v[j] * dcr[j] - e1[j] - dxr[j] * m2[j] - xs[j] * e2[j]
                     m1 = m1G[k - 1]
@@ -2507,28 +2515,55 @@ def _coupled_step_worker(
                         ub[j] = v[j] * cg[j] - m1[j] - xg[j] * m2[j]
                 else:
                     ub[:] = 0.0
-        o = b0 * K1 * din
-        np.dot(U, Wcat, out[o : o + n * K1 * din].reshape((n * K1, din)))
-        _colsums_rows(O, b0, n, nG, nxG, nS, nxS, acc, t)
+        O = w[e : e + n * K1 * din].reshape((n * K1, din))
+        np.dot(U, Wcat, O)
+        O3 = O.reshape((n, K1, din))
+        _colsums_rows(O3, nG[b0:b1], nxG[b0:b1], nS[b0:b1], nxS[b0:b1], acc, t)
+        for r in range(n):  # over the tile's input, which U holds now
+            buf[(b0 + r) * S : (b0 + r) * S + K1 * din] = O3[r].reshape(K1 * din)
 
 
 def coupled_step_kernel(
-    V, cG, xG, cS, xS, m1G, m2G, m1S, m2S, dm1, dm2, Wcat, TB, out, nG, nxG, nS, nxS, part, nth, ws
+    buf,
+    S,
+    K,
+    cG,
+    xG,
+    cS,
+    xS,
+    m1G,
+    m2G,
+    m1S,
+    m2S,
+    dm1,
+    dm2,
+    Wcat,
+    TB,
+    nG,
+    nxG,
+    nS,
+    nxS,
+    part,
+    nth,
+    ws,
 ):
-    """One layer of the coupled recursion: ``out [B * (K+1) * d_in]`` (flat, ``[B, K+1, d_in]``)
-    holds, for each ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with
-    ``Wcat = [W_S; W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k)
-    = V[:, k] * cX - m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``),
+    """One layer of the coupled recursion on ``buf`` (flat; sample ``b``'s rows at ``b * S``):
+    its ``K`` rows ``V [K, d]`` per sample become the ``K + 1`` rows ``[K + 1, d_in]`` that hold,
+    for each ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat
+    = [W_S; W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) =
+    V[k] * cX - m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``),
     ``m1X``/``m2X`` the column means ``s1X / B``, ``s2X / B`` (``dm1 = m1G - m1S``, ``dm2 = m2G -
-    m2S``). Written with the differences, a
-    model equal to its initial one gives exact zeros for every ``lambda >= 1`` (no cancellation of
-    two products). Each thread builds tiles of ``TB`` samples (all their lambda-rows) in its
-    ``ws`` row, GEMMs them while they are in cache, and adds the output's ``_colsums_rows`` with
-    the next layer's ``nG, nxG, nS, nxS`` to ``part[th]`` (``coupled_colsums_kernel``'s)."""
+    m2S``). Written with the differences, a model equal to its initial one gives exact zeros for
+    every ``lambda >= 1`` (no cancellation of two products). Each thread builds tiles of ``TB``
+    samples (all their lambda-rows) in its ``ws`` row, GEMMs them there, adds the output's
+    ``_colsums_rows`` with the next layer's ``nG, nxG, nS, nxS`` to ``part[th]``
+    (``coupled_colsums_kernel``'s), and writes the output over the tile's samples in ``buf``."""
     launch(
         _coupled_step_worker,
         nth,
-        V,
+        buf,
+        S,
+        K,
         cG,
         xG,
         cS,
@@ -2541,7 +2576,6 @@ def coupled_step_kernel(
         dm2,
         Wcat,
         TB,
-        out,
         nG,
         nxG,
         nS,
@@ -2708,9 +2742,9 @@ def coupled_ws(B, T, rowsz, dmax, nth):
 
 
 def coupled_step_ws(TB, rows, dmax):
-    """``TB`` samples' c and x differences, ``rows`` rows of the GEMM input and the column sums
-    of a tile (``_colsums_rows``)."""
-    return 2 * TB * dmax + rows * 2 * dmax + 4 * dmax
+    """``TB`` samples' c and x differences, ``rows`` rows of the GEMM input and of its output,
+    and the column sums of a tile (``_colsums_rows``)."""
+    return 2 * TB * dmax + rows * 3 * dmax + 4 * dmax
 
 
 # every kernel above: race-free data files in the shared cache (numba_cache.attach)

@@ -914,6 +914,7 @@ class NumbaBackend(FusedBackend):
         # rows 4% faster than 256 in float32, 256 rows 7% faster than 512 in float64)
         R = max(1, ROWS * 2 // np.dtype(dt).itemsize)
         ws = workspace(nth, k.coupled_step_ws(R, max(R, L), dmax), dt, pb.memory)
+        S = L * dmax  # a sample's room in a buffer: g_L's L lambda-rows
         bufs: list[np.ndarray] = []
         d0 = 0
         for ds, bs, ctx in iter_chunks(pb, self._bytes(pb, pb.L), init=init):
@@ -921,27 +922,28 @@ class NumbaBackend(FusedBackend):
             ictx = ctx.for_init()
             assert tr.grad is not None  # make_problem: an error layer (fused_or_fallback checks)
             P = tr.grad.shape[0]
-            # ping-pong buffers of g_m's lambda-rows per datapoint, kept between chunks
-            # (fresh pages fault on first touch)
-            if len(bufs) < 2 * P:
-                bufs = [np.empty(L * B * dmax, dt) for _ in range(2 * P)]
+            # a buffer of g_m's lambda-rows per datapoint, overwritten layer by layer
+            # (coupled_step_kernel) and kept between chunks (fresh pages fault on first touch)
+            if len(bufs) < P:
+                bufs = [np.empty(B * S, dt) for _ in range(P)]
                 if POISON:
                     for buf in bufs:
                         buf.fill(np.nan)
-            vs = [tr.grad[p].reshape(B, 1, -1).contiguous().numpy() for p in range(P)]
             parts = []
             cur = _coupled_layer(pb, init, tr, ictx, 1, P)
             for p in range(P):
                 (_, cG, xG, _), (_, cS, xS, _) = cur[p]
+                v = tr.grad[p].reshape(B, 1, -1).contiguous().numpy()
                 part = np.empty((nth, 1, 4 * cG.shape[1] + 1))
-                k.coupled_colsums_kernel(vs[p], cG, xG, cS, xS, np.int64(R), part, nth)
+                k.coupled_colsums_kernel(v, cG, xG, cS, xS, np.int64(R), part, nth)
                 parts.append(part)
+                bufs[p].reshape(B, S)[:, : v.shape[2]] = v[:, 0]
             for m in range(1, L):
                 nxt = _coupled_layer(pb, init, tr, ictx, m + 1, P) if m + 1 < L else None
+                K = m  # g_m's lambda-rows: lambda = 0 .. m - 1
                 for p in range(P):
-                    v = vs[p]
-                    K, d = v.shape[1], v.shape[2]
                     (wG, cG, xG, projG), (wS, cS, xS, projS) = cur[p]
+                    d = cG.shape[1]
                     tot = parts[p].sum(0)  # in thread order: the same bits for the same nth
                     res[d0 + p, m, :K] = tot[:, 4 * d]
                     # without a batch-statistics norm, u is not projected: no means
@@ -952,7 +954,6 @@ class NumbaBackend(FusedBackend):
                     diffs = (means[0] - means[2], means[1] - means[3])
                     wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
                     din = wcat.shape[1]
-                    flat = bufs[2 * p + m % 2][: (K + 1) * B * din]
                     if nxt is not None:  # the next layer's c and x, for its column sums
                         (_, nG, nxG, _), (_, nS, nxS, _) = nxt[p]
                     else:  # the last step: only its squared norms are used
@@ -960,7 +961,9 @@ class NumbaBackend(FusedBackend):
                     parts[p] = np.empty((nth, K + 1, 4 * din + 1))
                     with single_threaded_blas():
                         k.coupled_step_kernel(
-                            v,
+                            bufs[p],
+                            np.int64(S),
+                            np.int64(K),
                             cG,
                             xG,
                             cS,
@@ -969,7 +972,6 @@ class NumbaBackend(FusedBackend):
                             *diffs,
                             wcat,
                             np.int64(max(1, R // (K + 1))),
-                            flat,
                             nG,
                             nxG,
                             nS,
@@ -978,7 +980,6 @@ class NumbaBackend(FusedBackend):
                             nth,
                             ws,
                         )
-                    vs[p] = flat.reshape(B, K + 1, din)
                 if nxt is not None:  # the last step has no next layer
                     cur = nxt
             for p in range(P):

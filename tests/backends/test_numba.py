@@ -383,6 +383,17 @@ def test_coupled_contributions_match_torch(act, mix, chunk, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_coupled_contributions_in_tiles_smaller_than_a_sample(monkeypatch, dtype):
+    """GEMM tiles of fewer rows than a sample's lambda-rows (one sample a tile, many tiles per
+    thread, the workspace sized by the lambda-rows): each tile's output overwrites its samples'
+    input in the one buffer (coupled_step_kernel), and no tile may see another's output."""
+    monkeypatch.setattr(numba_backend, "ROWS", 4)  # 2 (float32) or 1 (float64) GEMM rows
+    model = _coupled_contrib_model("tanh", "eval")
+    pb = problem(model, dtype, D=2, B=29, error="kl", chunk=1, batchnorm="batch")
+    _contrib_agree(pb, gscfast.compile_model(perturbed(pb.program.model, seed=5)), "torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mix", ["batch", "eval"])
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_coupled_contributions_against_reference(act, mix, dtype):
