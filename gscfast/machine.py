@@ -34,8 +34,10 @@ class GemmRate:
     Attributes:
         flops: the best rate, FLOP/s (``2 m k n`` per product over the fastest call's time).
         library: the formulation that reached it: ``"numpy"`` or ``"torch"`` (one library call,
-            the library's own threads), or ``"numpy per thread"`` (the rows split into tiles
-            over ``threads`` threads, each calling single-threaded OpenBLAS).
+            the library's own threads), ``"numpy per thread"`` (the rows split into tiles
+            over ``threads`` threads, each calling single-threaded OpenBLAS), ``"numba per
+            thread, small tiles"`` (the same in OpenBLAS's small-matrix tiles, from compiled
+            code) or ``"gscfast per thread"`` (the numba kernels' own GEMM in their tiles).
         rates: every measured formulation's best rate, FLOP/s.
         device: where it was measured (``"cpu"``, ``"cuda:0"``, ...).
     """
@@ -63,7 +65,8 @@ def gemm_rate(
     library's threads, and (with ``threads`` > 1) the rows split into ``tile``-row tiles dealt to
     ``threads`` threads round-robin, each thread calling numpy with one OpenBLAS thread on a tile that
     stays in its cache, as the numba kernels do (also in the kernels' smaller tiles where OpenBLAS
-    runs such products unpacked: ``numba_backend.tile_rows``). On a GPU: one torch call.
+    runs such products unpacked: ``numba_backend.openblas_rows``), and, where the numba kernels run
+    their own GEMM (``backends/_gemm.py``), that GEMM in their tiles. On a GPU: one torch call.
 
     Each formulation runs once untimed (warm-up), then timed, at least ``reps`` times and until
     ``seconds`` have passed; its rate is that of its fastest run (the least disturbed by other
@@ -152,6 +155,16 @@ def gemm_rate(
 
                 calls["numba per thread, small tiles"] = numba_tiles
                 limits["numba per thread, small tiles"] = numba_backend.single_threaded_blas
+            own = _own_gemm_tile(k, n)
+            if own is not None:  # the numba kernels' own GEMM, in their tiles, B packed once
+                from .backends import _gemm, _numba_kernels
+
+                bp = _gemm.pack(bn)
+
+                def own_tiles() -> None:
+                    _numba_kernels.mm_rows(an, bp, cn, own, threads)
+
+                calls["gscfast per thread"] = own_tiles
     calls["torch"] = lambda: torch.mm(a, b, out=c)
     rates = {}
     try:
@@ -176,15 +189,25 @@ def gemm_rate(
     return GemmRate(rates[library], library, rates, str(device))
 
 
+def _own_gemm_tile(k: int, n: int) -> int | None:
+    """The rows per tile the numba kernels use for ``[rows, k] x [k, n]`` products on their own
+    GEMM (``backends/_gemm.py``), else None (where they use OpenBLAS, or cannot run)."""
+    from .backends import numba_backend
+
+    if numba_backend.NumbaBackend.unavailable_reason() is not None:
+        return None
+    return numba_backend.tile_rows(k * n) if numba_backend.own_gemm() else None
+
+
 def _small_tile(k: int, n: int) -> int | None:
     """The rows per tile the numba kernels use for ``[rows, k] x [k, n]`` products where
-    OpenBLAS's small-matrix kernels apply (``numba_backend.tile_rows``), else None (also where
+    OpenBLAS's small-matrix kernels apply (``numba_backend.openblas_rows``), else None (also where
     the numba backend cannot run: numba or scipy missing)."""
     from .backends import numba_backend
 
     if numba_backend.NumbaBackend.unavailable_reason() is not None:
         return None
-    rows = numba_backend.tile_rows(k * n)
+    rows = numba_backend.openblas_rows(k * n)
     return rows if rows < numba_backend.ROWS else None
 
 

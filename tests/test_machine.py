@@ -6,7 +6,10 @@ import threadpoolctl
 from gscfast.machine import gemm_rate
 
 
-def test_the_rate_is_the_best_formulation_and_names_it():
+def test_the_rate_is_the_best_formulation_and_names_it(monkeypatch):
+    from gscfast import machine
+
+    monkeypatch.setattr(machine, "_own_gemm_tile", lambda k, n: None)
     r = gemm_rate(300, 20, 30, threads=2, tile=64, reps=2)
     assert set(r.rates) == {"numpy", "numpy per thread", "torch"}
     assert r.flops == max(r.rates.values()) == r.rates[r.library]
@@ -19,6 +22,7 @@ def test_small_tiles_are_timed_where_the_kernels_use_them(monkeypatch):
     from gscfast import machine
 
     monkeypatch.setattr(machine, "_small_tile", lambda k, n: 16)
+    monkeypatch.setattr(machine, "_own_gemm_tile", lambda k, n: None)
     r = gemm_rate(300, 20, 30, threads=2, tile=64, reps=2)
     assert set(r.rates) == {"numpy", "numpy per thread", "numba per thread, small tiles", "torch"}
     assert r.flops == max(r.rates.values())
@@ -77,3 +81,19 @@ def test_bad_arguments_are_refused(kw, what):
     args = {"m": 8, "k": 8, "n": 8, **kw}
     with pytest.raises(ValueError, match=what):
         gemm_rate(args.pop("m"), args.pop("k"), args.pop("n"), **args)
+
+
+def test_the_own_gemm_is_timed_where_the_kernels_use_it(monkeypatch):
+    """Where the numba kernels run their own GEMM (backends/_gemm.py), the rate includes it, in
+    their tiles."""
+    pytest.importorskip("numba")
+    from gscfast import machine
+    from gscfast.backends import _gemm
+
+    if not _gemm.AVAILABLE:
+        pytest.skip("the CPU has no AVX-512: the kernels run OpenBLAS")
+    monkeypatch.setattr(machine, "_own_gemm_tile", lambda k, n: 16)
+    r = gemm_rate(300, 20, 30, threads=2, tile=64, reps=2)
+    assert "gscfast per thread" in r.rates and r.flops == max(r.rates.values())
+    monkeypatch.setattr(machine, "_own_gemm_tile", lambda k, n: None)
+    assert "gscfast per thread" not in gemm_rate(300, 20, 30, threads=2, tile=64).rates

@@ -38,13 +38,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import lowering, numba_cache
+from . import _gemm, lowering, numba_cache
 from .lowering import Act, Norm
 
 # numba's cache for this file: shared by every clone and environment on the machine, keyed by
 # the content of this file and of lowering.py, whose codes it freezes in (numba_cache); False
 # (no caching) where that cache cannot be written.
-CACHE = numba_cache.register(__file__, lowering.__file__)
+CACHE = numba_cache.register(__file__, lowering.__file__, _gemm.__file__)
+MM = _gemm.AVAILABLE  # GEMMs on _gemm.mm with packed weights, else np.dot (OpenBLAS)
 # 'fast' without nnan/ninf: reductions vectorize, and inf/NaN still propagate as in torch.
 FM = {"reassoc", "contract", "nsz", "arcp", "afn"}
 INL: dict[str, Any] = dict(
@@ -72,8 +73,11 @@ N_LAYER = int(Norm.LAYER)
 N_DIAG = int(Norm.DIAG)
 N_BATCH = int(Norm.BATCH)  # batch statistics, coupled
 # meta columns
-M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE, M_WT = range(12)
-NMETA = 12
+# M_PF, M_PB: W^T and W packed for _gemm.mm (forward and backward GEMM), where _gemm.AVAILABLE
+M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE, M_WT, M_PF, M_PB = (
+    range(14)
+)
+NMETA = 14
 F_EPS, F_P0, F_P1 = range(3)
 NFMETA = 3
 # storage columns (per-row offsets into a thread's ``store``; -1 = absent)
@@ -264,6 +268,18 @@ def _weight_t(wflat, meta, i):
     return wflat[o : o + meta[i, M_DOUT] * meta[i, M_DIN]].reshape(
         (meta[i, M_DIN], meta[i, M_DOUT])
     )
+
+
+@njit(**INL)
+def _wmm(A, wflat, meta, i, fwd, C):
+    """``C = A @ W_i^T`` (``fwd``, the forward product) or ``C = A @ W_i``: on ``_gemm.mm`` with the
+    packed weights where the CPU allows (``MM``), else OpenBLAS."""
+    if MM:
+        _gemm.mm(A, wflat, meta[i, M_PF] if fwd else meta[i, M_PB], C)
+    elif fwd:
+        np.dot(A, _weight_t(wflat, meta, i), C)
+    else:
+        np.dot(A, _weight(wflat, meta, i), C)
 
 
 @njit(**INL)
@@ -571,7 +587,7 @@ def _layer_fwd(i, hin, n, meta, fmeta, wflat, vflat, store, sto, T, Z, sqo, so, 
     pre-activation in ``Z [n, d_out]`` (returned) and the output in ``store`` item ``S_H``."""
     dout = meta[i, M_DOUT]
     Zm = Z[: n * dout].reshape((n, dout))
-    np.dot(hin, _weight_t(wflat, meta, i), Zm)
+    _wmm(hin, wflat, meta, i, True, Zm)
     _layer_rows(i, Zm, 0, meta, fmeta, vflat, store, sto, T, save, sqo[so : so + n, L - i])
     return Zm
 
@@ -718,9 +734,12 @@ def _gemm_bwd(V, rows, i, meta, wflat, U):
     """``U[:rows*d_in] = V[:rows*d_out] @ W_i`` (flat buffers, as matrices)."""
     dout = meta[i, M_DOUT]
     din = meta[i, M_DIN]
-    np.dot(
+    _wmm(
         V[: rows * dout].reshape((rows, dout)),
-        _weight(wflat, meta, i),
+        wflat,
+        meta,
+        i,
+        False,
         U[: rows * din].reshape((rows, din)),
     )
 
@@ -1008,9 +1027,12 @@ def _sweep_worker(
                 np.int64(0),
             )
             rows = n * R
-            np.dot(
+            _wmm(
                 V[: rows * d].reshape((rows, d)),
-                _weight(wflat, meta, 0),
+                wflat,
+                meta,
+                np.int64(0),
+                False,
                 gin[r0 * R : r0 * R + rows],
             )
 
@@ -1401,9 +1423,12 @@ def _jacobian_worker(
             )
             for i in range(i_end, i_start - 1, -1):
                 if i == i_start:  # the last GEMM writes the result
-                    np.dot(
+                    _wmm(
                         Vb[: m * R * meta[i, M_DOUT]].reshape((m * R, meta[i, M_DOUT])),
-                        _weight(wflat, meta, i),
+                        wflat,
+                        meta,
+                        i,
+                        False,
                         out[r0 + s0 : r0 + s0 + m].reshape((m * R, dst)),
                     )
                 else:
@@ -1808,7 +1833,6 @@ def _cb_fwd1(
     the bias and partial column sums, the normalization waiting for them, or the whole layer."""
     dout = meta[i, M_DOUT]
     din = meta[i, M_DIN]
-    WT = _weight_t(wflat, meta, i)
     ntiles = (B + T - 1) // T
     cnt = np.int64(0)
     batch = meta[i, M_NORM] == N_BATCH
@@ -1821,7 +1845,7 @@ def _cb_fwd1(
         hin = x[r0 : r0 + n] if i == 0 else _rows_at(store, sto, B, i - 1, S_H, r0, n, din)
         if batch:  # pre-normalization values go to the xh slot until the statistics are known
             Zm = _rows_at(store, sto, B, i, S_XH, r0, n, dout)
-            np.dot(hin, WT, Zm)
+            _wmm(hin, wflat, meta, i, True, Zm)
             bo = meta[i, M_B]
             if bo >= 0:
                 b = _vec(vflat, bo, dout)
@@ -1831,7 +1855,7 @@ def _cb_fwd1(
             _colsums(Zm.reshape(n * dout), n, dout, a, b2, store, sto, B, i, r0, np.bool_(False))
         else:
             Zm = Z[: n * dout].reshape((n, dout))
-            np.dot(hin, WT, Zm)
+            _wmm(hin, wflat, meta, i, True, Zm)
             _layer_rows(i, Zm, r0, meta, fmeta, vflat, store, sto, B, save, sq)
             for t in range(n):
                 psq[th, L - i] += sq[t]
@@ -1982,7 +2006,6 @@ def _cb_bwd_gemm(
     din = meta[i, M_DIN]
     ntiles = (B + T - 1) // T
     batch = meta[i, M_NORM] == N_BATCH
-    W = _weight(wflat, meta, i)
     sq = np.empty(T)
     a = np.zeros(din)
     b = np.zeros(din)
@@ -1997,7 +2020,7 @@ def _cb_bwd_gemm(
                 for j in range(dout):
                     V[t * dout + j] = (V[t * dout + j] - umean[j] - xh[j] * uc[j]) * cinv[j]
         Vn = Un[r0 * rs : r0 * rs + n * din]
-        np.dot(V.reshape((n, dout)), W, Vn.reshape((n, din)))
+        _wmm(V.reshape((n, dout)), wflat, meta, i, False, Vn.reshape((n, din)))
         if i >= 2:
             _ebwd_rows(
                 Vn,
@@ -2457,6 +2480,7 @@ def _coupled_step_worker(
     dm1,
     dm2,
     Wcat,
+    Wpack,
     TB,
     nG,
     nxG,
@@ -2468,7 +2492,7 @@ def _coupled_step_worker(
     # borrowed views of the arguments (_unowned): no atomic reference counting per view
     buf, cG, xG, cS, xS = _unowned(buf), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
     m1G, m2G, m1S, m2S = _unowned(m1G), _unowned(m2G), _unowned(m1S), _unowned(m2S)
-    dm1, dm2, Wcat = _unowned(dm1), _unowned(dm2), _unowned(Wcat)
+    dm1, dm2, Wcat, Wpack = _unowned(dm1), _unowned(dm2), _unowned(Wcat), _unowned(Wpack)
     nG, nxG, nS, nxS = _unowned(nG), _unowned(nxG), _unowned(nS), _unowned(nxS)
     part, ws = _unowned(part), _unowned(ws)
     B, d = cG.shape
@@ -2516,7 +2540,10 @@ def _coupled_step_worker(
                 else:
                     ub[:] = 0.0
         O = w[e : e + n * K1 * din].reshape((n * K1, din))
-        np.dot(U, Wcat, O)
+        if MM:
+            _gemm.mm(U, Wpack, 0, O)
+        else:
+            np.dot(U, Wcat, O)
         O3 = O.reshape((n, K1, din))
         _colsums_rows(O3, nG[b0:b1], nxG[b0:b1], nS[b0:b1], nxS[b0:b1], acc, t)
         for r in range(n):  # over the tile's input, which U holds now
@@ -2538,6 +2565,7 @@ def coupled_step_kernel(
     dm1,
     dm2,
     Wcat,
+    Wpack,
     TB,
     nG,
     nxG,
@@ -2550,7 +2578,7 @@ def coupled_step_kernel(
     """One layer of the coupled recursion on ``buf`` (flat; sample ``b``'s rows at ``b * S``):
     its ``K`` rows ``V [K, d]`` per sample become the ``K + 1`` rows ``[K + 1, d_in]`` that hold,
     for each ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat
-    = [W_S; W_G - W_S]``, which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) =
+    = [W_S; W_G - W_S]`` (``Wpack``: it packed for ``_gemm.mm``, where ``MM``), which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) =
     V[k] * cX - m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``),
     ``m1X``/``m2X`` the column means ``s1X / B``, ``s2X / B`` (``dm1 = m1G - m1S``, ``dm2 = m2G -
     m2S``). Written with the differences, a model equal to its initial one gives exact zeros for
@@ -2575,6 +2603,7 @@ def coupled_step_kernel(
         dm1,
         dm2,
         Wcat,
+        Wpack,
         TB,
         nG,
         nxG,
@@ -2605,6 +2634,23 @@ def _gemm_rows_worker(th, nth, a, b, c, tile):
 def gemm_rows(a, b, c, tile, nth):
     """``_gemm_rows_worker`` on ``nth`` threads (one BLAS thread each: the caller's business)."""
     launch(_gemm_rows_worker, nth, a, b, c, np.int64(tile))
+
+
+@njit(**HELP)
+def _mm_rows_worker(th, nth, a, bp, c, tile):
+    """``_gemm_rows_worker`` on the kernels' own GEMM, ``b`` packed in ``bp`` (``_gemm.pack``)."""
+    m = a.shape[0]
+    t0 = th * tile
+    h = min(tile, m - t0)
+    if h <= 0:
+        return
+    for _ in range(t0, m, nth * tile):
+        _gemm.mm(a[t0 : t0 + h], bp, 0, c[t0 : t0 + h])
+
+
+def mm_rows(a, bp, c, tile, nth):
+    """``_mm_rows_worker`` on ``nth`` threads (where ``_gemm.AVAILABLE``)."""
+    launch(_mm_rows_worker, nth, a, bp, c, np.int64(tile))
 
 
 # ------------------------------------------------------------------ launching workers

@@ -91,6 +91,9 @@ packed rate for ``[100, 100] x [100, 100]`` (float32 and float64; bench/README.m
 layers are small enough, tiles are cut to that many GEMM rows (``tile_rows``)."""
 _SMALL_ROWS_MIN = 32  # fewer rows than this per product: per-tile overheads outweigh the gain
 _SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+OWN_GEMM_ROWS = 256
+"""Target GEMM rows per tile where the kernels run their own GEMM (``_gemm``, AVX-512 CPUs):
+W1-W3 measured at 128, 256 and 512 rows, 256-512 best (bench/README.md, "gscfast's own GEMM")."""
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # the kernels' optional arrays where not asked for (no rows)
@@ -186,10 +189,26 @@ def small_gemm_kernels() -> bool:
     return True
 
 
+def own_gemm() -> bool:
+    """Whether the kernels run their own GEMM (``_gemm.AVAILABLE``) rather than OpenBLAS's."""
+    from . import _gemm  # imports numba
+
+    return _gemm.AVAILABLE
+
+
 def tile_rows(gemm: int) -> int:
     """Target GEMM rows per tile for products ``[rows, k] x [k, n]`` whose largest ``k n`` is
-    ``gemm``: as many as OpenBLAS's small-matrix kernels take (``SMALL_GEMM``) where it has them
-    and that is at least ``_SMALL_ROWS_MIN``, else ``ROWS``."""
+    ``gemm``: ``OWN_GEMM_ROWS`` where the kernels run their own GEMM, else ``openblas_rows``;
+    ``ROWS`` wherever ``GSCFAST_NUMBA_ROWS`` is set."""
+    if _ROWS_SET is None and own_gemm():
+        return OWN_GEMM_ROWS
+    return openblas_rows(gemm)
+
+
+def openblas_rows(gemm: int) -> int:
+    """Target GEMM rows per tile of OpenBLAS products ``[rows, k] x [k, n]`` whose largest ``k n``
+    is ``gemm``: as many as its small-matrix kernels take (``SMALL_GEMM``) where it has them and
+    that is at least ``_SMALL_ROWS_MIN``, else ``ROWS``."""
     if _ROWS_SET is None and gemm > 0 and small_gemm_kernels():
         rows = SMALL_GEMM // gemm
         if rows >= _SMALL_ROWS_MIN:
@@ -300,6 +319,13 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy().ravel()
 
 
+def _packed(b: np.ndarray) -> np.ndarray:
+    """``b`` packed for the kernels' own GEMM (``_gemm.mm``) where they use it, else empty."""
+    from . import _gemm
+
+    return _gemm.pack(b) if _gemm.AVAILABLE else np.zeros(0, b.dtype)
+
+
 def build_net(
     program: Program | list[Layer],
     dtype,
@@ -310,6 +336,8 @@ def build_net(
     """Pack ``program``'s plans (``lowering.lower``, which ``frozen`` and ``coupled`` are passed
     to; a span of layers as if it were the model) into the kernels' flat arrays."""
     k = _k()
+    from . import _gemm as gemm  # imports numba, as _k() does
+
     L = program.L if isinstance(program, Program) else len(program)
     meta = np.full((L, k.NMETA), -1, np.int64)
     fmeta = np.zeros((L, k.NFMETA), np.float64)
@@ -340,6 +368,14 @@ def build_net(
         weights.append(w.T.ravel())  # W^T for the forward GEMM (_weight_t)
         m[k.M_WT] = woff
         woff += plan.weight.numel()
+        if gemm.AVAILABLE:  # both products' B packed for gscfast's GEMM (_gemm.mm), aligned
+            for col, b in ((k.M_PF, w.T), (k.M_PB, w)):  # forward h @ W^T, backward v @ W
+                pad = -woff % (gemm.ALIGN // np.dtype(dtype).itemsize)
+                weights.append(np.zeros(pad, dtype))
+                woff += pad
+                weights.append(gemm.pack(np.asarray(b, dtype)))
+                m[col] = woff
+                woff += weights[-1].size
         if plan.bias is not None:
             m[k.M_B] = vec(plan.bias)
         m[k.M_NORM] = plan.norm
@@ -369,10 +405,12 @@ def build_net(
         d = dout
 
     def cat(parts: list) -> np.ndarray:
-        # one pass that also casts to the kernels' dtype (float64 weights of a float32 problem)
-        if not parts:
-            return np.zeros(1, dtype)
-        return np.concatenate(parts, dtype=dtype, casting="same_kind")
+        # one pass that also casts to the kernels' dtype (float64 weights of a float32 problem),
+        # into an array whose start is aligned as the packed weights' offsets assume
+        out = gemm.aligned(max(1, sum(a.size for a in parts)), dtype)
+        if parts:
+            np.concatenate(parts, casting="same_kind", out=out)
+        return out
 
     return Net(meta, fmeta, cat(weights), cat(vecs), sto, rowsz, dmax)
 
@@ -953,6 +991,7 @@ class NumbaBackend(FusedBackend):
                     ]
                     diffs = (means[0] - means[2], means[1] - means[3])
                     wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
+                    wcat = np.ascontiguousarray(wcat, dt)
                     din = wcat.shape[1]
                     if nxt is not None:  # the next layer's c and x, for its column sums
                         (_, nG, nxG, _), (_, nS, nxS, _) = nxt[p]
@@ -971,6 +1010,7 @@ class NumbaBackend(FusedBackend):
                             *means,
                             *diffs,
                             wcat,
+                            _packed(wcat),
                             np.int64(max(1, R // (K + 1))),
                             nG,
                             nxG,

@@ -554,6 +554,7 @@ def test_tiles_follow_the_small_matrix_kernels(monkeypatch):
     more, or the rows would be too few, tiles keep ROWS rows."""
     nb = numba_backend
     monkeypatch.setattr(nb, "_ROWS_SET", None)
+    monkeypatch.setattr(nb, "own_gemm", lambda: False)  # the kernels on OpenBLAS (no AVX-512)
     monkeypatch.setattr(nb, "small_gemm_kernels", lambda: True)
     assert nb.tile_rows(100 * 100) == 100
     assert nb.tile_rows(63 * 37) == 10**6 // (63 * 37)
@@ -570,6 +571,24 @@ def test_tiles_follow_the_small_matrix_kernels(monkeypatch):
     assert tile(pb, 5000, 1, 4, 100 * 100) == nb.ROWS
 
 
+def test_tiles_of_the_own_gemm(monkeypatch):
+    """Where the kernels run their own GEMM, tiles are OWN_GEMM_ROWS rows whatever OpenBLAS
+    has, and ROWS where GSCFAST_NUMBA_ROWS is set."""
+    nb = numba_backend
+    monkeypatch.setattr(nb, "_ROWS_SET", None)
+    monkeypatch.setattr(nb, "own_gemm", lambda: True)
+    for small in (True, False):
+        monkeypatch.setattr(nb, "small_gemm_kernels", lambda small=small: small)
+        assert nb.tile_rows(100 * 100) == nb.OWN_GEMM_ROWS
+        assert nb.openblas_rows(100 * 100) == (100 if small else nb.ROWS)
+    pb = problem(
+        make_model("tanh", None, widths=(100, 100, 100)), torch.float32, D=1, B=5000, chunk=None
+    )
+    assert NumbaBackend._tile(pb, 5000, 100, 4, 100 * 100) == nb.OWN_GEMM_ROWS // 100
+    monkeypatch.setattr(nb, "_ROWS_SET", "512")
+    assert nb.tile_rows(100 * 100) == nb.ROWS
+
+
 def test_small_gemm_kernels_reads_the_blas_core():
     libs = numba_backend._blas()
     names = {core().decode().lower() for _, _, core in libs if core is not None}
@@ -580,12 +599,13 @@ def test_small_gemm_kernels_reads_the_blas_core():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_small_tiles_match_torch(monkeypatch, dtype):
-    """Tiles cut for the small-matrix kernels (forced here at 33 GEMM rows, whatever this
-    machine's BLAS) give the torch backend's numbers: many tiles per thread, tile edges inside
+    """Tiles cut for the small-matrix kernels or the own GEMM (forced here at 33 GEMM rows,
+    whatever this machine's BLAS) give the torch backend's numbers: many tiles per thread, tile edges inside
     every dataset."""
     monkeypatch.setattr(numba_backend, "_ROWS_SET", None)
     monkeypatch.setattr(numba_backend, "small_gemm_kernels", lambda: True)
     monkeypatch.setattr(numba_backend, "SMALL_GEMM", 63 * 37 * 33)
+    monkeypatch.setattr(numba_backend, "OWN_GEMM_ROWS", 33)  # where the kernels' own GEMM runs
     model = make_model("tanh", "layer_affine", seed=11)
     pb = problem(model, dtype, D=2, B=150, chunk=None)
     assert NumbaBackend._tile(pb, 150, 1, 4, 63 * 37) == 33
