@@ -25,7 +25,7 @@ from torch import nn
 import gscfast
 from gscfast.backends import BACKENDS as GSCFAST_BACKENDS
 from gscfast.backends import available_backends, get_backend
-from gscfast.machine import gemm_rate
+from gscfast.machine import fma_peak, gemm_rate
 
 SCALE = os.environ.get("GSCFAST_BENCH_SCALE", "full")
 if SCALE not in ("full", "smoke"):
@@ -190,6 +190,8 @@ def measure_sgemm() -> dict:
         "sgemm_torch_gflops": r.rates["torch"] / 1e9,
         "sgemm_numpy_gflops": r.rates["numpy"] / 1e9,
         "sgemm_per_thread_gflops": r.rates.get("numpy per thread", 0.0) / 1e9,
+        "sgemm_own_gflops": r.rates.get("gscfast per thread", 0.0) / 1e9,
+        "fma_peak_gflops": fma_peak() / 1e9,  # what no GEMM exceeds (float32)
         "blas": blas_info(),
         "openblas_env": openblas_env(),
     }

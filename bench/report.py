@@ -269,7 +269,8 @@ def bounds(rs: list[dict]) -> str:
         return ""
     lines = [
         f"W1's GEMMs alone: {bound['time_s'] * 1e3:.1f} ms, {bound['sgemm_ratio']:.2f} of the "
-        f"roof (tiles of {bound.get('tile', '?')} samples).\n",
+        f"roof (tiles of {bound.get('tile', '?')} samples, {bound.get('gemm', 'openblas')}'s "
+        "GEMM).\n",
         "| architecture | gscfast (s) | x roof | GEMMs alone / gscfast |",
         "|---|---|---|---|",
     ]
@@ -293,6 +294,9 @@ def machine(data: dict, rs: list[dict]) -> str:
         libs = sorted({r["sgemm_library"] for r in rs if "sgemm_library" in r})
         s += f"; roof (best sgemm) {min(sg):.0f}-{max(sg):.0f} GFLOP/s (measured before each "
         s += f"benchmark{', reached by ' + '/'.join(libs) if libs else ''})"
+    pk = [r["fma_peak_gflops"] for r in rs if "fma_peak_gflops" in r]
+    if pk:
+        s += f"; FMA peak {min(pk):.0f}-{max(pk):.0f} GFLOP/s (float32, what no GEMM exceeds)"
     blas = mi.get("blas") or next((r["blas"] for r in rs if "blas" in r), None)
     if blas:
         s += "; BLAS: " + ", ".join(

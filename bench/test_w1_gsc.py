@@ -89,4 +89,5 @@ def test_w1_gemm_bound(benchmark, sgemm_session):
         depth=W["depth"],
         width=W["width"],
         tile=bound.T,
+        gemm="gscfast" if bound.own else "openblas",
     )

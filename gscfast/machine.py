@@ -20,7 +20,7 @@ import numpy as np
 import threadpoolctl
 import torch
 
-__all__ = ["GemmRate", "describe", "gemm_rate"]
+__all__ = ["GemmRate", "describe", "fma_peak", "gemm_rate"]
 
 # OpenBLAS worker threads busy-wait for about 0.1 s after a call; this long lets them park, so that
 # they do not steal cores from whatever is timed next.
@@ -209,6 +209,86 @@ def _small_tile(k: int, n: int) -> int | None:
         return None
     rows = numba_backend.openblas_rows(k * n)
     return rows if rows < numba_backend.ROWS else None
+
+
+def fma_peak(
+    dtype: torch.dtype = torch.float32, *, threads: int | None = None, reps: int = 3
+) -> float:
+    """The CPU's peak rate of fused multiply-adds, FLOP/s (2 per lane): ``threads`` threads
+    (default ``torch.get_num_threads()``) each running 16 independent chains of the widest vector
+    FMA the CPU has (numba's target CPU, JIT-compiled LLVM IR), the best of ``reps``. The rate no
+    implementation of a GEMM exceeds; the roof of the benchmarks (``gemm_rate``) is what GEMMs
+    reach of it.
+
+    Raises:
+        ValueError: ``dtype`` not float32/float64, or ``threads``/``reps`` below 1.
+    """
+    import ctypes
+
+    from llvmlite import binding as llvm
+
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fma_peak: dtype must be torch.float32 or torch.float64, got {dtype}")
+    threads = torch.get_num_threads() if threads is None else threads
+    for name, v in (("threads", threads), ("reps", reps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"fma_peak: {name} must be an integer >= 1, got {v!r}")
+    from .backends import _gemm  # numba's target CPU and its features
+
+    bits = 512 if "+avx512f" in _gemm.target_features().split(",") else 256
+    ty, size = ("float", 4) if dtype == torch.float32 else ("double", 8)
+    lanes, chains = bits // (8 * size), 16
+    vt = f"<{lanes} x {ty}>"
+    fma = f"llvm.fma.v{lanes}f{8 * size}"
+
+    def splat(name: str, value: str) -> list[str]:
+        return [
+            f"  %{name}.s = insertelement {vt} undef, {ty} {value}, i32 0",
+            f"  %{name} = shufflevector {vt} %{name}.s, {vt} undef, <{lanes} x i32> zeroinitializer",
+        ]
+
+    # a_i <- a_i * 0.5 + 0.25 converges to 0.5: no overflow, no subnormals
+    ir = [f"declare {vt} @{fma}({vt}, {vt}, {vt})", f"define {ty} @peak(i64 %n) #0 {{", "entry:"]
+    ir += splat("x", "5.000000e-01") + splat("y", "2.500000e-01")
+    for c in range(chains):
+        ir += splat(f"i{c}", f"{1.0 + c / 64:e}")
+    ir += ["  br label %loop", "loop:", "  %k = phi i64 [0, %entry], [%k1, %loop]"]
+    ir += [f"  %a{c} = phi {vt} [%i{c}, %entry], [%b{c}, %loop]" for c in range(chains)]
+    ir += [f"  %b{c} = call {vt} @{fma}({vt} %a{c}, {vt} %x, {vt} %y)" for c in range(chains)]
+    ir += ["  %k1 = add i64 %k, 1", "  %more = icmp slt i64 %k1, %n"]
+    ir += ["  br i1 %more, label %loop, label %done", "done:", "  %s0 = fadd " + vt + " %b0, %b1"]
+    ir += [f"  %s{c - 1} = fadd {vt} %s{c - 2}, %b{c}" for c in range(2, chains)]
+    ir += [f"  %r = extractelement {vt} %s{chains - 2}, i32 0", f"  ret {ty} %r", "}"]
+    ir += [
+        f'attributes #0 = {{ "min-legal-vector-width"="{bits}" "prefer-vector-width"="{bits}" }}'
+    ]
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    target = llvm.Target.from_default_triple().create_target_machine(
+        cpu=numba_backend_cpu(), features=_gemm.target_features(), opt=2
+    )
+    module = llvm.parse_assembly("\n".join(ir))
+    engine = llvm.create_mcjit_compiler(module, target)
+    engine.finalize_object()
+    rtype = ctypes.c_float if size == 4 else ctypes.c_double
+    peak = ctypes.CFUNCTYPE(rtype, ctypes.c_int64)(engine.get_function_address("peak"))
+    n = 20_000_000  # about 40 ms a call: the threads overlap, whatever their start-up
+    peak(1000)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:  # ctypes releases the GIL around the call
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(peak, [n] * threads))
+            best = max(best, 2.0 * lanes * chains * n * threads / (time.perf_counter() - t0))
+    del engine  # owns the module and the target machine
+    return best
+
+
+def numba_backend_cpu() -> str:
+    """The CPU numba generates code for (``NUMBA_CPU_NAME``, else the host's)."""
+    from .backends import numba_cache
+
+    return numba_cache.cpu_name()
 
 
 def describe() -> str:

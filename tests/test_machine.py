@@ -97,3 +97,17 @@ def test_the_own_gemm_is_timed_where_the_kernels_use_it(monkeypatch):
     assert "gscfast per thread" in r.rates and r.flops == max(r.rates.values())
     monkeypatch.setattr(machine, "_own_gemm_tile", lambda k, n: None)
     assert "gscfast per thread" not in gemm_rate(300, 20, 30, threads=2, tile=64).rates
+
+
+def test_fma_peak_runs_and_refuses_bad_input():
+    pytest.importorskip("numba")
+    import torch
+
+    from gscfast.machine import fma_peak
+
+    assert fma_peak(threads=1, reps=1) > 0
+    assert fma_peak(torch.float64, threads=2, reps=1) > 0
+    with pytest.raises(ValueError, match="dtype"):
+        fma_peak(torch.int32)
+    with pytest.raises(ValueError, match="threads"):
+        fma_peak(threads=0)
