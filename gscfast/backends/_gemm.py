@@ -245,6 +245,34 @@ def _micro(mr: int, prefetch: bool = False):
     return tile
 
 
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Prefetch the cache line of ``a[i]`` (flat index into ``a``'s data) into L1."""
+    sig = types.void(a, types.int64)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ptr = builder.gep(context.make_array(aty)(context, builder, args[0]).data, [args[1]])
+        i8p, ll32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        pf = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8p, ll32, ll32, ll32]),
+            "llvm.prefetch.p0",
+        )
+        builder.call(
+            pf,
+            [
+                builder.bitcast(ptr, i8p),
+                ir.Constant(ll32, 0),
+                ir.Constant(ll32, 3),
+                ir.Constant(ll32, 1),
+            ],
+        )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 _tile4, _tile3, _tile1 = _micro(4), _micro(3), _micro(1)
 _tile4p, _tile3p = _micro(4, True), _micro(3, True)
 
@@ -275,21 +303,23 @@ def mm(A, bp, boff, C):
             kc = min(KC, K - k0)
             acc = np.int64(k0 > 0)
             i = 0
-            if i + mr <= M:  # the first rows fetch the block of B: with prefetches
-                if mr == 4:
-                    _tile4p(
-                        A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc
-                    )
-                else:
-                    _tile3p(
-                        A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc
-                    )
-                i += mr
             while i + mr <= M:
-                if mr == 4:
-                    _tile4(A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc)
+                # the next rows of A, a micro-tile ahead: rows that start cold (a layer's output
+                # in a whole batch's store) would otherwise stall every micro-tile
+                for r in range(i + mr, min(i + 2 * mr, M)):
+                    for kk in range(k0, k0 + kc, 64 // A.itemsize):
+                        _prefetch(A, r * lda + kk)
+                    _prefetch(A, r * lda + k0 + kc - 1)
+                ia, ib, ic = i * lda + k0, b0 + k0 * nb, i * ldc + j0
+                if i == 0:  # the first rows fetch the block of B: with prefetches
+                    if mr == 4:
+                        _tile4p(A, ia, lda, bp, ib, C, ic, ldc, n, kc, acc)
+                    else:
+                        _tile3p(A, ia, lda, bp, ib, C, ic, ldc, n, kc, acc)
+                elif mr == 4:
+                    _tile4(A, ia, lda, bp, ib, C, ic, ldc, n, kc, acc)
                 else:
-                    _tile3(A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc)
+                    _tile3(A, ia, lda, bp, ib, C, ic, ldc, n, kc, acc)
                 i += mr
             while i < M:
                 _tile1(A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc)

@@ -12,9 +12,11 @@ BatchNorm] -> [activation]``, described by three flat arrays built in ``numba_ba
 Rows are samples (``N = D * B`` of them). Every kernel runs a nogil worker on each of ``nth``
 threads (``launch``, at the end of this file); each thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
 processes tiles of ``T`` samples one after the other, so intermediate Jacobians never leave the
-thread's cache. Per layer and tile there is one BLAS GEMM (``np.dot`` on a ``[T*R, d]`` row stack,
-single-threaded inside the thread) and one fused elementwise pass (activation derivative, norm
-projection, squared norms, statistics) over the GEMM's output while it is in cache.
+thread's cache. Per layer and tile there is one GEMM on a ``[T*R, d]`` row stack (``_wmm``: the
+kernels' own, ``_gemm.mm``, with the weights packed once per call, on AVX-512 CPUs; else
+OpenBLAS's ``np.dot``, single-threaded inside the thread) and one fused elementwise pass
+(activation derivative, norm projection, squared norms, statistics) over the GEMM's output while
+it is in cache.
 
 Activations save only their output where the derivative follows from it (``tanh'(z) = 1 - y^2``,
 ``relu'(z) = [y > 0]``, ...), so the saved state is also the next layer's GEMM input.

@@ -31,11 +31,13 @@ For such a model with per-sample datapoints, every run of layers the kernels tak
 (``span_contributions``): ``lowering.FusedBackend``.
 
 Threads: ``numba.get_num_threads()`` workers (a thread pool, ``_numba_kernels.launch``); each
-runs whole tiles of samples with single-threaded BLAS GEMMs (the scipy OpenBLAS that numba calls
-is switched to one thread for the duration of a kernel, then restored). A tile is about
-``ROWS`` GEMM rows, or, where that OpenBLAS has small-matrix kernels and the layers are small
-enough, as many rows as those take (``tile_rows``: 100 at width 100), and the forward GEMM reads a
-transposed copy of each weight so that both directions are plain products. The workers borrow
+runs whole tiles of samples. On CPUs with AVX-512 the GEMMs are the kernels' own (``_gemm.py``:
+a register-blocked micro-kernel, each weight packed once per call by ``build_net``) and a tile
+is ``OWN_GEMM_ROWS`` GEMM rows. Elsewhere they are single-threaded BLAS GEMMs (the scipy OpenBLAS
+that numba calls is switched to one thread for the duration of a kernel, then restored), a tile
+is about ``ROWS`` GEMM rows, or, where that OpenBLAS has small-matrix kernels and the layers are
+small enough, as many rows as those take (``openblas_rows``: 100 at width 100), and the forward
+GEMM reads a transposed copy of each weight so that both directions are plain products. The workers borrow
 their arrays without numba's reference counts (``_numba_kernels._unowned``). Working sets are
 reused between calls (``workspace``) up to the memory
 budget ``GSCFAST_MEMORY``; per-sample problems need ``T * (sum of widths)`` values per thread,
