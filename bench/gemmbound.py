@@ -25,26 +25,6 @@ from gscfast.backends import _numba_kernels as kernels
 
 
 @njit(nogil=True)
-def _sweep_mm(th, nth, x, PB, PF, store, G, U, T):
-    """``_sweep_gemms`` on the kernels' own GEMM, the weights packed (``_gemm.pack``)."""
-    N = x.shape[0]
-    L = PF.shape[0]
-    for tile in range(th, (N + T - 1) // T, nth):
-        r0 = tile * T
-        n = min(N, r0 + T) - r0
-        h = x[r0 : r0 + n]
-        for i in range(L):
-            out = store[th, i, :n]
-            _gemm.mm(h, PF[i], 0, out)
-            h = out
-        g, u = G[th, :n], U[th, :n]
-        g[:] = 0.01
-        for i in range(L - 1, 0, -1):
-            _gemm.mm(g, PB[i], 0, u)
-            g, u = u, g
-
-
-@njit(nogil=True)
 def _sweep_gemms(th, nth, x, W, WT, store, G, U, T):
     N = x.shape[0]
     L = W.shape[0]
@@ -54,12 +34,12 @@ def _sweep_gemms(th, nth, x, W, WT, store, G, U, T):
         h = x[r0 : r0 + n]
         for i in range(L):
             out = store[th, i, :n]
-            np.dot(h, WT[i], out)
+            _gemm.mul(h, WT[i], out)  # the kernels' own GEMM where the weights are packed
             h = out
         g, u = G[th, :n], U[th, :n]
         g[:] = 0.01  # a fresh gradient per tile, as the error layer gives (never subnormal)
         for i in range(L - 1, 0, -1):
-            np.dot(g, W[i], u)
+            _gemm.mul(g, W[i], u)
             g, u = u, g
 
 
@@ -91,7 +71,7 @@ class SweepGemms:
     def run(self) -> None:
         with numba_backend.single_threaded_blas():
             kernels.launch(
-                _sweep_mm if self.own else _sweep_gemms,
+                _sweep_gemms,
                 self.nth,
                 self.x,
                 self.W,

@@ -162,7 +162,7 @@ def gemm_rate(
                 bp = _gemm.pack(bn)
 
                 def own_tiles() -> None:
-                    _numba_kernels.mm_rows(an, bp, cn, own, threads)
+                    _numba_kernels.gemm_rows(an, bp, cn, own, threads)
 
                 calls["gscfast per thread"] = own_tiles
     calls["torch"] = lambda: torch.mm(a, b, out=c)

@@ -54,6 +54,13 @@ def test_gemm_rows_computes_each_threads_first_tile():
     _numba_kernels.gemm_rows(a, b, c, 16, 2)
     np.testing.assert_allclose(c[:32], a[:32] @ b, rtol=1e-12)  # tiles 0 (thread 0), 1 (thread 1)
     assert np.isnan(c[32:]).all()  # later tiles are never written: every product reuses the first
+    from gscfast.backends import _gemm
+
+    if _gemm.AVAILABLE:  # b packed: the kernels' own GEMM
+        c[:] = np.nan
+        _numba_kernels.gemm_rows(a, _gemm.pack(b), c, 16, 2)
+        np.testing.assert_allclose(c[:32], a[:32] @ b, rtol=1e-12)
+        assert np.isnan(c[32:]).all()
 
 
 def test_one_thread_has_no_per_thread_formulation():

@@ -30,7 +30,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import numba_cache
 
@@ -324,6 +324,19 @@ def mm(A, bp, boff, C):
             while i < M:
                 _tile1(A, i * lda + k0, lda, bp, b0 + k0 * nb, C, i * ldc + j0, ldc, n, kc, acc)
                 i += 1
+
+
+def mul(A, B, C):
+    """``C = A @ B`` in compiled code: ``mm`` where ``B`` is packed (1-D, at offset 0), else
+    ``np.dot`` (OpenBLAS) on ``B`` ``[K, N]``; for code that times either GEMM."""
+    raise NotImplementedError("mul is for numba-compiled code")
+
+
+@overload(mul)
+def _mul(A, B, C):
+    if B.ndim == 1:
+        return lambda A, B, C: mm(A, B, 0, C)
+    return lambda A, B, C: np.dot(A, B, C)
 
 
 numba_cache.attach(globals())

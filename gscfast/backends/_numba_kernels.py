@@ -7,7 +7,8 @@ BatchNorm] -> [activation]``, described by three flat arrays built in ``numba_ba
 - ``meta [L, NMETA]`` int64: widths, offsets of the weights (``wflat``) and vectors (``vflat``),
   the norm and activation codes, whether the activation derivative is stored;
 - ``fmeta [L, NFMETA]`` float64: norm ``eps``, activation parameters;
-- ``wflat``/``vflat``: all weights ``[d_out, d_in]`` and vectors (bias, gamma/scale, beta, mean).
+- ``wflat``/``vflat``: all weights (each packed twice for ``_gemm.mm``, or as ``[d_out, d_in]`` and
+  its transpose for ``np.dot``) and vectors (bias, gamma/scale, beta, mean).
 
 Rows are samples (``N = D * B`` of them). Every kernel runs a nogil worker on each of ``nth``
 threads (``launch``, at the end of this file); each thread owns a private working set (``store`` for what the backward pass needs, GEMM buffers) and
@@ -75,7 +76,8 @@ N_LAYER = int(Norm.LAYER)
 N_DIAG = int(Norm.DIAG)
 N_BATCH = int(Norm.BATCH)  # batch statistics, coupled
 # meta columns
-# M_PF, M_PB: W^T and W packed for _gemm.mm (forward and backward GEMM), where _gemm.AVAILABLE
+# M_PF, M_PB: W^T and W packed for _gemm.mm (forward and backward GEMM) where _gemm.AVAILABLE;
+# else M_W, M_WT: W and W^T for np.dot (the others -1)
 M_DIN, M_DOUT, M_W, M_B, M_NORM, M_G, M_BETA, M_MEAN, M_ACT, M_DSAVE, M_PRE, M_WT, M_PF, M_PB = (
     range(14)
 )
@@ -2623,36 +2625,20 @@ def coupled_step_kernel(
 def _gemm_rows_worker(th, nth, a, b, c, tile):
     """``c = a @ b`` on ``tile``-row tiles dealt round-robin, every product of a thread on its
     first tile's rows (as a kernel's tile stays in cache through the layers): the rate of the
-    kernels' GEMMs alone (``machine.gemm_rate``)."""
+    kernels' GEMMs alone (``machine.gemm_rate``); on their own GEMM where ``b`` is packed
+    (``_gemm.pack``, 1-D), else on OpenBLAS."""
     m = a.shape[0]
     t0 = th * tile
     h = min(tile, m - t0)
     if h <= 0:
         return
     for _ in range(t0, m, nth * tile):
-        np.dot(a[t0 : t0 + h], b, c[t0 : t0 + h])
+        _gemm.mul(a[t0 : t0 + h], b, c[t0 : t0 + h])
 
 
 def gemm_rows(a, b, c, tile, nth):
     """``_gemm_rows_worker`` on ``nth`` threads (one BLAS thread each: the caller's business)."""
     launch(_gemm_rows_worker, nth, a, b, c, np.int64(tile))
-
-
-@njit(**HELP)
-def _mm_rows_worker(th, nth, a, bp, c, tile):
-    """``_gemm_rows_worker`` on the kernels' own GEMM, ``b`` packed in ``bp`` (``_gemm.pack``)."""
-    m = a.shape[0]
-    t0 = th * tile
-    h = min(tile, m - t0)
-    if h <= 0:
-        return
-    for _ in range(t0, m, nth * tile):
-        _gemm.mm(a[t0 : t0 + h], bp, 0, c[t0 : t0 + h])
-
-
-def mm_rows(a, bp, c, tile, nth):
-    """``_mm_rows_worker`` on ``nth`` threads (where ``_gemm.AVAILABLE``)."""
-    launch(_mm_rows_worker, nth, a, bp, c, np.int64(tile))
 
 
 # ------------------------------------------------------------------ launching workers

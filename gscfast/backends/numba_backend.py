@@ -364,12 +364,6 @@ def build_net(
         m = meta[i]
         m[k.M_DIN], m[k.M_DOUT] = din, dout
         w = plan.weight.detach().to("cpu").numpy()
-        weights.append(w.ravel())
-        m[k.M_W] = woff
-        woff += plan.weight.numel()
-        weights.append(w.T.ravel())  # W^T for the forward GEMM (_weight_t)
-        m[k.M_WT] = woff
-        woff += plan.weight.numel()
         if gemm.AVAILABLE:  # both products' B packed for gscfast's GEMM (_gemm.mm), aligned
             for col, b in ((k.M_PF, w.T), (k.M_PB, w)):  # forward h @ W^T, backward v @ W
                 pad = -woff % (gemm.ALIGN // np.dtype(dtype).itemsize)
@@ -378,6 +372,13 @@ def build_net(
                 weights.append(gemm.pack(np.asarray(b, dtype)))
                 m[col] = woff
                 woff += weights[-1].size
+        else:  # np.dot's operands: W, and W^T for the forward GEMM (_weight_t)
+            weights.append(w.ravel())
+            m[k.M_W] = woff
+            woff += plan.weight.numel()
+            weights.append(w.T.ravel())
+            m[k.M_WT] = woff
+            woff += plan.weight.numel()
         if plan.bias is not None:
             m[k.M_B] = vec(plan.bias)
         m[k.M_NORM] = plan.norm
