@@ -4,8 +4,9 @@ register-blocked AVX-512 micro-kernel written in LLVM IR (a numba ``intrinsic``)
 Why not OpenBLAS (``np.dot``, which numba calls through scipy): the kernels run thousands of small
 products ``[rows, K] x [K, N]`` with the same ``B`` (a layer's weights), and OpenBLAS packs ``B``
 again at every call, or runs unpacked "small-matrix" kernels only up to ``M N K = 100^3``; on
-taller tiles, ``[512, 100] x [100, 100]`` float32, one thread of it reaches 153 GFLOP/s where this
-kernel reaches 189-196, on a core whose FMA peak is 242 (bench/README.md, "gscfast's own GEMM").
+taller tiles, ``[512, 100] x [100, 100]`` float32 on two threads, it reaches 269 GFLOP/s where this
+kernel reaches 313, and 120 against 149 in float64 (FMA peak about 480 and 240;
+``bench/test_gemm.py``, bench/README.md, "gscfast's own GEMM, and the FMA peak").
 OpenBLAS also honours ``OPENBLAS_CORETYPE``, which this project's machines set to Haswell (AVX2):
 this kernel runs AVX-512 wherever the CPU has it.
 
