@@ -233,7 +233,7 @@ def fma_peak(
     for name, v in (("threads", threads), ("reps", reps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"fma_peak: {name} must be an integer >= 1, got {v!r}")
-    from .backends import _gemm  # numba's target CPU and its features
+    from .backends import _gemm, numba_cache  # numba's target CPU and its features
 
     bits = 512 if "+avx512f" in _gemm.target_features().split(",") else 256
     ty, size = ("float", 4) if dtype == torch.float32 else ("double", 8)
@@ -265,7 +265,7 @@ def fma_peak(
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     target = llvm.Target.from_default_triple().create_target_machine(
-        cpu=numba_backend_cpu(), features=_gemm.target_features(), opt=2
+        cpu=numba_cache.cpu_name(), features=_gemm.target_features(), opt=2
     )
     module = llvm.parse_assembly("\n".join(ir))
     engine = llvm.create_mcjit_compiler(module, target)
@@ -282,13 +282,6 @@ def fma_peak(
             best = max(best, 2.0 * lanes * chains * n * threads / (time.perf_counter() - t0))
     del engine  # owns the module and the target machine
     return best
-
-
-def numba_backend_cpu() -> str:
-    """The CPU numba generates code for (``NUMBA_CPU_NAME``, else the host's)."""
-    from .backends import numba_cache
-
-    return numba_cache.cpu_name()
 
 
 def describe() -> str:

@@ -2484,7 +2484,6 @@ def _coupled_step_worker(
     dm1,
     dm2,
     Wcat,
-    Wpack,
     TB,
     nG,
     nxG,
@@ -2496,11 +2495,11 @@ def _coupled_step_worker(
     # borrowed views of the arguments (_unowned): no atomic reference counting per view
     buf, cG, xG, cS, xS = _unowned(buf), _unowned(cG), _unowned(xG), _unowned(cS), _unowned(xS)
     m1G, m2G, m1S, m2S = _unowned(m1G), _unowned(m2G), _unowned(m1S), _unowned(m2S)
-    dm1, dm2, Wcat, Wpack = _unowned(dm1), _unowned(dm2), _unowned(Wcat), _unowned(Wpack)
+    dm1, dm2, Wcat = _unowned(dm1), _unowned(dm2), _unowned(Wcat)
     nG, nxG, nS, nxS = _unowned(nG), _unowned(nxG), _unowned(nS), _unowned(nxS)
     part, ws = _unowned(part), _unowned(ws)
     B, d = cG.shape
-    din = Wcat.shape[1]
+    din = nG.shape[1]
     K1 = K + 1
     w = ws[th]
     acc = part[th]
@@ -2544,10 +2543,7 @@ def _coupled_step_worker(
                 else:
                     ub[:] = 0.0
         O = w[e : e + n * K1 * din].reshape((n * K1, din))
-        if MM:
-            _gemm.mm(U, Wpack, 0, O)
-        else:
-            np.dot(U, Wcat, O)
+        _gemm.mul(U, Wcat, O)
         O3 = O.reshape((n, K1, din))
         _colsums_rows(O3, nG[b0:b1], nxG[b0:b1], nS[b0:b1], nxS[b0:b1], acc, t)
         for r in range(n):  # over the tile's input, which U holds now
@@ -2569,7 +2565,6 @@ def coupled_step_kernel(
     dm1,
     dm2,
     Wcat,
-    Wpack,
     TB,
     nG,
     nxG,
@@ -2582,7 +2577,8 @@ def coupled_step_kernel(
     """One layer of the coupled recursion on ``buf`` (flat; sample ``b``'s rows at ``b * S``):
     its ``K`` rows ``V [K, d]`` per sample become the ``K + 1`` rows ``[K + 1, d_in]`` that hold,
     for each ``k = 0 .. K``, ``[u_S(k) + (u_G(k-1) - u_S(k-1)) | u_G(k-1)] @ Wcat`` with ``Wcat
-    = [W_S; W_G - W_S]`` (``Wpack``: it packed for ``_gemm.mm``, where ``MM``), which is ``u_S(k) W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) =
+    = [W_S; W_G - W_S]`` (packed for ``_gemm.mm`` where ``MM``: ``_gemm.mul``), which is ``u_S(k)
+    W_S + u_G(k-1) W_G - u_S(k-1) W_S``; ``u_X(k) =
     V[k] * cX - m1X[k] - xX * m2X[k]`` are the projected rows (``u_X(-1) = u_X(K) = 0``),
     ``m1X``/``m2X`` the column means ``s1X / B``, ``s2X / B`` (``dm1 = m1G - m1S``, ``dm2 = m2G -
     m2S``). Written with the differences, a model equal to its initial one gives exact zeros for
@@ -2607,7 +2603,6 @@ def coupled_step_kernel(
         dm1,
         dm2,
         Wcat,
-        Wpack,
         TB,
         nG,
         nxG,

@@ -322,10 +322,11 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _packed(b: np.ndarray) -> np.ndarray:
-    """``b`` packed for the kernels' own GEMM (``_gemm.mm``) where they use it, else empty."""
+    """``b`` as the kernels' GEMM reads it (``_gemm.mul``): packed for their own GEMM where they
+    use it, else ``b`` itself."""
     from . import _gemm
 
-    return _gemm.pack(b) if _gemm.AVAILABLE else np.zeros(0, b.dtype)
+    return _gemm.pack(b) if _gemm.AVAILABLE else b
 
 
 def build_net(
@@ -994,7 +995,6 @@ class NumbaBackend(FusedBackend):
                     ]
                     diffs = (means[0] - means[2], means[1] - means[3])
                     wcat = np.concatenate([wS, wG - wS])  # coupled_step_kernel: [W_S; W_G - W_S]
-                    wcat = np.ascontiguousarray(wcat, dt)
                     din = wcat.shape[1]
                     if nxt is not None:  # the next layer's c and x, for its column sums
                         (_, nG, nxG, _), (_, nS, nxS, _) = nxt[p]
@@ -1012,7 +1012,6 @@ class NumbaBackend(FusedBackend):
                             xS,
                             *means,
                             *diffs,
-                            wcat,
                             _packed(wcat),
                             np.int64(max(1, R // (K + 1))),
                             nG,
